@@ -1,0 +1,37 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Intent(_message.Message):
+    __slots__ = ("name", "phrases")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PHRASES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    phrases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., phrases: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Participant(_message.Message):
+    __slots__ = ("bot_id", "instance_id", "address", "group", "collaboration", "intents", "definition_version", "software_version", "display_name")
+    BOT_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    COLLABORATION_FIELD_NUMBER: _ClassVar[int]
+    INTENTS_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    bot_id: str
+    instance_id: str
+    address: str
+    group: str
+    collaboration: bool
+    intents: _containers.RepeatedCompositeFieldContainer[Intent]
+    definition_version: str
+    software_version: str
+    display_name: str
+    def __init__(self, bot_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., group: _Optional[str] = ..., collaboration: _Optional[bool] = ..., intents: _Optional[_Iterable[_Union[Intent, _Mapping]]] = ..., definition_version: _Optional[str] = ..., software_version: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...

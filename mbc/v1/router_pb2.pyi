@@ -1,0 +1,48 @@
+from mbc.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MatchRequest(_message.Message):
+    __slots__ = ("text", "bot_id", "group", "max_candidates", "min_rating")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    BOT_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MIN_RATING_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    bot_id: str
+    group: str
+    max_candidates: int
+    min_rating: _common_pb2.Rating
+    def __init__(self, text: _Optional[str] = ..., bot_id: _Optional[str] = ..., group: _Optional[str] = ..., max_candidates: _Optional[int] = ..., min_rating: _Optional[_Union[_common_pb2.Rating, str]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("bot_id", "intent", "score", "rating", "address", "instance_id", "matched_phrase")
+    BOT_ID_FIELD_NUMBER: _ClassVar[int]
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_PHRASE_FIELD_NUMBER: _ClassVar[int]
+    bot_id: str
+    intent: str
+    score: float
+    rating: _common_pb2.Rating
+    address: str
+    instance_id: str
+    matched_phrase: str
+    def __init__(self, bot_id: _Optional[str] = ..., intent: _Optional[str] = ..., score: _Optional[float] = ..., rating: _Optional[_Union[_common_pb2.Rating, str]] = ..., address: _Optional[str] = ..., instance_id: _Optional[str] = ..., matched_phrase: _Optional[str] = ...) -> None: ...
+
+class MatchResponse(_message.Message):
+    __slots__ = ("candidates", "index_revision")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_REVISION_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    index_revision: int
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., index_revision: _Optional[int] = ...) -> None: ...
