@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mbc.v1 import common_pb2 as mbc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbc/v1/router.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\"w\n\x0cMatchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x16\n\x0emax_candidates\x18\x04 \x01(\r\x12\"\n\nmin_rating\x18\x05 \x01(\x0e\x32\x0e.mbc.v1.Rating\"\x98\x01\n\tCandidate\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1e\n\x06rating\x18\x04 \x01(\x0e\x32\x0e.mbc.v1.Rating\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x16\n\x0ematched_phrase\x18\x07 \x01(\t\"N\n\rMatchResponse\x12%\n\ncandidates\x18\x01 \x03(\x0b\x32\x11.mbc.v1.Candidate\x12\x16\n\x0eindex_revision\x18\x02 \x01(\x03\x32>\n\x06Router\x12\x34\n\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbc/v1/router.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\"w\n\x0cMatchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x16\n\x0emax_candidates\x18\x04 \x01(\r\x12\"\n\nmin_rating\x18\x05 \x01(\x0e\x32\x0e.mbc.v1.Rating\"\xae\x01\n\tCandidate\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1e\n\x06rating\x18\x04 \x01(\x0e\x32\x0e.mbc.v1.Rating\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x16\n\x0ematched_phrase\x18\x07 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x08 \x01(\t\"N\n\rMatchResponse\x12%\n\ncandidates\x18\x01 \x03(\x0b\x32\x11.mbc.v1.Candidate\x12\x16\n\x0eindex_revision\x18\x02 \x01(\x03\x32>\n\x06Router\x12\x34\n\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATCHREQUEST']._serialized_start=52
   _globals['_MATCHREQUEST']._serialized_end=171
   _globals['_CANDIDATE']._serialized_start=174
-  _globals['_CANDIDATE']._serialized_end=326
-  _globals['_MATCHRESPONSE']._serialized_start=328
-  _globals['_MATCHRESPONSE']._serialized_end=406
-  _globals['_ROUTER']._serialized_start=408
-  _globals['_ROUTER']._serialized_end=470
+  _globals['_CANDIDATE']._serialized_end=348
+  _globals['_MATCHRESPONSE']._serialized_start=350
+  _globals['_MATCHRESPONSE']._serialized_end=428
+  _globals['_ROUTER']._serialized_start=430
+  _globals['_ROUTER']._serialized_end=492
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ class MatchRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., bot_id: _Optional[str] = ..., group: _Optional[str] = ..., max_candidates: _Optional[int] = ..., min_rating: _Optional[_Union[_common_pb2.Rating, str]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("bot_id", "intent", "score", "rating", "address", "instance_id", "matched_phrase")
+    __slots__ = ("bot_id", "intent", "score", "rating", "address", "instance_id", "matched_phrase", "display_name")
     BOT_ID_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Candidate(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MATCHED_PHRASE_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     bot_id: str
     intent: str
     score: float
@@ -37,7 +38,8 @@ class Candidate(_message.Message):
     address: str
     instance_id: str
     matched_phrase: str
-    def __init__(self, bot_id: _Optional[str] = ..., intent: _Optional[str] = ..., score: _Optional[float] = ..., rating: _Optional[_Union[_common_pb2.Rating, str]] = ..., address: _Optional[str] = ..., instance_id: _Optional[str] = ..., matched_phrase: _Optional[str] = ...) -> None: ...
+    display_name: str
+    def __init__(self, bot_id: _Optional[str] = ..., intent: _Optional[str] = ..., score: _Optional[float] = ..., rating: _Optional[_Union[_common_pb2.Rating, str]] = ..., address: _Optional[str] = ..., instance_id: _Optional[str] = ..., matched_phrase: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
     __slots__ = ("candidates", "index_revision")

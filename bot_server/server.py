@@ -1,0 +1,95 @@
+"""The bot process: serve the Bot service, register in etcd, leave cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import uuid
+
+from bot_server.bot import Bot
+from bot_server.engine import BotEngine
+from bot_server.servicer import BotServicer
+from discovery import EtcdClient, Registration
+from mbc import __version__
+from mbc.channels import ChannelPool
+from mbc.config import BotConfig
+from mbc.encoder import Encoder
+from mbc.logs import bind_context, get_logger
+from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, participant_pb2
+
+log = get_logger(__name__)
+
+SERVICE_NAME = bot_pb2.DESCRIPTOR.services_by_name["Bot"].full_name
+
+
+def create_server(config: BotConfig, engine: BotEngine) -> tuple[GrpcServer, int]:
+    server = GrpcServer(
+        config.server,
+        lambda s: bot_pb2_grpc.add_BotServicer_to_server(BotServicer(engine), s),
+        [SERVICE_NAME],
+    )
+    return server, server.port
+
+
+def participant_of(bot: Bot, identity: common_pb2.BotRef) -> participant_pb2.Participant:
+    d = bot.definition
+    return participant_pb2.Participant(
+        bot_id=d.bot_id,
+        instance_id=identity.instance_id,
+        address=identity.address,
+        group=d.group,
+        collaboration=d.collaboration,
+        intents=[participant_pb2.Intent(name=i.name, phrases=i.phrases) for i in d.intents],
+        definition_version=d.version,
+        software_version=__version__,
+        display_name=d.display_name,
+    )
+
+
+class BotProcess:
+    """One bot instance: server, engine and etcd registration, started and stopped in order."""
+
+    def __init__(self, config: BotConfig, bot: Bot | None = None, encoder: Encoder | None = None) -> None:
+        self.config = config
+        self.bot = bot or Bot.from_file(config.definition_path)
+        self.encoder = encoder or Encoder(config.encoder)
+        self.channels = ChannelPool(config.server.max_message_bytes, config.server.keepalive_time_ms, config.server.keepalive_timeout_ms)
+        self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
+        self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels)
+        self.server, self.port = create_server(config, self.engine)
+        self.identity.address = self.server.address
+        self.etcd: EtcdClient | None = None
+        self.registration: Registration | None = None
+
+    async def start(self) -> None:
+        with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):
+            await self.engine.prepare()
+            await self.server.start()
+            if self.config.etcd_endpoints:
+                self.etcd = EtcdClient(list(self.config.etcd_endpoints))
+                await self.etcd.connect()
+                self.registration = Registration(self.etcd, participant_of(self.bot, self.identity), ttl=self.config.lease_ttl_seconds)
+                await self.registration.start()
+            await self.server.set_serving(True)
+            log.info("bot_serving", address=self.identity.address, group=self.bot.definition.group,
+                     intents=len(self.bot.definition.intents), registered=self.registration is not None)
+
+    async def stop(self) -> None:
+        """NOT_SERVING, leave the mesh (lease revoked), finish in-flight calls, close."""
+        with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):
+            await self.server.set_serving(False)
+            if self.registration:
+                await self.registration.stop()
+            await self.server.stop()
+            if self.etcd:
+                await self.etcd.close()
+            await self.channels.close()
+            self.encoder.close()
+            log.info("bot_stopped")
+
+
+async def serve(config: BotConfig, bot: Bot | None = None) -> None:
+    process = BotProcess(config, bot)
+    await process.start()
+    signal_name = await wait_for_shutdown_signal()
+    log.info("shutdown_requested", signal=signal_name, bot_id=process.bot.bot_id)
+    await process.stop()

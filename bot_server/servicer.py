@@ -1,0 +1,46 @@
+"""mbc.v1.Bot over gRPC: translates protobuf to `BotEngine` calls and errors to status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from bot_server.engine import BotEngine, InvalidInput, Message, Refused, TurnResult
+from mbc.logs import bind_context
+from mbc.serving import abort, remaining_seconds
+from mbc.v1 import bot_pb2, bot_pb2_grpc
+
+
+class BotServicer(bot_pb2_grpc.BotServicer):
+    def __init__(self, engine: BotEngine) -> None:
+        self.engine = engine
+
+    async def Respond(self, request: bot_pb2.RespondRequest, context: grpc.aio.ServicerContext) -> bot_pb2.RespondResponse:
+        with bind_context(conversation_id=request.conversation_id, bot_id=self.engine.bot.bot_id):
+            message = Message(request.conversation_id, request.consumer_id, request.text, dict(request.channel_metadata))
+            budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
+            try:
+                result = await self.engine.respond(message, budget)
+            except InvalidInput as e:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Refused as e:
+                await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            return bot_pb2.RespondResponse(**_fields(result), transfer_id=result.transfer_id)
+
+    async def Transfer(self, request: bot_pb2.TransferRequest, context: grpc.aio.ServicerContext) -> bot_pb2.TransferResponse:
+        with bind_context(
+            conversation_id=request.conversation_id,
+            bot_id=self.engine.bot.bot_id,
+            transfer_id=request.transfer_id,
+            from_bot=request.sender.bot_id,
+        ):
+            try:
+                result = await self.engine.accept_transfer(request)
+            except InvalidInput as e:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Refused as e:
+                await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            return bot_pb2.TransferResponse(**_fields(result))
+
+
+def _fields(result: TurnResult) -> dict:
+    return {"replies": result.replies, "owner": result.owner, "outcome": result.outcome, "match": result.match}

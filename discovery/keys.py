@@ -1,0 +1,39 @@
+"""The etcd key layout of the mesh: /mbc/v1/participants/<group>/<bot_id>/<instance_id>."""
+
+from __future__ import annotations
+
+import re
+
+PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_name(kind: str, value: str) -> None:
+    """Raise ValueError unless `value` is a valid name (group, bot id, instance id, ...)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{kind} {value!r} is invalid: use 1-64 of letters, digits, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+
+
+def participant_key(group: str, bot_id: str, instance_id: str) -> str:
+    validate_name("group", group)
+    validate_name("bot_id", bot_id)
+    validate_name("instance_id", instance_id)
+    return f"{PARTICIPANTS_PREFIX}{group}/{bot_id}/{instance_id}"
+
+
+def parse_participant_key(key: str) -> tuple[str, str, str]:
+    """Return (group, bot_id, instance_id) of a participant key; ValueError if it is not one."""
+    if not key.startswith(PARTICIPANTS_PREFIX):
+        raise ValueError(f"key {key!r} is not under {PARTICIPANTS_PREFIX}")
+    parts = key[len(PARTICIPANTS_PREFIX):].split("/")
+    if len(parts) != 3:
+        raise ValueError(f"key {key!r} is not {PARTICIPANTS_PREFIX}<group>/<bot_id>/<instance_id>")
+    group, bot_id, instance_id = parts
+    validate_name("group", group)
+    validate_name("bot_id", bot_id)
+    validate_name("instance_id", instance_id)
+    return group, bot_id, instance_id

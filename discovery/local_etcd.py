@@ -1,0 +1,203 @@
+"""A real single-node etcd process on 127.0.0.1, for tests and `mbc demo`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from mbc.logs import get_logger
+
+log = get_logger(__name__)
+
+_FALLBACK_PATHS = ("/usr/bin/etcd", "/usr/sbin/etcd")
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le",
+           "s390x": "s390x"}
+
+
+class EtcdNotFound(RuntimeError):
+    pass
+
+
+def find_etcd() -> str:
+    """Path of the etcd binary: on PATH, else /usr/bin/etcd or /usr/sbin/etcd."""
+    found = shutil.which("etcd")
+    if found:
+        return found
+    for path in _FALLBACK_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    raise EtcdNotFound("etcd was not found on PATH nor in /usr/bin or /usr/sbin: "
+                       "install it with `apt-get install etcd-server`")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalEtcd:
+    """Runs etcd bound to 127.0.0.1 only, on free ports unless given, with its data in `data_dir`
+    (a temporary directory, removed on exit of the context manager, when none is given).
+
+    The data lives in data_dir/data and etcd's output goes to data_dir/etcd.log.
+    """
+
+    def __init__(self, data_dir: Path | None = None, client_port: int = 0, peer_port: int = 0,
+                 binary: str | None = None, start_timeout: float = 15.0) -> None:
+        self._binary = binary or find_etcd()
+        if not os.access(self._binary, os.X_OK):
+            raise EtcdNotFound(f"etcd binary {self._binary} is not executable: "
+                               "install etcd with `apt-get install etcd-server`")
+        self._owns_dir = data_dir is None
+        self._dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mbc-etcd-"))
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        while self.peer_port == self.client_port:
+            self.peer_port = free_port()
+        self._start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self._dir
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "etcd.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _command(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self._binary,
+            "--name", "mbc-local",
+            "--data-dir", str(self._dir / "data"),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"mbc-local={peer}",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+        ]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        arch = _GOARCH.get(platform.machine().lower())
+        if arch not in (None, "amd64") and "ETCD_UNSUPPORTED_ARCH" not in env:
+            env["ETCD_UNSUPPORTED_ARCH"] = arch
+        return env
+
+    def start(self) -> None:
+        """Start etcd and wait (bounded) until it reports healthy."""
+        if self.running:
+            return
+        self._dir.mkdir(parents=True, exist_ok=True)
+        (self._dir / "data").mkdir(mode=0o700, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            # A session of its own, so that Ctrl-C on a terminal leaves shutting etcd down to us.
+            self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise RuntimeError(f"etcd exited with code {code} while starting; "
+                                   f"its log ({self.log_path}) ends with:\n{self._log_tail()}")
+            if self._healthy():
+                log.info("local_etcd_started", endpoint=self.endpoint, pid=self._proc.pid, data_dir=str(self._dir))
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"etcd did not become healthy on {self.endpoint} within "
+                                   f"{self._start_timeout:g}s; its log ({self.log_path}) ends with:\n{self._log_tail()}")
+            time.sleep(0.05)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=0.5) as response:
+                return json.loads(response.read()).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as e:
+            return f"(cannot read it: {e})"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if etcd has not exited within `timeout` seconds. Keeps the data."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.info("local_etcd_stopped", endpoint=self.endpoint)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def pause(self) -> None:
+        """Freeze etcd (SIGSTOP): connections stay open but nothing answers."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Stop and start again, on the same ports with the same data."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop etcd and remove the data directory if it was created here."""
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalEtcd:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cleanup()
+

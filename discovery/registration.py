@@ -1,0 +1,174 @@
+"""A bot instance's registration: its Participant under a lease that it keeps alive."""
+
+from __future__ import annotations
+
+import asyncio
+
+from discovery.errors import EtcdError, LeaseNotFound
+from discovery.etcd_client import EtcdClient
+from discovery.keys import participant_key
+from mbc.logs import get_logger
+from mbc.v1 import participant_pb2
+
+log = get_logger(__name__)
+
+_RETRY_FIRST = 0.2
+_RETRY_CAP = 2.0
+
+
+def _copy(participant: participant_pb2.Participant) -> participant_pb2.Participant:
+    copy = participant_pb2.Participant()
+    copy.CopyFrom(participant)
+    return copy
+
+
+class Registration:
+    """Keeps `participant` registered under its key while this process runs and reaches etcd.
+
+    The key is attached to a lease of `ttl` seconds, refreshed every ttl/3, so a killed process
+    drops out within `ttl`. When the lease is found gone (etcd was unreachable for longer than the
+    TTL, or this process was frozen) a new lease is granted and the key put again.
+    """
+
+    def __init__(self, client: EtcdClient, participant: participant_pb2.Participant, ttl: int = 10) -> None:
+        if ttl < 1:
+            raise ValueError(f"lease ttl must be at least 1 second, got {ttl}")
+        self._client = client
+        self._participant = _copy(participant)
+        self._key = participant_key(participant.group, participant.bot_id, participant.instance_id)
+        self._ttl = ttl
+        self._lease_id: int | None = None
+        self._registered = False
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease_id
+
+    @property
+    def registered(self) -> bool:
+        """Whether the key was in etcd at the last successful contact (False before start, after stop)."""
+        return self._registered
+
+    @property
+    def participant(self) -> participant_pb2.Participant:
+        return _copy(self._participant)
+
+    async def start(self) -> None:
+        """Register and start the keep-alive; raises EtcdUnavailable if etcd cannot be reached."""
+        if self._task is not None:
+            raise RuntimeError(f"registration {self._key} is already started")
+        async with self._lock:
+            await self._register()
+        self._task = asyncio.create_task(self._keep_alive(), name=f"keep-alive {self._key}")
+        log.info("registered", key=self._key, lease_id=self._lease_id, ttl=self._ttl)
+
+    async def stop(self) -> None:
+        """Stop the keep-alive and revoke the lease, so that the key disappears at once.
+
+        If etcd cannot be reached the key still disappears when the lease expires.
+        """
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+        lease_id, self._lease_id = self._lease_id, None
+        self._registered = False
+        if lease_id is None:
+            return
+        try:
+            await self._client.revoke_lease(lease_id)
+        except EtcdError as e:
+            log.warning("deregister_failed", key=self._key, lease_id=lease_id, error=str(e),
+                        note=f"the key expires with its lease within {self._ttl}s")
+        else:
+            log.info("deregistered", key=self._key)
+
+    async def update(self, participant: participant_pb2.Participant) -> None:
+        """Replace the registered content (same group, bot_id and instance_id) under the same lease.
+
+        If etcd cannot be reached this raises EtcdUnavailable, and the keep-alive puts the new
+        content once etcd answers again.
+        """
+        key = participant_key(participant.group, participant.bot_id, participant.instance_id)
+        if key != self._key:
+            raise ValueError(f"update cannot move {self._key} to {key}: use a new Registration")
+        self._participant = _copy(participant)
+        self._dirty = True
+        if self._task is None:
+            return
+        async with self._lock:
+            if self._lease_id is None:
+                return
+            try:
+                await self._put()
+            except LeaseNotFound:
+                await self._renew()
+        log.info("registration_updated", key=self._key)
+
+    async def _register(self) -> None:
+        lease_id = await self._client.grant_lease(self._ttl)
+        try:
+            await self._client.put(self._key, self._participant.SerializeToString(), lease_id)
+        except EtcdError:
+            try:
+                await self._client.revoke_lease(lease_id)
+            except EtcdError:
+                pass
+            raise
+        self._lease_id = lease_id
+        self._registered = True
+        self._dirty = False
+
+    async def _put(self) -> None:
+        await self._client.put(self._key, self._participant.SerializeToString(), self._lease_id)
+        self._dirty = False
+
+    async def _renew(self) -> None:
+        self._lease_id = None
+        self._registered = False
+        await self._register()
+        log.info("registration_renewed", key=self._key, lease_id=self._lease_id)
+
+    async def _refresh(self) -> None:
+        if self._lease_id is None:
+            await self._renew()
+            return
+        if await self._client.refresh_lease(self._lease_id) <= 0:
+            log.warning("registration_lease_lost", key=self._key, lease_id=self._lease_id)
+            await self._renew()
+            return
+        self._registered = True
+        if self._dirty:
+            try:
+                await self._put()
+            except LeaseNotFound:
+                await self._renew()
+
+    async def _keep_alive(self) -> None:
+        interval = self._ttl / 3
+        delay = interval
+        failures = 0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with self._lock:
+                    await self._refresh()
+            except Exception as e:
+                # Never give up: etcd may come back, and then the registration must too.
+                failures += 1
+                delay = min(interval, _RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
+                level = log.warning if failures == 1 else log.debug
+                level("registration_keepalive_failed", key=self._key, error=str(e) or type(e).__name__,
+                      attempt=failures, retry_in=round(delay, 2))
+                continue
+            if failures:
+                log.info("registration_keepalive_recovered", key=self._key, failed_attempts=failures)
+            failures = 0
+            delay = interval

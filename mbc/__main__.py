@@ -1,0 +1,3 @@
+from mbc.cli import main
+
+main()

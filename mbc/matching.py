@@ -1,0 +1,94 @@
+"""From training phrases to ranked intents: the matching logic shared by bots and the router.
+
+An `IntentCatalog` is an immutable, searchable set of (bot, intent, phrase) entries. It is built
+aside and swapped in whole, so lookups never see a half-updated index. Each bot's phrases get a
+contiguous id range, which lets a search leave out the asking bot inside FAISS itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mbc.config import RatingThresholds
+from mbc.index import FlatIndex, VectorIndex
+
+
+@dataclass(frozen=True)
+class IntentPhrases:
+    """The training phrases of one intent of one bot."""
+
+    bot_id: str
+    intent: str
+    phrases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScoredIntent:
+    bot_id: str
+    intent: str
+    score: float
+    rating: int
+    matched_phrase: str
+
+
+class IntentCatalog:
+    """Searchable training phrases of a set of bots."""
+
+    def __init__(self, entries: Sequence[IntentPhrases], vectors: np.ndarray, dim: int) -> None:
+        """`vectors` has one row per phrase of `phrases_of(entries)`, in that order."""
+        self._labels: list[tuple[str, str, str]] = []
+        self._bot_ranges: dict[str, tuple[int, int]] = {}
+        for entry in _sorted(entries):
+            start = self._bot_ranges.get(entry.bot_id, (len(self._labels), 0))[0]
+            self._labels.extend((entry.bot_id, entry.intent, phrase) for phrase in entry.phrases)
+            self._bot_ranges[entry.bot_id] = (start, len(self._labels))
+        if len(vectors) != len(self._labels):
+            raise ValueError(f"{len(vectors)} vectors for {len(self._labels)} phrases")
+        self._index: VectorIndex = FlatIndex(dim)
+        if self._labels:
+            self._index.add(np.arange(len(self._labels), dtype=np.int64), vectors)
+        self.bots = frozenset(self._bot_ranges)
+
+    @staticmethod
+    def phrases_of(entries: Iterable[IntentPhrases]) -> list[str]:
+        """All phrases, in the order the constructor expects their vectors."""
+        return [phrase for entry in _sorted(entries) for phrase in entry.phrases]
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def rank(
+        self,
+        query: np.ndarray,
+        ratings: RatingThresholds,
+        neighbours: int,
+        limit: int,
+        exclude_bot: str | None = None,
+    ) -> list[ScoredIntent]:
+        """Best intents for one query vector, best first, at most `limit`.
+
+        The `neighbours` nearest phrases are aggregated per (bot, intent) by their best score.
+        """
+        if not self._labels or limit <= 0:
+            return []
+        exclude = self._bot_ranges.get(exclude_bot) if exclude_bot else None
+        scores, ids = self._index.search(query.reshape(1, -1), neighbours, exclude=exclude)
+        best: dict[tuple[str, str], tuple[float, str]] = {}
+        for score, idx in zip(scores[0], ids[0]):
+            if idx < 0:
+                continue
+            bot_id, intent, phrase = self._labels[idx]
+            if (bot_id, intent) not in best:
+                best[(bot_id, intent)] = (float(score), phrase)
+        ranked = sorted(best.items(), key=lambda item: -item[1][0])[:limit]
+        return [
+            ScoredIntent(bot_id, intent, score, ratings.rate(score), phrase)
+            for (bot_id, intent), (score, phrase) in ranked
+        ]
+
+
+def _sorted(entries: Iterable[IntentPhrases]) -> list[IntentPhrases]:
+    return sorted(entries, key=lambda e: (e.bot_id, e.intent))

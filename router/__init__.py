@@ -1,0 +1,1 @@
+"""The router: participants from etcd, a FAISS index of their intents, the Match service."""

@@ -1,0 +1,74 @@
+"""The router's view of the mesh: participants grouped by bot group, from an etcd snapshot."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from mbc.matching import IntentPhrases
+from mbc.v1 import participant_pb2
+
+
+@dataclass
+class BotEntry:
+    """A bot as the router sees it: its intents and its live instances."""
+
+    bot_id: str
+    group: str
+    collaboration: bool
+    intents: tuple[IntentPhrases, ...]
+    definition_version: str
+    display_name: str
+    instances: list[tuple[str, str]] = field(default_factory=list)
+    """(instance_id, address) of each live instance."""
+    _turn: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    def pick_instance(self) -> tuple[str, str]:
+        """Spread transfers over the live instances, round-robin."""
+        return self.instances[next(self._turn) % len(self.instances)]
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Bots by group, built from the participants registered in etcd."""
+
+    groups: Mapping[str, Mapping[str, BotEntry]]
+    revision: int
+
+    @classmethod
+    def from_participants(cls, participants: Mapping[str, participant_pb2.Participant], revision: int) -> "Directory":
+        groups: dict[str, dict[str, BotEntry]] = {}
+        # Iterate by key so the instance list (and the chosen intents) do not depend on dict order.
+        for key in sorted(participants):
+            p = participants[key]
+            bots = groups.setdefault(p.group, {})
+            entry = bots.get(p.bot_id)
+            if entry is None:
+                entry = bots[p.bot_id] = BotEntry(
+                    bot_id=p.bot_id,
+                    group=p.group,
+                    collaboration=p.collaboration,
+                    intents=tuple(
+                        IntentPhrases(p.bot_id, i.name, tuple(dict.fromkeys(i.phrases))) for i in p.intents
+                    ),
+                    definition_version=p.definition_version,
+                    display_name=p.display_name or p.bot_id,
+                )
+            entry.instances.append((p.instance_id, p.address))
+        return cls(groups=groups, revision=revision)
+
+    def find_bot(self, bot_id: str) -> BotEntry | None:
+        for bots in self.groups.values():
+            if bot_id in bots:
+                return bots[bot_id]
+        return None
+
+    def candidates_of(self, group: str) -> tuple[IntentPhrases, ...]:
+        """The intents that may take a transfer in a group: those of collaborating bots."""
+        return tuple(
+            intent
+            for bot in sorted(self.groups.get(group, {}).values(), key=lambda b: b.bot_id)
+            if bot.collaboration
+            for intent in bot.intents
+        )

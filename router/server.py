@@ -1,0 +1,73 @@
+"""The router process: etcd watch → index → Router service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
+from mbc.config import RouterConfig
+from mbc.encoder import Encoder
+from mbc.logs import get_logger
+from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.v1 import router_pb2, router_pb2_grpc
+from router.core import RouterCore
+from router.servicer import RouterServicer
+
+log = get_logger(__name__)
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+def create_server(config: RouterConfig, core: RouterCore) -> tuple[GrpcServer, int]:
+    server = GrpcServer(
+        config.server,
+        lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), s),
+        [SERVICE_NAME],
+    )
+    return server, server.port
+
+
+class RouterProcess:
+    """Everything the router runs, started and stopped in the right order."""
+
+    def __init__(self, config: RouterConfig, encoder: Encoder | None = None) -> None:
+        self.config = config
+        self.encoder = encoder or Encoder(config.encoder)
+        self.core = RouterCore(config, self.encoder)
+        self.server, self.port = create_server(config, self.core)
+        self.etcd = EtcdClient(list(config.etcd_endpoints))
+        self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
+        self._ready_task: asyncio.Task | None = None
+
+    def _on_snapshot(self, snapshot: ParticipantSnapshot) -> None:
+        self.core.submit(snapshot.participants, snapshot.revision)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.etcd.connect()
+        self.watcher.start()
+        self._ready_task = asyncio.create_task(self._serve_when_ready())
+        log.info("router_started", address=self.server.address)
+
+    async def _serve_when_ready(self) -> None:
+        await self.core.wait_ready()
+        await self.server.set_serving(True)
+        log.info("router_serving", address=self.server.address, revision=self.core.directory.revision)
+
+    async def stop(self) -> None:
+        if self._ready_task:
+            self._ready_task.cancel()
+        await self.server.stop()
+        await self.watcher.stop()
+        await self.core.close()
+        await self.etcd.close()
+        self.encoder.close()
+        log.info("router_stopped")
+
+
+async def serve(config: RouterConfig) -> None:
+    process = RouterProcess(config)
+    await process.start()
+    signal_name = await wait_for_shutdown_signal()
+    log.info("shutdown_requested", signal=signal_name)
+    await process.stop()

@@ -1,0 +1,61 @@
+"""mbc.v1.Router over gRPC: translates protobuf to `RouterCore` calls and errors to status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from mbc.logs import bind_context, get_logger
+from mbc.serving import abort
+from mbc.v1 import router_pb2, router_pb2_grpc
+from router.core import GroupMismatch, NotReady, RouterCore, UnknownBot
+
+log = get_logger(__name__)
+
+MAX_CANDIDATES = 100
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def Match(self, request: router_pb2.MatchRequest, context: grpc.aio.ServicerContext) -> router_pb2.MatchResponse:
+        with bind_context(asking_bot=request.bot_id, group=request.group):
+            text = request.text.strip()
+            if not text:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
+            limit_chars = self.core.config.max_text_chars
+            if len(request.text) > limit_chars:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"text has {len(request.text)} characters; the maximum is {limit_chars}",
+                )
+            if request.max_candidates > MAX_CANDIDATES:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"max_candidates is {request.max_candidates}; the maximum is {MAX_CANDIDATES}",
+                )
+            limit = request.max_candidates or self.core.config.default_candidates
+            try:
+                candidates, revision = await self.core.match(text, request.bot_id, request.group, limit, request.min_rating)
+            except NotReady as e:
+                await abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+            except UnknownBot as e:
+                await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+            except GroupMismatch as e:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            response = router_pb2.MatchResponse(index_revision=revision)
+            for c in candidates:
+                response.candidates.add(
+                    bot_id=c.match.bot_id,
+                    intent=c.match.intent,
+                    score=c.match.score,
+                    rating=c.match.rating,
+                    address=c.address,
+                    instance_id=c.instance_id,
+                    matched_phrase=c.match.matched_phrase,
+                    display_name=c.display_name,
+                )
+            log.debug("matched", candidates=len(candidates), top=candidates[0].match.bot_id if candidates else "")
+            return response

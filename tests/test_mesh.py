@@ -1,0 +1,272 @@
+"""The bot tango end to end: a real etcd, the router and bots as separate processes, over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mbc.gateway import Conversation
+from mbc.processes import ComponentProcess
+from mbc.v1 import bot_pb2, common_pb2, router_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TEST_BOTS = Path(__file__).resolve().parent / "bots"
+LEASE_TTL = 3
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Mesh:
+    def __init__(self, etcd_endpoint: str, workdir: Path) -> None:
+        self.etcd = etcd_endpoint
+        self.workdir = workdir
+        self.router: ComponentProcess | None = None
+        self.bots: dict[str, ComponentProcess] = {}
+
+    async def start_router(self) -> ComponentProcess:
+        self.router = ComponentProcess("router", ["router", "--etcd", self.etcd], self.workdir)
+        await self.router.wait_serving()
+        return self.router
+
+    async def start_bot(self, path: Path, name: str) -> ComponentProcess:
+        bot = ComponentProcess(
+            name,
+            ["bot", str(path), "--etcd", self.etcd, "--router", self.router.address, "--lease-ttl", str(LEASE_TTL)],
+            self.workdir,
+        )
+        self.bots[name] = bot
+        await bot.wait_serving()
+        return bot
+
+    def stop(self) -> None:
+        for bot in self.bots.values():
+            bot.terminate()
+        if self.router:
+            self.router.terminate()
+
+
+async def match(address: str, text: str, **fields) -> router_pb2.MatchResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        from mbc.v1 import router_pb2_grpc
+
+        return await router_pb2_grpc.RouterStub(channel).Match(router_pb2.MatchRequest(text=text, **fields), timeout=10)
+
+
+async def respond(address: str, text: str, conversation_id: str | None = None) -> bot_pb2.RespondResponse:
+    async with Conversation(address, conversation_id) as chat:
+        return await chat.send(text)
+
+
+async def eventually(check, timeout: float, interval: float = 0.2):
+    """Poll `check` (async, returns truthy when done) until it passes; returns (value, seconds)."""
+    start = time.monotonic()
+    while True:
+        value = await check()
+        if value:
+            return value, time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+async def mesh(etcd_server, tmp_path_factory):
+    mesh = Mesh(etcd_server.endpoint, tmp_path_factory.mktemp("mesh"))
+    try:
+        await mesh.start_router()
+        await asyncio.gather(
+            mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
+            mesh.start_bot(EXAMPLES / "business_banking.yaml", "business-banking"),
+            mesh.start_bot(EXAMPLES / "cards.yaml", "cards"),
+        )
+
+        async def indexed():
+            r = await match(mesh.router.address, "I lost my debit card", group="retail-bank")
+            return r.candidates and r.candidates[0].bot_id == "cards"
+
+        await eventually(indexed, timeout=30)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+async def test_own_intent_is_answered_locally(mesh):
+    r = await respond(mesh.bots["personal-banking"].address, "what's the balance on my checking account?")
+    assert r.outcome == bot_pb2.OUTCOME_ANSWERED
+    assert r.owner.bot_id == "personal-banking"
+    assert r.match.rating >= common_pb2.RATING_GOOD
+    assert [reply.bot_id for reply in r.replies] == ["personal-banking"] * len(r.replies)
+
+
+async def test_transfer_carries_message_and_intent_and_moves_ownership(mesh):
+    personal = mesh.bots["personal-banking"]
+    conversation = uuid.uuid4().hex
+    r = await respond(personal.address, "How do I open a business checking account for my LLC?", conversation)
+    assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED
+    assert r.owner.bot_id == "business-banking"
+    assert r.owner.address == mesh.bots["business-banking"].address
+    assert r.match.bot_id == "business-banking" and r.match.rating >= common_pb2.RATING_GOOD
+    assert r.transfer_id
+    # The sender's transfer message, then the receiver's dialog for the matched intent.
+    assert r.replies[0].bot_id == "personal-banking" and "Business Banking Assistant" in r.replies[0].text
+    assert r.replies[1].bot_id == "business-banking"
+
+    # The sending bot no longer owns the conversation and says who does.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await respond(personal.address, "thanks", conversation)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "business-banking" in err.value.details()
+
+
+async def test_gateway_follows_the_owner_across_two_transfers(mesh):
+    async with Conversation(mesh.bots["personal-banking"].address) as chat:
+        first = await chat.send("I want to open a business account for my company")
+        second = await chat.send("someone stole my credit card")
+        third = await chat.send("what's my checking account balance")
+    assert (first.owner.bot_id, second.owner.bot_id, third.owner.bot_id) == ("business-banking", "cards", "personal-banking")
+    assert [r.outcome for r in (first, second, third)] == [bot_pb2.OUTCOME_TRANSFERRED] * 3
+    assert second.replies[0].bot_id == "business-banking" and second.replies[-1].bot_id == "cards"
+
+
+async def test_no_capable_bot_gives_the_bots_own_fallback(mesh):
+    r = await respond(mesh.bots["cards"].address, "which pizza place delivers the fastest tonight?")
+    assert r.outcome == bot_pb2.OUTCOME_FALLBACK
+    assert r.owner.bot_id == "cards"
+    assert len(r.replies) == 1 and r.replies[0].bot_id == "cards"
+    assert "debit and credit cards" in r.replies[0].text
+
+
+async def transfer(address: str, **fields) -> bot_pb2.TransferResponse:
+    from mbc.v1 import bot_pb2_grpc
+
+    request = bot_pb2.TransferRequest(
+        transfer_id=fields.pop("transfer_id", uuid.uuid4().hex),
+        conversation_id=fields.pop("conversation_id", uuid.uuid4().hex),
+        sender=common_pb2.BotRef(bot_id="personal-banking"),
+        **fields,
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await bot_pb2_grpc.BotStub(channel).Transfer(request, timeout=10)
+
+
+async def test_receiver_with_no_intent_matches_the_message_itself(mesh):
+    cards = mesh.bots["cards"].address
+    r = await transfer(cards, receiver_bot_id="cards", text="my card got declined at the store")
+    assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.match.intent == "card_declined"
+    r = await transfer(cards, receiver_bot_id="cards", text="tell me a joke about penguins")
+    assert r.outcome == bot_pb2.OUTCOME_FALLBACK and r.owner.bot_id == "cards"
+
+
+async def test_receiver_runs_the_dialog_of_the_intent_it_was_sent(mesh):
+    # The text alone would match another intent: the matched intent decides.
+    r = await transfer(mesh.bots["cards"].address, receiver_bot_id="cards", text="my card got declined", intent="activate_card")
+    assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.match.intent == "activate_card"
+
+
+async def test_retried_transfer_is_applied_once(mesh):
+    cards = mesh.bots["cards"].address
+    same = dict(transfer_id=uuid.uuid4().hex, conversation_id=uuid.uuid4().hex, receiver_bot_id="cards", text="I lost my card")
+    results = await asyncio.gather(*(transfer(cards, **same) for _ in range(3)))
+    assert all(r == results[0] for r in results)
+
+
+@pytest.mark.parametrize(
+    "call, code, words",
+    [
+        (lambda m: respond(m.bots["cards"].address, "   "), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+        (lambda m: respond(m.bots["cards"].address, "x" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 2000"),
+        (lambda m: respond(m.bots["cards"].address, "hi", conversation_id=" "), grpc.StatusCode.INVALID_ARGUMENT, "conversation_id"),
+        (lambda m: transfer(m.bots["cards"].address, receiver_bot_id="travel", text="hi"), grpc.StatusCode.FAILED_PRECONDITION, "not 'travel'"),
+        (lambda m: transfer(m.bots["cards"].address, receiver_bot_id="cards", text="hi", transfer_id=""), grpc.StatusCode.INVALID_ARGUMENT, "transfer_id"),
+        (lambda m: match(m.router.address, ""), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+        (lambda m: match(m.router.address, "y" * 3000), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 2000"),
+        (lambda m: match(m.router.address, "hello", bot_id="no-such-bot"), grpc.StatusCode.NOT_FOUND, "no-such-bot"),
+        (lambda m: match(m.router.address, "hello", bot_id="cards", group="other"), grpc.StatusCode.INVALID_ARGUMENT, "retail-bank"),
+        (lambda m: match(m.router.address, "hello", max_candidates=1000), grpc.StatusCode.INVALID_ARGUMENT, "max_candidates"),
+    ],
+    ids=["empty-text", "oversized-text", "no-conversation", "wrong-receiver", "no-transfer-id",
+         "match-empty", "match-oversized", "match-unknown-bot", "match-wrong-group", "match-too-many"],
+)
+async def test_bad_input_gets_a_clear_status_and_servers_keep_serving(mesh, call, code, words):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(mesh)
+    assert err.value.code() == code
+    assert words in err.value.details()
+    r = await respond(mesh.bots["cards"].address, "I lost my card")
+    assert r.outcome == bot_pb2.OUTCOME_ANSWERED
+    assert (await match(mesh.router.address, "I lost my card")).candidates
+
+
+async def test_malformed_registration_is_ignored(mesh, etcd_client):
+    await etcd_client.put("/mbc/v1/participants/retail-bank/garbage/x1", b"\xff\x00 not a participant")
+    try:
+        await asyncio.sleep(0.5)
+        r = await match(mesh.router.address, "I lost my debit card", group="retail-bank")
+        assert r.candidates[0].bot_id == "cards"
+        assert "garbage" not in {c.bot_id for c in r.candidates}
+    finally:
+        await etcd_client.delete("/mbc/v1/participants/retail-bank/garbage/x1")
+
+
+async def test_non_collaborating_bot_is_never_a_candidate(mesh):
+    loner = await mesh.start_bot(TEST_BOTS / "loner.yaml", "loner")
+    r = await respond(loner.address, "what's the weather today")
+    assert r.outcome == bot_pb2.OUTCOME_ANSWERED
+    # It keeps its own fallback rather than transferring, and others never pick it.
+    r = await respond(loner.address, "I lost my debit card")
+    assert r.outcome == bot_pb2.OUTCOME_FALLBACK
+    r = await match(mesh.router.address, "will it rain tomorrow", group="retail-bank", max_candidates=10)
+    assert "loner" not in {c.bot_id for c in r.candidates}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await transfer(loner.address, receiver_bot_id="loner", text="will it rain")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    mesh.bots.pop("loner").terminate()
+
+
+async def test_bot_joining_and_dying_mid_run(mesh):
+    router = mesh.router.address
+
+    async def travel_candidate():
+        r = await match(router, "set a travel notice for my trip to Japan", bot_id="cards")
+        return bool(r.candidates) and r.candidates[0].bot_id == "travel"
+
+    assert not await travel_candidate()
+    travel = await mesh.start_bot(TEST_BOTS / "travel.yaml", "travel")
+    await eventually(travel_candidate, timeout=10)
+    r = await respond(mesh.bots["cards"].address, "please set a travel notice, I'm going to Japan")
+    assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.owner.bot_id == "travel"
+
+    travel.kill()  # SIGKILL: no deregistration, the lease has to expire
+    mesh.bots.pop("travel")
+
+    async def gone():
+        return not await travel_candidate()
+
+    _, seconds = await eventually(gone, timeout=LEASE_TTL + 2)
+    assert seconds <= LEASE_TTL + 2
+    # With the only capable bot gone, the asking bot falls back.
+    r = await respond(mesh.bots["cards"].address, "please set a travel notice, I'm going to Japan")
+    assert r.outcome == bot_pb2.OUTCOME_FALLBACK
+
+
+async def test_sigterm_leaves_the_mesh_at_once(mesh, etcd_client):
+    bot = await mesh.start_bot(TEST_BOTS / "travel.yaml", "travel-2")
+
+    async def registered():
+        items, _ = await etcd_client.get_prefix("/mbc/v1/participants/retail-bank/travel/")
+        return len(items)
+
+    await eventually(registered, timeout=5)
+    start = time.monotonic()
+    bot.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(bot.process.wait, 15) == 0
+    mesh.bots.pop("travel-2")
+    assert await registered() == 0
+    assert time.monotonic() - start < LEASE_TTL
