@@ -14,10 +14,22 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_ANSWERED: _ClassVar[Outcome]
     OUTCOME_TRANSFERRED: _ClassVar[Outcome]
     OUTCOME_FALLBACK: _ClassVar[Outcome]
+    OUTCOME_CLARIFY: _ClassVar[Outcome]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_ANSWERED: Outcome
 OUTCOME_TRANSFERRED: Outcome
 OUTCOME_FALLBACK: Outcome
+OUTCOME_CLARIFY: Outcome
+
+class ClarifyOption(_message.Message):
+    __slots__ = ("label", "bot_id", "intent")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    BOT_ID_FIELD_NUMBER: _ClassVar[int]
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    bot_id: str
+    intent: str
+    def __init__(self, label: _Optional[str] = ..., bot_id: _Optional[str] = ..., intent: _Optional[str] = ...) -> None: ...
 
 class RespondRequest(_message.Message):
     __slots__ = ("conversation_id", "consumer_id", "text", "channel_metadata")
@@ -51,18 +63,20 @@ class MatchInfo(_message.Message):
     def __init__(self, bot_id: _Optional[str] = ..., intent: _Optional[str] = ..., score: _Optional[float] = ..., rating: _Optional[_Union[_common_pb2.Rating, str]] = ...) -> None: ...
 
 class RespondResponse(_message.Message):
-    __slots__ = ("replies", "owner", "outcome", "match", "transfer_id")
+    __slots__ = ("replies", "owner", "outcome", "match", "transfer_id", "options")
     REPLIES_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     replies: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reply]
     owner: _common_pb2.BotRef
     outcome: Outcome
     match: MatchInfo
     transfer_id: str
-    def __init__(self, replies: _Optional[_Iterable[_Union[_common_pb2.Reply, _Mapping]]] = ..., owner: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., match: _Optional[_Union[MatchInfo, _Mapping]] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+    options: _containers.RepeatedCompositeFieldContainer[ClarifyOption]
+    def __init__(self, replies: _Optional[_Iterable[_Union[_common_pb2.Reply, _Mapping]]] = ..., owner: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., match: _Optional[_Union[MatchInfo, _Mapping]] = ..., transfer_id: _Optional[str] = ..., options: _Optional[_Iterable[_Union[ClarifyOption, _Mapping]]] = ...) -> None: ...
 
 class TransferRequest(_message.Message):
     __slots__ = ("transfer_id", "conversation_id", "consumer_id", "text", "intent", "sender", "receiver_bot_id", "channel_metadata", "visited_bot_ids", "hop_count")
