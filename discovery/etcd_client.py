@@ -205,6 +205,48 @@ class EtcdClient:
             if type(e) is not EtcdError or "has been compacted" not in str(e):
                 raise
 
+    async def put_if(self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None) -> tuple[bool, int, KeyValue | None]:
+        """Put only if the key's mod revision is `mod_revision` (0: only if the key is absent).
+
+        Returns (succeeded, store revision after the call, the key's current value when it failed).
+        """
+        k = key.encode()
+        request = rpc.TxnRequest(
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=value, lease=lease_id or 0))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))],
+        )
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        if response.succeeded:
+            return True, response.header.revision, None
+        kvs = response.responses[0].response_range.kvs
+        current = KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
+        return False, response.header.revision, current
+
+    async def delete_if(self, key: str, mod_revision: int) -> bool:
+        """Delete the key only if its mod revision is `mod_revision`; return whether it was deleted."""
+        k = key.encode()
+        request = rpc.TxnRequest(
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
+        )
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        return response.succeeded and response.responses[0].response_delete_range.deleted > 0
+
+    async def count_prefix(self, prefix: str) -> int:
+        """How many keys are under `prefix` (etcd counts; no values travel)."""
+        k = prefix.encode()
+        request = rpc.RangeRequest(key=k, range_end=aetcd.utils.prefix_range_end(k), count_only=True)
+        response = await self._unary("count", lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata))
+        return response.count
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under `prefix`; return how many were deleted."""
+        k = prefix.encode()
+        request = rpc.DeleteRangeRequest(key=k, range_end=aetcd.utils.prefix_range_end(k))
+        response = await self._unary("delete_prefix", lambda c: c.kvstub.DeleteRange(request, timeout=self._timeout, metadata=c.metadata))
+        return response.deleted
+
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Yield the changes under `prefix` from `start_revision` (inclusive) on.
 
@@ -306,6 +348,8 @@ class EtcdClient:
                     return await call(client)
             except aetcd.exceptions.ClientError as e:
                 error = _translate(e)
+            except rpc.AioRpcError as e:
+                error = _rpc_error(e)
             except TimeoutError:
                 error = EtcdUnavailable(f"no answer within {self._timeout:g}s")
             if not isinstance(error, EtcdUnavailable):

@@ -20,6 +20,8 @@ from mbc.logs import get_logger
 
 log = get_logger(__name__)
 
+# The health check goes straight to 127.0.0.1 whatever the proxy environment variables say.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _FALLBACK_PATHS = ("/usr/bin/etcd", "/usr/sbin/etcd")
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le",
            "s390x": "s390x"}
@@ -45,6 +47,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class LocalEtcd:
@@ -116,6 +128,10 @@ class LocalEtcd:
         """Start etcd and wait (bounded) until it reports healthy."""
         if self.running:
             return
+        for port in (self.client_port, self.peer_port):
+            # Otherwise another etcd on the port could answer the health check for this one.
+            if not _port_free(port):
+                raise RuntimeError(f"cannot start etcd: port {port} on 127.0.0.1 is already in use")
         self._dir.mkdir(parents=True, exist_ok=True)
         (self._dir / "data").mkdir(mode=0o700, exist_ok=True)
         with open(self.log_path, "ab") as out:
@@ -140,14 +156,14 @@ class LocalEtcd:
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=0.5) as response:
+            with _NO_PROXY.open(f"http://{self.endpoint}/health", timeout=0.5) as response:
                 return json.loads(response.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
         except OSError as e:
             return f"(cannot read it: {e})"
 

@@ -62,6 +62,13 @@ def cmd_bot(args: argparse.Namespace) -> None:
         sys.exit(f"mbc bot: {e}")
 
 
+def cmd_store(args: argparse.Namespace) -> None:
+    from context_store.server import serve
+
+    configure(args.log_level, service="store")
+    asyncio.run(serve(_endpoints(args.etcd), _server_config(args)))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mbc.demo import run_demo
 
@@ -89,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     bot.add_argument("--instance-id", default="", help="instance id to register (default: generated)")
     bot.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
     bot.set_defaults(func=cmd_bot)
+
+    store = sub.add_parser("store", help="run the Context Session Store (cross-bot data, conversation owners)")
+    _server_args(store, default_port=50052)
+    store.set_defaults(func=cmd_store)
 
     demo = sub.add_parser("demo", help="start a local mesh and play a conversation through both workflows")
     demo.add_argument("--etcd", default="", help="use these etcd endpoints instead of starting a local etcd")

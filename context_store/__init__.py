@@ -1,0 +1,1 @@
+"""The Context Session Store: cross-bot data and conversation ownership, backed by etcd."""

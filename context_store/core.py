@@ -1,0 +1,251 @@
+"""The store's domain logic over etcd.
+
+etcd layout:
+    /mbc/v1/context/namespaces/<namespace>                         → RegisterNamespaceRequest
+    /mbc/v1/context/data/<namespace>/<scope>/<scope id>/<key>      → Struct {value, expires_at_unix_ms}
+    /mbc/v1/conversations/<conversation id>/owner                  → Ownership
+Scope ids are percent-encoded so any id fits in one key segment. A value's version is its etcd
+mod revision; compare-and-set is an etcd transaction on it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from google.protobuf import struct_pb2
+
+from context_store.leases import LeaseBuckets
+from discovery import EtcdClient
+from discovery.errors import LeaseNotFound
+from mbc.v1 import context_pb2
+
+PREFIX = "/mbc/v1/context/"
+NAMESPACES = PREFIX + "namespaces/"
+DATA = PREFIX + "data/"
+CONVERSATIONS = "/mbc/v1/conversations/"
+
+_NAMESPACE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+MAX_SCOPE_ID = 256
+_SCOPES = {
+    context_pb2.SCOPE_GLOBAL: "global",
+    context_pb2.SCOPE_CONSUMER: "consumer",
+    context_pb2.SCOPE_CONVERSATION: "conversation",
+}
+
+
+class StoreError(Exception):
+    """Base of the errors the service maps to status codes."""
+
+
+class InvalidArgument(StoreError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class VersionConflict(StoreError):
+    pass
+
+
+class LimitExceeded(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Limits and lifetimes of the Context Session Store."""
+
+    max_value_bytes: int = 800_000
+    """Largest serialized value accepted by Set."""
+    max_keys_per_namespace: int = 1_000_000
+    """Live keys a namespace may hold, all scopes together."""
+    conversation_ttl_seconds: int = 86_400
+    """How long an ownership record lives after its last change."""
+    lease_bucket_seconds: int = 60
+    """Granularity of expiry: keys expire up to this much after their TTL (reads never see them)."""
+    namespace_cache_seconds: float = 5.0
+    """How long a namespace's TTL is cached before etcd is read again."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: struct_pb2.Value
+    version: int
+    expires_at_unix_ms: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def check_namespace(namespace: str) -> None:
+    if not _NAMESPACE.match(namespace):
+        raise InvalidArgument(
+            f"namespace {namespace!r} is invalid: use 1-64 letters, digits, '.', '_', '-', starting with a letter"
+        )
+
+
+def check_id(kind: str, value: str) -> None:
+    if not value.strip():
+        raise InvalidArgument(f"{kind} is required")
+    if len(value) > MAX_SCOPE_ID:
+        raise InvalidArgument(f"{kind} has {len(value)} characters; the maximum is {MAX_SCOPE_ID}")
+
+
+def owner_key(conversation_id: str) -> str:
+    check_id("conversation_id", conversation_id)
+    return f"{CONVERSATIONS}{quote(conversation_id, safe='')}/owner"
+
+
+class ContextStoreCore:
+    def __init__(self, etcd: EtcdClient, config: StoreConfig = StoreConfig()) -> None:
+        self.etcd = etcd
+        self.config = config
+        self.leases = LeaseBuckets(etcd, config.lease_bucket_seconds)
+        self._namespaces: dict[str, tuple[int, float]] = {}
+
+    async def register_namespace(self, namespace: str, ttl_seconds: int) -> int:
+        check_namespace(namespace)
+        if ttl_seconds < 1:
+            raise InvalidArgument(f"ttl_seconds must be at least 1, got {ttl_seconds}")
+        spec = context_pb2.RegisterNamespaceRequest(namespace=namespace, ttl_seconds=ttl_seconds)
+        await self.etcd.put(NAMESPACES + namespace, spec.SerializeToString())
+        self._namespaces[namespace] = (ttl_seconds, time.monotonic())
+        return ttl_seconds
+
+    async def namespace_ttl(self, namespace: str) -> int:
+        check_namespace(namespace)
+        cached = self._namespaces.get(namespace)
+        if cached and time.monotonic() - cached[1] < self.config.namespace_cache_seconds:
+            return cached[0]
+        kv = await self.etcd.get(NAMESPACES + namespace)
+        if kv is None:
+            self._namespaces.pop(namespace, None)
+            raise NotFound(f"namespace {namespace!r} is not registered; call RegisterNamespace first")
+        spec = context_pb2.RegisterNamespaceRequest.FromString(kv.value)
+        self._namespaces[namespace] = (spec.ttl_seconds, time.monotonic())
+        return spec.ttl_seconds
+
+    def _scope_prefix(self, namespace: str, scope: int, scope_id: str) -> str:
+        name = _SCOPES.get(scope)
+        if name is None:
+            raise InvalidArgument("scope must be SCOPE_GLOBAL, SCOPE_CONSUMER or SCOPE_CONVERSATION")
+        if scope == context_pb2.SCOPE_GLOBAL:
+            if scope_id:
+                raise InvalidArgument("scope_id must be empty for SCOPE_GLOBAL")
+            scope_id = "_"
+        else:
+            check_id(f"scope_id (the {name} id)", scope_id)
+        return f"{DATA}{namespace}/{name}/{quote(scope_id, safe='')}/"
+
+    def _key(self, key: context_pb2.ContextKey) -> str:
+        check_namespace(key.namespace)
+        if not _KEY.match(key.key):
+            raise InvalidArgument(
+                f"key {key.key!r} is invalid: use 1-128 letters, digits, '.', '_', '-', starting with a letter"
+            )
+        return self._scope_prefix(key.namespace, key.scope, key.scope_id) + key.key
+
+    @staticmethod
+    def _decode(raw_key: str, raw: bytes, version: int) -> Entry | None:
+        stored = struct_pb2.Struct.FromString(raw)
+        expires = int(stored.fields["expires_at_unix_ms"].number_value)
+        if expires and expires <= _now_ms():
+            return None
+        return Entry(raw_key.rsplit("/", 1)[-1], stored.fields["value"], version, expires)
+
+    async def get(self, key: context_pb2.ContextKey) -> Entry | None:
+        path = self._key(key)
+        await self.namespace_ttl(key.namespace)
+        kv = await self.etcd.get(path)
+        return self._decode(kv.key, kv.value, kv.mod_revision) if kv else None
+
+    async def set(self, key: context_pb2.ContextKey, value: struct_pb2.Value, expected_version: int | None) -> Entry:
+        path = self._key(key)
+        ttl = await self.namespace_ttl(key.namespace)
+        if value.WhichOneof("kind") is None:
+            raise InvalidArgument("value is required (use null_value for null)")
+        expires = _now_ms() + ttl * 1000
+        payload = struct_pb2.Struct()
+        payload.fields["value"].CopyFrom(value)
+        payload.fields["expires_at_unix_ms"].number_value = expires
+        raw = payload.SerializeToString()
+        if len(raw) > self.config.max_value_bytes:
+            raise InvalidArgument(f"value is {len(raw)} bytes serialized; the maximum is {self.config.max_value_bytes}")
+        current = await self.etcd.get(path)
+        live = current is not None and self._decode(current.key, current.value, current.mod_revision) is not None
+        if expected_version is not None:
+            actual = current.mod_revision if live else 0
+            if actual != expected_version:
+                raise VersionConflict(f"{key.key!r} is at version {actual}, not {expected_version}: read it again")
+        if current is None:
+            count = await self.etcd.count_prefix(f"{DATA}{key.namespace}/")
+            if count >= self.config.max_keys_per_namespace:
+                raise LimitExceeded(f"namespace {key.namespace!r} holds {count} keys; the maximum is {self.config.max_keys_per_namespace}")
+        # The write is conditional on what was read, so a concurrent writer cannot be lost.
+        ok, revision, now_current = await self._put_if(path, raw, current.mod_revision if current else 0, ttl)
+        if not ok:
+            if expected_version is not None:
+                actual = now_current.mod_revision if now_current else 0
+                raise VersionConflict(f"{key.key!r} changed concurrently (now version {actual}): read it again")
+            return await self.set(key, value, None)
+        return Entry(key.key, value, revision, expires)
+
+    async def _put_if(self, path: str, raw: bytes, mod_revision: int, ttl: int):
+        lease = await self.leases.lease_for(ttl)
+        try:
+            return await self.etcd.put_if(path, raw, mod_revision, lease)
+        except LeaseNotFound:
+            self.leases.forget(lease)
+            return await self.etcd.put_if(path, raw, mod_revision, await self.leases.lease_for(ttl))
+
+    async def delete(self, key: context_pb2.ContextKey, expected_version: int | None) -> bool:
+        path = self._key(key)
+        await self.namespace_ttl(key.namespace)
+        current = await self.etcd.get(path)
+        live = current is not None and self._decode(current.key, current.value, current.mod_revision) is not None
+        if expected_version is not None and (current.mod_revision if live else 0) != expected_version:
+            raise VersionConflict(f"{key.key!r} is at version {current.mod_revision if live else 0}, not {expected_version}")
+        if current is None:
+            return False
+        deleted = await self.etcd.delete_if(path, current.mod_revision)
+        if not deleted and expected_version is not None:
+            raise VersionConflict(f"{key.key!r} changed concurrently: read it again")
+        return deleted and live
+
+    async def list(self, namespace: str, scope: int, scope_id: str) -> list[Entry]:
+        check_namespace(namespace)
+        prefix = self._scope_prefix(namespace, scope, scope_id)
+        await self.namespace_ttl(namespace)
+        items, _ = await self.etcd.get_prefix(prefix)
+        entries = (self._decode(kv.key, kv.value, kv.mod_revision) for kv in items)
+        return sorted((e for e in entries if e is not None), key=lambda e: e.key)
+
+    async def get_owner(self, conversation_id: str) -> tuple[context_pb2.Ownership | None, int]:
+        kv = await self.etcd.get(owner_key(conversation_id))
+        if kv is None:
+            return None, 0
+        return context_pb2.Ownership.FromString(kv.value), kv.mod_revision
+
+    async def claim_owner(self, conversation_id: str, ownership: context_pb2.Ownership, expected_version: int) -> int:
+        path = owner_key(conversation_id)
+        if not ownership.owner.bot_id:
+            raise InvalidArgument("ownership.owner.bot_id is required")
+        record = context_pb2.Ownership()
+        record.CopyFrom(ownership)
+        record.updated_at_unix_ms = _now_ms()
+        ok, revision, current = await self._put_if(path, record.SerializeToString(), expected_version, self.config.conversation_ttl_seconds)
+        if not ok:
+            holder = context_pb2.Ownership.FromString(current.value).owner.bot_id if current else "nobody"
+            actual = current.mod_revision if current else 0
+            raise VersionConflict(
+                f"conversation {conversation_id!r} is owned by {holder!r} at version {actual}, not {expected_version}"
+            )
+        return revision

@@ -1,0 +1,46 @@
+"""The store process: the ContextStore service in front of etcd."""
+
+from __future__ import annotations
+
+from context_store.core import ContextStoreCore, StoreConfig
+from context_store.servicer import ContextStoreServicer
+from discovery import EtcdClient
+from mbc.config import ServerConfig
+from mbc.logs import get_logger
+from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.v1 import context_pb2, context_pb2_grpc
+
+log = get_logger(__name__)
+
+SERVICE_NAME = context_pb2.DESCRIPTOR.services_by_name["ContextStore"].full_name
+
+
+def create_server(config: ServerConfig, core: ContextStoreCore) -> tuple[GrpcServer, int]:
+    server = GrpcServer(config, lambda s: context_pb2_grpc.add_ContextStoreServicer_to_server(ContextStoreServicer(core), s), [SERVICE_NAME])
+    return server, server.port
+
+
+class StoreProcess:
+    def __init__(self, etcd_endpoints: tuple[str, ...], server: ServerConfig = ServerConfig(), store: StoreConfig = StoreConfig()) -> None:
+        self.etcd = EtcdClient(list(etcd_endpoints))
+        self.core = ContextStoreCore(self.etcd, store)
+        self.server, self.port = create_server(server, self.core)
+
+    async def start(self) -> None:
+        await self.etcd.connect()
+        await self.server.start()
+        await self.server.set_serving(True)
+        log.info("store_serving", address=self.server.address)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.etcd.close()
+        log.info("store_stopped")
+
+
+async def serve(etcd_endpoints: tuple[str, ...], server: ServerConfig) -> None:
+    process = StoreProcess(etcd_endpoints, server)
+    await process.start()
+    signal_name = await wait_for_shutdown_signal()
+    log.info("shutdown_requested", signal=signal_name)
+    await process.stop()
