@@ -1,4 +1,4 @@
-.PHONY: setup demo test protos clean
+.PHONY: setup demo test protos protoset ghz clean
 
 setup:
 	@scripts/setup.sh
@@ -11,6 +11,17 @@ test: setup
 
 protos: setup
 	.venv/bin/python scripts/gen_protos.py
+
+# One self-contained descriptor set of every mbc.v1 service, for tools that cannot use the
+# servers' reflection (Python serves v1alpha only; ghz wants v1): see README, "load testing".
+protoset: setup
+	@mkdir -p build
+	.venv/bin/python -m grpc_tools.protoc -I protos --include_imports --descriptor_set_out=build/mbc.protoset protos/mbc/v1/*.proto
+	@echo "wrote build/mbc.protoset"
+
+# A short real ghz load against a live local mesh (etcd, router, one bot); fails on any error.
+ghz: protoset
+	scripts/ghz_smoke.sh
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

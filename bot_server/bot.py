@@ -4,19 +4,37 @@
 
     @bot.on_intent("card_declined")
     async def declined(turn: Turn) -> str:
-        return f"I checked card {lookup(turn.consumer_id)}: ..."
+        await turn.remember("last_topic", "declined card")
+        return f"Hi {turn.variables.get('name', 'there')}, I checked your card: ..."
 
-A handler returns a string or a list of strings; without one, the dialog's responses are sent.
+A handler returns a string or a list of strings; without one, the dialog's steps run.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, Sequence, Union
+from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
 
 from bot_server.definition import BotDefinition, DefinitionError
+
+_VARIABLE = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)(?:\|([^}]*))?\}")
+
+
+def render(template: str, variables: Mapping[str, Any]) -> str:
+    """Fill `{name}` and `{name|default}` from the conversation's variables."""
+
+    def value(m: re.Match) -> str:
+        found = variables.get(m.group(1))
+        return str(found) if found not in (None, "") else (m.group(2) or "")
+
+    return _VARIABLE.sub(value, template)
+
+
+async def _no_store(name: str, value: Any) -> None:
+    raise RuntimeError("this turn has no conversation state")
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,10 @@ class Turn:
     channel_metadata: Mapping[str, str] = field(default_factory=dict)
     transferred_from: str = ""
     """The bot that handed this conversation over, when it arrived by transfer."""
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    """The conversation's variables in the Context Session Store, as read for this turn."""
+    remember: Callable[[str, Any], Awaitable[None]] = _no_store
+    """Store a conversation variable (visible to every bot of the group)."""
 
 
 HandlerResult = Union[str, Sequence[str]]
@@ -51,7 +73,7 @@ class Bot:
         return self.definition.bot_id
 
     def on_intent(self, intent: str) -> Callable[[Handler], Handler]:
-        """Attach code to an intent's dialog; it runs instead of the dialog's static responses."""
+        """Attach code to an intent's dialog; it runs instead of the dialog's steps."""
         if intent not in {i.name for i in self.definition.intents}:
             raise DefinitionError(f"bot {self.bot_id!r} has no intent {intent!r}")
 
@@ -61,12 +83,11 @@ class Bot:
 
         return register
 
-    async def run_dialog(self, turn: Turn) -> list[str]:
-        """The messages the dialog of `turn.intent` sends."""
-        handler = self._handlers.get(turn.intent)
-        if handler is None:
-            dialog = self.definition.dialog_for(turn.intent)
-            return list(dialog.responses) if dialog else [self.definition.fallback]
+    def handler_for(self, intent: str) -> Handler | None:
+        return self._handlers.get(intent)
+
+    @staticmethod
+    async def call(handler: Handler, turn: Turn) -> list[str]:
         result = handler(turn)
         if inspect.isawaitable(result):
             result = await result

@@ -12,12 +12,21 @@
     dialogs:
       - intent: check_balance
         responses: ["Your balance is ..."]
+      - intent: greeting                  # a dialog may ask questions instead:
+        steps:
+          - ask: "What's your name?"       # waits for the consumer's next message...
+            save_as: name                  # ...and stores it as a conversation variable
+          - say: "Nice to meet you, {name}!"
+
+Texts are templates: `{name}` reads a conversation variable from the Context Session Store
+(namespace `context_namespace`, the group by default), `{name|there}` gives a default.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +47,21 @@ class IntentDefinition:
 
 
 @dataclass(frozen=True)
+class Step:
+    """Say `text`, or ask it and store the consumer's answer as variable `save_as`."""
+
+    text: str
+    save_as: str = ""
+
+    @property
+    def asks(self) -> bool:
+        return bool(self.save_as)
+
+
+@dataclass(frozen=True)
 class DialogDefinition:
     intent: str
-    responses: tuple[str, ...]
+    steps: tuple[Step, ...]
 
 
 @dataclass(frozen=True)
@@ -53,13 +74,14 @@ class BotDefinition:
     transfer_message: str
     intents: tuple[IntentDefinition, ...]
     dialogs: tuple[DialogDefinition, ...]
+    context_namespace: str
 
     @property
     def version(self) -> str:
         """A content hash: instances with equal versions have equal intents and dialogs."""
         payload = json.dumps(
             [self.bot_id, self.group, self.collaboration, [(i.name, i.phrases) for i in self.intents],
-             [(d.intent, d.responses) for d in self.dialogs], self.fallback, self.transfer_message],
+             [(d.intent, [(t.text, t.save_as) for t in d.steps]) for d in self.dialogs], self.fallback, self.transfer_message],
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -84,7 +106,7 @@ class BotDefinition:
     def from_dict(cls, data: Any) -> "BotDefinition":
         if not isinstance(data, dict):
             raise DefinitionError("a bot definition is a mapping with id, group, intents, dialogs and fallback")
-        unknown = set(data) - {"id", "display_name", "group", "collaboration", "fallback", "transfer_message", "intents", "dialogs"}
+        unknown = set(data) - {"id", "display_name", "group", "collaboration", "fallback", "transfer_message", "intents", "dialogs", "context_namespace"}
         if unknown:
             raise DefinitionError(f"unknown field(s): {', '.join(sorted(unknown))}")
         bot_id = _text(data, "id")
@@ -116,6 +138,7 @@ class BotDefinition:
             transfer_message=str(data.get("transfer_message") or ""),
             intents=intents,
             dialogs=dialogs,
+            context_namespace=str(data.get("context_namespace") or group),
         )
 
 
@@ -153,9 +176,31 @@ def _dialog(item: Any, position: int, intents: set[str]) -> DialogDefinition:
     intent = _text(item, "intent")
     if intent not in intents:
         raise DefinitionError(f"dialogs[{position}] starts on intent {intent!r}, which is not defined")
-    responses = item.get("responses")
-    if isinstance(responses, str):
-        responses = [responses]
-    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r.strip() for r in responses):
-        raise DefinitionError(f"dialog for {intent!r}: responses must be a non-empty list of strings")
-    return DialogDefinition(intent, tuple(r.strip() for r in responses))
+    if ("responses" in item) == ("steps" in item):
+        raise DefinitionError(f"dialog for {intent!r}: give either responses or steps")
+    if "responses" in item:
+        responses = item["responses"]
+        if isinstance(responses, str):
+            responses = [responses]
+        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r.strip() for r in responses):
+            raise DefinitionError(f"dialog for {intent!r}: responses must be a non-empty list of strings")
+        return DialogDefinition(intent, tuple(Step(r.strip()) for r in responses))
+    steps = item["steps"]
+    if not isinstance(steps, list) or not steps:
+        raise DefinitionError(f"dialog for {intent!r}: steps must be a non-empty list")
+    return DialogDefinition(intent, tuple(_step(intent, n, step) for n, step in enumerate(steps)))
+
+
+def _step(intent: str, position: int, step: Any) -> Step:
+    where = f"dialog for {intent!r}, steps[{position}]"
+    if not isinstance(step, dict) or len({"say", "ask"} & set(step)) != 1:
+        raise DefinitionError(f"{where}: a step is either say: TEXT or ask: TEXT with save_as: NAME")
+    text = step.get("say") or step.get("ask")
+    if not isinstance(text, str) or not text.strip():
+        raise DefinitionError(f"{where}: the text must be a non-empty string")
+    if "ask" in step:
+        save_as = step.get("save_as")
+        if not isinstance(save_as, str) or not re.match(r"^[A-Za-z][A-Za-z0-9_]{0,63}$", save_as):
+            raise DefinitionError(f"{where}: ask needs save_as: a variable name (letters, digits, '_')")
+        return Step(text.strip(), save_as)
+    return Step(text.strip())

@@ -1,16 +1,24 @@
 """The bot tango, as run by one bot instance.
 
-Workflow 1: the bot's own intent rated GOOD or better answers. Otherwise the router is asked for
-participating bots rated GOOD or better, and the conversation is handed to the first that takes it.
-Workflow 2: nobody qualifies (or every transfer failed): the bot's own fallback answers.
+Each message is judged by the router against the whole group, this bot included
+(`include_asking_bot`), so one calibrated decision says who should answer:
+- Workflow 1: the best intent qualifies (rated GOOD or better). It is this bot's → its dialog
+  answers; another bot's → the conversation is handed over with the message and the intent.
+- Two or three bots qualify about equally: the bot asks the consumer which one they meant.
+- Workflow 2: nobody qualifies, or every transfer failed → the bot's own fallback.
+When the router cannot be reached, the bot matches the message against its own intents.
 
-A bot judges its own intents locally (it holds its own small catalog), so it keeps answering its
-intents when the router is down, and only messages outside its scope cost a router call.
+Transfers lose nothing: the conversation's owner is a versioned record (in the Context Session
+Store when configured). The receiver takes the conversation only if the record is still at the
+version the sender read; a sender whose transfer failed claims the conversation back, which
+fences out a receiver that answers too late. A retried transfer id is applied once. Every
+outgoing call gets the caller's remaining time. A message never visits a bot twice and goes
+through at most `max_hops` transfers.
 """
 
 from __future__ import annotations
 
-import asyncio
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,20 +26,23 @@ from typing import Mapping
 
 import grpc
 
-from bot_server.bot import Bot, Turn
-from bot_server.ledger import ConversationLedger, TransferLedger
+from bot_server.bot import Bot, Turn, render
+from bot_server.ledger import TransferLedger
+from bot_server.state import Awaiting, ConversationState, OwnershipConflict
 from mbc.channels import ChannelPool
 from mbc.config import BotConfig
 from mbc.encoder import Encoder
 from mbc.logs import get_logger
-from mbc.matching import IntentCatalog, IntentPhrases, ScoredIntent
+from mbc.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
 log = get_logger(__name__)
 
 GOOD = common_pb2.RATING_GOOD
-# Time kept back from each transfer attempt so that a fallback can still be sent in time.
+FAIR_PLUS = common_pb2.RATING_FAIR_PLUS
+# Time kept back from each outgoing call so that a fallback can still be sent in time.
 FALLBACK_RESERVE_SECONDS = 0.25
+NONE_OF_THESE = "None of these"
 
 
 class InvalidInput(ValueError):
@@ -42,6 +53,10 @@ class Refused(Exception):
     """The request is well-formed but cannot be applied here (FAILED_PRECONDITION)."""
 
 
+class Conflict(Exception):
+    """The conversation changed owner concurrently (ABORTED)."""
+
+
 @dataclass
 class TurnResult:
     replies: list[common_pb2.Reply]
@@ -49,6 +64,7 @@ class TurnResult:
     outcome: int
     match: bot_pb2.MatchInfo
     transfer_id: str = ""
+    options: list[bot_pb2.ClarifyOption] = field(default_factory=list)
 
 
 @dataclass
@@ -59,105 +75,197 @@ class Message:
     channel_metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Route:
+    """Where a message is going: its deadline, the bots it visited, the owner record version."""
+
+    deadline: float
+    owner_version: int
+    visited: tuple[str, ...]
+    hops: int
+
+    def remaining(self, reserve: float = FALLBACK_RESERVE_SECONDS) -> float:
+        return self.deadline - time.monotonic() - reserve
+
+
 class BotEngine:
-    def __init__(self, bot: Bot, config: BotConfig, encoder: Encoder, identity: common_pb2.BotRef, channels: ChannelPool) -> None:
+    def __init__(
+        self, bot: Bot, config: BotConfig, encoder: Encoder, identity: common_pb2.BotRef,
+        channels: ChannelPool, state: ConversationState,
+    ) -> None:
         self.bot = bot
         self.definition = bot.definition
         self.config = config
         self.encoder = encoder
         self.identity = identity
         self.channels = channels
-        self.conversations = ConversationLedger()
+        self.state = state
         self.transfers: TransferLedger[TurnResult] = TransferLedger()
         self._catalog: IntentCatalog | None = None
+        self._intents = {i.name for i in self.definition.intents}
 
     async def prepare(self) -> None:
-        """Embed the bot's own training phrases."""
+        """Embed the bot's own training phrases (used when the router cannot be reached)."""
         intents = [IntentPhrases(self.bot.bot_id, i.name, i.phrases) for i in self.definition.intents]
         vectors = await self.encoder.aencode_phrases(IntentCatalog.phrases_of(intents))
         self._catalog = IntentCatalog(intents, vectors, self.encoder.dim)
 
-    def _check_text(self, text: str) -> None:
-        if not text.strip():
-            raise InvalidInput("text is empty")
-        if len(text) > self.config.max_text_chars:
-            raise InvalidInput(f"text has {len(text)} characters; the maximum is {self.config.max_text_chars}")
+    # -- consumer messages -------------------------------------------------------------------
 
-    async def _match_own(self, text: str) -> ScoredIntent | None:
-        query = (await self.encoder.aencode([text]))[0]
-        ranked = self._catalog.rank(query, self.config.ratings, self.config.neighbours, limit=1)
-        return ranked[0] if ranked else None
+    async def respond(self, message: Message, budget_seconds: float) -> TurnResult:
+        """Answer a consumer message: own dialog, transfer, clarifying question or fallback."""
+        route = Route(time.monotonic() + budget_seconds, 0, (self.bot.bot_id,), 0)
+        if not message.conversation_id.strip():
+            raise InvalidInput("conversation_id is required")
+        self._check_text(message.text)
+        route.owner_version = await self._own_conversation(message.conversation_id, route)
+        awaiting = await self.state.awaiting(message.conversation_id, route.remaining(0))
+        if awaiting is not None:
+            await self.state.set_awaiting(message.conversation_id, None, route.remaining(0))
+            if awaiting.intent:
+                await self.state.set_variable(message.conversation_id, awaiting.save_as, message.text, route.remaining(0))
+                return await self._answer(message, awaiting.intent, None, route, start_step=awaiting.step + 1)
+            chosen = _chosen_option(awaiting.options, message.text)
+            if chosen is not None:
+                return await self._follow_choice(Message(message.conversation_id, message.consumer_id, awaiting.text,
+                                                         message.channel_metadata), chosen, route)
+        return await self._route(message, route, include_self=True)
+
+    async def _own_conversation(self, conversation_id: str, route: Route) -> int:
+        """The owner record's version, after making sure this bot owns the conversation."""
+        ownership = await self.state.owner(conversation_id, route.remaining(0))
+        if ownership.owner is not None and ownership.owner.bot_id != self.bot.bot_id:
+            raise Refused(
+                f"conversation {conversation_id!r} belongs to bot {ownership.owner.bot_id!r} at "
+                f"{ownership.owner.address}; send its messages there"
+            )
+        if ownership.owner is not None:
+            return ownership.version
+        try:
+            return await self.state.claim(conversation_id, self.identity, 0, "", route.remaining(0))
+        except OwnershipConflict:
+            return await self._own_conversation(conversation_id, route)
+
+    async def _route(self, message: Message, route: Route, include_self: bool) -> TurnResult:
+        decision, candidates, best_score = await self._decide(message.text, route, include_self)
+        if decision == router_pb2.DECISION_DISAMBIGUATE:
+            return await self._clarify(message, candidates, route)
+        if decision == router_pb2.DECISION_ACT:
+            for candidate in candidates:
+                if candidate.rating < GOOD:
+                    break
+                if candidate.bot_id == self.bot.bot_id:
+                    return await self._answer(message, candidate.intent, candidate, route)
+                if candidate.bot_id in route.visited:
+                    continue
+                result = await self._hand_over(message, candidate, route)
+                if result is not None:
+                    return result
+        log.info("fallback", best_score=best_score, visited=list(route.visited))
+        return self._fallback(best_score)
+
+    async def _decide(self, text: str, route: Route, include_self: bool) -> tuple[int, list[router_pb2.Candidate], float]:
+        """The router's decision for `text`; with no router, a local match of this bot's intents."""
+        if self.definition.collaboration and self.config.router_address:
+            request = router_pb2.MatchRequest(
+                text=text, bot_id=self.bot.bot_id, group=self.definition.group,
+                max_candidates=self.config.max_candidates + len(route.visited), include_asking_bot=include_self,
+            )
+            try:
+                r = await self.channels.router(self.config.router_address).Match(request, timeout=max(0.05, route.remaining()))
+                candidates = [c for c in r.candidates if include_self or c.bot_id != self.bot.bot_id]
+                decision = r.decision
+                if decision == router_pb2.DECISION_UNSPECIFIED:
+                    decision = router_pb2.DECISION_ACT if candidates and candidates[0].rating >= GOOD else router_pb2.DECISION_NONE
+                return decision, candidates, candidates[0].score if candidates else 0.0
+            except grpc.aio.AioRpcError as e:
+                log.warning("router_unavailable", code=e.code().name, detail=e.details())
+        if not include_self:
+            return router_pb2.DECISION_NONE, [], 0.0
+        return await self._decide_locally(text)
+
+    # -- answering -------------------------------------------------------------------------
 
     def _reply(self, text: str) -> common_pb2.Reply:
         return common_pb2.Reply(bot_id=self.bot.bot_id, text=text)
 
-    def _match_info(self, match: ScoredIntent | None, intent: str = "") -> bot_pb2.MatchInfo:
-        if match is None:
-            return bot_pb2.MatchInfo(bot_id=self.bot.bot_id, intent=intent)
-        return bot_pb2.MatchInfo(bot_id=match.bot_id, intent=intent, score=match.score, rating=match.rating)
+    def _fallback(self, score: float) -> TurnResult:
+        return TurnResult([self._reply(self.definition.fallback)], self.identity, bot_pb2.OUTCOME_FALLBACK,
+                          bot_pb2.MatchInfo(bot_id=self.bot.bot_id, score=score))
 
-    async def _answer(self, message: Message, match: ScoredIntent | None, intent: str, transferred_from: str = "") -> TurnResult:
-        """Run the dialog of `intent`, or the fallback when `intent` is empty."""
-        self.conversations.taken(message.conversation_id)
-        if not intent:
-            return TurnResult([self._reply(self.definition.fallback)], self.identity, bot_pb2.OUTCOME_FALLBACK, self._match_info(match))
-        turn = Turn(
-            conversation_id=message.conversation_id,
-            consumer_id=message.consumer_id,
-            text=message.text,
-            intent=intent,
-            score=match.score if match else 0.0,
-            channel_metadata=dict(message.channel_metadata),
-            transferred_from=transferred_from,
-        )
+    async def _answer(
+        self, message: Message, intent: str, candidate: router_pb2.Candidate | None, route: Route,
+        start_step: int = 0, transferred_from: str = "",
+    ) -> TurnResult:
+        """Run this bot's dialog for `intent` (from `start_step` when resuming after a question)."""
+        conversation = message.conversation_id
+        variables = await self.state.variables(conversation, route.remaining(0))
+        handler = self.bot.handler_for(intent)
+        match = bot_pb2.MatchInfo(bot_id=self.bot.bot_id, intent=intent,
+                                  score=candidate.score if candidate else 0.0, rating=candidate.rating if candidate else 0)
         try:
-            texts = await self.bot.run_dialog(turn)
+            if handler is not None:
+                async def remember(name: str, value) -> None:
+                    await self.state.set_variable(conversation, name, value, route.remaining(0))
+
+                turn = Turn(conversation, message.consumer_id, message.text, intent, match.score,
+                            dict(message.channel_metadata), transferred_from, variables, remember)
+                texts = await Bot.call(handler, turn)
+            else:
+                texts = []
+                steps = self.definition.dialog_for(intent).steps
+                for index in range(start_step, len(steps)):
+                    texts.append(render(steps[index].text, variables))
+                    if steps[index].asks:
+                        await self.state.set_awaiting(conversation, Awaiting(intent, index, steps[index].save_as), route.remaining(0))
+                        break
         except Exception:
             log.exception("dialog_failed", intent=intent)
-            return TurnResult([self._reply(self.definition.fallback)], self.identity, bot_pb2.OUTCOME_FALLBACK, self._match_info(match, intent))
-        log.info("answered", intent=intent, score=turn.score, transferred_from=transferred_from)
-        return TurnResult([self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, self._match_info(match, intent))
+            return self._fallback(match.score)
+        log.info("answered", intent=intent, score=match.score, transferred_from=transferred_from)
+        return TurnResult([self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, match)
 
-    async def respond(self, message: Message, budget_seconds: float) -> TurnResult:
-        """Answer a consumer message: own dialog, transfer, or fallback."""
-        deadline = time.monotonic() + budget_seconds
-        if not message.conversation_id.strip():
-            raise InvalidInput("conversation_id is required")
-        self._check_text(message.text)
-        owner = self.conversations.owner_elsewhere(message.conversation_id)
-        if owner is not None:
-            raise Refused(
-                f"conversation {message.conversation_id!r} was handed over to bot {owner.bot_id!r} at {owner.address}; "
-                "send its messages there"
-            )
-        own = await self._match_own(message.text)
-        if own is not None and own.rating >= GOOD:
-            return await self._answer(message, own, own.intent)
-        if self.definition.collaboration and self.config.router_address:
-            for candidate in await self._candidates(message.text, deadline):
-                result = await self._try_transfer(message, candidate, deadline)
-                if result is not None:
-                    return result
-        log.info("fallback", best_own_score=own.score if own else None)
-        return await self._answer(message, own, "")
-
-    async def _candidates(self, text: str, deadline: float) -> list[router_pb2.Candidate]:
-        request = router_pb2.MatchRequest(
-            text=text,
-            bot_id=self.bot.bot_id,
-            group=self.definition.group,
-            max_candidates=self.config.max_candidates,
-            min_rating=GOOD,
+    async def _clarify(self, message: Message, candidates: list[router_pb2.Candidate], route: Route) -> TurnResult:
+        """Ask which of the closest bots the consumer meant (best intent of each, 2-3 of them)."""
+        options: list[tuple[str, str, str]] = []
+        for c in candidates:
+            if c.rating >= FAIR_PLUS and c.bot_id not in {o[0] for o in options} and len(options) < 3:
+                label = f"{c.display_name or c.bot_id}: {c.intent.replace('_', ' ')}"
+                options.append((c.bot_id, c.intent, label))
+        options.append(("", "", NONE_OF_THESE))
+        await self.state.set_awaiting(message.conversation_id, Awaiting(options=tuple(options), text=message.text), route.remaining(0))
+        listing = " ".join(f"{n}) {label}." for n, (_, _, label) in enumerate(options, 1))
+        log.info("clarifying", options=[o[0] for o in options[:-1]])
+        return TurnResult(
+            [self._reply(f"Just to be sure I get you to the right place, did you mean: {listing}")],
+            self.identity, bot_pb2.OUTCOME_CLARIFY, bot_pb2.MatchInfo(bot_id=self.bot.bot_id),
+            options=[bot_pb2.ClarifyOption(label=label, bot_id=b, intent=i) for b, i, label in options],
         )
-        timeout = max(0.05, deadline - time.monotonic() - FALLBACK_RESERVE_SECONDS)
-        try:
-            response = await self.channels.router(self.config.router_address).Match(request, timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            log.warning("router_unavailable", code=e.code().name, detail=e.details())
-            return []
-        return [c for c in response.candidates if c.bot_id != self.bot.bot_id]
 
-    async def _try_transfer(self, message: Message, candidate: router_pb2.Candidate, deadline: float) -> TurnResult | None:
+    async def _follow_choice(self, message: Message, chosen: tuple[str, str, str], route: Route) -> TurnResult:
+        bot_id, intent, _ = chosen
+        if not bot_id:
+            return self._fallback(0.0)
+        if bot_id == self.bot.bot_id:
+            return await self._answer(message, intent, None, route)
+        decision, candidates, _ = await self._decide(message.text, route, include_self=False)
+        target = next((c for c in candidates if c.bot_id == bot_id and c.intent == intent), None) or next(
+            (c for c in candidates if c.bot_id == bot_id), None)
+        if target is not None:
+            result = await self._hand_over(message, router_pb2.Candidate(
+                bot_id=target.bot_id, intent=intent, score=target.score, rating=target.rating, address=target.address,
+                instance_id=target.instance_id, display_name=target.display_name), route)
+            if result is not None:
+                return result
+        return self._fallback(0.0)
+
+    # -- transfers -------------------------------------------------------------------------
+
+    async def _hand_over(self, message: Message, candidate: router_pb2.Candidate, route: Route) -> TurnResult | None:
+        """Transfer to `candidate`; None (the conversation stays here) when it did not take it."""
+        timeout = route.remaining()
+        if timeout <= 0:
+            return None
         transfer_id = uuid.uuid4().hex
         request = bot_pb2.TransferRequest(
             transfer_id=transfer_id,
@@ -168,27 +276,42 @@ class BotEngine:
             sender=self.identity,
             receiver_bot_id=candidate.bot_id,
             channel_metadata=message.channel_metadata,
-            visited_bot_ids=[self.bot.bot_id],
-            hop_count=0,
+            visited_bot_ids=list(route.visited),
+            hop_count=route.hops,
+            owner_version=route.owner_version,
         )
-        timeout = deadline - time.monotonic() - FALLBACK_RESERVE_SECONDS
-        if timeout <= 0:
-            return None
         log.info("transfer_sent", to_bot=candidate.bot_id, intent=candidate.intent, score=candidate.score, transfer_id=transfer_id)
         try:
             response = await self.channels.bot(candidate.address).Transfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             log.warning("transfer_failed", to_bot=candidate.bot_id, code=e.code().name, detail=e.details(), transfer_id=transfer_id)
+            route.owner_version = await self._claim_back(message.conversation_id, route, transfer_id)
+            route.visited += (candidate.bot_id,)
             return None
-        self.conversations.handed_over(message.conversation_id, response.owner)
         replies = []
         if self.definition.transfer_message:
-            replies.append(self._reply(self.definition.transfer_message.replace("{to_bot}", candidate.display_name or candidate.bot_id)))
+            replies.append(self._reply(render(self.definition.transfer_message.replace("{to_bot}", candidate.display_name or candidate.bot_id), {})))
         replies.extend(response.replies)
         match = bot_pb2.MatchInfo(bot_id=candidate.bot_id, intent=candidate.intent, score=candidate.score, rating=candidate.rating)
         return TurnResult(replies, response.owner, bot_pb2.OUTCOME_TRANSFERRED, match, transfer_id)
 
-    async def accept_transfer(self, request: bot_pb2.TransferRequest) -> TurnResult:
+    async def _claim_back(self, conversation_id: str, route: Route, failed_transfer: str) -> int:
+        """After a failed transfer, make this bot the owner at a new version.
+
+        The new version fences out the receiver: if it is still running and tries to take the
+        conversation with the version we sent, its claim fails. If it already took it (and then
+        died or timed out before answering us), the record names our transfer and we take it back.
+        """
+        timeout = max(0.05, route.remaining(0))
+        try:
+            return await self.state.claim(conversation_id, self.identity, route.owner_version, "", timeout)
+        except OwnershipConflict:
+            current = await self.state.owner(conversation_id, timeout)
+            if current.owner is None or current.owner.bot_id == self.bot.bot_id or current.transfer_id == failed_transfer:
+                return await self.state.claim(conversation_id, self.identity, current.version, "", timeout)
+            raise Conflict(f"conversation {conversation_id!r} was taken by {current.owner.bot_id!r} meanwhile") from None
+
+    async def accept_transfer(self, request: bot_pb2.TransferRequest, budget_seconds: float) -> TurnResult:
         """Take a conversation handed over by another bot of the group."""
         for name in ("transfer_id", "conversation_id"):
             if not getattr(request, name).strip():
@@ -200,18 +323,59 @@ class BotEngine:
             raise Refused(f"this is bot {self.bot.bot_id!r}, not {request.receiver_bot_id!r}")
         if not self.definition.collaboration:
             raise Refused(f"bot {self.bot.bot_id!r} does not take part in collaboration")
-        return await self.transfers.run_once(request.transfer_id, lambda: self._take(request))
+        if self.bot.bot_id in request.visited_bot_ids:
+            raise Refused(f"loop guard: bot {self.bot.bot_id!r} already handled this message")
+        if request.hop_count >= self.config.max_hops:
+            raise Refused(f"loop guard: the message already went through {request.hop_count} transfers (maximum {self.config.max_hops})")
+        return await self.transfers.run_once(request.transfer_id, lambda: self._take(request, budget_seconds))
 
-    async def _take(self, request: bot_pb2.TransferRequest) -> TurnResult:
+    async def _take(self, request: bot_pb2.TransferRequest, budget_seconds: float) -> TurnResult:
         message = Message(request.conversation_id, request.consumer_id, request.text, dict(request.channel_metadata))
-        known = {i.name for i in self.definition.intents}
+        route = Route(time.monotonic() + budget_seconds, 0, (*request.visited_bot_ids, self.bot.bot_id), request.hop_count + 1)
+        expected = request.owner_version
+        if not self.state.shared:
+            expected = (await self.state.owner(message.conversation_id, route.remaining(0))).version
+        try:
+            route.owner_version = await self.state.claim(
+                message.conversation_id, self.identity, expected, request.transfer_id, route.remaining(0))
+        except OwnershipConflict as e:
+            raise Conflict(str(e)) from None
         sender = request.sender.bot_id
-        if request.intent in known:
-            match = ScoredIntent(self.bot.bot_id, request.intent, 0.0, GOOD, "")
-            return await self._answer(message, match, request.intent, transferred_from=sender)
+        if request.intent in self._intents:
+            return await self._answer(message, request.intent, None, route, transferred_from=sender)
         if request.intent:
             log.warning("transfer_intent_unknown", intent=request.intent, from_bot=sender)
-        own = await self._match_own(request.text)
-        intent = own.intent if own is not None and own.rating >= GOOD else ""
-        return await self._answer(message, own, intent, transferred_from=sender)
+        if route.hops >= self.config.max_hops:
+            decision, candidates, score = await self._decide_locally(message.text)
+            if decision == router_pb2.DECISION_ACT:
+                return await self._answer(message, candidates[0].intent, candidates[0], route, transferred_from=sender)
+            return self._fallback(score)
+        return await self._route(message, route, include_self=True)
 
+    async def _decide_locally(self, text: str) -> tuple[int, list[router_pb2.Candidate], float]:
+        """This bot's own intents only: act on the best one if rated GOOD or better."""
+        query = (await self.encoder.aencode([text]))[0]
+        ranked = self._catalog.rank(query, self.config.ratings, self.config.neighbours, limit=1)
+        if ranked and ranked[0].rating >= GOOD:
+            c = router_pb2.Candidate(bot_id=self.bot.bot_id, intent=ranked[0].intent, score=ranked[0].score,
+                                     rating=ranked[0].rating, address=self.identity.address)
+            return router_pb2.DECISION_ACT, [c], ranked[0].score
+        return router_pb2.DECISION_NONE, [], ranked[0].score if ranked else 0.0
+
+    def _check_text(self, text: str) -> None:
+        if not text.strip():
+            raise InvalidInput("text is empty")
+        if len(text) > self.config.max_text_chars:
+            raise InvalidInput(f"text has {len(text)} characters; the maximum is {self.config.max_text_chars}")
+
+
+def _chosen_option(options: tuple, answer: str) -> tuple[str, str, str] | None:
+    """The option the consumer picked by number or by (part of) its label; None if unclear."""
+    answer = answer.strip().lower().rstrip(".!")
+    number = re.fullmatch(r"(?:option\s*)?(\d+)\)?", answer)
+    if number and 1 <= int(number.group(1)) <= len(options):
+        return tuple(options[int(number.group(1)) - 1])
+    if answer in ("none", "neither", "no", "none of these", "none of them"):
+        return tuple(options[-1])
+    matches = [o for o in options if answer and answer in o[2].lower()]
+    return tuple(matches[0]) if len(matches) == 1 else None

@@ -7,10 +7,12 @@ import uuid
 from bot_server.bot import Bot
 from bot_server.engine import BotEngine
 from bot_server.servicer import BotServicer
+from bot_server.state import MemoryState, StoreState
 from discovery import EtcdClient, Registration
 from mbc import __version__
 from mbc.channels import ChannelPool
 from mbc.config import BotConfig
+from mbc.context_client import ContextClient
 from mbc.encoder import Encoder
 from mbc.logs import bind_context, get_logger
 from mbc.serving import GrpcServer, wait_for_shutdown_signal
@@ -54,7 +56,13 @@ class BotProcess:
         self.encoder = encoder or Encoder(config.encoder)
         self.channels = ChannelPool(config.server.max_message_bytes, config.server.keepalive_time_ms, config.server.keepalive_timeout_ms)
         self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
-        self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels)
+        self.state: StoreState | MemoryState
+        if config.store_address:
+            client = ContextClient(self.channels.channel(config.store_address), config.call_timeout_seconds)
+            self.state = StoreState(client, self.bot.definition.context_namespace, self.bot.bot_id)
+        else:
+            self.state = MemoryState()
+        self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels, self.state)
         self.server, self.port = create_server(config, self.engine)
         self.identity.address = self.server.address
         self.etcd: EtcdClient | None = None
@@ -63,6 +71,8 @@ class BotProcess:
     async def start(self) -> None:
         with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):
             await self.engine.prepare()
+            if isinstance(self.state, StoreState):
+                await self.state.prepare(self.config.context_ttl_seconds)
             await self.server.start()
             if self.config.etcd_endpoints:
                 self.etcd = EtcdClient(list(self.config.etcd_endpoints))

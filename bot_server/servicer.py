@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import grpc
 
-from bot_server.engine import BotEngine, InvalidInput, Message, Refused, TurnResult
+from bot_server.engine import BotEngine, Conflict, InvalidInput, Message, Refused, TurnResult
 from mbc.logs import bind_context
 from mbc.serving import abort, remaining_seconds
 from mbc.v1 import bot_pb2, bot_pb2_grpc
@@ -18,13 +20,9 @@ class BotServicer(bot_pb2_grpc.BotServicer):
         with bind_context(conversation_id=request.conversation_id, bot_id=self.engine.bot.bot_id):
             message = Message(request.conversation_id, request.consumer_id, request.text, dict(request.channel_metadata))
             budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
-            try:
+            async with _status(context):
                 result = await self.engine.respond(message, budget)
-            except InvalidInput as e:
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            except Refused as e:
-                await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            return bot_pb2.RespondResponse(**_fields(result), transfer_id=result.transfer_id)
+            return bot_pb2.RespondResponse(**_fields(result), transfer_id=result.transfer_id, options=result.options)
 
     async def Transfer(self, request: bot_pb2.TransferRequest, context: grpc.aio.ServicerContext) -> bot_pb2.TransferResponse:
         with bind_context(
@@ -33,13 +31,27 @@ class BotServicer(bot_pb2_grpc.BotServicer):
             transfer_id=request.transfer_id,
             from_bot=request.sender.bot_id,
         ):
-            try:
-                result = await self.engine.accept_transfer(request)
-            except InvalidInput as e:
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            except Refused as e:
-                await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
+            async with _status(context):
+                result = await self.engine.accept_transfer(request, budget)
             return bot_pb2.TransferResponse(**_fields(result))
+
+
+@asynccontextmanager
+async def _status(context: grpc.aio.ServicerContext):
+    """Map the engine's refusals, and a store that cannot be reached, to status codes."""
+    try:
+        yield
+    except InvalidInput as e:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except Refused as e:
+        await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except Conflict as e:
+        await abort(context, grpc.StatusCode.ABORTED, str(e))
+    except grpc.aio.AioRpcError as e:
+        transient = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        code = grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.INTERNAL
+        await abort(context, code, f"the Context Session Store failed: {e.code().name}: {e.details()}")
 
 
 def _fields(result: TurnResult) -> dict:

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from mbc.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig
+from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig
 from mbc.logs import configure
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -30,6 +30,35 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, port_file=args.port_file)
 
 
+def _router_encoder_args(parser: argparse.ArgumentParser) -> None:
+    """Encoder speed settings of the router (see EncoderConfig)."""
+    defaults = EncoderConfig()
+    env = os.environ.get
+    parser.add_argument("--encoder-backend", default=env("MBC_ENCODER_BACKEND", defaults.backend),
+                        choices=("torch", "onnx", "onnx-int8"), help="inference engine (onnx needs the onnx extra)")
+    parser.add_argument("--encoder-threads", type=int, default=int(env("MBC_ENCODER_THREADS", defaults.threads)),
+                        help="intra-op threads of the engine; 0: its default")
+    parser.add_argument("--onnx-dir", default=env("MBC_ONNX_DIR", defaults.onnx_dir), help="cache of exported ONNX models")
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="largest micro-batch of concurrent Match utterances; 1 disables batching")
+    parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                        help="bounded wait for a micro-batch to fill, under concurrency only")
+    parser.add_argument("--query-cache", type=int, default=defaults.query_cache_size,
+                        help="utterance embeddings kept for repeated utterances; 0 disables")
+
+
+def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
+    return EncoderConfig(
+        model=args.model,
+        backend=args.encoder_backend,
+        threads=args.encoder_threads,
+        onnx_dir=args.onnx_dir,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        query_cache_size=args.query_cache,
+    )
+
+
 def cmd_router(args: argparse.Namespace) -> None:
     from router.server import serve
 
@@ -37,12 +66,33 @@ def cmd_router(args: argparse.Namespace) -> None:
     config = RouterConfig(
         etcd_endpoints=_endpoints(args.etcd),
         server=_server_config(args),
-        encoder=EncoderConfig(model=args.model),
+        encoder=_router_encoder_config(args),
+        decision=DecisionConfig(calibration_path=args.calibration),
     )
     asyncio.run(serve(config))
 
 
+def load_handlers(spec: str, bot) -> None:
+    """Import a handlers module (dotted name or .py path) and let its `setup(bot)` attach code to intents."""
+    import importlib
+    import importlib.util
+
+    if spec.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(f"mbc_handlers_{abs(hash(spec))}", spec)
+        if loaded is None:
+            sys.exit(f"mbc bot: cannot load handlers from {spec}")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(spec)
+    setup = getattr(module, "setup", None)
+    if not callable(setup):
+        sys.exit(f"mbc bot: {spec} has no setup(bot) function")
+    setup(bot)
+
+
 def cmd_bot(args: argparse.Namespace) -> None:
+    from bot_server.bot import Bot
     from bot_server.definition import DefinitionError
     from bot_server.server import serve
 
@@ -51,13 +101,17 @@ def cmd_bot(args: argparse.Namespace) -> None:
         definition_path=args.definition,
         etcd_endpoints=_endpoints(args.etcd),
         router_address=args.router,
+        store_address=args.store,
         server=_server_config(args),
         encoder=EncoderConfig(model=args.model),
         instance_id=args.instance_id,
         lease_ttl_seconds=args.lease_ttl,
     )
     try:
-        asyncio.run(serve(config))
+        bot = Bot.from_file(args.definition)
+        for spec in args.handlers:
+            load_handlers(spec, bot)
+        asyncio.run(serve(config, bot))
     except DefinitionError as e:
         sys.exit(f"mbc bot: {e}")
 
@@ -81,18 +135,31 @@ def cmd_match(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(print_match(args.router, args.text, args.bot, args.group, args.candidates)))
 
 
+def cmd_bench_match(args: argparse.Namespace) -> None:
+    from mbc.bench.match import main
+
+    configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="bench")
+    sys.exit(main(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbc", description="Multi-bot collaboration mesh")
     sub = parser.add_subparsers(dest="command", required=True)
 
     router = sub.add_parser("router", help="run the router (watches etcd, answers Match)")
     _server_args(router, default_port=50051)
+    _router_encoder_args(router)
+    router.add_argument("--calibration", default=os.environ.get("MBC_CALIBRATION", ""),
+                        help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)")
     router.set_defaults(func=cmd_router)
 
     bot = sub.add_parser("bot", help="run one bot from a definition file")
     bot.add_argument("definition", help="bot definition YAML")
     _server_args(bot, default_port=0)
     bot.add_argument("--router", default=os.environ.get("MBC_ROUTER", DEFAULT_ROUTER), help="router host:port; empty disables transfers")
+    bot.add_argument("--store", default=os.environ.get("MBC_STORE", ""), help="Context Session Store host:port; empty keeps state in the bot")
+    bot.add_argument("--handlers", action="append", default=[], metavar="MODULE",
+                     help="Python module (dotted name or .py file) whose setup(bot) attaches code to intents; repeatable")
     bot.add_argument("--instance-id", default="", help="instance id to register (default: generated)")
     bot.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
     bot.set_defaults(func=cmd_bot)
@@ -112,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--group", default="", help="only this group (default: the bot's group, or all)")
     match.add_argument("-n", "--candidates", type=int, default=5)
     match.set_defaults(func=cmd_match)
+
+    bench = sub.add_parser("bench", help="benchmarks of this machine")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_match = bench_sub.add_parser("match", help="Match throughput and latency against the encoder's own limit")
+    from mbc.bench.match import add_arguments as _bench_match_arguments
+
+    _bench_match_arguments(bench_match)
+    bench_match.set_defaults(func=cmd_bench_match)
+    from mbc.evaluation.cli import add_commands as _quality_commands
+
+    _quality_commands(sub)  # eval, calibrate, overlap
     return parser
 
 

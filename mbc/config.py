@@ -54,6 +54,24 @@ class EncoderConfig:
     """Sentences per forward pass when embedding training phrases."""
     cache_size: int = 200_000
     """Phrase embeddings kept in memory, keyed by model and text, so unchanged phrases cost nothing."""
+    backend: str = "torch"
+    """Inference engine: "torch" (sentence-transformers), "onnx" (onnxruntime, same vectors to 1e-6)
+    or "onnx-int8" (dynamically quantized: faster, slightly different vectors). The ONNX files are
+    exported once from the local weights, offline, into `onnx_dir`; they need the `onnx` extra."""
+    onnx_dir: str = ""
+    """Where exported ONNX models are cached; empty means $XDG_CACHE_HOME/mbc/onnx (~/.cache/mbc/onnx)."""
+    threads: int = 0
+    """Intra-op threads of the inference engine; 0 leaves the engine's default (one per core)."""
+    max_batch: int = 32
+    """Largest micro-batch: concurrent `aencode` calls (the router's Match) are encoded together in
+    one forward pass of at most this many utterances; 1 encodes one call at a time."""
+    batch_wait_ms: float = 0.0
+    """How long a micro-batch may wait for more utterances before it is encoded (bounded; it ends
+    early when `max_batch` is reached). Only applied while calls arrive concurrently (the previous
+    batch held more than one call), so a lone call never waits."""
+    query_cache_size: int = 4096
+    """Utterance embeddings kept by `aencode` (LRU, keyed by exact text) so a repeated utterance
+    costs no model call; 0 disables the cache."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,57 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class DecisionConfig:
+    """How the router turns nearest phrases into a calibrated decision (see router/decision.py)."""
+
+    neighbours: int = 100
+    """Phrases retrieved from FAISS per utterance; the intents among them are the candidates."""
+    knn_top: int = 5
+    """Per candidate intent, the mean of its best this-many neighbour similarities is a feature."""
+    knn_weight: float = 5.0
+    """Weight of that kNN feature in the fused score."""
+    svm_weight: float = 1.0
+    """Weight of the TF-IDF linear SVM decision value in the fused score."""
+    lr_weight_decay: float = 3e-6
+    """L2 penalty of the logistic-regression head over the embeddings."""
+    lr_iterations: int = 200
+    """L-BFGS iterations when the head is trained from scratch."""
+    lr_warm_iterations: int = 60
+    """L-BFGS iterations when it starts from the previous head (participants changed)."""
+    oos_target: float = 0.60
+    """Share of the calibration "none of these" utterances that must be rejected: τ is that quantile
+    of their fused scores."""
+    min_calibration_none: int = 20
+    """Fewer "none" utterances than this in the calibration set for a group: τ is fitted from the
+    registered phrases and the built-in generic set instead."""
+    generic_quantile: float = 0.95
+    """Without enough calibration "none" utterances: τ is this quantile of the fused scores of the
+    built-in generic "none of these" set ..."""
+    in_scope_floor: float = 0.05
+    """... but at most this quantile of the registered phrases' scores under 5-fold cross-fitting,
+    so that (in expectation) no more than this share of in-scope messages is rejected."""
+    cross_fit_max_phrases: int = 4000
+    """Cross-fitting costs five trainings: groups with more phrases skip it."""
+    min_cosine: float = 0.35
+    """A candidate whose best phrase is less similar than this is rated FAIR at most, whatever its
+    fused score (a guard for tiny groups, where the heads extrapolate; costs nothing on CLINC150)."""
+    very_good_offset: float = 4.0
+    """VERY GOOD from τ + this (fused-score units); GOOD is anything above τ (the router acts on
+    GOOD or better)."""
+    fair_plus_offset: float = -1.0
+    """FAIR PLUS above τ + this (negative: just below the acting threshold)."""
+    fair_offset: float = -2.5
+    """FAIR above τ + this; below is POOR."""
+    disambiguation_margin: float = 0.25
+    """DISAMBIGUATE when the best two bots are within this of each other (fused score) and both
+    FAIR PLUS or better; 0 turns disambiguation off. On CLINC150 val it fires on 0.35% of the
+    utterances, and in 78% of the in-scope ones the first bot was the wrong one."""
+    calibration_path: str = ""
+    """A labelled calibration set (JSON Lines, see router/calibration.py), loaded at start and
+    reloaded when the file changes; empty: none."""
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """The router: watches participants in etcd and answers Match."""
 
@@ -91,6 +160,7 @@ class RouterConfig:
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
     neighbours: int = 24
     """Training phrases retrieved per Match before aggregating them per (bot, intent)."""
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
     default_candidates: int = 3
     """Candidates returned when a request asks for 0."""
     max_text_chars: int = 2000
@@ -107,6 +177,10 @@ class BotConfig:
     """etcd client endpoints as host:port; empty disables registration (a standalone bot)."""
     router_address: str = "127.0.0.1:50051"
     """host:port of the router's Router service; empty disables collaboration lookups."""
+    store_address: str = ""
+    """host:port of the Context Session Store; empty keeps conversation state in this process only."""
+    context_ttl_seconds: int = 86_400
+    """TTL of the bot's context namespace, registered at start."""
     server: ServerConfig = field(default_factory=ServerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     ratings: RatingThresholds = field(default_factory=RatingThresholds)

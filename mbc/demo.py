@@ -1,5 +1,6 @@
-"""`mbc demo`: a local mesh (etcd, router, three bank bots, each its own process) and a scripted
-conversation that shows a local answer, transfers with intent and message, and a fallback."""
+"""`mbc demo`: a local mesh (etcd, the Context Session Store, the router, three bank bots, each its
+own process) and a scripted conversation that shows a local answer, transfers with intent and
+message, data crossing bots through the store, and a fallback."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ BOT_FILES = ("personal_banking.yaml", "business_banking.yaml", "cards.yaml")
 ENTRY_BOT = "personal_banking.yaml"
 
 SCRIPT = (
-    "Hi! What's the balance on my checking account?",
+    "Hi there!",
+    "Sam",
+    "What's the balance on my checking account?",
     "I just started a bakery. How do I open a business account for my LLC?",
     "Could my bookkeeper get her own login to our business account?",
     "Also, I think I lost my debit card yesterday",
@@ -39,7 +42,11 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> str:
     m = response.match
     how = f"{m.intent or '-'} ({m.score:.2f}, {rating_name(m.rating)})"
     if response.outcome == bot_pb2.OUTCOME_ANSWERED:
+        if not m.intent:
+            return f"{asked} was waiting for this answer: it stores it in the Context Session Store and goes on"
         return f"{asked} matched its own intent {how}: it answers"
+    if response.outcome == bot_pb2.OUTCOME_CLARIFY:
+        return f"{asked}: two bots match about equally well, so it asks the consumer"
     if response.outcome == bot_pb2.OUTCOME_TRANSFERRED:
         return (f"{asked} has no intent rated GOOD; the router found {m.bot_id}/{how}: "
                 f"transfer {response.transfer_id[:8]} with the message and the intent")
@@ -67,6 +74,17 @@ async def wait_indexed(router: str, probes: dict[str, str], timeout: float = 60.
         await pool.close()
 
 
+async def _recorded_owner(store: str, conversation_id: str) -> str:
+    from mbc.context_client import ContextClient
+
+    pool = ChannelPool()
+    try:
+        ownership, _ = await ContextClient(pool.channel(store)).get_owner(conversation_id)
+        return ownership.owner.bot_id if ownership else "nobody"
+    finally:
+        await pool.close()
+
+
 async def run_demo(etcd: tuple[str, ...] | None = None) -> int:
     from discovery import LocalEtcd
 
@@ -80,14 +98,18 @@ async def run_demo(etcd: tuple[str, ...] | None = None) -> int:
             etcd = (local_etcd.endpoint,)
             say(f"etcd        started on {local_etcd.endpoint} (pid {local_etcd.pid})")
         endpoints = ",".join(etcd)
+        store = ComponentProcess("store", ["store", "--etcd", endpoints], workdir)
+        components.append(store)
         router = ComponentProcess("router", ["router", "--etcd", endpoints], workdir)
         components.append(router)
+        await store.wait_serving()
+        say(f"store       serving on {store.address} (pid {store.pid}): the Context Session Store")
         await router.wait_serving()
         say(f"router      serving on {router.address} (pid {router.pid})")
         definitions = {f: yaml.safe_load((EXAMPLES / f).read_text()) for f in BOT_FILES}
         bots = {}
         for f in BOT_FILES:
-            bot = ComponentProcess(definitions[f]["id"], ["bot", str(EXAMPLES / f), "--etcd", endpoints, "--router", router.address], workdir)
+            bot = ComponentProcess(definitions[f]["id"], ["bot", str(EXAMPLES / f), "--etcd", endpoints, "--router", router.address, "--store", store.address], workdir)
             components.append(bot)
             bots[f] = bot
         for f, bot in bots.items():
@@ -100,7 +122,7 @@ async def run_demo(etcd: tuple[str, ...] | None = None) -> int:
         entry = bots[ENTRY_BOT]
         say(f"The consumer starts a conversation with {entry.name}.")
         say("=" * 78)
-        async with Conversation(entry.address, consumer_id="consumer-42", channel_metadata={"channel": "web"}) as chat:
+        async with Conversation(entry.address, consumer_id="consumer-42", channel_metadata={"channel": "web"}, store_address=store.address) as chat:
             for text in SCRIPT:
                 asked = chat.owner_bot_id or entry.name
                 response = await chat.send(text)
@@ -111,7 +133,9 @@ async def run_demo(etcd: tuple[str, ...] | None = None) -> int:
                 if response.outcome == bot_pb2.OUTCOME_TRANSFERRED:
                     say(f"    [the conversation now belongs to {response.owner.bot_id}]")
                 say()
+            owner = await _recorded_owner(store.address, chat.conversation_id)
         say("=" * 78)
+        say(f"The Context Session Store records {owner} as the owner of conversation {chat.conversation_id[:8]}.")
         return 0
     except Exception as e:
         say(f"demo failed: {e}")

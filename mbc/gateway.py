@@ -1,11 +1,12 @@
 """A client for channel gateways: send a conversation's messages to the bot that owns it.
 
-    async with Conversation(entry_address="127.0.0.1:50061", conversation_id="c-1") as chat:
+    async with Conversation(entry_address="127.0.0.1:50061", store_address="127.0.0.1:50052") as chat:
         response = await chat.send("I lost my card")
         for reply in response.replies: print(reply.bot_id, reply.text)
 
-The first message goes to the entry bot; each response names the owner, and the next message
-goes there.
+Each response names the owner, and the next message goes there. With a store, a gateway that
+does not know the owner (another replica took the previous message, or it restarted) asks the
+Context Session Store who owns the conversation; a new conversation goes to the entry bot.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import uuid
 from typing import Mapping
 
+import grpc
+
 from mbc.channels import ChannelPool
+from mbc.context_client import ContextClient
 from mbc.v1 import bot_pb2
 
 
@@ -26,15 +30,26 @@ class Conversation:
         channel_metadata: Mapping[str, str] | None = None,
         timeout_seconds: float = 10.0,
         channels: ChannelPool | None = None,
+        store_address: str = "",
     ) -> None:
         self.conversation_id = conversation_id or uuid.uuid4().hex
         self.consumer_id = consumer_id
         self.channel_metadata = dict(channel_metadata or {})
         self.timeout_seconds = timeout_seconds
-        self.owner_address = entry_address
+        self.entry_address = entry_address
+        self.owner_address = ""
         self.owner_bot_id = ""
         self._own_channels = channels is None
         self._channels = channels or ChannelPool()
+        self._store = ContextClient(self._channels.channel(store_address), timeout_seconds) if store_address else None
+
+    async def _find_owner(self) -> str:
+        if self._store is not None:
+            ownership, _ = await self._store.get_owner(self.conversation_id)
+            if ownership is not None and ownership.owner.address:
+                self.owner_bot_id = ownership.owner.bot_id
+                return ownership.owner.address
+        return self.entry_address
 
     async def send(self, text: str) -> bot_pb2.RespondResponse:
         request = bot_pb2.RespondRequest(
@@ -43,7 +58,15 @@ class Conversation:
             text=text,
             channel_metadata=self.channel_metadata,
         )
-        response = await self._channels.bot(self.owner_address).Respond(request, timeout=self.timeout_seconds)
+        address = self.owner_address or await self._find_owner()
+        try:
+            response = await self._channels.bot(address).Respond(request, timeout=self.timeout_seconds)
+        except grpc.aio.AioRpcError as e:
+            # Someone else moved the conversation: ask the store where it is now, once.
+            if self._store is None or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            address = await self._find_owner()
+            response = await self._channels.bot(address).Respond(request, timeout=self.timeout_seconds)
         if response.owner.address:
             self.owner_address = response.owner.address
             self.owner_bot_id = response.owner.bot_id

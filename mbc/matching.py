@@ -47,6 +47,7 @@ class IntentCatalog:
             self._bot_ranges[entry.bot_id] = (start, len(self._labels))
         if len(vectors) != len(self._labels):
             raise ValueError(f"{len(vectors)} vectors for {len(self._labels)} phrases")
+        self.dim = dim
         self._index: VectorIndex = FlatIndex(dim)
         if self._labels:
             self._index.add(np.arange(len(self._labels), dtype=np.int64), vectors)
@@ -59,6 +60,17 @@ class IntentCatalog:
 
     def __len__(self) -> int:
         return len(self._labels)
+
+    def search(self, queries: np.ndarray, k: int, exclude_bot: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest phrases of each query row: (similarities, phrase rows), row -1 for none."""
+        if not self._labels:
+            n = len(queries)
+            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+        exclude = self._bot_ranges.get(exclude_bot) if exclude_bot else None
+        return self._index.search(np.asarray(queries, np.float32).reshape(-1, self.dim), k, exclude=exclude)
+
+    def phrase(self, row: int) -> str:
+        return self._labels[row][2] if row >= 0 else ""
 
     def rank(
         self,

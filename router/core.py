@@ -1,23 +1,39 @@
-"""The router's domain logic: keep one intent catalog per group in step with etcd, answer matches.
+"""The router's domain logic: keep one decision model per group in step with etcd, answer matches.
 
-Catalogs are rebuilt aside (phrase embeddings come from the encoder's cache when unchanged) and
-swapped in whole, so `match` keeps answering from the previous catalogs during a rebuild.
-Snapshots that arrive during a rebuild are coalesced: only the latest one is built next.
+Per group, a `GroupModel` (router/decision.py) is built from the intents of its collaborating
+participants: FAISS index, a logistic-regression head, a lexical SVM, and a threshold τ fitted by
+calibration (router/calibration.py). Models are built aside, in a worker thread (the event loop
+keeps answering from the previous models), and swapped in whole. Snapshots and calibration
+changes that arrive during a build are coalesced: only the latest state is built next. A group
+whose participants changed is retrained with its heads warm-started from the previous model; a
+calibration change only refits τ.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from mbc.config import RouterConfig
 from mbc.encoder import Encoder
 from mbc.logs import get_logger
-from mbc.matching import IntentCatalog, IntentPhrases, ScoredIntent
+from mbc.matching import IntentCatalog, IntentPhrases
+from router.calibration import CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none
+from router.decision import NONE, GroupModel, Scored
 from router.directory import BotEntry, Directory
 
 log = get_logger(__name__)
+
+
+def _import_training_libraries() -> None:
+    import scipy.optimize  # noqa: F401
+    import sklearn.svm  # noqa: F401
+    import sklearn.feature_extraction.text  # noqa: F401
 
 
 class NotReady(Exception):
@@ -34,28 +50,48 @@ class GroupMismatch(Exception):
 
 @dataclass(frozen=True)
 class Candidate:
-    match: ScoredIntent
+    match: Scored
     display_name: str
     instance_id: str
     address: str
 
 
 @dataclass(frozen=True)
+class MatchResult:
+    candidates: list[Candidate]
+    revision: int
+    decision: int
+
+
+@dataclass(frozen=True)
 class _State:
     directory: Directory
-    catalogs: Mapping[str, IntentCatalog]
+    models: Mapping[str, GroupModel]
     sources: Mapping[str, tuple[IntentPhrases, ...]]
+    calibration_version: int
 
 
 class RouterCore:
-    def __init__(self, config: RouterConfig, encoder: Encoder) -> None:
+    def __init__(self, config: RouterConfig, encoder: Encoder, calibration: Sequence[Example] = ()) -> None:
         self.config = config
         self.encoder = encoder
         self._state: _State | None = None
         self._pending: tuple[Mapping, int] | None = None
+        self._calibration: list[Example] = list(calibration)
+        self._calibration_version = 0
         self._wakeup = asyncio.Event()
         self._ready = asyncio.Event()
+        self._swapped = asyncio.Condition()
         self._builder: asyncio.Task | None = None
+        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-train")
+        self._generic = generic_none()
+        self.builds = 0
+        """Models swapped in so far (tests and the evaluation wait on it)."""
+
+    async def prepare(self) -> None:
+        """Embed the built-in generic set ahead of the first build (and load the training libraries)."""
+        await self.encoder.aencode_phrases(self._generic)
+        await asyncio.get_running_loop().run_in_executor(self._trainer, _import_training_libraries)
 
     @property
     def ready(self) -> bool:
@@ -68,9 +104,49 @@ class RouterCore:
     def directory(self) -> Directory | None:
         return self._state.directory if self._state else None
 
+    @property
+    def models(self) -> Mapping[str, GroupModel]:
+        return self._state.models if self._state else {}
+
+    def thresholds(self) -> dict[str, dict]:
+        """Per group: τ and how it was fitted, with build times."""
+        return {g: {**m.calibration, **m.times.as_dict()} for g, m in self.models.items()}
+
+    @property
+    def calibration(self) -> list[Example]:
+        return list(self._calibration)
+
     def submit(self, participants: Mapping, revision: int) -> None:
         """Queue a participant snapshot for indexing (the latest one wins)."""
         self._pending = (participants, revision)
+        self._kick()
+
+    def set_calibration(self, examples: Sequence[Example]) -> int:
+        """Replace the labelled calibration set; every group's τ is refitted in the background.
+
+        Returns the calibration version; `wait_calibrated(version)` waits until it is in use."""
+        self._calibration = list(examples)
+        self._calibration_version += 1
+        if self._pending is not None:
+            self._kick()
+        return self._calibration_version
+
+    async def calibrate(self, examples: Sequence[Example], timeout: float | None = None) -> dict[str, dict]:
+        """Set the calibration set, wait until every group uses it, return `thresholds()`."""
+        version = self.set_calibration(examples)
+        await asyncio.wait_for(self.wait_calibrated(version), timeout)
+        return self.thresholds()
+
+    async def wait_calibrated(self, version: int) -> None:
+        async with self._swapped:
+            await self._swapped.wait_for(lambda: self._state is not None and self._state.calibration_version >= version)
+
+    async def wait_builds(self, count: int) -> None:
+        """Until `count` models have been swapped in since start."""
+        async with self._swapped:
+            await self._swapped.wait_for(lambda: self.builds >= count)
+
+    def _kick(self) -> None:
         self._wakeup.set()
         if self._builder is None or self._builder.done():
             self._builder = asyncio.get_running_loop().create_task(self._build_loop())
@@ -79,6 +155,7 @@ class RouterCore:
         if self._builder:
             self._builder.cancel()
             await asyncio.gather(self._builder, return_exceptions=True)
+        self._trainer.shutdown(wait=False, cancel_futures=True)
 
     async def _build_loop(self) -> None:
         while True:
@@ -86,36 +163,70 @@ class RouterCore:
             self._wakeup.clear()
             participants, revision = self._pending
             try:
-                await self._rebuild(Directory.from_participants(participants, revision))
+                await self._rebuild(Directory.from_participants(participants, revision), self._calibration_version)
             except Exception:
                 log.exception("index_build_failed", revision=revision)
 
-    async def _rebuild(self, directory: Directory) -> None:
+    async def _calibration_input(self, group: str) -> CalibrationInput:
+        examples = for_group(self._calibration, group)
+        vectors = await self.encoder.aencode_phrases([e.text for e in examples])
+        generic_vectors = await self.encoder.aencode_phrases(self._generic)
+        return CalibrationInput(examples, vectors, self._generic, generic_vectors)
+
+    async def _rebuild(self, directory: Directory, calibration_version: int) -> None:
         old = self._state
-        catalogs: dict[str, IntentCatalog] = {}
+        loop = asyncio.get_running_loop()
+        if old is not None:
+            # Who is alive (and where) takes effect at once; the models follow when trained.
+            self._state = _State(directory, old.models, old.sources, old.calibration_version)
+        models: dict[str, GroupModel] = {}
         sources: dict[str, tuple[IntentPhrases, ...]] = {}
         rebuilt = []
         for group in directory.groups:
             intents = directory.candidates_of(group)
             sources[group] = intents
-            if old and old.sources.get(group) == intents:
-                catalogs[group] = old.catalogs[group]
+            if not intents:
                 continue
-            vectors = await self.encoder.aencode_phrases(IntentCatalog.phrases_of(intents))
-            catalogs[group] = IntentCatalog(intents, vectors, self.encoder.dim)
+            previous = old.models.get(group) if old else None
+            same_intents = previous is not None and old.sources.get(group) == intents
+            if same_intents and old.calibration_version == calibration_version:
+                models[group] = previous
+                continue
+            start = time.perf_counter()
+            calibration = await self._calibration_input(group)
+            if same_intents:
+                tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, previous.vectors, calibration)
+                model = previous.with_threshold(tau, info)
+                kind = "recalibrated"
+            else:
+                vectors = await self.encoder.aencode_phrases(IntentCatalog.phrases_of(intents))
+                model = await loop.run_in_executor(
+                    self._trainer, build_group_model, intents, vectors, self.encoder.dim, self.config.decision, calibration, previous
+                )
+                kind = "retrained"
+            models[group] = model
             rebuilt.append(group)
-        self._state = _State(directory, catalogs, sources)
+            log.info(
+                "group_model_built", group=group, how=kind, build_seconds=round(time.perf_counter() - start, 3),
+                intents=len(model.classes), phrases=len(model.texts), **model.calibration, **model.times.as_dict(),
+            )
+        async with self._swapped:
+            self._state = _State(directory, models, sources, calibration_version)
+            self.builds += 1
+            self._swapped.notify_all()
         self._ready.set()
         log.info(
             "index_swapped",
             revision=directory.revision,
-            groups=len(catalogs),
+            groups=len(models),
             rebuilt_groups=rebuilt,
-            phrases=sum(len(c) for c in catalogs.values()),
+            phrases=sum(len(m.texts) for m in models.values()),
             bots=sum(len(b) for b in directory.groups.values()),
         )
 
-    async def match(self, text: str, bot_id: str, group: str, limit: int, min_rating: int) -> tuple[list[Candidate], int]:
+    async def match(
+        self, text: str, bot_id: str, group: str, limit: int, min_rating: int, include_asking_bot: bool = False
+    ) -> MatchResult:
         state = self._state
         if state is None:
             raise NotReady("the router has not indexed the participants yet")
@@ -126,16 +237,26 @@ class RouterCore:
             if group and group != asker.group:
                 raise GroupMismatch(f"bot {bot_id!r} belongs to group {asker.group!r}, not {group!r}")
             group = asker.group
-        groups = [group] if group else sorted(state.catalogs)
+        groups = [group] if group else sorted(state.models)
+        exclude = bot_id if bot_id and not include_asking_bot else None
         query = (await self.encoder.aencode([text]))[0]
-        ranked: list[ScoredIntent] = []
+        verdicts = []
         for name in groups:
-            catalog = state.catalogs.get(name)
-            if catalog is not None:
-                ranked += catalog.rank(query, self.config.ratings, self.config.neighbours, limit, exclude_bot=bot_id or None)
-        ranked.sort(key=lambda m: -m.score)
+            model = state.models.get(name)
+            if model is not None:
+                verdict = model.decide(model.rank(query, text, exclude_bot=exclude))
+                if verdict.candidates:
+                    verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau))
+        if not verdicts:
+            return MatchResult([], state.directory.revision, NONE)
+        # Across groups (an operator's view), confidences compare relative to each group's τ.
+        verdicts.sort(key=lambda v: -v[0])
+        decision = verdicts[0][1].decision
+        ranked = [(c.confidence - tau, c) for _, v, tau in verdicts for c in v.candidates]
+        if len(verdicts) > 1:
+            ranked.sort(key=lambda item: -item[0])
         out = []
-        for m in ranked:
+        for _, m in ranked:
             if m.rating < min_rating:
                 continue
             bot: BotEntry | None = state.directory.find_bot(m.bot_id)
@@ -145,4 +266,4 @@ class RouterCore:
             out.append(Candidate(m, bot.display_name, instance_id, address))
             if len(out) >= limit:
                 break
-        return out, state.directory.revision
+        return MatchResult(out, state.directory.revision, decision)

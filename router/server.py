@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
 from mbc.config import RouterConfig
@@ -10,6 +11,7 @@ from mbc.encoder import Encoder
 from mbc.logs import get_logger
 from mbc.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import router_pb2, router_pb2_grpc
+from router.calibration import CalibrationError, load_calibration
 from router.core import RouterCore
 from router.servicer import RouterServicer
 
@@ -38,15 +40,48 @@ class RouterProcess:
         self.etcd = EtcdClient(list(config.etcd_endpoints))
         self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
         self._ready_task: asyncio.Task | None = None
+        self._calibration_task: asyncio.Task | None = None
+        self._calibration_mtime: float | None = None
+        self.load_calibration()
+
+    def load_calibration(self) -> bool:
+        """(Re)load the calibration file of the config, if any; False when it is missing or invalid."""
+        path = self.config.decision.calibration_path
+        if not path:
+            return False
+        try:
+            self._calibration_mtime = os.stat(path).st_mtime
+            examples = load_calibration(path)
+        except (OSError, CalibrationError) as e:
+            log.warning("calibration_not_loaded", path=path, error=str(e))
+            return False
+        self.core.set_calibration(examples)
+        log.info("calibration_loaded", path=path, examples=len(examples))
+        return True
+
+    async def _watch_calibration(self, interval: float = 2.0) -> None:
+        """Reload the calibration file when it changes (`mbc calibrate FILE --install PATH`)."""
+        path = self.config.decision.calibration_path
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                continue
+            if mtime != self._calibration_mtime:
+                self.load_calibration()
 
     def _on_snapshot(self, snapshot: ParticipantSnapshot) -> None:
         self.core.submit(snapshot.participants, snapshot.revision)
 
     async def start(self) -> None:
         await self.server.start()
+        await self.core.prepare()
         await self.etcd.connect()
         self.watcher.start()
         self._ready_task = asyncio.create_task(self._serve_when_ready())
+        if self.config.decision.calibration_path:
+            self._calibration_task = asyncio.create_task(self._watch_calibration())
         log.info("router_started", address=self.server.address)
 
     async def _serve_when_ready(self) -> None:
@@ -55,8 +90,9 @@ class RouterProcess:
         log.info("router_serving", address=self.server.address, revision=self.core.directory.revision)
 
     async def stop(self) -> None:
-        if self._ready_task:
-            self._ready_task.cancel()
+        for task in (self._ready_task, self._calibration_task):
+            if task:
+                task.cancel()
         await self.server.stop()
         await self.watcher.stop()
         await self.core.close()

@@ -38,15 +38,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 )
             limit = request.max_candidates or self.core.config.default_candidates
             try:
-                candidates, revision = await self.core.match(text, request.bot_id, request.group, limit, request.min_rating)
+                result = await self.core.match(
+                    text, request.bot_id, request.group, limit, request.min_rating, request.include_asking_bot
+                )
             except NotReady as e:
                 await abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
             except UnknownBot as e:
                 await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
             except GroupMismatch as e:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            response = router_pb2.MatchResponse(index_revision=revision)
-            for c in candidates:
+            response = router_pb2.MatchResponse(index_revision=result.revision, decision=result.decision)
+            for c in result.candidates:
                 response.candidates.add(
                     bot_id=c.match.bot_id,
                     intent=c.match.intent,
@@ -56,6 +58,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     instance_id=c.instance_id,
                     matched_phrase=c.match.matched_phrase,
                     display_name=c.display_name,
+                    confidence=c.match.confidence,
                 )
-            log.debug("matched", candidates=len(candidates), top=candidates[0].match.bot_id if candidates else "")
+            log.debug(
+                "matched", candidates=len(result.candidates), decision=router_pb2.Decision.Name(result.decision),
+                top=result.candidates[0].match.bot_id if result.candidates else "",
+            )
             return response

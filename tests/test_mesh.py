@@ -6,95 +6,22 @@ import asyncio
 import signal
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 
 from mbc.gateway import Conversation
-from mbc.processes import ComponentProcess
-from mbc.v1 import bot_pb2, common_pb2, router_pb2
+from mbc.v1 import bot_pb2, common_pb2
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-TEST_BOTS = Path(__file__).resolve().parent / "bots"
-LEASE_TTL = 3
+from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, start_example_mesh, transfer
 
 pytestmark = pytest.mark.timeout(300)
 
 
-class Mesh:
-    def __init__(self, etcd_endpoint: str, workdir: Path) -> None:
-        self.etcd = etcd_endpoint
-        self.workdir = workdir
-        self.router: ComponentProcess | None = None
-        self.bots: dict[str, ComponentProcess] = {}
-
-    async def start_router(self) -> ComponentProcess:
-        self.router = ComponentProcess("router", ["router", "--etcd", self.etcd], self.workdir)
-        await self.router.wait_serving()
-        return self.router
-
-    async def start_bot(self, path: Path, name: str) -> ComponentProcess:
-        bot = ComponentProcess(
-            name,
-            ["bot", str(path), "--etcd", self.etcd, "--router", self.router.address, "--lease-ttl", str(LEASE_TTL)],
-            self.workdir,
-        )
-        self.bots[name] = bot
-        await bot.wait_serving()
-        return bot
-
-    def stop(self) -> None:
-        for bot in self.bots.values():
-            bot.terminate()
-        if self.router:
-            self.router.terminate()
-
-
-async def match(address: str, text: str, **fields) -> router_pb2.MatchResponse:
-    async with grpc.aio.insecure_channel(address) as channel:
-        from mbc.v1 import router_pb2_grpc
-
-        return await router_pb2_grpc.RouterStub(channel).Match(router_pb2.MatchRequest(text=text, **fields), timeout=10)
-
-
-async def respond(address: str, text: str, conversation_id: str | None = None) -> bot_pb2.RespondResponse:
-    async with Conversation(address, conversation_id) as chat:
-        return await chat.send(text)
-
-
-async def eventually(check, timeout: float, interval: float = 0.2):
-    """Poll `check` (async, returns truthy when done) until it passes; returns (value, seconds)."""
-    start = time.monotonic()
-    while True:
-        value = await check()
-        if value:
-            return value, time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
 @pytest.fixture(scope="module")
 async def mesh(etcd_server, tmp_path_factory):
-    mesh = Mesh(etcd_server.endpoint, tmp_path_factory.mktemp("mesh"))
-    try:
-        await mesh.start_router()
-        await asyncio.gather(
-            mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
-            mesh.start_bot(EXAMPLES / "business_banking.yaml", "business-banking"),
-            mesh.start_bot(EXAMPLES / "cards.yaml", "cards"),
-        )
-
-        async def indexed():
-            r = await match(mesh.router.address, "I lost my debit card", group="retail-bank")
-            return r.candidates and r.candidates[0].bot_id == "cards"
-
-        await eventually(indexed, timeout=30)
+    async with start_example_mesh(etcd_server.endpoint, tmp_path_factory.mktemp("mesh")) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 async def test_own_intent_is_answered_locally(mesh):
@@ -141,19 +68,6 @@ async def test_no_capable_bot_gives_the_bots_own_fallback(mesh):
     assert r.owner.bot_id == "cards"
     assert len(r.replies) == 1 and r.replies[0].bot_id == "cards"
     assert "debit and credit cards" in r.replies[0].text
-
-
-async def transfer(address: str, **fields) -> bot_pb2.TransferResponse:
-    from mbc.v1 import bot_pb2_grpc
-
-    request = bot_pb2.TransferRequest(
-        transfer_id=fields.pop("transfer_id", uuid.uuid4().hex),
-        conversation_id=fields.pop("conversation_id", uuid.uuid4().hex),
-        sender=common_pb2.BotRef(bot_id="personal-banking"),
-        **fields,
-    )
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await bot_pb2_grpc.BotStub(channel).Transfer(request, timeout=10)
 
 
 async def test_receiver_with_no_intent_matches_the_message_itself(mesh):
@@ -264,9 +178,14 @@ async def test_sigterm_leaves_the_mesh_at_once(mesh, etcd_client):
         return len(items)
 
     await eventually(registered, timeout=5)
-    start = time.monotonic()
     bot.signal(signal.SIGTERM)
+
+    async def deregistered():
+        return await registered() == 0
+
+    # The lease is revoked at once, long before it could have expired...
+    _, seconds = await eventually(deregistered, timeout=LEASE_TTL, interval=0.05)
+    assert seconds < LEASE_TTL
+    # ...and the process exits cleanly within its grace period.
     assert await asyncio.to_thread(bot.process.wait, 15) == 0
     mesh.bots.pop("travel-2")
-    assert await registered() == 0
-    assert time.monotonic() - start < LEASE_TTL

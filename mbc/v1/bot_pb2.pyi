@@ -79,7 +79,7 @@ class RespondResponse(_message.Message):
     def __init__(self, replies: _Optional[_Iterable[_Union[_common_pb2.Reply, _Mapping]]] = ..., owner: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., match: _Optional[_Union[MatchInfo, _Mapping]] = ..., transfer_id: _Optional[str] = ..., options: _Optional[_Iterable[_Union[ClarifyOption, _Mapping]]] = ...) -> None: ...
 
 class TransferRequest(_message.Message):
-    __slots__ = ("transfer_id", "conversation_id", "consumer_id", "text", "intent", "sender", "receiver_bot_id", "channel_metadata", "visited_bot_ids", "hop_count")
+    __slots__ = ("transfer_id", "conversation_id", "consumer_id", "text", "intent", "sender", "receiver_bot_id", "channel_metadata", "visited_bot_ids", "hop_count", "owner_version")
     class ChannelMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class TransferRequest(_message.Message):
     CHANNEL_METADATA_FIELD_NUMBER: _ClassVar[int]
     VISITED_BOT_IDS_FIELD_NUMBER: _ClassVar[int]
     HOP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_VERSION_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     conversation_id: str
     consumer_id: str
@@ -107,7 +108,8 @@ class TransferRequest(_message.Message):
     channel_metadata: _containers.ScalarMap[str, str]
     visited_bot_ids: _containers.RepeatedScalarFieldContainer[str]
     hop_count: int
-    def __init__(self, transfer_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., consumer_id: _Optional[str] = ..., text: _Optional[str] = ..., intent: _Optional[str] = ..., sender: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., receiver_bot_id: _Optional[str] = ..., channel_metadata: _Optional[_Mapping[str, str]] = ..., visited_bot_ids: _Optional[_Iterable[str]] = ..., hop_count: _Optional[int] = ...) -> None: ...
+    owner_version: int
+    def __init__(self, transfer_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., consumer_id: _Optional[str] = ..., text: _Optional[str] = ..., intent: _Optional[str] = ..., sender: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., receiver_bot_id: _Optional[str] = ..., channel_metadata: _Optional[_Mapping[str, str]] = ..., visited_bot_ids: _Optional[_Iterable[str]] = ..., hop_count: _Optional[int] = ..., owner_version: _Optional[int] = ...) -> None: ...
 
 class TransferResponse(_message.Message):
     __slots__ = ("replies", "owner", "outcome", "match")

@@ -1,0 +1,119 @@
+"""The quality subcommands of `mbc`: eval, calibrate, overlap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mbc.evaluation.clinc150 import main
+
+    sys.exit(main(args))
+
+
+def cmd_overlap(args: argparse.Namespace) -> None:
+    from mbc.encoder import Encoder
+    from mbc.evaluation.overlap import find_overlaps, format_overlaps, intents_from_definitions, intents_from_etcd
+
+    if args.definitions:
+        groups = intents_from_definitions(args.definitions)
+    else:
+        groups = asyncio.run(intents_from_etcd([e.strip() for e in args.etcd.split(",") if e.strip()]))
+    encoder = Encoder()
+    try:
+        overlaps = find_overlaps(groups, encoder, threshold=args.threshold)
+    finally:
+        encoder.close()
+    print(format_overlaps(overlaps, args.examples))
+    sys.exit(1 if overlaps and args.fail else 0)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Validate a calibration file, fit τ per group for the participants registered now, install it."""
+    from mbc.config import DecisionConfig
+    from mbc.encoder import Encoder
+    from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
+    from mbc.matching import IntentCatalog
+    from router.calibration import CalibrationError, CalibrationInput, build_group_model, for_group, generic_none, load_calibration
+
+    try:
+        examples = load_calibration(args.file)
+    except CalibrationError as e:
+        sys.exit(f"mbc calibrate: {e}")
+    none = sum(1 for e in examples if not e.bot_id)
+    print(f"{args.file}: {len(examples)} labelled utterances ({none} none-of-these)")
+    if args.definitions:
+        groups = intents_from_definitions(args.definitions)
+    else:
+        try:
+            groups = asyncio.run(intents_from_etcd([e.strip() for e in args.etcd.split(",") if e.strip()]))
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"mbc calibrate: cannot read the participants from etcd {args.etcd}: {e}")
+    encoder = Encoder()
+    fitted = {}
+    try:
+        generic = generic_none()
+        generic_vectors = encoder.encode_phrases(generic)
+        for group, intents in sorted(groups.items()):
+            if not intents:
+                continue
+            mine = for_group(examples, group)
+            data = CalibrationInput(mine, encoder.encode_phrases([e.text for e in mine]), generic, generic_vectors)
+            vectors = encoder.encode_phrases(IntentCatalog.phrases_of(intents))
+            model = build_group_model(intents, vectors, encoder.dim, DecisionConfig(), data)
+            fitted[group] = model.calibration
+            info = model.calibration
+            figures = ", ".join(f"{k} {info[k]}" for k in ("in_scope_accuracy", "bot_accuracy", "none_recall") if k in info)
+            print(f"  group {group}: tau {info['tau']:.3f}  ({info['method']})" + (f"; on the set: {figures}" if figures else ""))
+    finally:
+        encoder.close()
+    if args.json:
+        print(json.dumps(fitted, indent=2))
+    if args.install:
+        os.makedirs(os.path.dirname(os.path.abspath(args.install)), exist_ok=True)
+        tmp = args.install + ".tmp"
+        shutil.copyfile(args.file, tmp)
+        os.replace(tmp, args.install)
+        print(f"installed as {args.install}: a router started with --calibration {args.install} reloads it within seconds")
+
+
+def add_commands(sub) -> None:
+    ev = sub.add_parser("eval", help="routing-quality evaluations through a real mesh")
+    ev_sub = ev.add_subparsers(dest="dataset", required=True)
+    clinc = ev_sub.add_parser("clinc150", help="CLINC150 as a 10-bot mesh (one bot per domain)")
+    clinc.add_argument("--data", required=True, help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test])")
+    clinc.add_argument("--split", choices=["val", "test"], default="val", help="the split to report (default val)")
+    clinc.add_argument("--domains", default="", help="domains.json (default: beside --data)")
+    clinc.add_argument("--json", default="", help="write the figures to this JSON file")
+    clinc.add_argument("--etcd", default="", help="use these etcd endpoints instead of starting a local etcd")
+    clinc.add_argument("--sample", type=int, default=300, help="utterances sent end to end through Respond (default 300)")
+    clinc.add_argument("--limit", type=int, default=0, help="only this many utterances of the split (a quick slice)")
+    clinc.add_argument("--max-domains", type=int, default=0, help="only the first N domains (a quick slice)")
+    clinc.add_argument("--max-intents", type=int, default=0, help="only the first N intents per domain (a quick slice)")
+    clinc.add_argument("--seed", type=int, default=0)
+    clinc.add_argument("--concurrency", type=int, default=32, help="calls in flight")
+    clinc.add_argument("--no-retrain-check", dest="retrain_check", action="store_false",
+                       help="skip timing the retrain when one bot leaves at the end")
+    clinc.add_argument("--log-level", default=os.environ.get("MBC_LOG_LEVEL", "WARNING"))
+    clinc.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="validate a labelled calibration set, print the thresholds it gives, install it")
+    cal.add_argument("file", help="JSON Lines: {\"text\": ..., \"bot\": ... or null, \"intent\": ...}")
+    cal.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="fit for the participants registered here")
+    cal.add_argument("--definitions", nargs="+", default=[], help="fit for these bot definition files instead")
+    cal.add_argument("--install", default="", help="copy the file here (the path given to `mbc router --calibration`)")
+    cal.add_argument("--json", action="store_true", help="also print the fitted figures as JSON")
+    cal.set_defaults(func=cmd_calibrate)
+
+    ov = sub.add_parser("overlap", help="intents of different bots whose training phrases collide")
+    ov.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="the participants registered here")
+    ov.add_argument("--definitions", nargs="+", default=[], help="these bot definition files instead (before they join)")
+    ov.add_argument("--threshold", type=float, default=0.8, help="cosine from which two phrases collide (default 0.8)")
+    ov.add_argument("--examples", type=int, default=2, help="phrase pairs shown per intent pair")
+    ov.add_argument("--fail", action="store_true", help="exit with 1 when there is an overlap (for CI)")
+    ov.set_defaults(func=cmd_overlap)

@@ -1,0 +1,319 @@
+"""How the nearest phrases of an utterance become a routing decision: one `GroupModel` per group.
+
+A group model is computed from the intents its participants registered (and an optional labelled
+calibration set) whenever they change, in a worker thread, and swapped in whole:
+
+- the FAISS index of every phrase (`IntentCatalog`): the k nearest phrases of an utterance name the
+  candidate intents, and give two features per candidate: the best cosine (shown to people as
+  `Candidate.score`) and the mean of its top-5 neighbour similarities (`knn`);
+- a multinomial logistic-regression head over the embeddings (`lr`, the raw logit), trained with
+  full-batch L-BFGS, warm-started from the previous model's weights of the intents that remain;
+- a TF-IDF (word 1-2 grams) linear SVM over the phrase texts (`svm`, its decision value).
+
+The fused score of a candidate is `lr + svm_weight·svm + knn_weight·knn` (`Candidate.confidence`).
+A threshold τ is fitted per group (see router/calibration.py); the rating of a candidate follows
+from its confidence relative to τ, and the decision (act, disambiguate, none) from the ratings and
+the gap between the best two bots.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from mbc.config import DecisionConfig
+from mbc.logs import get_logger
+from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.v1 import common_pb2, router_pb2
+
+log = get_logger(__name__)
+
+VERY_GOOD = common_pb2.RATING_VERY_GOOD
+GOOD = common_pb2.RATING_GOOD
+FAIR_PLUS = common_pb2.RATING_FAIR_PLUS
+FAIR = common_pb2.RATING_FAIR
+POOR = common_pb2.RATING_POOR
+
+ACT = router_pb2.DECISION_ACT
+DISAMBIGUATE = router_pb2.DECISION_DISAMBIGUATE
+NONE = router_pb2.DECISION_NONE
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One candidate intent for one utterance."""
+
+    bot_id: str
+    intent: str
+    confidence: float
+    """Fused score (lr + svm + knn)."""
+    score: float
+    """Cosine similarity of the best phrase of the intent."""
+    matched_phrase: str
+    rating: int = POOR
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: int
+    candidates: list[Scored]
+    """Best first. With DISAMBIGUATE: the best intent of each of the 2-3 close bots, the options."""
+
+
+def decide(ranked: Sequence[Scored], margin: float) -> Verdict:
+    """The decision over candidates already rated and sorted best first (one group).
+
+    DISAMBIGUATE when the best intents of two or three different bots are within `margin` of the
+    first (fused score) and all at least FAIR PLUS; otherwise ACT when the first is GOOD or
+    better; otherwise NONE.
+    """
+    if not ranked:
+        return Verdict(NONE, [])
+    best_per_bot: list[Scored] = []
+    for c in ranked:
+        if all(c.bot_id != b.bot_id for b in best_per_bot):
+            best_per_bot.append(c)
+    top = ranked[0]
+    if margin > 0 and len(best_per_bot) >= 2:
+        close = [b for b in best_per_bot[:3] if b.rating >= FAIR_PLUS and top.confidence - b.confidence <= margin]
+        if len(close) >= 2 and close[0] is top:
+            return Verdict(DISAMBIGUATE, close)
+    if top.rating >= GOOD:
+        return Verdict(ACT, list(ranked))
+    return Verdict(NONE, list(ranked))
+
+
+@dataclass
+class TrainTimes:
+    embed: float = 0.0
+    index: float = 0.0
+    lr: float = 0.0
+    svm: float = 0.0
+    calibrate: float = 0.0
+    lr_iterations: int = 0
+    warm_started: bool = False
+
+    def total(self) -> float:
+        return self.index + self.lr + self.svm + self.calibrate
+
+    def as_dict(self) -> dict:
+        return {
+            "index_s": round(self.index, 3), "lr_s": round(self.lr, 3), "svm_s": round(self.svm, 3),
+            "calibrate_s": round(self.calibrate, 3), "lr_iterations": self.lr_iterations,
+            "warm_started": self.warm_started,
+        }
+
+
+@dataclass
+class Features:
+    """Per query row: candidate class ids and their features (ragged, as flat arrays)."""
+
+    query: np.ndarray  # row of each entry
+    cls: np.ndarray  # class id of each entry
+    cosine: np.ndarray  # best similarity of the class among the neighbours
+    best_row: np.ndarray  # catalog row of that best phrase
+    fused: np.ndarray
+
+
+class GroupModel:
+    """Everything the router computes from a group's intents. Immutable once built."""
+
+    def __init__(
+        self,
+        intents: Sequence[IntentPhrases],
+        vectors: np.ndarray,
+        dim: int,
+        config: DecisionConfig,
+        previous: "GroupModel | None" = None,
+    ) -> None:
+        self.config = config
+        self.times = TrainTimes()
+        t0 = time.perf_counter()
+        self.catalog = IntentCatalog(intents, vectors, dim)
+        entries = sorted(intents, key=lambda e: (e.bot_id, e.intent))
+        self.classes: list[tuple[str, str]] = [(e.bot_id, e.intent) for e in entries]
+        self.class_of = {key: i for i, key in enumerate(self.classes)}
+        self.bot_of_class = np.array([b for b, _ in self.classes], dtype=object)
+        self.row_class = np.concatenate(
+            [np.full(len(e.phrases), i, dtype=np.int64) for i, e in enumerate(entries)]
+        ) if entries else np.zeros(0, np.int64)
+        self.texts = IntentCatalog.phrases_of(intents)
+        self.vectors = vectors
+        self.bots = sorted({b for b, _ in self.classes})
+        self.times.index = time.perf_counter() - t0
+        self.tau = 0.0
+        self.calibration: dict = {}
+        """How τ was fitted (method, counts, figures on the calibration set)."""
+        n = len(self.classes)
+        self.W = np.zeros((dim, n), np.float32)
+        self.b = np.zeros(n, np.float32)
+        self._vectorizer = None
+        self._svm = None
+        self._svm_cols: np.ndarray | None = None
+        if n >= 2:
+            t = time.perf_counter()
+            self._train_lr(vectors, previous)
+            self.times.lr = time.perf_counter() - t
+            t = time.perf_counter()
+            self._train_svm()
+            self.times.svm = time.perf_counter() - t
+
+    # ------------------------------------------------------------------ training
+    def _train_lr(self, X: np.ndarray, previous: "GroupModel | None") -> None:
+        """Multinomial logistic regression, loss = mean cross-entropy + wd·‖W‖² (bias free),
+        full-batch L-BFGS (scipy), from zero or from the previous head's weights."""
+        from scipy.optimize import minimize
+
+        cfg = self.config
+        n = len(self.classes)
+        d = X.shape[1]
+        W0 = np.zeros((d, n), np.float64)
+        b0 = np.zeros(n, np.float64)
+        iterations = cfg.lr_iterations
+        if previous is not None and previous.W.shape[0] == d:
+            kept = [(i, previous.class_of[c]) for i, c in enumerate(self.classes) if c in previous.class_of]
+            if kept and len(kept) >= n // 2:
+                new, old = map(list, zip(*kept))
+                W0[:, new] = previous.W[:, old]
+                b0[new] = previous.b[old]
+                iterations = cfg.lr_warm_iterations
+                self.times.warm_started = True
+        X32 = np.ascontiguousarray(X, np.float32)
+        y = self.row_class
+        rows = np.arange(len(y))
+        onehot_counts = np.bincount(y, minlength=n).astype(np.float64)
+        wd = cfg.lr_weight_decay
+        m = len(y)
+        calls = [0]
+
+        def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            calls[0] += 1
+            W = theta[: d * n].reshape(d, n).astype(np.float32)
+            b = theta[d * n:].astype(np.float32)
+            Z = X32 @ W + b
+            Z -= Z.max(axis=1, keepdims=True)
+            E = np.exp(Z)
+            S = E.sum(axis=1, keepdims=True)
+            loss = float((np.log(S[:, 0]) - Z[rows, y]).mean()) + wd * float((W.astype(np.float64) ** 2).sum())
+            P = E / S
+            P[rows, y] -= 1.0
+            P /= m
+            gW = (X32.T @ P).astype(np.float64) + 2 * wd * W.astype(np.float64)
+            gb = P.sum(axis=0).astype(np.float64)
+            return loss, np.concatenate([gW.ravel(), gb])
+
+        del onehot_counts
+        from threadpoolctl import threadpool_limits
+
+        # Small problems: BLAS threads cost more than they bring (0.9 s vs 0.1 s at 400 phrases).
+        with threadpool_limits(1 if m * n < 1_000_000 else None):
+            result = minimize(
+                loss_grad, np.concatenate([W0.ravel(), b0]), jac=True, method="L-BFGS-B",
+                options={"maxiter": iterations, "maxcor": 20, "gtol": 1e-6, "ftol": 1e-10},
+            )
+        self.times.lr_iterations = calls[0]
+        self.W = result.x[: d * n].reshape(d, n).astype(np.float32)
+        self.b = result.x[d * n:].astype(np.float32)
+
+    def _train_svm(self) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.svm import LinearSVC
+
+        self._vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        X = self._vectorizer.fit_transform(self.texts)
+        self._svm = LinearSVC(C=1.0).fit(X, self.row_class)
+        self._svm_cols = np.asarray(self._svm.classes_, dtype=np.int64)
+
+    # ------------------------------------------------------------------ scoring
+    def features(self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None) -> Features:
+        """Candidates (the intents among the k nearest phrases) and their fused scores, per query."""
+        cfg = self.config
+        nq = len(Q)
+        n = len(self.classes)
+        k = min(cfg.neighbours, len(self.catalog))
+        S, I = self.catalog.search(Q, k, exclude_bot=exclude_bot)
+        valid = I >= 0
+        L = np.where(valid, self.row_class[np.maximum(I, 0)], -1)
+        m = cfg.knn_top
+        mx = np.full((nq, n), -np.inf, np.float32)
+        best_row = np.full((nq, n), -1, np.int64)
+        cnt = np.zeros((nq, n), np.int32)
+        sm = np.zeros((nq, n), np.float32)
+        r = np.arange(nq)
+        for j in range(S.shape[1] - 1, -1, -1):
+            ok = valid[:, j]
+            mx[r[ok], L[ok, j]] = S[ok, j]
+            best_row[r[ok], L[ok, j]] = I[ok, j]
+        for j in range(S.shape[1]):
+            ok = valid[:, j] & (cnt[r, np.maximum(L[:, j], 0)] < m)
+            sm[r[ok], L[ok, j]] += S[ok, j]
+            cnt[r[ok], L[ok, j]] += 1
+        last = np.where(valid.any(1), S[r, np.maximum(valid.sum(1) - 1, 0)], 0.0)[:, None] if S.shape[1] else np.zeros((nq, 1))
+        knn = (sm + (m - cnt) * last) / m
+        fused = cfg.knn_weight * knn
+        if self._svm is not None:
+            fused = fused + np.asarray(Q, np.float32) @ self.W + self.b
+            dec = self._svm.decision_function(self._vectorizer.transform(list(texts)))
+            if dec.ndim == 1:  # two classes: one decision value for the second
+                dec = np.stack([-dec, dec], axis=1)
+            svm = np.zeros((nq, n), np.float32)
+            svm[:, self._svm_cols] = dec
+            fused = fused + cfg.svm_weight * svm
+        cand = cnt > 0
+        qi, ci = np.nonzero(cand)
+        return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci])
+
+    def best(self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query: (best class or -1, its fused score or -inf, best score of a second bot or -inf)."""
+        f = self.features(Q, texts, exclude_bot)
+        nq = len(Q)
+        top = np.full(nq, -1, np.int64)
+        conf = np.full(nq, -np.inf)
+        second = np.full(nq, -np.inf)
+        order = np.lexsort((-f.fused, f.query))
+        for j in order:
+            q = f.query[j]
+            if top[q] < 0:
+                top[q], conf[q] = f.cls[j], f.fused[j]
+            elif second[q] == -np.inf and self.bot_of_class[f.cls[j]] != self.bot_of_class[top[q]]:
+                second[q] = f.fused[j]
+        return top, conf, second
+
+    def rank(self, query: np.ndarray, text: str, exclude_bot: str | None = None) -> list[Scored]:
+        """Candidates for one utterance, rated, best first."""
+        f = self.features(query.reshape(1, -1), [text], exclude_bot)
+        out = []
+        for c, cos, row, z in sorted(zip(f.cls, f.cosine, f.best_row, f.fused), key=lambda t: -t[3]):
+            bot_id, intent = self.classes[c]
+            rating = self.rating(float(z))
+            if cos < self.config.min_cosine:
+                rating = min(rating, FAIR)
+            out.append(Scored(bot_id, intent, float(z), float(cos), self.catalog.phrase(int(row)), rating))
+        return out
+
+    def rating(self, confidence: float) -> int:
+        c = self.config
+        d = confidence - self.tau
+        if d >= c.very_good_offset:
+            return VERY_GOOD
+        if d > 0:
+            return GOOD
+        if d > c.fair_plus_offset:
+            return FAIR_PLUS
+        if d > c.fair_offset:
+            return FAIR
+        return POOR
+
+    def decide(self, ranked: Sequence[Scored]) -> Verdict:
+        return decide(ranked, self.config.disambiguation_margin)
+
+    def with_threshold(self, tau: float, calibration: dict) -> "GroupModel":
+        """A copy with another threshold (the heads are shared: they never change after building)."""
+        other = copy.copy(self)
+        other.tau = float(tau)
+        other.calibration = dict(calibration)
+        return other

@@ -1,0 +1,120 @@
+"""A mesh of real processes for the tests: the store, the router and bots, over a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from mbc.gateway import Conversation
+from mbc.processes import ComponentProcess
+from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TEST_BOTS = Path(__file__).resolve().parent / "bots"
+LEASE_TTL = 3
+
+class Mesh:
+    def __init__(self, etcd_endpoint: str, workdir: Path) -> None:
+        self.etcd = etcd_endpoint
+        self.workdir = workdir
+        self.router: ComponentProcess | None = None
+        self.store: ComponentProcess | None = None
+        self.bots: dict[str, ComponentProcess] = {}
+
+    async def start_store(self) -> ComponentProcess:
+        self.store = ComponentProcess("store", ["store", "--etcd", self.etcd], self.workdir)
+        await self.store.wait_serving()
+        return self.store
+
+    async def start_router(self) -> ComponentProcess:
+        self.router = ComponentProcess("router", ["router", "--etcd", self.etcd], self.workdir)
+        await self.router.wait_serving()
+        return self.router
+
+    async def start_bot(self, path: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> ComponentProcess:
+        bot = ComponentProcess(
+            name,
+            ["bot", str(path), "--etcd", self.etcd, "--router", self.router.address, "--store", self.store.address,
+             "--lease-ttl", str(LEASE_TTL), *extra],
+            self.workdir,
+            env=env,
+        )
+        self.bots[name] = bot
+        await bot.wait_serving()
+        return bot
+
+    def stop(self) -> None:
+        for bot in self.bots.values():
+            bot.terminate()
+        for component in (self.router, self.store):
+            if component:
+                component.terminate()
+
+
+async def match(address: str, text: str, **fields) -> router_pb2.MatchResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await router_pb2_grpc.RouterStub(channel).Match(router_pb2.MatchRequest(text=text, **fields), timeout=10)
+
+
+async def respond(address: str, text: str, conversation_id: str | None = None, timeout: float = 10.0) -> bot_pb2.RespondResponse:
+    async with Conversation(address, conversation_id, timeout_seconds=timeout) as chat:
+        return await chat.send(text)
+
+
+async def eventually(check, timeout: float, interval: float = 0.2):
+    """Poll `check` (async, returns truthy when done) until it passes; returns (value, seconds)."""
+    start = time.monotonic()
+    while True:
+        value = await check()
+        if value:
+            return value, time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def transfer(address: str, **fields) -> bot_pb2.TransferResponse:
+    request = bot_pb2.TransferRequest(
+        transfer_id=fields.pop("transfer_id", uuid.uuid4().hex),
+        conversation_id=fields.pop("conversation_id", uuid.uuid4().hex),
+        sender=fields.pop("sender", common_pb2.BotRef(bot_id="personal-banking")),
+        **fields,
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await bot_pb2_grpc.BotStub(channel).Transfer(request, timeout=10)
+
+
+
+
+@contextlib.asynccontextmanager
+async def start_example_mesh(etcd_endpoint: str, workdir: Path):
+    """The store, the router and the three example bots, the router having indexed them."""
+    mesh = Mesh(etcd_endpoint, workdir)
+    try:
+        await asyncio.gather(mesh.start_store(), mesh.start_router())
+        await asyncio.gather(
+            mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
+            mesh.start_bot(EXAMPLES / "business_banking.yaml", "business-banking"),
+            mesh.start_bot(EXAMPLES / "cards.yaml", "cards"),
+        )
+
+        probes = {"cards": "I lost my debit card", "business-banking": "open a business account for my LLC",
+                  "personal-banking": "what's my checking balance"}
+
+        async def indexed():
+            for bot_id, text in probes.items():
+                r = await match(mesh.router.address, text, group="retail-bank")
+                if not r.candidates or r.candidates[0].bot_id != bot_id:
+                    return False
+            return True
+
+        await eventually(indexed, timeout=30)
+        yield mesh
+    finally:
+        mesh.stop()

@@ -1,0 +1,206 @@
+"""Encoder speed features: micro-batching, the utterance cache, the ONNX backends (offline), and a
+smoke run of `mbc bench match` with tiny counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mbc.config import EncoderConfig
+from mbc.encoder import _EncoderThread, _Query
+
+REPO = Path(__file__).resolve().parents[1]
+CLINC = REPO.parent / "shared" / "data" / "clinc150"
+UTTERANCES = [
+    "I lost my debit card yesterday",
+    "what's the balance on my checking account",
+    "how do I open a business account for my LLC",
+    "can you raise the limit on my credit card",
+    "my card got declined at the supermarket",
+    "I want to dispute a charge I don't recognise",
+    "send 50 dollars to my savings account",
+    "which pizza place near me delivers the fastest",
+    "set a reminder to pay my rent on the first",
+    "how do you say thank you in french",
+    "what is my routing number",
+    "book a table for two at seven",
+]
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+async def test_concurrent_aencode_calls_are_batched_and_equal_single_encodes(encoder) -> None:
+    texts = [f"{t} ({i})" for i, t in enumerate(UTTERANCES * 2)]  # not in the utterance cache
+    batches, calls = encoder.batch_stats
+    vectors = await asyncio.gather(*(encoder.aencode([t]) for t in texts))
+    new_batches, new_calls = encoder.batch_stats
+    assert new_calls - calls == len(texts)
+    assert new_batches - batches < len(texts), "concurrent calls were not batched"
+    for text, vector in zip(texts, vectors):
+        assert vector.shape == (1, encoder.dim)
+        np.testing.assert_allclose(vector[0], encoder.encode([text])[0], atol=1e-5)
+
+
+async def test_repeated_utterances_come_from_the_cache(encoder) -> None:
+    text = "is the cache used for a repeated utterance?"
+    first = await encoder.aencode([text])
+    calls = encoder.batch_stats[1]
+    again = await encoder.aencode([text, text])
+    assert encoder.batch_stats[1] == calls
+    np.testing.assert_array_equal(again[0], first[0])
+    np.testing.assert_array_equal(again[1], first[0])
+
+
+class FakeModel:
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.seconds = seconds
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.batches.append(list(texts))
+        time.sleep(self.seconds)
+        return np.array([[float(len(t))] for t in texts], dtype=np.float32)
+
+
+def _submit(thread: _EncoderThread, text: str) -> Future:
+    future: Future = Future()
+    thread.submit(_Query([text], future))
+    return future
+
+
+def test_a_lone_call_never_waits_and_concurrent_ones_wait_a_bounded_time() -> None:
+    model = FakeModel()
+    thread = _EncoderThread(model, max_batch=8, wait_seconds=0.2)
+    try:
+        started = time.monotonic()
+        assert _submit(thread, "alone").result(5)[0, 0] == len("alone")
+        assert time.monotonic() - started < 0.15, "a lone call waited for a batch"
+
+        # Two calls queued together: one batch of two. From then on batches wait (bounded).
+        busy = threading.Event()
+        model_blocking = FakeModel()
+        thread._encode = lambda texts: (busy.wait(5), model_blocking(texts))[1]  # hold the thread
+        first = _submit(thread, "a")
+        time.sleep(0.05)
+        second, third = _submit(thread, "bb"), _submit(thread, "ccc")
+        busy.set()
+        assert [f.result(5)[0, 0] for f in (first, second, third)] == [1, 2, 3]
+        assert model_blocking.batches == [["a"], ["bb", "ccc"]]
+
+        started = time.monotonic()
+        assert _submit(thread, "dddd").result(5)[0, 0] == 4
+        waited = time.monotonic() - started
+        assert 0.15 <= waited < 1.5, f"bounded wait of 0.2 s took {waited:.3f} s"
+
+        # A full batch does not wait for the deadline.
+        thread._concurrent = True
+        started = time.monotonic()
+        futures = [_submit(thread, "x" * (i + 1)) for i in range(8)]
+        assert [f.result(5)[0, 0] for f in futures] == list(range(1, 9))
+        assert time.monotonic() - started < 0.15
+    finally:
+        thread.stop()
+
+
+def test_cancelled_calls_are_skipped_and_errors_reach_every_caller() -> None:
+    def failing(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("model broke")
+
+    thread = _EncoderThread(failing, max_batch=4, wait_seconds=0.0)
+    try:
+        future = _submit(thread, "x")
+        with pytest.raises(RuntimeError, match="model broke"):
+            future.result(5)
+    finally:
+        thread.stop()
+    model = FakeModel(seconds=0.1)
+    thread = _EncoderThread(model, max_batch=4, wait_seconds=0.0)
+    try:
+        busy = _submit(thread, "busy")
+        time.sleep(0.02)
+        cancelled = _submit(thread, "cancelled")
+        kept = _submit(thread, "kept")
+        assert cancelled.cancel()
+        assert kept.result(5)[0, 0] == 4 and busy.result(5)[0, 0] == 4
+        assert ["cancelled"] not in model.batches and all("cancelled" not in b for b in model.batches)
+    finally:
+        thread.stop()
+
+
+_OFFLINE_SCRIPT = """
+import json, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network disabled by the test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+from mbc.config import EncoderConfig
+from mbc.encoder import Encoder
+texts = json.loads(sys.argv[3])
+out = {}
+for backend in ("torch", "onnx", "onnx-int8"):
+    e = Encoder(EncoderConfig(backend=backend, onnx_dir=sys.argv[1]))
+    out[backend] = e.encode(texts).tolist()
+    e.close()
+print(json.dumps(out))
+"""
+
+
+def test_onnx_backends_load_offline_and_agree_with_torch(onnx_dir: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_SCRIPT, str(onnx_dir), "", json.dumps(UTTERANCES)],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    vectors = json.loads(done.stdout.strip().splitlines()[-1])
+    reference = np.array(vectors["torch"])
+    for backend, min_cosine in (("onnx", 0.9999), ("onnx-int8", 0.9)):
+        got = np.array(vectors[backend])
+        cosines = (reference * got).sum(axis=1)
+        assert cosines.min() >= min_cosine, (backend, cosines)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert list(onnx_dir.glob("*/model.onnx")) and list(onnx_dir.glob("*/model_int8.onnx")), "exports not cached"
+
+
+@pytest.mark.timeout(240)
+def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
+    if not (CLINC / "clinc150_public.json").exists():
+        pytest.skip(f"no CLINC150 data at {CLINC}")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "mbc", "bench", "match", "--json", str(out), "--data", str(CLINC),
+            "--onnx-dir", str(onnx_dir), "--intents-per-domain", "1", "--phrases-per-intent", "3",
+            "--single-samples", "10", "--batch-texts", "32", "--warmup-requests", "8",
+            "--naive-requests", "32", "--c1-requests", "10", "--c32-requests", "64",
+            "--workdir", str(tmp_path / "work"),
+        ],
+        capture_output=True, text=True, timeout=230,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("encoder_single_ms", "encoder_batch_qps", "naive_qps_c32", "match_qps_c32",
+                "match_p50_ms_c1", "match_p99_ms_c1", "match_p99_ms_c32"):
+        assert result[key] > 0, key
+    assert result["errors"] == 0
+    assert result["settings"]["tuned"]["backend"] == "onnx"
+    assert result["settings"]["naive"] == {"backend": "torch", "threads": 0, "max_batch": 1,
+                                           "batch_wait_ms": 0.0, "query_cache_size": 0}
+    assert "match_qps_c32" in done.stdout and ("MET" in done.stdout or "MISS" in done.stdout)
+    print(f"bench smoke took {time.monotonic() - started:.0f} s")
