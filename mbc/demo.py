@@ -48,9 +48,9 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> str:
     if response.outcome == bot_pb2.OUTCOME_CLARIFY:
         return f"{asked}: two bots match about equally well, so it asks the consumer"
     if response.outcome == bot_pb2.OUTCOME_TRANSFERRED:
-        return (f"{asked} has no intent rated GOOD; the router found {m.bot_id}/{how}: "
+        return (f"{asked} asked the router, which rates {m.bot_id}/{how} best in the group: "
                 f"transfer {response.transfer_id[:8]} with the message and the intent")
-    return f"{asked} has no intent rated GOOD and no participating bot does either: its fallback answers"
+    return f"no bot of the group, {asked} included, has an intent rated GOOD: {asked}'s fallback answers"
 
 
 async def wait_indexed(router: str, probes: dict[str, str], timeout: float = 60.0) -> None:
