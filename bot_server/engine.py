@@ -29,6 +29,7 @@ import grpc
 from bot_server.bot import Bot, Turn, render
 from bot_server.ledger import TransferLedger
 from bot_server.state import Awaiting, ConversationState, OwnershipConflict
+from discovery.groups import GroupSettingsCache
 from mbc.channels import ChannelPool
 from mbc.config import BotConfig
 from mbc.encoder import Encoder
@@ -65,6 +66,8 @@ class TurnResult:
     match: bot_pb2.MatchInfo
     transfer_id: str = ""
     options: list[bot_pb2.ClarifyOption] = field(default_factory=list)
+    asked: bool = False
+    """The dialog is waiting for the consumer's answer to a question."""
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Route:
 class BotEngine:
     def __init__(
         self, bot: Bot, config: BotConfig, encoder: Encoder, identity: common_pb2.BotRef,
-        channels: ChannelPool, state: ConversationState,
+        channels: ChannelPool, state: ConversationState, group_settings: GroupSettingsCache | None = None,
     ) -> None:
         self.bot = bot
         self.definition = bot.definition
@@ -100,6 +103,7 @@ class BotEngine:
         self.identity = identity
         self.channels = channels
         self.state = state
+        self.group_settings = group_settings or GroupSettingsCache(None, self.definition.group)
         self.transfers: TransferLedger[TurnResult] = TransferLedger()
         self._catalog: IntentCatalog | None = None
         self._intents = {i.name for i in self.definition.intents}
@@ -212,18 +216,20 @@ class BotEngine:
                             dict(message.channel_metadata), transferred_from, variables, remember)
                 texts = await Bot.call(handler, turn)
             else:
-                texts = []
+                texts, asked = [], False
                 steps = self.definition.dialog_for(intent).steps
                 for index in range(start_step, len(steps)):
                     texts.append(render(steps[index].text, variables))
                     if steps[index].asks:
                         await self.state.set_awaiting(conversation, Awaiting(intent, index, steps[index].save_as), route.remaining(0))
+                        asked = True
                         break
         except Exception:
             log.exception("dialog_failed", intent=intent)
             return self._fallback(match.score)
         log.info("answered", intent=intent, score=match.score, transferred_from=transferred_from)
-        return TurnResult([self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, match)
+        return TurnResult([self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, match,
+                          asked=handler is None and asked)
 
     async def _clarify(self, message: Message, candidates: list[router_pb2.Candidate], route: Route) -> TurnResult:
         """Ask which of the closest bots the consumer meant (best intent of each, 2-3 of them)."""
@@ -342,15 +348,33 @@ class BotEngine:
             raise Conflict(str(e)) from None
         sender = request.sender.bot_id
         if request.intent in self._intents:
-            return await self._answer(message, request.intent, None, route, transferred_from=sender)
-        if request.intent:
-            log.warning("transfer_intent_unknown", intent=request.intent, from_bot=sender)
-        if route.hops >= self.config.max_hops:
-            decision, candidates, score = await self._decide_locally(message.text)
-            if decision == router_pb2.DECISION_ACT:
-                return await self._answer(message, candidates[0].intent, candidates[0], route, transferred_from=sender)
-            return self._fallback(score)
-        return await self._route(message, route, include_self=True)
+            result = await self._answer(message, request.intent, None, route, transferred_from=sender)
+        else:
+            if request.intent:
+                log.warning("transfer_intent_unknown", intent=request.intent, from_bot=sender)
+            if route.hops >= self.config.max_hops:
+                decision, candidates, score = await self._decide_locally(message.text)
+                if decision == router_pb2.DECISION_ACT:
+                    result = await self._answer(message, candidates[0].intent, candidates[0], route, transferred_from=sender)
+                else:
+                    result = self._fallback(score)
+            else:
+                result = await self._route(message, route, include_self=True)
+        if result.outcome == bot_pb2.OUTCOME_ANSWERED and not result.asked and request.sender.address:
+            await self._return_to_sender(request, route, result)
+        return result
+
+    async def _return_to_sender(self, request: bot_pb2.TransferRequest, route: Route, result: TurnResult) -> None:
+        """With the group's return_to_sender on, hand the conversation back once the dialog ended."""
+        if not (await self.group_settings.get()).return_to_sender:
+            return
+        try:
+            await self.state.claim(request.conversation_id, request.sender, route.owner_version,
+                                   f"return:{request.transfer_id}", route.remaining(0))
+        except OwnershipConflict:
+            return
+        log.info("returned_to_sender", to_bot=request.sender.bot_id)
+        result.owner = request.sender
 
     async def _decide_locally(self, text: str) -> tuple[int, list[router_pb2.Candidate], float]:
         """This bot's own intents only: act on the best one if rated GOOD or better."""

@@ -9,6 +9,7 @@ from bot_server.engine import BotEngine
 from bot_server.servicer import BotServicer
 from bot_server.state import MemoryState, StoreState
 from discovery import EtcdClient, Registration
+from discovery.groups import GroupSettingsCache
 from mbc import __version__
 from mbc.channels import ChannelPool
 from mbc.config import BotConfig
@@ -62,10 +63,11 @@ class BotProcess:
             self.state = StoreState(client, self.bot.definition.context_namespace, self.bot.bot_id)
         else:
             self.state = MemoryState()
-        self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels, self.state)
+        self.etcd = EtcdClient(list(config.etcd_endpoints)) if config.etcd_endpoints else None
+        self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels, self.state,
+                                GroupSettingsCache(self.etcd, self.bot.definition.group))
         self.server, self.port = create_server(config, self.engine)
         self.identity.address = self.server.address
-        self.etcd: EtcdClient | None = None
         self.registration: Registration | None = None
 
     async def start(self) -> None:
@@ -74,8 +76,7 @@ class BotProcess:
             if isinstance(self.state, StoreState):
                 await self.state.prepare(self.config.context_ttl_seconds)
             await self.server.start()
-            if self.config.etcd_endpoints:
-                self.etcd = EtcdClient(list(self.config.etcd_endpoints))
+            if self.etcd is not None:
                 await self.etcd.connect()
                 self.registration = Registration(self.etcd, participant_of(self.bot, self.identity), ttl=self.config.lease_ttl_seconds)
                 await self.registration.start()

@@ -123,6 +123,21 @@ def cmd_store(args: argparse.Namespace) -> None:
     asyncio.run(serve(_endpoints(args.etcd), _server_config(args)))
 
 
+def cmd_group(args: argparse.Namespace) -> None:
+    from discovery import EtcdClient
+    from discovery.groups import read_group_settings, write_group_settings
+
+    async def run() -> None:
+        async with EtcdClient(list(_endpoints(args.etcd))) as etcd:
+            settings = await read_group_settings(etcd, args.group)
+            if args.return_to_sender is not None:
+                settings.return_to_sender = args.return_to_sender == "on"
+                await write_group_settings(etcd, args.group, settings)
+            print(f"group {args.group}: return_to_sender={'on' if settings.return_to_sender else 'off'}")
+
+    asyncio.run(run())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mbc.demo import run_demo
 
@@ -167,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("store", help="run the Context Session Store (cross-bot data, conversation owners)")
     _server_args(store, default_port=50052)
     store.set_defaults(func=cmd_store)
+
+    group = sub.add_parser("group", help="show or change a bot group's settings")
+    group.add_argument("group")
+    group.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
+    group.add_argument("--return-to-sender", choices=("on", "off"), default=None,
+                       help="hand a transferred conversation back to the sending bot when the receiver's dialog ends")
+    group.set_defaults(func=cmd_group)
 
     demo = sub.add_parser("demo", help="start a local mesh and play a conversation through both workflows")
     demo.add_argument("--etcd", default="", help="use these etcd endpoints instead of starting a local etcd")

@@ -172,3 +172,26 @@ async def _candidate_is(mesh, bot_id: str) -> bool:
 
 async def _owner_is(store: ContextClient, conversation: str, bot_id: str) -> bool:
     return await owner_of(store, conversation) == bot_id
+
+
+async def test_return_to_sender_when_configured_for_the_group(mesh, store, etcd_client):
+    from discovery.groups import write_group_settings
+    from mbc.v1 import participant_pb2
+
+    await write_group_settings(etcd_client, "retail-bank", participant_pb2.GroupSettings(return_to_sender=True))
+    try:
+        await asyncio.sleep(2.5)  # bots re-read group settings at most every 2 s
+        async with Conversation(mesh.bots["personal-banking"].address, store_address=mesh.store.address) as chat:
+            r = await chat.send("I think my debit card was stolen")
+            assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.replies[-1].bot_id == "cards"
+            # The cards dialog ended: the conversation is back with personal banking.
+            assert r.owner.bot_id == "personal-banking"
+            assert await owner_of(store, chat.conversation_id) == "personal-banking"
+            r = await chat.send("what's my checking balance")
+            assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.owner.bot_id == "personal-banking"
+    finally:
+        await write_group_settings(etcd_client, "retail-bank", participant_pb2.GroupSettings())
+        await asyncio.sleep(2.5)
+    async with Conversation(mesh.bots["personal-banking"].address, store_address=mesh.store.address) as chat:
+        r = await chat.send("I think my debit card was stolen")
+        assert r.owner.bot_id == "cards"

@@ -35,3 +35,9 @@ class Participant(_message.Message):
     software_version: str
     display_name: str
     def __init__(self, bot_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., group: _Optional[str] = ..., collaboration: _Optional[bool] = ..., intents: _Optional[_Iterable[_Union[Intent, _Mapping]]] = ..., definition_version: _Optional[str] = ..., software_version: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
+
+class GroupSettings(_message.Message):
+    __slots__ = ("return_to_sender",)
+    RETURN_TO_SENDER_FIELD_NUMBER: _ClassVar[int]
+    return_to_sender: bool
+    def __init__(self, return_to_sender: _Optional[bool] = ...) -> None: ...

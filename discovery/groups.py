@@ -1,0 +1,51 @@
+"""Per-group settings in etcd, read by bots with a short cache."""
+
+from __future__ import annotations
+
+import time
+
+from discovery.etcd_client import EtcdClient
+from discovery.keys import validate_name
+from mbc.logs import get_logger
+from mbc.v1 import participant_pb2
+
+log = get_logger(__name__)
+
+GROUPS_PREFIX = "/mbc/v1/groups/"
+
+
+def settings_key(group: str) -> str:
+    validate_name("group", group)
+    return f"{GROUPS_PREFIX}{group}/settings"
+
+
+async def write_group_settings(client: EtcdClient, group: str, settings: participant_pb2.GroupSettings) -> None:
+    await client.put(settings_key(group), settings.SerializeToString())
+
+
+async def read_group_settings(client: EtcdClient, group: str) -> participant_pb2.GroupSettings:
+    kv = await client.get(settings_key(group))
+    return participant_pb2.GroupSettings.FromString(kv.value) if kv else participant_pb2.GroupSettings()
+
+
+class GroupSettingsCache:
+    """The settings of one group, read again from etcd at most every `max_age` seconds.
+
+    If etcd cannot be read, the last settings read are kept (defaults before the first read).
+    """
+
+    def __init__(self, client: EtcdClient | None, group: str, max_age: float = 2.0) -> None:
+        self._client = client
+        self._group = group
+        self._max_age = max_age
+        self._settings = participant_pb2.GroupSettings()
+        self._read_at = float("-inf")
+
+    async def get(self) -> participant_pb2.GroupSettings:
+        if self._client is not None and time.monotonic() - self._read_at > self._max_age:
+            try:
+                self._settings = await read_group_settings(self._client, self._group)
+            except Exception as e:
+                log.warning("group_settings_unreadable", group=self._group, error=str(e))
+            self._read_at = time.monotonic()
+        return self._settings
