@@ -1,4 +1,4 @@
-.PHONY: setup demo test protos protoset ghz clean
+.PHONY: setup demo test protos protoset ghz polyglot clean
 
 setup:
 	@scripts/setup.sh
@@ -22,6 +22,12 @@ protoset: setup
 # A short real ghz load against a live local mesh (etcd, router, one bot); fails on any error.
 ghz: protoset
 	scripts/ghz_smoke.sh
+
+# The contracts and the clients in other languages against a live local mesh: buf lint and
+# breaking, the Go and Node tests, grpcurl through reflection (installs buf, the Go plugins,
+# grpcurl and the Node packages when missing). CI runs it after `make test`.
+polyglot: setup
+	scripts/polyglot_ci.sh
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

@@ -34,6 +34,7 @@ from mbc.channels import ChannelPool
 from mbc.config import BotConfig
 from mbc.encoder import Encoder
 from mbc.logs import get_logger
+from mbc.metrics import BOT_TRANSFERS
 from mbc.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
@@ -166,6 +167,7 @@ class BotEngine:
                 if result is not None:
                     return result
         log.info("fallback", best_score=best_score, visited=list(route.visited))
+        BOT_TRANSFERS.labels("fallback").inc()
         return self._fallback(best_score)
 
     async def _decide(self, text: str, route: Route, include_self: bool) -> tuple[int, list[router_pb2.Candidate], float]:
@@ -287,13 +289,16 @@ class BotEngine:
             owner_version=route.owner_version,
         )
         log.info("transfer_sent", to_bot=candidate.bot_id, intent=candidate.intent, score=candidate.score, transfer_id=transfer_id)
+        BOT_TRANSFERS.labels("sent").inc()
         try:
             response = await self.channels.bot(candidate.address).Transfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             log.warning("transfer_failed", to_bot=candidate.bot_id, code=e.code().name, detail=e.details(), transfer_id=transfer_id)
+            BOT_TRANSFERS.labels("failed").inc()
             route.owner_version = await self._claim_back(message.conversation_id, route, transfer_id)
             route.visited += (candidate.bot_id,)
             return None
+        BOT_TRANSFERS.labels("taken").inc()
         replies = []
         if self.definition.transfer_message:
             replies.append(self._reply(render(self.definition.transfer_message.replace("{to_bot}", candidate.display_name or candidate.bot_id), {})))
@@ -330,8 +335,10 @@ class BotEngine:
         if not self.definition.collaboration:
             raise Refused(f"bot {self.bot.bot_id!r} does not take part in collaboration")
         if self.bot.bot_id in request.visited_bot_ids:
+            BOT_TRANSFERS.labels("loop_stopped").inc()
             raise Refused(f"loop guard: bot {self.bot.bot_id!r} already handled this message")
         if request.hop_count >= self.config.max_hops:
+            BOT_TRANSFERS.labels("loop_stopped").inc()
             raise Refused(f"loop guard: the message already went through {request.hop_count} transfers (maximum {self.config.max_hops})")
         return await self.transfers.run_once(request.transfer_id, lambda: self._take(request, budget_seconds))
 

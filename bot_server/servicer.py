@@ -8,6 +8,7 @@ import grpc
 
 from bot_server.engine import BotEngine, Conflict, InvalidInput, Message, Refused, TurnResult
 from mbc.logs import bind_context
+from mbc.metrics import BOT_TURNS
 from mbc.serving import abort, remaining_seconds
 from mbc.v1 import bot_pb2, bot_pb2_grpc
 
@@ -22,6 +23,7 @@ class BotServicer(bot_pb2_grpc.BotServicer):
             budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
             async with _status(context):
                 result = await self.engine.respond(message, budget)
+            BOT_TURNS.labels("Respond", _outcome(result)).inc()
             return bot_pb2.RespondResponse(**_fields(result), transfer_id=result.transfer_id, options=result.options)
 
     async def Transfer(self, request: bot_pb2.TransferRequest, context: grpc.aio.ServicerContext) -> bot_pb2.TransferResponse:
@@ -34,6 +36,7 @@ class BotServicer(bot_pb2_grpc.BotServicer):
             budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
             async with _status(context):
                 result = await self.engine.accept_transfer(request, budget)
+            BOT_TURNS.labels("Transfer", _outcome(result)).inc()
             return bot_pb2.TransferResponse(**_fields(result))
 
 
@@ -52,6 +55,10 @@ async def _status(context: grpc.aio.ServicerContext):
         transient = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         code = grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.INTERNAL
         await abort(context, code, f"the Context Session Store failed: {e.code().name}: {e.details()}")
+
+
+def _outcome(result: TurnResult) -> str:
+    return bot_pb2.Outcome.Name(result.outcome).removeprefix("OUTCOME_")
 
 
 def _fields(result: TurnResult) -> dict:

@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 from context_store.leases import LeaseBuckets
 from discovery import EtcdClient
 from discovery.errors import LeaseNotFound
+from mbc.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/config.py)
 from mbc.v1 import context_pb2
 
 PREFIX = "/mbc/v1/context/"
@@ -55,22 +56,6 @@ class VersionConflict(StoreError):
 
 class LimitExceeded(StoreError):
     pass
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Limits and lifetimes of the Context Session Store."""
-
-    max_value_bytes: int = 800_000
-    """Largest serialized value accepted by Set."""
-    max_keys_per_namespace: int = 1_000_000
-    """Live keys a namespace may hold, all scopes together."""
-    conversation_ttl_seconds: int = 86_400
-    """How long an ownership record lives after its last change."""
-    lease_bucket_seconds: int = 60
-    """Granularity of expiry: keys expire up to this much after their TTL (reads never see them)."""
-    namespace_cache_seconds: float = 5.0
-    """How long a namespace's TTL is cached before etcd is read again."""
 
 
 @dataclass(frozen=True)

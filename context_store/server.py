@@ -38,8 +38,8 @@ class StoreProcess:
         log.info("store_stopped")
 
 
-async def serve(etcd_endpoints: tuple[str, ...], server: ServerConfig) -> None:
-    process = StoreProcess(etcd_endpoints, server)
+async def serve(etcd_endpoints: tuple[str, ...], server: ServerConfig, store: StoreConfig = StoreConfig()) -> None:
+    process = StoreProcess(etcd_endpoints, server, store)
     await process.start()
     signal_name = await wait_for_shutdown_signal()
     log.info("shutdown_requested", signal=signal_name)

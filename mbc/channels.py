@@ -1,25 +1,45 @@
-"""Client channels to mesh servers, one per address, reused across calls."""
+"""Client channels to mesh servers, one per address, reused across calls.
+
+Every channel gets the mesh's service config (protos/service_config.json, shipped in the package as
+mbc/service_config.json): per-method timeouts (a cap: a shorter deadline given to a call wins) and
+retries of UNAVAILABLE only, with exponential backoff and retry throttling.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 
 from mbc.config import MiB
 from mbc.serving import channel_options
+from mbc.tracing import client_interceptors
 from mbc.v1 import bot_pb2_grpc, router_pb2_grpc
+
+SERVICE_CONFIG_PATH = Path(__file__).resolve().parent / "service_config.json"
+# The JSON text, as grpc's "grpc.service_config" channel argument takes it.
+SERVICE_CONFIG = SERVICE_CONFIG_PATH.read_text()
 
 
 class ChannelPool:
-    """Opens one grpc.aio channel per address and keeps it; close them all with `close()`."""
+    """Opens one grpc.aio channel per address and keeps it; close them all with `close()`.
+
+    Calls made through these channels carry the current trace id (mbc/tracing.py)."""
 
     def __init__(self, max_message_bytes: int = 4 * MiB, keepalive_time_ms: int = 30_000, keepalive_timeout_ms: int = 10_000) -> None:
-        self._options = channel_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms)
+        self._options = [
+            *channel_options(max_message_bytes, keepalive_time_ms, keepalive_timeout_ms),
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+        ]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=self._options, interceptors=client_interceptors()
+            )
         return channel
 
     def bot(self, address: str) -> bot_pb2_grpc.BotStub:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import os
 import sys
 
-from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig
+from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig, StoreServiceConfig
 from mbc.logs import configure
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -24,10 +26,74 @@ def _server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
     parser.add_argument("--model", default=os.environ.get("MBC_MODEL", ""), help="sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--log-level", default=os.environ.get("MBC_LOG_LEVEL", "INFO"))
+    parser.add_argument("--config", default=os.environ.get("MBC_CONFIG", ""), metavar="FILE",
+                        help="YAML settings file (sections router/bot/store); MBC_<COMPONENT>__<FIELD> variables and flags override it")
+    parser.add_argument("--metrics-port", type=int, default=ServerConfig.metrics_port,
+                        help="Prometheus /metrics port on --host; 0 picks a free one (written to <port file stem>.metrics-port), -1 turns it off")
+    parser.add_argument("--otel", action="store_true", default=ServerConfig.otel,
+                        help="OpenTelemetry gRPC instrumentation (needs the otel extra)")
+    parser.add_argument("--otel-exporter", default=ServerConfig.otel_exporter, choices=("otlp", "console", "none"),
+                        help="where OpenTelemetry spans go (otlp: OTEL_EXPORTER_OTLP_ENDPOINT)")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, port_file=args.port_file)
+    return ServerConfig(host=args.host, port=args.port, port_file=args.port_file, metrics_port=args.metrics_port,
+                        otel=args.otel, otel_exporter=args.otel_exporter)
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _flag_defaults(kind: str) -> tuple[dict, dict]:
+    """The defaults of the arguments of `mbc KIND` (positionals: ""), and another valid value of
+    those with choices."""
+    actions = [a for a in _subcommand(build_parser(), kind)._actions
+               if a.dest != "help" and a.default is not argparse.SUPPRESS and not isinstance(a, argparse._SubParsersAction)]
+    probes = {a.dest: next(c for c in a.choices if c != a.default) for a in actions if a.choices and len(a.choices) > 1}
+    return {a.dest: "" if a.default is None and not a.option_strings else a.default for a in actions}, probes
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """The dests of the flags present on the command line (whatever their value)."""
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.option_strings:
+                action.default = argparse.SUPPRESS
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return set(vars(parser.parse_args(argv)))
+        except SystemExit:
+            return set()
+
+
+def effective_config(kind: str, args: argparse.Namespace, build):
+    """`build(args)` layered per mbc/settings.py: flag defaults < --config file < MBC_* env < given flags."""
+    from mbc.settings import ConfigError, flag_overrides, resolve
+
+    defaults, probes = _flag_defaults(kind)
+    try:
+        base, overrides = flag_overrides(build, args, defaults, _given_flags(getattr(args, "argv", [])), probes)
+        config = resolve(kind, base, args.config, os.environ, overrides).config
+        if config.server.otel:
+            try:
+                import opentelemetry.instrumentation.grpc  # noqa: F401
+                import opentelemetry.sdk  # noqa: F401
+            except ImportError:
+                sys.exit(f"mbc {kind}: --otel needs OpenTelemetry: pip install 'mbc[otel]'")
+        return config
+    except ConfigError as e:
+        sys.exit(f"mbc {kind}: {e}")
+    except ValueError as e:  # a flag's value is out of range
+        sys.exit(f"mbc {kind}: invalid flag value: {e}")
 
 
 def _router_encoder_args(parser: argparse.ArgumentParser) -> None:
@@ -59,16 +125,20 @@ def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
     )
 
 
-def cmd_router(args: argparse.Namespace) -> None:
-    from router.server import serve
-
-    configure(args.log_level, service="router")
-    config = RouterConfig(
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
         etcd_endpoints=_endpoints(args.etcd),
         server=_server_config(args),
         encoder=_router_encoder_config(args),
         decision=DecisionConfig(calibration_path=args.calibration),
     )
+
+
+def cmd_router(args: argparse.Namespace) -> None:
+    from router.server import serve
+
+    config = effective_config("router", args, router_config)
+    configure(args.log_level, service="router")
     asyncio.run(serve(config))
 
 
@@ -91,13 +161,8 @@ def load_handlers(spec: str, bot) -> None:
     setup(bot)
 
 
-def cmd_bot(args: argparse.Namespace) -> None:
-    from bot_server.bot import Bot
-    from bot_server.definition import DefinitionError
-    from bot_server.server import serve
-
-    configure(args.log_level, service="bot")
-    config = BotConfig(
+def bot_config(args: argparse.Namespace) -> BotConfig:
+    return BotConfig(
         definition_path=args.definition,
         etcd_endpoints=_endpoints(args.etcd),
         router_address=args.router,
@@ -107,8 +172,17 @@ def cmd_bot(args: argparse.Namespace) -> None:
         instance_id=args.instance_id,
         lease_ttl_seconds=args.lease_ttl,
     )
+
+
+def cmd_bot(args: argparse.Namespace) -> None:
+    from bot_server.bot import Bot
+    from bot_server.definition import DefinitionError
+    from bot_server.server import serve
+
+    config = effective_config("bot", args, bot_config)
+    configure(args.log_level, service="bot")
     try:
-        bot = Bot.from_file(args.definition)
+        bot = Bot.from_file(config.definition_path)
         for spec in args.handlers:
             load_handlers(spec, bot)
         asyncio.run(serve(config, bot))
@@ -119,8 +193,44 @@ def cmd_bot(args: argparse.Namespace) -> None:
 def cmd_store(args: argparse.Namespace) -> None:
     from context_store.server import serve
 
+    config = effective_config("store", args, store_config)
     configure(args.log_level, service="store")
-    asyncio.run(serve(_endpoints(args.etcd), _server_config(args)))
+    asyncio.run(serve(config.etcd_endpoints, config.server, config.limits))
+
+
+def store_config(args: argparse.Namespace) -> StoreServiceConfig:
+    return StoreServiceConfig(etcd_endpoints=_endpoints(args.etcd), server=_server_config(args))
+
+
+CONFIG_BUILDERS = {"router": router_config, "bot": bot_config, "store": store_config}
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from mbc.settings import ConfigError, render, resolve
+
+    kinds = [args.kind] if args.kind else list(CONFIG_BUILDERS)
+    out = []
+    for kind in kinds:
+        defaults = argparse.Namespace(**_flag_defaults(kind)[0])
+        try:
+            effective = resolve(kind, CONFIG_BUILDERS[kind](defaults), args.config, os.environ)
+        except ConfigError as e:
+            sys.exit(f"mbc config: {e}")
+        out.append(render(kind, effective))
+    print("\n".join(out))
+
+
+def cmd_participants(args: argparse.Namespace) -> None:
+    from mbc.inspect import print_participants
+
+    sys.exit(asyncio.run(print_participants(list(_endpoints(args.etcd)), args.group, args.timeout, args.json)))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mbc.chat import run_chat
+
+    configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="chat")
+    sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout)))
 
 
 def cmd_group(args: argparse.Namespace) -> None:
@@ -202,6 +312,29 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("-n", "--candidates", type=int, default=5)
     match.set_defaults(func=cmd_match)
 
+    config = sub.add_parser("config", help="show the effective settings (flag defaults, --config file, MBC_* variables)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the effective settings as YAML (a valid --config file)")
+    show.add_argument("kind", nargs="?", choices=("router", "bot", "store"), help="one component (default: all)")
+    show.add_argument("--config", default=os.environ.get("MBC_CONFIG", ""), metavar="FILE", help="YAML settings file")
+    show.set_defaults(func=cmd_config)
+
+    participants = sub.add_parser("participants", help="registered bots: instances, group, health, intents")
+    participants.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
+    participants.add_argument("--group", default="", help="only this group")
+    participants.add_argument("--timeout", type=float, default=2.0, help="seconds for each health check")
+    participants.add_argument("--json", action="store_true", help="one JSON object per instance instead of a table")
+    participants.set_defaults(func=cmd_participants)
+
+    chat = sub.add_parser("chat", help="chat with the mesh in the terminal: who answers, every transfer")
+    chat.add_argument("--entry", default=os.environ.get("MBC_ENTRY", ""), required=not os.environ.get("MBC_ENTRY"),
+                      help="host:port of the bot a new conversation starts with")
+    chat.add_argument("--store", default=os.environ.get("MBC_STORE", ""), help="Context Session Store host:port (finds the owner)")
+    chat.add_argument("--conversation", default="", help="conversation id (default: a new one)")
+    chat.add_argument("--consumer", default="terminal", help="consumer id")
+    chat.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
+    chat.set_defaults(func=cmd_chat)
+
     bench = sub.add_parser("bench", help="benchmarks of this machine")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_match = bench_sub.add_parser("match", help="Match throughput and latency against the encoder's own limit")
@@ -217,4 +350,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.func(args)

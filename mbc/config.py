@@ -13,6 +13,19 @@ from mbc.v1 import common_pb2
 MiB = 1024 * 1024
 
 
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ValueError naming the setting when `value` is outside [low, high]."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if low is not None and high is not None else (
+            f"at least {low}" if low is not None else f"at most {high}")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class RatingThresholds:
     """Lower bounds of the cosine score for each rating; below `fair` is POOR."""
@@ -73,6 +86,15 @@ class EncoderConfig:
     """Utterance embeddings kept by `aencode` (LRU, keyed by exact text) so a repeated utterance
     costs no model call; 0 disables the cache."""
 
+    def __post_init__(self) -> None:
+        check_choice("encoder.backend", self.backend, ("torch", "onnx", "onnx-int8"))
+        check_range("encoder.batch_size", self.batch_size, 1)
+        check_range("encoder.cache_size", self.cache_size, 0)
+        check_range("encoder.threads", self.threads, 0)
+        check_range("encoder.max_batch", self.max_batch, 1)
+        check_range("encoder.batch_wait_ms", self.batch_wait_ms, 0)
+        check_range("encoder.query_cache_size", self.query_cache_size, 0)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -96,6 +118,24 @@ class ServerConfig:
     """On SIGTERM, how long in-flight RPCs may take to finish."""
     port_file: str = ""
     """When set, the bound port is written to this file once serving (for supervisors and tests)."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics HTTP endpoint, bound on `host`; 0 picks a free one (reported
+    in the `metrics_serving` log line and in `<port_file stem>.metrics-port`), -1 turns it off."""
+    otel: bool = False
+    """OpenTelemetry gRPC instrumentation of this server and its outgoing calls (needs the `otel` extra)."""
+    otel_exporter: str = "otlp"
+    """Where OpenTelemetry spans go: "otlp" (OTEL_EXPORTER_OTLP_ENDPOINT, default localhost:4317),
+    "console" (stderr) or "none"."""
+
+    def __post_init__(self) -> None:
+        check_range("server.port", self.port, 0, 65535)
+        check_range("server.metrics_port", self.metrics_port, -1, 65535)
+        check_range("server.max_message_bytes", self.max_message_bytes, 1)
+        check_range("server.keepalive_time_ms", self.keepalive_time_ms, 1)
+        check_range("server.keepalive_timeout_ms", self.keepalive_timeout_ms, 1)
+        check_range("server.max_concurrent_rpcs", self.max_concurrent_rpcs, 1)
+        check_range("server.grace_seconds", self.grace_seconds, 0)
+        check_choice("server.otel_exporter", self.otel_exporter, ("otlp", "console", "none"))
 
 
 @dataclass(frozen=True)
@@ -166,6 +206,11 @@ class RouterConfig:
     max_text_chars: int = 2000
     """Longest utterance accepted; longer ones get INVALID_ARGUMENT."""
 
+    def __post_init__(self) -> None:
+        check_range("neighbours", self.neighbours, 1)
+        check_range("default_candidates", self.default_candidates, 1, 100)
+        check_range("max_text_chars", self.max_text_chars, 1)
+
 
 @dataclass(frozen=True)
 class BotConfig:
@@ -198,3 +243,46 @@ class BotConfig:
     """Transfers a single message may go through."""
     neighbours: int = 24
     """Training phrases retrieved when the bot matches a message against its own intents."""
+
+    def __post_init__(self) -> None:
+        check_range("context_ttl_seconds", self.context_ttl_seconds, 1)
+        check_range("lease_ttl_seconds", self.lease_ttl_seconds, 1)
+        check_range("call_timeout_seconds", self.call_timeout_seconds, 0.001)
+        check_range("max_candidates", self.max_candidates, 1, 100)
+        check_range("max_text_chars", self.max_text_chars, 1)
+        check_range("max_hops", self.max_hops, 0)
+        check_range("neighbours", self.neighbours, 1)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Limits and lifetimes of the Context Session Store."""
+
+    max_value_bytes: int = 800_000
+    """Largest serialized value accepted by Set."""
+    max_keys_per_namespace: int = 1_000_000
+    """Live keys a namespace may hold, all scopes together (checked when a key is created; creations
+    racing each other may overshoot it by their number)."""
+    conversation_ttl_seconds: int = 86_400
+    """How long an ownership record lives after its last change."""
+    lease_bucket_seconds: int = 60
+    """Granularity of expiry: keys expire up to this much after their TTL (reads never see them)."""
+    namespace_cache_seconds: float = 5.0
+    """How long a namespace's TTL is cached before etcd is read again."""
+
+    def __post_init__(self) -> None:
+        check_range("limits.max_value_bytes", self.max_value_bytes, 1)
+        check_range("limits.max_keys_per_namespace", self.max_keys_per_namespace, 1)
+        check_range("limits.conversation_ttl_seconds", self.conversation_ttl_seconds, 1)
+        check_range("limits.lease_bucket_seconds", self.lease_bucket_seconds, 1)
+        check_range("limits.namespace_cache_seconds", self.namespace_cache_seconds, 0)
+
+
+@dataclass(frozen=True)
+class StoreServiceConfig:
+    """The Context Session Store process (`mbc store`)."""
+
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    """etcd client endpoints as host:port."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: StoreConfig = field(default_factory=StoreConfig)

@@ -24,7 +24,9 @@ class ComponentProcess:
         self.workdir = Path(workdir)
         self.port_file = self.workdir / f"{name}.port"
         self.log_path = self.workdir / f"{name}.log"
+        self.metrics_port_file = self.workdir / f"{name}.metrics-port"
         self.port_file.unlink(missing_ok=True)
+        self.metrics_port_file.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mbc", *args, "--port", "0", "--port-file", str(self.port_file)],
@@ -41,6 +43,11 @@ class ComponentProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of the component's Prometheus /metrics endpoint (written before its port file)."""
+        return f"127.0.0.1:{int(self.metrics_port_file.read_text())}"
 
     def wait_port(self, timeout: float = 90.0) -> int:
         deadline = time.monotonic() + timeout

@@ -1,10 +1,11 @@
 """What every mbc gRPC server has: limits from config, health, reflection, port reporting,
-and a graceful stop on SIGTERM."""
+a graceful stop on SIGTERM, Prometheus metrics and trace ids (`ObservingInterceptor`)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
@@ -13,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from mbc import metrics, tracing
 from mbc.config import ServerConfig
-from mbc.logs import get_logger
+from mbc.logs import bind_context, get_logger
 
 log = get_logger(__name__)
 
@@ -26,6 +28,43 @@ def channel_options(max_message_bytes: int, keepalive_time_ms: int, keepalive_ti
         ("grpc.keepalive_time_ms", keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
     ]
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Every unary RPC: its trace id (taken from the metadata or new, bound to the log context and
+    passed on by `ChannelPool` channels), and Prometheus counts by method and status with latency."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, method = metrics.split_method(handler_call_details.method)
+        behavior = handler.unary_unary
+        metadata = handler_call_details.invocation_metadata
+
+        async def observed(request, context: grpc.aio.ServicerContext):
+            trace_id = tracing.incoming_trace_id(metadata)
+            token = tracing.set_trace_id(trace_id)
+            metrics.RPC_STARTED.labels(service, method).inc()
+            start = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                with bind_context(trace_id=trace_id):
+                    response = await behavior(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.RPC_HANDLED.labels(service, method, getattr(code, "name", str(code))).inc()
+                metrics.RPC_LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                tracing.reset_trace_id(token)
+
+        return handler._replace(unary_unary=observed)
 
 
 class GrpcServer:
@@ -49,7 +88,14 @@ class GrpcServer:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        if config.otel:
+            tracing.enable_otel(self.service_names[0] if self.service_names else "mbc", config.otel_exporter)
+        self.server = grpc.aio.server(
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=[*tracing.otel_server_interceptors(), ObservingInterceptor()],
+        )
+        self.metrics: metrics.MetricsEndpoint | None = None
         add_services(self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -66,14 +112,22 @@ class GrpcServer:
         """host:port other components should dial."""
         return f"{self.config.advertise_host or self.config.host}:{self.port}"
 
+    @property
+    def metrics_port(self) -> int:
+        """Port of the /metrics endpoint; 0 while it is not serving."""
+        return self.metrics.port if self.metrics else 0
+
     async def start(self) -> None:
         await self.set_serving(False)
         await self.server.start()
+        if self.config.metrics_port >= 0 and self.metrics is None:
+            self.metrics = metrics.MetricsEndpoint(self.config.host, self.config.metrics_port)
+            log.info("metrics_serving", address=f"{self.config.advertise_host or self.config.host}:{self.metrics.port}",
+                     metrics_port=self.metrics.port)
+            if self.config.port_file:  # before the port file: whoever waits for that one finds both
+                _write_atomically(Path(metrics.metrics_port_file(self.config.port_file)), str(self.metrics.port))
         if self.config.port_file:
-            path = Path(self.config.port_file)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(str(self.port))
-            tmp.replace(path)
+            _write_atomically(Path(self.config.port_file), str(self.port))
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,6 +138,15 @@ class GrpcServer:
         """Report NOT_SERVING, then let in-flight calls finish within the grace period."""
         await self.set_serving(False)
         await self.server.stop(self.config.grace_seconds)
+        if self.metrics is not None:
+            endpoint, self.metrics = self.metrics, None
+            await asyncio.to_thread(endpoint.close)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 async def wait_for_shutdown_signal() -> str:

@@ -6,6 +6,7 @@ import asyncio
 import os
 
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
+from mbc import metrics
 from mbc.config import RouterConfig
 from mbc.encoder import Encoder
 from mbc.logs import get_logger
@@ -37,6 +38,7 @@ class RouterProcess:
         self.encoder = encoder or Encoder(config.encoder)
         self.core = RouterCore(config, self.encoder)
         self.server, self.port = create_server(config, self.core)
+        metrics.ROUTER_COLLECTOR.add(self.core)
         self.etcd = EtcdClient(list(config.etcd_endpoints))
         self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
         self._ready_task: asyncio.Task | None = None
@@ -94,6 +96,7 @@ class RouterProcess:
             if task:
                 task.cancel()
         await self.server.stop()
+        metrics.ROUTER_COLLECTOR.remove(self.core)
         await self.watcher.stop()
         await self.core.close()
         await self.etcd.close()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from mbc import metrics
 from mbc.logs import bind_context, get_logger
 from mbc.serving import abort
-from mbc.v1 import router_pb2, router_pb2_grpc
+from mbc.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.core import GroupMismatch, NotReady, RouterCore, UnknownBot
 
 log = get_logger(__name__)
@@ -60,8 +61,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     display_name=c.display_name,
                     confidence=c.match.confidence,
                 )
-            log.debug(
-                "matched", candidates=len(result.candidates), decision=router_pb2.Decision.Name(result.decision),
-                top=result.candidates[0].match.bot_id if result.candidates else "",
+            decision = router_pb2.Decision.Name(result.decision).removeprefix("DECISION_")
+            top = result.candidates[0].match if result.candidates else None
+            rating = common_pb2.Rating.Name(top.rating).removeprefix("RATING_") if top else "NONE"
+            metrics.ROUTER_MATCHES.labels(decision, rating).inc()
+            log.info(
+                "matched", candidates=len(result.candidates), decision=decision,
+                top=f"{top.bot_id}/{top.intent}" if top else "", rating=rating, score=round(top.score, 3) if top else 0.0,
             )
             return response

@@ -27,6 +27,6 @@ want=$(cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -d' ' 
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "setup: installing packages into $VENV (the first time downloads torch: several GB)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c requirements.lock -e '.[dev,onnx]'
+  "$VENV/bin/python" -m pip install -q -c requirements.lock -e '.[dev,onnx,otel]'
   echo "$want" > "$STAMP"
 fi

@@ -34,3 +34,42 @@ def encoder():
     encoder = Encoder()
     yield encoder
     encoder.close()
+
+
+_EXAMPLE_MESH: dict = {}
+
+
+@pytest_asyncio.fixture(scope="session")
+async def example_mesh(etcd_server, tmp_path_factory):
+    """The store, the router and the three example bots as processes (tests/meshlib.py), started
+    once per session: tests/test_mesh.py and tests/test_operating.py share it (it costs ~1 min).
+
+    Its tests run one after the other (`pytest_collection_modifyitems`) and it is stopped after the
+    last of them (`pytest_runtest_teardown`): its bots must not stay registered in the shared etcd
+    while another module runs a mesh of the same group."""
+    from meshlib import start_example_mesh
+
+    async with start_example_mesh(etcd_server.endpoint, tmp_path_factory.mktemp("mesh")) as mesh:
+        _EXAMPLE_MESH["mesh"] = mesh
+        yield mesh
+        _EXAMPLE_MESH.pop("mesh", None)
+
+
+def _uses_example_mesh(item) -> bool:
+    return item is not None and "example_mesh" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    users = [item for item in items if _uses_example_mesh(item)]
+    if users:
+        first = items.index(users[0])
+        rest = [item for item in items[first:] if not _uses_example_mesh(item)]
+        items[first:] = users + rest
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if _uses_example_mesh(item) and not _uses_example_mesh(nextitem):
+        mesh = _EXAMPLE_MESH.pop("mesh", None)
+        if mesh is not None:
+            mesh.stop()

@@ -13,15 +13,15 @@ import pytest
 from mbc.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2
 
-from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, start_example_mesh, transfer
+from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, transfer
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-async def mesh(etcd_server, tmp_path_factory):
-    async with start_example_mesh(etcd_server.endpoint, tmp_path_factory.mktemp("mesh")) as mesh:
-        yield mesh
+def mesh(example_mesh):
+    """The example mesh of the session (conftest.py), shared with tests/test_operating.py."""
+    return example_mesh
 
 
 async def test_own_intent_is_answered_locally(mesh):

@@ -126,16 +126,21 @@ async def run(args) -> dict:
         router.core.set_calibration(
             [Example(text, ds.bot_of[intent], intent, GROUP) if intent else Example(text, group=GROUP) for text, intent in ds.calibration]
         )
-        await router.start()
         t = time.monotonic()
-        for n, data in enumerate(definitions(ds), 1):
+        progress(f"eval: embedding {len(ds.train)} training phrases...")
+        await encoder.aencode_phrases([text for text, _ in ds.train])
+        # The bots register first and the router starts after them: one training instead of ten.
+        started_bots = []
+        for data in definitions(ds):
             bot = BotProcess(
                 BotConfig(etcd_endpoints=etcd, router_address=router.server.address, server=ServerConfig(port=0), lease_ttl_seconds=5),
                 bot=Bot(BotDefinition.from_dict(data)), encoder=encoder,
             )
-            await bot.start()
             bots[bot.bot.bot_id] = bot
-            progress(f"eval: bot {n}/{len(ds.domains)} {bot.bot.bot_id} serving on {bot.identity.address}")
+            started_bots.append(bot.start())
+        await asyncio.gather(*started_bots)
+        progress(f"eval: {len(bots)} bots serving and registered ({time.monotonic() - t:.0f}s)")
+        await router.start()
         progress("eval: waiting for the router to train and calibrate on all bots...")
         while True:
             models = router.core.models
@@ -156,7 +161,7 @@ async def run(args) -> dict:
 
         async def ask(text: str):
             async with sem:
-                r = await stub.Match(router_pb2.MatchRequest(text=text, group=GROUP, max_candidates=3), timeout=60)
+                r = await stub.Match(router_pb2.MatchRequest(text=text, group=GROUP, max_candidates=3), timeout=600)
             done[0] += 1
             if done[0] % 500 == 0:
                 progress(f"eval: Match {done[0]}/{len(items)} ({time.monotonic() - t:.0f}s)")
@@ -192,7 +197,7 @@ async def run(args) -> dict:
 
         async def converse(text: str, bot_id: str, intent: str, entry: str):
             async with sem:
-                async with Conversation(bots[entry].identity.address, channels=pool, timeout_seconds=60) as chat:
+                async with Conversation(bots[entry].identity.address, channels=pool, timeout_seconds=600) as chat:
                     r = await chat.send(text)
             outcomes[bot_pb2.Outcome.Name(r.outcome)] += 1
             if bot_id:

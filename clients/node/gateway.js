@@ -1,0 +1,106 @@
+'use strict';
+// A starting point for a channel gateway written in Node.js: sends the messages of a conversation
+// to the bot that owns it, through the mbc mesh.
+//
+//   const { Mesh } = require('./gateway');
+//   const mesh = new Mesh();
+//   const chat = mesh.conversation({ entryAddress: '127.0.0.1:50061', storeAddress: '127.0.0.1:50052' });
+//   const r = await chat.send('I lost my card');
+//   for (const reply of r.replies) console.log(reply.botId, reply.text);
+//   mesh.close();
+//
+// The contracts are loaded at run time from protos/ (MBC_PROTOS overrides the directory), with the
+// mesh's service config (protos/service_config.json: per-method timeouts, retries of UNAVAILABLE
+// only). Each response names the owner of the conversation, and the next message goes there; with a
+// store address, a gateway that does not know the owner asks the Context Session Store.
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTOS = process.env.MBC_PROTOS || path.resolve(__dirname, '..', '..', 'protos');
+
+// Enums as names ('OUTCOME_TRANSFERRED'), 64-bit integers as strings, camelCase fields
+// (conversationId), unset fields with their defaults: the usual grpc-js choices.
+const packageDefinition = protoLoader.loadSync(
+  ['mbc/v1/bot.proto', 'mbc/v1/router.proto', 'mbc/v1/context.proto'],
+  { includeDirs: [PROTOS], keepCase: false, longs: String, enums: String, defaults: true, oneofs: true },
+);
+const mbc = grpc.loadPackageDefinition(packageDefinition).mbc.v1;
+const serviceConfig = fs.readFileSync(path.join(PROTOS, 'service_config.json'), 'utf8');
+
+function call(client, method, request, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    client[method](request, { deadline: Date.now() + timeoutMs }, (err, response) => (err ? reject(err) : resolve(response)));
+  });
+}
+
+// One client per (service, address), all with the service config; close them with close().
+class Mesh {
+  constructor({ credentials = grpc.credentials.createInsecure(), options = {} } = {}) {
+    this.credentials = credentials;
+    this.options = { 'grpc.service_config': serviceConfig, ...options };
+    this.clients = new Map();
+  }
+
+  client(Service, address) {
+    const key = `${Service.serviceName}@${address}`;
+    if (!this.clients.has(key)) this.clients.set(key, new Service(address, this.credentials, this.options));
+    return this.clients.get(key);
+  }
+
+  bot(address) { return this.client(mbc.Bot, address); }
+  router(address) { return this.client(mbc.Router, address); }
+  store(address) { return this.client(mbc.ContextStore, address); }
+
+  conversation(options) { return new Conversation(this, options); }
+
+  close() {
+    for (const client of this.clients.values()) client.close();
+    this.clients.clear();
+  }
+}
+
+class Conversation {
+  constructor(mesh, { entryAddress, storeAddress = '', conversationId = crypto.randomUUID().replaceAll('-', ''),
+    consumerId = '', channelMetadata = {}, timeoutMs = 10000 }) {
+    Object.assign(this, { mesh, entryAddress, storeAddress, conversationId, consumerId, channelMetadata, timeoutMs });
+    this.ownerAddress = '';
+    this.ownerBotId = '';
+  }
+
+  async findOwner() {
+    if (this.storeAddress) {
+      const r = await call(this.mesh.store(this.storeAddress), 'GetOwner', { conversationId: this.conversationId }, this.timeoutMs);
+      if (r.found && r.ownership.owner.address) {
+        this.ownerBotId = r.ownership.owner.botId;
+        return r.ownership.owner.address;
+      }
+    }
+    return this.entryAddress;
+  }
+
+  // Sends one consumer message; resolves to the RespondResponse (replies, owner, outcome, match...).
+  async send(text) {
+    const request = { conversationId: this.conversationId, consumerId: this.consumerId, text, channelMetadata: this.channelMetadata };
+    let address = this.ownerAddress || await this.findOwner();
+    let response;
+    try {
+      response = await call(this.mesh.bot(address), 'Respond', request, this.timeoutMs);
+    } catch (err) {
+      // Someone else moved the conversation: ask the store where it is now, once.
+      if (!this.storeAddress || err.code !== grpc.status.FAILED_PRECONDITION) throw err;
+      address = await this.findOwner();
+      response = await call(this.mesh.bot(address), 'Respond', request, this.timeoutMs);
+    }
+    if (response.owner && response.owner.address) {
+      this.ownerAddress = response.owner.address;
+      this.ownerBotId = response.owner.botId;
+    }
+    return response;
+  }
+}
+
+module.exports = { Mesh, Conversation, call, mbc, grpc, serviceConfig, PROTOS };

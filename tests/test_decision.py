@@ -1,0 +1,138 @@
+"""Routing decisions: ratings relative to τ, act / disambiguate / none, calibration, recalibration
+on a participant change (real model, real etcd where the router runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from mbc.config import DecisionConfig, RouterConfig
+from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.v1 import common_pb2, router_pb2
+from router.calibration import CalibrationError, CalibrationInput, Example, build_group_model, dump_calibration, parse_calibration
+from router.core import RouterCore
+from router.decision import ACT, DISAMBIGUATE, NONE, Scored, decide
+
+R = common_pb2
+
+INTENTS = [
+    IntentPhrases("cards", "lost_card", ("I lost my credit card", "my card was stolen", "freeze my card", "I can't find my debit card", "block my card it is missing")),
+    IntentPhrases("cards", "activate_card", ("activate my new card", "how do I turn on my new card", "my new card arrived, enable it", "card activation")),
+    IntentPhrases("travel", "book_flight", ("book a flight to Rome", "I need a plane ticket", "find me flights to Paris", "reserve a seat on a plane")),
+    IntentPhrases("travel", "hotel", ("book a hotel room", "I need a place to stay in Berlin", "reserve a hotel for two nights", "find a hotel near the airport")),
+    IntentPhrases("loans", "mortgage", ("what are your mortgage rates", "I want a home loan", "refinance my mortgage", "how much house can I afford")),
+]
+
+
+def s(bot, intent, confidence, rating):
+    return Scored(bot, intent, confidence, 0.8, "", rating)
+
+
+def test_act_when_first_is_good_none_otherwise():
+    assert decide([s("a", "x", 9.0, R.RATING_GOOD), s("b", "y", 3.0, R.RATING_POOR)], 0.25).decision == ACT
+    assert decide([s("a", "x", 5.0, R.RATING_FAIR_PLUS), s("b", "y", 1.0, R.RATING_POOR)], 0.25).decision == NONE
+    assert decide([], 0.25).decision == NONE
+
+
+def test_disambiguate_when_two_bots_are_close_and_fair_plus():
+    ranked = [s("a", "x", 7.0, R.RATING_GOOD), s("a", "z", 6.95, R.RATING_GOOD), s("b", "y", 6.9, R.RATING_GOOD), s("c", "w", 6.85, R.RATING_FAIR_PLUS)]
+    verdict = decide(ranked, 0.25)
+    assert verdict.decision == DISAMBIGUATE
+    # The options: the best intent of each close bot, at most three.
+    assert [(c.bot_id, c.intent) for c in verdict.candidates] == [("a", "x"), ("b", "y"), ("c", "w")]
+    # Same bot twice is not ambiguous; a second bot below FAIR PLUS or beyond the margin is not either.
+    assert decide(ranked[:2], 0.25).decision == ACT
+    assert decide([ranked[0], s("b", "y", 6.9, R.RATING_FAIR)], 0.25).decision == ACT
+    assert decide([ranked[0], s("b", "y", 6.0, R.RATING_GOOD)], 0.25).decision == ACT
+    assert decide(ranked, 0.0).decision == ACT
+
+
+def test_calibration_file_format():
+    text = '{"text": "lost my card", "bot": "cards", "intent": "lost_card"}\n# comment\n{"text": "pizza?", "bot": null}\n'
+    examples = parse_calibration(text)
+    assert examples == [Example("lost my card", "cards", "lost_card"), Example("pizza?")]
+    assert parse_calibration(dump_calibration(examples)) == examples
+    assert parse_calibration(json.dumps([{"text": "x", "group": "g"}])) == [Example("x", group="g")]
+    for bad, words in [('{"text": ""}', "non-empty"), ('{"text": "a", "colour": 1}', "unknown field"),
+                       ('{"text": "a", "intent": "x"}', "needs its bot"), ("{nope", "not valid JSON")]:
+        with pytest.raises(CalibrationError, match=words):
+            parse_calibration(bad, "f.jsonl")
+
+
+@pytest.fixture(scope="module")
+def vectors(encoder):
+    return encoder.encode_phrases(IntentCatalog.phrases_of(INTENTS))
+
+
+def _input(encoder, examples):
+    from router.calibration import generic_none
+
+    generic = generic_none()
+    return CalibrationInput(examples, encoder.encode_phrases([e.text for e in examples]), generic, encoder.encode_phrases(generic))
+
+
+def test_model_ratings_and_candidates(encoder, vectors):
+    model = build_group_model(INTENTS, vectors, encoder.dim, DecisionConfig(), _input(encoder, []))
+    assert "registered phrases" in model.calibration["method"]
+    ranked = model.rank(encoder.encode(["somebody stole my card"])[0], "somebody stole my card")
+    assert (ranked[0].bot_id, ranked[0].intent) == ("cards", "lost_card")
+    assert ranked[0].rating >= R.RATING_GOOD and model.decide(ranked).decision == ACT
+    assert -1 <= ranked[0].score <= 1 and ranked[0].matched_phrase in INTENTS[0].phrases
+    assert ranked[0].confidence > model.tau
+    other = model.rank(encoder.encode(["which pizza place delivers fastest"])[0], "which pizza place delivers fastest")
+    assert model.decide(other).decision == NONE
+    without = model.rank(encoder.encode(["somebody stole my card"])[0], "somebody stole my card", exclude_bot="cards")
+    assert {c.bot_id for c in without} <= {"travel", "loans"}
+
+
+def test_a_calibration_set_changes_tau(encoder, vectors):
+    cfg = DecisionConfig(min_calibration_none=5)
+    base = build_group_model(INTENTS, vectors, encoder.dim, cfg, _input(encoder, []))
+    # Near-domain "none" utterances: the threshold must rise to reject most of them.
+    hard_none = ["I lost my passport", "my luggage was stolen", "activate my gym membership", "book a table for dinner",
+                 "rent a car in Rome", "what are the savings account rates", "how do I turn on my new phone", "reserve a concert ticket"]
+    calibrated = build_group_model(INTENTS, vectors, encoder.dim, cfg, _input(encoder, [Example(t) for t in hard_none]), previous=base)
+    assert calibrated.tau != base.tau
+    assert "calibration set" in calibrated.calibration["method"]
+    assert calibrated.calibration["none_recall"] >= 0.6
+    assert calibrated.times.warm_started
+
+
+async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder):
+    """RouterCore fed with participant snapshots (as from etcd): τ follows the bots and the set."""
+    from mbc.v1 import participant_pb2
+
+    def participant(bot_id, intents):
+        return participant_pb2.Participant(
+            bot_id=bot_id, instance_id="i1", address=f"127.0.0.1:1{len(bot_id)}", group="g", collaboration=True,
+            intents=[participant_pb2.Intent(name=i.intent, phrases=i.phrases) for i in intents if i.bot_id == bot_id],
+        )
+
+    core = RouterCore(RouterConfig(), encoder)
+    await core.prepare()
+    labelled = [Example("book me a flight to Lisbon", "travel", "book_flight"), Example("a hotel in Madrid please", "travel", "hotel")]
+    core.set_calibration(labelled)
+    snapshot = {f"/mbc/v1/participants/g/{b}/i1": participant(b, INTENTS) for b in ("cards", "travel", "loans")}
+    core.submit(snapshot, 1)
+    await asyncio.wait_for(core.wait_builds(1), 60)
+    tau_all = core.models["g"].tau
+    result = await core.match("I need a plane ticket to Oslo", "", "g", 3, 0)
+    assert result.decision == router_pb2.DECISION_ACT and result.candidates[0].match.bot_id == "travel"
+
+    # travel leaves: its labelled utterances become "none" for the others; τ is refitted on its own.
+    core.submit({k: v for k, v in snapshot.items() if "/travel/" not in k}, 2)
+    await asyncio.wait_for(core.wait_builds(2), 60)
+    model = core.models["g"]
+    assert model.bots == ["cards", "loans"] and model.calibration["calibration_none"] == 2
+    assert model.times.warm_started
+    result = await core.match("I need a plane ticket to Oslo", "", "g", 3, 0)
+    assert result.decision == router_pb2.DECISION_NONE
+
+    # A new calibration set: only τ is refitted (same heads).
+    thresholds = await core.calibrate(labelled + [Example(t) for t in ["my card was declined at dinner"] * 25], timeout=60)
+    assert core.models["g"].W is model.W
+    assert "calibration set" in thresholds["g"]["method"] and thresholds["g"]["tau"] != model.tau
+    assert tau_all != 0
+    await core.close()

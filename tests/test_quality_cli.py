@@ -1,0 +1,108 @@
+"""`mbc eval clinc150` on a small file in the CLINC150 format, `mbc overlap`, `mbc calibrate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DOMAINS = {
+    "banking": {
+        "balance": ["what's my balance", "how much money do I have", "show my account balance", "balance in checking",
+                    "tell me my savings balance", "how much is in my account", "current balance please", "check my balance"],
+        "transfer": ["move money to savings", "transfer 50 dollars to john", "send money to my other account",
+                     "make a transfer", "wire money to my landlord", "transfer funds between accounts", "pay my friend 20", "move cash to checking"],
+    },
+    "travel": {
+        "book_flight": ["book a flight to rome", "I need a plane ticket", "find flights to paris", "reserve a seat on a plane",
+                        "fly me to tokyo next week", "cheapest flight to london", "book an airplane ticket", "flights to new york"],
+        "book_hotel": ["book a hotel room", "I need a place to stay in berlin", "reserve a hotel for two nights", "find a hotel near the airport",
+                       "hotel in madrid please", "book accommodation in lisbon", "get me a room downtown", "find lodging for the weekend"],
+    },
+    "kitchen": {
+        "recipe": ["how do I make pancakes", "recipe for lasagna", "how to cook risotto", "give me a soup recipe",
+                   "how do you bake bread", "what's a good chili recipe", "steps to make pizza dough", "how to roast a chicken"],
+        "calories": ["how many calories in an apple", "calories in a banana", "is pizza high in calories", "calorie count of rice",
+                     "how fattening is cheese", "calories in a glass of milk", "how many calories does bread have", "energy in an egg"],
+    },
+}
+VAL = {
+    "balance": ["what is the balance of my account", "how much do I have in checking"],
+    "transfer": ["send 100 dollars to my mom", "transfer money into savings"],
+    "book_flight": ["get me a flight to berlin", "I want to fly to madrid"],
+    "book_hotel": ["a hotel room in rome please", "somewhere to stay in paris"],
+    "recipe": ["how do I make a cake", "recipe for tomato sauce"],
+    "calories": ["how many calories in a pear", "calories in pasta"],
+}
+OOS = ["what's the weather tomorrow", "tell me a joke", "who won the game", "play some music", "what time is it",
+       "how tall is everest", "set an alarm for 7", "what's your name", "translate hello to french", "fix my laptop"]
+
+
+def _data(tmp_path: Path) -> Path:
+    train = [[t, i] for d in DOMAINS.values() for i, ts in d.items() for t in ts]
+    val = [[t, i] for i, ts in VAL.items() for t in ts]
+    oos = [[t, "oos"] for t in OOS]
+    data = {"train": train, "val": val, "oos_train": oos[:5], "oos_val": oos[5:],
+            # The full file also has test and oos_test: here a copy of val, to exercise --split test.
+            "test": val, "oos_test": oos[5:]}
+    path = tmp_path / "clinc_small.json"
+    path.write_text(json.dumps(data))
+    (tmp_path / "domains.json").write_text(json.dumps({d: list(i) for d, i in DOMAINS.items()}))
+    return path
+
+
+def _mbc(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mbc", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.timeout(300)
+def test_eval_clinc150_slice(tmp_path):
+    data = _data(tmp_path)
+    out = tmp_path / "figures.json"
+    run = _mbc("eval", "clinc150", "--data", str(data), "--split", "test", "--sample", "8", "--limit", "14", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("split", "n_in_scope", "n_oos", "in_scope_accuracy", "oos_recall", "bot_accuracy",
+                "end_to_end_accuracy", "disambiguation_rate", "seconds"):
+        assert key in figures
+    assert figures["split"] == "test" and not figures["in_sample_calibration"]
+    assert figures["n_in_scope"] + figures["n_oos"] == 14
+    assert figures["bot_accuracy"] >= 0.7 and figures["end_to_end_n"] == 8
+    assert "in_scope_accuracy" in run.stdout and "DialogFlow" in run.stdout
+    assert figures["retrain_on_bot_leaving"]["seconds"] > 0
+
+
+def test_overlap_lists_colliding_intents(tmp_path):
+    a = {"id": "cards", "group": "g", "collaboration": True, "fallback": "no",
+         "intents": [{"name": "travel_note", "phrases": ["set a travel notice on my card", "lock my card"]}],
+         "dialogs": [{"intent": "travel_note", "responses": ["ok"]}]}
+    b = {"id": "travel", "group": "g", "collaboration": True, "fallback": "no",
+         "intents": [{"name": "travel_notice", "phrases": ["set a travel notice", "book a flight"]}],
+         "dialogs": [{"intent": "travel_notice", "responses": ["ok"]}]}
+    paths = []
+    for d in (a, b):
+        p = tmp_path / f"{d['id']}.yaml"
+        p.write_text(json.dumps(d))  # JSON is YAML
+        paths.append(str(p))
+    run = _mbc("overlap", "--definitions", *paths, "--threshold", "0.75", "--fail")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "cards/travel_note" in run.stdout and "travel/travel_notice" in run.stdout
+    assert "'set a travel notice on my card'" in run.stdout
+
+
+def test_calibrate_validates_fits_and_installs(tmp_path):
+    good = tmp_path / "cal.jsonl"
+    good.write_text("\n".join(json.dumps({"text": t, "bot": None}) for t in OOS) + "\n")
+    target = tmp_path / "router" / "calibration.jsonl"
+    run = _mbc("calibrate", str(good), "--definitions", str(ROOT / "examples" / "cards.yaml"), "--install", str(target))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "group retail-bank: tau" in run.stdout and target.read_text() == good.read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x", "intent": "y"}\n')
+    run = _mbc("calibrate", str(bad), "--definitions", str(ROOT / "examples" / "cards.yaml"))
+    assert run.returncode != 0 and "needs its bot" in run.stderr
