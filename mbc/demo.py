@@ -19,7 +19,7 @@ from mbc.inspect import rating_name
 from mbc.processes import ComponentProcess, new_workdir
 from mbc.v1 import bot_pb2, router_pb2
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 BOT_FILES = ("personal_banking.yaml", "business_banking.yaml", "cards.yaml")
 ENTRY_BOT = "personal_banking.yaml"
 

@@ -195,3 +195,26 @@ async def test_return_to_sender_when_configured_for_the_group(mesh, store, etcd_
     async with Conversation(mesh.bots["personal-banking"].address, store_address=mesh.store.address) as chat:
         r = await chat.send("I think my debit card was stolen")
         assert r.owner.bot_id == "cards"
+
+
+async def test_router_down_bots_keep_answering_then_use_it_again(mesh):
+    """Last in this module: it replaces the router."""
+    from mbc.processes import ComponentProcess
+
+    cards = mesh.bots["cards"].address
+    elsewhere = "How do I open a business checking account for my LLC?"
+    port = mesh.router.port
+    mesh.router.kill()
+    # Without the router, a bot still answers its own intents (matched locally) and falls back for the rest.
+    r = await respond(cards, "my card got declined at the grocery store")
+    assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.match.intent == "card_declined"
+    r = await respond(cards, elsewhere)
+    assert r.outcome == bot_pb2.OUTCOME_FALLBACK and r.owner.bot_id == "cards"
+    # A router restarted at the same address converges, and the bots use it again without restarting.
+    mesh.router = ComponentProcess("router-restarted", ["router", "--etcd", mesh.etcd], mesh.workdir, port=port)
+    await mesh.router.wait_serving()
+
+    async def transfers_again():
+        return (await respond(cards, elsewhere)).outcome == bot_pb2.OUTCOME_TRANSFERRED
+
+    await eventually(transfers_again, timeout=30, interval=0.5)
