@@ -401,12 +401,18 @@ class BotEngine:
 
 
 def _chosen_option(options: tuple, answer: str) -> tuple[str, str, str] | None:
-    """The option the consumer picked by number or by (part of) its label; None if unclear."""
-    answer = answer.strip().lower().rstrip(".!")
-    number = re.fullmatch(r"(?:option\s*)?(\d+)\)?", answer)
+    """The option the consumer picked: by number, by "none", or by naming it (part of its label,
+    or the label's bot name within the answer); None when the answer picks no single option."""
+    answer = " ".join(answer.strip().lower().rstrip(".!").split())
+    number = re.fullmatch(r"(?:option\s*|number\s*)?(\d+)\)?", answer)
     if number and 1 <= int(number.group(1)) <= len(options):
         return tuple(options[int(number.group(1)) - 1])
-    if answer in ("none", "neither", "no", "none of these", "none of them"):
+    if answer in ("none", "neither", "no", "none of these", "none of them", "none of the above"):
         return tuple(options[-1])
-    matches = [o for o in options if answer and answer in o[2].lower()]
+
+    def named(option) -> bool:
+        label = option[2].lower()
+        return bool(answer) and (answer in label or label.split(":")[0].strip() in answer)
+
+    matches = [o for o in options[:-1] if named(o)]
     return tuple(matches[0]) if len(matches) == 1 else None

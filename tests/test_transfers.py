@@ -197,6 +197,35 @@ async def test_return_to_sender_when_configured_for_the_group(mesh, store, etcd_
         assert r.owner.bot_id == "cards"
 
 
+async def test_ambiguous_message_asks_the_consumer_and_follows_the_answer(mesh, store):
+    twin_a = await mesh.start_bot(TEST_BOTS / "twin_a.yaml", "twin-a")
+    await mesh.start_bot(TEST_BOTS / "twin_b.yaml", "twin-b")
+    try:
+        async def both_indexed():
+            r = await respond(twin_a.address, "what's the savings APY")
+            s = await respond(twin_a.address, "I need a new checkbook")
+            return r.owner.bot_id == "twin-a" and s.owner.bot_id == "twin-b"
+
+        await eventually(both_indexed, timeout=30, interval=0.5)
+        async with Conversation(twin_a.address, store_address=mesh.store.address) as chat:
+            question = await chat.send("I'd like to open an account")
+            assert question.outcome == bot_pb2.OUTCOME_CLARIFY and question.owner.bot_id == "twin-a"
+            assert {o.bot_id for o in question.options} == {"twin-a", "twin-b", ""}
+            assert "Checking Desk" in question.replies[0].text and "None of these" in question.replies[0].text
+            answer = await chat.send("the checking desk")
+        assert answer.outcome == bot_pb2.OUTCOME_TRANSFERRED and answer.owner.bot_id == "twin-b"
+        assert answer.match.intent == "open_account" and "checking desk" in answer.replies[-1].text
+        assert await owner_of(store, chat.conversation_id) == "twin-b"
+
+        async with Conversation(twin_a.address) as chat:
+            await chat.send("I'd like to open an account")
+            none = await chat.send("none of these")
+        assert none.outcome == bot_pb2.OUTCOME_FALLBACK and none.owner.bot_id == "twin-a"
+    finally:
+        for name in ("twin-a", "twin-b"):
+            mesh.bots.pop(name).terminate()
+
+
 async def test_router_down_bots_keep_answering_then_use_it_again(mesh):
     """Last in this module: it replaces the router."""
     from mbc.processes import ComponentProcess
