@@ -7,7 +7,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -177,5 +177,3 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     log.info("rpc_rejected", code=code.name, reason=message)
     await context.abort(code, message)
 
-
-Shutdown = Callable[[], Awaitable[None]]

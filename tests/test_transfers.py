@@ -117,7 +117,7 @@ async def test_receiver_killed_mid_transfer_consumer_still_answered(mesh, store)
 
 
 async def test_receiver_too_slow_deadline_still_met(mesh, store):
-    slow = await mesh.start_bot(TEST_BOTS / "slowpoke.yaml", "slowpoke-2", "--handlers", str(TEST_BOTS / "slowpoke_handlers.py"))
+    await mesh.start_bot(TEST_BOTS / "slowpoke.yaml", "slowpoke-2", "--handlers", str(TEST_BOTS / "slowpoke_handlers.py"))
     try:
         await eventually(lambda: _candidate_is(mesh, "slowpoke"), timeout=10)
         conversation = uuid.uuid4().hex
