@@ -16,6 +16,8 @@ All model calls of the async API run on one dedicated thread, so they never bloc
 loop. Concurrent `aencode` calls (the router's Match path) are micro-batched there: whatever has
 queued while the model was busy is encoded together in one forward pass (at most
 `max_batch` utterances, with an optional bounded wait), and repeated utterances come from an LRU.
+`aencode(texts, post=fn)` also runs `fn(vectors, texts)` on that thread, once per micro-batch for
+all the calls that passed an equal `fn` (the router scores a batch of Matches in one call).
 """
 
 from __future__ import annotations
@@ -239,6 +241,19 @@ class _Query:
 
     texts: list[str]
     future: Future
+    post: Callable[[np.ndarray, list[str]], Sequence[Any]] | None = None
+    """Run after encoding, on the encoder thread, once for all the queries of a batch with an equal
+    `post`: `post(vectors, texts)` returns one result per text; the future then gets
+    `(vectors, results)` instead of `vectors`."""
+    vectors: np.ndarray | None = None
+    """Rows already known (the utterance cache); only the rows in `missing` are encoded."""
+    missing: list[int] | None = None
+
+    @property
+    def to_encode(self) -> list[str]:
+        if self.missing is None:
+            return self.texts
+        return [self.texts[i] for i in self.missing]
 
 
 @dataclass
@@ -291,7 +306,7 @@ class _EncoderThread:
     def _collect(self, first: _Query) -> tuple[list[_Query], list]:
         """`first` plus the queries queued behind it, up to max_batch utterances."""
         batch, later = [first], []
-        size = len(first.texts)
+        size = len(first.to_encode)
         deadline = None
         while size < self._max_batch:
             try:
@@ -314,7 +329,7 @@ class _EncoderThread:
                 later.append(item)
                 continue
             batch.append(item)
-            size += len(item.texts)
+            size += len(item.to_encode)
         return batch, later
 
     def _run_batch(self, batch: list[_Query]) -> None:
@@ -322,19 +337,43 @@ class _EncoderThread:
         self._concurrent = len(batch) > 1
         if not live:
             return
-        texts = [t for q in live for t in q.texts]
-        try:
-            vectors = self._encode(texts)
-        except BaseException as e:  # noqa: BLE001 - handed to every caller
-            for q in live:
-                q.future.set_exception(e)
-            return
-        self.batches += 1
-        self.batched_queries += len(live)
-        start = 0
+        todo = [q for q in live if q.to_encode]
+        if todo:
+            try:
+                vectors = self._encode([t for q in todo for t in q.to_encode])
+            except BaseException as e:  # noqa: BLE001 - handed to every caller
+                for q in todo:
+                    q.future.set_exception(e)
+                live = [q for q in live if not q.to_encode]
+            else:
+                self.batches += 1
+                self.batched_queries += len(todo)
+                start = 0
+                for q in todo:
+                    n = len(q.to_encode)
+                    if q.missing is None:
+                        q.vectors = vectors[start : start + n]
+                    else:
+                        q.vectors[q.missing] = vectors[start : start + n]
+                    start += n
+        posts: dict[Callable, list[_Query]] = {}
         for q in live:
-            q.future.set_result(vectors[start : start + len(q.texts)])
-            start += len(q.texts)
+            if q.post is None:
+                q.future.set_result(q.vectors)
+            else:
+                posts.setdefault(q.post, []).append(q)
+        for post, queries in posts.items():
+            try:
+                vectors = queries[0].vectors if len(queries) == 1 else np.concatenate([q.vectors for q in queries])
+                results = post(vectors, [t for q in queries for t in q.texts])
+            except BaseException as e:  # noqa: BLE001
+                for q in queries:
+                    q.future.set_exception(e)
+                continue
+            start = 0
+            for q in queries:
+                q.future.set_result((q.vectors, results[start : start + len(q.texts)]))
+                start += len(q.texts)
 
     @staticmethod
     def _run_job(job: _Job) -> None:
@@ -426,14 +465,20 @@ class Encoder:
         """(micro-batches encoded, `aencode` calls they served) since start."""
         return self._thread.batches, self._thread.batched_queries
 
-    async def aencode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts on the encoder thread, batched with concurrent calls; repeats come from the LRU."""
+    async def aencode(
+        self, texts: Sequence[str], post: Callable[[np.ndarray, list[str]], Sequence[Any]] | None = None
+    ) -> Any:
+        """Embed texts on the encoder thread, batched with concurrent calls; repeats come from the LRU.
+
+        With `post`, returns `post(vectors, texts)` (one result per text), computed on the encoder
+        thread together with the concurrent calls whose `post` is equal (one call per micro-batch)."""
         texts = list(texts)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            vectors = np.zeros((0, self.dim), dtype=np.float32)
+            return vectors if post is None else list(post(vectors, []))
         limit = self.config.query_cache_size
         if limit <= 0:
-            return await self._submit(texts)
+            return await self._submit(_Query(texts, Future(), post))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: list[int] = []
         with self._queries_lock:
@@ -444,20 +489,21 @@ class Encoder:
                 else:
                     self._queries.move_to_end(text)
                     out[i] = vector
+        if not missing and post is None:
+            return out
+        result = await self._submit(_Query(texts, Future(), post, out, missing))
         if missing:
-            fresh = await self._submit([texts[i] for i in missing])
             with self._queries_lock:
-                for i, vector in zip(missing, fresh):
-                    out[i] = vector
-                    self._queries[texts[i]] = vector
+                for i in missing:
+                    self._queries[texts[i]] = out[i].copy()
                 while len(self._queries) > limit:
                     self._queries.popitem(last=False)
-        return out
+        return result
 
-    async def _submit(self, texts: list[str]) -> np.ndarray:
-        future: Future = Future()
-        self._thread.submit(_Query(texts, future))
-        return await asyncio.wrap_future(future)
+    async def _submit(self, query: _Query) -> Any:
+        self._thread.submit(query)
+        result = await asyncio.wrap_future(query.future)
+        return result if query.post is None else list(result[1])
 
     async def aencode_phrases(self, phrases: Sequence[str]) -> np.ndarray:
         future: Future = Future()

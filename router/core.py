@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import faiss
 import numpy as np
 
 from mbc.config import RouterConfig
@@ -24,7 +25,7 @@ from mbc.encoder import Encoder
 from mbc.logs import get_logger
 from mbc.matching import IntentCatalog, IntentPhrases
 from router.calibration import CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none
-from router.decision import NONE, GroupModel, Scored
+from router.decision import NONE, GroupModel, Scored, Verdict
 from router.directory import BotEntry, Directory
 
 log = get_logger(__name__)
@@ -69,6 +70,43 @@ class _State:
     models: Mapping[str, GroupModel]
     sources: Mapping[str, tuple[IntentPhrases, ...]]
     calibration_version: int
+
+
+class _Scorer:
+    """Scores a micro-batch of Match utterances (`Encoder.aencode(..., post=)`), off the event loop.
+
+    Equal for the Matches that ask the same groups of the same state with the same excluded bot:
+    those are scored together, one `GroupModel.rank_many` call per group."""
+
+    __slots__ = ("state", "groups", "exclude")
+
+    def __init__(self, state: _State, groups: tuple[str, ...], exclude: str | None) -> None:
+        self.state, self.groups, self.exclude = state, groups, exclude
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Scorer) and other.state is self.state
+            and other.groups == self.groups and other.exclude == self.exclude
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.state), self.groups, self.exclude))
+
+    def __call__(self, Q: np.ndarray, texts: list[str]) -> list[list[tuple[float, Verdict, float]]]:
+        """Per utterance: (confidence of the first candidate − τ, verdict, τ) of each group that has candidates."""
+        # FAISS's own OpenMP team would spin beside the encoder's threads: one thread here (this is
+        # per calling thread); measured 8.8 ms instead of 20 ms per single Match on 2 loaded cores.
+        faiss.omp_set_num_threads(1)
+        out: list[list[tuple[float, Verdict, float]]] = [[] for _ in texts]
+        for name in self.groups:
+            model = self.state.models.get(name)
+            if model is None:
+                continue
+            for verdicts, ranked in zip(out, model.rank_many(Q, texts, exclude_bot=self.exclude)):
+                verdict = model.decide(ranked)
+                if verdict.candidates:
+                    verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau))
+        return out
 
 
 class RouterCore:
@@ -239,14 +277,8 @@ class RouterCore:
             group = asker.group
         groups = [group] if group else sorted(state.models)
         exclude = bot_id if bot_id and not include_asking_bot else None
-        query = (await self.encoder.aencode([text]))[0]
-        verdicts = []
-        for name in groups:
-            model = state.models.get(name)
-            if model is not None:
-                verdict = model.decide(model.rank(query, text, exclude_bot=exclude))
-                if verdict.candidates:
-                    verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau))
+        # Encoded and scored on the encoder thread, with the concurrent Matches of the same groups.
+        verdicts = (await self.encoder.aencode([text], post=_Scorer(state, tuple(groups), exclude)))[0]
         if not verdicts:
             return MatchResult([], state.directory.revision, NONE)
         # Across groups (an operator's view), confidences compare relative to each group's τ.

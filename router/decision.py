@@ -244,14 +244,25 @@ class GroupModel:
         cnt = np.zeros((nq, n), np.int32)
         sm = np.zeros((nq, n), np.float32)
         r = np.arange(nq)
-        for j in range(S.shape[1] - 1, -1, -1):
-            ok = valid[:, j]
-            mx[r[ok], L[ok, j]] = S[ok, j]
-            best_row[r[ok], L[ok, j]] = I[ok, j]
-        for j in range(S.shape[1]):
-            ok = valid[:, j] & (cnt[r, np.maximum(L[:, j], 0)] < m)
-            sm[r[ok], L[ok, j]] += S[ok, j]
-            cnt[r[ok], L[ok, j]] += 1
+        # Per (query, class), over the valid neighbours in rank order (row-major: query, then j):
+        # the first one gives the best cosine and phrase; the first m are summed, in that order.
+        qv, jv = np.nonzero(valid)
+        if len(qv):
+            key = qv * n + L[qv, jv]
+            order = np.argsort(key, kind="stable")
+            sk = key[order]
+            starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+            occurrence = np.empty(len(sk), np.int64)
+            occurrence[order] = np.arange(len(sk)) - np.repeat(starts, np.diff(np.r_[starts, len(sk)]))
+            first = order[starts]
+            fq, fc = qv[first], L[qv[first], jv[first]]
+            mx[fq, fc] = S[qv[first], jv[first]]
+            best_row[fq, fc] = I[qv[first], jv[first]]
+            top = occurrence < m
+            tq, tj = qv[top], jv[top]
+            tc = L[tq, tj]
+            np.add.at(sm, (tq, tc), S[tq, tj])  # unbuffered, in neighbour order: the same float32 sums
+            np.add.at(cnt, (tq, tc), 1)
         last = np.where(valid.any(1), S[r, np.maximum(valid.sum(1) - 1, 0)], 0.0)[:, None] if S.shape[1] else np.zeros((nq, 1))
         knn = (sm + (m - cnt) * last) / m
         fused = cfg.knn_weight * knn
@@ -285,15 +296,35 @@ class GroupModel:
 
     def rank(self, query: np.ndarray, text: str, exclude_bot: str | None = None) -> list[Scored]:
         """Candidates for one utterance, rated, best first."""
-        f = self.features(query.reshape(1, -1), [text], exclude_bot)
+        return self.rank_many(query.reshape(1, -1), [text], exclude_bot)[0]
+
+    def rank_many(self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None) -> list[list[Scored]]:
+        """`rank` of many utterances at once (one search, one matrix product, one SVM call)."""
+        f = self.features(np.asarray(Q, np.float32).reshape(len(texts), -1), texts, exclude_bot)
+        bounds = np.searchsorted(f.query, np.arange(len(texts) + 1))  # f.query is sorted (np.nonzero)
+        ratings = self.ratings(f.fused)
+        ratings = np.where(f.cosine < self.config.min_cosine, np.minimum(ratings, FAIR), ratings).tolist()
+        cls, cosine, rows, fused = f.cls.tolist(), f.cosine.tolist(), f.best_row.tolist(), f.fused.tolist()
+        classes, phrase = self.classes, self.catalog.phrase
         out = []
-        for c, cos, row, z in sorted(zip(f.cls, f.cosine, f.best_row, f.fused), key=lambda t: -t[3]):
-            bot_id, intent = self.classes[c]
-            rating = self.rating(float(z))
-            if cos < self.config.min_cosine:
-                rating = min(rating, FAIR)
-            out.append(Scored(bot_id, intent, float(z), float(cos), self.catalog.phrase(int(row)), rating))
+        for q in range(len(texts)):
+            lo, hi = int(bounds[q]), int(bounds[q + 1])
+            ranked = []
+            for j in sorted(range(lo, hi), key=lambda j: -fused[j]):
+                bot_id, intent = classes[cls[j]]
+                ranked.append(Scored(bot_id, intent, fused[j], cosine[j], phrase(rows[j]), ratings[j]))
+            out.append(ranked)
         return out
+
+    def ratings(self, confidences: np.ndarray) -> np.ndarray:
+        """`rating` of many confidences (the same comparisons, in float64)."""
+        c = self.config
+        d = np.asarray(confidences, np.float64) - self.tau
+        return np.select(
+            [d >= c.very_good_offset, d > 0, d > c.fair_plus_offset, d > c.fair_offset],
+            [VERY_GOOD, GOOD, FAIR_PLUS, FAIR],
+            POOR,
+        ).astype(np.int64)
 
     def rating(self, confidence: float) -> int:
         c = self.config

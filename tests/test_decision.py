@@ -87,6 +87,20 @@ def test_model_ratings_and_candidates(encoder, vectors):
     assert {c.bot_id for c in without} <= {"travel", "loans"}
 
 
+def test_rank_many_is_rank_of_each_utterance(encoder, vectors):
+    model = build_group_model(INTENTS, vectors, encoder.dim, DecisionConfig(), _input(encoder, []))
+    texts = ["somebody stole my card", "I need a plane ticket to Oslo", "refinance my house", "which pizza place delivers fastest"]
+    Q = encoder.encode(texts)
+    for exclude in (None, "cards"):
+        many = model.rank_many(Q, texts, exclude_bot=exclude)
+        for q, text in enumerate(texts):
+            single = model.rank(Q[q], text, exclude_bot=exclude)
+            assert [(c.bot_id, c.intent, c.rating, c.matched_phrase) for c in many[q]] == [
+                (c.bot_id, c.intent, c.rating, c.matched_phrase) for c in single
+            ]
+            assert [c.confidence for c in many[q]] == pytest.approx([c.confidence for c in single], abs=1e-4)
+
+
 def test_a_calibration_set_changes_tau(encoder, vectors):
     cfg = DecisionConfig(min_calibration_none=5)
     base = build_group_model(INTENTS, vectors, encoder.dim, cfg, _input(encoder, []))
@@ -120,6 +134,16 @@ async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder):
     tau_all = core.models["g"].tau
     result = await core.match("I need a plane ticket to Oslo", "", "g", 3, 0)
     assert result.decision == router_pb2.DECISION_ACT and result.candidates[0].match.bot_id == "travel"
+    # Concurrent Matches are encoded and scored together (off the event loop): same answers.
+    asks = [("I need a plane ticket to Oslo", "", "g"), ("somebody stole my card", "travel", ""),
+            ("refinance my mortgage", "", ""), ("which pizza place delivers fastest", "cards", "g")]
+    alone = [await core.match(t, b, g, 3, 0) for t, b, g in asks]
+    together = await asyncio.gather(*(core.match(t, b, g, 3, 0) for t, b, g in asks * 3))
+    for one, many in zip(alone * 3, together):
+        assert one.decision == many.decision
+        assert [(c.match.bot_id, c.match.intent, c.match.rating) for c in one.candidates] == [
+            (c.match.bot_id, c.match.intent, c.match.rating) for c in many.candidates
+        ]
 
     # travel leaves: its labelled utterances become "none" for the others; τ is refitted on its own.
     core.submit({k: v for k, v in snapshot.items() if "/travel/" not in k}, 2)

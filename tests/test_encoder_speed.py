@@ -140,6 +140,80 @@ def test_cancelled_calls_are_skipped_and_errors_reach_every_caller() -> None:
         thread.stop()
 
 
+class _Post:
+    """A `post` hook that records its calls; equal to another with the same name."""
+
+    calls: list[tuple[str, list[str]]] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Post) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __call__(self, vectors: np.ndarray, texts: list[str]) -> list[str]:
+        _Post.calls.append((self.name, list(texts)))
+        assert [int(v[0]) for v in vectors] == [len(t) for t in texts]
+        if self.name == "broken":
+            raise ValueError("scoring broke")
+        return [f"{self.name}:{t}" for t in texts]
+
+
+def test_post_hooks_run_once_per_batch_for_equal_hooks_on_the_encoder_thread() -> None:
+    model = FakeModel()
+    thread = _EncoderThread(model, max_batch=8, wait_seconds=0.0)
+    _Post.calls = []
+    try:
+        busy = threading.Event()
+        thread._encode = lambda texts: (busy.wait(5), model(texts))[1]
+        first = _submit(thread, "hold")
+        time.sleep(0.05)
+        queries = [
+            _Query(["a"], Future(), _Post("g1")),
+            _Query(["bb"], Future(), _Post("g2")),
+            _Query(["ccc"], Future(), _Post("g1")),
+            # Known vector (the utterance cache): not encoded, still scored with its batch.
+            _Query(["dddd"], Future(), _Post("g1"), np.array([[4.0]], np.float32), []),
+            _Query(["eeeee"], Future(), _Post("broken")),
+        ]
+        for q in queries:
+            thread.submit(q)
+        busy.set()
+        assert first.result(5)[0, 0] == 4
+        results = [q.future.result(5)[1] for q in queries[:4]]
+        assert results == [["g1:a"], ["g2:bb"], ["g1:ccc"], ["g1:dddd"]]
+        assert [int(v) for v in queries[3].future.result(5)[0][:, 0]] == [4]
+        with pytest.raises(ValueError, match="scoring broke"):
+            queries[4].future.result(5)
+        assert model.batches == [["hold"], ["a", "bb", "ccc", "eeeee"]]
+        assert sorted(_Post.calls) == [("broken", ["eeeee"]), ("g1", ["a", "ccc", "dddd"]), ("g2", ["bb"])]
+    finally:
+        thread.stop()
+
+
+async def test_aencode_with_post_uses_the_cache_and_returns_one_result_per_text() -> None:
+    from mbc.encoder import Encoder
+
+    encoder = Encoder.__new__(Encoder)  # the async API around a fake model, without loading one
+    encoder.config = EncoderConfig(query_cache_size=16)
+    encoder.dim = 1
+    model = FakeModel()
+    encoder._queries, encoder._queries_lock = __import__("collections").OrderedDict(), threading.Lock()
+    encoder._thread = _EncoderThread(model, max_batch=8, wait_seconds=0.0)
+    _Post.calls = []
+    try:
+        results = await asyncio.gather(*(encoder.aencode([t], post=_Post("g")) for t in ["x", "yy", "x"]))
+        assert results == [["g:x"], ["g:yy"], ["g:x"]]
+        assert await encoder.aencode(["yy", "zzz"], post=_Post("g")) == ["g:yy", "g:zzz"]
+        assert ["yy", "zzz"] not in model.batches and ["zzz"] in model.batches  # "yy" came from the cache
+        assert [int(v) for v in (await encoder.aencode(["zzz"]))[:, 0]] == [3]
+    finally:
+        encoder._thread.stop()
+
+
 _OFFLINE_SCRIPT = """
 import json, socket, sys
 def refuse(*args, **kwargs):
