@@ -16,7 +16,7 @@ from mbc.channels import ChannelPool
 from mbc.gateway import Conversation
 from mbc.inspect import rating_name
 from mbc.processes import ComponentProcess, new_workdir
-from mbc.v1 import bot_pb2, router_pb2
+from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 BOT_FILES = ("personal_banking.yaml", "business_banking.yaml", "cards.yaml")
@@ -41,7 +41,7 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> str:
     m = response.match
     how = f"{m.intent or '-'} ({m.score:.2f}, {rating_name(m.rating)})"
     if response.outcome == bot_pb2.OUTCOME_ANSWERED:
-        if not m.intent:
+        if m.rating == common_pb2.RATING_UNSPECIFIED:  # resumed: the message answered a question
             return f"{asked} was waiting for this answer: it stores it in the Context Session Store and goes on"
         return f"{asked} matched its own intent {how}: it answers"
     if response.outcome == bot_pb2.OUTCOME_CLARIFY:
