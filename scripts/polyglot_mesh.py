@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from mbc.demo import BOT_FILES, ENTRY_BOT, EXAMPLES, wait_indexed  # noqa: E402
+from mbc.bench.mesh import publish_until_stopped
+from mbc.demo import BOT_FILES, ENTRY_BOT, EXAMPLES, wait_indexed
 
 
 async def run(workdir: Path, timeout: float) -> int:
@@ -58,12 +55,7 @@ async def run(workdir: Path, timeout: float) -> int:
                 "bots": {definitions[f]["id"]: bot.address for f, bot in bots.items()},
                 "pids": {"etcd": etcd.pid, **{c.name: c.pid for c in started}},
             }
-            tmp = workdir / "mesh.json.tmp"
-            tmp.write_text(json.dumps(info))
-            tmp.replace(workdir / "mesh.json")
-            print(json.dumps(info), flush=True)
-            await stop
-            return 0
+            return await publish_until_stopped(workdir, info, stop)
         except Exception as e:  # noqa: BLE001 - reported, then everything is stopped
             print(f"mesh: {e}", file=sys.stderr, flush=True)
             return 1

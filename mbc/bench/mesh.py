@@ -14,31 +14,22 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import yaml
 
-from mbc.v1 import router_pb2, router_pb2_grpc
-
-REPO = Path(__file__).resolve().parents[2]
+from mbc.demo import EXAMPLES, wait_indexed
 
 
-async def wait_indexed(router: str, phrase: str, bot_id: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(router) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        while True:
-            try:
-                reply = await stub.Match(router_pb2.MatchRequest(text=phrase, max_candidates=1), timeout=5)
-                if reply.candidates and reply.candidates[0].bot_id == bot_id:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the router did not index {bot_id} within {timeout:.0f}s")
-            await asyncio.sleep(0.2)
+
+async def publish_until_stopped(workdir: Path, info: dict, stop: asyncio.Future) -> int:
+    """Write DIR/mesh.json (atomically) and print it, then wait for SIGTERM or SIGINT."""
+    tmp = workdir / "mesh.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(workdir / "mesh.json")
+    print(json.dumps(info), flush=True)
+    await stop
+    return 0
 
 
 async def run(workdir: Path, bot_file: Path, router_flags: list[str], timeout: float) -> int:
@@ -57,8 +48,7 @@ async def run(workdir: Path, bot_file: Path, router_flags: list[str], timeout: f
             bot = ComponentProcess("bot", ["bot", str(bot_file), "--etcd", etcd.endpoint, "--router", router.address], workdir)
             started.append(bot)
             await bot.wait_serving("mbc.v1.Bot", timeout=timeout)
-            first = definition["intents"][0]
-            await wait_indexed(router.address, first["phrases"][0], definition["id"], timeout)
+            await wait_indexed(router.address, {definition["id"]: definition["intents"][0]["phrases"][0]}, timeout)
             info = {
                 "router": router.address,
                 "bot": bot.address,
@@ -66,12 +56,7 @@ async def run(workdir: Path, bot_file: Path, router_flags: list[str], timeout: f
                 "etcd": etcd.endpoint,
                 "pids": {"etcd": etcd.pid, "router": router.pid, "bot": bot.pid},
             }
-            tmp = workdir / "mesh.json.tmp"
-            tmp.write_text(json.dumps(info))
-            tmp.replace(workdir / "mesh.json")
-            print(json.dumps(info), flush=True)
-            await stop
-            return 0
+            return await publish_until_stopped(workdir, info, stop)
         except Exception as e:  # noqa: BLE001 - reported, then everything is stopped
             print(f"mesh: {e}", file=sys.stderr, flush=True)
             return 1
@@ -84,7 +69,7 @@ async def run(workdir: Path, bot_file: Path, router_flags: list[str], timeout: f
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mbc.bench.mesh")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--bot", default=str(REPO / "examples" / "cards.yaml"))
+    parser.add_argument("--bot", default=str(EXAMPLES / "cards.yaml"))
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("router_flags", nargs="*", help="extra `mbc router` flags (after --)")
     args = parser.parse_args(argv)
