@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mbc import metrics, tracing
 from mbc.config import ServerConfig
+from mbc.decoding import DecodingInterceptor
 from mbc.logs import bind_context, get_logger
 
 log = get_logger(__name__)
@@ -93,7 +94,7 @@ class GrpcServer:
         self.server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=[*tracing.otel_server_interceptors(), ObservingInterceptor()],
+            interceptors=[*tracing.otel_server_interceptors(), ObservingInterceptor(), DecodingInterceptor()],
         )
         self.metrics: metrics.MetricsEndpoint | None = None
         add_services(self.server)
