@@ -191,11 +191,40 @@ class DecisionConfig:
 
 
 @dataclass(frozen=True)
+class EtcdAccess:
+    """How a component proves itself to etcd: TLS files and an etcd user (see `mbc etcd-auth`).
+
+    TLS is used when `ca_file` is set or the endpoints are https:// URLs."""
+
+    ca_file: str = ""
+    """PEM CA bundle that signed etcd's server certificate; empty with https:// endpoints: the system CAs."""
+    cert_file: str = ""
+    """PEM client certificate, for an etcd started with --client-cert-auth (with `key_file`)."""
+    key_file: str = ""
+    """PEM private key of `cert_file`."""
+    username: str = ""
+    """etcd user to authenticate as; empty: no etcd authentication."""
+    password_file: str = ""
+    """File holding that user's password (one line; the password itself never goes in a config)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("etcd.cert_file and etcd.key_file go together: set both or neither")
+        if bool(self.username) != bool(self.password_file):
+            raise ValueError("etcd.username and etcd.password_file go together: set both or neither")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file or self.cert_file)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """The router: watches participants in etcd and answers Match."""
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    """etcd client endpoints as host:port."""
+    """etcd client endpoints as host:port (or https://host:port)."""
+    etcd: EtcdAccess = field(default_factory=EtcdAccess)
     server: ServerConfig = field(default_factory=ServerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
@@ -221,6 +250,7 @@ class BotConfig:
     """The bot definition YAML file."""
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     """etcd client endpoints as host:port; empty disables registration (a standalone bot)."""
+    etcd: EtcdAccess = field(default_factory=EtcdAccess)
     router_address: str = "127.0.0.1:50051"
     """host:port of the router's Router service; empty disables collaboration lookups."""
     store_address: str = ""
@@ -284,6 +314,7 @@ class StoreServiceConfig:
     """The Context Session Store process (`mbc store`)."""
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    """etcd client endpoints as host:port."""
+    """etcd client endpoints as host:port (or https://host:port)."""
+    etcd: EtcdAccess = field(default_factory=EtcdAccess)
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: StoreConfig = field(default_factory=StoreConfig)
