@@ -97,6 +97,30 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS between mesh components (see mbc/security.py). All three files or none: none is
+    plaintext without authorization checks (development only). With them, this component's server
+    accepts only clients presenting a certificate signed by `ca_file`, and its outgoing calls verify
+    the server against `ca_file` and present `cert_file`. Read once, at start."""
+
+    ca_file: str = ""
+    """PEM bundle of the CA(s) that sign the mesh's certificates (servers and clients)."""
+    cert_file: str = ""
+    """PEM certificate of this component; its identity is the URI SAN spiffe://mbc/<identity> (or the
+    subject CN <identity>): bot/<group>/<bot_id>, gateway/<name>, router or store."""
+    key_file: str = ""
+    """PEM private key of `cert_file`."""
+
+    def __post_init__(self) -> None:
+        if len({bool(self.ca_file), bool(self.cert_file), bool(self.key_file)}) > 1:
+            raise ValueError("server.tls.ca_file, server.tls.cert_file and server.tls.key_file go together: set all three or none")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """How a gRPC server listens and behaves on the wire."""
 
@@ -126,6 +150,8 @@ class ServerConfig:
     otel_exporter: str = "otlp"
     """Where OpenTelemetry spans go: "otlp" (OTEL_EXPORTER_OTLP_ENDPOINT, default localhost:4317),
     "console" (stderr) or "none"."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """This component's mTLS identity, for its server and its outgoing calls to other components."""
 
     def __post_init__(self) -> None:
         check_range("server.port", self.port, 0, 65535)
