@@ -1,24 +1,37 @@
 """Service discovery for the mesh: bots register in etcd under a lease, routers watch them."""
 
-from discovery.errors import EtcdError, EtcdUnavailable, LeaseNotFound, WatchCompacted
+from discovery.errors import (
+    EtcdAuthFailed,
+    EtcdError,
+    EtcdPermissionDenied,
+    EtcdUnavailable,
+    LeaseNotFound,
+    RegistrationConflict,
+    WatchCompacted,
+)
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
 from discovery.keys import PARTICIPANTS_PREFIX, parse_participant_key, participant_key, validate_name
-from discovery.local_etcd import EtcdNotFound, LocalEtcd, find_etcd
+from discovery.local_etcd import EtcdNotFound, LocalEtcd, LocalEtcdCluster, ServerTls, find_etcd
 from discovery.registration import Registration
 from discovery.watcher import ParticipantSnapshot, ParticipantWatcher, check_registration
 
 __all__ = [
     "PARTICIPANTS_PREFIX",
+    "EtcdAuthFailed",
     "EtcdClient",
     "EtcdError",
     "EtcdNotFound",
+    "EtcdPermissionDenied",
     "EtcdUnavailable",
     "KeyValue",
     "LeaseNotFound",
     "LocalEtcd",
+    "LocalEtcdCluster",
     "ParticipantSnapshot",
     "ParticipantWatcher",
     "Registration",
+    "RegistrationConflict",
+    "ServerTls",
     "WatchCompacted",
     "WatchEvent",
     "check_registration",

@@ -21,3 +21,22 @@ class WatchCompacted(EtcdError):
 
 class LeaseNotFound(EtcdError):
     """The lease does not exist (expired or revoked)."""
+
+
+class EtcdAuthFailed(EtcdError):
+    """etcd refused the credentials (wrong user name or password, or TLS settings that do not fit
+    the server). Retrying does not help: fix the configuration."""
+
+
+class EtcdPermissionDenied(EtcdError):
+    """The etcd user of this component may not read or write that key (see `mbc etcd-auth`)."""
+
+
+class RegistrationConflict(EtcdError):
+    """The participant key is held by another live registration (another lease): it is not overwritten."""
+
+    def __init__(self, key: str, holder_lease: int) -> None:
+        super().__init__(f"{key} is registered by another instance (lease {holder_lease:x}); refusing to "
+                         "overwrite it: give this instance another instance id, or stop the other one")
+        self.key = key
+        self.holder_lease = holder_lease

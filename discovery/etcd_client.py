@@ -5,13 +5,20 @@ directly: aetcd's own watch drops the response headers and progress responses, a
 forever when etcd stops answering without closing the connection (a frozen process, a network
 partition). Here an idle watch sends a progress request every `heartbeat` seconds and raises
 EtcdUnavailable if etcd does not answer within `timeout`.
+
+aetcd only dials plaintext: `_AetcdClient` replaces its connect() to dial TLS (a CA, optionally a
+client certificate) and to authenticate as an etcd user. etcd's simple auth tokens expire (5 min
+idle by default, and all of them when etcd restarts): a request refused for an invalid token
+authenticates again and is retried once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import aetcd
@@ -20,7 +27,15 @@ import aetcd.utils
 import grpc
 from aetcd import rpc
 
-from discovery.errors import EtcdError, EtcdUnavailable, LeaseNotFound, WatchCompacted
+from discovery.errors import (
+    EtcdAuthFailed,
+    EtcdError,
+    EtcdPermissionDenied,
+    EtcdUnavailable,
+    LeaseNotFound,
+    WatchCompacted,
+)
+from mbc.config import EtcdAccess
 from mbc.logs import get_logger
 
 log = get_logger(__name__)
@@ -62,15 +77,48 @@ class WatchEvent:
     mod_revision: int
 
 
-def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of "host:port", "http://host:port" or "https://host:port"; scheme "" when none is given."""
     text = endpoint.strip()
-    if text.startswith("https://"):
-        raise ValueError(f"etcd endpoint {endpoint!r}: TLS is not supported")
-    text = text.removeprefix("http://").rstrip("/")
-    host, sep, port = text.rpartition(":")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if scheme not in ("", "http", "https"):
+        raise ValueError(f"etcd endpoint {endpoint!r}: the scheme must be http or https")
+    host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"etcd endpoint {endpoint!r} is not host:port")
-    return host, int(port)
+    return scheme, host, int(port)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the etcd {what} {path}: {e.strerror or e}") from None
+
+
+def _credentials(access: EtcdAccess, tls: bool) -> grpc.ChannelCredentials | None:
+    if not tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(access.ca_file, "CA file (etcd.ca_file)") if access.ca_file else None,
+        private_key=_read(access.key_file, "client key (etcd.key_file)") if access.key_file else None,
+        certificate_chain=_read(access.cert_file, "client certificate (etcd.cert_file)") if access.cert_file else None,
+    )
+
+
+def _password(access: EtcdAccess) -> str | None:
+    if not access.username:
+        return None
+    password = _read(access.password_file, "password file (etcd.password_file)").decode().rstrip("\r\n")
+    if not password:
+        raise ValueError(f"the etcd password file {access.password_file} is empty")
+    return password
+
+
+class _TokenExpired(EtcdError):
+    """etcd no longer knows this client's auth token (it expired, or etcd restarted)."""
 
 
 def _decode(key: bytes) -> str:
@@ -79,6 +127,13 @@ def _decode(key: bytes) -> str:
 
 def _rpc_error(error: rpc.AioRpcError) -> EtcdError:
     details = error.details() or error.code().name
+    if "invalid auth token" in details:
+        return _TokenExpired(details)
+    if error.code() == rpc.StatusCode.PERMISSION_DENIED:
+        return EtcdPermissionDenied(details)
+    if "authentication failed" in details or "user name is empty" in details or "auth is not enabled" in details \
+            or "authentication is not enabled" in details:
+        return EtcdAuthFailed(details)
     if error.code() in _TRANSIENT:
         return EtcdUnavailable(details)
     if "lease not found" in details:
@@ -98,22 +153,70 @@ def _translate(error: aetcd.exceptions.ClientError) -> EtcdError:
     return EtcdError(message)
 
 
+class _AetcdClient(aetcd.Client):
+    """aetcd's client, dialing TLS when given channel credentials (aetcd itself only dials plaintext)."""
+
+    def __init__(self, host: str, port: int, *, credentials: grpc.ChannelCredentials | None,
+                 username: str | None, password: str | None, timeout: float, options: dict) -> None:
+        super().__init__(host=host, port=port, username=username, password=password, timeout=timeout, options=options)
+        self._credentials = credentials
+        self._connect_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        """Open the channel and, with a user, authenticate (the token goes in `metadata`)."""
+        async with self._connect_lock:
+            if self._connected.is_set():
+                return
+            target = f"{self._host}:{self._port}"
+            options = list(self._options.items())
+            channel = (grpc.aio.secure_channel(target, self._credentials, options=options) if self._credentials
+                       else grpc.aio.insecure_channel(target, options=options))
+            metadata = None
+            if self._username is not None:
+                try:
+                    reply = await rpc.AuthStub(channel).Authenticate(
+                        rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                except BaseException:
+                    await channel.close()
+                    raise
+                metadata = (("token", reply.token),)
+            self.channel, self.metadata = channel, metadata
+            self.auth_stub = rpc.AuthStub(channel)
+            self.kvstub = rpc.KVStub(channel)
+            self.clusterstub = rpc.ClusterStub(channel)
+            self.leasestub = rpc.LeaseStub(channel)
+            self.maintenancestub = rpc.MaintenanceStub(channel)
+            self._connected.set()
+
+
 class EtcdClient:
-    """Connection to an etcd cluster given as "host:port" endpoints.
+    """Connection to an etcd cluster given as "host:port" endpoints (https://host:port for TLS).
 
     Each request goes to the current endpoint; when that one cannot be reached the request is
     tried on the next ones, and the first that answers becomes current. `timeout` bounds every
-    request. Errors are those of discovery.errors.
+    request. `access` gives the TLS files and the etcd user. Errors are those of discovery.errors:
+    credentials etcd refuses raise EtcdAuthFailed, a key outside the user's roles EtcdPermissionDenied.
     """
 
-    def __init__(self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0) -> None:
+    def __init__(self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0,
+                 access: EtcdAccess | None = None) -> None:
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if timeout <= 0 or heartbeat <= 0:
             raise ValueError("timeout and heartbeat must be positive")
-        self._endpoints = [_parse_endpoint(e) for e in endpoints]
+        parsed = [_parse_endpoint(e) for e in endpoints]
+        access = access or EtcdAccess()
+        schemes = {scheme for scheme, _, _ in parsed}
+        self._tls = "https" in schemes or access.tls
+        if self._tls and "http" in schemes:
+            raise ValueError("etcd endpoints mix http:// with TLS (https:// endpoints or etcd.ca_file/cert_file): "
+                             "use one or the other")
+        self._endpoints = [(host, port) for _, host, port in parsed]
+        self._credentials = _credentials(access, self._tls)
+        self._username = access.username or None
+        self._password = _password(access)
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._clients: dict[int, aetcd.Client] = {}
@@ -139,7 +242,9 @@ class EtcdClient:
         Requests reconnect by themselves, so a failed connect() can be retried or ignored.
         """
         self._closed = False
-        await self._unary("connect", lambda c: c.get(b"/"))
+        # Status needs no key permission, so it works for any etcd user.
+        await self._unary("connect", lambda c: c.maintenancestub.Status(rpc.StatusRequest(), timeout=self._timeout,
+                                                                         metadata=c.metadata))
 
     async def close(self) -> None:
         """Close the connections; running watches end with EtcdUnavailable."""
@@ -223,6 +328,34 @@ class EtcdClient:
         current = KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
         return False, response.header.revision, current
 
+    async def put_unless_held(self, key: str, value: bytes, lease_id: int) -> KeyValue | None:
+        """Put `key` under `lease_id` only if the key is absent or already attached to that lease.
+
+        Returns None when written, else the key as it is (held by another lease, or by none).
+        """
+        k = key.encode()
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=value, lease=lease_id))
+        own = rpc.TxnRequest(
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease_id)],
+            success=[put],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))],
+        )
+        request = rpc.TxnRequest(
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0)],
+            success=[put],
+            failure=[rpc.RequestOp(request_txn=own)],
+        )
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        if response.succeeded:
+            return None
+        inner = response.responses[0].response_txn
+        if inner.succeeded:
+            return None
+        kvs = inner.responses[0].response_range.kvs
+        if not kvs:  # deleted between the two compares: try again
+            return await self.put_unless_held(key, value, lease_id)
+        return KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease)
+
     async def delete_if(self, key: str, mod_revision: int) -> bool:
         """Delete the key only if its mod revision is `mod_revision`; return whether it was deleted."""
         k = key.encode()
@@ -246,6 +379,66 @@ class EtcdClient:
         request = rpc.DeleteRangeRequest(key=k, range_end=aetcd.utils.prefix_range_end(k))
         response = await self._unary("delete_prefix", lambda c: c.kvstub.DeleteRange(request, timeout=self._timeout, metadata=c.metadata))
         return response.deleted
+
+    async def lease_ttl(self, lease_id: int) -> tuple[int, int]:
+        """(remaining, granted) TTL of a lease in seconds; remaining is -1 when the lease is gone."""
+        request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
+        reply = await self._unary("lease_ttl", lambda c: c.leasestub.LeaseTimeToLive(request, timeout=self._timeout,
+                                                                                   metadata=c.metadata))
+        return reply.TTL, reply.grantedTTL
+
+    # -- users and roles (the caller authenticates as root, or etcd has no auth enabled yet) --
+
+    async def _auth(self, method: str, request) -> object:
+        return await self._unary(method, lambda c: getattr(rpc.AuthStub(c.channel), method)(
+            request, timeout=self._timeout, metadata=c.metadata))
+
+    async def users(self) -> list[str]:
+        return list((await self._auth("UserList", rpc.AuthUserListRequest())).users)
+
+    async def roles(self) -> list[str]:
+        return list((await self._auth("RoleList", rpc.AuthRoleListRequest())).roles)
+
+    async def add_user(self, name: str, password: str) -> None:
+        await self._auth("UserAdd", rpc.AuthUserAddRequest(name=name, password=password))
+
+    async def change_password(self, name: str, password: str) -> None:
+        await self._auth("UserChangePassword", rpc.AuthUserChangePasswordRequest(name=name, password=password))
+
+    async def user_roles(self, name: str) -> list[str]:
+        return list((await self._auth("UserGet", rpc.AuthUserGetRequest(name=name))).roles)
+
+    async def grant_role(self, user: str, role: str) -> None:
+        await self._auth("UserGrantRole", rpc.AuthUserGrantRoleRequest(user=user, role=role))
+
+    async def add_role(self, name: str) -> None:
+        await self._auth("RoleAdd", rpc.AuthRoleAddRequest(name=name))
+
+    async def role_permissions(self, role: str) -> set[tuple[str, str]]:
+        """The role's permissions as (key prefix, "read" | "write" | "readwrite")."""
+        reply = await self._auth("RoleGet", rpc.AuthRoleGetRequest(role=role))
+        out = set()
+        for perm in reply.perm:
+            key = perm.key.decode()
+            if perm.range_end != aetcd.utils.prefix_range_end(perm.key):
+                key += f" (range end {perm.range_end!r})"
+            out.add((key, rpc.Permission.Type.Name(perm.permType).lower()))
+        return out
+
+    async def grant_prefix(self, role: str, prefix: str, permission: str) -> None:
+        """Give `role` `permission` ("read", "write" or "readwrite") on every key under `prefix`."""
+        k = prefix.encode()
+        perm = rpc.Permission(permType=rpc.Permission.Type.Value(permission.upper()), key=k,
+                              range_end=aetcd.utils.prefix_range_end(k))
+        await self._auth("RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm))
+
+    async def revoke_prefix(self, role: str, prefix: str) -> None:
+        k = prefix.encode()
+        await self._auth("RoleRevokePermission", rpc.AuthRoleRevokePermissionRequest(
+            role=role, key=k, range_end=aetcd.utils.prefix_range_end(k)))
+
+    async def enable_auth(self) -> None:
+        await self._auth("AuthEnable", rpc.AuthEnableRequest())
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Yield the changes under `prefix` from `start_revision` (inclusive) on.
@@ -288,7 +481,13 @@ class EtcdClient:
                 if response.compact_revision:
                     raise WatchCompacted(response.compact_revision)
                 if response.canceled:
-                    raise EtcdError(f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}")
+                    reason = response.cancel_reason or "no reason given"
+                    if "invalid auth token" in reason:
+                        await self._reauthenticate(index)
+                        raise EtcdUnavailable(f"the watch needs a new auth token ({reason})")
+                    if "permission denied" in reason:
+                        raise self._explain(EtcdPermissionDenied(reason))
+                    raise EtcdError(f"etcd cancelled the watch: {reason}")
                 for event in response.events:
                     yield WatchEvent(
                         "delete" if event.type == rpc.Event.DELETE else "put",
@@ -298,9 +497,12 @@ class EtcdClient:
                     )
         except rpc.AioRpcError as e:
             error = _rpc_error(e)
+            if isinstance(error, _TokenExpired):
+                await self._reauthenticate(index)
+                raise EtcdUnavailable(f"the watch needs a new auth token ({error})") from None
             if isinstance(error, EtcdUnavailable):
                 self._failover(index)
-            raise error from None
+            raise self._explain(error) from None
         except EtcdUnavailable:
             self._failover(index)
             raise
@@ -325,10 +527,41 @@ class EtcdClient:
         client = self._clients.get(index)
         if client is None:
             host, port = self._endpoints[index]
-            client = aetcd.Client(host=host, port=port, timeout=self._timeout, options=dict(_CHANNEL_OPTIONS))
+            client = _AetcdClient(host, port, credentials=self._credentials, username=self._username,
+                                  password=self._password, timeout=self._timeout, options=dict(_CHANNEL_OPTIONS))
             self._clients[index] = client
-            await client.connect()
+        await client.connect()
         return client
+
+    async def _reauthenticate(self, index: int) -> None:
+        """Drop the connection of endpoint `index`, so that the next request authenticates again."""
+        client = self._clients.pop(index, None)
+        log.info("etcd_reauthenticating", endpoint=self._name(index), user=self._username)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    def _tls_hint(self, failures: list[str]) -> str:
+        """What to check when the failures look like a TLS mismatch rather than etcd being down."""
+        if not self._tls and any("Socket closed" in f or "Connection reset" in f for f in failures):
+            return " (if etcd serves TLS, give https:// endpoints or etcd.ca_file)"
+        if self._tls and any(s in f for f in failures for s in ("Unwrap failed", "TSI_", "SSL", "handshake", "certificate")):
+            return (" (the TLS handshake failed: check etcd.ca_file, and etcd.cert_file/key_file when etcd "
+                    "asks for client certificates)")
+        return ""
+
+    def _explain(self, error: EtcdError) -> EtcdError:
+        """The error with what to check when it comes from the credentials or the TLS settings."""
+        text = str(error)
+        if isinstance(error, EtcdAuthFailed):
+            if "user name is empty" in text:
+                return EtcdAuthFailed(f"etcd requires authentication ({text}): set etcd.username and etcd.password_file")
+            if "not enabled" in text:
+                return EtcdAuthFailed(f"etcd user {self._username!r} given, but etcd has no authentication enabled ({text})")
+            return EtcdAuthFailed(f"etcd refused user {self._username!r}: {text}")
+        if isinstance(error, EtcdPermissionDenied):
+            return EtcdPermissionDenied(f"etcd user {self._username!r} is not allowed this ({text}); see `mbc etcd-auth`")
+        return error
 
     def _failover(self, index: int) -> None:
         if len(self._endpoints) > 1 and self._current == index:
@@ -339,7 +572,9 @@ class EtcdClient:
         if self._closed:
             raise EtcdUnavailable("etcd client is closed")
         failures = []
-        for _ in range(len(self._endpoints)):
+        attempts = len(self._endpoints)
+        reauthenticated: set[int] = set()
+        while attempts > 0:
             index = self._current
             try:
                 client = await self._client(index)
@@ -352,8 +587,13 @@ class EtcdClient:
                 error = _rpc_error(e)
             except TimeoutError:
                 error = EtcdUnavailable(f"no answer within {self._timeout:g}s")
+            if isinstance(error, _TokenExpired) and index not in reauthenticated:
+                reauthenticated.add(index)
+                await self._reauthenticate(index)
+                continue
             if not isinstance(error, EtcdUnavailable):
-                raise error
+                raise self._explain(error) from None
+            attempts -= 1
             failures.append(f"{self._name(index)}: {error}")
             self._failover(index)
-        raise EtcdUnavailable(f"etcd {op} failed: " + "; ".join(failures))
+        raise EtcdUnavailable(f"etcd {op} failed: " + "; ".join(failures) + self._tls_hint(failures))

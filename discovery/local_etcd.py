@@ -1,4 +1,5 @@
-"""A real single-node etcd process on 127.0.0.1, for tests and `mbc demo`."""
+"""Real etcd processes on 127.0.0.1, for tests and `mbc demo`: one node (`LocalEtcd`, optionally
+serving TLS with client certificates) or a cluster of members (`LocalEtcdCluster`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -59,15 +61,30 @@ def _port_free(port: int) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files for etcd's client port: its certificate and key, and the CA its clients' certificates
+    must be signed by (with `client_cert_auth`, a client without such a certificate is refused)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert_auth: bool = True
+
+
 class LocalEtcd:
     """Runs etcd bound to 127.0.0.1 only, on free ports unless given, with its data in `data_dir`
     (a temporary directory, removed on exit of the context manager, when none is given).
 
-    The data lives in data_dir/data and etcd's output goes to data_dir/etcd.log.
+    The data lives in data_dir/data and etcd's output goes to data_dir/etcd.log. With `tls` the
+    client port serves TLS only; the health check and /metrics use a plaintext metrics port. As a
+    member of a cluster it takes its `name` and the `initial_cluster` (name=peer URL, ...).
+    `auth_token_ttl` (seconds) is etcd's --auth-token-ttl for simple auth tokens (default 300).
     """
 
     def __init__(self, data_dir: Path | None = None, client_port: int = 0, peer_port: int = 0,
-                 binary: str | None = None, start_timeout: float = 15.0) -> None:
+                 binary: str | None = None, start_timeout: float = 15.0, *, tls: ServerTls | None = None,
+                 name: str = "mbc-local", initial_cluster: str = "", auth_token_ttl: int = 0) -> None:
         self._binary = binary or find_etcd()
         if not os.access(self._binary, os.X_OK):
             raise EtcdNotFound(f"etcd binary {self._binary} is not executable: "
@@ -78,12 +95,28 @@ class LocalEtcd:
         self.peer_port = peer_port or free_port()
         while self.peer_port == self.client_port:
             self.peer_port = free_port()
+        self.metrics_port = free_port()
+        while self.metrics_port in (self.client_port, self.peer_port):
+            self.metrics_port = free_port()
         self._start_timeout = start_timeout
+        self._tls = tls
+        self.name = name
+        self._initial_cluster = initial_cluster or f"{name}={self.peer_url}"
+        self._auth_token_ttl = auth_token_ttl
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
+        """host:port of the client port (TLS when started with `tls`)."""
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self._tls else 'http'}://{self.endpoint}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def data_dir(self) -> Path:
@@ -102,20 +135,27 @@ class LocalEtcd:
         return self._proc is not None and self._proc.poll() is None
 
     def _command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        return [
+        command = [
             self._binary,
-            "--name", "mbc-local",
+            "--name", self.name,
             "--data-dir", str(self._dir / "data"),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"mbc-local={peer}",
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self._initial_cluster,
+            "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}",
             "--logger", "zap",
             "--log-outputs", "stderr",
         ]
+        if self._tls:
+            command += ["--cert-file", str(self._tls.cert), "--key-file", str(self._tls.key),
+                        "--trusted-ca-file", str(self._tls.ca)]
+            if self._tls.client_cert_auth:
+                command.append("--client-cert-auth")
+        if self._auth_token_ttl:
+            command += ["--auth-token-ttl", str(self._auth_token_ttl)]
+        return command
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -126,9 +166,14 @@ class LocalEtcd:
 
     def start(self) -> None:
         """Start etcd and wait (bounded) until it reports healthy."""
+        self.launch()
+        self.wait_healthy()
+
+    def launch(self) -> None:
+        """Start the process without waiting (the members of a new cluster must start together)."""
         if self.running:
             return
-        for port in (self.client_port, self.peer_port):
+        for port in (self.client_port, self.peer_port, self.metrics_port):
             # Otherwise another etcd on the port could answer the health check for this one.
             if not _port_free(port):
                 raise RuntimeError(f"cannot start etcd: port {port} on 127.0.0.1 is already in use")
@@ -138,6 +183,11 @@ class LocalEtcd:
             # A session of its own, so that Ctrl-C on a terminal leaves shutting etcd down to us.
             self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
+
+    def wait_healthy(self) -> None:
+        """Wait (bounded by `start_timeout`) until the launched etcd reports healthy."""
+        if self._proc is None:
+            raise RuntimeError("etcd was not launched")
         deadline = time.monotonic() + self._start_timeout
         while True:
             if self._proc.poll() is not None:
@@ -154,11 +204,21 @@ class LocalEtcd:
                                    f"{self._start_timeout:g}s; its log ({self.log_path}) ends with:\n{self._log_tail()}")
             time.sleep(0.05)
 
+    def _metrics_get(self, path: str) -> bytes:
+        with _NO_PROXY.open(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=0.5) as response:
+            return response.read()
+
     def _healthy(self) -> bool:
         try:
-            with _NO_PROXY.open(f"http://{self.endpoint}/health", timeout=0.5) as response:
-                return json.loads(response.read()).get("health") == "true"
+            return json.loads(self._metrics_get("/health")).get("health") == "true"
         except (OSError, ValueError):
+            return False
+
+    def is_leader(self) -> bool:
+        """Whether this member is the raft leader now (from its etcd_server_is_leader metric)."""
+        try:
+            return b"\netcd_server_is_leader 1" in self._metrics_get("/metrics")
+        except OSError:
             return False
 
     def _log_tail(self, lines: int = 20) -> str:
@@ -217,3 +277,69 @@ class LocalEtcd:
                  tb: TracebackType | None) -> None:
         self.cleanup()
 
+
+
+class LocalEtcdCluster:
+    """`size` etcd members on 127.0.0.1 forming one cluster, each with its data in a subdirectory
+    of `data_dir` (temporary when none is given). Members can be stopped and started one by one."""
+
+    def __init__(self, size: int = 3, data_dir: Path | None = None, start_timeout: float = 30.0) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one member, got {size}")
+        self._owns_dir = data_dir is None
+        self._dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mbc-etcd-cluster-"))
+        names = [f"member{i}" for i in range(size)]
+        self.members = [LocalEtcd(self._dir / name, start_timeout=start_timeout, name=name) for name in names]
+        ports = set()
+        for member in self.members:  # free_port() may repeat across members: make them distinct
+            while {member.client_port, member.peer_port, member.metrics_port} & ports:
+                member.client_port, member.peer_port, member.metrics_port = free_port(), free_port(), free_port()
+            ports |= {member.client_port, member.peer_port, member.metrics_port}
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member._initial_cluster = initial
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start(self) -> None:
+        """Start every member (together: none is healthy before a quorum is up) and wait for all."""
+        for member in self.members:
+            member.launch()
+        for member in self.members:
+            member.wait_healthy()
+        log.info("local_etcd_cluster_started", endpoints=self.endpoints)
+
+    def leader(self, timeout: float = 15.0) -> LocalEtcd:
+        """The running member that is the leader now; waits (bounded) through an election."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leaders = [m for m in self.members if m.running and m.is_leader()]
+            if len(leaders) == 1:
+                return leaders[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no single leader among the running members within {timeout:g}s")
+            time.sleep(0.1)
+
+    def followers(self) -> list[LocalEtcd]:
+        leader = self.leader()
+        return [m for m in self.members if m.running and m is not leader]
+
+    def cleanup(self) -> None:
+        for member in self.members:
+            member.stop()
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalEtcdCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cleanup()

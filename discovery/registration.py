@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
-from discovery.errors import EtcdError, LeaseNotFound
+from discovery.errors import EtcdError, LeaseNotFound, RegistrationConflict
 from discovery.etcd_client import EtcdClient
 from discovery.keys import participant_key
 from mbc.logs import get_logger
@@ -28,6 +29,10 @@ class Registration:
     The key is attached to a lease of `ttl` seconds, refreshed every ttl/3, so a killed process
     drops out within `ttl`. When the lease is found gone (etcd was unreachable for longer than the
     TTL, or this process was frozen) a new lease is granted and the key put again.
+
+    A key held by another lease (another instance started with the same instance id) is never
+    overwritten: start() waits for that lease to run out (its holder died: at most the holder's
+    TTL), then raises RegistrationConflict if it is still kept alive.
     """
 
     def __init__(self, client: EtcdClient, participant: participant_pb2.Participant, ttl: int = 10) -> None:
@@ -42,6 +47,7 @@ class Registration:
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._conflict_logged = False
 
     @property
     def key(self) -> str:
@@ -65,7 +71,7 @@ class Registration:
         if self._task is not None:
             raise RuntimeError(f"registration {self._key} is already started")
         async with self._lock:
-            await self._register()
+            await self._register(wait_for_holder=True)
         self._task = asyncio.create_task(self._keep_alive(), name=f"keep-alive {self._key}")
         log.info("registered", key=self._key, lease_id=self._lease_id, ttl=self._ttl)
 
@@ -112,22 +118,48 @@ class Registration:
                 await self._renew()
         log.info("registration_updated", key=self._key)
 
-    async def _register(self) -> None:
+    async def _register(self, wait_for_holder: bool = False) -> None:
         lease_id = await self._client.grant_lease(self._ttl)
         try:
-            await self._client.put(self._key, self._participant.SerializeToString(), lease_id)
-        except EtcdError:
-            try:
+            await self._claim(lease_id, wait_for_holder)
+        except BaseException:
+            with contextlib.suppress(EtcdError):
                 await self._client.revoke_lease(lease_id)
-            except EtcdError:
-                pass
             raise
         self._lease_id = lease_id
         self._registered = True
         self._dirty = False
 
+    async def _claim(self, lease_id: int, wait_for_holder: bool = False) -> None:
+        """Put the participant under `lease_id` unless another lease holds the key.
+
+        With `wait_for_holder`, a holder whose lease runs out (a dead process) is waited for, for at
+        most that lease's granted TTL plus a second, this lease being kept alive meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None
+        while True:
+            holder = await self._client.put_unless_held(self._key, self._participant.SerializeToString(), lease_id)
+            if holder is None:
+                self._conflict_logged = False
+                return
+            if deadline is None:
+                granted = (await self._client.lease_ttl(holder.lease))[1] if holder.lease and wait_for_holder else -1
+                deadline = loop.time() + granted + 1
+                if granted > 0:
+                    log.warning("registration_waiting_for_holder", key=self._key, holder_lease=f"{holder.lease:x}",
+                                note=f"another lease holds the key: waiting up to {granted + 1}s for it to expire")
+            if loop.time() >= deadline:
+                error = RegistrationConflict(self._key, holder.lease)
+                if not self._conflict_logged:
+                    log.error("registration_conflict", key=self._key, holder_lease=f"{holder.lease:x}", error=str(error))
+                    self._conflict_logged = True
+                raise error
+            await asyncio.sleep(0.5)
+            await self._client.refresh_lease(lease_id)
+
     async def _put(self) -> None:
-        await self._client.put(self._key, self._participant.SerializeToString(), self._lease_id)
+        await self._claim(self._lease_id)
         self._dirty = False
 
     async def _renew(self) -> None:
