@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -20,28 +21,33 @@ TEST_BOTS = Path(__file__).resolve().parent / "bots"
 LEASE_TTL = 3
 
 class Mesh:
-    def __init__(self, etcd_endpoint: str, workdir: Path) -> None:
+    """`etcd_endpoint` may list several endpoints, comma-separated (a cluster). `etcd_flags(name)`
+    gives the etcd TLS and user flags of the component called `name` ("store", "router", a bot's name)."""
+
+    def __init__(self, etcd_endpoint: str, workdir: Path,
+                 etcd_flags: Callable[[str], list[str]] | None = None) -> None:
         self.etcd = etcd_endpoint
         self.workdir = workdir
+        self._etcd_flags = etcd_flags or (lambda name: [])
         self.router: ComponentProcess | None = None
         self.store: ComponentProcess | None = None
         self.bots: dict[str, ComponentProcess] = {}
 
     async def start_store(self) -> ComponentProcess:
-        self.store = ComponentProcess("store", ["store", "--etcd", self.etcd], self.workdir)
+        self.store = ComponentProcess("store", ["store", "--etcd", self.etcd, *self._etcd_flags("store")], self.workdir)
         await self.store.wait_serving()
         return self.store
 
     async def start_router(self) -> ComponentProcess:
-        self.router = ComponentProcess("router", ["router", "--etcd", self.etcd], self.workdir)
+        self.router = ComponentProcess("router", ["router", "--etcd", self.etcd, *self._etcd_flags("router")], self.workdir)
         await self.router.wait_serving()
         return self.router
 
     async def start_bot(self, path: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> ComponentProcess:
         bot = ComponentProcess(
             name,
-            ["bot", str(path), "--etcd", self.etcd, "--router", self.router.address, "--store", self.store.address,
-             "--lease-ttl", str(LEASE_TTL), *extra],
+            ["bot", str(path), "--etcd", self.etcd, *self._etcd_flags(name), "--router", self.router.address,
+             "--store", self.store.address, "--lease-ttl", str(LEASE_TTL), *extra],
             self.workdir,
             env=env,
         )
@@ -93,9 +99,9 @@ async def transfer(address: str, **fields) -> bot_pb2.TransferResponse:
 
 
 @contextlib.asynccontextmanager
-async def start_example_mesh(etcd_endpoint: str, workdir: Path):
+async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Callable[[str], list[str]] | None = None):
     """The store, the router and the three example bots, the router having indexed them."""
-    mesh = Mesh(etcd_endpoint, workdir)
+    mesh = Mesh(etcd_endpoint, workdir, etcd_flags)
     try:
         await asyncio.gather(mesh.start_store(), mesh.start_router())
         await asyncio.gather(
