@@ -16,6 +16,7 @@ from mbc.config import BotConfig
 from mbc.context_client import ContextClient
 from mbc.encoder import Encoder
 from mbc.logs import bind_context, get_logger
+from mbc.security import Authorizer
 from mbc.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, participant_pb2
 
@@ -27,7 +28,7 @@ SERVICE_NAME = bot_pb2.DESCRIPTOR.services_by_name["Bot"].full_name
 def create_server(config: BotConfig, engine: BotEngine) -> tuple[GrpcServer, int]:
     server = GrpcServer(
         config.server,
-        lambda s: bot_pb2_grpc.add_BotServicer_to_server(BotServicer(engine), s),
+        lambda s: bot_pb2_grpc.add_BotServicer_to_server(BotServicer(engine, Authorizer(config.server.tls.enabled)), s),
         [SERVICE_NAME],
     )
     return server, server.port
@@ -55,7 +56,8 @@ class BotProcess:
         self.config = config
         self.bot = bot or Bot.from_file(config.definition_path)
         self.encoder = encoder or Encoder(config.encoder)
-        self.channels = ChannelPool(config.server.max_message_bytes, config.server.keepalive_time_ms, config.server.keepalive_timeout_ms)
+        self.channels = ChannelPool(config.server.max_message_bytes, config.server.keepalive_time_ms,
+                                    config.server.keepalive_timeout_ms, config.server.tls)
         self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
         self.state: StoreState | MemoryState
         if config.store_address:

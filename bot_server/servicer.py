@@ -9,13 +9,15 @@ import grpc
 from bot_server.engine import BotEngine, Conflict, InvalidInput, Message, Refused, TurnResult
 from mbc.logs import bind_context
 from mbc.metrics import BOT_TURNS
+from mbc.security import Authorizer
 from mbc.serving import abort, remaining_seconds
 from mbc.v1 import bot_pb2, bot_pb2_grpc
 
 
 class BotServicer(bot_pb2_grpc.BotServicer):
-    def __init__(self, engine: BotEngine) -> None:
+    def __init__(self, engine: BotEngine, authorizer: Authorizer = Authorizer(False)) -> None:
         self.engine = engine
+        self.authorizer = authorizer
 
     async def Respond(self, request: bot_pb2.RespondRequest, context: grpc.aio.ServicerContext) -> bot_pb2.RespondResponse:
         with bind_context(conversation_id=request.conversation_id, bot_id=self.engine.bot.bot_id):
@@ -33,6 +35,8 @@ class BotServicer(bot_pb2_grpc.BotServicer):
             transfer_id=request.transfer_id,
             from_bot=request.sender.bot_id,
         ):
+            await self.authorizer.bot_of_group(context, self.engine.bot.definition.group, request.sender.bot_id,
+                                               "call Transfer on this bot")
             budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
             async with _status(context):
                 result = await self.engine.accept_transfer(request, budget)

@@ -7,6 +7,7 @@ from context_store.servicer import ContextStoreServicer
 from discovery import EtcdClient
 from mbc.config import ServerConfig
 from mbc.logs import get_logger
+from mbc.security import Authorizer
 from mbc.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import context_pb2, context_pb2_grpc
 
@@ -16,7 +17,8 @@ SERVICE_NAME = context_pb2.DESCRIPTOR.services_by_name["ContextStore"].full_name
 
 
 def create_server(config: ServerConfig, core: ContextStoreCore) -> tuple[GrpcServer, int]:
-    server = GrpcServer(config, lambda s: context_pb2_grpc.add_ContextStoreServicer_to_server(ContextStoreServicer(core), s), [SERVICE_NAME])
+    servicer = ContextStoreServicer(core, Authorizer(config.tls.enabled))
+    server = GrpcServer(config, lambda s: context_pb2_grpc.add_ContextStoreServicer_to_server(servicer, s), [SERVICE_NAME])
     return server, server.port
 
 

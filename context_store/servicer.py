@@ -6,9 +6,11 @@ from contextlib import asynccontextmanager
 
 import grpc
 
+from context_store.access import GroupAccess, PermissionDenied
 from context_store.core import ContextStoreCore, InvalidArgument, LimitExceeded, NotFound, StoreError, VersionConflict
 from discovery.errors import EtcdUnavailable
 from mbc.logs import bind_context, get_logger
+from mbc.security import Authorizer
 from mbc.v1 import context_pb2, context_pb2_grpc
 
 log = get_logger(__name__)
@@ -18,6 +20,7 @@ _CODES = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     VersionConflict: grpc.StatusCode.ABORTED,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -38,16 +41,26 @@ def _optional(message, field: str) -> int | None:
 
 
 class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
-    def __init__(self, core: ContextStoreCore) -> None:
+    """With mTLS (`authorizer.enabled`), every call needs a mesh identity; a namespace is read and
+    written only by bots of its group, a conversation claimed only by bots of its group
+    (context_store/access.py); GetOwner is open to every identity (gateways ask it)."""
+
+    def __init__(self, core: ContextStoreCore, authorizer: Authorizer = Authorizer(False)) -> None:
         self.core = core
+        self.authorizer = authorizer
+        self.access = GroupAccess(core)
 
     async def RegisterNamespace(self, request, context):
+        caller = await self.authorizer.caller(context)
         async with _status(context):
+            await self.access.register(caller, request.namespace)
             ttl = await self.core.register_namespace(request.namespace, request.ttl_seconds)
             return context_pb2.RegisterNamespaceResponse(namespace=request.namespace, ttl_seconds=ttl)
 
     async def Get(self, request, context):
+        caller = await self.authorizer.caller(context)
         async with _status(context):
+            await self.access.check(caller, request.key.namespace, "read")
             entry = await self.core.get(request.key)
             if entry is None:
                 return context_pb2.GetContextResponse(found=False)
@@ -55,17 +68,23 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
 
     async def Set(self, request, context):
         with bind_context(conversation_id=request.key.scope_id if request.key.scope == context_pb2.SCOPE_CONVERSATION else None):
+            caller = await self.authorizer.caller(context)
             async with _status(context):
+                await self.access.check(caller, request.key.namespace, "write")
                 entry = await self.core.set(request.key, request.value, _optional(request, "expected_version"))
                 return context_pb2.SetContextResponse(written=True, version=entry.version, expires_at_unix_ms=entry.expires_at_unix_ms)
 
     async def Delete(self, request, context):
+        caller = await self.authorizer.caller(context)
         async with _status(context):
+            await self.access.check(caller, request.key.namespace, "write")
             deleted = await self.core.delete(request.key, _optional(request, "expected_version"))
             return context_pb2.DeleteContextResponse(deleted=deleted)
 
     async def List(self, request, context):
+        caller = await self.authorizer.caller(context)
         async with _status(context):
+            await self.access.check(caller, request.namespace, "read")
             entries = await self.core.list(request.namespace, request.scope, request.scope_id)
             return context_pb2.ListContextResponse(
                 entries=[context_pb2.ContextEntry(key=e.key, value=e.value, version=e.version) for e in entries]
@@ -73,6 +92,7 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
 
     async def GetOwner(self, request, context):
         with bind_context(conversation_id=request.conversation_id):
+            await self.authorizer.caller(context)
             async with _status(context):
                 ownership, version = await self.core.get_owner(request.conversation_id)
                 if ownership is None:
@@ -81,7 +101,9 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
 
     async def ClaimOwner(self, request, context):
         with bind_context(conversation_id=request.conversation_id, bot_id=request.ownership.owner.bot_id):
+            caller = await self.authorizer.caller(context)
             async with _status(context):
+                await self.access.claim(caller, request.conversation_id)
                 version = await self.core.claim_owner(request.conversation_id, request.ownership, request.expected_version)
                 log.info("owner_claimed", transfer_id=request.ownership.transfer_id, version=version)
                 return context_pb2.ClaimOwnerResponse(version=version)

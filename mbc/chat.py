@@ -14,6 +14,7 @@ from typing import TextIO
 import grpc
 
 from mbc import tracing
+from mbc.config import TlsConfig
 from mbc.gateway import Conversation
 from mbc.inspect import rating_name
 from mbc.v1 import bot_pb2
@@ -55,7 +56,7 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> list[str]:
 
 async def run_chat(
     entry: str, store: str = "", conversation_id: str = "", consumer_id: str = "terminal", timeout: float = 10.0,
-    stdin: TextIO | None = None, stdout: TextIO | None = None,
+    stdin: TextIO | None = None, stdout: TextIO | None = None, tls: TlsConfig = TlsConfig(),
 ) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -64,7 +65,7 @@ async def run_chat(
     def say(line: str = "") -> None:
         print(line, file=stdout, flush=True)
 
-    async with Conversation(entry, conversation_id or None, consumer_id, timeout_seconds=timeout, store_address=store) as chat:
+    async with Conversation(entry, conversation_id or None, consumer_id, timeout_seconds=timeout, store_address=store, tls=tls) as chat:
         say(f"conversation {chat.conversation_id} (entry bot at {entry}{', store at ' + store if store else ''}); /quit to leave")
         while True:
             if interactive:

@@ -9,7 +9,7 @@ import io
 import os
 import sys
 
-from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig, StoreServiceConfig
+from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig, StoreServiceConfig, TlsConfig
 from mbc.logs import configure
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -17,6 +17,30 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 
 def _endpoints(value: str) -> tuple[str, ...]:
     return tuple(e.strip().removeprefix("http://") for e in value.split(",") if e.strip())
+
+
+def _tls_args(parser: argparse.ArgumentParser, client: bool = True) -> None:
+    """mTLS files (TlsConfig), all three or none. Client commands default to MBC_TLS_CA, MBC_TLS_CERT
+    and MBC_TLS_KEY; servers take MBC_<COMPONENT>__SERVER__TLS__<FIELD> like their other settings."""
+    env = os.environ.get if client else (lambda name, default: default)
+    parser.add_argument("--tls-ca", default=env("MBC_TLS_CA", ""), metavar="FILE",
+                        help="PEM CA of the mesh: turns on mutual TLS (with --tls-cert and --tls-key)")
+    parser.add_argument("--tls-cert", default=env("MBC_TLS_CERT", ""), metavar="FILE",
+                        help="PEM certificate naming this component (spiffe://mbc/bot/<group>/<bot_id>, spiffe://mbc/gateway/<name>, ...)")
+    parser.add_argument("--tls-key", default=env("MBC_TLS_KEY", ""), metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def _tls_config(args: argparse.Namespace) -> TlsConfig:
+    """The client command's TlsConfig, its files checked (exit with a message otherwise)."""
+    from mbc.security import read_files
+
+    try:
+        tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+        if tls.enabled:
+            read_files(tls)
+        return tls
+    except ValueError as e:  # TlsError included
+        sys.exit(f"mbc {args.command}: {e}")
 
 
 def _server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -34,11 +58,13 @@ def _server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                         help="OpenTelemetry gRPC instrumentation (needs the otel extra)")
     parser.add_argument("--otel-exporter", default=ServerConfig.otel_exporter, choices=("otlp", "console", "none"),
                         help="where OpenTelemetry spans go (otlp: OTEL_EXPORTER_OTLP_ENDPOINT)")
+    _tls_args(parser, client=False)
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, port_file=args.port_file, metrics_port=args.metrics_port,
-                        otel=args.otel, otel_exporter=args.otel_exporter)
+                        otel=args.otel, otel_exporter=args.otel_exporter,
+                        tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key))
 
 
 def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -77,6 +103,7 @@ def _given_flags(argv: list[str]) -> set[str]:
 
 def effective_config(kind: str, args: argparse.Namespace, build):
     """`build(args)` layered per mbc/settings.py: flag defaults < --config file < MBC_* env < given flags."""
+    from mbc.security import TlsError, read_files
     from mbc.settings import ConfigError, flag_overrides, resolve
 
     defaults, probes = _flag_defaults(kind)
@@ -89,8 +116,10 @@ def effective_config(kind: str, args: argparse.Namespace, build):
                 import opentelemetry.sdk  # noqa: F401
             except ImportError:
                 sys.exit(f"mbc {kind}: --otel needs OpenTelemetry: pip install 'mbc[otel]'")
+        if config.server.tls.enabled:
+            read_files(config.server.tls)
         return config
-    except ConfigError as e:
+    except (ConfigError, TlsError) as e:
         sys.exit(f"mbc {kind}: {e}")
     except ValueError as e:  # a flag's value is out of range
         sys.exit(f"mbc {kind}: invalid flag value: {e}")
@@ -223,14 +252,14 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_participants(args: argparse.Namespace) -> None:
     from mbc.inspect import print_participants
 
-    sys.exit(asyncio.run(print_participants(list(_endpoints(args.etcd)), args.group, args.timeout, args.json)))
+    sys.exit(asyncio.run(print_participants(list(_endpoints(args.etcd)), args.group, args.timeout, args.json, _tls_config(args))))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from mbc.chat import run_chat
 
     configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="chat")
-    sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout)))
+    sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout, tls=_tls_config(args))))
 
 
 def cmd_group(args: argparse.Namespace) -> None:
@@ -257,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_match(args: argparse.Namespace) -> None:
     from mbc.inspect import print_match
 
-    sys.exit(asyncio.run(print_match(args.router, args.text, args.bot, args.group, args.candidates)))
+    sys.exit(asyncio.run(print_match(args.router, args.text, args.bot, args.group, args.candidates, _tls_config(args))))
 
 
 def cmd_bench_match(args: argparse.Namespace) -> None:
@@ -310,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--bot", default="", help="ask as this bot (it is left out of the candidates)")
     match.add_argument("--group", default="", help="only this group (default: the bot's group, or all)")
     match.add_argument("-n", "--candidates", type=int, default=5)
+    _tls_args(match)
     match.set_defaults(func=cmd_match)
 
     config = sub.add_parser("config", help="show the effective settings (flag defaults, --config file, MBC_* variables)")
@@ -324,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     participants.add_argument("--group", default="", help="only this group")
     participants.add_argument("--timeout", type=float, default=2.0, help="seconds for each health check")
     participants.add_argument("--json", action="store_true", help="one JSON object per instance instead of a table")
+    _tls_args(participants)
     participants.set_defaults(func=cmd_participants)
 
     chat = sub.add_parser("chat", help="chat with the mesh in the terminal: who answers, every transfer")
@@ -333,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--conversation", default="", help="conversation id (default: a new one)")
     chat.add_argument("--consumer", default="terminal", help="consumer id")
     chat.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
+    _tls_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks of this machine")

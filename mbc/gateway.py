@@ -7,6 +7,7 @@
 Each response names the owner, and the next message goes there. With a store, a gateway that
 does not know the owner (another replica took the previous message, or it restarted) asks the
 Context Session Store who owns the conversation; a new conversation goes to the entry bot.
+With mTLS (`tls`, a certificate for the identity gateway/<name>), every call presents it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Mapping
 import grpc
 
 from mbc.channels import ChannelPool
+from mbc.config import TlsConfig
 from mbc.context_client import ContextClient
 from mbc.v1 import bot_pb2
 
@@ -31,6 +33,7 @@ class Conversation:
         timeout_seconds: float = 10.0,
         channels: ChannelPool | None = None,
         store_address: str = "",
+        tls: TlsConfig = TlsConfig(),
     ) -> None:
         self.conversation_id = conversation_id or uuid.uuid4().hex
         self.consumer_id = consumer_id
@@ -40,7 +43,7 @@ class Conversation:
         self.owner_address = ""
         self.owner_bot_id = ""
         self._own_channels = channels is None
-        self._channels = channels or ChannelPool()
+        self._channels = channels or ChannelPool(tls=tls)
         self._store = ContextClient(self._channels.channel(store_address), timeout_seconds) if store_address else None
 
     async def _find_owner(self) -> str:

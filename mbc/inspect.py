@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbc.channels import ChannelPool
+from mbc.channels import ChannelPool, open_channel
+from mbc.config import TlsConfig
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
 BOT_SERVICE = bot_pb2.DESCRIPTOR.services_by_name["Bot"].full_name
@@ -70,8 +71,8 @@ def verdict(response: router_pb2.MatchResponse, asking_bot: str = "") -> tuple[s
     return f"→ NONE: no bot rated GOOD or better{best}: {asker}'s fallback answers", -1
 
 
-async def print_match(router: str, text: str, bot: str, group: str, n: int) -> int:
-    pool = ChannelPool()
+async def print_match(router: str, text: str, bot: str, group: str, n: int, tls: TlsConfig = TlsConfig()) -> int:
+    pool = ChannelPool(tls=tls)
     try:
         response = await pool.router(router).Match(
             router_pb2.MatchRequest(text=text, bot_id=bot, group=group, max_candidates=n), timeout=10
@@ -110,17 +111,18 @@ class InstanceRow:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-async def check_health(address: str, service: str, timeout: float) -> str:
+async def check_health(address: str, service: str, timeout: float, tls: TlsConfig = TlsConfig()) -> str:
     """grpc.health.v1 status of `service` at `address`: SERVING, NOT_SERVING, ... or UNREACHABLE."""
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address, tls) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.aio.AioRpcError as e:
         return "UNREACHABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else e.code().name
 
 
-async def list_participants(etcd_endpoints: list[str], group: str = "", timeout: float = 2.0) -> tuple[list[InstanceRow], dict[str, str]]:
+async def list_participants(etcd_endpoints: list[str], group: str = "", timeout: float = 2.0,
+                            tls: TlsConfig = TlsConfig()) -> tuple[list[InstanceRow], dict[str, str]]:
     """Every registered instance (health checked in parallel) and the invalid registrations by key."""
     from discovery import PARTICIPANTS_PREFIX, EtcdClient
     from discovery.watcher import check_registration
@@ -136,7 +138,7 @@ async def list_participants(etcd_endpoints: list[str], group: str = "", timeout:
             continue
         rows.append(InstanceRow(p.group, p.bot_id, p.display_name or p.bot_id, p.instance_id, p.address, p.collaboration,
                                 [i.name for i in p.intents], p.definition_version, p.software_version))
-    statuses = await asyncio.gather(*(check_health(r.address, BOT_SERVICE, timeout) for r in rows))
+    statuses = await asyncio.gather(*(check_health(r.address, BOT_SERVICE, timeout, tls) for r in rows))
     for row, status in zip(rows, statuses):
         row.health = status
     rows.sort(key=lambda r: (r.group, r.bot_id, r.instance_id))
@@ -170,12 +172,13 @@ def format_participants(rows: list[InstanceRow], invalid: dict[str, str], width:
     return "\n".join(out).rstrip()
 
 
-async def print_participants(etcd_endpoints: list[str], group: str, timeout: float, as_json: bool) -> int:
+async def print_participants(etcd_endpoints: list[str], group: str, timeout: float, as_json: bool,
+                             tls: TlsConfig = TlsConfig()) -> int:
     """Exit status: 0 when every instance is SERVING, 1 when one is not, 2 when etcd cannot be read."""
     from discovery.errors import EtcdError
 
     try:
-        rows, invalid = await list_participants(etcd_endpoints, group, timeout)
+        rows, invalid = await list_participants(etcd_endpoints, group, timeout, tls)
     except (EtcdError, OSError) as e:
         print(f"mbc participants: cannot read etcd at {','.join(etcd_endpoints)}: {e}", file=sys.stderr)
         return 2

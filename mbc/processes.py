@@ -15,6 +15,9 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mbc.channels import open_channel
+from mbc.config import TlsConfig
+
 
 class ComponentProcess:
     """One `python -m mbc ...` child that binds `port` (0: a free one) and reports it through a file."""
@@ -60,11 +63,11 @@ class ComponentProcess:
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} did not bind a port within {timeout:.0f}s:\n{self.log_tail()}")
 
-    async def wait_serving(self, service: str = "", timeout: float = 90.0) -> None:
-        """Wait for the port, then for grpc.health.v1 to report SERVING."""
+    async def wait_serving(self, service: str = "", timeout: float = 90.0, tls: TlsConfig = TlsConfig()) -> None:
+        """Wait for the port, then for grpc.health.v1 to report SERVING (asked over mTLS with `tls`)."""
         deadline = time.monotonic() + timeout
         await asyncio.to_thread(self.wait_port, timeout)
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with open_channel(self.address, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:

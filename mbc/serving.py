@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from mbc import metrics, tracing
+from mbc import metrics, security, tracing
 from mbc.config import ServerConfig
 from mbc.decoding import DecodingInterceptor
 from mbc.logs import bind_context, get_logger
@@ -69,7 +69,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class GrpcServer:
-    """A grpc.aio server with health and reflection, bound per `ServerConfig`.
+    """A grpc.aio server with health and reflection, bound per `ServerConfig`: plaintext, or mutual
+    TLS with `config.tls` (clients must present a certificate signed by its CA).
 
     Services are added by `add_services(server)`; `service_names` are their full names, reported
     NOT_SERVING by health until `set_serving(True)`.
@@ -104,7 +105,11 @@ class GrpcServer:
             (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        target = f"{config.host}:{config.port}"
+        if config.tls.enabled:
+            self.port = self.server.add_secure_port(target, security.server_credentials(config.tls))
+        else:
+            self.port = self.server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
 

@@ -308,10 +308,15 @@ def flag_overrides(
     base_flat = flatten(base)
     full_flat = flatten(build(args))
     overrides: dict[Path_, tuple[Any, str]] = {}
+    together: list[str] = []  # flags valid only with others, e.g. a certificate and its key
     for dest in sorted(given):
         if dest not in defaults:
             continue
-        alone = flatten(build(namespace(**{dest: getattr(args, dest)})))
+        try:
+            alone = flatten(build(namespace(**{dest: getattr(args, dest)})))
+        except ValueError:
+            together.append(dest)
+            continue
         paths = {p for p, v in alone.items() if v != base_flat[p]}
         try:
             probe_value = (probes or {}).get(dest, _perturbed(defaults[dest]))
@@ -321,6 +326,11 @@ def flag_overrides(
             pass
         for path in paths:
             overrides[path] = (full_flat[path], f"flag --{dest.replace('_', '-')}")
+    if together:
+        jointly = flatten(build(namespace(**{dest: getattr(args, dest) for dest in together})))
+        source = "flag " + "/".join(f"--{dest.replace('_', '-')}" for dest in together)
+        for path in (p for p, v in jointly.items() if v != base_flat[p]):
+            overrides[path] = (full_flat[path], source)
     return base, overrides
 
 
