@@ -56,6 +56,9 @@ async def _status(context: grpc.aio.ServicerContext):
     except Conflict as e:
         await abort(context, grpc.StatusCode.ABORTED, str(e))
     except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            # The store checks the ids this request carries (e.g. conversation_id's length).
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the Context Session Store refused this request: {e.details()}")
         transient = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         code = grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.INTERNAL
         await abort(context, code, f"the Context Session Store failed: {e.code().name}: {e.details()}")

@@ -10,18 +10,23 @@ mod revision; compare-and-set is an etcd transaction on it.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from context_store.leases import LeaseBuckets
 from discovery import EtcdClient
 from discovery.errors import LeaseNotFound
 from mbc.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/config.py)
+from mbc.logs import get_logger
 from mbc.v1 import context_pb2
+
+log = get_logger(__name__)
 
 PREFIX = "/mbc/v1/context/"
 NAMESPACES = PREFIX + "namespaces/"
@@ -31,6 +36,8 @@ CONVERSATIONS = "/mbc/v1/conversations/"
 _NAMESPACE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
 MAX_SCOPE_ID = 256
+# Ten years: a namespace TTL becomes an etcd lease TTL, and etcd refuses leases beyond ~285 years.
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 _SCOPES = {
     context_pb2.SCOPE_GLOBAL: "global",
     context_pb2.SCOPE_CONSUMER: "consumer",
@@ -98,8 +105,8 @@ class ContextStoreCore:
 
     async def register_namespace(self, namespace: str, ttl_seconds: int) -> int:
         check_namespace(namespace)
-        if ttl_seconds < 1:
-            raise InvalidArgument(f"ttl_seconds must be at least 1, got {ttl_seconds}")
+        if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidArgument(f"ttl_seconds must be at least 1 and at most {MAX_TTL_SECONDS} (ten years), got {ttl_seconds}")
         spec = context_pb2.RegisterNamespaceRequest(namespace=namespace, ttl_seconds=ttl_seconds)
         await self.etcd.put(NAMESPACES + namespace, spec.SerializeToString())
         self._namespaces[namespace] = (ttl_seconds, time.monotonic())
@@ -114,7 +121,13 @@ class ContextStoreCore:
         if kv is None:
             self._namespaces.pop(namespace, None)
             raise NotFound(f"namespace {namespace!r} is not registered; call RegisterNamespace first")
-        spec = context_pb2.RegisterNamespaceRequest.FromString(kv.value)
+        try:
+            spec = context_pb2.RegisterNamespaceRequest.FromString(kv.value)
+        except DecodeError:
+            spec = context_pb2.RegisterNamespaceRequest()
+        if not 1 <= spec.ttl_seconds <= MAX_TTL_SECONDS:
+            log.warning("store_namespace_corrupt", namespace=namespace)
+            raise NotFound(f"namespace {namespace!r} has a corrupt registration in etcd; call RegisterNamespace again")
         self._namespaces[namespace] = (spec.ttl_seconds, time.monotonic())
         return spec.ttl_seconds
 
@@ -140,11 +153,21 @@ class ContextStoreCore:
 
     @staticmethod
     def _decode(raw_key: str, raw: bytes, version: int) -> Entry | None:
-        stored = struct_pb2.Struct.FromString(raw)
-        expires = int(stored.fields["expires_at_unix_ms"].number_value)
-        if expires and expires <= _now_ms():
+        """The live entry stored under `raw_key`; None when it expired or is corrupt.
+
+        A corrupt value (not written by this store) counts as absent, so a write replaces it
+        rather than every read of the conversation failing until it expires."""
+        try:
+            stored = struct_pb2.Struct.FromString(raw)
+        except DecodeError:
+            stored = struct_pb2.Struct()
+        value, expires = stored.fields.get("value"), stored.fields.get("expires_at_unix_ms")
+        if value is None or value.WhichOneof("kind") is None or expires is None or not math.isfinite(expires.number_value):
+            log.warning("store_value_corrupt", key=raw_key, version=version)
             return None
-        return Entry(raw_key.rsplit("/", 1)[-1], stored.fields["value"], version, expires)
+        if expires.number_value and expires.number_value <= _now_ms():
+            return None
+        return Entry(raw_key.rsplit("/", 1)[-1], value, version, int(expires.number_value))
 
     async def get(self, key: context_pb2.ContextKey) -> Entry | None:
         path = self._key(key)
@@ -213,23 +236,46 @@ class ContextStoreCore:
         entries = (self._decode(kv.key, kv.value, kv.mod_revision) for kv in items)
         return sorted((e for e in entries if e is not None), key=lambda e: e.key)
 
+    @staticmethod
+    def _ownership(kv) -> context_pb2.Ownership | None:
+        """The owner record in `kv`; None when there is none or it is corrupt (it then counts as
+        absent: version 0, and a claim from version 0 replaces it)."""
+        if kv is None:
+            return None
+        try:
+            record = context_pb2.Ownership.FromString(kv.value)
+        except DecodeError:
+            record = context_pb2.Ownership()
+        if not record.owner.bot_id:
+            log.warning("store_owner_corrupt", key=kv.key, version=kv.mod_revision)
+            return None
+        return record
+
     async def get_owner(self, conversation_id: str) -> tuple[context_pb2.Ownership | None, int]:
         kv = await self.etcd.get(owner_key(conversation_id))
-        if kv is None:
-            return None, 0
-        return context_pb2.Ownership.FromString(kv.value), kv.mod_revision
+        record = self._ownership(kv)
+        return (record, kv.mod_revision) if record is not None else (None, 0)
 
     async def claim_owner(self, conversation_id: str, ownership: context_pb2.Ownership, expected_version: int) -> int:
         path = owner_key(conversation_id)
         if not ownership.owner.bot_id:
             raise InvalidArgument("ownership.owner.bot_id is required")
+        for name, text in (("ownership.owner.bot_id", ownership.owner.bot_id), ("ownership.owner.instance_id", ownership.owner.instance_id),
+                           ("ownership.owner.address", ownership.owner.address), ("ownership.transfer_id", ownership.transfer_id)):
+            if len(text) > MAX_SCOPE_ID:
+                raise InvalidArgument(f"{name} has {len(text)} characters; the maximum is {MAX_SCOPE_ID}")
         record = context_pb2.Ownership()
         record.CopyFrom(ownership)
         record.updated_at_unix_ms = _now_ms()
-        ok, revision, current = await self._put_if(path, record.SerializeToString(), expected_version, self.config.conversation_ttl_seconds)
+        raw = record.SerializeToString()
+        ttl = self.config.conversation_ttl_seconds
+        ok, revision, current = await self._put_if(path, raw, expected_version, ttl)
+        if not ok and expected_version == 0 and current is not None and self._ownership(current) is None:
+            ok, revision, current = await self._put_if(path, raw, current.mod_revision, ttl)
         if not ok:
-            holder = context_pb2.Ownership.FromString(current.value).owner.bot_id if current else "nobody"
-            actual = current.mod_revision if current else 0
+            holder_record = self._ownership(current)
+            holder = holder_record.owner.bot_id if holder_record else "nobody"
+            actual = current.mod_revision if holder_record else 0
             raise VersionConflict(
                 f"conversation {conversation_id!r} is owned by {holder!r} at version {actual}, not {expected_version}"
             )
