@@ -65,7 +65,7 @@ class BotProcess:
             self.state = StoreState(client, self.bot.definition.context_namespace, self.bot.bot_id)
         else:
             self.state = MemoryState()
-        self.etcd = EtcdClient(list(config.etcd_endpoints)) if config.etcd_endpoints else None
+        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
         self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels, self.state,
                                 GroupSettingsCache(self.etcd, self.bot.definition.group))
         self.server, self.port = create_server(config, self.engine)
@@ -77,9 +77,10 @@ class BotProcess:
             await self.engine.prepare()
             if isinstance(self.state, StoreState):
                 await self.state.prepare(self.config.context_ttl_seconds)
+            if self.etcd is not None:
+                await self.etcd.connect()  # before serving: wrong etcd credentials stop the bot at once
             await self.server.start()
             if self.etcd is not None:
-                await self.etcd.connect()
                 self.registration = Registration(self.etcd, participant_of(self.bot, self.identity), ttl=self.config.lease_ttl_seconds)
                 await self.registration.start()
             await self.server.set_serving(True)
