@@ -5,7 +5,7 @@ from __future__ import annotations
 from context_store.core import ContextStoreCore, StoreConfig
 from context_store.servicer import ContextStoreServicer
 from discovery import EtcdClient
-from mbc.config import ServerConfig
+from mbc.config import EtcdAccess, ServerConfig
 from mbc.logs import get_logger
 from mbc.security import Authorizer
 from mbc.serving import GrpcServer, wait_for_shutdown_signal
@@ -23,8 +23,9 @@ def create_server(config: ServerConfig, core: ContextStoreCore) -> tuple[GrpcSer
 
 
 class StoreProcess:
-    def __init__(self, etcd_endpoints: tuple[str, ...], server: ServerConfig = ServerConfig(), store: StoreConfig = StoreConfig()) -> None:
-        self.etcd = EtcdClient(list(etcd_endpoints))
+    def __init__(self, etcd_endpoints: tuple[str, ...], server: ServerConfig = ServerConfig(), store: StoreConfig = StoreConfig(),
+                 etcd_access: EtcdAccess = EtcdAccess()) -> None:
+        self.etcd = EtcdClient(list(etcd_endpoints), access=etcd_access)
         self.core = ContextStoreCore(self.etcd, store)
         self.server, self.port = create_server(server, self.core)
 
@@ -40,8 +41,9 @@ class StoreProcess:
         log.info("store_stopped")
 
 
-async def serve(etcd_endpoints: tuple[str, ...], server: ServerConfig, store: StoreConfig = StoreConfig()) -> None:
-    process = StoreProcess(etcd_endpoints, server, store)
+async def serve(etcd_endpoints: tuple[str, ...], server: ServerConfig, store: StoreConfig = StoreConfig(),
+                etcd_access: EtcdAccess = EtcdAccess()) -> None:
+    process = StoreProcess(etcd_endpoints, server, store, etcd_access)
     await process.start()
     signal_name = await wait_for_shutdown_signal()
     log.info("shutdown_requested", signal=signal_name)

@@ -23,6 +23,11 @@ class LeaseNotFound(EtcdError):
     """The lease does not exist (expired or revoked)."""
 
 
+class EtcdSettingsError(ValueError):
+    """The etcd access settings cannot work: a TLS or password file cannot be read, a setting is
+    missing its partner (cert without key, user without password file), http mixed with TLS."""
+
+
 class EtcdAuthFailed(EtcdError):
     """etcd refused the credentials (wrong user name or password, or TLS settings that do not fit
     the server). Retrying does not help: fix the configuration."""

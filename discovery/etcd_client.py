@@ -31,6 +31,7 @@ from discovery.errors import (
     EtcdAuthFailed,
     EtcdError,
     EtcdPermissionDenied,
+    EtcdSettingsError,
     EtcdUnavailable,
     LeaseNotFound,
     WatchCompacted,
@@ -75,6 +76,27 @@ class WatchEvent:
     key: str
     value: bytes
     mod_revision: int
+
+
+@dataclass(frozen=True)
+class KeyPermission:
+    """A permission of an etcd role on the keys from `key` up to `range_end` (excluded)."""
+
+    key: bytes
+    range_end: bytes
+    permission: str
+    """"read", "write" or "readwrite"."""
+
+    @classmethod
+    def on_prefix(cls, prefix: str, permission: str) -> KeyPermission:
+        key = prefix.encode()
+        return cls(key, aetcd.utils.prefix_range_end(key), permission)
+
+    def __str__(self) -> str:
+        key = self.key.decode(errors="backslashreplace")
+        if self.range_end == aetcd.utils.prefix_range_end(self.key):
+            return f"{self.permission} {key}*"
+        return f"{self.permission} [{key}, {self.range_end.decode(errors='backslashreplace')})"
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
@@ -139,6 +161,13 @@ def _rpc_error(error: rpc.AioRpcError) -> EtcdError:
     if "lease not found" in details:
         return LeaseNotFound(details)
     return EtcdError(details)
+
+
+def _guarded(guard: tuple[str, int] | None) -> list[rpc.Compare]:
+    """The compare of a fencing guard: (key, mod revision the key must still be at)."""
+    if guard is None:
+        return []
+    return [rpc.Compare(key=guard[0].encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=guard[1])]
 
 
 def _translate(error: aetcd.exceptions.ClientError) -> EtcdError:
@@ -210,13 +239,17 @@ class EtcdClient:
         access = access or EtcdAccess()
         schemes = {scheme for scheme, _, _ in parsed}
         self._tls = "https" in schemes or access.tls
-        if self._tls and "http" in schemes:
-            raise ValueError("etcd endpoints mix http:// with TLS (https:// endpoints or etcd.ca_file/cert_file): "
-                             "use one or the other")
+        try:
+            access.check()
+            if self._tls and "http" in schemes:
+                raise ValueError("etcd endpoints mix http:// with TLS (https:// endpoints or etcd.ca_file/cert_file): "
+                                 "use one or the other")
+            self._credentials = _credentials(access, self._tls)
+            self._password = _password(access)
+        except ValueError as e:
+            raise EtcdSettingsError(str(e)) from None
         self._endpoints = [(host, port) for _, host, port in parsed]
-        self._credentials = _credentials(access, self._tls)
         self._username = access.username or None
-        self._password = _password(access)
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._clients: dict[int, aetcd.Client] = {}
@@ -310,14 +343,17 @@ class EtcdClient:
             if type(e) is not EtcdError or "has been compacted" not in str(e):
                 raise
 
-    async def put_if(self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None) -> tuple[bool, int, KeyValue | None]:
-        """Put only if the key's mod revision is `mod_revision` (0: only if the key is absent).
+    async def put_if(self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None,
+                     guard: tuple[str, int] | None = None) -> tuple[bool, int, KeyValue | None]:
+        """Put only if the key's mod revision is `mod_revision` (0: only if the key is absent), and,
+        with `guard` (another key, its mod revision), only if that key is at that revision too.
 
         Returns (succeeded, store revision after the call, the key's current value when it failed).
         """
         k = key.encode()
         request = rpc.TxnRequest(
-            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)],
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
+                     *_guarded(guard)],
             success=[rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=value, lease=lease_id or 0))],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))],
         )
@@ -356,11 +392,13 @@ class EtcdClient:
             return await self.put_unless_held(key, value, lease_id)
         return KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease)
 
-    async def delete_if(self, key: str, mod_revision: int) -> bool:
-        """Delete the key only if its mod revision is `mod_revision`; return whether it was deleted."""
+    async def delete_if(self, key: str, mod_revision: int, guard: tuple[str, int] | None = None) -> bool:
+        """Delete the key only if its mod revision is `mod_revision` (and `guard` holds, as in
+        put_if); return whether it was deleted."""
         k = key.encode()
         request = rpc.TxnRequest(
-            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)],
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
+                     *_guarded(guard)],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
         )
         response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
@@ -414,28 +452,19 @@ class EtcdClient:
     async def add_role(self, name: str) -> None:
         await self._auth("RoleAdd", rpc.AuthRoleAddRequest(name=name))
 
-    async def role_permissions(self, role: str) -> set[tuple[str, str]]:
-        """The role's permissions as (key prefix, "read" | "write" | "readwrite")."""
+    async def role_permissions(self, role: str) -> set[KeyPermission]:
         reply = await self._auth("RoleGet", rpc.AuthRoleGetRequest(role=role))
-        out = set()
-        for perm in reply.perm:
-            key = perm.key.decode()
-            if perm.range_end != aetcd.utils.prefix_range_end(perm.key):
-                key += f" (range end {perm.range_end!r})"
-            out.add((key, rpc.Permission.Type.Name(perm.permType).lower()))
-        return out
+        return {KeyPermission(perm.key, perm.range_end, rpc.Permission.Type.Name(perm.permType).lower())
+                for perm in reply.perm}
 
-    async def grant_prefix(self, role: str, prefix: str, permission: str) -> None:
-        """Give `role` `permission` ("read", "write" or "readwrite") on every key under `prefix`."""
-        k = prefix.encode()
-        perm = rpc.Permission(permType=rpc.Permission.Type.Value(permission.upper()), key=k,
-                              range_end=aetcd.utils.prefix_range_end(k))
+    async def grant_permission(self, role: str, permission: KeyPermission) -> None:
+        perm = rpc.Permission(permType=rpc.Permission.Type.Value(permission.permission.upper()),
+                              key=permission.key, range_end=permission.range_end)
         await self._auth("RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm))
 
-    async def revoke_prefix(self, role: str, prefix: str) -> None:
-        k = prefix.encode()
+    async def revoke_permission(self, role: str, permission: KeyPermission) -> None:
         await self._auth("RoleRevokePermission", rpc.AuthRoleRevokePermissionRequest(
-            role=role, key=k, range_end=aetcd.utils.prefix_range_end(k)))
+            role=role, key=permission.key, range_end=permission.range_end))
 
     async def enable_auth(self) -> None:
         await self._auth("AuthEnable", rpc.AuthEnableRequest())

@@ -14,9 +14,14 @@ log = get_logger(__name__)
 GROUPS_PREFIX = "/mbc/v1/groups/"
 
 
-def settings_key(group: str) -> str:
+def group_prefix(group: str) -> str:
+    """The prefix of one group's keys (what its bots may read)."""
     validate_name("group", group)
-    return f"{GROUPS_PREFIX}{group}/settings"
+    return f"{GROUPS_PREFIX}{group}/"
+
+
+def settings_key(group: str) -> str:
+    return f"{group_prefix(group)}settings"
 
 
 async def write_group_settings(client: EtcdClient, group: str, settings: participant_pb2.GroupSettings) -> None:

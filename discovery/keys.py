@@ -18,11 +18,16 @@ def validate_name(kind: str, value: str) -> None:
         )
 
 
-def participant_key(group: str, bot_id: str, instance_id: str) -> str:
+def bot_prefix(group: str, bot_id: str) -> str:
+    """The prefix of every instance key of one bot (what its etcd user may write)."""
     validate_name("group", group)
     validate_name("bot_id", bot_id)
+    return f"{PARTICIPANTS_PREFIX}{group}/{bot_id}/"
+
+
+def participant_key(group: str, bot_id: str, instance_id: str) -> str:
     validate_name("instance_id", instance_id)
-    return f"{PARTICIPANTS_PREFIX}{group}/{bot_id}/{instance_id}"
+    return f"{bot_prefix(group, bot_id)}{instance_id}"
 
 
 def parse_participant_key(key: str) -> tuple[str, str, str]:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig, StoreServiceConfig, TlsConfig
+from mbc.config import EtcdAccess
 from mbc.logs import configure
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -43,11 +44,29 @@ def _tls_config(args: argparse.Namespace) -> TlsConfig:
         sys.exit(f"mbc {args.command}: {e}")
 
 
+def _etcd_access_args(parser: argparse.ArgumentParser, user: bool = True) -> None:
+    """TLS files and the etcd user (fields of EtcdAccess)."""
+    parser.add_argument("--etcd-ca", default=EtcdAccess.ca_file, metavar="FILE",
+                        help="CA of etcd's server certificate: talk TLS to etcd (as do https:// endpoints)")
+    parser.add_argument("--etcd-cert", default=EtcdAccess.cert_file, metavar="FILE", help="client certificate for etcd (with --etcd-key)")
+    parser.add_argument("--etcd-key", default=EtcdAccess.key_file, metavar="FILE", help="key of --etcd-cert")
+    if user:
+        parser.add_argument("--etcd-user", default=EtcdAccess.username, help="etcd user (see `mbc etcd-auth setup`)")
+        parser.add_argument("--etcd-password-file", default=EtcdAccess.password_file, metavar="FILE",
+                            help="file holding the etcd user's password")
+
+
+def _etcd_access(args: argparse.Namespace) -> EtcdAccess:
+    return EtcdAccess(ca_file=args.etcd_ca, cert_file=args.etcd_cert, key_file=args.etcd_key,
+                      username=getattr(args, "etcd_user", ""), password_file=getattr(args, "etcd_password_file", ""))
+
+
 def _server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
     parser.add_argument("--port", type=int, default=default_port, help="port to bind; 0 picks a free one")
     parser.add_argument("--port-file", default="", help="write the bound port to this file once serving")
     parser.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
+    _etcd_access_args(parser)
     parser.add_argument("--model", default=os.environ.get("MBC_MODEL", ""), help="sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--log-level", default=os.environ.get("MBC_LOG_LEVEL", "INFO"))
     parser.add_argument("--config", default=os.environ.get("MBC_CONFIG", ""), metavar="FILE",
@@ -154,9 +173,20 @@ def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
     )
 
 
+def run_component(kind: str, main) -> None:
+    """Run a server; etcd settings or credentials that cannot work stop it with a message, not a traceback."""
+    from discovery.errors import EtcdAuthFailed, EtcdPermissionDenied, EtcdSettingsError, RegistrationConflict
+
+    try:
+        asyncio.run(main)
+    except (EtcdAuthFailed, EtcdPermissionDenied, EtcdSettingsError, RegistrationConflict) as e:
+        sys.exit(f"mbc {kind}: etcd: {e}")
+
+
 def router_config(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         etcd_endpoints=_endpoints(args.etcd),
+        etcd=_etcd_access(args),
         server=_server_config(args),
         encoder=_router_encoder_config(args),
         decision=DecisionConfig(calibration_path=args.calibration),
@@ -168,7 +198,7 @@ def cmd_router(args: argparse.Namespace) -> None:
 
     config = effective_config("router", args, router_config)
     configure(args.log_level, service="router")
-    asyncio.run(serve(config))
+    run_component("router", serve(config))
 
 
 def load_handlers(spec: str, bot) -> None:
@@ -194,6 +224,7 @@ def bot_config(args: argparse.Namespace) -> BotConfig:
     return BotConfig(
         definition_path=args.definition,
         etcd_endpoints=_endpoints(args.etcd),
+        etcd=_etcd_access(args),
         router_address=args.router,
         store_address=args.store,
         server=_server_config(args),
@@ -214,7 +245,7 @@ def cmd_bot(args: argparse.Namespace) -> None:
         bot = Bot.from_file(config.definition_path)
         for spec in args.handlers:
             load_handlers(spec, bot)
-        asyncio.run(serve(config, bot))
+        run_component("bot", serve(config, bot))
     except DefinitionError as e:
         sys.exit(f"mbc bot: {e}")
 
@@ -224,11 +255,11 @@ def cmd_store(args: argparse.Namespace) -> None:
 
     config = effective_config("store", args, store_config)
     configure(args.log_level, service="store")
-    asyncio.run(serve(config.etcd_endpoints, config.server, config.limits))
+    run_component("store", serve(config.etcd_endpoints, config.server, config.limits, config.etcd))
 
 
 def store_config(args: argparse.Namespace) -> StoreServiceConfig:
-    return StoreServiceConfig(etcd_endpoints=_endpoints(args.etcd), server=_server_config(args))
+    return StoreServiceConfig(etcd_endpoints=_endpoints(args.etcd), etcd=_etcd_access(args), server=_server_config(args))
 
 
 CONFIG_BUILDERS = {"router": router_config, "bot": bot_config, "store": store_config}
@@ -252,7 +283,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_participants(args: argparse.Namespace) -> None:
     from mbc.inspect import print_participants
 
-    sys.exit(asyncio.run(print_participants(list(_endpoints(args.etcd)), args.group, args.timeout, args.json, _tls_config(args))))
+    sys.exit(asyncio.run(print_participants(list(_endpoints(args.etcd)), args.group, args.timeout, args.json, _tls_config(args),
+                                            etcd_access=_etcd_access(args))))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -267,7 +299,7 @@ def cmd_group(args: argparse.Namespace) -> None:
     from discovery.groups import read_group_settings, write_group_settings
 
     async def run() -> None:
-        async with EtcdClient(list(_endpoints(args.etcd))) as etcd:
+        async with EtcdClient(list(_endpoints(args.etcd)), access=_etcd_access(args)) as etcd:
             settings = await read_group_settings(etcd, args.group)
             if args.return_to_sender is not None:
                 settings.return_to_sender = args.return_to_sender == "on"
@@ -275,6 +307,14 @@ def cmd_group(args: argparse.Namespace) -> None:
             print(f"group {args.group}: return_to_sender={'on' if settings.return_to_sender else 'off'}")
 
     asyncio.run(run())
+
+
+def cmd_etcd_auth_setup(args: argparse.Namespace) -> None:
+    from mbc.etcd_auth import run_setup
+
+    configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="etcd-auth")
+    sys.exit(asyncio.run(run_setup(list(_endpoints(args.etcd)), _etcd_access(args), args.password_dir,
+                                   args.root_password_file, args.bot)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -325,9 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     group = sub.add_parser("group", help="show or change a bot group's settings")
     group.add_argument("group")
     group.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
+    _etcd_access_args(group)
     group.add_argument("--return-to-sender", choices=("on", "off"), default=None,
                        help="hand a transferred conversation back to the sending bot when the receiver's dialog ends")
     group.set_defaults(func=cmd_group)
+
+    etcd_auth = sub.add_parser("etcd-auth", help="etcd users and roles for the mesh's components")
+    etcd_auth_sub = etcd_auth.add_subparsers(dest="etcd_auth_command", required=True)
+    setup = etcd_auth_sub.add_parser(
+        "setup", help="create or update one etcd user per component (router, store, each bot) allowed only its key "
+                      "prefixes, then enable authentication (see mbc/etcd_auth.py)")
+    setup.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
+    _etcd_access_args(setup, user=False)
+    setup.add_argument("--password-dir", required=True, metavar="DIR",
+                       help="each user's password is read from DIR/<user>.password, or made (random, mode 0600) when missing")
+    setup.add_argument("--root-password-file", default="", metavar="FILE",
+                       help="etcd root's password (default DIR/root.password; made when etcd has no authentication yet)")
+    setup.add_argument("--bot", action="append", default=[], metavar="GROUP/BOT_ID|DEFINITION.yaml",
+                       help="a bot to make a user for: its group and id, or its definition file; repeatable")
+    setup.set_defaults(func=cmd_etcd_auth_setup)
 
     demo = sub.add_parser("demo", help="start a local mesh and play a conversation through both workflows")
     demo.add_argument("--etcd", default="", help="use these etcd endpoints instead of starting a local etcd")
@@ -351,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     participants = sub.add_parser("participants", help="registered bots: instances, group, health, intents")
     participants.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
+    _etcd_access_args(participants)
     participants.add_argument("--group", default="", help="only this group")
     participants.add_argument("--timeout", type=float, default=2.0, help="seconds for each health check")
     participants.add_argument("--json", action="store_true", help="one JSON object per instance instead of a table")

@@ -233,7 +233,9 @@ class EtcdAccess:
     password_file: str = ""
     """File holding that user's password (one line; the password itself never goes in a config)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Raise ValueError for settings that only make sense together (checked when the client is
+        made, not here, so that flags can be given one at a time)."""
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("etcd.cert_file and etcd.key_file go together: set both or neither")
         if bool(self.username) != bool(self.password_file):

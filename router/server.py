@@ -39,7 +39,7 @@ class RouterProcess:
         self.core = RouterCore(config, self.encoder)
         self.server, self.port = create_server(config, self.core)
         metrics.ROUTER_COLLECTOR.add(self.core)
-        self.etcd = EtcdClient(list(config.etcd_endpoints))
+        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd)
         self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
         self._ready_task: asyncio.Task | None = None
         self._calibration_task: asyncio.Task | None = None
@@ -77,9 +77,9 @@ class RouterProcess:
         self.core.submit(snapshot.participants, snapshot.revision)
 
     async def start(self) -> None:
+        await self.etcd.connect()  # first: wrong etcd credentials stop the router before it loads anything
         await self.server.start()
         await self.core.prepare()
-        await self.etcd.connect()
         self.watcher.start()
         self._ready_task = asyncio.create_task(self._serve_when_ready())
         if self.config.decision.calibration_path:
