@@ -123,6 +123,24 @@ async def transfer(address: str, tls: TlsConfig = TlsConfig(), **fields) -> bot_
 
 
 
+EXAMPLE_PROBES = {"cards": "I lost my debit card", "business-banking": "open a business account for my LLC",
+                  "personal-banking": "what's my checking balance"}
+"""An utterance each example bot is the best match for."""
+
+
+async def wait_indexed(mesh: Mesh, bot_ids, timeout: float = 30.0) -> None:
+    """Until the router ranks each of `bot_ids` (example bots) first for its EXAMPLE_PROBES utterance."""
+
+    async def indexed():
+        for bot_id in bot_ids:
+            r = await match(mesh.router.address, EXAMPLE_PROBES[bot_id], group="retail-bank", tls=mesh.client_tls)
+            if not r.candidates or r.candidates[0].bot_id != bot_id:
+                return False
+        return True
+
+    await eventually(indexed, timeout=timeout)
+
+
 @contextlib.asynccontextmanager
 async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Callable[[str], list[str]] | None = None, ca=None):
     """The store, the router and the three example bots, the router having indexed them (over
@@ -135,18 +153,7 @@ async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Call
             mesh.start_bot(EXAMPLES / "business_banking.yaml", "business-banking"),
             mesh.start_bot(EXAMPLES / "cards.yaml", "cards"),
         )
-
-        probes = {"cards": "I lost my debit card", "business-banking": "open a business account for my LLC",
-                  "personal-banking": "what's my checking balance"}
-
-        async def indexed():
-            for bot_id, text in probes.items():
-                r = await match(mesh.router.address, text, group="retail-bank", tls=mesh.client_tls)
-                if not r.candidates or r.candidates[0].bot_id != bot_id:
-                    return False
-            return True
-
-        await eventually(indexed, timeout=30)
+        await wait_indexed(mesh, EXAMPLE_PROBES)
         yield mesh
     finally:
         mesh.stop()
