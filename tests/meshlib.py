@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TEST_BOTS = Path(__file__).resolve().parent / "bots"
 LEASE_TTL = 3
+# A component loads torch and the model before it serves: minutes when several meshes share 2 cores.
+START_TIMEOUT = 240.0
 
 class Mesh:
     """`etcd_endpoint` may list several endpoints, comma-separated (a cluster). `etcd_flags(name)`
@@ -52,13 +54,13 @@ class Mesh:
     async def start_store(self) -> ComponentProcess:
         self.store = ComponentProcess("store", ["store", "--etcd", self.etcd, *self._etcd_flags("store"), *self._tls_flags("store")],
                                       self.workdir)
-        await self.store.wait_serving(tls=self.client_tls)
+        await self.store.wait_serving(timeout=START_TIMEOUT, tls=self.client_tls)
         return self.store
 
     async def start_router(self) -> ComponentProcess:
         self.router = ComponentProcess("router", ["router", "--etcd", self.etcd, *self._etcd_flags("router"), *self._tls_flags("router")],
                                        self.workdir)
-        await self.router.wait_serving(tls=self.client_tls)
+        await self.router.wait_serving(timeout=START_TIMEOUT, tls=self.client_tls)
         return self.router
 
     async def start_bot(self, path: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> ComponentProcess:
@@ -70,7 +72,7 @@ class Mesh:
             env=env,
         )
         self.bots[name] = bot
-        await bot.wait_serving(tls=self.client_tls)
+        await bot.wait_serving(timeout=START_TIMEOUT, tls=self.client_tls)
         return bot
 
     def _bot_tls_flags(self, path: Path) -> list[str]:
