@@ -18,11 +18,16 @@ def validate_name(kind: str, value: str) -> None:
         )
 
 
+def group_participants_prefix(group: str) -> str:
+    """The prefix of the participant keys of one group (what its bots may read)."""
+    validate_name("group", group)
+    return f"{PARTICIPANTS_PREFIX}{group}/"
+
+
 def bot_prefix(group: str, bot_id: str) -> str:
     """The prefix of every instance key of one bot (what its etcd user may write)."""
-    validate_name("group", group)
     validate_name("bot_id", bot_id)
-    return f"{PARTICIPANTS_PREFIX}{group}/{bot_id}/"
+    return f"{group_participants_prefix(group)}{bot_id}/"
 
 
 def participant_key(group: str, bot_id: str, instance_id: str) -> str:

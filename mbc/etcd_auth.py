@@ -6,7 +6,8 @@ the key prefixes it needs. The prefixes come from the modules that own the key l
 | `mbc-router`          | read `/mbc/v1/participants/`, read `/mbc/v1/groups/`                 |
 | `mbc-store`           | read and write `/mbc/v1/context/` and `/mbc/v1/conversations/`       |
 | `<bot_id>@<group>`    | read and write `/mbc/v1/participants/<group>/<bot_id>/` (its own     |
-|                       | instances), read `/mbc/v1/groups/<group>/`                           |
+|                       | instances); read `/mbc/v1/participants/<group>/` (whether the owner  |
+|                       | of a conversation is still registered) and `/mbc/v1/groups/<group>/` |
 | `root`                | everything; only for this command and `mbc group`                    |
 
 Leases need no permission of their own in etcd 3.4, except that revoking one needs write access to
@@ -27,7 +28,7 @@ from context_store.core import PREFIX as CONTEXT_PREFIX
 from discovery.errors import EtcdAuthFailed, EtcdError
 from discovery.etcd_client import EtcdClient, KeyPermission
 from discovery.groups import GROUPS_PREFIX, group_prefix
-from discovery.keys import PARTICIPANTS_PREFIX, bot_prefix
+from discovery.keys import PARTICIPANTS_PREFIX, bot_prefix, group_participants_prefix
 from mbc.config import EtcdAccess
 
 ROOT_USER = "root"
@@ -55,6 +56,7 @@ def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, 
     }
     for group, bot_id in bots:
         grants[bot_user(group, bot_id)] = (Grant(bot_prefix(group, bot_id), "readwrite"),
+                                           Grant(group_participants_prefix(group), "read"),
                                            Grant(group_prefix(group), "read"))
     return grants
 
