@@ -52,7 +52,7 @@ class ComponentProcess:
         """host:port of the component's Prometheus /metrics endpoint (written before its port file)."""
         return f"127.0.0.1:{int(self.metrics_port_file.read_text())}"
 
-    def wait_port(self, timeout: float = 90.0) -> int:
+    def wait_port(self, timeout: float = 240.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.port_file.exists():
@@ -63,7 +63,7 @@ class ComponentProcess:
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} did not bind a port within {timeout:.0f}s:\n{self.log_tail()}")
 
-    async def wait_serving(self, service: str = "", timeout: float = 90.0, tls: TlsConfig = TlsConfig()) -> None:
+    async def wait_serving(self, service: str = "", timeout: float = 240.0, tls: TlsConfig = TlsConfig()) -> None:
         """Wait for the port, then for grpc.health.v1 to report SERVING (asked over mTLS with `tls`)."""
         deadline = time.monotonic() + timeout
         await asyncio.to_thread(self.wait_port, timeout)
