@@ -190,6 +190,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         server=_server_config(args),
         encoder=_router_encoder_config(args),
         decision=DecisionConfig(calibration_path=args.calibration),
+        embedding_cache_dir=args.embedding_cache,
     )
 
 
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     _router_encoder_args(router)
     router.add_argument("--calibration", default=os.environ.get("MBC_CALIBRATION", ""),
                         help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)")
+    router.add_argument("--embedding-cache", default=os.environ.get("MBC_EMBEDDING_CACHE", ""), metavar="DIR",
+                        help='persisted phrase embeddings (default ~/.cache/mbc/embeddings; "off": none)')
     router.set_defaults(func=cmd_router)
 
     bot = sub.add_parser("bot", help="run one bot from a definition file")

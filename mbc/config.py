@@ -263,6 +263,10 @@ class RouterConfig:
     """Candidates returned when a request asks for 0."""
     max_text_chars: int = 2000
     """Longest utterance accepted; longer ones get INVALID_ARGUMENT."""
+    embedding_cache_dir: str = ""
+    """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
+    a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
+    (~/.cache/mbc/embeddings), "off" keeps them in memory only."""
 
     def __post_init__(self) -> None:
         check_range("neighbours", self.neighbours, 1)

@@ -2,14 +2,30 @@
 
 Vectors are L2-normalised, so inner product is cosine similarity. Ids are int64 chosen by
 the caller; `search` can leave out a contiguous id range (the asking bot's own phrases).
+
+Two implementations, picked by size (`build_index`):
+
+- `FlatIndex`: exact search. Below `EXACT_MAX_VECTORS` it is also the faster one.
+- `IVFIndex`: approximate, for large groups. An inverted file with 4-bit PQ fast-scan codes
+  (48 bytes a vector at 384-d) finds a short list, re-ranked with a float16 copy of the vectors
+  (768 bytes a vector): no float32 copy is held, so 1M × 384-d takes about 0.85 GB instead of 1.5.
+
+Threshold (`mbc bench index`, 2 shared cores, one query at a time, k = 100): exact search costs
+about 0.25 ms at 10k vectors, 2.4 ms at 50k and 5.2 ms at 100k; the IVF index about 1 ms at
+50k to 1M, but it needs ~40 training points per list and its top-1 agrees with exact search only
+~99.5% of the time. 50,000 is where exact search becomes the slower one by a margin worth that.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import faiss
 import numpy as np
+
+EXACT_MAX_VECTORS = 50_000
+"""`build_index` uses exact search below this many vectors, the IVF index from there on."""
 
 
 class VectorIndex(Protocol):
@@ -20,7 +36,7 @@ class VectorIndex(Protocol):
     def search(
         self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query row; id -1 marks an empty slot.
+        """Top-k (scores, ids) per query row, best first; id -1 marks an empty slot.
 
         `exclude` is a half-open id range [start, end) that must not be returned.
         """
@@ -29,34 +45,237 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
+def build_index(dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+    """An index holding `vectors`: exact below `EXACT_MAX_VECTORS`, else IVF trained on them."""
+    index: VectorIndex
+    if len(vectors) < EXACT_MAX_VECTORS:
+        index = FlatIndex(dim)
+    else:
+        index = IVFIndex(dim, training=vectors)
+    if len(vectors):
+        index.add(ids, vectors)
+    return index
+
+
+def _check(vectors: np.ndarray, dim: int) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (n, {dim}), got {vectors.shape}")
+    return vectors
+
+
+def _excluding(exclude: tuple[int, int] | None) -> faiss.IDSelector | None:
+    return faiss.IDSelectorNot(faiss.IDSelectorRange(*exclude)) if exclude is not None else None
+
+
+def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+
+
 class FlatIndex:
     """Exact inner-product search (faiss IndexFlatIP) with caller-chosen ids."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._lock = threading.Lock()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
-        self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        vectors = _check(vectors, self.dim)
+        with self._lock:
+            self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
-        self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+        with self._lock:
+            self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
 
     def search(
         self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = max(1, min(k, len(self)))
-        params = None
-        if exclude is not None:
-            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorRange(*exclude)))
         if len(self) == 0:
-            n = queries.shape[0]
-            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-        return self._index.search(queries, k, params=params)
+            return _empty(queries.shape[0])
+        k = max(1, min(k, len(self)))
+        selector = _excluding(exclude)
+        params = faiss.SearchParameters(sel=selector) if selector is not None else None
+        with self._lock:
+            return self._index.search(queries, k, params=params)
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
+
+
+class _Float16Rows:
+    """Float16 copies of the vectors by id, for the exact re-rank; slots are reused after removal.
+
+    Rows live in fixed blocks, so growing never copies what is there. Ids index a dense array:
+    memory follows the largest id (the catalog's ids are row numbers, 0..n-1)."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._blocks: list[np.ndarray] = []
+        self._slot_of = np.full(0, -1, np.int64)
+        self._free: list[np.ndarray] = []
+        self._next = 0
+        self.live = 0
+
+    def _slots(self, n: int) -> np.ndarray:
+        free = np.concatenate(self._free) if self._free else np.zeros(0, np.int64)
+        take, rest = free[:n], free[n:]
+        self._free = [rest] if len(rest) else []
+        fresh = np.arange(self._next, self._next + n - len(take), dtype=np.int64)
+        self._next += len(fresh)
+        while self._next > len(self._blocks) * self.BLOCK:
+            self._blocks.append(np.zeros((self.BLOCK, self.dim), np.float16))
+        return np.concatenate([take, fresh])
+
+    def put(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) and ids.min() < 0:
+            raise ValueError("ids must not be negative")
+        self.drop(ids)
+        top = int(ids.max()) + 1 if len(ids) else 0
+        if top > len(self._slot_of):
+            grown = np.full(max(top, 2 * len(self._slot_of)), -1, np.int64)
+            grown[: len(self._slot_of)] = self._slot_of
+            self._slot_of = grown
+        slots = self._slots(len(ids))
+        for block in np.unique(slots // self.BLOCK):
+            mine = slots // self.BLOCK == block
+            self._blocks[block][slots[mine] % self.BLOCK] = vectors[mine]
+        self._slot_of[ids] = slots
+        self.live += len(ids)
+
+    def drop(self, ids: np.ndarray) -> np.ndarray:
+        """Forget these ids; returns those that were present."""
+        ids = ids[ids < len(self._slot_of)]
+        present = ids[self._slot_of[ids] >= 0]
+        if len(present):
+            self._free.append(self._slot_of[present].copy())
+            self._slot_of[present] = -1
+            self.live -= len(present)
+        return present
+
+    def known(self, ids: np.ndarray) -> np.ndarray:
+        """Per id: is it held (ids of removed vectors still found in the coarse index are not)."""
+        inside = (ids >= 0) & (ids < len(self._slot_of))
+        out = np.zeros(len(ids), bool)
+        out[inside] = self._slot_of[ids[inside]] >= 0
+        return out
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        slots = self._slot_of[ids]
+        out = np.empty((len(ids), self.dim), np.float32)
+        for block in np.unique(slots // self.BLOCK):
+            mine = slots // self.BLOCK == block
+            out[mine] = self._blocks[block][slots[mine] % self.BLOCK]
+        return out
+
+
+class IVFIndex:
+    """Approximate inner-product search: IVF with 4-bit PQ fast-scan codes, exact float16 re-rank.
+
+    Trained once, on the vectors given at construction (a sample of at most 40 per list); add and
+    remove then cost only the vectors concerned, so replacing one participant's phrases does not
+    rebuild anything. Removal is logical at first (the ids vanish from results at once, with no
+    scan of the inverted lists while searches wait); the dead entries are purged from the lists
+    once they exceed a tenth of the live ones. `drifted` says when the lists no longer fit the
+    size (4× more or fewer vectors than trained for): the owner should then build a new index.
+
+    Safe to search from one thread while another adds or removes (one lock; an add of 100 vectors
+    holds it well under a millisecond)."""
+
+    RERANK_FACTOR = 4
+    """Candidates re-ranked exactly per result asked (at least 64)."""
+
+    def __init__(self, dim: int, training: np.ndarray, nlist: int = 0, nprobe: int = 0, seed: int = 1234) -> None:
+        training = _check(training, dim)
+        n = len(training)
+        self.dim = dim
+        # About sqrt(n) lists, a power of two; probing an eighth of them keeps top-1 agreement with
+        # exact search ≥ 0.99 on CLINC150 utterances against 1M realistic vectors (mbc bench index).
+        self.nlist = nlist or int(min(4096, max(64, 2 ** round(np.log2(max(1.0, np.sqrt(n)))))))
+        self.nprobe = nprobe or max(8, self.nlist // 8)
+        self.trained_for = n
+        quantizer = faiss.IndexFlatIP(dim)
+        subquantizers = dim // 4 if dim % 4 == 0 else dim // 2 if dim % 2 == 0 else dim
+        self._index = faiss.IndexIVFPQFastScan(quantizer, dim, self.nlist, subquantizers, 4, faiss.METRIC_INNER_PRODUCT)
+        self._index.cp.niter = 10
+        self._index.cp.seed = seed
+        rng = np.random.default_rng(seed)
+        sample = training if n <= 40 * self.nlist else training[rng.choice(n, 40 * self.nlist, replace=False)]
+        if len(sample) < self.nlist:
+            raise ValueError(f"an IVF index of {self.nlist} lists needs at least {self.nlist} training vectors, got {len(sample)}")
+        self._index.train(sample)
+        self._quantizer = quantizer  # the IVF index does not own it
+        self._rows = _Float16Rows(dim)
+        self._dead = 0
+        self._lock = threading.Lock()
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        vectors = _check(vectors, self.dim)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        with self._lock:
+            # A re-added id may still sit in the lists with its old vector: harmless, the re-rank
+            # reads the current one and duplicates are merged; the purge clears it.
+            replaced = self._rows.drop(ids)
+            self._dead += len(replaced)
+            self._rows.put(ids, vectors)
+            self._index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        with self._lock:
+            self._dead += len(self._rows.drop(ids))
+            if self._dead > max(1000, self._rows.live // 10):
+                self._purge()
+
+    def _purge(self) -> None:
+        """Clear the inverted lists of removed entries: remove every id found there, re-add the live ones."""
+        everything = np.concatenate(
+            [faiss.rev_swig_ptr(self._index.invlists.get_ids(i), self._index.invlists.list_size(i)).copy()
+             for i in range(self.nlist)]
+        )
+        known = self._rows.known(everything)
+        unique, counts = np.unique(everything, return_counts=True)
+        stale = np.union1d(everything[~known], unique[counts > 1])
+        self._index.remove_ids(faiss.IDSelectorBatch(stale))
+        keep = stale[self._rows.known(stale)]
+        if len(keep):
+            self._index.add_with_ids(self._rows.get(keep), keep)
+        self._dead = 0
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        nq = len(queries)
+        if len(self) == 0:
+            return _empty(nq)
+        k = max(1, min(k, len(self)))
+        wide = max(64, self.RERANK_FACTOR * k)
+        params = faiss.SearchParametersIVF(sel=_excluding(exclude), nprobe=self.nprobe)
+        scores = np.full((nq, k), -np.inf, np.float32)
+        out = np.full((nq, k), -1, np.int64)
+        with self._lock:
+            _, candidates = self._index.search(queries, wide, params=params)
+            for q in range(nq):
+                ids = candidates[q]
+                ids = np.unique(ids[self._rows.known(ids)])
+                if not len(ids):
+                    continue
+                exact = self._rows.get(ids) @ queries[q]
+                best = np.argsort(-exact, kind="stable")[:k]
+                scores[q, : len(best)] = exact[best]
+                out[q, : len(best)] = ids[best]
+        return scores, out
+
+    @property
+    def drifted(self) -> bool:
+        return not (self.trained_for / 4 <= len(self) <= 4 * self.trained_for)
+
+    def __len__(self) -> int:
+        return self._rows.live

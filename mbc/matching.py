@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mbc.config import RatingThresholds
-from mbc.index import FlatIndex, VectorIndex
+from mbc.index import VectorIndex, build_index
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,8 @@ class IntentCatalog:
         if len(vectors) != len(self._labels):
             raise ValueError(f"{len(vectors)} vectors for {len(self._labels)} phrases")
         self.dim = dim
-        self._index: VectorIndex = FlatIndex(dim)
-        if self._labels:
-            self._index.add(np.arange(len(self._labels), dtype=np.int64), vectors)
+        # Exact search for groups of the usual size, approximate for very large ones (mbc/index.py).
+        self._index: VectorIndex = build_index(dim, np.arange(len(self._labels), dtype=np.int64), vectors)
         self.bots = frozenset(self._bot_ranges)
 
     @staticmethod

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from mbc.config import RouterConfig
+from mbc.embedding_store import PhraseEmbeddings, open_store
 from mbc.encoder import Encoder
 from mbc.logs import get_logger
 from mbc.matching import IntentCatalog, IntentPhrases
@@ -123,6 +124,8 @@ class RouterCore:
         self._builder: asyncio.Task | None = None
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-train")
         self._generic = generic_none()
+        self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
+        """Participants' phrase vectors, persisted: a restart re-embeds only what changed."""
         self.builds = 0
         """Models swapped in so far (tests and the evaluation wait on it)."""
 
@@ -194,6 +197,8 @@ class RouterCore:
             self._builder.cancel()
             await asyncio.gather(self._builder, return_exceptions=True)
         self._trainer.shutdown(wait=False, cancel_futures=True)
+        if self.embeddings.store is not None:
+            self.embeddings.store.close()
 
     async def _build_loop(self) -> None:
         while True:
@@ -237,7 +242,7 @@ class RouterCore:
                 model = previous.with_threshold(tau, info)
                 kind = "recalibrated"
             else:
-                vectors = await self.encoder.aencode_phrases(IntentCatalog.phrases_of(intents))
+                vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
                 model = await loop.run_in_executor(
                     self._trainer, build_group_model, intents, vectors, self.encoder.dim, self.config.decision, calibration, previous
                 )

@@ -1,0 +1,210 @@
+"""Phrase embeddings persisted on disk, so a restarted router re-embeds only what changed.
+
+`EmbeddingStore` is one SQLite file (`embeddings.sqlite3` in the configured directory) mapping
+(model id, text) to a float32 vector. SQLite gives atomic writes (a transaction per batch: a
+crash leaves the previous content), safe sharing by several processes (WAL, busy timeout) and
+lookups by key without loading the whole file. A file that is not a readable cache of ours
+(corrupt, another format) is moved aside with a warning and a new one started; any later I/O
+error only turns persistence off for this process, with a warning: the cache never stops a router.
+
+`PhraseEmbeddings` is what the router calls: cached vectors from the store, the rest from the
+encoder in chunks (with a progress bar on stderr when it is a terminal, and a log line at the
+end), written back as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mbc.logs import get_logger
+
+log = get_logger(__name__)
+
+FILE_NAME = "embeddings.sqlite3"
+SCHEMA = "mbc-embeddings-1"
+DISABLED = "off"
+"""`RouterConfig.embedding_cache_dir` value that turns persistence off."""
+_LOOKUP_CHUNK = 500
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mbc" / "embeddings"
+
+
+def _key(model_id: str, text: str) -> bytes:
+    return hashlib.blake2b(f"{model_id}\0{text}".encode(), digest_size=16).digest()
+
+
+class EmbeddingStore:
+    """Vectors by (model id, text) in one SQLite file; thread-safe."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / FILE_NAME
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:
+            log.warning("embedding_cache_unreadable", path=str(self.path), error=str(e), action="moved aside, starting afresh")
+            self._close()
+            self._move_aside()
+            try:
+                self._db = self._open()
+            except (sqlite3.Error, OSError) as e2:
+                self._disable(e2)
+        except OSError as e:
+            self._disable(e)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+            row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if row is None or row[0] != SCHEMA:
+                raise sqlite3.DatabaseError(f"schema {row[0] if row else None!r}, expected {SCHEMA!r}")
+            check = db.execute("PRAGMA quick_check(1)").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(f"{self.path}{suffix}")
+            if path.exists():
+                os.replace(path, Path(f"{self.path}{suffix}.corrupt"))
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _disable(self, error: BaseException) -> None:
+        log.warning("embedding_cache_disabled", path=str(self.path), error=str(error))
+        self._close()
+
+    @property
+    def enabled(self) -> bool:
+        return self._db is not None
+
+    def get_many(self, model_id: str, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
+        """The cached vectors of those texts that have one (of this dimension)."""
+        keys = {_key(model_id, t): t for t in texts}
+        found: dict[str, np.ndarray] = {}
+        items = list(keys)
+        with self._lock:
+            if self._db is None:
+                return found
+            try:
+                for start in range(0, len(items), _LOOKUP_CHUNK):
+                    chunk = items[start : start + _LOOKUP_CHUNK]
+                    rows = self._db.execute(
+                        f"SELECT key, dim, data FROM vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                    ).fetchall()
+                    for key, row_dim, data in rows:
+                        if row_dim == dim and len(data) == 4 * dim:
+                            found[keys[key]] = np.frombuffer(data, np.float32)
+            except sqlite3.Error as e:
+                self._disable(e)
+        return found
+
+    def put_many(self, model_id: str, texts: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        rows = [(_key(model_id, t), vectors.shape[1], v.tobytes()) for t, v in zip(texts, vectors)]
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._disable(e)
+
+    def __len__(self) -> int:
+        with self._lock:
+            if self._db is None:
+                return 0
+            return int(self._db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+def open_store(setting: str) -> EmbeddingStore | None:
+    """The store a `RouterConfig.embedding_cache_dir` setting names: "" the default directory, "off" none."""
+    if setting == DISABLED:
+        return None
+    return EmbeddingStore(setting or default_cache_dir())
+
+
+class PhraseEmbeddings:
+    """Phrase vectors for the router: from the store when cached, else from the encoder.
+
+    `encoded` counts the phrases that needed the model since creation."""
+
+    CHUNK = 1024
+    """Phrases per encoder call (and per progress step, and per write to the store)."""
+
+    def __init__(self, encoder, store: EmbeddingStore | None) -> None:
+        self.encoder = encoder
+        self.store = store
+        self.encoded = 0
+
+    async def embed(self, phrases: Sequence[str]) -> np.ndarray:
+        """One row per phrase, in order."""
+        dim = self.encoder.dim
+        unique = list(dict.fromkeys(phrases))
+        started = time.perf_counter()
+        known: dict[str, np.ndarray] = {}
+        if self.store is not None and unique:
+            known = await asyncio.to_thread(self.store.get_many, self.encoder.model_id, unique, dim)
+        missing = [p for p in unique if p not in known]
+        if missing:
+            await self._encode(missing, known)
+        if len(unique) >= self.CHUNK:
+            log.info(
+                "phrases_embedded", phrases=len(unique), from_cache=len(unique) - len(missing), encoded=len(missing),
+                seconds=round(time.perf_counter() - started, 3),
+            )
+        out = np.empty((len(phrases), dim), np.float32)
+        for i, phrase in enumerate(phrases):
+            out[i] = known[phrase]
+        return out
+
+    async def _encode(self, missing: list[str], known: dict[str, np.ndarray]) -> None:
+        from tqdm import tqdm
+
+        # A bar only on a terminal (disable=None); logs get the phrases_embedded line instead.
+        with tqdm(total=len(missing), desc="embedding phrases", unit="phrase", file=sys.stderr,
+                  disable=None if len(missing) > self.CHUNK else True) as bar:
+            for start in range(0, len(missing), self.CHUNK):
+                chunk = missing[start : start + self.CHUNK]
+                vectors = await self.encoder.aencode_phrases(chunk)
+                self.encoded += len(chunk)
+                known.update(zip(chunk, vectors))
+                if self.store is not None:
+                    await asyncio.to_thread(self.store.put_many, self.encoder.model_id, chunk, vectors)
+                bar.update(len(chunk))
