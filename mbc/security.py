@@ -17,17 +17,16 @@ this). Without TLS (development) it allows everything: there is nothing verified
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from discovery.keys import validate_name
 from mbc import serving  # the module, not its names: serving imports this module too
 from mbc.config import TlsConfig
 
 SPIFFE_PREFIX = "spiffe://mbc/"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as discovery.keys.validate_name
 
 
 class TlsError(ValueError):
@@ -76,13 +75,21 @@ class Identity:
         return "/".join(p for p in (self.kind, self.group, self.name) if p)
 
 
+def _is_name(text: str) -> bool:
+    try:
+        validate_name("name", text)
+        return True
+    except ValueError:
+        return False
+
+
 def parse_identity(text: str) -> Identity | None:
     """The identity named by `text` (`bot/<group>/<bot_id>`, `gateway/<name>`, `router`, `store`),
     with or without the spiffe://mbc/ prefix; None when it names none."""
     parts = text.removeprefix(SPIFFE_PREFIX).split("/")
-    if parts[0] == "bot" and len(parts) == 3 and all(_NAME.match(p) for p in parts[1:]):
+    if parts[0] == "bot" and len(parts) == 3 and all(_is_name(p) for p in parts[1:]):
         return Identity("bot", parts[1], parts[2])
-    if parts[0] == "gateway" and len(parts) == 2 and _NAME.match(parts[1]):
+    if parts[0] == "gateway" and len(parts) == 2 and _is_name(parts[1]):
         return Identity("gateway", name=parts[1])
     if parts[0] in ("router", "store") and len(parts) == 1:
         return Identity(parts[0])
