@@ -11,24 +11,30 @@ When the router cannot be reached, the bot matches the message against its own i
 Transfers lose nothing: the conversation's owner is a versioned record (in the Context Session
 Store when configured). The receiver takes the conversation only if the record is still at the
 version the sender read; a sender whose transfer failed claims the conversation back, which
-fences out a receiver that answers too late. A retried transfer id is applied once. Every
+fences out a receiver that answers too late. Every write into the conversation (variables, the
+question awaited) is fenced on the owner version this bot holds, so a bot that lost the
+conversation meanwhile (frozen past its lease, cut off) is refused, not applied. A conversation
+whose owner instance is no longer registered (its lease ran out) is taken over by the bot the
+message reaches. A retried transfer id is applied once. Every
 outgoing call gets the caller's remaining time. A message never visits a bot twice and goes
 through at most `max_hops` transfers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Awaitable, Callable, Mapping
 
 import grpc
 
 from bot_server.bot import Bot, Turn, render
 from bot_server.ledger import TransferLedger
-from bot_server.state import Awaiting, ConversationState, OwnershipConflict
+from bot_server.state import Awaiting, ConversationState, Fenced, OwnershipConflict
+from discovery.errors import EtcdError
 from discovery.groups import GroupSettingsCache
 from mbc.channels import ChannelPool
 from mbc.config import BotConfig
@@ -87,6 +93,8 @@ class Route:
     owner_version: int
     visited: tuple[str, ...]
     hops: int
+    stateless: bool = False
+    """The store cannot be reached: no variables are read, nothing is recorded."""
 
     def remaining(self, reserve: float = FALLBACK_RESERVE_SECONDS) -> float:
         return self.deadline - time.monotonic() - reserve
@@ -96,6 +104,7 @@ class BotEngine:
     def __init__(
         self, bot: Bot, config: BotConfig, encoder: Encoder, identity: common_pb2.BotRef,
         channels: ChannelPool, state: ConversationState, group_settings: GroupSettingsCache | None = None,
+        is_registered: Callable[[common_pb2.BotRef], Awaitable[bool]] | None = None,
     ) -> None:
         self.bot = bot
         self.definition = bot.definition
@@ -105,6 +114,8 @@ class BotEngine:
         self.channels = channels
         self.state = state
         self.group_settings = group_settings or GroupSettingsCache(None, self.definition.group)
+        self.is_registered = is_registered
+        """Whether a bot instance is registered in this bot's group (None: no registry, no takeover)."""
         self.transfers: TransferLedger[TurnResult] = TransferLedger()
         self._catalog: IntentCatalog | None = None
         self._intents = {i.name for i in self.definition.intents}
@@ -123,23 +134,37 @@ class BotEngine:
         if not message.conversation_id.strip():
             raise InvalidInput("conversation_id is required")
         self._check_text(message.text)
-        route.owner_version = await self._own_conversation(message.conversation_id, route)
-        awaiting = await self.state.awaiting(message.conversation_id, route.remaining(0))
-        if awaiting is not None:
-            await self.state.set_awaiting(message.conversation_id, None, route.remaining(0))
-            if awaiting.intent:
-                await self.state.set_variable(message.conversation_id, awaiting.save_as, message.text, route.remaining(0))
-                return await self._answer(message, awaiting.intent, None, route, start_step=awaiting.step + 1)
-            chosen = _chosen_option(awaiting.options, message.text)
-            if chosen is not None:
-                return await self._follow_choice(Message(message.conversation_id, message.consumer_id, awaiting.text,
-                                                         message.channel_metadata), chosen, route)
-        return await self._route(message, route, include_self=True)
+        with _fenced_refused():
+            try:
+                route.owner_version = await self._own_conversation(message.conversation_id, route)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                return await self._answer_without_store(message, route, e)
+            awaiting = await self.state.awaiting(message.conversation_id, route.remaining(0))
+            if awaiting is not None:
+                await self.state.set_awaiting(message.conversation_id, None, route.owner_version, route.remaining(0))
+                if awaiting.intent:
+                    await self.state.set_variable(message.conversation_id, awaiting.save_as, message.text,
+                                                  route.owner_version, route.remaining(0))
+                    return await self._answer(message, awaiting.intent, None, route, start_step=awaiting.step + 1)
+                chosen = _chosen_option(awaiting.options, message.text)
+                if chosen is not None:
+                    return await self._follow_choice(Message(message.conversation_id, message.consumer_id, awaiting.text,
+                                                             message.channel_metadata), chosen, route)
+            return await self._route(message, route, include_self=True)
 
     async def _own_conversation(self, conversation_id: str, route: Route) -> int:
         """The owner record's version, after making sure this bot owns the conversation."""
         ownership = await self.state.owner(conversation_id, route.remaining(0))
         if ownership.owner is not None and ownership.owner.bot_id != self.bot.bot_id:
+            if await self._owner_gone(ownership.owner):
+                log.warning("conversation_taken_over", from_bot=ownership.owner.bot_id,
+                            from_instance=ownership.owner.instance_id, version=ownership.version)
+                try:
+                    return await self.state.claim(conversation_id, self.identity, ownership.version, "", route.remaining(0))
+                except OwnershipConflict:
+                    return await self._own_conversation(conversation_id, route)
             raise Refused(
                 f"conversation {conversation_id!r} belongs to bot {ownership.owner.bot_id!r} at "
                 f"{ownership.owner.address}; send its messages there"
@@ -150,6 +175,28 @@ class BotEngine:
             return await self.state.claim(conversation_id, self.identity, 0, "", route.remaining(0))
         except OwnershipConflict:
             return await self._own_conversation(conversation_id, route)
+
+    async def _answer_without_store(self, message: Message, route: Route, error: grpc.aio.AioRpcError) -> TurnResult:
+        """The store cannot be reached (etcd is down, say): answer from this bot's own intents,
+        reading no variables and recording nothing; no transfer, since no claim could fence it."""
+        log.warning("store_unavailable_answering_alone", code=error.code().name, detail=error.details())
+        route.stateless = True
+        decision, candidates, score = await self._decide(message.text, route, include_self=True)
+        if decision == router_pb2.DECISION_ACT and candidates and candidates[0].bot_id == self.bot.bot_id \
+                and candidates[0].rating >= GOOD:
+            return await self._answer(message, candidates[0].intent, candidates[0], route)
+        BOT_TRANSFERS.labels("fallback").inc()
+        return self._fallback(score)
+
+    async def _owner_gone(self, owner: common_pb2.BotRef) -> bool:
+        """Whether the owner instance is no longer registered (when etcd cannot tell: no)."""
+        if self.is_registered is None:
+            return False
+        try:
+            return not await self.is_registered(owner)
+        except EtcdError as e:
+            log.warning("owner_presence_unknown", owner=owner.bot_id, error=str(e))
+            return False
 
     async def _route(self, message: Message, route: Route, include_self: bool) -> TurnResult:
         decision, candidates, best_score = await self._decide(message.text, route, include_self)
@@ -205,14 +252,16 @@ class BotEngine:
     ) -> TurnResult:
         """Run this bot's dialog for `intent` (from `start_step` when resuming after a question)."""
         conversation = message.conversation_id
-        variables = await self.state.variables(conversation, route.remaining(0))
+        variables = {} if route.stateless else await self.state.variables(conversation, route.remaining(0))
         handler = self.bot.handler_for(intent)
         match = bot_pb2.MatchInfo(bot_id=self.bot.bot_id, intent=intent,
                                   score=candidate.score if candidate else 0.0, rating=candidate.rating if candidate else 0)
         try:
             if handler is not None:
                 async def remember(name: str, value) -> None:
-                    await self.state.set_variable(conversation, name, value, route.remaining(0))
+                    if route.stateless:
+                        raise RuntimeError("the Context Session Store cannot be reached: nothing can be remembered")
+                    await self.state.set_variable(conversation, name, value, route.owner_version, route.remaining(0))
 
                 turn = Turn(conversation, message.consumer_id, message.text, intent, match.score,
                             dict(message.channel_metadata), transferred_from, variables, remember)
@@ -223,9 +272,13 @@ class BotEngine:
                 for index in range(start_step, len(steps)):
                     texts.append(render(steps[index].text, variables))
                     if steps[index].asks:
-                        await self.state.set_awaiting(conversation, Awaiting(intent, index, steps[index].save_as), route.remaining(0))
-                        asked = True
+                        if not route.stateless:
+                            await self.state.set_awaiting(conversation, Awaiting(intent, index, steps[index].save_as),
+                                                          route.owner_version, route.remaining(0))
+                            asked = True
                         break
+        except Fenced:
+            raise
         except Exception:
             log.exception("dialog_failed", intent=intent)
             return self._fallback(match.score)
@@ -241,7 +294,8 @@ class BotEngine:
                 label = f"{c.display_name or c.bot_id}: {c.intent.replace('_', ' ')}"
                 options.append((c.bot_id, c.intent, label))
         options.append(("", "", NONE_OF_THESE))
-        await self.state.set_awaiting(message.conversation_id, Awaiting(options=tuple(options), text=message.text), route.remaining(0))
+        await self.state.set_awaiting(message.conversation_id, Awaiting(options=tuple(options), text=message.text),
+                                      route.owner_version, route.remaining(0))
         listing = " ".join(f"{n}) {label}." for n, (_, _, label) in enumerate(options, 1))
         log.info("clarifying", options=[o[0] for o in options[:-1]])
         return TurnResult(
@@ -343,6 +397,10 @@ class BotEngine:
         return await self.transfers.run_once(request.transfer_id, lambda: self._take(request, budget_seconds))
 
     async def _take(self, request: bot_pb2.TransferRequest, budget_seconds: float) -> TurnResult:
+        with _fenced_refused():
+            return await self._claim_and_answer(request, budget_seconds)
+
+    async def _claim_and_answer(self, request: bot_pb2.TransferRequest, budget_seconds: float) -> TurnResult:
         message = Message(request.conversation_id, request.consumer_id, request.text, dict(request.channel_metadata))
         route = Route(time.monotonic() + budget_seconds, 0, (*request.visited_bot_ids, self.bot.bot_id), request.hop_count + 1)
         expected = request.owner_version
@@ -398,6 +456,16 @@ class BotEngine:
             raise InvalidInput("text is empty")
         if len(text) > self.config.max_text_chars:
             raise InvalidInput(f"text has {len(text)} characters; the maximum is {self.config.max_text_chars}")
+
+
+@contextlib.contextmanager
+def _fenced_refused():
+    """A write refused because this bot lost the conversation meanwhile: FAILED_PRECONDITION."""
+    try:
+        yield
+    except Fenced as e:
+        log.warning("write_fenced", reason=str(e))
+        raise Refused(str(e)) from None
 
 
 def _chosen_option(options: tuple, answer: str) -> tuple[str, str, str] | None:

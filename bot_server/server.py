@@ -10,6 +10,7 @@ from bot_server.servicer import BotServicer
 from bot_server.state import MemoryState, StoreState
 from discovery import EtcdClient, Registration
 from discovery.groups import GroupSettingsCache
+from discovery.presence import is_registered
 from mbc import __version__
 from mbc.channels import ChannelPool
 from mbc.config import BotConfig
@@ -67,10 +68,13 @@ class BotProcess:
             self.state = MemoryState()
         self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
         self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels, self.state,
-                                GroupSettingsCache(self.etcd, self.bot.definition.group))
+                                GroupSettingsCache(self.etcd, self.bot.definition.group), self._is_registered if self.etcd else None)
         self.server, self.port = create_server(config, self.engine)
         self.identity.address = self.server.address
         self.registration: Registration | None = None
+
+    async def _is_registered(self, bot: common_pb2.BotRef) -> bool:
+        return await is_registered(self.etcd, self.bot.definition.group, bot)
 
     async def start(self) -> None:
         with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):

@@ -8,6 +8,7 @@ for a bot that runs without a store; it offers the same versioned semantics.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ RESERVED_PREFIX = "mbc."
 
 class OwnershipConflict(Exception):
     """The ownership record changed since it was read."""
+
+
+class Fenced(Exception):
+    """A write made as the conversation's owner at a version the ownership record has moved past:
+    this bot lost the conversation meanwhile (it was frozen, cut off or too slow), so the write is
+    refused rather than applied."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,15 @@ class ConversationState(Protocol):
 
     async def variables(self, conversation_id: str, timeout: float) -> dict[str, Any]: ...
 
-    async def set_variable(self, conversation_id: str, name: str, value: Any, timeout: float) -> None: ...
+    async def set_variable(self, conversation_id: str, name: str, value: Any, owner_version: int, timeout: float) -> None:
+        """Write a variable while this bot owns the conversation at `owner_version`; raise Fenced otherwise."""
+        ...
 
     async def awaiting(self, conversation_id: str, timeout: float) -> Awaiting | None: ...
 
-    async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, timeout: float) -> None: ...
+    async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, owner_version: int, timeout: float) -> None:
+        """Record (None: clear) the question this bot waits on, fenced as set_variable."""
+        ...
 
 
 class StoreState:
@@ -115,18 +126,34 @@ class StoreState:
         values = await self.client.list(self.namespace, Scope.CONVERSATION, conversation_id, timeout=timeout)
         return {k: v for k, v in values.items() if not k.startswith(RESERVED_PREFIX)}
 
-    async def set_variable(self, conversation_id: str, name: str, value: Any, timeout: float) -> None:
-        await self.client.set(self.namespace, Scope.CONVERSATION, conversation_id, name, value, timeout=timeout)
+    async def set_variable(self, conversation_id: str, name: str, value: Any, owner_version: int, timeout: float) -> None:
+        async with _fenced():
+            await self.client.set(self.namespace, Scope.CONVERSATION, conversation_id, name, value, timeout=timeout,
+                                  owner_version=owner_version)
 
     async def awaiting(self, conversation_id: str, timeout: float) -> Awaiting | None:
         value, _ = await self.client.get(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key, timeout=timeout)
         return Awaiting.from_json(value) if value else None
 
-    async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, timeout: float) -> None:
-        if awaiting is None:
-            await self.client.delete(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key, timeout=timeout)
-        else:
-            await self.client.set(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key, awaiting.to_json(), timeout=timeout)
+    async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, owner_version: int, timeout: float) -> None:
+        async with _fenced():
+            if awaiting is None:
+                await self.client.delete(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key,
+                                         timeout=timeout, owner_version=owner_version)
+            else:
+                await self.client.set(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key,
+                                      awaiting.to_json(), timeout=timeout, owner_version=owner_version)
+
+
+@contextlib.asynccontextmanager
+async def _fenced():
+    """The store's FAILED_PRECONDITION on a write fenced by owner_version, as Fenced."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            raise Fenced(e.details()) from None
+        raise
 
 
 class MemoryState:
@@ -161,13 +188,22 @@ class MemoryState:
     async def variables(self, conversation_id: str, timeout: float) -> dict[str, Any]:
         return dict(self._variables.get(conversation_id, {}))
 
-    async def set_variable(self, conversation_id: str, name: str, value: Any, timeout: float) -> None:
+    def _check_owner(self, conversation_id: str, owner_version: int) -> None:
+        current = self._owners.get(conversation_id)
+        if current is None or current.version != owner_version:
+            holder = current.owner.bot_id if current and current.owner else "nobody"
+            raise Fenced(f"conversation {conversation_id!r} is now owned by {holder!r}; this write, made as its "
+                         f"owner at version {owner_version}, is refused (fenced)")
+
+    async def set_variable(self, conversation_id: str, name: str, value: Any, owner_version: int, timeout: float) -> None:
+        self._check_owner(conversation_id, owner_version)
         self._bounded(self._variables, conversation_id, {**self._variables.get(conversation_id, {}), name: value})
 
     async def awaiting(self, conversation_id: str, timeout: float) -> Awaiting | None:
         return self._awaiting.get(conversation_id)
 
-    async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, timeout: float) -> None:
+    async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, owner_version: int, timeout: float) -> None:
+        self._check_owner(conversation_id, owner_version)
         if awaiting is None:
             self._awaiting.pop(conversation_id, None)
         else:

@@ -65,6 +65,10 @@ class LimitExceeded(StoreError):
     pass
 
 
+class Fenced(StoreError):
+    """A write fenced on a conversation's ownership version, which has moved on."""
+
+
 @dataclass(frozen=True)
 class Entry:
     key: str
@@ -175,8 +179,10 @@ class ContextStoreCore:
         kv = await self.etcd.get(path)
         return self._decode(kv.key, kv.value, kv.mod_revision) if kv else None
 
-    async def set(self, key: context_pb2.ContextKey, value: struct_pb2.Value, expected_version: int | None) -> Entry:
+    async def set(self, key: context_pb2.ContextKey, value: struct_pb2.Value, expected_version: int | None,
+                  owner_version: int | None = None) -> Entry:
         path = self._key(key)
+        guard = self._fence(key, owner_version)
         ttl = await self.namespace_ttl(key.namespace)
         if value.WhichOneof("kind") is None:
             raise InvalidArgument("value is required (use null_value for null)")
@@ -198,32 +204,58 @@ class ContextStoreCore:
             if count >= self.config.max_keys_per_namespace:
                 raise LimitExceeded(f"namespace {key.namespace!r} holds {count} keys; the maximum is {self.config.max_keys_per_namespace}")
         # The write is conditional on what was read, so a concurrent writer cannot be lost.
-        ok, revision, now_current = await self._put_if(path, raw, current.mod_revision if current else 0, ttl)
+        ok, revision, now_current = await self._put_if(path, raw, current.mod_revision if current else 0, ttl, guard)
         if not ok:
+            await self._check_fence(key, guard)
             if expected_version is not None:
                 actual = now_current.mod_revision if now_current else 0
                 raise VersionConflict(f"{key.key!r} changed concurrently (now version {actual}): read it again")
-            return await self.set(key, value, None)
+            return await self.set(key, value, None, owner_version)
         return Entry(key.key, value, revision, expires)
 
-    async def _put_if(self, path: str, raw: bytes, mod_revision: int, ttl: int):
+    async def _put_if(self, path: str, raw: bytes, mod_revision: int, ttl: int, guard: tuple[str, int] | None = None):
         lease = await self.leases.lease_for(ttl)
         try:
-            return await self.etcd.put_if(path, raw, mod_revision, lease)
+            return await self.etcd.put_if(path, raw, mod_revision, lease, guard)
         except LeaseNotFound:
             self.leases.forget(lease)
-            return await self.etcd.put_if(path, raw, mod_revision, await self.leases.lease_for(ttl))
+            return await self.etcd.put_if(path, raw, mod_revision, await self.leases.lease_for(ttl), guard)
 
-    async def delete(self, key: context_pb2.ContextKey, expected_version: int | None) -> bool:
+    @staticmethod
+    def _fence(key: context_pb2.ContextKey, owner_version: int | None) -> tuple[str, int] | None:
+        """The etcd guard of a write fenced on the ownership version of the key's conversation."""
+        if owner_version is None:
+            return None
+        if key.scope != context_pb2.SCOPE_CONVERSATION:
+            raise InvalidArgument("owner_version fences writes of SCOPE_CONVERSATION only")
+        if owner_version < 1:
+            raise InvalidArgument(f"owner_version must be a version ClaimOwner returned (at least 1), got {owner_version}")
+        return owner_key(key.scope_id), owner_version
+
+    async def _check_fence(self, key: context_pb2.ContextKey, guard: tuple[str, int] | None) -> None:
+        """Raise Fenced when the conversation's ownership record is no longer at the guard's version."""
+        if guard is None:
+            return
+        ownership, version = await self.get_owner(key.scope_id)
+        if version != guard[1]:
+            holder = ownership.owner.bot_id if ownership else "nobody"
+            raise Fenced(f"conversation {key.scope_id!r} is now owned by {holder!r} at version {version}; this write, "
+                         f"made as its owner at version {guard[1]}, is refused (fenced)")
+
+    async def delete(self, key: context_pb2.ContextKey, expected_version: int | None, owner_version: int | None = None) -> bool:
         path = self._key(key)
+        guard = self._fence(key, owner_version)
         await self.namespace_ttl(key.namespace)
+        await self._check_fence(key, guard)
         current = await self.etcd.get(path)
         live = current is not None and self._decode(current.key, current.value, current.mod_revision) is not None
         if expected_version is not None and (current.mod_revision if live else 0) != expected_version:
             raise VersionConflict(f"{key.key!r} is at version {current.mod_revision if live else 0}, not {expected_version}")
         if current is None:
             return False
-        deleted = await self.etcd.delete_if(path, current.mod_revision)
+        deleted = await self.etcd.delete_if(path, current.mod_revision, guard)
+        if not deleted:
+            await self._check_fence(key, guard)
         if not deleted and expected_version is not None:
             raise VersionConflict(f"{key.key!r} changed concurrently: read it again")
         return deleted and live

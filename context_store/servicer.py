@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 import grpc
 
 from context_store.access import GroupAccess, PermissionDenied
-from context_store.core import ContextStoreCore, InvalidArgument, LimitExceeded, NotFound, StoreError, VersionConflict
+from context_store.core import ContextStoreCore, Fenced, InvalidArgument, LimitExceeded, NotFound, StoreError, VersionConflict
 from discovery.errors import EtcdUnavailable
 from mbc.logs import bind_context, get_logger
 from mbc.security import Authorizer
@@ -20,6 +20,7 @@ _CODES = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     VersionConflict: grpc.StatusCode.ABORTED,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Fenced: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
@@ -71,14 +72,15 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
             caller = await self.authorizer.caller(context)
             async with _status(context):
                 await self.access.check(caller, request.key.namespace, "write")
-                entry = await self.core.set(request.key, request.value, _optional(request, "expected_version"))
+                entry = await self.core.set(request.key, request.value, _optional(request, "expected_version"),
+                                            _optional(request, "owner_version"))
                 return context_pb2.SetContextResponse(written=True, version=entry.version, expires_at_unix_ms=entry.expires_at_unix_ms)
 
     async def Delete(self, request, context):
         caller = await self.authorizer.caller(context)
         async with _status(context):
             await self.access.check(caller, request.key.namespace, "write")
-            deleted = await self.core.delete(request.key, _optional(request, "expected_version"))
+            deleted = await self.core.delete(request.key, _optional(request, "expected_version"), _optional(request, "owner_version"))
             return context_pb2.DeleteContextResponse(deleted=deleted)
 
     async def List(self, request, context):

@@ -73,20 +73,26 @@ class ContextClient:
 
     async def set(
         self, namespace: str, scope: Scope, scope_id: str, key: str, value: Any,
-        expected_version: int | None = None, timeout: float | None = None,
+        expected_version: int | None = None, timeout: float | None = None, owner_version: int | None = None,
     ) -> int:
         """Write and return the new version; with expected_version, only if the key is at that version
-        (raises grpc.aio.AioRpcError ABORTED otherwise)."""
+        (raises grpc.aio.AioRpcError ABORTED otherwise); with owner_version (conversation scope),
+        only while the conversation's owner record is at that version (else FAILED_PRECONDITION)."""
         request = context_pb2.SetContextRequest(key=self._key(namespace, scope, scope_id, key), value=to_value(value))
         if expected_version is not None:
             request.expected_version = expected_version
+        if owner_version is not None:
+            request.owner_version = owner_version
         return (await self._stub.Set(request, timeout=self._timeout(timeout))).version
 
     async def delete(self, namespace: str, scope: Scope, scope_id: str, key: str,
-                     expected_version: int | None = None, timeout: float | None = None) -> bool:
+                     expected_version: int | None = None, timeout: float | None = None,
+                     owner_version: int | None = None) -> bool:
         request = context_pb2.DeleteContextRequest(key=self._key(namespace, scope, scope_id, key))
         if expected_version is not None:
             request.expected_version = expected_version
+        if owner_version is not None:
+            request.owner_version = owner_version
         return (await self._stub.Delete(request, timeout=self._timeout(timeout))).deleted
 
     async def list(self, namespace: str, scope: Scope, scope_id: str = "", timeout: float | None = None) -> dict[str, Any]:

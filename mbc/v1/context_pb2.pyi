@@ -65,14 +65,16 @@ class GetContextResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SetContextRequest(_message.Message):
-    __slots__ = ("key", "value", "expected_version")
+    __slots__ = ("key", "value", "expected_version", "owner_version")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_VERSION_FIELD_NUMBER: _ClassVar[int]
     key: ContextKey
     value: _struct_pb2.Value
     expected_version: int
-    def __init__(self, key: _Optional[_Union[ContextKey, _Mapping]] = ..., value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    owner_version: int
+    def __init__(self, key: _Optional[_Union[ContextKey, _Mapping]] = ..., value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner_version: _Optional[int] = ...) -> None: ...
 
 class SetContextResponse(_message.Message):
     __slots__ = ("written", "version", "expires_at_unix_ms")
@@ -85,12 +87,14 @@ class SetContextResponse(_message.Message):
     def __init__(self, written: _Optional[bool] = ..., version: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class DeleteContextRequest(_message.Message):
-    __slots__ = ("key", "expected_version")
+    __slots__ = ("key", "expected_version", "owner_version")
     KEY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_VERSION_FIELD_NUMBER: _ClassVar[int]
     key: ContextKey
     expected_version: int
-    def __init__(self, key: _Optional[_Union[ContextKey, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    owner_version: int
+    def __init__(self, key: _Optional[_Union[ContextKey, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner_version: _Optional[int] = ...) -> None: ...
 
 class DeleteContextResponse(_message.Message):
     __slots__ = ("deleted",)

@@ -35,7 +35,8 @@ class ContextStoreStub:
 
     Errors: INVALID_ARGUMENT for a bad name, scope or value (the message says which limit);
     NOT_FOUND for an unregistered namespace; ABORTED when a version condition fails (read again
-    and retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
+    and retry); FAILED_PRECONDITION when an owner_version fence fails (the writer no longer owns
+    the conversation: do not retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
     UNAVAILABLE when etcd cannot be reached.
     """
 
@@ -92,7 +93,8 @@ class ContextStoreServicer:
 
     Errors: INVALID_ARGUMENT for a bad name, scope or value (the message says which limit);
     NOT_FOUND for an unregistered namespace; ABORTED when a version condition fails (read again
-    and retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
+    and retry); FAILED_PRECONDITION when an owner_version fence fails (the writer no longer owns
+    the conversation: do not retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
     UNAVAILABLE when etcd cannot be reached.
     """
 
@@ -202,7 +204,8 @@ class ContextStore:
 
     Errors: INVALID_ARGUMENT for a bad name, scope or value (the message says which limit);
     NOT_FOUND for an unregistered namespace; ABORTED when a version condition fails (read again
-    and retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
+    and retry); FAILED_PRECONDITION when an owner_version fence fails (the writer no longer owns
+    the conversation: do not retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
     UNAVAILABLE when etcd cannot be reached.
     """
 

@@ -382,8 +382,13 @@ type SetContextRequest struct {
 	Value *structpb.Value `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
 	// When set: write only if the key's current version is this (0: only if absent).
 	ExpectedVersion *int64 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Fencing, SCOPE_CONVERSATION only. When set: write only while the conversation's ownership
+	// record is at this version (the one ClaimOwner returned to the writer), else
+	// FAILED_PRECONDITION naming the current owner: a bot that lost the conversation (frozen,
+	// partitioned, too slow) cannot write into it with its stale ownership.
+	OwnerVersion  *int64 `protobuf:"varint,4,opt,name=owner_version,json=ownerVersion,proto3,oneof" json:"owner_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SetContextRequest) Reset() {
@@ -433,6 +438,13 @@ func (x *SetContextRequest) GetValue() *structpb.Value {
 func (x *SetContextRequest) GetExpectedVersion() int64 {
 	if x != nil && x.ExpectedVersion != nil {
 		return *x.ExpectedVersion
+	}
+	return 0
+}
+
+func (x *SetContextRequest) GetOwnerVersion() int64 {
+	if x != nil && x.OwnerVersion != nil {
+		return *x.OwnerVersion
 	}
 	return 0
 }
@@ -508,8 +520,10 @@ type DeleteContextRequest struct {
 	Key *ContextKey `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// When set: delete only if the key's current version is this.
 	ExpectedVersion *int64 `protobuf:"varint,2,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Fencing, as in SetContextRequest.owner_version.
+	OwnerVersion  *int64 `protobuf:"varint,3,opt,name=owner_version,json=ownerVersion,proto3,oneof" json:"owner_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteContextRequest) Reset() {
@@ -552,6 +566,13 @@ func (x *DeleteContextRequest) GetKey() *ContextKey {
 func (x *DeleteContextRequest) GetExpectedVersion() int64 {
 	if x != nil && x.ExpectedVersion != nil {
 		return *x.ExpectedVersion
+	}
+	return 0
+}
+
+func (x *DeleteContextRequest) GetOwnerVersion() int64 {
+	if x != nil && x.OwnerVersion != nil {
+		return *x.OwnerVersion
 	}
 	return 0
 }
@@ -1084,20 +1105,24 @@ const file_mbc_v1_context_proto_rawDesc = "" +
 	"\x12GetContextResponse\x12\x14\n" +
 	"\x05found\x18\x01 \x01(\bR\x05found\x12,\n" +
 	"\x05value\x18\x02 \x01(\v2\x16.google.protobuf.ValueR\x05value\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\x03R\aversion\"\xac\x01\n" +
+	"\aversion\x18\x03 \x01(\x03R\aversion\"\xe8\x01\n" +
 	"\x11SetContextRequest\x12$\n" +
 	"\x03key\x18\x01 \x01(\v2\x12.mbc.v1.ContextKeyR\x03key\x12,\n" +
 	"\x05value\x18\x02 \x01(\v2\x16.google.protobuf.ValueR\x05value\x12.\n" +
-	"\x10expected_version\x18\x03 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"u\n" +
+	"\x10expected_version\x18\x03 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01\x12(\n" +
+	"\rowner_version\x18\x04 \x01(\x03H\x01R\fownerVersion\x88\x01\x01B\x13\n" +
+	"\x11_expected_versionB\x10\n" +
+	"\x0e_owner_version\"u\n" +
 	"\x12SetContextResponse\x12\x18\n" +
 	"\awritten\x18\x01 \x01(\bR\awritten\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12+\n" +
-	"\x12expires_at_unix_ms\x18\x03 \x01(\x03R\x0fexpiresAtUnixMs\"\x81\x01\n" +
+	"\x12expires_at_unix_ms\x18\x03 \x01(\x03R\x0fexpiresAtUnixMs\"\xbd\x01\n" +
 	"\x14DeleteContextRequest\x12$\n" +
 	"\x03key\x18\x01 \x01(\v2\x12.mbc.v1.ContextKeyR\x03key\x12.\n" +
-	"\x10expected_version\x18\x02 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"1\n" +
+	"\x10expected_version\x18\x02 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01\x12(\n" +
+	"\rowner_version\x18\x03 \x01(\x03H\x01R\fownerVersion\x88\x01\x01B\x13\n" +
+	"\x11_expected_versionB\x10\n" +
+	"\x0e_owner_version\"1\n" +
 	"\x15DeleteContextResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\"r\n" +
 	"\x12ListContextRequest\x12\x1c\n" +

@@ -41,7 +41,8 @@ const (
 //
 // Errors: INVALID_ARGUMENT for a bad name, scope or value (the message says which limit);
 // NOT_FOUND for an unregistered namespace; ABORTED when a version condition fails (read again
-// and retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
+// and retry); FAILED_PRECONDITION when an owner_version fence fails (the writer no longer owns
+// the conversation: do not retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
 // UNAVAILABLE when etcd cannot be reached.
 type ContextStoreClient interface {
 	// Creates a namespace or changes its TTL. Idempotent.
@@ -152,7 +153,8 @@ func (c *contextStoreClient) ClaimOwner(ctx context.Context, in *ClaimOwnerReque
 //
 // Errors: INVALID_ARGUMENT for a bad name, scope or value (the message says which limit);
 // NOT_FOUND for an unregistered namespace; ABORTED when a version condition fails (read again
-// and retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
+// and retry); FAILED_PRECONDITION when an owner_version fence fails (the writer no longer owns
+// the conversation: do not retry); RESOURCE_EXHAUSTED when a namespace holds its maximum number of keys;
 // UNAVAILABLE when etcd cannot be reached.
 type ContextStoreServer interface {
 	// Creates a namespace or changes its TTL. Idempotent.
