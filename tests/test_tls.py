@@ -138,6 +138,10 @@ def test_tls_settings_come_from_flags_env_and_files_and_go_together(pki, tmp_pat
            "MBC_STORE__SERVER__TLS__KEY_FILE": str(files.key)}
     assert resolve("store", StoreServiceConfig(), environ=env).config.server.tls == tls_of(files)
 
+    config_file = tmp_path / "mbc.yaml"
+    config_file.write_text(f"store:\n  server:\n    tls: {{ca_file: {files.ca}, cert_file: {files.cert}, key_file: {files.key}}}\n")
+    assert resolve("store", StoreServiceConfig(), str(config_file), environ={}).config.server.tls == tls_of(files)
+
     with pytest.raises(ConfigError, match=r"set all three or none .*MBC_STORE__SERVER__TLS__CA_FILE"):
         resolve("store", StoreServiceConfig(), environ={"MBC_STORE__SERVER__TLS__CA_FILE": str(files.ca)})
 
