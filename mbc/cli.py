@@ -174,12 +174,13 @@ def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
 
 
 def run_component(kind: str, main) -> None:
-    """Run a server; etcd settings or credentials that cannot work stop it with a message, not a traceback."""
-    from discovery.errors import EtcdAuthFailed, EtcdPermissionDenied, EtcdSettingsError, RegistrationConflict
+    """Run a server; etcd settings or credentials that cannot work, or an etcd it cannot reach at start,
+    stop it with a message rather than a traceback."""
+    from discovery.errors import EtcdError, EtcdSettingsError
 
     try:
         asyncio.run(main)
-    except (EtcdAuthFailed, EtcdPermissionDenied, EtcdSettingsError, RegistrationConflict) as e:
+    except (EtcdError, EtcdSettingsError) as e:
         sys.exit(f"mbc {kind}: etcd: {e}")
 
 
