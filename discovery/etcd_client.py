@@ -143,6 +143,10 @@ class _TokenExpired(EtcdError):
     """etcd no longer knows this client's auth token (it expired, or etcd restarted)."""
 
 
+async def _connected(client: aetcd.Client) -> aetcd.Client:
+    return client
+
+
 def _decode(key: bytes) -> str:
     return key.decode("utf-8", errors="backslashreplace")
 
@@ -478,8 +482,9 @@ class EtcdClient:
         """
         if self._closed:
             raise EtcdUnavailable("etcd client is closed")
+        # Connecting (and authenticating) goes through _unary: errors translated, endpoints tried in turn.
+        client = await self._unary("watch", _connected)
         index = self._current
-        client = await self._client(index)
         key = prefix.encode()
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=key, range_end=aetcd.utils.prefix_range_end(key), start_revision=start_revision))
