@@ -21,6 +21,7 @@ from discovery import (
     RegistrationConflict,
     ServerTls,
 )
+from discovery.etcd_client import KeyPermission
 from discovery.groups import settings_key
 from discovery.keys import participant_key
 from mbc.config import EtcdAccess
@@ -131,6 +132,27 @@ async def test_setup_gives_each_component_a_user_and_is_idempotent(secure):
                                             key_file=str(secure.setup_cert.key))) as anonymous:
         with pytest.raises(EtcdPermissionDenied):
             await anonymous.get_prefix("/mbc/v1/participants/")
+
+
+async def test_setup_takes_back_a_permission_granted_by_hand(secure):
+    async with secure.client("root") as root:
+        await root.grant_permission(ROUTER_USER, KeyPermission.on_prefix("/mbc/v1/conversations/", "readwrite"))
+        result = secure.setup()
+        assert result.returncode == 0, result.stderr
+        assert f"role {ROUTER_USER}: readwrite /mbc/v1/conversations/* revoked" in result.stdout
+        assert KeyPermission.on_prefix("/mbc/v1/conversations/", "readwrite") not in await root.role_permissions(ROUTER_USER)
+
+
+def test_etcd_access_comes_from_the_environment_like_any_setting():
+    from mbc.config import BotConfig
+    from mbc.settings import resolve
+
+    config = resolve("bot", BotConfig(), environ={"MBC_BOT__ETCD__USERNAME": "cards@retail-bank",
+                                                  "MBC_BOT__ETCD__PASSWORD_FILE": "/run/secrets/cards",
+                                                  "MBC_BOT__ETCD__CA_FILE": "/etc/mbc/ca.crt"}).config
+    assert config.etcd == EtcdAccess(ca_file="/etc/mbc/ca.crt", username="cards@retail-bank",
+                                     password_file="/run/secrets/cards")
+    assert config.etcd.tls
 
 
 async def test_plaintext_client_is_refused_with_a_hint_about_tls(secure):
