@@ -388,13 +388,11 @@ class EtcdClient:
         response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
         if response.succeeded:
             return None
-        inner = response.responses[0].response_txn
+        inner = response.responses[0].response_txn  # one transaction: the key exists here
         if inner.succeeded:
             return None
-        kvs = inner.responses[0].response_range.kvs
-        if not kvs:  # deleted between the two compares: try again
-            return await self.put_unless_held(key, value, lease_id)
-        return KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease)
+        kv = inner.responses[0].response_range.kvs[0]
+        return KeyValue(_decode(kv.key), kv.value, kv.mod_revision, kv.lease)
 
     async def delete_if(self, key: str, mod_revision: int, guard: tuple[str, int] | None = None) -> bool:
         """Delete the key only if its mod revision is `mod_revision` (and `guard` holds, as in
