@@ -84,7 +84,8 @@ class LocalEtcd:
 
     def __init__(self, data_dir: Path | None = None, client_port: int = 0, peer_port: int = 0,
                  binary: str | None = None, start_timeout: float = 15.0, *, tls: ServerTls | None = None,
-                 name: str = "mbc-local", initial_cluster: str = "", auth_token_ttl: int = 0) -> None:
+                 name: str = "mbc-local", initial_cluster: str = "", auth_token_ttl: int = 0,
+                 metrics_port: int = 0) -> None:
         self._binary = binary or find_etcd()
         if not os.access(self._binary, os.X_OK):
             raise EtcdNotFound(f"etcd binary {self._binary} is not executable: "
@@ -95,7 +96,7 @@ class LocalEtcd:
         self.peer_port = peer_port or free_port()
         while self.peer_port == self.client_port:
             self.peer_port = free_port()
-        self.metrics_port = free_port()
+        self.metrics_port = metrics_port or free_port()
         while self.metrics_port in (self.client_port, self.peer_port):
             self.metrics_port = free_port()
         self._start_timeout = start_timeout
@@ -288,16 +289,18 @@ class LocalEtcdCluster:
             raise ValueError(f"a cluster needs at least one member, got {size}")
         self._owns_dir = data_dir is None
         self._dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mbc-etcd-cluster-"))
+        ports: list[int] = []
+        while len(ports) < 3 * size:  # free_port() may give a port twice: keep them distinct
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
         names = [f"member{i}" for i in range(size)]
-        self.members = [LocalEtcd(self._dir / name, start_timeout=start_timeout, name=name) for name in names]
-        ports = set()
-        for member in self.members:  # free_port() may repeat across members: make them distinct
-            while {member.client_port, member.peer_port, member.metrics_port} & ports:
-                member.client_port, member.peer_port, member.metrics_port = free_port(), free_port(), free_port()
-            ports |= {member.client_port, member.peer_port, member.metrics_port}
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        for member in self.members:
-            member._initial_cluster = initial
+        initial = ",".join(f"{name}=http://127.0.0.1:{ports[3 * i + 1]}" for i, name in enumerate(names))
+        self.members = [
+            LocalEtcd(self._dir / name, client_port=ports[3 * i], peer_port=ports[3 * i + 1], metrics_port=ports[3 * i + 2],
+                      start_timeout=start_timeout, name=name, initial_cluster=initial)
+            for i, name in enumerate(names)
+        ]
 
     @property
     def endpoints(self) -> list[str]:
