@@ -76,13 +76,14 @@ def intents_from_definitions(paths: Sequence[str]) -> dict[str, list[IntentPhras
     return groups
 
 
-async def intents_from_etcd(endpoints: Sequence[str]) -> dict[str, list[IntentPhrases]]:
-    """The intents of the collaborating participants registered in etcd, by group."""
+async def intents_from_etcd(endpoints: Sequence[str], access=None) -> dict[str, list[IntentPhrases]]:
+    """The intents of the collaborating participants registered in etcd (reached with
+    `access`, an mbc.config.EtcdAccess), by group."""
     from discovery import EtcdClient
     from discovery.watcher import check_registration
     from router.directory import Directory
 
-    client = EtcdClient(list(endpoints))
+    client = EtcdClient(list(endpoints), access=access)
     await client.connect()
     try:
         items, revision = await client.get_prefix("/mbc/v1/participants/")
