@@ -15,6 +15,8 @@ log = get_logger(__name__)
 
 _RETRY_FIRST = 0.2
 _RETRY_CAP = 2.0
+_MAX_HOLDER_WAIT = 60
+"""Longest wait at start for another lease's key to expire, whatever that lease's TTL."""
 
 
 def _copy(participant: participant_pb2.Participant) -> participant_pb2.Participant:
@@ -134,7 +136,8 @@ class Registration:
         """Put the participant under `lease_id` unless another lease holds the key.
 
         With `wait_for_holder`, a holder whose lease runs out (a dead process) is waited for, for at
-        most that lease's granted TTL plus a second, this lease being kept alive meanwhile.
+        most that lease's granted TTL plus a second (capped at _MAX_HOLDER_WAIT), this lease being
+        kept alive meanwhile.
         """
         loop = asyncio.get_running_loop()
         deadline = None
@@ -145,6 +148,7 @@ class Registration:
                 return
             if deadline is None:
                 granted = (await self._client.lease_ttl(holder.lease))[1] if holder.lease and wait_for_holder else -1
+                granted = min(granted, _MAX_HOLDER_WAIT)
                 deadline = loop.time() + granted + 1
                 if granted > 0:
                     log.warning("registration_waiting_for_holder", key=self._key, holder_lease=f"{holder.lease:x}",
