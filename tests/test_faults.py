@@ -17,11 +17,12 @@ import uuid
 import grpc
 import pytest
 
+from bot_server.state import Fenced, MemoryState
 from discovery import EtcdClient, LocalEtcd, Registration
 from discovery.keys import PARTICIPANTS_PREFIX
 from faultlib import logged, ranked_first
 from mbc.context_client import ContextClient, Scope
-from mbc.v1 import bot_pb2, participant_pb2
+from mbc.v1 import bot_pb2, common_pb2, participant_pb2
 from meshlib import TEST_BOTS, eventually, match, respond, start_example_mesh
 
 pytestmark = pytest.mark.timeout(480)  # the first test also starts the mesh: minutes on a loaded machine
@@ -30,7 +31,6 @@ GROUP = "retail-bank"
 SLOWPOKE = TEST_BOTS / "slowpoke.yaml"
 HANDLERS = ("--handlers", str(TEST_BOTS / "fault_handlers.py"))
 SLOW_TEXT = "I'd like to rent a safe deposit box please"
-REPLY = "Your safe deposit box is reserved."
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +93,6 @@ async def _router_ranks_not(mesh, bot_id: str) -> bool:
 
 
 async def test_memory_state_fences_writes_like_the_store():
-    from bot_server.state import Fenced, MemoryState
-    from mbc.v1 import common_pb2
-
     state = MemoryState()
     mine = await state.claim("c1", common_pb2.BotRef(bot_id="cards"), 0, "", 1.0)
     await state.set_variable("c1", "topic", "card", mine, 1.0)
@@ -132,8 +129,6 @@ async def test_receiver_killed_after_answering_consumer_gets_the_answer_of_the_r
 
 
 async def test_store_refuses_writes_fenced_on_a_stale_owner_version(mesh, store):
-    from mbc.v1 import common_pb2
-
     conversation = uuid.uuid4().hex
     mine = await store.claim_owner(conversation, common_pb2.BotRef(bot_id="cards"), 0)
     await store.set(GROUP, Scope.CONVERSATION, conversation, "topic", "card", owner_version=mine)
@@ -219,7 +214,7 @@ async def test_router_relists_after_compaction_while_its_watch_was_down(mesh, et
             # More than the router's watch stream can buffer, so etcd stops sending and falls behind.
             noise = f"{PARTICIPANTS_PREFIX}faults-noise/noise/i1"
             revision = 0
-            for batch in range(40):
+            for _ in range(40):
                 revisions = await asyncio.gather(*(etcd.put(noise, b"\xff" * 4096) for _ in range(50)))
                 revision = max(revision, *revisions)
             await etcd.delete(noise)
