@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bot_server.definition import BotDefinition
@@ -82,11 +83,12 @@ class Mesh:
         return self._tls_flags(f"bot/{definition.group}/{definition.bot_id}")
 
     def stop(self) -> None:
-        for bot in self.bots.values():
-            bot.terminate()
-        for component in (self.router, self.store):
-            if component:
-                component.terminate()
+        """The bots (they leave etcd and may still call the store), then the router and the store;
+        the components of each step are stopped together, so their exits overlap."""
+        for step in (list(self.bots.values()), [c for c in (self.router, self.store) if c]):
+            if step:
+                with ThreadPoolExecutor(len(step)) as pool:
+                    list(pool.map(ComponentProcess.terminate, step))
 
 
 async def match(address: str, text: str, tls: TlsConfig = TlsConfig(), **fields) -> router_pb2.MatchResponse:
