@@ -269,6 +269,10 @@ class RouterConfig:
     """Candidates returned when a request asks for 0."""
     max_text_chars: int = 2000
     """Longest utterance accepted; longer ones get INVALID_ARGUMENT."""
+    max_intents_per_bot: int = 500
+    """A registration with more intents is ignored (logged as participant_ignored): training a
+    group's decision model takes time that grows with its intents (one bot with 2,000 intents cost
+    150 s of CPU on 2 cores), so one registration must not hold the router's trainer for minutes."""
     embedding_cache_dir: str = ""
     """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
     a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
@@ -278,6 +282,7 @@ class RouterConfig:
         check_range("neighbours", self.neighbours, 1)
         check_range("default_candidates", self.default_candidates, 1, 100)
         check_range("max_text_chars", self.max_text_chars, 1)
+        check_range("max_intents_per_bot", self.max_intents_per_bot, 1)
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ class RouterCore:
             self._wakeup.clear()
             participants, revision = self._pending
             try:
-                await self._rebuild(Directory.from_participants(participants, revision), self._calibration_version)
+                await self._rebuild(Directory.from_participants(participants, revision, self.config.max_intents_per_bot), self._calibration_version)
             except Exception:
                 log.exception("index_build_failed", revision=revision)
 

@@ -6,8 +6,11 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mbc.logs import get_logger
 from mbc.matching import IntentPhrases
 from mbc.v1 import participant_pb2
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -37,11 +40,17 @@ class Directory:
     revision: int
 
     @classmethod
-    def from_participants(cls, participants: Mapping[str, participant_pb2.Participant], revision: int) -> "Directory":
+    def from_participants(
+        cls, participants: Mapping[str, participant_pb2.Participant], revision: int, max_intents: int | None = None
+    ) -> "Directory":
+        """Participants with more than `max_intents` intents are left out (and logged)."""
         groups: dict[str, dict[str, BotEntry]] = {}
         # Iterate by key so the instance list (and the chosen intents) do not depend on dict order.
         for key in sorted(participants):
             p = participants[key]
+            if max_intents is not None and len(p.intents) > max_intents:
+                log.warning("participant_ignored", key=key, reason=f"{len(p.intents)} intents; the maximum is {max_intents}")
+                continue
             bots = groups.setdefault(p.group, {})
             entry = bots.get(p.bot_id)
             if entry is None:
