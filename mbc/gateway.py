@@ -6,7 +6,9 @@
 
 Each response names the owner, and the next message goes there. With a store, a gateway that
 does not know the owner (another replica took the previous message, or it restarted) asks the
-Context Session Store who owns the conversation; a new conversation goes to the entry bot.
+Context Session Store who owns the conversation; a new conversation goes to the entry bot, and so
+does a message whose owner cannot be reached (the entry bot takes the conversation over once the
+owner's registration is gone).
 With mTLS (`tls`, a certificate for the identity gateway/<name>), every call presents it.
 """
 
@@ -54,6 +56,18 @@ class Conversation:
                 return ownership.owner.address
         return self.entry_address
 
+    async def _send_again_to(self, error: grpc.aio.AioRpcError, address: str) -> str | None:
+        """Where to send a message once more after `error` from `address`, or None.
+
+        Someone else moved the conversation (FAILED_PRECONDITION): where the store says now. The
+        owner cannot be reached (UNAVAILABLE: it died): the entry bot, which takes over a
+        conversation whose owner instance is no longer registered."""
+        if error.code() == grpc.StatusCode.FAILED_PRECONDITION and self._store is not None:
+            return await self._find_owner()
+        if error.code() == grpc.StatusCode.UNAVAILABLE and address != self.entry_address:
+            return self.entry_address
+        return None
+
     async def send(self, text: str) -> bot_pb2.RespondResponse:
         request = bot_pb2.RespondRequest(
             conversation_id=self.conversation_id,
@@ -65,10 +79,9 @@ class Conversation:
         try:
             response = await self._channels.bot(address).Respond(request, timeout=self.timeout_seconds)
         except grpc.aio.AioRpcError as e:
-            # Someone else moved the conversation: ask the store where it is now, once.
-            if self._store is None or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            address = await self._send_again_to(e, address)
+            if address is None:
                 raise
-            address = await self._find_owner()
             response = await self._channels.bot(address).Respond(request, timeout=self.timeout_seconds)
         if response.owner.address:
             self.owner_address = response.owner.address

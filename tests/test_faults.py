@@ -22,6 +22,7 @@ from discovery import EtcdClient, LocalEtcd, Registration
 from discovery.keys import PARTICIPANTS_PREFIX
 from faultlib import logged, ranked_first
 from mbc.context_client import ContextClient, Scope
+from mbc.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2, participant_pb2
 from meshlib import TEST_BOTS, eventually, match, respond, start_example_mesh
 
@@ -126,6 +127,26 @@ async def test_receiver_killed_after_answering_consumer_gets_the_answer_of_the_r
         assert follow_up.replies and await owner_of(store, conversation) == follow_up.owner.bot_id
     finally:
         await stop_slowpoke(mesh, "slowpoke-dies")
+
+
+async def test_owner_killed_between_messages_the_entry_bot_takes_the_conversation_over(mesh, store):
+    """The bot that owns a conversation dies; once its registration is gone, the gateway's next
+    message (the owner unreachable) goes to the entry bot, which takes the conversation over."""
+    owner = await start_slowpoke(mesh, "slowpoke-owner", "slow_write")
+    try:
+        async with Conversation(mesh.bots["cards"].address, store_address=mesh.store.address, timeout_seconds=20) as chat:
+            first = await chat.send(SLOW_TEXT)
+            assert first.owner.bot_id == "slowpoke" and chat.owner_address == owner.address
+            owner.kill()
+            await eventually(lambda: _router_ranks_not(mesh, "slowpoke"), timeout=15, interval=0.3)
+            started = time.monotonic()
+            r = await chat.send("my card got declined at the grocery store")
+            assert time.monotonic() - started < 20
+        assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.owner.bot_id == "cards"
+        assert await owner_of(store, chat.conversation_id) == "cards"
+        assert logged(mesh.bots["cards"], "conversation_taken_over")
+    finally:
+        await stop_slowpoke(mesh, "slowpoke-owner")
 
 
 async def test_store_refuses_writes_fenced_on_a_stale_owner_version(mesh, store):
