@@ -87,6 +87,50 @@ def decide(ranked: Sequence[Scored], margin: float) -> Verdict:
     return Verdict(NONE, list(ranked))
 
 
+class LexicalSvm:
+    """A TF-IDF (word 1-2 grams, sublinear tf) linear SVM over phrase texts.
+
+    Scoring does sklearn's arithmetic (`TfidfVectorizer.transform` then `LinearSVC.decision_function`,
+    the same values to 1e-12) without its per-call input validation, which costs more than the
+    arithmetic for a micro-batch of short utterances (4 ms a call against 0.1 ms)."""
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], labels: np.ndarray) -> "LexicalSvm":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.svm import LinearSVC
+
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        return cls(vectorizer, LinearSVC(C=1.0).fit(vectorizer.fit_transform(texts), labels))
+
+    def __init__(self, vectorizer, svm) -> None:
+        """From a fitted sklearn `TfidfVectorizer` and the `LinearSVC` fitted on its output."""
+        self._analyze = vectorizer.build_analyzer()
+        self._vocabulary: dict[str, int] = vectorizer.vocabulary_
+        self._idf = np.asarray(vectorizer.idf_, np.float64)
+        self._weights = np.ascontiguousarray(svm.coef_.T)  # one row per n-gram
+        self._intercept = np.asarray(svm.intercept_, np.float64)
+        self.classes = np.asarray(svm.classes_, dtype=np.int64)
+        """The label of each column of `decision_function`."""
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), len(classes)) decision values."""
+        out = np.empty((len(texts), self._weights.shape[1]), np.float64)
+        vocabulary = self._vocabulary
+        for q, text in enumerate(texts):
+            terms = [i for i in map(vocabulary.get, self._analyze(text)) if i is not None]
+            if not terms:
+                out[q] = 0.0
+                continue
+            ids, counts = np.unique(terms, return_counts=True)
+            tfidf = (np.log(counts) + 1.0) * self._idf[ids]
+            tfidf /= np.sqrt(tfidf @ tfidf)
+            out[q] = tfidf @ self._weights[ids]
+        out += self._intercept
+        if len(self.classes) == 2:  # two classes: sklearn gives one value, for the second
+            out = np.concatenate([-out, out], axis=1)
+        return out
+
+
 @dataclass
 class TrainTimes:
     embed: float = 0.0
@@ -151,15 +195,13 @@ class GroupModel:
         n = len(self.classes)
         self.W = np.zeros((dim, n), np.float32)
         self.b = np.zeros(n, np.float32)
-        self._vectorizer = None
-        self._svm = None
-        self._svm_cols: np.ndarray | None = None
+        self._svm: LexicalSvm | None = None
         if n >= 2:
             t = time.perf_counter()
             self._train_lr(vectors, previous)
             self.times.lr = time.perf_counter() - t
             t = time.perf_counter()
-            self._train_svm()
+            self._svm = LexicalSvm.fit(self.texts, self.row_class)
             self.times.svm = time.perf_counter() - t
 
     # ------------------------------------------------------------------ training
@@ -219,15 +261,6 @@ class GroupModel:
         self.W = result.x[: d * n].reshape(d, n).astype(np.float32)
         self.b = result.x[d * n:].astype(np.float32)
 
-    def _train_svm(self) -> None:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.svm import LinearSVC
-
-        self._vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-        X = self._vectorizer.fit_transform(self.texts)
-        self._svm = LinearSVC(C=1.0).fit(X, self.row_class)
-        self._svm_cols = np.asarray(self._svm.classes_, dtype=np.int64)
-
     # ------------------------------------------------------------------ scoring
     def features(self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None) -> Features:
         """Candidates (the intents among the k nearest phrases) and their fused scores, per query."""
@@ -268,11 +301,8 @@ class GroupModel:
         fused = cfg.knn_weight * knn
         if self._svm is not None:
             fused = fused + np.asarray(Q, np.float32) @ self.W + self.b
-            dec = self._svm.decision_function(self._vectorizer.transform(list(texts)))
-            if dec.ndim == 1:  # two classes: one decision value for the second
-                dec = np.stack([-dec, dec], axis=1)
             svm = np.zeros((nq, n), np.float32)
-            svm[:, self._svm_cols] = dec
+            svm[:, self._svm.classes] = self._svm.decision_function(texts)
             fused = fused + cfg.svm_weight * svm
         cand = cnt > 0
         qi, ci = np.nonzero(cand)

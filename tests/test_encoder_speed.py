@@ -305,3 +305,25 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
                                            "batch_wait_ms": 0.0, "query_cache_size": 0}
     assert "match_qps_c32" in done.stdout and ("MET" in done.stdout or "MISS" in done.stdout)
     print(f"bench smoke took {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
+    """The router's SVM head skips sklearn's per-call validation, not its arithmetic."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.svm import LinearSVC
+
+    from router.decision import LexicalSvm
+
+    texts = [f"{t} {w}" for t in UTTERANCES for w in ("please", "now", "today for me")]
+    labels = np.arange(len(texts)) % classes
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    svm = LinearSVC(C=1.0).fit(vectorizer.fit_transform(texts), labels)
+    queries = [*UTTERANCES[:4], "card card card declined declined", "zzz unknown words only", "", "LOST my CARD!!"]
+    expected = svm.decision_function(vectorizer.transform(queries))
+    if classes == 2:
+        expected = np.stack([-expected, expected], axis=1)
+    got = LexicalSvm(vectorizer, svm).decision_function(queries)
+    assert got.shape == (len(queries), classes)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    assert list(LexicalSvm(vectorizer, svm).classes) == list(range(classes))

@@ -99,6 +99,8 @@ def add_commands(sub) -> None:
     clinc.add_argument("--max-intents", type=int, default=0, help="only the first N intents per domain (a quick slice)")
     clinc.add_argument("--seed", type=int, default=0)
     clinc.add_argument("--concurrency", type=int, default=8, help="calls in flight")
+    clinc.add_argument("--encoder-backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+                       help="inference engine of the router and the bots (quality per backend)")
     clinc.add_argument("--no-retrain-check", dest="retrain_check", action="store_false",
                        help="skip timing the retrain when one bot leaves at the end")
     clinc.add_argument("--log-level", default=os.environ.get("MBC_LOG_LEVEL", "WARNING"))

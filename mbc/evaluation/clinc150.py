@@ -116,7 +116,7 @@ async def run(args) -> dict:
         local_etcd = LocalEtcd()
         local_etcd.start()
         etcd = (local_etcd.endpoint,)
-    encoder = Encoder(EncoderConfig())
+    encoder = Encoder(EncoderConfig(backend=args.encoder_backend))
     router = None
     bots: dict[str, BotProcess] = {}
     pool = ChannelPool()
@@ -243,6 +243,7 @@ async def run(args) -> dict:
         await router_channel.close()
         result = {
             "split": args.split,
+            "encoder_backend": args.encoder_backend,
             "in_sample_calibration": args.split == "val",
             "n_in_scope": n_in,
             "n_oos": n_oos,
