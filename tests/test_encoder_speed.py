@@ -277,7 +277,7 @@ def test_onnx_backends_load_offline_and_agree_with_torch(onnx_dir: Path) -> None
     assert list(onnx_dir.glob("*/model.onnx")) and list(onnx_dir.glob("*/model_int8.onnx")), "exports not cached"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     if not (CLINC / "clinc150_public.json").exists():
         pytest.skip(f"no CLINC150 data at {CLINC}")
@@ -292,7 +292,7 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
             "--naive-requests", "32", "--c1-requests", "10", "--c32-requests", "64",
             "--workdir", str(tmp_path / "work"),
         ],
-        capture_output=True, text=True, timeout=230,
+        capture_output=True, text=True, timeout=460,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -301,8 +301,12 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
         assert result[key] > 0, key
     assert result["errors"] == 0
     assert result["settings"]["tuned"]["backend"] == "onnx"
-    assert result["settings"]["naive"] == {"backend": "torch", "threads": 0, "max_batch": 1,
-                                           "batch_wait_ms": 0.0, "query_cache_size": 0}
+    assert result["settings"]["naive"] == {"backend": "torch", "threads": 0, "workers": 1, "batch_size": 16,
+                                           "max_batch": 1, "batch_wait_ms": 0.0, "query_cache_size": 0}
+    assert result["settings"]["tuned"]["workers"] == 2 and result["settings"]["tuned"]["threads"] == 1
+    setups = result["details"]["encoder_by_setup"]
+    assert set(setups) == {"threads=1 workers=2", "threads=default workers=1"}
+    assert result["encoder_batch_qps"] == max(q for s in setups.values() for q in s["qps_by_batch_size"].values())
     assert "match_qps_c32" in done.stdout and ("MET" in done.stdout or "MISS" in done.stdout)
     print(f"bench smoke took {time.monotonic() - started:.0f} s")
 
