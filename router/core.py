@@ -293,13 +293,18 @@ class RouterCore:
         if len(verdicts) > 1:
             ranked.sort(key=lambda item: -item[0])
         out = []
+        # One instance per bot per Match: picking per candidate, a bot with two intents in the
+        # answer and two instances sent every top candidate to the same instance.
+        instances: dict[str, tuple[str, str]] = {}
         for _, m in ranked:
             if m.rating < min_rating:
                 continue
             bot: BotEntry | None = state.directory.find_bot(m.bot_id)
             if bot is None or not bot.instances:
                 continue
-            instance_id, address = bot.pick_instance()
+            if m.bot_id not in instances:
+                instances[m.bot_id] = bot.pick_instance()
+            instance_id, address = instances[m.bot_id]
             out.append(Candidate(m, bot.display_name, instance_id, address))
             if len(out) >= limit:
                 break
