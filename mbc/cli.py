@@ -355,6 +355,13 @@ def cmd_bench_match(args: argparse.Namespace) -> None:
     sys.exit(main(args))
 
 
+def cmd_bench_index(args: argparse.Namespace) -> None:
+    from mbc.bench.index import main
+
+    configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="bench")
+    sys.exit(main(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbc", description="Multi-bot collaboration mesh")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -452,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench_match_arguments(bench_match)
     bench_match.set_defaults(func=cmd_bench_match)
+    bench_index = bench_sub.add_parser("index", help="the intent index at scale: build, memory, search, agreement, swap, restart")
+    from mbc.bench.index import add_arguments as _bench_index_arguments
+
+    _bench_index_arguments(bench_index)
+    bench_index.set_defaults(func=cmd_bench_index)
     from mbc.evaluation.cli import add_commands as _quality_commands
 
     _quality_commands(sub)  # eval, calibrate, overlap

@@ -1,0 +1,335 @@
+"""`mbc bench index`: the router's intent index at scale (build, memory, search, agreement, swap, restart).
+
+The index holds the real CLINC150 training phrases of the 10-bot mesh (one participant per domain,
+15,000 phrases, embedded with the real model) plus synthetic participants up to `--vectors`. A
+synthetic participant has 100 phrases around one real intent picked at random: each phrase is a
+random mixture (weights 0.3-0.7) of two real phrases of that intent plus Gaussian noise (σ = 0.03
+per dimension), normalised; so it sits where real utterances land (cosine ~0.8 to its nearest real
+phrase), the hard case for an approximate index. The queries are distinct CLINC150 `val`
+utterances, embedded with the real model; searches ask k = 100 (the router's `neighbours`), one
+query at a time, on one FAISS thread as in the router, and exclude encoding.
+
+Measured in a separate process that holds only the index and the bench's arrays (no model), so
+its RSS is the index's cost (`rss_mb`; `rss_baseline_mb` is that process before the index):
+
+- `build_seconds`: training plus adding every vector (generation excluded);
+- `search_p50_ms` / `search_p99_ms`;
+- `top1_agreement`: share of queries whose first result (id, hence participant) equals exact
+  search over the same vectors (computed chunk by chunk, never holding them all in float32);
+- swap: while a thread searches without pause, participants of 100 phrases are replaced one after
+  another (remove their ids, add 100 new vectors); `swap_visible_ms` is the slowest time from the
+  start of a replacement until a search finds its new phrases, `swap_search_p99_ms` the p99 of the
+  searches made meanwhile (`steady_search_p99_ms`: the same thread before the swaps).
+
+In this process, `restart_ready_seconds`: a router restart with `--restart-phrases` unchanged
+phrases: open the persisted embedding cache (seeded beforehand with synthetic vectors under the
+model's id), fetch every vector (`restart_encoded` counts those that needed the model: 0), build
+the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+PHRASES_PER_PARTICIPANT = 100
+NOISE = 0.03
+CHUNK = 100_000
+NEIGHBOURS = 100
+"""k of every search: DecisionConfig.neighbours."""
+
+
+@dataclass(frozen=True)
+class IndexBenchOptions:
+    vectors: int = 1_000_000
+    queries: int = 1000
+    swaps: int = 20
+    restart_phrases: int = 100_000
+    domains: int = 0
+    """Real CLINC150 domains (bots) in the index; 0: all 10."""
+    seed: int = 7
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) / 1024
+    return round(fields.get("VmRSS", 0.0), 1), round(fields.get("VmHWM", 0.0), 1)
+
+
+def synthetic_participants(real: np.ndarray, intents: np.ndarray, first: int, count: int, seed: int) -> np.ndarray:
+    """Vectors of `count` synthetic participants numbered from `first` (deterministic per number).
+
+    `intents` holds the [start, end) rows of each real intent in `real`."""
+    out = np.empty((count * PHRASES_PER_PARTICIPANT, real.shape[1]), np.float32)
+    for n in range(count):
+        rng = np.random.default_rng((seed, first + n))
+        start, end = intents[rng.integers(len(intents))]
+        a = rng.integers(start, end, PHRASES_PER_PARTICIPANT)
+        b = rng.integers(start, end, PHRASES_PER_PARTICIPANT)
+        w = rng.uniform(0.3, 0.7, (PHRASES_PER_PARTICIPANT, 1)).astype(np.float32)
+        v = w * real[a] + (1 - w) * real[b] + rng.normal(0, NOISE, (PHRASES_PER_PARTICIPANT, real.shape[1])).astype(np.float32)
+        out[n * PHRASES_PER_PARTICIPANT : (n + 1) * PHRASES_PER_PARTICIPANT] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def _chunks(real: np.ndarray, intents: np.ndarray, total: int, seed: int):
+    """(first id, vectors) covering ids 0..total-1: the real phrases, then synthetic participants."""
+    yield 0, real
+    participants = (total - len(real) + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT
+    per_chunk = CHUNK // PHRASES_PER_PARTICIPANT
+    for first in range(0, participants, per_chunk):
+        count = min(per_chunk, participants - first)
+        vectors = synthetic_participants(real, intents, first, count, seed)
+        start = len(real) + first * PHRASES_PER_PARTICIPANT
+        yield start, vectors[: total - start]
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ms = np.asarray(samples) * 1000
+    return round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 99)), 3)
+
+
+def measure_index(real_path: str, queries_path: str, intents: list[tuple[int, int]], opts: IndexBenchOptions) -> dict:
+    """Everything measured in the process holding the index (see the module docstring)."""
+    import faiss
+
+    from mbc.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, ivf_lists
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    real, queries = np.load(real_path), np.load(queries_path)
+    bounds = np.asarray(intents, np.int64)
+    total = max(opts.vectors, len(real))
+    dim = real.shape[1]
+    gc.collect()
+    baseline, _ = _rss_mb()
+
+    exact_id = np.full(len(queries), -1, np.int64)
+    exact_score = np.full(len(queries), -np.inf, np.float32)
+    build = 0.0
+    if total < EXACT_MAX_VECTORS:
+        index_type, index = "exact", FlatIndex(dim)
+        params = {}
+    else:
+        nlist = ivf_lists(total)
+        sample = np.concatenate([real, synthetic_participants(real, bounds, 0, max(1, 40 * nlist // PHRASES_PER_PARTICIPANT), opts.seed)])
+        started = time.perf_counter()
+        index = IVFIndex(dim, sample, nlist=nlist)
+        build += time.perf_counter() - started
+        del sample
+        index_type, params = "ivf-pq4fs+fp16-rerank", {"nlist": index.nlist, "nprobe": index.nprobe}
+    for start, vectors in _chunks(real, bounds, total, opts.seed):
+        ids = np.arange(start, start + len(vectors), dtype=np.int64)
+        started = time.perf_counter()
+        index.add(ids, vectors)
+        build += time.perf_counter() - started
+        scores = queries @ vectors.T
+        best = scores.argmax(axis=1)
+        score = scores[np.arange(len(queries)), best]
+        better = score > exact_score
+        exact_id[better], exact_score[better] = best[better] + start, score[better]
+        del vectors, scores
+    gc.collect()
+    rss, peak = _rss_mb()
+
+    faiss.omp_set_num_threads(1)  # as on the router's encoder thread
+    for q in queries[:20]:
+        index.search(q[None], NEIGHBOURS)
+    times, top = [], np.empty(len(queries), np.int64)
+    for i, q in enumerate(queries):
+        started = time.perf_counter()
+        _, ids = index.search(q[None], NEIGHBOURS)
+        times.append(time.perf_counter() - started)
+        top[i] = ids[0, 0]
+    p50, p99 = _percentiles(times)
+
+    def participant(ids: np.ndarray) -> np.ndarray:
+        """Synthetic participants by number, real domains (15 intents each) as negative numbers."""
+        domain = (np.searchsorted(bounds[:, 0], ids, side="right") - 1) // 15
+        return np.where(ids < len(real), -1 - domain, (ids - len(real)) // PHRASES_PER_PARTICIPANT)
+
+    swap = _measure_swaps(index, real, bounds, queries, total, opts)
+    return {
+        "vectors": int(total), "index_type": index_type, "index_params": params,
+        "build_seconds": round(build, 2), "rss_mb": rss, "rss_baseline_mb": baseline,
+        "rss_index_mb": round(rss - baseline, 1), "rss_peak_mb": peak,
+        "search_p50_ms": p50, "search_p99_ms": p99,
+        "top1_agreement": round(float(np.mean(top == exact_id)), 4),
+        "top1_participant_agreement": round(float(np.mean(participant(top) == participant(exact_id))), 4),
+        "queries": len(queries), **swap,
+    }
+
+
+def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndarray, total: int, opts: IndexBenchOptions) -> dict:
+    synthetic = (total - len(real)) // PHRASES_PER_PARTICIPANT
+    if synthetic < 1 or opts.swaps < 1:
+        return {"swap_visible_ms": None, "swap_search_p99_ms": None, "steady_search_p99_ms": None, "swaps": 0}
+    phase: list[list[float]] = [[], []]
+    current = [0]
+    stop = threading.Event()
+
+    def searcher() -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        i = 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            index.search(queries[i % len(queries)][None], NEIGHBOURS)
+            phase[current[0]].append(time.perf_counter() - started)
+            i += 1
+
+    thread = threading.Thread(target=searcher, daemon=True)
+    thread.start()
+    time.sleep(3.0)
+    current[0] = 1
+    rng = np.random.default_rng(opts.seed + 1)
+    visible = []
+    for n in range(opts.swaps):
+        p = int(rng.integers(synthetic))
+        ids = np.arange(len(real) + p * PHRASES_PER_PARTICIPANT, len(real) + (p + 1) * PHRASES_PER_PARTICIPANT, dtype=np.int64)
+        fresh = synthetic_participants(real, bounds, 10_000_000 + n, 1, opts.seed)
+        started = time.perf_counter()
+        index.remove(ids)
+        index.add(ids, fresh)
+        while index.search(fresh[:1], 1)[1][0, 0] != ids[0]:
+            time.sleep(0.001)
+        visible.append(time.perf_counter() - started)
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=30)
+    return {
+        "swap_visible_ms": round(max(visible) * 1000, 2), "swap_search_p99_ms": _percentiles(phase[1])[1],
+        "steady_search_p99_ms": _percentiles(phase[0])[1], "swaps": opts.swaps,
+    }
+
+
+async def measure_restart(encoder, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> dict:
+    """A restart with `phrases` unchanged phrases: cache → vectors → index, in this process."""
+    from mbc.embedding_store import EmbeddingStore, PhraseEmbeddings
+    from mbc.index import build_index
+
+    texts = [f"bench phrase {i} of participant {i // PHRASES_PER_PARTICIPANT}" for i in range(phrases)]
+    vectors = synthetic_participants(real, intents, 20_000_000, (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT, seed)[:phrases]
+    with tempfile.TemporaryDirectory(prefix="mbc-bench-cache-") as directory:
+        store = EmbeddingStore(directory)
+        store.put_many(encoder.model_id, texts, vectors)
+        store.close()
+        started = time.perf_counter()
+        store = EmbeddingStore(directory)
+        embeddings = PhraseEmbeddings(encoder, store)
+        loaded = await embeddings.embed(texts)
+        fetched = time.perf_counter() - started
+        build_index(encoder.dim, np.arange(phrases, dtype=np.int64), loaded)
+        ready = time.perf_counter() - started
+        store.close()
+    return {
+        "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2),
+        "restart_cache_seconds": round(fetched, 2), "restart_encoded": embeddings.encoded,
+    }
+
+
+def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Real phrase vectors (the 10-bot mesh), query vectors (distinct val utterances), intent rows."""
+    from mbc.bench.match import load_clinc
+    from mbc.embedding_store import PhraseEmbeddings, open_store
+
+    domains, train, val, _ = load_clinc(data_dir)
+    phrases: list[str] = []
+    intents = []
+    for domain, names in sorted(domains.items())[: opts.domains or None]:
+        for name in sorted(names):
+            intents.append((len(phrases), len(phrases) + len(train[name])))
+            phrases.extend(train[name])
+    rng = np.random.default_rng(opts.seed)
+    picked = [val[i] for i in sorted(rng.choice(len(val), min(opts.queries, len(val)), replace=False))]
+    embeddings = PhraseEmbeddings(encoder, open_store(cache))
+    real = asyncio.run(embeddings.embed(phrases))
+    query_vectors = asyncio.run(embeddings.embed(picked))
+    if embeddings.store is not None:
+        embeddings.store.close()
+    return real, query_vectors, intents
+
+
+def run(opts: IndexBenchOptions, data_dir: Path, backend: str, cache: str) -> dict:
+    from mbc.config import EncoderConfig
+    from mbc.encoder import Encoder
+
+    load = os.getloadavg()
+    encoder = Encoder(EncoderConfig(backend=backend))
+    try:
+        real, queries, intents = _clinc_vectors(encoder, data_dir, opts, cache)
+        with tempfile.TemporaryDirectory(prefix="mbc-bench-index-") as work:
+            real_path, queries_path = os.path.join(work, "real.npy"), os.path.join(work, "queries.npy")
+            np.save(real_path, real)
+            np.save(queries_path, queries)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                result = pool.apply(measure_index, (real_path, queries_path, intents, opts))
+        result.update(asyncio.run(measure_restart(encoder, opts.restart_phrases, real, np.asarray(intents), opts.seed)))
+    finally:
+        encoder.close()
+    result["load_average"] = {"start": [round(x, 2) for x in load], "end": [round(x, 2) for x in os.getloadavg()]}
+    result["machine"] = {"cpus": os.cpu_count(), "encoder_backend": backend}
+    result["options"] = asdict(opts)
+    return result
+
+
+def print_table(result: dict) -> None:
+    rows = [
+        ("vectors", result["vectors"]), ("index_type", result["index_type"]), ("index_params", result["index_params"]),
+        ("build_seconds", result["build_seconds"]),
+        ("rss_mb (index process; baseline, peak)", f"{result['rss_mb']} ({result['rss_baseline_mb']}, {result['rss_peak_mb']})"),
+        ("search_p50_ms / search_p99_ms", f"{result['search_p50_ms']} / {result['search_p99_ms']}"),
+        ("top1_agreement (id; participant)", f"{result['top1_agreement']}; {result['top1_participant_agreement']} over {result['queries']} queries"),
+        ("swap_visible_ms (slowest of swaps)", f"{result['swap_visible_ms']} ({result['swaps']})"),
+        ("swap_search_p99_ms / steady_search_p99_ms", f"{result['swap_search_p99_ms']} / {result['steady_search_p99_ms']}"),
+        ("restart_ready_seconds (phrases; encoded)", f"{result['restart_ready_seconds']} ({result['restart_phrases']}; {result['restart_encoded']})"),
+        ("load average start → end", f"{result['load_average']['start']} → {result['load_average']['end']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mbc.bench.match import default_data_dir
+
+    defaults = IndexBenchOptions()
+    parser.add_argument("--vectors", type=int, default=defaults.vectors, help="vectors in the index (real CLINC150 phrases + synthetic)")
+    parser.add_argument("--queries", type=int, default=defaults.queries, help="CLINC150 val utterances searched")
+    parser.add_argument("--swaps", type=int, default=defaults.swaps, help="participants of 100 phrases replaced under search")
+    parser.add_argument("--restart-phrases", type=int, default=defaults.restart_phrases, help="cached phrases of the restart measurement")
+    parser.add_argument("--domains", type=int, default=defaults.domains, help="real CLINC150 domains (bots) indexed; 0: all 10")
+    parser.add_argument("--json", default="", metavar="OUT", help="write the figures as JSON")
+    parser.add_argument("--data", type=Path, default=default_data_dir(), help="CLINC150 directory")
+    parser.add_argument("--backend", default="onnx", choices=("torch", "onnx", "onnx-int8"), help="encoder backend for the real vectors")
+    parser.add_argument("--embedding-cache", default="", metavar="DIR",
+                        help='persisted embeddings of the CLINC150 texts (default ~/.cache/mbc/embeddings; "off": none)')
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.vectors < 1 or args.queries < 1 or args.swaps < 0 or args.restart_phrases < 1 or not 0 <= args.domains <= 10:
+        print("mbc bench index: --vectors, --queries and --restart-phrases must be positive, --swaps not negative, "
+              "--domains between 0 and 10", file=sys.stderr)
+        return 2
+    opts = IndexBenchOptions(args.vectors, args.queries, args.swaps, args.restart_phrases, args.domains)
+    result = run(opts, args.data, args.backend, args.embedding_cache)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
