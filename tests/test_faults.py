@@ -264,8 +264,9 @@ async def _count_above(component, event: str, count: int) -> bool:
 
 async def test_etcd_outage_mesh_keeps_serving_then_converges(mesh, own_etcd, etcd):
     """etcd stopped for 20 s: the router answers from its last index, bots answer their own
-    intents, every call returns within its deadline; etcd back, the registrations are there and
-    the router hands conversations over again. Last: it stops the module's etcd."""
+    intents and fall back for the rest, every call returns within its deadline; etcd back, the
+    registrations are there and the router hands conversations over again. Last: it stops the
+    module's etcd."""
     cards = mesh.bots["cards"].address
     await asyncio.to_thread(own_etcd.stop)
     try:
@@ -277,6 +278,9 @@ async def test_etcd_outage_mesh_keeps_serving_then_converges(mesh, own_etcd, etc
             assert r.candidates[0].bot_id == "cards"
             own = await respond(cards, "my card got declined at the grocery store", timeout=5)
             assert own.outcome == bot_pb2.OUTCOME_ANSWERED and own.match.intent == "card_declined"
+            # No transfer without the store (no claim could fence it): the bot's own fallback.
+            other = await respond(cards, "How do I open a business checking account for my LLC?", timeout=5)
+            assert other.outcome == bot_pb2.OUTCOME_FALLBACK and other.owner.bot_id == "cards"
             assert time.monotonic() - started < 10
             rounds += 1
             await asyncio.sleep(1)
