@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import uuid
 
 import grpc
@@ -167,24 +166,3 @@ async def test_bot_joining_and_dying_mid_run(mesh):
     # With the only capable bot gone, the asking bot falls back.
     r = await respond(mesh.bots["cards"].address, "please set a travel notice, I'm going to Japan")
     assert r.outcome == bot_pb2.OUTCOME_FALLBACK
-
-
-async def test_sigterm_leaves_the_mesh_at_once(mesh, etcd_client):
-    bot = await mesh.start_bot(TEST_BOTS / "travel.yaml", "travel-2")
-
-    async def registered():
-        items, _ = await etcd_client.get_prefix("/mbc/v1/participants/retail-bank/travel/")
-        return len(items)
-
-    await eventually(registered, timeout=5)
-    bot.signal(signal.SIGTERM)
-
-    async def deregistered():
-        return await registered() == 0
-
-    # The lease is revoked at once, long before it could have expired...
-    _, seconds = await eventually(deregistered, timeout=LEASE_TTL, interval=0.05)
-    assert seconds < LEASE_TTL
-    # ...and the process exits cleanly within its grace period.
-    assert await asyncio.to_thread(bot.process.wait, 15) == 0
-    mesh.bots.pop("travel-2")
