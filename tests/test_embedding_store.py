@@ -1,0 +1,96 @@
+"""The persisted phrase embeddings: a restarted router re-embeds nothing; a bad cache file costs nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from mbc.config import RouterConfig
+from mbc.embedding_store import FILE_NAME, EmbeddingStore, PhraseEmbeddings, open_store
+from mbc.v1 import participant_pb2
+from router.core import RouterCore
+
+PHRASES = {
+    "lost_card": ["I lost my debit card", "my credit card was stolen", "cannot find my card anywhere"],
+    "balance": ["what is my balance", "how much money is in checking", "show my savings balance"],
+}
+
+
+def _snapshot() -> dict:
+    p = participant_pb2.Participant(bot_id="cards", instance_id="i1", address="127.0.0.1:9", group="g", collaboration=True)
+    for name, phrases in PHRASES.items():
+        p.intents.add(name=name, phrases=phrases)
+    return {"/mbc/v1/participants/g/cards/i1": p}
+
+
+async def _start_router(encoder, cache_dir) -> RouterCore:
+    core = RouterCore(RouterConfig(embedding_cache_dir=str(cache_dir)), encoder)
+    core.submit(_snapshot(), 1)
+    await asyncio.wait_for(core.wait_builds(1), 120)
+    return core
+
+
+async def test_a_restarted_router_embeds_nothing(encoder, tmp_path):
+    first = await _start_router(encoder, tmp_path)
+    assert first.embeddings.encoded == 6
+    vectors = first.models["g"].vectors.copy()
+    await first.close()
+
+    second = await _start_router(encoder, tmp_path)
+    try:
+        assert second.embeddings.encoded == 0  # every vector came from the file
+        np.testing.assert_array_equal(second.models["g"].vectors, vectors)
+        result = await second.match("somebody stole my card", "", "g", 1, 0)
+        assert result.candidates[0].match.intent == "lost_card"
+    finally:
+        await second.close()
+
+
+async def test_a_corrupt_cache_file_is_moved_aside_and_rebuilt(encoder, tmp_path):
+    (tmp_path / FILE_NAME).write_bytes(b"not a database " * 500)
+    core = await _start_router(encoder, tmp_path)
+    try:
+        assert core.embeddings.store.enabled and core.embeddings.encoded == 6
+        assert (tmp_path / f"{FILE_NAME}.corrupt").read_bytes().startswith(b"not a database")
+    finally:
+        await core.close()
+    store = EmbeddingStore(tmp_path)
+    assert len(store) == 6  # the new file holds what was embedded
+    store.close()
+
+
+async def test_other_model_or_dimension_is_a_miss(encoder, tmp_path):
+    store = EmbeddingStore(tmp_path)
+    texts = ["hello there", "good morning"]
+    store.put_many(encoder.model_id, texts, np.ones((2, encoder.dim), np.float32))
+    assert set(store.get_many(encoder.model_id, texts, encoder.dim)) == set(texts)
+    assert store.get_many("another-model", texts, encoder.dim) == {}
+    assert store.get_many(encoder.model_id, texts, encoder.dim + 1) == {}
+    store.close()
+
+    embeddings = PhraseEmbeddings(encoder, EmbeddingStore(tmp_path))
+    vectors = await embeddings.embed(["good morning", "new phrase", "good morning"])
+    assert embeddings.encoded == 1
+    np.testing.assert_array_equal(vectors[0], np.ones(encoder.dim, np.float32))  # from the file
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    assert np.linalg.norm(vectors[1]) == pytest.approx(1.0, abs=1e-4)
+    embeddings.store.close()
+
+
+def test_off_disables_persistence_and_empty_means_the_user_cache(tmp_path, monkeypatch):
+    assert open_store("off") is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    store = open_store("")
+    assert store.path == tmp_path / "mbc" / "embeddings" / FILE_NAME and store.enabled
+    store.close()
+
+
+def test_an_unwritable_directory_turns_persistence_off(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = EmbeddingStore(blocker / "sub")  # a directory cannot be made inside a file
+    assert not store.enabled
+    store.put_many("m", ["a"], np.ones((1, 4), np.float32))
+    assert store.get_many("m", ["a"], 4) == {}
