@@ -63,6 +63,40 @@ async def run_phase(stub, name: str, texts: list[str], concurrency: int, group: 
     return summarise(name, concurrency, latencies, statuses, time.perf_counter() - started)
 
 
+async def run_paced(name: str, make_call, rate: float, seconds: float, max_in_flight: int = 256) -> dict:
+    """Open loop: start `make_call(i)` (an awaitable gRPC call) every 1/rate seconds for `seconds`,
+    so a slow server does not slow the sender down (at most `max_in_flight` calls pending; a
+    start that would exceed it is counted as "NOT_SENT"). Summarised like a closed-loop phase."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    pending: set[asyncio.Task] = set()
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        try:
+            await make_call(i)
+            statuses["OK"] += 1
+        except grpc.aio.AioRpcError as e:
+            statuses[e.code().name] += 1
+        except Exception as e:  # noqa: BLE001 - counted as an error, never fatal
+            statuses[type(e).__name__] += 1
+        latencies.append(time.perf_counter() - started)
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        if len(pending) >= max_in_flight:
+            statuses["NOT_SENT"] += 1
+            continue
+        task = asyncio.create_task(one(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    return summarise(name, max_in_flight, latencies, statuses, loop.time() - start)
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     texts = json.loads(open(args.texts).read())
     phases = []
