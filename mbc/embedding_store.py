@@ -31,10 +31,10 @@ from mbc.logs import get_logger
 log = get_logger(__name__)
 
 FILE_NAME = "embeddings.sqlite3"
-SCHEMA = "mbc-embeddings-1"
+SCHEMA = "mbc-embeddings-2"
 DISABLED = "off"
 """`RouterConfig.embedding_cache_dir` value that turns persistence off."""
-_LOOKUP_CHUNK = 500
+_LOOKUP_CHUNK = 2000
 
 
 def default_cache_dir() -> Path:
@@ -72,7 +72,8 @@ class EmbeddingStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID")
+            # A rowid table (rows in write order, a small key index): a restart reads it sequentially.
+            db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER NOT NULL, data BLOB NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
             row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
             if row is None or row[0] != SCHEMA:
@@ -113,14 +114,21 @@ class EmbeddingStore:
             if self._db is None:
                 return found
             try:
-                for start in range(0, len(items), _LOOKUP_CHUNK):
-                    chunk = items[start : start + _LOOKUP_CHUNK]
-                    rows = self._db.execute(
-                        f"SELECT key, dim, data FROM vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk
-                    ).fetchall()
+                stored = self._db.execute("SELECT max(rowid) FROM vectors").fetchone()[0] or 0
+                if len(items) * 4 >= stored:  # asking for much of the file: one sequential read beats lookups
+                    batches = [self._db.execute("SELECT key, dim, data FROM vectors")]
+                else:
+                    batches = (
+                        self._db.execute(
+                            f"SELECT key, dim, data FROM vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                        )
+                        for chunk in (items[i : i + _LOOKUP_CHUNK] for i in range(0, len(items), _LOOKUP_CHUNK))
+                    )
+                for rows in batches:
                     for key, row_dim, data in rows:
-                        if row_dim == dim and len(data) == 4 * dim:
-                            found[keys[key]] = np.frombuffer(data, np.float32)
+                        text = keys.get(key)
+                        if text is not None and row_dim == dim and len(data) == 4 * dim:
+                            found[text] = np.frombuffer(data, np.float32)
             except sqlite3.Error as e:
                 self._disable(e)
         return found
