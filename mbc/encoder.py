@@ -30,10 +30,9 @@ import asyncio
 import hashlib
 import json
 import os
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,14 +268,16 @@ class _Job:
     future: Future
 
 
-_STOP = object()
-
-
 class _EncoderThread:
     """The threads that own the model calls of the async API and batch concurrent queries.
 
-    Each of the `workers` threads takes the next item of one shared queue; for a query, also every
-    query queued behind it (one micro-batch), which it encodes and post-processes alone."""
+    Each of the `workers` threads takes from one shared queue either the job at its head or a
+    micro-batch: the queries waiting, up to `max_batch` utterances (jobs stay queued for later).
+    A worker starts a batch at once when no other worker is encoding one; while one is, it waits
+    until a fair share (`max_batch / workers` utterances) is queued or that worker is done. A batch
+    holds at most a share while another worker is idle (that one takes the rest). So under load
+    the workers encode two half batches side by side rather than a full one and a crumb (the
+    search and scoring of a batch cost about the same whatever its size)."""
 
     def __init__(
         self, encode: Callable[[list[str]], np.ndarray], max_batch: int, wait_seconds: float, workers: int = 1
@@ -284,67 +285,93 @@ class _EncoderThread:
         self._encode = encode
         self._max_batch = max(1, max_batch)
         self._wait = max(0.0, wait_seconds)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        workers = max(1, workers)
+        self._workers = workers
+        self._share = max(1, -(-self._max_batch // workers))
+        self._items: deque[_Query | _Job] = deque()
+        self._changed = threading.Condition()
+        self._encoding = 0
+        """Workers busy with a micro-batch."""
+        self._stopping = False
         self._concurrent = False
-        self._stats_lock = threading.Lock()
         self.batches = 0
         self.batched_queries = 0
-        self._threads = [
-            threading.Thread(target=self._run, name=f"encoder-{i}", daemon=True) for i in range(max(1, workers))
-        ]
+        self._threads = [threading.Thread(target=self._run, name=f"encoder-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
 
     def submit(self, item: _Query | _Job) -> None:
-        self._queue.put(item)
+        with self._changed:
+            if self._stopping:
+                item.future.cancel()
+                return
+            self._items.append(item)
+            self._changed.notify()
 
     def stop(self) -> None:
         """Every worker stops after its current item; queued calls are cancelled."""
-        self._queue.put(_STOP)
+        with self._changed:
+            self._stopping = True
+            for item in self._items:
+                item.future.cancel()
+            self._items.clear()
+            self._changed.notify_all()
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return self._cancel_pending()
-            if isinstance(item, _Job):
-                self._run_job(item)
+            work = self._next()
+            if work is None:
+                return
+            if isinstance(work, _Job):
+                self._run_job(work)
                 continue
-            batch, later = self._collect(item)
-            self._run_batch(batch)
-            for other in later:
-                if other is _STOP:
-                    return self._cancel_pending()
-                self._run_job(other)
-
-    def _collect(self, first: _Query) -> tuple[list[_Query], list]:
-        """`first` plus the queries queued behind it, up to max_batch utterances."""
-        batch, later = [first], []
-        size = len(first.to_encode)
-        deadline = None
-        while size < self._max_batch:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+                self._run_batch(work)
+            finally:
+                with self._changed:
+                    self._encoding -= 1
+                    self._changed.notify_all()
+
+    def _next(self) -> _Job | list[_Query] | None:
+        """The next job, or the next micro-batch once it should start; None once stopped."""
+        with self._changed:
+            deadline = None
+            while True:
+                if self._stopping:
+                    return None
+                if not self._items:
+                    self._changed.wait()
+                    continue
+                if isinstance(self._items[0], _Job):
+                    return self._items.popleft()
+                waiting = sum(len(q.to_encode) for q in self._items if isinstance(q, _Query))
+                if waiting >= self._max_batch:
+                    break
+                if self._encoding:
+                    if waiting >= self._share:
+                        break
+                    self._changed.wait()  # more queries, or the busy worker is done
+                    continue
                 if not (self._wait and self._concurrent):
                     break
                 now = time.monotonic()
                 deadline = deadline or now + self._wait
                 if now >= deadline:
                     break
-                try:
-                    item = self._queue.get(timeout=deadline - now)
-                except queue.Empty:
-                    break
-            if item is _STOP:
-                later.append(item)
-                break
-            if isinstance(item, _Job):
-                later.append(item)
-                continue
-            batch.append(item)
-            size += len(item.to_encode)
-        return batch, later
+                self._changed.wait(deadline - now)
+            limit = self._max_batch if self._encoding >= self._workers - 1 else self._share
+            batch: list[_Query] = []
+            kept: list[_Query | _Job] = []
+            size = 0
+            for item in self._items:
+                if isinstance(item, _Query) and (not batch or size < limit):
+                    batch.append(item)
+                    size += len(item.to_encode)
+                else:
+                    kept.append(item)
+            self._items = deque(kept)
+            self._encoding += 1
+            return batch
 
     def _run_batch(self, batch: list[_Query]) -> None:
         live = [q for q in batch if q.future.set_running_or_notify_cancel()]
@@ -360,7 +387,7 @@ class _EncoderThread:
                     q.future.set_exception(e)
                 live = [q for q in live if not q.to_encode]
             else:
-                with self._stats_lock:
+                with self._changed:
                     self.batches += 1
                     self.batched_queries += len(todo)
                 start = 0
@@ -398,17 +425,6 @@ class _EncoderThread:
             job.future.set_result(job.fn(*job.args))
         except BaseException as e:  # noqa: BLE001
             job.future.set_exception(e)
-
-    def _cancel_pending(self) -> None:
-        """Cancel what is queued, then pass the stop on to the next worker."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                item.future.cancel()
-        self._queue.put(_STOP)
 
 
 class Encoder:
