@@ -10,10 +10,12 @@ Two implementations, picked by size (`build_index`):
   (48 bytes a vector at 384-d) finds a short list, re-ranked with a float16 copy of the vectors
   (768 bytes a vector): no float32 copy is held, so 1M × 384-d takes about 0.85 GB instead of 1.5.
 
-Threshold (`mbc bench index`, 2 shared cores, one query at a time, k = 100): exact search costs
-about 0.25 ms at 10k vectors, 2.4 ms at 50k and 5.2 ms at 100k; the IVF index about 1 ms at
-50k to 1M, but it needs ~40 training points per list and its top-1 agrees with exact search only
-~99.5% of the time. 50,000 is where exact search becomes the slower one by a margin worth that.
+Threshold, measured on 2 shared cores (load average 8), one query at a time, k = 100, CLINC150
+utterances among realistic vectors (see mbc/bench/index.py): exact search p50 1.3 ms at 10k, 5.4
+ms at 25k, 10.9 ms at 50k, 19.3 ms at 100k (0.25 and 5.2 ms at 10k and 100k on a quiet machine);
+the IVF index 0.7-0.9 ms from 10k to 100k. But its top-1 agrees with exact search ~99.5% of the
+time, not always: exact search stays up to 20,000 vectors (under ~1 ms on a quiet machine), which
+keeps the usual groups (the 10-bot CLINC150 mesh has 15,000 phrases) exactly as before.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Iterator, Protocol
 import faiss
 import numpy as np
 
-EXACT_MAX_VECTORS = 50_000
+EXACT_MAX_VECTORS = 20_000
 """`build_index` uses exact search below this many vectors, the IVF index from there on."""
 
 
@@ -203,9 +205,11 @@ class IVFIndex:
     or fewer vectors than trained for, or as many stale entries as live ones (searches then scan
     twice what they need); the owner should then build a new index.
 
-    Safe to search from one thread while another adds or removes (one lock; an add of 100 vectors
-    holds it well under a millisecond)."""
+    Safe to search from one thread while another adds or removes: one lock, taken by an add for
+    `ADD_SLICE` vectors at a time (encoding 100 vectors took ~5 ms on loaded cores), so a search
+    waits at most for one slice."""
 
+    ADD_SLICE = 16
     RERANK_FACTOR = 4
     """Candidates re-ranked exactly per result asked (at least 64)."""
 
@@ -236,12 +240,13 @@ class IVFIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        with self._lock:
-            # A re-added id may still sit in the lists with its old code: harmless, the re-rank
-            # reads the current vector and duplicates are merged.
-            self._rows.put(ids, vectors)
-            with _one_thread():
-                self._index.add_with_ids(vectors, ids)
+        # A re-added id may still sit in the lists with its old code: harmless, the re-rank reads
+        # the current vector and duplicates are merged.
+        step = self.ADD_SLICE if len(ids) <= 4096 else max(1, len(ids))  # bulk loads: one call
+        for start in range(0, len(ids), step):
+            with self._lock, _one_thread():
+                self._rows.put(ids[start : start + step], vectors[start : start + step])
+                self._index.add_with_ids(vectors[start : start + step], ids[start : start + step])
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
