@@ -59,8 +59,8 @@ def test_factory_picks_exact_below_the_threshold_and_ivf_from_it():
     large = build_index(DIM, np.arange(len(at)), at)
     assert isinstance(large, IVFIndex) and len(large) == EXACT_MAX_VECTORS
     # Each finds a stored vector as its own nearest neighbour, with its cosine (~1).
-    scores, ids = large.search(at[[5, 777, 40_000]], 3)
-    assert ids[:, 0].tolist() == [5, 777, 40_000]
+    scores, ids = large.search(at[[5, 777, EXACT_MAX_VECTORS - 1]], 3)
+    assert ids[:, 0].tolist() == [5, 777, EXACT_MAX_VECTORS - 1]
     assert scores[:, 0] == pytest.approx(1.0, abs=1e-3)
 
 
