@@ -194,6 +194,45 @@ class _Float16Rows:
         return out
 
 
+class _ReadWriteLock:
+    """Searches share it, changes take it alone; a waiting change goes before new searches.
+
+    FAISS searches may run side by side; only adding to the lists (and the re-rank rows) may not."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 class IVFIndex:
     """Approximate inner-product search: IVF with 4-bit PQ fast-scan codes, exact float16 re-rank.
 
@@ -205,11 +244,17 @@ class IVFIndex:
     or fewer vectors than `trained_for`, or as many stale entries as live ones (searches then scan
     twice what they need); the owner should then build a new index.
 
-    Safe to search from one thread while another adds or removes: one lock, taken by an add for
-    `ADD_SLICE` vectors at a time (encoding 100 vectors took ~5 ms on loaded cores), so a search
-    waits at most for one slice."""
+    Small adds (a participant's phrases) first go to a fresh segment searched exactly beside the
+    lists, so they cost a search nothing: coding vectors into fast-scan lists is the slow part
+    (~5 ms for 100 vectors) and a search cannot run while it happens. Once the fresh segment holds
+    `FRESH_MAX` vectors it is folded into the lists, `ADD_SLICE` vectors per lock, so a search
+    waits at most for one slice.
+
+    Searches run side by side; an add or remove waits for them and holds new ones back briefly."""
 
     ADD_SLICE = 16
+    FRESH_MAX = 8192
+    """Vectors held in the exactly searched fresh segment before they are folded into the lists."""
     RERANK_FACTOR = 4
     """Candidates re-ranked exactly per result asked (at least 64)."""
 
@@ -234,7 +279,9 @@ class IVFIndex:
             self._index.train(sample)
         self._quantizer = quantizer  # the IVF index does not own it
         self._rows = _Float16Rows(dim)
-        self._lock = threading.Lock()
+        self._fresh_ids = np.zeros(0, np.int64)
+        self._fresh_vectors = np.zeros((0, dim), np.float32)
+        self._lock = _ReadWriteLock()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = _check(vectors, self.dim)
@@ -243,16 +290,47 @@ class IVFIndex:
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         # A re-added id may still sit in the lists with its old code: harmless, the re-rank reads
         # the current vector and duplicates are merged.
-        step = self.ADD_SLICE if len(ids) <= 4096 else max(1, len(ids))  # bulk loads: one call
-        for start in range(0, len(ids), step):
-            with self._lock, _one_thread():
-                self._rows.put(ids[start : start + step], vectors[start : start + step])
-                self._index.add_with_ids(vectors[start : start + step], ids[start : start + step])
+        if len(ids) > 4096:  # a bulk load: straight into the lists, one call
+            with self._lock.writing(), _one_thread():
+                self._rows.put(ids, vectors)
+                self._index.add_with_ids(vectors, ids)
+            return
+        with self._lock.writing():
+            self._rows.put(ids, vectors)
+            self._fresh_ids = np.concatenate([self._fresh_ids, ids])
+            self._fresh_vectors = np.concatenate([self._fresh_vectors, vectors])
+        if len(self._fresh_ids) >= self.FRESH_MAX:
+            self._fold_fresh()
+
+    def _fold_fresh(self) -> None:
+        """Moves the fresh segment into the lists, a slice per lock."""
+        ids, vectors = self._fresh_ids, self._fresh_vectors
+        for start in range(0, len(ids), self.ADD_SLICE):
+            with self._lock.writing(), _one_thread():
+                self._index.add_with_ids(vectors[start : start + self.ADD_SLICE], ids[start : start + self.ADD_SLICE])
+        with self._lock.writing():  # what was added meanwhile stays fresh
+            self._fresh_ids = self._fresh_ids[len(ids):]
+            self._fresh_vectors = self._fresh_vectors[len(ids):]
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        with self._lock:
+        with self._lock.writing():
             self._rows.drop(ids)
+
+    def _fresh_candidates(self, queries: np.ndarray, wide: int, exclude: tuple[int, int] | None) -> np.ndarray:
+        """The `wide` best fresh ids per query (rows of -1 when there are fewer), exactly."""
+        ids, vectors = self._fresh_ids, self._fresh_vectors
+        keep = self._rows.known(ids)
+        if exclude is not None:
+            keep &= (ids < exclude[0]) | (ids >= exclude[1])
+        ids, vectors = ids[keep], vectors[keep]
+        out = np.full((len(queries), min(wide, len(ids))), -1, np.int64)
+        if len(ids):
+            scores = queries @ vectors.T
+            top = out.shape[1]
+            best = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < len(ids) else np.broadcast_to(np.arange(len(ids)), scores.shape)
+            out[:] = ids[best]
+        return out
 
     def search(
         self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
@@ -266,8 +344,10 @@ class IVFIndex:
         params = faiss.SearchParametersIVF(sel=_excluding(exclude), nprobe=self.nprobe)
         scores = np.full((nq, k), -np.inf, np.float32)
         out = np.full((nq, k), -1, np.int64)
-        with self._lock:
+        with self._lock.reading():
             _, candidates = self._index.search(queries, wide, params=params)
+            if len(self._fresh_ids):
+                candidates = np.concatenate([candidates, self._fresh_candidates(queries, wide, exclude)], axis=1)
             for q in range(nq):
                 ids = candidates[q]
                 ids = np.unique(ids[self._rows.known(ids)])
@@ -286,8 +366,8 @@ class IVFIndex:
 
     @property
     def entries(self) -> int:
-        """Entries in the inverted lists, stale ones included."""
-        return int(self._index.ntotal)
+        """Entries in the inverted lists and the fresh segment, stale ones included."""
+        return int(self._index.ntotal) + len(self._fresh_ids)
 
     def __len__(self) -> int:
         return self._rows.live

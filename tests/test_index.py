@@ -123,6 +123,29 @@ def test_ivf_replacements_stay_exact_and_drift_is_reported(ivf_and_exact):
     assert len(index) == n and index.drifted  # more stale entries than live ones: time to rebuild
 
 
+def test_fresh_vectors_are_found_before_and_after_they_are_folded_into_the_lists(ivf_and_exact):
+    vectors = ivf_and_exact[2]
+    index = IVFIndex(DIM, vectors, nlist=128)
+    index.FRESH_MAX = 250
+    index.add(np.arange(20_000), vectors[:20_000])
+    exact = FlatIndex(DIM)
+    exact.add(np.arange(20_000), vectors[:20_000])
+    for start in range(20_000, 20_300, 100):  # three participants: the third one folds the segment
+        ids = np.arange(start, start + 100)
+        index.add(ids, vectors[ids])
+        exact.add(ids, vectors[ids])
+        _, found = index.search(vectors[ids[:20]], 1)
+        assert (found[:, 0] == ids[:20]).all(), "a participant is searchable as soon as it is added"
+    assert index.entries == 20_300
+    index.remove(np.arange(20_000, 20_100))
+    exact.remove(np.arange(20_000, 20_100))
+    queries = vectors[20_000:20_300]
+    _, got = index.search(queries, 1, exclude=(20_200, 20_300))
+    _, want = exact.search(queries, 1, exclude=(20_200, 20_300))
+    assert np.mean(got[:, 0] == want[:, 0]) >= 0.97
+    assert not np.isin(got, np.arange(20_000, 20_100)).any() and not np.isin(got, np.arange(20_200, 20_300)).any()
+
+
 def test_ivf_answers_while_participants_are_replaced(ivf_and_exact):
     ivf, _, vectors = ivf_and_exact
     errors: list[BaseException] = []
