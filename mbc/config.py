@@ -143,8 +143,7 @@ class ServerConfig:
     keepalive_timeout_ms: int = 10_000
     """How long to wait for a keepalive ack before closing the connection."""
     max_concurrent_rpcs: int = 512
-    """Mesh RPCs handled at once; beyond that callers get RESOURCE_EXHAUSTED at once (health checks
-    and reflection are always answered: mbc/admission.py)."""
+    """RPCs handled at once; beyond that callers get RESOURCE_EXHAUSTED."""
     grace_seconds: float = 5.0
     """On SIGTERM, how long in-flight RPCs may take to finish."""
     port_file: str = ""

@@ -15,7 +15,6 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mbc import metrics, security, tracing
-from mbc.admission import AdmissionInterceptor, backstop_limit
 from mbc.config import ServerConfig
 from mbc.decoding import DecodingInterceptor
 from mbc.logs import bind_context, get_logger
@@ -95,9 +94,8 @@ class GrpcServer:
             tracing.enable_otel(self.service_names[0] if self.service_names else "mbc", config.otel_exporter)
         self.server = grpc.aio.server(
             options=options,
-            maximum_concurrent_rpcs=backstop_limit(config.max_concurrent_rpcs),
-            interceptors=[*tracing.otel_server_interceptors(), ObservingInterceptor(),
-                          AdmissionInterceptor(config.max_concurrent_rpcs), DecodingInterceptor()],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=[*tracing.otel_server_interceptors(), ObservingInterceptor(), DecodingInterceptor()],
         )
         self.metrics: metrics.MetricsEndpoint | None = None
         add_services(self.server)
