@@ -23,9 +23,15 @@ def _unit(rows: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def _require_clinc() -> None:
+    if not (default_data_dir() / "clinc150_public.json").exists():
+        pytest.skip(f"no CLINC150 data at {default_data_dir()} (set MBC_CLINC150)")
+
+
 @pytest.fixture(scope="module")
 def clinc(encoder):
     """Real phrases of one CLINC150 domain (rows of each intent) and real val utterances, embedded."""
+    _require_clinc()
     domains, train, _, _ = load_clinc(default_data_dir())
     phrases, intents = [], []
     names = sorted(domains[sorted(domains)[0]])
@@ -175,6 +181,7 @@ def test_ivf_answers_while_participants_are_replaced(ivf_and_exact):
 
 
 def test_bench_index_smoke_writes_every_figure(tmp_path):
+    _require_clinc()
     out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, "-m", "mbc", "bench", "index", "--vectors", "3000", "--queries", "40", "--swaps", "2",

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from discovery.local_etcd import LocalEtcd
 from mbc.processes import ComponentProcess
 from mbc.v1 import bot_pb2, context_pb2, context_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -55,9 +56,11 @@ async def _started_all(component: ComponentProcess, method: str, count: int) -> 
     return await rpcs_started(component, method) >= count
 
 
-async def _sigterm_with_calls_in_flight(component: ComponentProcess, method: str, calls: list[asyncio.Task], gone=None) -> dict:
+async def _sigterm_with_calls_in_flight(component: ComponentProcess, method: str, calls: list[asyncio.Task], gone=None,
+                                       once_not_serving=None) -> dict:
     """Wait until `component` has begun every call, SIGTERM it, and time what follows: when its
-    health stops saying SERVING, when `gone()` (its registration left etcd) holds, its exit."""
+    health stops saying SERVING, when `gone()` (its registration left etcd) holds, its exit.
+    `once_not_serving()` runs when its health has turned (e.g. unblocks what the calls wait for)."""
     await eventually(lambda: _started_all(component, method, len(calls)), timeout=60, interval=0.02)
     unfinished = sum(not c.done() for c in calls)
     sent = time.monotonic()
@@ -71,6 +74,8 @@ async def _sigterm_with_calls_in_flight(component: ComponentProcess, method: str
     if gone is not None:
         probes.append(seconds_until(gone, LEASE_TTL))
     seconds = await asyncio.gather(*probes)
+    if once_not_serving is not None:
+        once_not_serving()
     still_running = sum(not c.done() for c in calls)
     results = await asyncio.gather(*calls, return_exceptions=True)
     code = await asyncio.to_thread(component.process.wait, GRACE + 20)
@@ -189,22 +194,29 @@ async def test_sigterm_router_finishes_matches_in_flight(mesh):
     assert outcome["exit_code"] == 0 and outcome["exit_s"] <= GRACE + 5, outcome
 
 
-async def test_sigterm_store_finishes_writes_in_flight(mesh):
-    store = ComponentProcess("store-drain", ["store", "--etcd", mesh.etcd], mesh.workdir,
-                             env={"MBC_STORE__SERVER__GRACE_SECONDS": str(GRACE)})
-    namespace = "drain-" + uuid.uuid4().hex[:6]
-    try:
-        await store.wait_serving(timeout=120)
-        async with grpc.aio.insecure_channel(store.address) as channel:
-            stub = context_pb2_grpc.ContextStoreStub(channel)
-            await stub.RegisterNamespace(context_pb2.RegisterNamespaceRequest(namespace=namespace, ttl_seconds=600), timeout=10)
-            requests = [context_pb2.SetContextRequest(
-                key=context_pb2.ContextKey(namespace=namespace, scope=context_pb2.SCOPE_CONVERSATION, scope_id=f"c{i}", key="k"),
-                value=struct_pb2.Value(number_value=i)) for i in range(200)]
-            calls = [asyncio.ensure_future(stub.Set(r, timeout=60)) for r in requests]
-            outcome = await _sigterm_with_calls_in_flight(store, "Set", calls)
-    finally:
-        store.terminate()
+async def test_sigterm_store_finishes_writes_in_flight(tmp_path):
+    # The store's own etcd, frozen while the writes arrive: they are surely in flight at SIGTERM
+    # (on a quiet machine 200 Sets finish before a metrics scrape sees them all begun).
+    with LocalEtcd(tmp_path / "etcd") as etcd:
+        store = ComponentProcess("store-drain", ["store", "--etcd", etcd.endpoint], tmp_path,
+                                 env={"MBC_STORE__SERVER__GRACE_SECONDS": str(GRACE)})
+        namespace = "drain-" + uuid.uuid4().hex[:6]
+        try:
+            await store.wait_serving(timeout=120)
+            async with grpc.aio.insecure_channel(store.address) as channel:
+                stub = context_pb2_grpc.ContextStoreStub(channel)
+                await stub.RegisterNamespace(context_pb2.RegisterNamespaceRequest(namespace=namespace, ttl_seconds=600), timeout=10)
+                requests = [context_pb2.SetContextRequest(
+                    key=context_pb2.ContextKey(namespace=namespace, scope=context_pb2.SCOPE_CONVERSATION, scope_id=f"c{i}", key="k"),
+                    value=struct_pb2.Value(number_value=i)) for i in range(200)]
+                etcd.pause()
+                try:
+                    calls = [asyncio.ensure_future(stub.Set(r, timeout=60)) for r in requests]
+                    outcome = await _sigterm_with_calls_in_flight(store, "Set", calls, once_not_serving=etcd.resume)
+                finally:
+                    etcd.resume()
+        finally:
+            store.terminate()
     print(f"store SIGTERM: {outcome['unfinished_at_sigterm']} of 200 Sets in flight, NOT_SERVING after "
           f"{outcome['not_serving_s']:.2f}s, exit after {outcome['exit_s']:.2f}s")
     assert outcome["unfinished_at_sigterm"] > 0, "no Set was in flight at SIGTERM"
