@@ -318,7 +318,7 @@ class IVFIndex:
             self._rows.drop(ids)
 
     def _fresh_candidates(self, queries: np.ndarray, wide: int, exclude: tuple[int, int] | None) -> np.ndarray:
-        """The `wide` best fresh ids per query (rows of -1 when there are fewer), exactly."""
+        """The `wide` best fresh ids per query, exactly."""
         ids, vectors = self._fresh_ids, self._fresh_vectors
         keep = self._rows.known(ids)
         if exclude is not None:
@@ -347,7 +347,8 @@ class IVFIndex:
         with self._lock.reading():
             _, candidates = self._index.search(queries, wide, params=params)
             if len(self._fresh_ids):
-                candidates = np.concatenate([candidates, self._fresh_candidates(queries, wide, exclude)], axis=1)
+                # Fresh scores are exact already: the k best are all the re-rank needs from there.
+                candidates = np.concatenate([candidates, self._fresh_candidates(queries, k, exclude)], axis=1)
             for q in range(nq):
                 ids = candidates[q]
                 ids = np.unique(ids[self._rows.known(ids)])
