@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
 import pytest_asyncio
 
 from discovery import EtcdClient, LocalEtcd
+from mbc.context_client import ContextClient
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +75,11 @@ def pytest_runtest_teardown(item, nextitem):
         mesh = _EXAMPLE_MESH.pop("mesh", None)
         if mesh is not None:
             mesh.stop()
+
+
+@pytest.fixture
+async def store(mesh):
+    """A Context Store client of the module's `mesh` fixture."""
+    channel = grpc.aio.insecure_channel(mesh.store.address)
+    yield ContextClient(channel)
+    await channel.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 from bot_server.definition import BotDefinition
 from mbc.channels import open_channel
 from mbc.config import TlsConfig
+from mbc.context_client import ContextClient
 from mbc.gateway import Conversation
 from mbc.processes import ComponentProcess
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
@@ -161,3 +162,9 @@ async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Call
         yield mesh
     finally:
         mesh.stop()
+
+
+async def owner_of(store: ContextClient, conversation_id: str) -> str:
+    """The bot id the store records as the conversation's owner ("" when none)."""
+    ownership, _ = await store.get_owner(conversation_id)
+    return ownership.owner.bot_id if ownership else ""

@@ -24,7 +24,7 @@ from faultlib import logged, ranked_first
 from mbc.context_client import ContextClient, Scope
 from mbc.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2, participant_pb2
-from meshlib import TEST_BOTS, eventually, match, respond, start_example_mesh
+from meshlib import TEST_BOTS, eventually, match, owner_of, respond, start_example_mesh
 
 pytestmark = pytest.mark.timeout(480)  # the first test also starts the mesh: minutes on a loaded machine
 
@@ -47,23 +47,11 @@ async def mesh(own_etcd, tmp_path_factory):
 
 
 @pytest.fixture
-async def store(mesh):
-    channel = grpc.aio.insecure_channel(mesh.store.address)
-    yield ContextClient(channel)
-    await channel.close()
-
-
-@pytest.fixture
 async def etcd(own_etcd):
     client = EtcdClient([own_etcd.endpoint], timeout=2.0, heartbeat=1.0)
     await client.connect()
     yield client
     await client.close()
-
-
-async def owner_of(store: ContextClient, conversation: str) -> str:
-    ownership, _ = await store.get_owner(conversation)
-    return ownership.owner.bot_id if ownership else ""
 
 
 async def reservation(store: ContextClient, conversation: str):

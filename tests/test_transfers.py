@@ -13,7 +13,7 @@ import pytest
 from mbc.context_client import ContextClient, Scope
 from mbc.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2
-from meshlib import TEST_BOTS, eventually, respond, start_example_mesh, transfer
+from meshlib import TEST_BOTS, eventually, owner_of, respond, start_example_mesh, transfer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,18 +24,6 @@ SLOW_TEXT = "I'd like to rent a safe deposit box please"
 async def mesh(etcd_server, tmp_path_factory):
     async with start_example_mesh(etcd_server.endpoint, tmp_path_factory.mktemp("transfers")) as mesh:
         yield mesh
-
-
-@pytest.fixture
-async def store(mesh):
-    channel = grpc.aio.insecure_channel(mesh.store.address)
-    yield ContextClient(channel)
-    await channel.close()
-
-
-async def owner_of(store: ContextClient, conversation_id: str) -> str:
-    ownership, _ = await store.get_owner(conversation_id)
-    return ownership.owner.bot_id if ownership else ""
 
 
 async def test_the_name_crosses_bots_through_the_store(mesh, store):

@@ -41,6 +41,20 @@ def summarise(name: str, concurrency: int, latencies: list[float], statuses: Cou
     }
 
 
+async def timed(start_call, latencies: list[float], statuses: Counter) -> None:
+    """Awaits the call `start_call()` makes, adding its latency and its status (an error is
+    counted, never raised)."""
+    started = time.perf_counter()
+    try:
+        await start_call()
+        statuses["OK"] += 1
+    except grpc.aio.AioRpcError as e:
+        statuses[e.code().name] += 1
+    except Exception as e:  # noqa: BLE001 - counted as an error, never fatal
+        statuses[type(e).__name__] += 1
+    latencies.append(time.perf_counter() - started)
+
+
 async def run_phase(stub, name: str, texts: list[str], concurrency: int, group: str, timeout: float) -> dict:
     latencies: list[float] = []
     statuses: Counter = Counter()
@@ -48,15 +62,8 @@ async def run_phase(stub, name: str, texts: list[str], concurrency: int, group: 
 
     async def caller() -> None:
         for text in queue:
-            started = time.perf_counter()
-            try:
-                await stub.Match(router_pb2.MatchRequest(text=text, group=group), timeout=timeout)
-                statuses["OK"] += 1
-            except grpc.aio.AioRpcError as e:
-                statuses[e.code().name] += 1
-            except Exception as e:  # noqa: BLE001 - counted as an error, never fatal
-                statuses[type(e).__name__] += 1
-            latencies.append(time.perf_counter() - started)
+            await timed(lambda: stub.Match(router_pb2.MatchRequest(text=text, group=group), timeout=timeout),
+                        latencies, statuses)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -72,15 +79,7 @@ async def run_paced(name: str, make_call, rate: float, seconds: float, max_in_fl
     pending: set[asyncio.Task] = set()
 
     async def one(i: int) -> None:
-        started = time.perf_counter()
-        try:
-            await make_call(i)
-            statuses["OK"] += 1
-        except grpc.aio.AioRpcError as e:
-            statuses[e.code().name] += 1
-        except Exception as e:  # noqa: BLE001 - counted as an error, never fatal
-            statuses[type(e).__name__] += 1
-        latencies.append(time.perf_counter() - started)
+        await timed(lambda: make_call(i), latencies, statuses)
 
     loop = asyncio.get_running_loop()
     start = loop.time()
