@@ -9,6 +9,11 @@ import io
 import os
 import sys
 
+# Before numpy loads OpenBLAS: its idle threads sleep at once instead of spinning ~0.1 s after each
+# call, which took the cores the encoder needed under load (the router's search runs on two BLAS
+# threads when the machine is quiet: 0.5 ms a lone Match instead of 0.9, measured).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+
 from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig, StoreServiceConfig, TlsConfig
 from mbc.config import EtcdAccess
 from mbc.logs import configure
@@ -161,6 +166,8 @@ def _router_encoder_args(parser: argparse.ArgumentParser) -> None:
                         help="bounded wait for a micro-batch to fill, under concurrency only")
     parser.add_argument("--query-cache", type=int, default=defaults.query_cache_size,
                         help="utterance embeddings kept for repeated utterances; 0 disables")
+    parser.add_argument("--idle-spinning", choices=("on", "off"), default="on" if defaults.idle_spinning else "off",
+                        help="onnx: a micro-batch alone on an idle router runs on spinning engine threads")
 
 
 def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
@@ -173,6 +180,7 @@ def _router_encoder_config(args: argparse.Namespace) -> EncoderConfig:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         query_cache_size=args.query_cache,
+        idle_spinning=args.idle_spinning == "on",
     )
 
 

@@ -90,6 +90,11 @@ class EncoderConfig:
     query_cache_size: int = 4096
     """Utterance embeddings kept by `aencode` (LRU, keyed by exact text) so a repeated utterance
     costs no model call; 0 disables the cache."""
+    idle_spinning: bool = True
+    """ONNX backends with more than one engine thread: a micro-batch that runs alone (no other batch
+    encoding or queued) uses a second engine session whose threads spin between operators instead
+    of sleeping: one utterance in 2.4 ms instead of 3.5 (measured, 2 cores). Under load the sleeping
+    session is used, so spinning threads never take the cores the other work needs."""
 
     def __post_init__(self) -> None:
         check_choice("encoder.backend", self.backend, ("torch", "onnx", "onnx-int8"))

@@ -78,7 +78,7 @@ class _TorchBackend:
         dimension = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(dimension())
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], alone: bool = False) -> np.ndarray:
         vectors = self._model.encode(
             texts,
             batch_size=self._batch_size,
@@ -179,7 +179,6 @@ def onnx_model_file(model_path: Path, backend: str, onnx_dir: Path) -> Path:
 
 class _OnnxBackend:
     def __init__(self, path: str, config: EncoderConfig) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         model_path = Path(path)
@@ -194,29 +193,36 @@ class _OnnxBackend:
 
         onnx_dir = Path(config.onnx_dir) if config.onnx_dir else default_onnx_dir()
         self.file = onnx_model_file(model_path, config.backend, onnx_dir)
-        options = ort.SessionOptions()
-        if config.threads > 0:
-            options.intra_op_num_threads = config.threads
-        options.inter_op_num_threads = 1
-        # No busy-waiting between ops: on a small machine those spinning threads take the CPU
-        # that the gRPC event loop needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
+        self._session = self._open_session(config, spinning=False)
+        self._alone_session = self._open_session(config, spinning=True) if config.idle_spinning and config.threads != 1 else None
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         self._tokenizer.enable_truncation(int(max_len))
         self._tokenizer.no_padding()
         self._batch_size = max(1, config.batch_size)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def _open_session(self, config: EncoderConfig, spinning: bool):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if config.threads > 0:
+            options.intra_op_num_threads = config.threads
+        options.inter_op_num_threads = 1
+        # Spinning threads busy-wait between operators: faster alone, but under load they take the
+        # CPU that the other encoder worker and the gRPC event loop need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, texts: list[str], alone: bool = False) -> np.ndarray:
+        session = self._alone_session if alone and self._alone_session is not None else self._session
         encodings = self._tokenizer.encode_batch(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        # Shortest first, so that each forward pass pads little.
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(order), self._batch_size):
-            chunk = order[start : start + self._batch_size]
-            width = max(len(encodings[i].ids) for i in chunk)
+        lengths = [len(encodings[i].ids) for i in order]
+        for start, end in plan_passes(lengths, PASS_OVERHEAD_TOKENS, self._batch_size):
+            chunk = order[start:end]
+            width = lengths[end - 1]
             ids = np.zeros((len(chunk), width), dtype=np.int64)
             mask = np.zeros((len(chunk), width), dtype=np.int64)
             for row, i in enumerate(chunk):
@@ -226,12 +232,43 @@ class _OnnxBackend:
             feeds = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feeds["token_type_ids"] = np.zeros_like(ids)
-            hidden = self._session.run(None, feeds)[0]
+            hidden = session.run(None, feeds)[0]
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
             pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
             out[chunk] = pooled
         return out
+
+
+PASS_OVERHEAD_TOKENS = 12
+"""What a forward pass costs beyond its tokens, in tokens: every pass reads all the weights
+(90 MB in float32), which on one CPU thread takes as long as computing ~12 tokens (measured for
+all-MiniLM-L6-v2: 3.2 ms for one pass of 1 x 6 tokens, 0.17 ms a token in large passes)."""
+
+
+def plan_passes(lengths: Sequence[int], overhead: float, max_pass: int) -> list[tuple[int, int]]:
+    """Cuts inputs sorted by length into forward passes of consecutive inputs, at most `max_pass`
+    each, that cost least: a pass costs `overhead` plus its size times its longest input (the
+    others are padded to it). Returns (start, end) ranges covering `lengths`, in order.
+
+    One pass pads short inputs to the longest; a pass per input pays the overhead each time: for a
+    micro-batch of 16 CLINC150 utterances, the best cut costs ~28% less than one pass (modelled on
+    their real lengths), and ~6% less than fixed passes of 16 for 128 utterances."""
+    n = len(lengths)
+    cost = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[end - 1]
+        for start in range(max(0, end - max_pass), end):
+            c = cost[start] + overhead + (end - start) * longest
+            if c < cost[end]:
+                cost[end], cut[end] = c, start
+    passes = []
+    end = n
+    while end > 0:
+        passes.append((cut[end], end))
+        end = cut[end]
+    return passes[::-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +317,10 @@ class _EncoderThread:
     search and scoring of a batch cost about the same whatever its size)."""
 
     def __init__(
-        self, encode: Callable[[list[str]], np.ndarray], max_batch: int, wait_seconds: float, workers: int = 1
+        self, encode: Callable[[list[str], bool], np.ndarray], max_batch: int, wait_seconds: float, workers: int = 1
     ) -> None:
+        """`encode(texts, alone)`: `alone` says no other batch runs or waits (the engine may then
+        spin its threads)."""
         self._encode = encode
         self._max_batch = max(1, max_batch)
         self._wait = max(0.0, wait_seconds)
@@ -326,14 +365,15 @@ class _EncoderThread:
                 self._run_job(work)
                 continue
             try:
-                self._run_batch(work)
+                self._run_batch(*work)
             finally:
                 with self._changed:
                     self._encoding -= 1
                     self._changed.notify_all()
 
-    def _next(self) -> _Job | list[_Query] | None:
-        """The next job, or the next micro-batch once it should start; None once stopped."""
+    def _next(self) -> _Job | tuple[list[_Query], bool] | None:
+        """The next job, or the next micro-batch once it should start (and whether it runs alone);
+        None once stopped."""
         with self._changed:
             deadline = None
             while True:
@@ -370,10 +410,13 @@ class _EncoderThread:
                 else:
                     kept.append(item)
             self._items = deque(kept)
+            # Alone: no other batch encoding or waiting, and the previous batch was one call too
+            # (a load that pauses for a moment must not wake spinning threads).
+            alone = not self._encoding and not self._items and not self._concurrent and len(batch) == 1
             self._encoding += 1
-            return batch
+            return batch, alone
 
-    def _run_batch(self, batch: list[_Query]) -> None:
+    def _run_batch(self, batch: list[_Query], alone: bool) -> None:
         live = [q for q in batch if q.future.set_running_or_notify_cancel()]
         self._concurrent = len(batch) > 1
         if not live:
@@ -381,7 +424,7 @@ class _EncoderThread:
         todo = [q for q in live if q.to_encode]
         if todo:
             try:
-                vectors = self._encode([t for q in todo for t in q.to_encode])
+                vectors = self._encode([t for q in todo for t in q.to_encode], alone)
             except BaseException as e:  # noqa: BLE001 - handed to every caller
                 for q in todo:
                     q.future.set_exception(e)
@@ -459,11 +502,12 @@ class Encoder:
             query_cache_size=config.query_cache_size,
         )
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts now, on the calling thread."""
+    def encode(self, texts: Sequence[str], alone: bool = False) -> np.ndarray:
+        """Embed texts now, on the calling thread; `alone`: nothing else uses the model meanwhile,
+        so the engine may spin its threads (see `EncoderConfig.idle_spinning`)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._backend.encode(list(texts))
+        return self._backend.encode(list(texts), alone)
 
     def encode_phrases(self, phrases: Sequence[str]) -> np.ndarray:
         """Embed training phrases, reusing cached vectors: unchanged phrases cost no model call."""

@@ -5,7 +5,8 @@ the caller; `search` can leave out a contiguous id range (the asking bot's own p
 
 Two implementations, picked by size (`build_index`):
 
-- `FlatIndex`: exact search. Below `EXACT_MAX_VECTORS` it is also the faster one.
+- `FlatIndex`: exact search, a BLAS matrix product per batch of queries. Below
+  `EXACT_MAX_VECTORS` it is also the faster one.
 - `IVFIndex`: approximate, for large groups. An inverted file with 4-bit PQ fast-scan codes
   (48 bytes a vector at 384-d) finds a short list, re-ranked with a float16 copy of the vectors
   (768 bytes a vector): no float32 copy is held, so 1M × 384-d takes 0.87 GB (measured) instead of 1.5.
@@ -94,36 +95,63 @@ def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FlatIndex:
-    """Exact inner-product search (faiss IndexFlatIP) with caller-chosen ids."""
+    """Exact inner-product search: one BLAS matrix product per batch of queries, then a top-k.
+
+    Why not faiss's IndexFlatIP here: faiss 1.15 scans the vectors once per query (its BLAS path
+    starts at 128,000 query x vector pairs and is never taken with an excluded id range), so a
+    micro-batch of 16 Matches cost 16 scans of the 15,000 CLINC150 phrases, 14 ms on one thread;
+    the product of the batch with the transposed matrix costs 2.7 ms, and a lone query 0.5 ms on
+    two BLAS threads against 0.9 (measured, 2 cores). The vectors are held transposed (dim x n),
+    the layout the product reads fastest; a search reads one immutable snapshot, so changes never
+    block it (they copy the matrix: cheap at the sizes this index is used for)."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._snapshot: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros((dim, 0), np.float32))
+        """(ids, vectors transposed), replaced whole by add and remove."""
         self._lock = threading.Lock()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = _check(vectors, self.dim)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         with self._lock:
-            self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+            old_ids, old_t = self._snapshot
+            self._snapshot = (np.concatenate([old_ids, ids]), np.ascontiguousarray(np.hstack([old_t, vectors.T])))
 
     def remove(self, ids: np.ndarray) -> None:
         with self._lock:
-            self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            old_ids, old_t = self._snapshot
+            keep = ~np.isin(old_ids, np.asarray(ids, dtype=np.int64))
+            self._snapshot = (old_ids[keep], np.ascontiguousarray(old_t[:, keep]))
 
     def search(
         self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if len(self) == 0:
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        ids, transposed = self._snapshot
+        n = len(ids)
+        if n == 0:
             return _empty(queries.shape[0])
-        k = max(1, min(k, len(self)))
-        selector = _excluding(exclude)
-        params = faiss.SearchParameters(sel=selector) if selector is not None else None
-        with self._lock:
-            return self._index.search(queries, k, params=params)
+        k = max(1, min(k, n))
+        scores = queries @ transposed
+        if exclude is not None:
+            scores[:, (ids >= exclude[0]) & (ids < exclude[1])] = -np.inf
+        if k < n:
+            columns = np.argpartition(scores, n - k, axis=1)[:, n - k :]
+            best = np.take_along_axis(scores, columns, axis=1)
+        else:
+            columns = np.broadcast_to(np.arange(n), scores.shape)
+            best = scores
+        order = np.argsort(-best, axis=1, kind="stable")
+        top = np.take_along_axis(best, order, axis=1)
+        found = ids[np.take_along_axis(columns, order, axis=1)]
+        found[np.isneginf(top)] = -1
+        return top, found
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._snapshot[0])
 
 
 class _Float16Rows:

@@ -12,6 +12,7 @@ calibration change only refits τ.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,9 +96,7 @@ class _Scorer:
 
     def __call__(self, Q: np.ndarray, texts: list[str]) -> list[list[tuple[float, Verdict, float]]]:
         """Per utterance: (confidence of the first candidate − τ, verdict, τ) of each group that has candidates."""
-        # FAISS's own OpenMP team would spin beside the encoder's threads: one thread here (this is
-        # per calling thread); measured 8.8 ms instead of 20 ms per single Match on 2 loaded cores.
-        faiss.omp_set_num_threads(1)
+        _faiss_on_one_thread()
         out: list[list[tuple[float, Verdict, float]]] = [[] for _ in texts]
         for name in self.groups:
             model = self.state.models.get(name)
@@ -108,6 +107,19 @@ class _Scorer:
                 if verdict.candidates:
                     verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau))
         return out
+
+
+_threads = threading.local()
+
+
+def _faiss_on_one_thread() -> None:
+    """FAISS's own OpenMP team (large groups' IVF index) would spin beside the encoder's threads:
+    one thread on each scoring thread (an OpenMP setting per calling thread, set once: the call
+    costs as much as a small search); measured 8.8 ms instead of 20 ms per single Match on 2
+    loaded cores."""
+    if not getattr(_threads, "faiss_single", False):
+        faiss.omp_set_num_threads(1)
+        _threads.faiss_single = True
 
 
 class RouterCore:

@@ -67,10 +67,12 @@ async def test_repeated_utterances_come_from_the_cache(encoder) -> None:
 class FakeModel:
     def __init__(self, seconds: float = 0.0) -> None:
         self.batches: list[list[str]] = []
+        self.alone: list[bool] = []
         self.seconds = seconds
 
-    def __call__(self, texts: list[str]) -> np.ndarray:
+    def __call__(self, texts: list[str], alone: bool = False) -> np.ndarray:
         self.batches.append(list(texts))
+        self.alone.append(alone)
         time.sleep(self.seconds)
         return np.array([[float(len(t))] for t in texts], dtype=np.float32)
 
@@ -92,13 +94,15 @@ def test_a_lone_call_never_waits_and_concurrent_ones_wait_a_bounded_time() -> No
         # Two calls queued together: one batch of two. From then on batches wait (bounded).
         busy = threading.Event()
         model_blocking = FakeModel()
-        thread._encode = lambda texts: (busy.wait(5), model_blocking(texts))[1]  # hold the thread
+        thread._encode = lambda texts, alone: (busy.wait(5), model_blocking(texts, alone))[1]  # hold the thread
         first = _submit(thread, "a")
         time.sleep(0.05)
         second, third = _submit(thread, "bb"), _submit(thread, "ccc")
         busy.set()
         assert [f.result(5)[0, 0] for f in (first, second, third)] == [1, 2, 3]
         assert model_blocking.batches == [["a"], ["bb", "ccc"]]
+        assert model.alone == [True], "a lone call on an idle thread may use the engine's fastest path"
+        assert model_blocking.alone == [True, False], "a batch of two calls is not alone"
 
         started = time.monotonic()
         assert _submit(thread, "dddd").result(5)[0, 0] == 4
@@ -120,10 +124,10 @@ def test_two_workers_split_the_load_into_fair_batches_and_all_stop() -> None:
     release = threading.Event()
     model = FakeModel()
 
-    def blocking(texts: list[str]) -> np.ndarray:
+    def blocking(texts: list[str], alone: bool = False) -> np.ndarray:
         started.release()
         release.wait(5)
-        return model(texts)
+        return model(texts, alone)
 
     thread = _EncoderThread(blocking, max_batch=4, wait_seconds=0.0, workers=2)
     try:
@@ -137,6 +141,8 @@ def test_two_workers_split_the_load_into_fair_batches_and_all_stop() -> None:
         release.set()
         assert [f.result(5)[0, 0] for f in (first, second, third, fourth)] == [1, 2, 3, 4]
         assert sorted(model.batches) == [["a"], ["bb", "ccc"], ["dddd"]]
+        # Only the first ran alone: the others started beside a busy worker (or after a batch of two).
+        assert model.alone.count(True) == 1 and model.alone[model.batches.index(["a"])]
 
         started_at = time.monotonic()
         assert _submit(thread, "lone").result(5)[0, 0] == 4
@@ -152,7 +158,7 @@ def test_two_workers_split_the_load_into_fair_batches_and_all_stop() -> None:
 
 
 def test_cancelled_calls_are_skipped_and_errors_reach_every_caller() -> None:
-    def failing(texts: list[str]) -> np.ndarray:
+    def failing(texts: list[str], alone: bool = False) -> np.ndarray:
         raise RuntimeError("model broke")
 
     thread = _EncoderThread(failing, max_batch=4, wait_seconds=0.0)
@@ -204,7 +210,7 @@ def test_post_hooks_run_once_per_batch_for_equal_hooks_on_the_encoder_thread() -
     _Post.calls = []
     try:
         busy = threading.Event()
-        thread._encode = lambda texts: (busy.wait(5), model(texts))[1]
+        thread._encode = lambda texts, alone: (busy.wait(5), model(texts, alone))[1]
         first = _submit(thread, "hold")
         time.sleep(0.05)
         queries = [
@@ -311,7 +317,8 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     assert result["errors"] == 0
     assert result["settings"]["tuned"]["backend"] == "onnx"
     assert result["settings"]["naive"] == {"backend": "torch", "threads": 0, "workers": 1, "batch_size": 16,
-                                           "max_batch": 1, "batch_wait_ms": 0.0, "query_cache_size": 0}
+                                           "max_batch": 1, "batch_wait_ms": 0.0, "query_cache_size": 0,
+                                           "idle_spinning": False}
     assert result["settings"]["tuned"]["workers"] == 2
     setups = result["details"]["encoder_by_setup"]
     assert set(setups) == {"threads=default workers=2", "threads=default workers=1"}
@@ -340,3 +347,45 @@ def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
     assert got.shape == (len(queries), classes)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
     assert list(LexicalSvm(vectorizer, svm).classes) == list(range(classes))
+
+
+def _brute_force_cost(lengths: list[int], overhead: float, max_pass: int) -> float:
+    """The least cost over every cut of the sorted inputs into passes (exponential: small inputs)."""
+    n = len(lengths)
+    best = float("inf")
+    for mask in range(1 << max(0, n - 1)):
+        bounds = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        passes = list(zip(bounds, bounds[1:]))
+        if any(end - start > max_pass for start, end in passes):
+            continue
+        best = min(best, sum(overhead + (end - start) * lengths[end - 1] for start, end in passes))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_forward_passes_cover_every_input_once_at_the_least_padding_cost(seed: int) -> None:
+    from mbc.encoder import plan_passes
+
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(3, 30, size=int(rng.integers(1, 11))).tolist())
+    overhead, max_pass = float(rng.choice([0, 4, 12, 40])), int(rng.choice([2, 3, 16]))
+    passes = plan_passes(lengths, overhead, max_pass)
+    assert [i for start, end in passes for i in range(start, end)] == list(range(len(lengths)))
+    assert all(0 < end - start <= max_pass for start, end in passes)
+    cost = sum(overhead + (end - start) * lengths[end - 1] for start, end in passes)
+    assert cost == pytest.approx(_brute_force_cost(lengths, overhead, max_pass))
+    # No overhead: every distinct length gets passes of its own, nothing is padded.
+    assert all(lengths[start] == lengths[end - 1] for start, end in plan_passes(lengths, 0.0, max_pass))
+
+
+def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengths(onnx_dir: Path) -> None:
+    """The passes a batch is cut into (and the spinning session of a lone call) change nothing."""
+    from mbc.encoder import Encoder
+
+    encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir)))
+    try:
+        batch = encoder.encode(UTTERANCES)
+        for text, vector in zip(UTTERANCES, batch):
+            np.testing.assert_allclose(encoder.encode([text], alone=True)[0], vector, atol=2e-5)
+    finally:
+        encoder.close()

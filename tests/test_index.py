@@ -196,3 +196,34 @@ def test_bench_index_smoke_writes_every_figure(tmp_path):
     assert result["vectors"] == 3000 and result["index_type"] == "exact"
     assert result["top1_agreement"] == 1.0  # exact search agrees with itself
     assert result["restart_encoded"] == 0 and result["restart_phrases"] == 500
+
+
+def test_exact_index_returns_the_brute_force_neighbours_with_exclusions_and_changes():
+    vectors = _unit(3000, seed=7)
+    ids = np.arange(10_000, 13_000, dtype=np.int64)  # ids need not be row numbers
+    index = FlatIndex(DIM)
+    index.add(ids[:2000], vectors[:2000])
+    index.add(ids[2000:], vectors[2000:])
+    queries = _unit(9, seed=8)
+
+    def brute(keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = queries @ vectors[keep].T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), ids[keep][order]
+
+    for batch in (queries[:1], queries):  # a lone query and a batch
+        scores, found = index.search(batch, 50)
+        want_scores, want_ids = brute(np.ones(3000, bool), 50)
+        np.testing.assert_array_equal(found, want_ids[: len(batch)])
+        np.testing.assert_allclose(scores, want_scores[: len(batch)], atol=1e-5)
+
+    excluded = (ids >= 10_500) & (ids < 11_500)
+    scores, found = index.search(queries, 50, exclude=(10_500, 11_500))
+    np.testing.assert_array_equal(found, brute(~excluded, 50)[1])
+
+    index.remove(ids[:2500])
+    assert len(index) == 500
+    scores, found = index.search(queries, 800, exclude=(12_500, 12_700))  # more asked than left
+    assert found.shape == (9, 500)
+    assert (found[:, :300] >= 12_700).all() and (found[:, 300:] == -1).all()
+    assert np.isneginf(scores[:, 300:]).all() and (np.diff(scores[:, :300], axis=1) <= 0).all()
