@@ -211,6 +211,8 @@ class _OnnxBackend:
         # Spinning threads busy-wait between operators: faster alone, but under load they take the
         # CPU that the other encoder worker and the gRPC event loop need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning:  # ... and stop spinning once a run is done: scoring follows on these cores
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
 
