@@ -293,6 +293,41 @@ class _ReadWriteLock:
                 self._cond.notify_all()
 
 
+class _FreshSegment:
+    """Vectors added since the inverted lists were last filled, searched exactly. Rows are appended
+    in place (the capacity doubles when full), so adding a participant copies its own rows, not
+    the segment: at 2,000 fresh vectors a concatenation copied 3 MB under the write lock."""
+
+    def __init__(self, dim: int) -> None:
+        self._ids = np.zeros(0, np.int64)
+        self._vectors = np.zeros((0, dim), np.float32)
+        self._size = 0
+
+    def append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        end = self._size + len(ids)
+        if end > len(self._ids):
+            capacity = max(end, 2 * len(self._ids), 256)
+            grown_ids = np.zeros(capacity, np.int64)
+            grown = np.zeros((capacity, self._vectors.shape[1]), np.float32)
+            grown_ids[: self._size], grown[: self._size] = self._ids[: self._size], self._vectors[: self._size]
+            self._ids, self._vectors = grown_ids, grown
+        self._ids[self._size : end], self._vectors[self._size : end] = ids, vectors
+        self._size = end
+
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) held, as views: valid until the next change."""
+        return self._ids[: self._size], self._vectors[: self._size]
+
+    def drop_first(self, count: int) -> None:
+        rest = self._size - count
+        self._ids[:rest] = self._ids[count : self._size].copy()
+        self._vectors[:rest] = self._vectors[count : self._size].copy()
+        self._size = rest
+
+    def __len__(self) -> int:
+        return self._size
+
+
 class IVFIndex:
     """Approximate inner-product search: IVF with 4-bit PQ fast-scan codes, exact float16 re-rank.
 
@@ -339,8 +374,7 @@ class IVFIndex:
             self._index.train(sample)
         self._quantizer = quantizer  # the IVF index does not own it
         self._rows = _Float16Rows(dim)
-        self._fresh_ids = np.zeros(0, np.int64)
-        self._fresh_vectors = np.zeros((0, dim), np.float32)
+        self._fresh = _FreshSegment(dim)
         self._lock = _ReadWriteLock()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -357,20 +391,19 @@ class IVFIndex:
             return
         with self._lock.writing():
             self._rows.put(ids, vectors)
-            self._fresh_ids = np.concatenate([self._fresh_ids, ids])
-            self._fresh_vectors = np.concatenate([self._fresh_vectors, vectors])
-        if len(self._fresh_ids) >= self.FRESH_MAX:
+            self._fresh.append(ids, vectors)
+        if len(self._fresh) >= self.FRESH_MAX:
             self._fold_fresh()
 
     def _fold_fresh(self) -> None:
         """Moves the fresh segment into the lists, a slice per lock."""
-        ids, vectors = self._fresh_ids, self._fresh_vectors
+        with self._lock.reading():
+            ids, vectors = (a.copy() for a in self._fresh.view())
         for start in range(0, len(ids), self.ADD_SLICE):
             with self._lock.writing(), _one_thread():
                 self._index.add_with_ids(vectors[start : start + self.ADD_SLICE], ids[start : start + self.ADD_SLICE])
         with self._lock.writing():  # what was added meanwhile stays fresh
-            self._fresh_ids = self._fresh_ids[len(ids):]
-            self._fresh_vectors = self._fresh_vectors[len(ids):]
+            self._fresh.drop_first(len(ids))
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -378,18 +411,21 @@ class IVFIndex:
             self._rows.drop(ids)
 
     def _fresh_candidates(self, queries: np.ndarray, wide: int, exclude: tuple[int, int] | None) -> np.ndarray:
-        """The `wide` best fresh ids per query, exactly."""
-        ids, vectors = self._fresh_ids, self._fresh_vectors
-        keep = self._rows.known(ids)
-        if exclude is not None:
-            keep &= (ids < exclude[0]) | (ids >= exclude[1])
-        ids, vectors = ids[keep], vectors[keep]
+        """The `wide` best fresh ids per query, exactly (-1 where fewer are live). Scores every row
+        in place and masks the removed and excluded ones: no copy of the segment per search."""
+        ids, vectors = self._fresh.view()
         out = np.full((len(queries), min(wide, len(ids))), -1, np.int64)
-        if len(ids):
-            scores = queries @ vectors.T
-            top = out.shape[1]
-            best = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < len(ids) else np.broadcast_to(np.arange(len(ids)), scores.shape)
-            out[:] = ids[best]
+        if not len(ids):
+            return out
+        scores = queries @ vectors.T
+        dead = ~self._rows.known(ids)
+        if exclude is not None:
+            dead |= (ids >= exclude[0]) & (ids < exclude[1])
+        scores[:, dead] = -np.inf
+        top = out.shape[1]
+        best = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < len(ids) else np.broadcast_to(np.arange(len(ids)), scores.shape)
+        out[:] = ids[best]
+        out[np.isneginf(np.take_along_axis(scores, best, axis=1))] = -1
         return out
 
     def search(
@@ -406,7 +442,7 @@ class IVFIndex:
         out = np.full((nq, k), -1, np.int64)
         with self._lock.reading():
             _, candidates = self._index.search(queries, wide, params=params)
-            if len(self._fresh_ids):
+            if len(self._fresh):
                 # Fresh scores are exact already: the k best are all the re-rank needs from there.
                 candidates = np.concatenate([candidates, self._fresh_candidates(queries, k, exclude)], axis=1)
             for q in range(nq):
@@ -428,7 +464,7 @@ class IVFIndex:
     @property
     def entries(self) -> int:
         """Entries in the inverted lists and the fresh segment, stale ones included."""
-        return int(self._index.ntotal) + len(self._fresh_ids)
+        return int(self._index.ntotal) + len(self._fresh)
 
     def __len__(self) -> int:
         return self._rows.live
