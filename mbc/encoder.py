@@ -19,9 +19,9 @@ micro-batched there, continuously: a worker that becomes free takes everything q
 batches grow with the load; repeated utterances come from an LRU. `aencode(texts, post=fn)` also
 runs `fn(vectors, texts)` on that worker, once per micro-batch for all the calls that passed an
 equal `fn` (the router scores a batch of Matches in one call). With two workers one batch is
-scored while the next is encoded; each worker running the engine on one thread (`threads: 1`)
-keeps both cores busy without the per-operator synchronisation of intra-op threads, which costs
-more than it brings on batches of a few short utterances.
+scored while the next is encoded. A batch that runs alone on an idle router (one call, nothing
+else queued or encoding) uses a second ONNX session whose threads spin between operators
+(`EncoderConfig.idle_spinning`): a lone Match is encoded faster, and under load nothing spins.
 """
 
 from __future__ import annotations
