@@ -34,7 +34,7 @@ import numpy as np
 
 from mbc.config import DecisionConfig
 from mbc.matching import IntentPhrases
-from router.decision import GroupModel
+from router.decision import GroupModel, Heads
 
 GENERIC_NONE_PATH = Path(__file__).resolve().parent / "data" / "generic_none.txt"
 
@@ -219,8 +219,12 @@ def build_group_model(
     config: DecisionConfig,
     calibration: CalibrationInput,
     previous: GroupModel | None = None,
+    heads: Heads | None = None,
 ) -> GroupModel:
-    """Train the heads (warm-started from `previous`) and fit τ: the work done on every change."""
+    """Train the heads (warm-started from `previous`) and fit τ: the work done on every change.
+    With `heads` trained earlier from the same inputs, only the index is built."""
+    if heads is not None:
+        return GroupModel(intents, vectors, dim, config, heads=heads)
     model = GroupModel(intents, vectors, dim, config, previous=previous)
     tau, info = fit_threshold(model, vectors, calibration)
     model.tau = tau

@@ -6,7 +6,9 @@ calibration (router/calibration.py). Models are built aside, in a worker thread 
 keeps answering from the previous models), and swapped in whole. Snapshots and calibration
 changes that arrive during a build are coalesced: only the latest state is built next. A group
 whose participants changed is retrained with its heads warm-started from the previous model; a
-calibration change only refits τ.
+calibration change only refits τ. Trained heads are persisted beside the phrase vectors
+(router/model_cache.py): a state of a group trained before, by this router or an earlier run, is
+restored instead of trained, so a restarted router is ready as soon as its indexes are built.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mbc.matching import IntentCatalog, IntentPhrases
 from router.calibration import CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none
 from router.decision import NONE, GroupModel, Scored, Verdict
 from router.directory import BotEntry, Directory
+from router.model_cache import DIRECTORY as HEADS_DIRECTORY, HeadsCache, heads_key
 
 log = get_logger(__name__)
 
@@ -138,6 +141,9 @@ class RouterCore:
         self._generic = generic_none()
         self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
         """Participants' phrase vectors, persisted: a restart re-embeds only what changed."""
+        store = self.embeddings.store
+        self.heads = HeadsCache(store.path.parent / HEADS_DIRECTORY) if store is not None else None
+        """Trained heads, persisted beside the vectors: a restart trains only what changed."""
         self.builds = 0
         """Models swapped in so far (tests and the evaluation wait on it)."""
 
@@ -255,10 +261,7 @@ class RouterCore:
                 kind = "recalibrated"
             else:
                 vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
-                model = await loop.run_in_executor(
-                    self._trainer, build_group_model, intents, vectors, self.encoder.dim, self.config.decision, calibration, previous
-                )
-                kind = "retrained"
+                model, kind = await loop.run_in_executor(self._trainer, self._train, intents, vectors, calibration, previous)
             models[group] = model
             rebuilt.append(group)
             log.info(
@@ -278,6 +281,21 @@ class RouterCore:
             phrases=sum(len(m.texts) for m in models.values()),
             bots=sum(len(b) for b in directory.groups.values()),
         )
+
+    def _train(self, intents, vectors: np.ndarray, calibration: CalibrationInput, previous: GroupModel | None) -> tuple[GroupModel, str]:
+        """A group model from its heads trained earlier on the same inputs (persisted), or trained."""
+        config = self.config.decision
+        key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""
+        heads = self.heads.load(key) if key else None
+        if heads is not None:
+            try:
+                return build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads=heads), "restored"
+            except ValueError as e:
+                log.warning("heads_cache_mismatch", error=str(e), action="training again")
+        model = build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous)
+        if key:
+            self.heads.save(key, model.heads())
+        return model, "retrained"
 
     async def match(
         self, text: str, bot_id: str, group: str, limit: int, min_rating: int, include_asking_bot: bool = False

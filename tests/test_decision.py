@@ -114,7 +114,7 @@ def test_a_calibration_set_changes_tau(encoder, vectors):
     assert calibrated.times.warm_started
 
 
-async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder):
+async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder, tmp_path):
     """RouterCore fed with participant snapshots (as from etcd): τ follows the bots and the set."""
     from mbc.v1 import participant_pb2
 
@@ -124,7 +124,8 @@ async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder):
             intents=[participant_pb2.Intent(name=i.intent, phrases=i.phrases) for i in intents if i.bot_id == bot_id],
         )
 
-    core = RouterCore(RouterConfig(), encoder)
+    # A cache of its own: heads trained by another run must not stand in for the retraining tested here.
+    core = RouterCore(RouterConfig(embedding_cache_dir=str(tmp_path)), encoder)
     await core.prepare()
     labelled = [Example("book me a flight to Lisbon", "travel", "book_flight"), Example("a hotel in Madrid please", "travel", "hotel")]
     core.set_calibration(labelled)

@@ -94,3 +94,44 @@ def test_an_unwritable_directory_turns_persistence_off(tmp_path):
     assert not store.enabled
     store.put_many("m", ["a"], np.ones((1, 4), np.float32))
     assert store.get_many("m", ["a"], 4) == {}
+
+
+async def test_a_restarted_router_trains_nothing_and_scores_the_same(encoder, tmp_path):
+    first = await _start_router(encoder, tmp_path)
+    trained = first.models["g"]
+    before = await first.match("somebody stole my card", "", "g", 2, 0)
+    await first.close()
+    assert trained.times.lr_iterations > 0  # the first start trained the heads ...
+    assert len(list((tmp_path / "models").glob("*.npz"))) == 1  # ... and kept them
+
+    second = await _start_router(encoder, tmp_path)
+    try:
+        restored = second.models["g"]
+        assert restored.times.lr_iterations == 0 and restored.times.svm == 0.0  # nothing trained
+        assert restored.tau == trained.tau and restored.calibration == trained.calibration
+        after = await second.match("somebody stole my card", "", "g", 2, 0)
+        assert [(c.match.intent, c.match.confidence, c.match.rating) for c in after.candidates] == [
+            (c.match.intent, c.match.confidence, c.match.rating) for c in before.candidates
+        ]
+    finally:
+        await second.close()
+
+
+async def test_changed_phrases_or_an_unreadable_heads_file_train_again(encoder, tmp_path):
+    core = await _start_router(encoder, tmp_path)
+    await core.close()
+    (saved,) = (tmp_path / "models").glob("*.npz")
+    saved.write_bytes(b"not an npz file")
+    core = await _start_router(encoder, tmp_path)
+    try:
+        assert core.models["g"].times.lr_iterations > 0  # trained again, the bad file replaced
+        assert np.load(saved, allow_pickle=False)["W"].shape == core.models["g"].W.shape
+        # Another phrase: other inputs, another file; the earlier one stays for a return.
+        snapshot = _snapshot()
+        snapshot["/mbc/v1/participants/g/cards/i1"].intents[0].phrases.append("my card is gone")
+        core.submit(snapshot, 2)
+        await asyncio.wait_for(core.wait_builds(2), 120)
+        assert core.models["g"].times.lr_iterations > 0
+        assert len(list((tmp_path / "models").glob("*.npz"))) == 2
+    finally:
+        await core.close()

@@ -343,10 +343,13 @@ def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
     expected = svm.decision_function(vectorizer.transform(queries))
     if classes == 2:
         expected = np.stack([-expected, expected], axis=1)
-    got = LexicalSvm(vectorizer, svm).decision_function(queries)
+    head = LexicalSvm(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_)
+    got = head.decision_function(queries)
     assert got.shape == (len(queries), classes)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
-    assert list(LexicalSvm(vectorizer, svm).classes) == list(range(classes))
+    assert list(head.classes) == list(range(classes))
+    vocabulary, arrays = head.state()  # what a restarted router reads back scores the same
+    np.testing.assert_array_equal(LexicalSvm(vocabulary, **arrays).decision_function(queries), got)
 
 
 def _brute_force_cost(lengths: list[int], overhead: float, max_pass: int) -> float:

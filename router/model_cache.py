@@ -1,0 +1,123 @@
+"""Trained group heads persisted on disk, so a restarted router does not train again.
+
+Training a group's logistic-regression and SVM heads and fitting τ takes time that grows with the
+group (phrases × intents): seconds for the 10-bot CLINC150 mesh, minutes for groups of 100,000
+phrases, and the router answers UNAVAILABLE until its first models are built. The phrase vectors
+are persisted already (mbc/embedding_store.py); this keeps what was trained from them.
+
+One `.npz` file per trained state, named by a digest of everything training reads: the embedding
+model, the decision settings, the group's intents with their phrases, the calibration examples and
+the generic out-of-scope set. A file found was trained on the same inputs (from scratch, or
+warm-started from an earlier state of the group: the same convex objective, solved as closely).
+Files hold arrays and one JSON document (no pickle: loading a cache file never runs code), are
+written to a temporary name and renamed (a crash leaves the previous content), and the oldest are
+deleted past `MAX_FILES`. A file that cannot be read is removed with a warning and the heads are
+trained again: the cache never stops a router.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mbc.config import DecisionConfig
+from mbc.logs import get_logger
+from mbc.matching import IntentPhrases
+from router.calibration import CalibrationInput
+from router.decision import Heads, LexicalSvm
+
+log = get_logger(__name__)
+
+FORMAT = "mbc-heads-1"
+"""Bump when what is stored, or how the heads are trained, changes: older files are then misses."""
+MAX_FILES = 64
+DIRECTORY = "models"
+"""Beside the embeddings file, in the same cache directory."""
+
+
+def heads_key(
+    model_id: str, config: DecisionConfig, intents: Sequence[IntentPhrases], calibration: CalibrationInput
+) -> str:
+    """The digest of every input of training (see the module docstring)."""
+    digest = hashlib.sha256()
+    for part in (
+        FORMAT,
+        model_id,
+        json.dumps(asdict(config), sort_keys=True),
+        json.dumps(sorted([i.bot_id, i.intent, list(i.phrases)] for i in intents)),
+        json.dumps([[e.text, e.bot_id, e.intent, e.group] for e in calibration.examples]),
+        json.dumps(list(calibration.generic)),
+    ):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+class HeadsCache:
+    """Trained heads by `heads_key`, in a directory; thread-safe, shared safely by several routers."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.npz"
+
+    def load(self, key: str) -> Heads | None:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta["format"] != FORMAT:
+                    return None
+                svm = None
+                if meta["vocabulary"] is not None:
+                    svm = LexicalSvm(
+                        meta["vocabulary"], data["svm_idf"], data["svm_weights"], data["svm_intercept"], data["svm_classes"]
+                    )
+                heads = Heads(
+                    [tuple(c) for c in meta["classes"]], data["W"], data["b"], svm, float(meta["tau"]), meta["calibration"]
+                )
+            os.utime(path)  # recently used: kept longest
+            return heads
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("heads_cache_unreadable", path=str(path), error=str(e), action="removed, training again")
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: str, heads: Heads) -> None:
+        vocabulary, svm = heads.svm.state() if heads.svm is not None else (None, {})
+        meta = {
+            "format": FORMAT,
+            "classes": [list(c) for c in heads.classes],
+            "tau": heads.tau,
+            "calibration": heads.calibration,
+            "vocabulary": vocabulary,
+        }
+        arrays = {"W": heads.W, "b": heads.b, **{f"svm_{name}": value for name, value in svm.items()}}
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta, default=float)), **arrays)
+            os.replace(tmp, path)
+            self._prune()
+        except OSError as e:
+            log.warning("heads_cache_not_written", path=str(path), error=str(e))
+            tmp.unlink(missing_ok=True)
+
+    def _prune(self) -> None:
+        with self._lock:
+            files = sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+            for old in files[: max(0, len(files) - MAX_FILES)]:
+                old.unlink(missing_ok=True)
