@@ -50,6 +50,8 @@ GOOD = common_pb2.RATING_GOOD
 FAIR_PLUS = common_pb2.RATING_FAIR_PLUS
 # Time kept back from each outgoing call so that a fallback can still be sent in time.
 FALLBACK_RESERVE_SECONDS = 0.25
+MAX_INSTANCE_RETRIES = 2
+"""Other instances of the same bot tried after one that cannot be reached (see `_hand_over`)."""
 NONE_OF_THESE = "None of these"
 
 
@@ -323,8 +325,14 @@ class BotEngine:
 
     # -- transfers -------------------------------------------------------------------------
 
-    async def _hand_over(self, message: Message, candidate: router_pb2.Candidate, route: Route) -> TurnResult | None:
-        """Transfer to `candidate`; None (the conversation stays here) when it did not take it."""
+    async def _hand_over(
+        self, message: Message, candidate: router_pb2.Candidate, route: Route, failed: tuple[str, ...] = ()
+    ) -> TurnResult | None:
+        """Transfer to `candidate`; None (the conversation stays here) when it did not take it.
+
+        An instance that cannot be reached (UNAVAILABLE: stopped, draining, or killed and not yet
+        out of the router's view) is not the bot: the router is asked again for another instance
+        of it, `MAX_INSTANCE_RETRIES` times at most, skipping the `failed` addresses."""
         timeout = route.remaining()
         if timeout <= 0:
             return None
@@ -350,6 +358,11 @@ class BotEngine:
             log.warning("transfer_failed", to_bot=candidate.bot_id, code=e.code().name, detail=e.details(), transfer_id=transfer_id)
             BOT_TRANSFERS.labels("failed").inc()
             route.owner_version = await self._claim_back(message.conversation_id, route, transfer_id)
+            failed += (candidate.address,)
+            if e.code() == grpc.StatusCode.UNAVAILABLE and len(failed) <= MAX_INSTANCE_RETRIES:
+                other = await self._other_instance(message.text, candidate.bot_id, failed, route)
+                if other is not None:
+                    return await self._hand_over(message, other, route, failed)
             route.visited += (candidate.bot_id,)
             return None
         BOT_TRANSFERS.labels("taken").inc()
@@ -359,6 +372,24 @@ class BotEngine:
         replies.extend(response.replies)
         match = bot_pb2.MatchInfo(bot_id=candidate.bot_id, intent=candidate.intent, score=candidate.score, rating=candidate.rating)
         return TurnResult(replies, response.owner, bot_pb2.OUTCOME_TRANSFERRED, match, transfer_id)
+
+    async def _other_instance(
+        self, text: str, bot_id: str, failed: tuple[str, ...], route: Route
+    ) -> router_pb2.Candidate | None:
+        """The router's candidate for `bot_id` at an address not in `failed`, or None. The router
+        spreads a bot's Matches over its instances in turn; a concurrent Match may take the turn,
+        hence a second ask."""
+        for _ in range(2):
+            if route.remaining() <= 0:
+                return None
+            _, candidates, _ = await self._decide(text, route, include_self=False)
+            mine = [c for c in candidates if c.bot_id == bot_id]
+            if not mine:
+                return None
+            other = next((c for c in mine if c.address not in failed), None)
+            if other is not None:
+                return other
+        return None
 
     async def _claim_back(self, conversation_id: str, route: Route, failed_transfer: str) -> int:
         """After a failed transfer, make this bot the owner at a new version.

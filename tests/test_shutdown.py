@@ -158,6 +158,29 @@ async def test_stopping_one_of_two_instances_drops_no_consumer_message(mesh):
     assert {r.owner.address for at, r in answers if at > exited} == {second.address}
 
 
+async def test_a_killed_instance_still_in_the_routers_view_costs_no_message(mesh):
+    """travel runs as two instances; one is SIGKILLed. Until its lease expires the router still
+    names it in turn, and a transfer there fails UNAVAILABLE: the entry bot asks the router again
+    and hands over to the live instance. Every message is answered by travel, none falls back."""
+    dead = await mesh.start_bot(TEST_BOTS / "travel.yaml", "travel-dead")
+    live = await mesh.start_bot(TEST_BOTS / "travel.yaml", "travel-live")
+    try:
+        async def both_instances_routed():
+            tops = [(await match(mesh.router.address, TRAVEL_TEXT, bot_id="cards")).candidates[:1] for _ in range(4)]
+            return {c.address for top in tops for c in top if c.bot_id == "travel"} == {dead.address, live.address}
+
+        await eventually(both_instances_routed, timeout=120)
+        dead.kill()
+        killed = time.monotonic()
+        answers = [await respond(mesh.bots["cards"].address, TRAVEL_TEXT, timeout=30) for _ in range(4)]
+        assert time.monotonic() - killed < LEASE_TTL, "the lease expired before the messages: nothing was tested"
+    finally:
+        for name in ("travel-dead", "travel-live"):
+            mesh.bots.pop(name).terminate()
+    assert [(r.outcome, r.owner.bot_id, r.owner.address) for r in answers] == [
+        (bot_pb2.OUTCOME_TRANSFERRED, "travel", live.address)] * 4
+
+
 async def _answered_by(answers: list, address: str) -> bool:
     return any(not isinstance(r, BaseException) and r.owner.address == address for _, r in answers)
 
