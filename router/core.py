@@ -6,9 +6,9 @@ calibration (router/calibration.py). Models are built aside, in a worker thread 
 keeps answering from the previous models), and swapped in whole. Snapshots and calibration
 changes that arrive during a build are coalesced: only the latest state is built next. A group
 whose participants changed is retrained with its heads warm-started from the previous model; a
-calibration change only refits τ. Trained heads are persisted beside the phrase vectors
-(router/model_cache.py): a state of a group trained before, by this router or an earlier run, is
-restored instead of trained, so a restarted router is ready as soon as its indexes are built.
+calibration change only refits τ. A group's first build persists its trained heads beside the
+phrase vectors (router/model_cache.py): a restarted router with unchanged groups restores them
+instead of training, so it is ready as soon as its indexes are built.
 """
 
 from __future__ import annotations
@@ -283,8 +283,14 @@ class RouterCore:
         )
 
     def _train(self, intents, vectors: np.ndarray, calibration: CalibrationInput, previous: GroupModel | None) -> tuple[GroupModel, str]:
-        """A group model from its heads trained earlier on the same inputs (persisted), or trained."""
+        """A group model. Its first build in this router (a start) restores the heads trained from
+        scratch on the same inputs, persisted by an earlier start, or trains and persists them. A
+        change in a running router trains warm from `previous` and persists nothing: a warm start
+        converges to slightly other heads than a cold one, and a restart must give the model a
+        first build gives, whatever the router's history."""
         config = self.config.decision
+        if previous is not None:
+            return build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous), "retrained"
         key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""
         heads = self.heads.load(key) if key else None
         if heads is not None:
@@ -292,7 +298,7 @@ class RouterCore:
                 return build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads=heads), "restored"
             except ValueError as e:
                 log.warning("heads_cache_mismatch", error=str(e), action="training again")
-        model = build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous)
+        model = build_group_model(intents, vectors, self.encoder.dim, config, calibration)
         if key:
             self.heads.save(key, model.heads())
         return model, "retrained"

@@ -7,8 +7,8 @@ are persisted already (mbc/embedding_store.py); this keeps what was trained from
 
 One `.npz` file per trained state, named by a digest of everything training reads: the embedding
 model, the decision settings, the group's intents with their phrases, the calibration examples and
-the generic out-of-scope set. A file found was trained on the same inputs (from scratch, or
-warm-started from an earlier state of the group: the same convex objective, solved as closely).
+the generic out-of-scope set. Only heads trained from scratch are stored (a group's first build
+in a router), so a file found holds what training would give again.
 Files hold arrays and one JSON document (no pickle: loading a cache file never runs code), are
 written to a temporary name and renamed (a crash leaves the previous content), and the oldest are
 deleted past `MAX_FILES`. A file that cannot be read is removed with a warning and the heads are
@@ -35,7 +35,7 @@ from router.decision import Heads, LexicalSvm
 
 log = get_logger(__name__)
 
-FORMAT = "mbc-heads-1"
+FORMAT = "mbc-heads-2"
 """Bump when what is stored, or how the heads are trained, changes: older files are then misses."""
 MAX_FILES = 16
 """Files kept, most recently used first: the SVM head is dense (40 MB for the 15,000 phrases and
