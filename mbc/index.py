@@ -5,8 +5,8 @@ the caller; `search` can leave out a contiguous id range (the asking bot's own p
 
 Two implementations, picked by size (`build_index`):
 
-- `FlatIndex`: exact search (a BLAS matrix product per batch of queries, a faiss float16 scan
-  re-scored exactly for a lone query). Below `EXACT_MAX_VECTORS` it is also the faster one.
+- `FlatIndex`: exact search, a BLAS matrix product per batch of queries. Below
+  `EXACT_MAX_VECTORS` it is also the faster one.
 - `IVFIndex`: approximate, for large groups. An inverted file with 4-bit PQ fast-scan codes
   (48 bytes a vector at 384-d) finds a short list, re-ranked with a float16 copy of the vectors
   (768 bytes a vector): no float32 copy is held, so 1M × 384-d takes 0.87 GB (measured) instead of 1.5.
@@ -95,92 +95,59 @@ def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FlatIndex:
-    """Exact inner-product search for groups of the usual size.
+    """Exact inner-product search for groups of the usual size: one BLAS matrix product of the
+    queries with the vectors held transposed (dim x n, the layout the product reads fastest), then
+    a top-k.
 
-    A batch of queries is one BLAS matrix product with the vectors held transposed (dim x n), then
-    a top-k; a lone query scans a float16 copy in faiss (`IndexScalarQuantizer`, half the memory
-    to read) for its k + `RERANK_MARGIN` best, re-scored exactly in float32. Why not faiss's
-    IndexFlatIP for both: faiss 1.15 scans the vectors once per query (its BLAS path starts at
-    128,000 query x vector pairs and is never taken with an excluded id range), so a micro-batch
-    of 16 Matches cost 16 scans of the 15,000 CLINC150 phrases, 14 ms on one thread, against
-    1.8 ms for the product; and a lone query 0.9 ms against 0.5 for the float16 scan (measured, 2
-    cores). A search reads one immutable snapshot, so changes never block it (they copy the
-    vectors: cheap at the sizes this index is used for)."""
-
-    RERANK_MARGIN = 32
-    """Extra float16 candidates re-scored for a lone query. float16 rounding moves a cosine of
-    unit vectors by ~1e-5, far less than the gaps between the k best."""
+    Why not faiss's IndexFlatIP: faiss 1.15 scans the vectors once per query (its BLAS path starts
+    at 128,000 query x vector pairs and is never taken with an excluded id range), so a
+    micro-batch of 16 Matches cost 16 scans of the 15,000 CLINC150 phrases, 14 ms on one thread,
+    against 2 ms for the product (measured, 2 cores). A search reads one immutable snapshot, so
+    changes never block it; they copy the vectors, cheap at the sizes this index is used for."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._snapshot = self._make(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
-
-    def _make(self, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, faiss.Index]:
-        """(ids, vectors, vectors transposed, their float16 faiss index by position), replaced whole.
-        Each layout serves one read: rows the re-scoring of a few, the transposed copy the matrix
-        product (twice as fast as with the rows, measured)."""
-        scan = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        if ids.size:
-            with _one_thread():
-                scan.add(rows)
-        return ids, rows, np.ascontiguousarray(rows.T), scan
+        self._snapshot: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros((dim, 0), np.float32))
+        """(ids, vectors transposed), replaced whole by add and remove."""
+        self._writing = threading.Lock()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = _check(vectors, self.dim)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        old_ids, old_rows, _, _ = self._snapshot
-        self._snapshot = self._make(np.concatenate([old_ids, ids]), np.concatenate([old_rows, vectors]))
+        with self._writing:
+            old_ids, old_t = self._snapshot
+            self._snapshot = (np.concatenate([old_ids, ids]), np.ascontiguousarray(np.hstack([old_t, vectors.T])))
 
     def remove(self, ids: np.ndarray) -> None:
-        old_ids, old_rows, _, _ = self._snapshot
-        keep = ~np.isin(old_ids, np.asarray(ids, dtype=np.int64))
-        self._snapshot = self._make(old_ids[keep], old_rows[keep])
+        with self._writing:
+            old_ids, old_t = self._snapshot
+            keep = ~np.isin(old_ids, np.asarray(ids, dtype=np.int64))
+            self._snapshot = (old_ids[keep], np.ascontiguousarray(old_t[:, keep]))
 
     def search(
         self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        ids, rows, transposed, scan = self._snapshot
+        ids, transposed = self._snapshot
         n = len(ids)
         if n == 0:
             return _empty(queries.shape[0])
         k = max(1, min(k, n))
-        excluded = (ids >= exclude[0]) & (ids < exclude[1]) if exclude is not None else None
-        if len(queries) == 1 and k + self.RERANK_MARGIN < n:
-            columns, scores = self._lone_candidates(queries, k + self.RERANK_MARGIN, scan, rows, excluded)
+        scores = queries @ transposed
+        if exclude is not None:
+            scores[:, (ids >= exclude[0]) & (ids < exclude[1])] = -np.inf
+        if k < n:
+            columns = np.argpartition(scores, n - k, axis=1)[:, n - k :]
+            scores = np.take_along_axis(scores, columns, axis=1)
         else:
-            scores = queries @ transposed
-            if excluded is not None:
-                scores[:, excluded] = -np.inf
             columns = np.broadcast_to(np.arange(n), scores.shape)
-        if k < columns.shape[1]:
-            keep = np.argpartition(scores, columns.shape[1] - k, axis=1)[:, columns.shape[1] - k :]
-            columns, scores = np.take_along_axis(columns, keep, axis=1), np.take_along_axis(scores, keep, axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")
         top = np.take_along_axis(scores, order, axis=1)
         found = ids[np.take_along_axis(columns, order, axis=1)]
         found[np.isneginf(top)] = -1
         return top, found
-
-    @staticmethod
-    def _lone_candidates(
-        query: np.ndarray, wide: int, scan: faiss.Index, rows: np.ndarray, excluded: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The `wide` best columns for one query by the float16 scan, with their exact scores."""
-        params = None
-        if excluded is not None and excluded.any():
-            positions = np.flatnonzero(excluded)
-            if positions[-1] - positions[0] + 1 == len(positions):  # one bot's phrases: a range
-                inner = faiss.IDSelectorRange(int(positions[0]), int(positions[-1]) + 1)
-            else:
-                inner = faiss.IDSelectorBatch(positions)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(inner))
-        _, columns = scan.search(query, wide, params=params)
-        columns = columns[:, columns[0] >= 0]
-        scores = (rows[columns[0]] @ query[0])[None, :]
-        return columns, scores
 
     def __len__(self) -> int:
         return len(self._snapshot[0])
