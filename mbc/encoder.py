@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mbc.config import EncoderConfig
+from mbc.files import temporary_beside
 from mbc.logs import get_logger
 
 log = get_logger(__name__)
@@ -99,11 +100,6 @@ def _model_fingerprint(path: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _atomic_output(target: Path) -> Path:
-    """A temporary path beside `target`, to be renamed onto it once complete."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-
-
 def export_onnx(model_path: Path, target: Path) -> None:
     """Export the transformer of a local sentence-transformers model to ONNX (no download)."""
     import warnings
@@ -126,7 +122,7 @@ def export_onnx(model_path: Path, target: Path) -> None:
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
     mask = (ids != 0).to(torch.int64)
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    tmp = _atomic_output(target)
+    tmp = temporary_beside(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -149,7 +145,7 @@ def quantize_onnx(source: Path, target: Path) -> None:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = _atomic_output(target)
+    tmp = temporary_beside(target)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime logs a pre-processing hint on the root logger

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from mbc.config import DecisionConfig
+from mbc.files import temporary_beside
 from mbc.logs import get_logger
 from mbc.matching import IntentPhrases
 from router.calibration import CalibrationInput
@@ -107,7 +108,7 @@ class HeadsCache:
         }
         arrays = {"W": heads.W, "b": heads.b, **{f"svm_{name}": value for name, value in svm.items()}}
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = temporary_beside(path)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
