@@ -46,6 +46,11 @@ class VectorIndex(Protocol):
         """
         ...
 
+    @property
+    def drifted(self) -> bool:
+        """After many changes, the index would be better built anew."""
+        ...
+
     def __len__(self) -> int: ...
 
 
@@ -148,6 +153,9 @@ class FlatIndex:
         found = ids[np.take_along_axis(columns, order, axis=1)]
         found[np.isneginf(top)] = -1
         return top, found
+
+    drifted = False
+    """Exact search never drifts."""
 
     def __len__(self) -> int:
         return len(self._snapshot[0])

@@ -1,8 +1,9 @@
 """From training phrases to ranked intents: the matching logic shared by bots and the router.
 
-An `IntentCatalog` is an immutable, searchable set of (bot, intent, phrase) entries. It is built
-aside and swapped in whole, so lookups never see a half-updated index. Each bot's phrases get a
-contiguous id range, which lets a search leave out the asking bot inside FAISS itself.
+An `IntentCatalog` is a searchable set of (bot, intent, phrase) entries. It is built aside and
+swapped in whole, so lookups never see a half-updated index; only a large group's catalog is
+changed in place (`replace_bots`), bot by bot. Each bot's phrases get a contiguous id range, which
+lets a search leave out the asking bot inside FAISS itself.
 """
 
 from __future__ import annotations
@@ -58,7 +59,42 @@ class IntentCatalog:
         return [phrase for entry in _sorted(entries) for phrase in entry.phrases]
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._index)
+
+    def replace_bots(self, bots: set[str], entries: Sequence[IntentPhrases], vectors: np.ndarray) -> None:
+        """Replace every phrase of `bots` by the phrases of `entries` (theirs; a bot without entries
+        leaves), in place, searches going on: the new phrases get ids after every id so far (one
+        contiguous range per bot), are added, and the old ones are removed. Not thread-safe
+        against another writer. `vectors`: a row per phrase of `phrases_of(entries)`."""
+        entries = _sorted(entries)
+        if len(vectors) != sum(len(e.phrases) for e in entries):
+            raise ValueError(f"{len(vectors)} vectors for {sum(len(e.phrases) for e in entries)} phrases")
+        if any(e.bot_id not in bots for e in entries):
+            raise ValueError("entries of a bot that is not replaced")
+        ranges = dict(self._bot_ranges)
+        first = len(self._labels)
+        for entry in entries:
+            start = ranges[entry.bot_id][0] if entry.bot_id in ranges and ranges[entry.bot_id][0] >= first else len(self._labels)
+            self._labels.extend((entry.bot_id, entry.intent, phrase) for phrase in entry.phrases)
+            ranges[entry.bot_id] = (start, len(self._labels))
+        old = [self._bot_ranges[b] for b in bots if b in self._bot_ranges]
+        if len(vectors):
+            self._index.add(np.arange(first, len(self._labels), dtype=np.int64), vectors)
+        for b in bots - {e.bot_id for e in entries}:
+            ranges.pop(b, None)
+        self._bot_ranges = ranges
+        self.bots = frozenset(ranges)
+        if old:
+            self._index.remove(np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in old]))
+
+    def live_phrases(self) -> list[str]:
+        """The phrases a search can return, bot by bot."""
+        return [self._labels[i][2] for lo, hi in sorted(self._bot_ranges.values()) for i in range(lo, hi)]
+
+    @property
+    def drifted(self) -> bool:
+        """The index would be better built anew (an approximate index after many changes)."""
+        return self._index.drifted
 
     def search(self, queries: np.ndarray, k: int, exclude_bot: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest phrases of each query row: (similarities, phrase rows), row -1 for none."""

@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -134,8 +134,8 @@ def for_group(examples: Sequence[Example], group: str) -> list[Example]:
     return [e for e in examples if not e.group or e.group == group]
 
 
-def fit_threshold(model: GroupModel, vectors: np.ndarray, data: CalibrationInput) -> tuple[float, dict]:
-    """τ for `model` (whose registered phrase embeddings are `vectors`) and how it was fitted."""
+def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dict]:
+    """τ for `model` and how it was fitted."""
     cfg = model.config
     t0 = time.perf_counter()
     classes = set(model.classes)
@@ -160,8 +160,8 @@ def fit_threshold(model: GroupModel, vectors: np.ndarray, data: CalibrationInput
         scores = np.concatenate(pool) if pool else np.zeros(0)
         tau = float(np.quantile(scores, cfg.generic_quantile, method="higher")) if len(scores) else 0.0
         info["method"] = f"registered phrases: {cfg.generic_quantile:.2f} quantile of {len(scores)} generic none-of-these scores"
-        if 0 < len(model.texts) <= cfg.cross_fit_max_phrases and len(model.classes) >= 2:
-            oof = cross_fit_scores(model, vectors)
+        if model.vectors is not None and 0 < len(model.texts) <= cfg.cross_fit_max_phrases and len(model.classes) >= 2:
+            oof = cross_fit_scores(model, model.vectors)
             floor = float(np.quantile(oof, cfg.in_scope_floor))
             info["in_scope_floor"] = round(floor, 3)
             if floor < tau:
@@ -225,8 +225,16 @@ def build_group_model(
     With `heads` trained earlier from the same inputs, only the index is built."""
     if heads is not None:
         return GroupModel(intents, vectors, dim, config, heads=heads)
-    model = GroupModel(intents, vectors, dim, config, previous=previous)
-    tau, info = fit_threshold(model, vectors, calibration)
-    model.tau = tau
-    model.calibration = info
+    return _with_threshold(GroupModel(intents, vectors, dim, config, previous=previous), calibration)
+
+
+def update_group_model(
+    previous: GroupModel, changed: Mapping[str, Sequence[IntentPhrases]], vectors: np.ndarray, calibration: CalibrationInput
+) -> GroupModel:
+    """A large group's model after some bots changed (`GroupModel.updated`), with τ fitted again."""
+    return _with_threshold(previous.updated(changed, vectors), calibration)
+
+
+def _with_threshold(model: GroupModel, calibration: CalibrationInput) -> GroupModel:
+    model.tau, model.calibration = fit_threshold(model, calibration)
     return model

@@ -6,7 +6,8 @@ calibration (router/calibration.py). Models are built aside, in a worker thread 
 keeps answering from the previous models), and swapped in whole. Snapshots and calibration
 changes that arrive during a build are coalesced: only the latest state is built next. A group
 whose participants changed is retrained with its heads warm-started from the previous model; a
-calibration change only refits τ. A group's first build persists its trained heads beside the
+calibration change only refits τ. A large group (`DecisionConfig.heads_max_phrases`) has no heads
+to train: a participant change updates its index in place, and refits τ. A group's first build persists its trained heads beside the
 phrase vectors (router/model_cache.py): a restarted router with unchanged groups restores them
 instead of training, so it is ready as soon as its indexes are built.
 """
@@ -28,8 +29,10 @@ from mbc.embedding_store import PhraseEmbeddings, open_store
 from mbc.encoder import Encoder
 from mbc.logs import get_logger
 from mbc.matching import IntentCatalog, IntentPhrases
-from router.calibration import CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none
-from router.decision import NONE, GroupModel, Scored, Verdict
+from router.calibration import (
+    CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none, update_group_model,
+)
+from router.decision import NONE, GroupModel, Scored, Verdict, changed_bots
 from router.directory import BotEntry, Directory
 from router.model_cache import DIRECTORY as HEADS_DIRECTORY, HeadsCache, heads_key
 
@@ -256,9 +259,14 @@ class RouterCore:
             start = time.perf_counter()
             calibration = await self._calibration_input(group)
             if same_intents:
-                tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, previous.vectors, calibration)
+                tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, calibration)
                 model = previous.with_threshold(tau, info)
                 kind = "recalibrated"
+            elif previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
+                changed = changed_bots(old.sources[group], intents)
+                vectors = await self.embeddings.embed(IntentCatalog.phrases_of(e for entries in changed.values() for e in entries))
+                model = await loop.run_in_executor(self._trainer, update_group_model, previous, changed, vectors, calibration)
+                kind = "updated in place"
             else:
                 vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
                 model, kind = await loop.run_in_executor(self._trainer, self._train, intents, vectors, calibration, previous)
@@ -289,6 +297,8 @@ class RouterCore:
         converges to slightly other heads than a cold one, and a restart must give the model a
         first build gives, whatever the router's history."""
         config = self.config.decision
+        if self._large(intents):
+            return build_group_model(intents, vectors, self.encoder.dim, config, calibration), "indexed"
         if previous is not None:
             return build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous), "retrained"
         key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""
@@ -302,6 +312,10 @@ class RouterCore:
         if key:
             self.heads.save(key, model.heads())
         return model, "retrained"
+
+    def _large(self, intents: Sequence[IntentPhrases]) -> bool:
+        """A group scored by its nearest phrases alone (no heads to train or persist)."""
+        return sum(len(e.phrases) for e in intents) >= self.config.decision.heads_max_phrases
 
     async def match(
         self, text: str, bot_id: str, group: str, limit: int, min_rating: int, include_asking_bot: bool = False

@@ -11,6 +11,10 @@ calibration set) whenever they change, in a worker thread, and swapped in whole:
 - a TF-IDF (word 1-2 grams) linear SVM over the phrase texts (`svm`, its decision value).
 
 The fused score of a candidate is `lr + svm_weight·svm + knn_weight·knn` (`Candidate.confidence`).
+A large group (`DecisionConfig.heads_max_phrases`) has no heads: its score is
+`knn_weight·knn + centroid_weight·centroid`, the second the cosine of the utterance with the mean of
+the intent's phrase vectors; both depend on an intent's own phrases only, so a participant change
+updates the model in place (`GroupModel.updated`) instead of training it again.
 A threshold τ is fitted per group (see router/calibration.py); the rating of a candidate follows
 from its confidence relative to τ, and the decision (act, disambiguate, none) from the ratings and
 the gap between the best two bots.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -142,6 +146,30 @@ class LexicalSvm:
         return out
 
 
+def _centroids(vectors: np.ndarray, counts: Sequence[int], dim: int) -> np.ndarray:
+    """The normalised mean of each run of `counts` consecutive rows."""
+    out = np.zeros((len(counts), dim), np.float32)
+    starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+    full = np.asarray(counts) > 0
+    if full.any():
+        out[full] = np.add.reduceat(np.asarray(vectors, np.float32), starts[full], axis=0)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms > 0, norms, 1.0)
+
+
+def changed_bots(before: Sequence[IntentPhrases], after: Sequence[IntentPhrases]) -> dict[str, tuple[IntentPhrases, ...]]:
+    """The bots whose intents differ from `before` to `after`, with their intents in `after`
+    (none: the bot left)."""
+    def by_bot(entries: Sequence[IntentPhrases]) -> dict[str, set[IntentPhrases]]:
+        out: dict[str, set[IntentPhrases]] = {}
+        for e in entries:
+            out.setdefault(e.bot_id, set()).add(e)
+        return out
+
+    old, new = by_bot(before), by_bot(after)
+    return {b: tuple(new.get(b, ())) for b in sorted(old.keys() | new.keys()) if old.get(b) != new.get(b)}
+
+
 @dataclass
 class TrainTimes:
     embed: float = 0.0
@@ -207,12 +235,17 @@ class GroupModel:
         entries = sorted(intents, key=lambda e: (e.bot_id, e.intent))
         self.classes: list[tuple[str, str]] = [(e.bot_id, e.intent) for e in entries]
         self.class_of = {key: i for i, key in enumerate(self.classes)}
-        self.bot_of_class = np.array([b for b, _ in self.classes], dtype=object)
+        self.bot_of_class = [b for b, _ in self.classes]
         self.row_class = np.concatenate(
             [np.full(len(e.phrases), i, dtype=np.int64) for i, e in enumerate(entries)]
         ) if entries else np.zeros(0, np.int64)
         self.texts = IntentCatalog.phrases_of(intents)
-        self.vectors = vectors
+        self.large = len(self.texts) >= config.heads_max_phrases
+        """Scored by the nearest phrases alone, and updated in place (see `updated`)."""
+        self.vectors = None if self.large else vectors
+        """The phrase vectors, in `texts` order, for cross-fitting τ (large groups do not keep them)."""
+        self.centroids = _centroids(vectors, [len(e.phrases) for e in entries], dim) if self.large else None
+        """Large groups: the normalised mean phrase vector of each class."""
         self.bots = sorted({b for b, _ in self.classes})
         self.times.index = time.perf_counter() - t0
         self.tau = 0.0
@@ -227,7 +260,7 @@ class GroupModel:
                 raise ValueError("the heads were trained for other intents")
             self.W, self.b, self._svm = heads.W, heads.b, heads.svm
             self.tau, self.calibration = heads.tau, dict(heads.calibration)
-        elif n >= 2:
+        elif n >= 2 and not self.large:
             t = time.perf_counter()
             self._train_lr(vectors, previous)
             self.times.lr = time.perf_counter() - t
@@ -238,6 +271,37 @@ class GroupModel:
     def heads(self) -> "Heads":
         """What training and calibration produced, to persist (see router/model_cache.py)."""
         return Heads(list(self.classes), self.W, self.b, self._svm, self.tau, dict(self.calibration))
+
+    def updated(self, changed: Mapping[str, Sequence[IntentPhrases]], vectors: np.ndarray) -> "GroupModel":
+        """This large group's model after the bots of `changed` replaced their intents (an empty
+        sequence: the bot left), without building anew: the index is updated in place and shared
+        with this model, which may still be serving. `vectors`: a row per phrase of
+        `IntentCatalog.phrases_of` the changed intents. τ is left to fit (router/calibration.py).
+
+        Readers never block, and never see a phrase they cannot name: the class tables only grow,
+        and grow before the index does; a model reads `row_class` once per search and ignores ids
+        beyond it (the phrases added after it was made). Removed rows keep their entries."""
+        if not self.large:
+            raise ValueError("only a large group's model is updated in place")
+        t0 = time.perf_counter()
+        added = sorted((e for entries in changed.values() for e in entries), key=lambda e: (e.bot_id, e.intent))
+        other = copy.copy(self)
+        other.times = TrainTimes()
+        for e in added:
+            if (e.bot_id, e.intent) not in self.class_of:
+                self.bot_of_class.append(e.bot_id)
+                self.classes.append((e.bot_id, e.intent))
+                self.class_of[(e.bot_id, e.intent)] = len(self.classes) - 1
+        ids = [self.class_of[(e.bot_id, e.intent)] for e in added]
+        other.row_class = np.concatenate([self.row_class, *(np.full(len(e.phrases), c, np.int64) for c, e in zip(ids, added))])
+        other.centroids = np.zeros((len(self.classes), self.centroids.shape[1]), np.float32)
+        other.centroids[: len(self.centroids)] = self.centroids
+        other.centroids[ids] = _centroids(vectors, [len(e.phrases) for e in added], self.centroids.shape[1])
+        self.catalog.replace_bots(set(changed), added, vectors)
+        other.bots = sorted(self.catalog.bots)
+        other.texts = self.catalog.live_phrases()
+        other.times.index = time.perf_counter() - t0
+        return other
 
     # ------------------------------------------------------------------ training
     def _train_lr(self, X: np.ndarray, previous: "GroupModel | None") -> None:
@@ -301,11 +365,12 @@ class GroupModel:
         """Candidates (the intents among the k nearest phrases) and their fused scores, per query."""
         cfg = self.config
         nq = len(Q)
+        row_class = self.row_class  # then the classes: they never have fewer entries than it names
         n = len(self.classes)
         k = min(cfg.neighbours, len(self.catalog))
         S, I = self.catalog.search(Q, k, exclude_bot=exclude_bot)
-        valid = I >= 0
-        L = np.where(valid, self.row_class[np.maximum(I, 0)], -1)
+        valid = (I >= 0) & (I < len(row_class))
+        L = np.where(valid, row_class[np.where(valid, I, 0)], -1)
         m = cfg.knn_top
         mx = np.full((nq, n), -np.inf, np.float32)
         best_row = np.full((nq, n), -1, np.int64)
@@ -334,6 +399,8 @@ class GroupModel:
         last = np.where(valid.any(1), S[r, np.maximum(valid.sum(1) - 1, 0)], 0.0)[:, None] if S.shape[1] else np.zeros((nq, 1))
         knn = (sm + (m - cnt) * last) / m
         fused = cfg.knn_weight * knn
+        if self.centroids is not None:
+            fused[:, : len(self.centroids)] += cfg.centroid_weight * (np.asarray(Q, np.float32) @ self.centroids.T)
         if self._svm is not None:
             fused = fused + np.asarray(Q, np.float32) @ self.W + self.b
             svm = np.zeros((nq, n), np.float32)

@@ -11,9 +11,11 @@ import pytest
 from mbc.config import DecisionConfig, RouterConfig
 from mbc.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import common_pb2, router_pb2
-from router.calibration import CalibrationError, CalibrationInput, Example, build_group_model, dump_calibration, parse_calibration
+from router.calibration import (
+    CalibrationError, CalibrationInput, Example, build_group_model, dump_calibration, parse_calibration, update_group_model,
+)
 from router.core import RouterCore
-from router.decision import ACT, DISAMBIGUATE, NONE, Scored, decide
+from router.decision import ACT, DISAMBIGUATE, NONE, Scored, changed_bots, decide
 
 R = common_pb2
 
@@ -112,6 +114,85 @@ def test_a_calibration_set_changes_tau(encoder, vectors):
     assert "calibration set" in calibrated.calibration["method"]
     assert calibrated.calibration["none_recall"] >= 0.6
     assert calibrated.times.warm_started
+
+
+CHANGED = [
+    *(i for i in INTENTS if i.bot_id == "travel" and i.intent != "hotel"),
+    IntentPhrases("travel", "car_rental", ("rent a car in Rome", "I need a rental car", "hire a car at the airport", "book a car for the weekend")),
+    *(i for i in INTENTS if i.bot_id == "loans"),
+    IntentPhrases("pets", "vet", ("book a vet appointment", "my dog is sick", "find an animal clinic", "my cat needs shots")),
+]
+"""INTENTS after cards left, travel swapped its hotel intent for car rental, and pets joined."""
+
+ASKED = ["I lost my credit card", "rent a car in Milan", "reserve a hotel in Oslo", "my puppy is ill",
+         "refinance my mortgage", "find flights to Tokyo", "which pizza place delivers"]
+
+
+def test_a_large_group_updated_in_place_scores_as_one_built_anew(encoder, vectors):
+    """A large group (no heads) is changed bot by bot in its shared index: its answers are those of
+    a model built from scratch on the new intents, and the model it replaces keeps answering."""
+    cfg = DecisionConfig(heads_max_phrases=1)
+    calibration = _input(encoder, [])
+    before = build_group_model(INTENTS, vectors, encoder.dim, cfg, calibration)
+    assert before.large
+    changed = changed_bots(INTENTS, CHANGED)
+    assert changed.keys() == {"cards", "travel", "pets"} and changed["cards"] == ()
+    added = IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
+    updated = update_group_model(before, changed, encoder.encode_phrases(added), calibration)
+    fresh = build_group_model(CHANGED, encoder.encode_phrases(IntentCatalog.phrases_of(CHANGED)), encoder.dim, cfg, calibration)
+
+    assert updated.catalog is before.catalog and updated.bots == ["loans", "pets", "travel"]
+    assert updated.tau == pytest.approx(fresh.tau, abs=1e-4)
+    Q = encoder.encode(ASKED)
+    for exclude in (None, "travel"):
+        for got, want in zip(updated.rank_many(Q, ASKED, exclude), fresh.rank_many(Q, ASKED, exclude)):
+            assert [(c.bot_id, c.intent, c.rating, c.matched_phrase) for c in got] == [
+                (c.bot_id, c.intent, c.rating, c.matched_phrase) for c in want
+            ]
+            assert [c.confidence for c in got] == pytest.approx([c.confidence for c in want], abs=1e-4)
+    assert updated.rank(Q[1], ASKED[1])[0].intent == "car_rental"
+    # The replaced model, still serving until the swap: the departed are gone, the new not yet there.
+    stale = {(c.bot_id, c.intent) for r in before.rank_many(Q, ASKED) for c in r}
+    assert stale and not any(bot in ("cards", "pets") or intent == "car_rental" for bot, intent in stale)
+
+
+def test_a_small_group_is_not_updated_in_place(encoder, vectors):
+    model = build_group_model(INTENTS, vectors, encoder.dim, DecisionConfig(), _input(encoder, []))
+    assert not model.large
+    with pytest.raises(ValueError, match="large group"):
+        model.updated({}, vectors[:0])
+
+
+async def test_router_updates_a_large_group_in_place(encoder, tmp_path):
+    """RouterCore with a group past `heads_max_phrases`: a participant change reaches Match without
+    training (the same index, changed in place), and a new bot answers its intents."""
+    from mbc.v1 import participant_pb2
+
+    def snapshot(intents):
+        return {
+            f"/mbc/v1/participants/g/{bot}/i1": participant_pb2.Participant(
+                bot_id=bot, instance_id="i1", address="127.0.0.1:19", group="g", collaboration=True,
+                intents=[participant_pb2.Intent(name=i.intent, phrases=i.phrases) for i in intents if i.bot_id == bot],
+            )
+            for bot in {i.bot_id for i in intents}
+        }
+
+    core = RouterCore(RouterConfig(embedding_cache_dir=str(tmp_path), decision=DecisionConfig(heads_max_phrases=10)), encoder)
+    await core.prepare()
+    core.submit(snapshot(INTENTS), 1)
+    await asyncio.wait_for(core.wait_builds(1), 60)
+    first = core.models["g"]
+    assert first.large
+    core.submit(snapshot(CHANGED), 2)
+    await asyncio.wait_for(core.wait_builds(2), 60)
+    model = core.models["g"]
+    assert model.catalog is first.catalog and model.bots == ["loans", "pets", "travel"]
+    for text, bot, intent in [("rent a car in Milan", "travel", "car_rental"), ("my puppy is ill", "pets", "vet")]:
+        result = await core.match(text, "", "g", 3, 0)
+        assert (result.candidates[0].match.bot_id, result.candidates[0].match.intent) == (bot, intent)
+    result = await core.match("I lost my credit card", "", "g", 5, 0)
+    assert all(c.match.bot_id != "cards" for c in result.candidates)
+    await core.close()
 
 
 async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder, tmp_path):
