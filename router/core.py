@@ -227,7 +227,9 @@ class RouterCore:
             self._wakeup.clear()
             participants, revision = self._pending
             try:
-                await self._rebuild(Directory.from_participants(participants, revision, self.config.max_intents_per_bot), self._calibration_version)
+                previous = self._state.directory if self._state else None
+                directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, previous)
+                await self._rebuild(directory, self._calibration_version)
             except Exception:
                 log.exception("index_build_failed", revision=revision)
 

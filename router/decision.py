@@ -159,11 +159,12 @@ def _centroids(vectors: np.ndarray, counts: Sequence[int], dim: int) -> np.ndarr
 
 def changed_bots(before: Sequence[IntentPhrases], after: Sequence[IntentPhrases]) -> dict[str, tuple[IntentPhrases, ...]]:
     """The bots whose intents differ from `before` to `after`, with their intents in `after`
-    (none: the bot left)."""
-    def by_bot(entries: Sequence[IntentPhrases]) -> dict[str, set[IntentPhrases]]:
-        out: dict[str, set[IntentPhrases]] = {}
+    (none: the bot left). Compared as lists: unchanged intents are the same objects (the router's
+    directory keeps them), which the comparison recognises without reading their phrases."""
+    def by_bot(entries: Sequence[IntentPhrases]) -> dict[str, list[IntentPhrases]]:
+        out: dict[str, list[IntentPhrases]] = {}
         for e in entries:
-            out.setdefault(e.bot_id, set()).add(e)
+            out.setdefault(e.bot_id, []).append(e)
         return out
 
     old, new = by_bot(before), by_bot(after)

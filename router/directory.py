@@ -38,13 +38,23 @@ class Directory:
 
     groups: Mapping[str, Mapping[str, BotEntry]]
     revision: int
+    parsed: Mapping[str, tuple[participant_pb2.Participant, tuple[IntentPhrases, ...]]] = field(default_factory=dict)
+    """Per key, the participant record and its intents as read from it."""
 
     @classmethod
     def from_participants(
-        cls, participants: Mapping[str, participant_pb2.Participant], revision: int, max_intents: int | None = None
+        cls,
+        participants: Mapping[str, participant_pb2.Participant],
+        revision: int,
+        max_intents: int | None = None,
+        previous: "Directory | None" = None,
     ) -> "Directory":
-        """Participants with more than `max_intents` intents are left out (and logged)."""
+        """Participants with more than `max_intents` intents are left out (and logged). The intents
+        of a record that is the very object `previous` read are taken from it: with a million
+        phrases, reading them all again took most of the time a participant change needs."""
         groups: dict[str, dict[str, BotEntry]] = {}
+        parsed: dict[str, tuple[participant_pb2.Participant, tuple[IntentPhrases, ...]]] = {}
+        known = previous.parsed if previous is not None else {}
         # Iterate by key so the instance list (and the chosen intents) do not depend on dict order.
         for key in sorted(participants):
             p = participants[key]
@@ -54,18 +64,20 @@ class Directory:
             bots = groups.setdefault(p.group, {})
             entry = bots.get(p.bot_id)
             if entry is None:
+                source, intents = known.get(key, (None, ()))
+                if source is not p:
+                    intents = tuple(IntentPhrases(p.bot_id, i.name, tuple(dict.fromkeys(i.phrases))) for i in p.intents)
+                parsed[key] = (p, intents)
                 entry = bots[p.bot_id] = BotEntry(
                     bot_id=p.bot_id,
                     group=p.group,
                     collaboration=p.collaboration,
-                    intents=tuple(
-                        IntentPhrases(p.bot_id, i.name, tuple(dict.fromkeys(i.phrases))) for i in p.intents
-                    ),
+                    intents=intents,
                     definition_version=p.definition_version,
                     display_name=p.display_name or p.bot_id,
                 )
             entry.instances.append((p.instance_id, p.address))
-        return cls(groups=groups, revision=revision)
+        return cls(groups=groups, revision=revision, parsed=parsed)
 
     def find_bot(self, bot_id: str) -> BotEntry | None:
         for bots in self.groups.values():

@@ -242,3 +242,26 @@ async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder, tm
     assert "calibration set" in thresholds["g"]["method"] and thresholds["g"]["tau"] != model.tau
     assert tau_all != 0
     await core.close()
+
+
+def test_directory_reads_only_the_records_that_changed():
+    """Unchanged records (the watcher keeps their objects) are not read again; a changed one is,
+    and one with too many intents is left out."""
+    from mbc.v1 import participant_pb2
+    from router.directory import Directory
+
+    def record(bot, *intents):
+        return participant_pb2.Participant(
+            bot_id=bot, instance_id="i1", address="127.0.0.1:19", group="g", collaboration=True,
+            intents=[participant_pb2.Intent(name=name, phrases=[f"{name} please", f"{name} please", "help"]) for name in intents],
+        )
+
+    snapshot = {"/p/g/cards/i1": record("cards", "lost_card"), "/p/g/travel/i1": record("travel", "book_flight")}
+    first = Directory.from_participants(snapshot, 1)
+    second = Directory.from_participants({**snapshot, "/p/g/travel/i1": record("travel", "hotel", "car")}, 2, 1, first)
+    assert second.groups["g"]["cards"].intents is first.groups["g"]["cards"].intents
+    assert "travel" not in second.groups["g"]  # two intents, one allowed
+    third = Directory.from_participants({**snapshot, "/p/g/travel/i1": record("travel", "hotel")}, 3, None, second)
+    assert third.candidates_of("g") == (
+        IntentPhrases("cards", "lost_card", ("lost_card please", "help")), IntentPhrases("travel", "hotel", ("hotel please", "help")),
+    )

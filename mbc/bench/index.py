@@ -21,10 +21,14 @@ its RSS is the index's cost (`rss_mb`; `rss_baseline_mb` is that process before 
   start of a replacement until a search finds its new phrases, `swap_search_p99_ms` the p99 of the
   searches made meanwhile (`steady_search_p99_ms`: the same thread before the swaps).
 
-In this process, `restart_ready_seconds`: a router restart with `--restart-phrases` unchanged
-phrases: open the persisted embedding cache (seeded beforehand with synthetic vectors under the
-model's id), fetch every vector (`restart_encoded` counts those that needed the model: 0), build
-the index.
+In this process, the router itself (`RouterCore`, the real model) with one group of
+`--restart-phrases` phrases, synthetic participants of 100 phrases (a large group: no heads):
+
+- `restart_ready_seconds`: from creating the router on a persisted embedding cache (seeded
+  beforehand with the synthetic vectors under the model's id) until it answers Match: every vector
+  read back (`restart_encoded` counts those that needed the model: 0), index built, τ fitted;
+- `router_swap_visible_ms`: a participant registers again with 100 new phrases (embedded by the
+  model); the time until Match answers one of them with its new intent.
 """
 
 from __future__ import annotations
@@ -228,28 +232,57 @@ def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndar
     }
 
 
-async def measure_restart(encoder, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> dict:
-    """A restart with `phrases` unchanged phrases: cache → vectors → index, in this process."""
-    from mbc.embedding_store import EmbeddingStore, PhraseEmbeddings
-    from mbc.index import build_index
+async def measure_router(encoder, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> dict:
+    """The router (`RouterCore`, in this process) with one group of `phrases` unchanged phrases:
+    restarted on a warm cache, then one of its participants replaced."""
+    from mbc.config import RouterConfig
+    from mbc.embedding_store import EmbeddingStore
+    from mbc.v1 import participant_pb2
+    from router.core import RouterCore
 
+    count = (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT
     texts = [f"bench phrase {i} of participant {i // PHRASES_PER_PARTICIPANT}" for i in range(phrases)]
-    vectors = synthetic_participants(real, intents, 20_000_000, (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT, seed)[:phrases]
+    vectors = synthetic_participants(real, intents, 20_000_000, count, seed)[:phrases]
+
+    def participant(number: int, intent: str, phrases: list[str]) -> participant_pb2.Participant:
+        return participant_pb2.Participant(
+            bot_id=f"bot{number}", instance_id="i1", address="127.0.0.1:9", group="bench", collaboration=True,
+            intents=[participant_pb2.Intent(name=intent, phrases=phrases)],
+        )
+
+    snapshot = {
+        f"/mbc/v1/participants/bench/bot{n}/i1": participant(n, "intent", texts[n * PHRASES_PER_PARTICIPANT: (n + 1) * PHRASES_PER_PARTICIPANT])
+        for n in range(count)
+    }
     with tempfile.TemporaryDirectory(prefix="mbc-bench-cache-") as directory:
         store = EmbeddingStore(directory)
         store.put_many(encoder.model_id, texts, vectors)
         store.close()
         started = time.perf_counter()
-        store = EmbeddingStore(directory)
-        embeddings = PhraseEmbeddings(encoder, store)
-        loaded = await embeddings.embed(texts)
-        fetched = time.perf_counter() - started
-        build_index(encoder.dim, np.arange(phrases, dtype=np.int64), loaded)
-        ready = time.perf_counter() - started
-        store.close()
+        core = RouterCore(RouterConfig(embedding_cache_dir=directory), encoder)
+        try:
+            await core.prepare()
+            core.submit(snapshot, 1)
+            await core.wait_ready()
+            ready = time.perf_counter() - started
+            encoded = core.embeddings.encoded
+            # bot0 registers again with 100 new phrases: the model embeds them, as in a real change.
+            replaced = [f"the replacement participant's phrase number {i}" for i in range(PHRASES_PER_PARTICIPANT)]
+            changed = time.perf_counter()
+            core.submit({**snapshot, "/mbc/v1/participants/bench/bot0/i1": participant(0, "replaced", replaced)}, 2)
+            while True:
+                result = await core.match(replaced[-1], "", "bench", 1, 0)
+                if result.candidates and result.candidates[0].match.intent == "replaced":
+                    break
+                await asyncio.sleep(0.001)
+            visible = time.perf_counter() - changed
+            how = core.models["bench"].times.as_dict()
+        finally:
+            await core.close()
     return {
-        "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2),
-        "restart_cache_seconds": round(fetched, 2), "restart_encoded": embeddings.encoded,
+        "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2), "restart_encoded": encoded,
+        "router_swap_visible_ms": round(visible * 1000, 1), "router_large_group": core.models["bench"].large,
+        "router_swap_index_s": how["index_s"], "router_swap_calibrate_s": how["calibrate_s"],
     }
 
 
@@ -289,7 +322,7 @@ def run(opts: IndexBenchOptions, data_dir: Path, backend: str, cache: str) -> di
             np.save(queries_path, queries)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 result = pool.apply(measure_index, (real_path, queries_path, intents, opts))
-        result.update(asyncio.run(measure_restart(encoder, opts.restart_phrases, real, np.asarray(intents), opts.seed)))
+        result.update(asyncio.run(measure_router(encoder, opts.restart_phrases, real, np.asarray(intents), opts.seed)))
     finally:
         encoder.close()
     result["load_average"] = {"start": [round(x, 2) for x in load], "end": [round(x, 2) for x in os.getloadavg()]}
@@ -308,6 +341,7 @@ def print_table(result: dict) -> None:
         ("swap_visible_ms (slowest of swaps)", f"{result['swap_visible_ms']} ({result['swaps']})"),
         ("swap_search_p99_ms / steady_search_p99_ms", f"{result['swap_search_p99_ms']} / {result['steady_search_p99_ms']}"),
         ("restart_ready_seconds (phrases; encoded)", f"{result['restart_ready_seconds']} ({result['restart_phrases']}; {result['restart_encoded']})"),
+        ("router_swap_visible_ms (same group)", result["router_swap_visible_ms"]),
         ("load average start → end", f"{result['load_average']['start']} → {result['load_average']['end']}"),
     ]
     width = max(len(name) for name, _ in rows)
