@@ -193,6 +193,9 @@ async def test_overload_gets_resource_exhausted_quickly_and_admitted_calls_keep_
     assert set(flood) == {"OK", "RESOURCE_EXHAUSTED", "details"}, set(flood)
     # The excess is refused before any work: much faster than an admitted call.
     assert _p50_ms(flood["RESOURCE_EXHAUSTED"]) * 3 < _p50_ms(flood["OK"])
-    # Admitted calls keep their latency (generous: the flood's clients share the two cores).
-    assert _p50_ms(flood["OK"]) <= 3 * _p50_ms(baseline["OK"]) + 50
+    # Admitted calls keep their latency, within what sharing the two cores with 48 callers that
+    # retry without pause costs: 3.6-5.3x the baseline p50 in five runs of 2026-11-29 (110-160 ms
+    # against 29-32), with the code of then and of the day before alike. A starved router is
+    # far beyond: its admitted calls wait for the flood to end.
+    assert _p50_ms(flood["OK"]) <= 5 * _p50_ms(baseline["OK"]) + 50
     assert await health(overloaded.address) == "SERVING"
