@@ -156,6 +156,45 @@ def test_a_large_group_updated_in_place_scores_as_one_built_anew(encoder, vector
     assert stale and not any(bot in ("cards", "pets") or intent == "car_rental" for bot, intent in stale)
 
 
+def test_matches_scored_while_a_large_group_changes_never_fail(encoder, vectors):
+    """Scoring threads use whichever model they hold while the index changes under them, as the
+    router's encoder threads do during an update: no error, and never a phrase of a bot that left."""
+    import threading
+
+    cfg = DecisionConfig(heads_max_phrases=1)
+    calibration = _input(encoder, [])
+    models = [build_group_model(INTENTS, vectors, encoder.dim, cfg, calibration)]
+    Q = encoder.encode(ASKED)
+    changes = []  # there and back: (changed bots, the vectors of their phrases)
+    for before, after in [(INTENTS, CHANGED), (CHANGED, INTENTS)]:
+        changed = changed_bots(before, after)
+        changes.append((changed, encoder.encode_phrases(IntentCatalog.phrases_of(e for es in changed.values() for e in es))))
+    stop, errors, seen = threading.Event(), [], set()
+
+    def score() -> None:
+        while not stop.is_set():
+            try:
+                for ranked in models[-1].rank_many(Q, ASKED) + models[0].rank_many(Q, ASKED, "loans"):
+                    seen.update(c.bot_id for c in ranked)
+            except Exception as e:  # noqa: BLE001 - the assertion below reports it
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=score) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for step in range(40):
+        models.append(models[-1].updated(*changes[step % 2]))
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert seen <= {"cards", "travel", "loans", "pets"}
+    final = build_group_model(INTENTS, vectors, encoder.dim, cfg, calibration)
+    for got, want in zip(models[-1].rank_many(Q, ASKED), final.rank_many(Q, ASKED)):
+        assert [(c.bot_id, c.intent) for c in got] == [(c.bot_id, c.intent) for c in want]
+
+
 def test_a_small_group_is_not_updated_in_place(encoder, vectors):
     model = build_group_model(INTENTS, vectors, encoder.dim, DecisionConfig(), _input(encoder, []))
     assert not model.large
