@@ -209,10 +209,10 @@ class DecisionConfig:
     cross_fit_max_phrases: int = 4000
     """Cross-fitting costs five trainings: groups with more phrases skip it."""
     heads_max_phrases: int = 20_000
-    """Groups with at least this many phrases are scored by their nearest phrases alone (the kNN
-    feature, no logistic-regression or SVM head), and a participant change updates their index in
-    place: training the heads of such a group takes minutes on every change, and a replaced
-    participant must reach Match within a second."""
+    """Groups with at least this many phrases are scored without the logistic-regression and SVM
+    heads (by the kNN feature and `centroid_weight`'s), and a participant change updates their
+    index in place: training the heads of such a group takes minutes on every change, and a
+    replaced participant must reach Match within a second."""
     centroid_weight: float = 5.0
     """Large groups: weight of a feature that replaces the heads, the cosine of the utterance with
     the mean of each candidate intent's phrase vectors. CLINC150 val as one large group, τ fitted on

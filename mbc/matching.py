@@ -73,8 +73,9 @@ class IntentCatalog:
             raise ValueError("entries of a bot that is not replaced")
         ranges = dict(self._bot_ranges)
         first = len(self._labels)
+        starts: dict[str, int] = {}
         for entry in entries:
-            start = ranges[entry.bot_id][0] if entry.bot_id in ranges and ranges[entry.bot_id][0] >= first else len(self._labels)
+            start = starts.setdefault(entry.bot_id, len(self._labels))
             self._labels.extend((entry.bot_id, entry.intent, phrase) for phrase in entry.phrases)
             ranges[entry.bot_id] = (start, len(self._labels))
         old = [self._bot_ranges[b] for b in bots if b in self._bot_ranges]

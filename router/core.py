@@ -7,9 +7,10 @@ keeps answering from the previous models), and swapped in whole. Snapshots and c
 changes that arrive during a build are coalesced: only the latest state is built next. A group
 whose participants changed is retrained with its heads warm-started from the previous model; a
 calibration change only refits τ. A large group (`DecisionConfig.heads_max_phrases`) has no heads
-to train: a participant change updates its index in place, and refits τ. A group's first build persists its trained heads beside the
-phrase vectors (router/model_cache.py): a restarted router with unchanged groups restores them
-instead of training, so it is ready as soon as its indexes are built.
+to train: a participant change updates its index in place, and refits τ. A group's first build
+persists its trained heads beside the phrase vectors (router/model_cache.py): a restarted router
+with unchanged groups restores them instead of training, so it is ready as soon as its indexes
+are built.
 """
 
 from __future__ import annotations
@@ -301,6 +302,8 @@ class RouterCore:
         config = self.config.decision
         if self._large(intents):
             return build_group_model(intents, vectors, self.encoder.dim, config, calibration), "indexed"
+        if previous is not None and previous.large:  # a group shrunk past the threshold: no heads to start from
+            previous = None
         if previous is not None:
             return build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous), "retrained"
         key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""

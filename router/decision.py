@@ -146,9 +146,9 @@ class LexicalSvm:
         return out
 
 
-def _centroids(vectors: np.ndarray, counts: Sequence[int], dim: int) -> np.ndarray:
+def _centroids(vectors: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     """The normalised mean of each run of `counts` consecutive rows."""
-    out = np.zeros((len(counts), dim), np.float32)
+    out = np.zeros((len(counts), vectors.shape[1]), np.float32)
     starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
     full = np.asarray(counts) > 0
     if full.any():
@@ -242,10 +242,10 @@ class GroupModel:
         ) if entries else np.zeros(0, np.int64)
         self.texts = IntentCatalog.phrases_of(intents)
         self.large = len(self.texts) >= config.heads_max_phrases
-        """Scored by the nearest phrases alone, and updated in place (see `updated`)."""
+        """No heads: scored by the nearest phrases and the centroids, and updated in place (`updated`)."""
         self.vectors = None if self.large else vectors
         """The phrase vectors, in `texts` order, for cross-fitting τ (large groups do not keep them)."""
-        self.centroids = _centroids(vectors, [len(e.phrases) for e in entries], dim) if self.large else None
+        self.centroids = _centroids(vectors, [len(e.phrases) for e in entries]) if self.large else None
         """Large groups: the normalised mean phrase vector of each class."""
         self.bots = sorted({b for b, _ in self.classes})
         self.times.index = time.perf_counter() - t0
@@ -297,7 +297,7 @@ class GroupModel:
         other.row_class = np.concatenate([self.row_class, *(np.full(len(e.phrases), c, np.int64) for c, e in zip(ids, added))])
         other.centroids = np.zeros((len(self.classes), self.centroids.shape[1]), np.float32)
         other.centroids[: len(self.centroids)] = self.centroids
-        other.centroids[ids] = _centroids(vectors, [len(e.phrases) for e in added], self.centroids.shape[1])
+        other.centroids[ids] = _centroids(vectors, [len(e.phrases) for e in added])
         self.catalog.replace_bots(set(changed), added, vectors)
         other.bots = sorted(self.catalog.bots)
         other.texts = self.catalog.live_phrases()

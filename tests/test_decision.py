@@ -231,6 +231,13 @@ async def test_router_updates_a_large_group_in_place(encoder, tmp_path):
         assert (result.candidates[0].match.bot_id, result.candidates[0].match.intent) == (bot, intent)
     result = await core.match("I lost my credit card", "", "g", 5, 0)
     assert all(c.match.bot_id != "cards" for c in result.candidates)
+    # Shrunk below the threshold: heads again, trained from scratch (there were none to start from).
+    core.submit(snapshot([i for i in CHANGED if i.bot_id != "travel"]), 3)
+    await asyncio.wait_for(core.wait_builds(3), 60)
+    model = core.models["g"]
+    assert not model.large and model.W.any() and not model.times.warm_started
+    result = await core.match("my puppy is ill", "", "g", 3, 0)
+    assert (result.candidates[0].match.bot_id, result.candidates[0].match.intent) == ("pets", "vet")
     await core.close()
 
 

@@ -244,10 +244,10 @@ async def measure_router(encoder, phrases: int, real: np.ndarray, intents: np.nd
     texts = [f"bench phrase {i} of participant {i // PHRASES_PER_PARTICIPANT}" for i in range(phrases)]
     vectors = synthetic_participants(real, intents, 20_000_000, count, seed)[:phrases]
 
-    def participant(number: int, intent: str, phrases: list[str]) -> participant_pb2.Participant:
+    def participant(number: int, intent: str, said: list[str]) -> participant_pb2.Participant:
         return participant_pb2.Participant(
             bot_id=f"bot{number}", instance_id="i1", address="127.0.0.1:9", group="bench", collaboration=True,
-            intents=[participant_pb2.Intent(name=intent, phrases=phrases)],
+            intents=[participant_pb2.Intent(name=intent, phrases=said)],
         )
 
     snapshot = {
