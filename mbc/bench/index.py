@@ -18,8 +18,9 @@ its RSS is the index's cost (`rss_mb`; `rss_baseline_mb` is that process before 
   search over the same vectors (computed chunk by chunk, never holding them all in float32);
 - swap: while a thread searches without pause, participants of 100 phrases are replaced one after
   another (remove their ids, add 100 new vectors); `swap_visible_ms` is the slowest time from the
-  start of a replacement until a search finds its new phrases, `swap_search_p99_ms` the p99 of the
-  searches made meanwhile (`steady_search_p99_ms`: the same thread before the swaps).
+  start of a replacement until a search of that thread finds its new phrases,
+  `swap_search_p99_ms` the p99 of the searches made meanwhile (`steady_search_p99_ms`: the same
+  thread before the swaps).
 
 In this process, the router itself (`RouterCore`, the real model) with one group of
 `--restart-phrases` phrases, synthetic participants of 100 phrases (a large group: no heads):
@@ -179,28 +180,34 @@ def measure_index(real_path: str, queries_path: str, intents: list[tuple[int, in
     }
 
 
-VISIBILITY_POLL_SECONDS = 0.005
-"""Between two checks that a replacement is visible: a tighter loop would be a second searcher
-competing with the measured one for the 2 cores, not the replacement's own cost."""
-
-
 def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndarray, total: int, opts: IndexBenchOptions) -> dict:
+    """One searcher thread searches without pause, as a stream of Matches would; the main thread
+    replaces participants. Visibility is seen by the searcher itself: after a replacement, its
+    next searches ask for one of the new phrases until it is found (a second thread polling
+    would compete with the measured searches for the 2 cores, which the replacement does not)."""
     synthetic = (total - len(real)) // PHRASES_PER_PARTICIPANT
     if synthetic < 1 or opts.swaps < 1:
         return {"swap_visible_ms": None, "swap_search_p99_ms": None, "steady_search_p99_ms": None, "swaps": 0}
     phase: list[list[float]] = [[], []]
     current = [0]
     stop = threading.Event()
+    probe: list[tuple[np.ndarray, int] | None] = [None]
+    """(a new vector, its id) while a replacement is not seen yet."""
+    seen = threading.Event()
 
     def searcher() -> None:
         import faiss
 
-        faiss.omp_set_num_threads(1)
+        faiss.omp_set_num_threads(1)  # as on the router's encoder thread
         i = 0
         while not stop.is_set():
+            asked = probe[0]
             started = time.perf_counter()
-            index.search(queries[i % len(queries)][None], NEIGHBOURS)
+            _, found = index.search(asked[0][None] if asked else queries[i % len(queries)][None], NEIGHBOURS)
             phase[current[0]].append(time.perf_counter() - started)
+            if asked and asked[1] in found[0]:
+                probe[0] = None
+                seen.set()
             i += 1
 
     rng = np.random.default_rng(opts.seed + 1)
@@ -209,19 +216,18 @@ def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndar
                     for n in range(opts.swaps)]
     thread = threading.Thread(target=searcher, daemon=True)
     thread.start()
-    import faiss
-
-    faiss.omp_set_num_threads(1)  # the visibility checks search like the router: one thread each
     time.sleep(3.0)
     current[0] = 1
     visible = []
     for p, fresh in replacements:
         ids = np.arange(len(real) + p * PHRASES_PER_PARTICIPANT, len(real) + (p + 1) * PHRASES_PER_PARTICIPANT, dtype=np.int64)
+        seen.clear()
         started = time.perf_counter()
         index.remove(ids)
         index.add(ids, fresh)
-        while index.search(fresh[:1], 1)[1][0, 0] != ids[0]:
-            time.sleep(VISIBILITY_POLL_SECONDS)
+        probe[0] = (fresh[0], int(ids[0]))
+        if not seen.wait(timeout=30):
+            raise RuntimeError("a replaced participant never became visible")
         visible.append(time.perf_counter() - started)
         time.sleep(0.05)
     stop.set()
