@@ -18,15 +18,15 @@ import asyncio
 import hashlib
 import os
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from mbc.logs import get_logger
+from mbc.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -105,8 +105,11 @@ class EmbeddingStore:
     def enabled(self) -> bool:
         return self._db is not None
 
-    def get_many(self, model_id: str, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
-        """The cached vectors of those texts that have one (of this dimension)."""
+    def get_many(
+        self, model_id: str, texts: Sequence[str], dim: int, progress: Callable[[int], object] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The cached vectors of those texts that have one (of this dimension); `progress(n)` is
+        called as they come, n vectors at a time."""
         keys = {_key(model_id, t): t for t in texts}
         found: dict[str, np.ndarray] = {}
         items = list(keys)
@@ -129,6 +132,8 @@ class EmbeddingStore:
                         text = keys.get(key)
                         if text is not None and row_dim == dim and len(data) == 4 * dim:
                             found[text] = np.frombuffer(data, np.float32)
+                            if progress is not None and len(found) % _LOOKUP_CHUNK == 0:
+                                progress(_LOOKUP_CHUNK)
             except sqlite3.Error as e:
                 self._disable(e)
         return found
@@ -188,7 +193,9 @@ class PhraseEmbeddings:
         started = time.perf_counter()
         known: dict[str, np.ndarray] = {}
         if self.store is not None and unique:
-            known = await asyncio.to_thread(self.store.get_many, self.encoder.model_id, unique, dim)
+            with progress_bar(len(unique), "reading cached phrase vectors") as bar:
+                known = await asyncio.to_thread(self.store.get_many, self.encoder.model_id, unique, dim, bar.update)
+                bar.update(len(unique) - bar.n)
         missing = [p for p in unique if p not in known]
         if missing:
             await self._encode(missing, known)
@@ -203,11 +210,7 @@ class PhraseEmbeddings:
         return out
 
     async def _encode(self, missing: list[str], known: dict[str, np.ndarray]) -> None:
-        from tqdm import tqdm
-
-        # A bar only on a terminal (disable=None); logs get the phrases_embedded line instead.
-        with tqdm(total=len(missing), desc="embedding phrases", unit="phrase", file=sys.stderr,
-                  disable=None if len(missing) > self.CHUNK else True) as bar:
+        with progress_bar(len(missing), "embedding phrases") as bar:
             for start in range(0, len(missing), self.CHUNK):
                 chunk = missing[start : start + self.CHUNK]
                 vectors = await self.encoder.aencode_phrases(chunk)

@@ -145,3 +145,24 @@ async def test_changed_phrases_or_an_unreadable_heads_file_train_again(encoder, 
         assert len(list((tmp_path / "models").glob("*.npz"))) == 2
     finally:
         await restarted.close()
+
+
+async def test_a_restart_shows_its_progress_while_it_reads_and_indexes(encoder, tmp_path, monkeypatch, capsys):
+    """The long steps of a build have a progress bar (on a terminal, or forced with MBC_PROGRESS=1):
+    reading 30,000 cached vectors back, and indexing them (an approximate index at that size)."""
+    from mbc.index import build_index
+
+    texts = [f"phrase {i}" for i in range(30_000)]
+    vectors = np.random.default_rng(0).normal(size=(len(texts), encoder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store = EmbeddingStore(tmp_path)
+    store.put_many(encoder.model_id, texts, vectors)
+    monkeypatch.setenv("MBC_PROGRESS", "1")
+    embeddings = PhraseEmbeddings(encoder, store)
+    loaded = await embeddings.embed(texts)
+    index = build_index(encoder.dim, np.arange(len(texts)), loaded)
+    store.close()
+    assert embeddings.encoded == 0 and np.array_equal(loaded, vectors) and len(index) == len(texts)
+    shown = capsys.readouterr().err
+    assert "reading cached phrase vectors: 100%" in shown and "30000/30000" in shown
+    assert "indexing phrases: 100%" in shown
