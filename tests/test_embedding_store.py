@@ -65,9 +65,9 @@ async def test_other_model_or_dimension_is_a_miss(encoder, tmp_path):
     store = EmbeddingStore(tmp_path)
     texts = ["hello there", "good morning"]
     store.put_many(encoder.model_id, texts, np.ones((2, encoder.dim), np.float32))
-    assert set(store.get_many(encoder.model_id, texts, encoder.dim)) == set(texts)
-    assert store.get_many("another-model", texts, encoder.dim) == {}
-    assert store.get_many(encoder.model_id, texts, encoder.dim + 1) == {}
+    assert store.read(encoder.model_id, texts, encoder.dim)[1].all()
+    assert not store.read("another-model", texts, encoder.dim)[1].any()
+    assert not store.read(encoder.model_id, texts, encoder.dim + 1)[1].any()
     store.close()
 
     embeddings = PhraseEmbeddings(encoder, EmbeddingStore(tmp_path))
@@ -93,7 +93,7 @@ def test_an_unwritable_directory_turns_persistence_off(tmp_path):
     store = EmbeddingStore(blocker / "sub")  # a directory cannot be made inside a file
     assert not store.enabled
     store.put_many("m", ["a"], np.ones((1, 4), np.float32))
-    assert store.get_many("m", ["a"], 4) == {}
+    assert not store.read("m", ["a"], 4)[1].any()
 
 
 async def test_a_restarted_router_trains_nothing_and_scores_the_same(encoder, tmp_path):
