@@ -191,7 +191,8 @@ def test_bench_index_smoke_writes_every_figure(tmp_path):
     )
     result = json.loads(out.read_text())
     for key in ("vectors", "index_type", "build_seconds", "rss_mb", "search_p50_ms", "search_p99_ms", "top1_agreement",
-                "swap_search_p99_ms", "swap_visible_ms", "restart_ready_seconds", "router_swap_visible_ms", "load_average"):
+                "swap_search_p99_ms", "swap_visible_ms", "restart_ready_seconds", "router_swap_visible_ms", "router_rss_mb",
+                "load_average"):
         assert result[key] is not None, key
     assert result["vectors"] == 3000 and result["index_type"] == "exact"
     assert result["top1_agreement"] == 1.0  # exact search agrees with itself

@@ -22,12 +22,14 @@ its RSS is the index's cost (`rss_mb`; `rss_baseline_mb` is that process before 
   `swap_search_p99_ms` the p99 of the searches made meanwhile (`steady_search_p99_ms`: the same
   thread before the swaps).
 
-In this process, the router itself (`RouterCore`, the real model) with one group of
+In another process of its own, the router itself (`RouterCore`, the real model) with one group of
 `--restart-phrases` phrases, synthetic participants of 100 phrases (a large group: no heads):
 
 - `restart_ready_seconds`: from creating the router on a persisted embedding cache (seeded
   beforehand with the synthetic vectors under the model's id) until it answers Match: every vector
   read back (`restart_encoded` counts those that needed the model: 0), index built, τ fitted;
+- `router_rss_mb`: that process's RSS then (`router_rss_baseline_mb`: with the model loaded,
+  before the router; `router_rss_peak_mb`: its peak, while building);
 - `router_swap_visible_ms`: a participant registers again with 100 new phrases (embedded by the
   model); the time until Match answers one of them with its new intent.
 """
@@ -238,17 +240,30 @@ def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndar
     }
 
 
-async def measure_router(encoder, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> dict:
-    """The router (`RouterCore`, in this process) with one group of `phrases` unchanged phrases:
-    restarted on a warm cache, then one of its participants replaced."""
-    from mbc.config import RouterConfig
+def _router_texts(phrases: int) -> list[str]:
+    return [f"bench phrase {i} of participant {i // PHRASES_PER_PARTICIPANT}" for i in range(phrases)]
+
+
+def seed_router_cache(directory: str, model_id: str, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> None:
+    """The persisted embeddings a restarted router finds: synthetic vectors for `_router_texts`."""
     from mbc.embedding_store import EmbeddingStore
+
+    count = (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT
+    store = EmbeddingStore(directory)
+    store.put_many(model_id, _router_texts(phrases), synthetic_participants(real, intents, 20_000_000, count, seed)[:phrases])
+    store.close()
+
+
+def measure_router(directory: str, phrases: int, backend: str) -> dict:
+    """In a process of its own: the encoder, then the router (`RouterCore`) restarted on the
+    cache `seed_router_cache` filled, with one group of `phrases` phrases; then one of its
+    participants replaced. `router_rss_mb` is this process's RSS once the router is ready."""
+    from mbc.config import EncoderConfig, RouterConfig
+    from mbc.encoder import Encoder
     from mbc.v1 import participant_pb2
     from router.core import RouterCore
 
-    count = (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT
-    texts = [f"bench phrase {i} of participant {i // PHRASES_PER_PARTICIPANT}" for i in range(phrases)]
-    vectors = synthetic_participants(real, intents, 20_000_000, count, seed)[:phrases]
+    texts = _router_texts(phrases)
 
     def participant(number: int, intent: str, said: list[str]) -> participant_pb2.Participant:
         return participant_pb2.Participant(
@@ -257,13 +272,12 @@ async def measure_router(encoder, phrases: int, real: np.ndarray, intents: np.nd
         )
 
     snapshot = {
-        f"/mbc/v1/participants/bench/bot{n}/i1": participant(n, "intent", texts[n * PHRASES_PER_PARTICIPANT: (n + 1) * PHRASES_PER_PARTICIPANT])
-        for n in range(count)
+        f"/mbc/v1/participants/bench/bot{n}/i1": participant(n, "intent", texts[start : start + PHRASES_PER_PARTICIPANT])
+        for n, start in enumerate(range(0, phrases, PHRASES_PER_PARTICIPANT))
     }
-    with tempfile.TemporaryDirectory(prefix="mbc-bench-cache-") as directory:
-        store = EmbeddingStore(directory)
-        store.put_many(encoder.model_id, texts, vectors)
-        store.close()
+    del texts
+
+    async def run(encoder) -> dict:
         started = time.perf_counter()
         core = RouterCore(RouterConfig(embedding_cache_dir=directory), encoder)
         try:
@@ -272,6 +286,8 @@ async def measure_router(encoder, phrases: int, real: np.ndarray, intents: np.nd
             await core.wait_ready()
             ready = time.perf_counter() - started
             encoded = core.embeddings.encoded
+            gc.collect()
+            rss, peak = _rss_mb()
             # bot0 registers again with 100 new phrases: the model embeds them, as in a real change.
             replaced = [f"the replacement participant's phrase number {i}" for i in range(PHRASES_PER_PARTICIPANT)]
             changed = time.perf_counter()
@@ -282,14 +298,23 @@ async def measure_router(encoder, phrases: int, real: np.ndarray, intents: np.nd
                     break
                 await asyncio.sleep(0.001)
             visible = time.perf_counter() - changed
-            how = core.models["bench"].times.as_dict()
+            model = core.models["bench"]
+            return {
+                "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2), "restart_encoded": encoded,
+                "router_rss_mb": rss, "router_rss_baseline_mb": baseline, "router_rss_peak_mb": peak,
+                "router_swap_visible_ms": round(visible * 1000, 1), "router_large_group": model.large,
+                "router_swap_index_s": model.times.as_dict()["index_s"], "router_swap_calibrate_s": model.times.as_dict()["calibrate_s"],
+            }
         finally:
             await core.close()
-    return {
-        "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2), "restart_encoded": encoded,
-        "router_swap_visible_ms": round(visible * 1000, 1), "router_large_group": core.models["bench"].large,
-        "router_swap_index_s": how["index_s"], "router_swap_calibrate_s": how["calibrate_s"],
-    }
+
+    encoder = Encoder(EncoderConfig(backend=backend))
+    try:
+        encoder.encode(["warm up"])
+        baseline = _rss_mb()[0]
+        return asyncio.run(run(encoder))
+    finally:
+        encoder.close()
 
 
 def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
@@ -328,7 +353,9 @@ def run(opts: IndexBenchOptions, data_dir: Path, backend: str, cache: str) -> di
             np.save(queries_path, queries)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 result = pool.apply(measure_index, (real_path, queries_path, intents, opts))
-        result.update(asyncio.run(measure_router(encoder, opts.restart_phrases, real, np.asarray(intents), opts.seed)))
+            seed_router_cache(work, encoder.model_id, opts.restart_phrases, real, np.asarray(intents), opts.seed)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                result.update(pool.apply(measure_router, (work, opts.restart_phrases, backend)))
     finally:
         encoder.close()
     result["load_average"] = {"start": [round(x, 2) for x in load], "end": [round(x, 2) for x in os.getloadavg()]}
@@ -347,6 +374,7 @@ def print_table(result: dict) -> None:
         ("swap_visible_ms (slowest of swaps)", f"{result['swap_visible_ms']} ({result['swaps']})"),
         ("swap_search_p99_ms / steady_search_p99_ms", f"{result['swap_search_p99_ms']} / {result['steady_search_p99_ms']}"),
         ("restart_ready_seconds (phrases; encoded)", f"{result['restart_ready_seconds']} ({result['restart_phrases']}; {result['restart_encoded']})"),
+        ("router_rss_mb (model loaded; peak)", f"{result['router_rss_mb']} ({result['router_rss_baseline_mb']}; {result['router_rss_peak_mb']})"),
         ("router_swap_visible_ms (same group)", result["router_swap_visible_ms"]),
         ("load average start → end", f"{result['load_average']['start']} → {result['load_average']['end']}"),
     ]
