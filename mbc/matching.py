@@ -40,18 +40,31 @@ class IntentCatalog:
 
     def __init__(self, entries: Sequence[IntentPhrases], vectors: np.ndarray, dim: int) -> None:
         """`vectors` has one row per phrase of `phrases_of(entries)`, in that order."""
-        self._labels: list[tuple[str, str, str]] = []
-        self._bot_ranges: dict[str, tuple[int, int]] = {}
-        for entry in _sorted(entries):
-            start = self._bot_ranges.get(entry.bot_id, (len(self._labels), 0))[0]
-            self._labels.extend((entry.bot_id, entry.intent, phrase) for phrase in entry.phrases)
-            self._bot_ranges[entry.bot_id] = (start, len(self._labels))
-        if len(vectors) != len(self._labels):
-            raise ValueError(f"{len(vectors)} vectors for {len(self._labels)} phrases")
+        self._phrases: list[str] = []
+        """By row (the index's id): the phrase; with `_intent_of_row`, its (bot, intent) in `_intents`.
+        (A tuple per row cost 64 MB more at a million phrases.)"""
+        self._intents: list[tuple[str, str]] = []
+        self._intent_of_row = np.zeros(0, np.int32)
+        self._bot_ranges = self._append(_sorted(entries))
+        if len(vectors) != len(self._phrases):
+            raise ValueError(f"{len(vectors)} vectors for {len(self._phrases)} phrases")
         self.dim = dim
         # Exact search for groups of the usual size, approximate for very large ones (mbc/index.py).
-        self._index: VectorIndex = build_index(dim, np.arange(len(self._labels), dtype=np.int64), vectors)
+        self._index: VectorIndex = build_index(dim, np.arange(len(self._phrases), dtype=np.int64), vectors)
         self.bots = frozenset(self._bot_ranges)
+
+    def _append(self, entries: list[IntentPhrases]) -> dict[str, tuple[int, int]]:
+        """Rows for `entries` (sorted) after every row so far: the id range of each of their bots."""
+        ranges: dict[str, tuple[int, int]] = {}
+        rows = []
+        for entry in entries:
+            start = ranges.get(entry.bot_id, (len(self._phrases), 0))[0]
+            self._phrases.extend(entry.phrases)
+            rows.append(np.full(len(entry.phrases), len(self._intents), np.int32))
+            self._intents.append((entry.bot_id, entry.intent))
+            ranges[entry.bot_id] = (start, len(self._phrases))
+        self._intent_of_row = np.concatenate([self._intent_of_row, *rows])
+        return ranges
 
     @staticmethod
     def phrases_of(entries: Iterable[IntentPhrases]) -> list[str]:
@@ -71,26 +84,20 @@ class IntentCatalog:
             raise ValueError(f"{len(vectors)} vectors for {sum(len(e.phrases) for e in entries)} phrases")
         if any(e.bot_id not in bots for e in entries):
             raise ValueError("entries of a bot that is not replaced")
-        ranges = dict(self._bot_ranges)
-        first = len(self._labels)
-        starts: dict[str, int] = {}
-        for entry in entries:
-            start = starts.setdefault(entry.bot_id, len(self._labels))
-            self._labels.extend((entry.bot_id, entry.intent, phrase) for phrase in entry.phrases)
-            ranges[entry.bot_id] = (start, len(self._labels))
         old = [self._bot_ranges[b] for b in bots if b in self._bot_ranges]
+        first = len(self._phrases)
+        kept = {b: r for b, r in self._bot_ranges.items() if b not in bots}
+        new = self._append(entries)
         if len(vectors):
-            self._index.add(np.arange(first, len(self._labels), dtype=np.int64), vectors)
-        for b in bots - {e.bot_id for e in entries}:
-            ranges.pop(b, None)
-        self._bot_ranges = ranges
-        self.bots = frozenset(ranges)
+            self._index.add(np.arange(first, len(self._phrases), dtype=np.int64), vectors)
+        self._bot_ranges = {**kept, **new}
+        self.bots = frozenset(self._bot_ranges)
         if old:
             self._index.remove(np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in old]))
 
     def live_phrases(self) -> list[str]:
         """The phrases a search can return, bot by bot."""
-        return [self._labels[i][2] for lo, hi in sorted(self._bot_ranges.values()) for i in range(lo, hi)]
+        return [phrase for lo, hi in sorted(self._bot_ranges.values()) for phrase in self._phrases[lo:hi]]
 
     @property
     def drifted(self) -> bool:
@@ -99,14 +106,14 @@ class IntentCatalog:
 
     def search(self, queries: np.ndarray, k: int, exclude_bot: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest phrases of each query row: (similarities, phrase rows), row -1 for none."""
-        if not self._labels:
+        if not self._phrases:
             n = len(queries)
             return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
         exclude = self._bot_ranges.get(exclude_bot) if exclude_bot else None
         return self._index.search(np.asarray(queries, np.float32).reshape(-1, self.dim), k, exclude=exclude)
 
     def phrase(self, row: int) -> str:
-        return self._labels[row][2] if row >= 0 else ""
+        return self._phrases[row] if row >= 0 else ""
 
     def rank(
         self,
@@ -120,7 +127,7 @@ class IntentCatalog:
 
         The `neighbours` nearest phrases are aggregated per (bot, intent) by their best score.
         """
-        if not self._labels or limit <= 0:
+        if not self._phrases or limit <= 0:
             return []
         exclude = self._bot_ranges.get(exclude_bot) if exclude_bot else None
         scores, ids = self._index.search(query.reshape(1, -1), neighbours, exclude=exclude)
@@ -128,9 +135,9 @@ class IntentCatalog:
         for score, idx in zip(scores[0], ids[0]):
             if idx < 0:
                 continue
-            bot_id, intent, phrase = self._labels[idx]
-            if (bot_id, intent) not in best:
-                best[(bot_id, intent)] = (float(score), phrase)
+            key = self._intents[self._intent_of_row[idx]]
+            if key not in best:
+                best[key] = (float(score), self._phrases[idx])
         ranked = sorted(best.items(), key=lambda item: -item[1][0])[:limit]
         return [
             ScoredIntent(bot_id, intent, score, ratings.rate(score), phrase)
