@@ -49,11 +49,13 @@ def _import_training_libraries() -> None:
 
 def _return_free_memory() -> None:
     """Gives the heap that a large build freed back to the system (glibc's `malloc_trim`; nothing
-    elsewhere): 60 MB at a million phrases, measured."""
+    elsewhere): about 100 MB at a million phrases, measured."""
+    started = time.perf_counter()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        return
+    log.info("heap_trimmed", seconds=round(time.perf_counter() - started, 3))
 
 
 class NotReady(Exception):
@@ -151,6 +153,7 @@ class RouterCore:
         self._ready = asyncio.Event()
         self._swapped = asyncio.Condition()
         self._builder: asyncio.Task | None = None
+        self._trimming: asyncio.Future | None = None
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-train")
         self._generic = generic_none()
         self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
@@ -241,7 +244,8 @@ class RouterCore:
                 previous = self._state.directory if self._state else None
                 directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, previous)
                 if await self._rebuild(directory, self._calibration_version):
-                    await asyncio.get_running_loop().run_in_executor(self._trainer, _return_free_memory)
+                    # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
+                    self._trimming = asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
             except Exception:
                 log.exception("index_build_failed", revision=revision)
 
