@@ -18,6 +18,14 @@ def etcd_server() -> Iterator[LocalEtcd]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def own_etcd() -> Iterator[LocalEtcd]:
+    """An etcd of the module's own, for modules that stop or fill theirs, or start a mesh of the
+    example group beside the session's."""
+    with LocalEtcd() as server:
+        yield server
+
+
 @pytest_asyncio.fixture
 async def etcd_client(etcd_server: LocalEtcd) -> AsyncIterator[EtcdClient]:
     client = EtcdClient([etcd_server.endpoint], timeout=2.0, heartbeat=1.0)

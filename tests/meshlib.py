@@ -59,9 +59,9 @@ class Mesh:
         await self.store.wait_serving(timeout=START_TIMEOUT, tls=self.client_tls)
         return self.store
 
-    async def start_router(self) -> ComponentProcess:
+    async def start_router(self, env: dict[str, str] | None = None) -> ComponentProcess:
         self.router = ComponentProcess("router", ["router", "--etcd", self.etcd, *self._etcd_flags("router"), *self._tls_flags("router")],
-                                       self.workdir)
+                                       self.workdir, env=env)
         await self.router.wait_serving(timeout=START_TIMEOUT, tls=self.client_tls)
         return self.router
 
@@ -147,12 +147,13 @@ async def wait_indexed(mesh: Mesh, bot_ids, timeout: float = 30.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Callable[[str], list[str]] | None = None, ca=None):
-    """The store, the router and the three example bots, the router having indexed them (over
-    mTLS with `ca`)."""
+async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Callable[[str], list[str]] | None = None, ca=None,
+                             router_env: dict[str, str] | None = None):
+    """The store, the router (with `router_env` added to its environment) and the three example
+    bots, the router having indexed them (over mTLS with `ca`)."""
     mesh = Mesh(etcd_endpoint, workdir, etcd_flags, ca)
     try:
-        await asyncio.gather(mesh.start_store(), mesh.start_router())
+        await asyncio.gather(mesh.start_store(), mesh.start_router(router_env))
         await asyncio.gather(
             mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
             mesh.start_bot(EXAMPLES / "business_banking.yaml", "business-banking"),

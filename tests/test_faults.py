@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from bot_server.state import Fenced, MemoryState
-from discovery import EtcdClient, LocalEtcd, Registration
+from discovery import EtcdClient, Registration
 from discovery.keys import PARTICIPANTS_PREFIX
 from faultlib import logged, ranked_first
 from mbc.context_client import ContextClient, Scope
@@ -32,12 +32,6 @@ GROUP = "retail-bank"
 SLOWPOKE = TEST_BOTS / "slowpoke.yaml"
 HANDLERS = ("--handlers", str(TEST_BOTS / "fault_handlers.py"))
 SLOW_TEXT = "I'd like to rent a safe deposit box please"
-
-
-@pytest.fixture(scope="module")
-def own_etcd():
-    with LocalEtcd() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -5,42 +5,23 @@ leaves must reach Match through the watcher."""
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 import yaml
 
-from discovery import LocalEtcd
-from meshlib import EXAMPLES, LEASE_TTL, TEST_BOTS, Mesh, eventually, match, respond, wait_indexed
+from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, start_example_mesh
 from mbc.v1 import bot_pb2
 
 GROUP = "retail-bank"
 
 
 @pytest.fixture(scope="module")
-def own_etcd():
-    with LocalEtcd() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 async def mesh(own_etcd, tmp_path_factory):
-    mesh = Mesh(own_etcd.endpoint, tmp_path_factory.mktemp("large"))
-    # Every group is large: one phrase reaches the threshold (settings from the environment).
-    os.environ["MBC_ROUTER__DECISION__HEADS_MAX_PHRASES"] = "1"
-    try:
-        await mesh.start_router()
-    finally:
-        del os.environ["MBC_ROUTER__DECISION__HEADS_MAX_PHRASES"]
-    try:
-        await mesh.start_store()
-        for name in ("personal_banking", "business_banking", "cards"):
-            await mesh.start_bot(EXAMPLES / f"{name}.yaml", name.replace("_", "-"))
-        await wait_indexed(mesh, ("personal-banking", "business-banking", "cards"))
+    # Every group is large: one phrase reaches the threshold (a setting from the environment).
+    large = {"MBC_ROUTER__DECISION__HEADS_MAX_PHRASES": "1"}
+    async with start_example_mesh(own_etcd.endpoint, tmp_path_factory.mktemp("large"), router_env=large) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 async def test_transfers_work_in_a_large_group(mesh):
