@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mbc import metrics
 from mbc.config import EncoderConfig
 from mbc.files import temporary_beside
 from mbc.logs import get_logger
@@ -303,6 +304,10 @@ class _Job:
     future: Future
 
 
+_ENCODE_SECONDS = metrics.ENCODER_BATCH_SECONDS.labels("encode")
+_POST_SECONDS = metrics.ENCODER_BATCH_SECONDS.labels("post")
+
+
 class _EncoderThread:
     """The threads that own the model calls of the async API and batch concurrent queries.
 
@@ -421,13 +426,17 @@ class _EncoderThread:
             return
         todo = [q for q in live if q.to_encode]
         if todo:
+            texts = [t for q in todo for t in q.to_encode]
+            started = time.perf_counter()
             try:
-                vectors = self._encode([t for q in todo for t in q.to_encode], alone)
+                vectors = self._encode(texts, alone)
             except BaseException as e:  # noqa: BLE001 - handed to every caller
                 for q in todo:
                     q.future.set_exception(e)
                 live = [q for q in live if not q.to_encode]
             else:
+                _ENCODE_SECONDS.observe(time.perf_counter() - started)
+                metrics.ENCODER_BATCH_UTTERANCES.observe(len(texts))
                 with self._changed:
                     self.batches += 1
                     self.batched_queries += len(todo)
@@ -445,6 +454,7 @@ class _EncoderThread:
                 q.future.set_result(q.vectors)
             else:
                 posts.setdefault(q.post, []).append(q)
+        started = time.perf_counter()
         for post, queries in posts.items():
             try:
                 vectors = queries[0].vectors if len(queries) == 1 else np.concatenate([q.vectors for q in queries])
@@ -457,6 +467,8 @@ class _EncoderThread:
             for q in queries:
                 q.future.set_result((q.vectors, results[start : start + len(q.texts)]))
                 start += len(q.texts)
+        if posts:
+            _POST_SECONDS.observe(time.perf_counter() - started)
 
     @staticmethod
     def _run_job(job: _Job) -> None:

@@ -16,6 +16,8 @@ free port, written to `<port file stem>.metrics-port` next to the port file and 
 | `mbc_router_index_phrases` | gauge | group | training phrases in the group's index |
 | `mbc_router_index_intents` | gauge | group | intents (classes) in the group's index |
 | `mbc_router_index_revision` | gauge | | etcd revision of the indexed participant snapshot |
+| `mbc_encoder_batch_seconds` | histogram | stage | one micro-batch of concurrent calls on an encoder worker: `encode` (the model), `post` (the work done with its vectors: the router's scoring) |
+| `mbc_encoder_batch_utterances` | histogram | | utterances encoded per micro-batch |
 | `mbc_bot_transfers_total` | counter | outcome | sent, taken (the receiver took it), failed, loop_stopped (refused by the loop guard), fallback (no bot could take the message, or every transfer failed) |
 | `mbc_bot_turns_total` | counter | rpc, outcome | Respond/Transfer results: ANSWERED, TRANSFERRED, FALLBACK, CLARIFY |
 
@@ -44,6 +46,16 @@ RPC_LATENCY = Histogram(
 
 ROUTER_MATCHES = Counter(
     "mbc_router_matches_total", "Match answers by decision and by rating of the best candidate.", ["decision", "rating"]
+)
+
+ENCODER_BATCH_SECONDS = Histogram(
+    "mbc_encoder_batch_seconds",
+    "Time of one micro-batch on an encoder worker, by stage: encode (the model), post (the router's scoring).",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+ENCODER_BATCH_UTTERANCES = Histogram(
+    "mbc_encoder_batch_utterances", "Utterances encoded per micro-batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
 
 BOT_TRANSFERS = Counter("mbc_bot_transfers_total", "Transfers by outcome (see mbc/metrics.py).", ["outcome"])

@@ -20,9 +20,13 @@ from mbc.config import TlsConfig
 
 
 class ComponentProcess:
-    """One `python -m mbc ...` child that binds `port` (0: a free one) and reports it through a file."""
+    """One `python -m mbc ...` child (or another `module` taking the same --port and --port-file)
+    that binds `port` (0: a free one) and reports it through a file."""
 
-    def __init__(self, name: str, args: Sequence[str], workdir: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self, name: str, args: Sequence[str], workdir: Path, env: dict[str, str] | None = None, port: int = 0,
+        module: str = "mbc",
+    ) -> None:
         self.name = name
         self.workdir = Path(workdir)
         self.port_file = self.workdir / f"{name}.port"
@@ -32,7 +36,7 @@ class ComponentProcess:
         self.metrics_port_file.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mbc", *args, "--port", str(port), "--port-file", str(self.port_file)],
+            [sys.executable, "-m", module, *args, "--port", str(port), "--port-file", str(self.port_file)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},

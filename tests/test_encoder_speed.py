@@ -324,6 +324,20 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     assert set(setups) == {"threads=default workers=2", "threads=default workers=1"}
     assert result["encoder_batch_qps"] == max(q for s in setups.values() for q in s["qps_by_batch_size"].values())
     assert "match_qps_c32" in done.stdout and ("MET" in done.stdout or "MISS" in done.stdout)
+    # The serving floor: an empty Match through the same stack, served and loaded for real.
+    floor = result["floor"]
+    assert floor["p50_ms_c1"] > 0 and floor["qps_c32"] > 0 and floor["cpu_ms_per_call_c32"] > 0
+    assert any(p["phase"] == "floor_c32" and p["ok"] == 64 for p in result["details"]["phases"])
+    # Where the tuned router's time went, read from its /metrics and its CPU time.
+    c1, c32 = result["breakdown"]["c1"], result["breakdown"]["c32"]
+    assert c1["utterances_per_batch"] == 1.0 and 0 < c1["encode_ms"] < c1["mean_ms"] and c1["score_ms"] > 0
+    assert c32["encode_ms"] > 0 and c32["score_ms"] > 0 and c32["utterances_per_batch"] >= 1
+    assert c32["cpu_ms_per_match"] == pytest.approx(c32["router_cpu_ms"] + c32["loadgen_cpu_ms"], abs=0.002)
+    bounds = result["bounds"]
+    assert bounds["match_p50_ms_c1"] == pytest.approx(bounds["encoder_single_after_pause_ms"] + floor["p50_ms_c1"], abs=0.011)
+    assert bounds["match_qps_c32"] == pytest.approx(
+        bounds["cores"] * 1000 / (bounds["encoder_cpu_ms_per_utterance"] + floor["cpu_ms_per_call_c32"]), rel=1e-3)
+    assert "serving floor" in done.stdout and "best possible" in done.stdout
     print(f"bench smoke took {time.monotonic() - started:.0f} s")
 
 

@@ -5,6 +5,10 @@
 Each phase sends COUNT requests, the utterances texts[START:START+COUNT] (each once), from
 CONCURRENCY callers in a closed loop over one channel, and reports throughput, latency percentiles
 (measured here, around each call) and the status of every call. Prints one JSON object.
+
+Where the time goes, per phase: the CPU time of this process and, with `--server-pid`, of the
+server (Linux /proc), per call; with `--metrics HOST:PORT`, the server's encoder stages per call
+(`mbc_encoder_batch_seconds`: encode and post, the router's scoring) and utterances per batch.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -34,6 +40,7 @@ def summarise(name: str, concurrency: int, latencies: list[float], statuses: Cou
         "statuses": dict(statuses),
         "seconds": round(seconds, 3),
         "qps": round(statuses.get("OK", 0) / seconds, 1) if seconds > 0 else 0.0,
+        "mean_ms": round(float(ms.mean()), 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p90_ms": round(float(np.percentile(ms, 90)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
@@ -96,16 +103,71 @@ async def run_paced(name: str, make_call, rate: float, seconds: float, max_in_fl
     return summarise(name, max_in_flight, latencies, statuses, loop.time() - start)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid`, all its threads (None where /proc cannot tell)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+ENCODER_SAMPLES = {
+    "encode": ("mbc_encoder_batch_seconds_sum", {"stage": "encode"}),
+    "post": ("mbc_encoder_batch_seconds_sum", {"stage": "post"}),
+    "batches": ("mbc_encoder_batch_utterances_count", {}),
+    "utterances": ("mbc_encoder_batch_utterances_sum", {}),
+}
+
+
+def encoder_counters(address: str) -> dict[str, float]:
+    from mbc.metrics import sample_value, scrape_text
+
+    text = scrape_text(address)
+    return {key: sample_value(text, name, labels) for key, (name, labels) in ENCODER_SAMPLES.items()}
+
+
+class CostMeter:
+    """What a phase cost: CPU of this process and of the server, and the server's encoder stages."""
+
+    def __init__(self, server_pid: int | None, metrics_address: str | None) -> None:
+        self.server_pid, self.metrics_address = server_pid, metrics_address
+
+    def read(self) -> dict:
+        return {
+            "loadgen_cpu": time.process_time(),
+            "server_cpu": process_cpu_seconds(self.server_pid) if self.server_pid else None,
+            "encoder": encoder_counters(self.metrics_address) if self.metrics_address else None,
+        }
+
+    @staticmethod
+    def per_call(before: dict, after: dict, calls: int) -> dict:
+        calls = max(1, calls)
+        out: dict = {"loadgen_cpu_ms": round((after["loadgen_cpu"] - before["loadgen_cpu"]) * 1000 / calls, 3)}
+        if before["server_cpu"] is not None and after["server_cpu"] is not None:
+            out["server_cpu_ms"] = round((after["server_cpu"] - before["server_cpu"]) * 1000 / calls, 3)
+        if before["encoder"] is not None:
+            d = {k: after["encoder"][k] - before["encoder"][k] for k in ENCODER_SAMPLES}
+            out["encode_ms"] = round(d["encode"] * 1000 / calls, 3)
+            out["post_ms"] = round(d["post"] * 1000 / calls, 3)
+            out["utterances_per_batch"] = round(d["utterances"] / d["batches"], 2) if d["batches"] else 0.0
+        return out
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     texts = json.loads(open(args.texts).read())
     phases = []
     async with grpc.aio.insecure_channel(args.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
         stub = router_pb2_grpc.RouterStub(channel)
+        meter = CostMeter(args.server_pid, args.metrics)
         for spec in args.phase:
             name, concurrency, start, count = spec.split(":")
             chunk = texts[int(start) : int(start) + int(count)]
-            phases.append(await run_phase(stub, name, chunk, int(concurrency), args.group, args.timeout))
+            before = meter.read()
+            phase = await run_phase(stub, name, chunk, int(concurrency), args.group, args.timeout)
+            phase["cost_per_call"] = CostMeter.per_call(before, meter.read(), phase["requests"])
+            phases.append(phase)
     return {"target": args.target, "phases": phases}
 
 
@@ -116,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", action="append", default=[], help="NAME:CONCURRENCY:START:COUNT")
     parser.add_argument("--group", default="", help="group asked for (empty: all groups)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    parser.add_argument("--server-pid", type=int, default=0, help="the server's pid, to report its CPU time per call")
+    parser.add_argument("--metrics", default="", help="the server's /metrics host:port, to report its encoder stages")
     result = asyncio.run(main_async(parser.parse_args(argv)))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

@@ -113,7 +113,7 @@ def encoder_setups(tuned: EncoderConfig) -> list[EncoderConfig]:
     return [tuned] if default == tuned else [tuned, default]
 
 
-def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions) -> dict:
+def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions, pause_ms: float = 0.0) -> dict:
     """In-process, one set-up: median single-utterance time and throughput per batch size, with
     `config.workers` callers encoding batches side by side (as the router's workers do)."""
     from mbc.encoder import Encoder
@@ -130,20 +130,33 @@ def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions) -
             started = time.perf_counter()
             encoder.encode([text], alone=True)
             singles.append(time.perf_counter() - started)
+        # The same after a pause: a Match served over gRPC never follows the previous one at once.
+        paused = []
+        for text in texts[20 + opts.single_samples : 20 + 2 * opts.single_samples] if pause_ms > 0 else ():
+            time.sleep(pause_ms / 1000.0)
+            started = time.perf_counter()
+            encoder.encode([text], alone=True)
+            paused.append(time.perf_counter() - started)
         alone = config.workers == 1
 
         def encode(batch: list[str]):
             return encoder.encode(batch, alone=alone)
 
         pool = texts[: opts.batch_texts]
-        per_size = {}
+        per_size, cpu_per_size = {}, {}
         for size in opts.batch_sizes:
             batches = [pool[i : i + size] for i in range(0, len(pool), size)]
             list(callers.map(encode, batches[: config.workers]))  # warm this shape
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             list(callers.map(encode, batches))
             per_size[size] = round(len(pool) / (time.perf_counter() - started), 1)
-        return {"single_ms": round(statistics.median(singles) * 1000, 2), "qps_by_batch_size": per_size}
+            cpu_per_size[size] = round((time.process_time() - cpu) * 1000 / len(pool), 3)
+        return {
+            "single_ms": round(statistics.median(singles) * 1000, 2),
+            "single_after_pause_ms": round(statistics.median(paused) * 1000, 2) if paused else None,
+            "qps_by_batch_size": per_size,
+            "cpu_ms_per_utterance_by_batch_size": cpu_per_size,
+        }
     finally:
         callers.shutdown()
         encoder.close()
@@ -151,15 +164,24 @@ def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions) -
         gc.collect()
 
 
-def measure_encoder(tuned: EncoderConfig, texts: list[str], opts: BenchOptions) -> dict:
-    """The best single-utterance time and batched throughput over `encoder_setups`."""
-    setups = [(setup, measure_setup(setup, texts, opts)) for setup in encoder_setups(tuned)]
+def measure_encoder(tuned: EncoderConfig, texts: list[str], opts: BenchOptions, pause_ms: float = 0.0) -> dict:
+    """The best single-utterance time and batched throughput over `encoder_setups`; also the
+    single encode after a pause of `pause_ms` (same set-up), and the least CPU an utterance costs in
+    batches no larger than the concurrency of the load."""
+    setups = [(setup, measure_setup(setup, texts, opts, pause_ms)) for setup in encoder_setups(tuned)]
     single_setup, single = min(setups, key=lambda s: s[1]["single_ms"])
     best = max(((size, qps, setup) for setup, m in setups for size, qps in m["qps_by_batch_size"].items()), key=lambda t: t[1])
+    measured = dict(setups)[best[2]]
     return {
         "single_ms": single["single_ms"],
         "single_setup": _setup_name(single_setup),
         "batch_qps": best[1],
+        "single_after_pause_ms": single["single_after_pause_ms"],
+        "pause_ms": pause_ms,
+        "batch_cpu_ms_per_utterance": measured["cpu_ms_per_utterance_by_batch_size"][best[0]],
+        "least_cpu_ms_per_utterance": min(
+            cpu for _, m in setups for size, cpu in m["cpu_ms_per_utterance_by_batch_size"].items() if size <= opts.concurrency
+        ),
         "best_batch_size": best[0],
         "batch_setup": _setup_name(best[2]),
         "by_setup": {_setup_name(setup): m for setup, m in setups},
@@ -187,9 +209,9 @@ def router_args(etcd: str, config: EncoderConfig) -> list[str]:
     return args
 
 
-def run_load(target: str, texts_file: Path, phases: list[str]) -> list[dict]:
+def run_load(target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "") -> list[dict]:
     command = [sys.executable, "-m", "mbc.bench.loadgen", "--target", target, "--texts", str(texts_file), "--group", GROUP,
-               "--timeout", "120"]
+               "--timeout", "120", "--server-pid", str(server_pid), "--metrics", metrics]
     for phase in phases:
         command += ["--phase", phase]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
@@ -198,15 +220,20 @@ def run_load(target: str, texts_file: Path, phases: list[str]) -> list[dict]:
     return json.loads(done.stdout)["phases"]
 
 
-async def bench_router(name: str, etcd: str, config: EncoderConfig, workdir: Path, texts_file: Path, phases: list[str]) -> tuple[list[dict], float]:
+async def bench_router(
+    name: str, args: list[str], workdir: Path, texts_file: Path, phases: list[str], module: str = "mbc"
+) -> tuple[list[dict], float]:
+    """Starts `python -m module args` and loads it with `phases`, measuring its CPU and (when it serves
+    /metrics) its encoder stages."""
     from mbc.processes import ComponentProcess
 
     started = time.monotonic()
-    router = ComponentProcess(name, router_args(etcd, config), workdir)
+    router = ComponentProcess(name, args, workdir, module=module)
     try:
         await router.wait_serving(ROUTER_SERVICE, timeout=900)
         ready = time.monotonic() - started
-        results = await asyncio.to_thread(run_load, router.address, texts_file, phases)
+        metrics = router.metrics_address if router.metrics_port_file.exists() else ""
+        results = await asyncio.to_thread(run_load, router.address, texts_file, phases, router.pid, metrics)
     finally:
         code = router.terminate()
         if code not in (0, -15):
@@ -241,8 +268,18 @@ async def run(opts: BenchOptions) -> dict:
     texts_file.write_text(json.dumps(texts))
     warmup = f"warmup:8:0:{offset}"
 
+    print("empty router (the serving floor) ...", file=sys.stderr, flush=True)
+    floor_phases, _ = await bench_router(
+        "router-empty", [], workdir, texts_file,
+        [
+            warmup,
+            f"floor_c1:1:{offset}:{opts.c1_requests}",
+            f"floor_c{opts.concurrency}:{opts.concurrency}:{offset + opts.c1_requests}:{opts.c32_requests}",
+        ],
+        module="mbc.bench.empty_router",
+    )
     print(f"encoder in-process ({opts.backend}) ...", file=sys.stderr, flush=True)
-    encoder = await asyncio.to_thread(measure_encoder, tuned, val, opts)
+    encoder = await asyncio.to_thread(measure_encoder, tuned, val, opts, floor_phases[1]["p50_ms"])
 
     with LocalEtcd(data_dir=workdir / "etcd") as etcd:
         client = EtcdClient([etcd.endpoint])
@@ -254,12 +291,12 @@ async def run(opts: BenchOptions) -> dict:
         try:
             print(f"naive router ({phrases} phrases) ...", file=sys.stderr, flush=True)
             naive, naive_ready = await bench_router(
-                "router-naive", etcd.endpoint, NAIVE, workdir, texts_file,
+                "router-naive", router_args(etcd.endpoint, NAIVE), workdir, texts_file,
                 [warmup, f"naive_c{opts.concurrency}:{opts.concurrency}:{offset}:{opts.naive_requests}"],
             )
             print("tuned router ...", file=sys.stderr, flush=True)
             tuned_phases, tuned_ready = await bench_router(
-                "router-tuned", etcd.endpoint, tuned, workdir, texts_file,
+                "router-tuned", router_args(etcd.endpoint, tuned), workdir, texts_file,
                 [
                     warmup,
                     f"c1:1:{offset}:{opts.c1_requests}",
@@ -271,7 +308,7 @@ async def run(opts: BenchOptions) -> dict:
                 await r.stop()
             await client.close()
 
-    by_name = {p["phase"]: p for p in naive[1:] + tuned_phases[1:]}
+    by_name = {p["phase"]: p for p in naive[1:] + tuned_phases[1:] + floor_phases[1:]}
     n_c = by_name[f"naive_c{opts.concurrency}"]
     c1 = by_name["c1"]
     cn = by_name[f"c{opts.concurrency}"]
@@ -286,7 +323,7 @@ async def run(opts: BenchOptions) -> dict:
         "match_p50_ms_c1": c1["p50_ms"],
         "match_p99_ms_c1": c1["p99_ms"],
         "match_p99_ms_c32": cn["p99_ms"],
-        "errors": sum(p["errors"] for p in naive + tuned_phases),
+        "errors": sum(p["errors"] for p in naive + tuned_phases + floor_phases),
         "settings": {
             "tuned": {k: v for k, v in asdict(tuned).items() if k in _SPEED_FIELDS},
             "naive": {k: v for k, v in asdict(NAIVE).items() if k in _SPEED_FIELDS},
@@ -298,14 +335,65 @@ async def run(opts: BenchOptions) -> dict:
         "match_p50_ms_c1 <= 1.5 x encoder_single_ms": result["match_p50_ms_c1"] <= 1.5 * result["encoder_single_ms"],
         "errors == 0": result["errors"] == 0,
     }
+    result.update(limits(result, encoder, c1, cn, by_name["floor_c1"], by_name[f"floor_c{opts.concurrency}"]))
     result["details"] = {
         "encoder_by_setup": encoder["by_setup"],
-        "phases": naive + tuned_phases,
+        "phases": naive + tuned_phases + floor_phases,
         "router_ready_seconds": {"naive": round(naive_ready, 1), "tuned": round(tuned_ready, 1)},
         "mesh": {"participants": len(registrations), "phrases": phrases, "group": GROUP},
         "machine": machine(),
     }
     return result
+
+
+def _cpu_ms(phase: dict) -> float:
+    cost = phase["cost_per_call"]
+    return round(cost.get("server_cpu_ms", 0.0) + cost["loadgen_cpu_ms"], 3)
+
+
+def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floor_cn: dict) -> dict:
+    """Where a Match's time goes, and the best the two encoder ratio targets could be on this machine.
+
+    - `floor`: an empty Match through the same serving stack (`mbc.bench.empty_router`): its latency
+      alone, and the CPU it costs the server and the load generator (both run on these cores).
+    - `breakdown`: the tuned router's phases split by its encoder stages (`mbc_encoder_batch_seconds`):
+      encode and score, per Match (means); at 32 callers, the CPU per Match of router and load generator.
+    - `bounds`, what no router could beat here, scoring for free and handing off at no cost:
+      - at 32 callers, every core encoding at the least CPU per utterance the in-process encoder
+        needs in batches of at most 32 (32 callers never make a larger one), plus the floor's CPU
+        per call;
+      - at 1 caller, the in-process single encode after a pause as long as the floor's p50 (the
+        least time between two Matches of a caller), plus that p50.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    floor_cpu = _cpu_ms(floor_cn)
+    encode_cpu = encoder["least_cpu_ms_per_utterance"]
+    qps_bound = round(cores * 1000.0 / (encode_cpu + floor_cpu), 1)
+    single_after_pause = encoder["single_after_pause_ms"] or result["encoder_single_ms"]
+    p50_bound = round(single_after_pause + floor_c1["p50_ms"], 2)
+
+    def stages(phase: dict) -> dict:
+        cost = phase["cost_per_call"]
+        return {"encode_ms": cost.get("encode_ms"), "score_ms": cost.get("post_ms"),
+                "utterances_per_batch": cost.get("utterances_per_batch")}
+
+    return {
+        "floor": {"p50_ms_c1": floor_c1["p50_ms"], "qps_c32": floor_cn["qps"], "cpu_ms_per_call_c32": floor_cpu},
+        "breakdown": {
+            "c1": {"mean_ms": c1["mean_ms"], **stages(c1)},
+            "c32": {"cpu_ms_per_match": _cpu_ms(cn), "router_cpu_ms": cn["cost_per_call"].get("server_cpu_ms"),
+                    "loadgen_cpu_ms": cn["cost_per_call"]["loadgen_cpu_ms"], **stages(cn)},
+        },
+        "bounds": {
+            "cores": cores,
+            "encoder_cpu_ms_per_utterance": encode_cpu,
+            "encoder_single_after_pause_ms": single_after_pause,
+            "match_qps_c32": qps_bound,
+            "match_qps_c32 / encoder_batch_qps": round(qps_bound / result["encoder_batch_qps"], 3),
+            "match_p50_ms_c1": p50_bound,
+            "match_p50_ms_c1 / encoder_single_ms": round(p50_bound / result["encoder_single_ms"], 3),
+        },
+    }
 
 
 _SPEED_FIELDS = ("backend", "threads", "workers", "batch_size", "max_batch", "batch_wait_ms", "query_cache_size", "idle_spinning")
@@ -347,6 +435,21 @@ def table(result: dict) -> str:
     )
     for target, met in result["targets"].items():
         lines.append(f"{'MET ' if met else 'MISS'}  {target}")
+    floor, c1, cn, bounds = result["floor"], result["breakdown"]["c1"], result["breakdown"]["c32"], result["bounds"]
+    lines += [
+        "",
+        f"serving floor (an empty Match, same stack): p50 {floor['p50_ms_c1']} ms at 1 caller; "
+        f"{floor['cpu_ms_per_call_c32']} ms CPU per call at 32 (server + load generator)",
+        f"1 caller, mean {c1['mean_ms']} ms: encode {c1['encode_ms']} ms, score {c1['score_ms']} ms, the rest gRPC and hand-offs",
+        f"32 callers: {cn['cpu_ms_per_match']} ms CPU per Match (router {cn['router_cpu_ms']}, load generator "
+        f"{cn['loadgen_cpu_ms']}); encode {cn['encode_ms']} ms, score {cn['score_ms']} ms per Match, "
+        f"{cn['utterances_per_batch']} utterances per batch",
+        f"in-process single encode after a pause of {floor['p50_ms_c1']} ms: {bounds['encoder_single_after_pause_ms']} ms; "
+        f"least encoder CPU per utterance in batches of at most 32: {bounds['encoder_cpu_ms_per_utterance']} ms",
+        f"best possible on {bounds['cores']} cores, scoring free: match_qps_c32 {bounds['match_qps_c32']} "
+        f"({bounds['match_qps_c32 / encoder_batch_qps']} x encoder_batch_qps), match_p50_ms_c1 "
+        f"{bounds['match_p50_ms_c1']} ({bounds['match_p50_ms_c1 / encoder_single_ms']} x encoder_single_ms)",
+    ]
     return "\n".join(lines)
 
 
