@@ -77,6 +77,24 @@ def test_eval_clinc150_slice(tmp_path):
     assert figures["retrain_on_bot_leaving"]["seconds"] > 0
 
 
+def test_eval_data_may_be_the_directory_and_a_bad_file_is_a_clear_error(tmp_path):
+    from mbc.evaluation.clinc150 import DATA_FILE, load
+
+    data = _data(tmp_path)
+    data.rename(tmp_path / DATA_FILE)
+    dataset = load(str(tmp_path), "", "val", 0, 0, 0, 0)
+    assert dataset.bot_of["balance"] == "banking" and len(dataset.in_scope) == 12
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = _mbc("eval", "clinc150", "--data", str(empty))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"cannot read the CLINC150 data file {empty / DATA_FILE}" in run.stderr
+    (empty / DATA_FILE).write_text("{not json")
+    run = _mbc("eval", "clinc150", "--data", str(empty))
+    assert run.returncode == 2 and "is not JSON" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_overlap_lists_colliding_intents(tmp_path):
     a = {"id": "cards", "group": "g", "collaboration": True, "fallback": "no",
          "intents": [{"name": "travel_note", "phrases": ["set a travel notice on my card", "lock my card"]}],

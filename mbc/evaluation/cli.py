@@ -88,7 +88,7 @@ def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help="routing-quality evaluations through a real mesh")
     ev_sub = ev.add_subparsers(dest="dataset", required=True)
     clinc = ev_sub.add_parser("clinc150", help="CLINC150 as a 10-bot mesh (one bot per domain)")
-    clinc.add_argument("--data", required=True, help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test])")
+    clinc.add_argument("--data", required=True, help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test]), or the directory holding it as clinc150_public.json")
     clinc.add_argument("--split", choices=["val", "test"], default="val", help="the split to report (default val)")
     clinc.add_argument("--domains", default="", help="domains.json (default: beside --data)")
     clinc.add_argument("--json", default="", help="write the figures to this JSON file")

@@ -48,10 +48,28 @@ def bot_id_of(domain: str) -> str:
     return domain.replace("_", "-")
 
 
+DATA_FILE = "clinc150_public.json"
+
+
+class DataError(ValueError):
+    """The CLINC150 files given cannot be read."""
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise DataError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DataError(f"the {what} {path} is not JSON: {e}") from None
+
+
 def load(data: str, domains_path: str, split: str, max_domains: int, max_intents: int, limit: int, seed: int) -> Dataset:
-    raw = json.loads(Path(data).read_text())
-    domains_file = Path(domains_path) if domains_path else Path(data).resolve().parent / "domains.json"
-    domains = json.loads(domains_file.read_text())
+    """`data`: the CLINC150 JSON file, or the directory holding it (as `clinc150_public.json`)."""
+    data_file = Path(data) / DATA_FILE if Path(data).is_dir() else Path(data)
+    raw = _read_json(data_file, "CLINC150 data file")
+    domains_file = Path(domains_path) if domains_path else data_file.resolve().parent / "domains.json"
+    domains = _read_json(domains_file, "domain list (--domains)")
     if max_domains:
         domains = dict(list(domains.items())[:max_domains])
     if max_intents:
@@ -304,7 +322,11 @@ def main(args) -> int:
     from mbc.logs import configure
 
     configure(args.log_level, service="eval")
-    result = asyncio.run(run(args))
+    try:
+        result = asyncio.run(run(args))
+    except DataError as e:
+        print(f"mbc eval clinc150: {e}", file=sys.stderr)
+        return 2
     print(table(result), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
