@@ -98,12 +98,11 @@ async def test_metrics_move_with_a_conversation(mesh):
     assert sample_value(after["router"], "mbc_router_bots", {"group": "retail-bank"}) >= 3
     assert sample_value(after["router"], "mbc_router_index_phrases", {"group": "retail-bank"}) >= 30
     assert sample_value(after["router"], "mbc_router_index_intents", {"group": "retail-bank"}) >= 10
-    # Where a Match's time goes: the encoder's micro-batches, encoded then scored.
-    batches = delta("router", "mbc_encoder_batch_utterances_count")
-    assert batches >= 1 and delta("router", "mbc_encoder_batch_utterances_sum") >= 3
-    assert delta("router", "mbc_encoder_batch_seconds_count", stage="encode") == batches
+    # Where a Match's time goes: every Match is scored in a micro-batch on an encoder worker (its
+    # encoding may come from the utterance cache: earlier tests sent these messages; the encode
+    # stage is checked by the bench smoke test, with utterances never sent before).
     assert delta("router", "mbc_encoder_batch_seconds_count", stage="post") >= 1
-    assert delta("router", "mbc_encoder_batch_seconds_sum", stage="encode") > 0
+    assert delta("router", "mbc_encoder_batch_seconds_sum", stage="post") > 0
     # The store: the conversation's owner read and claimed through it.
     assert delta("store", "grpc_server_handled_total", grpc_service="mbc.v1.ContextStore", grpc_method="ClaimOwner", grpc_code="OK") >= 2
     assert delta("store", "grpc_server_handled_total", grpc_service="mbc.v1.ContextStore", grpc_method="GetOwner", grpc_code="OK") >= 3
