@@ -22,6 +22,8 @@ through at most `max_hops` transfers.
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import re
 import time
@@ -52,6 +54,10 @@ FAIR_PLUS = common_pb2.RATING_FAIR_PLUS
 FALLBACK_RESERVE_SECONDS = 0.25
 MAX_INSTANCE_RETRIES = 2
 """Other instances of the same bot tried after one that cannot be reached (see `_hand_over`)."""
+INSTANCE_ASK_DELAYS = (0.0, 0.0, 0.025, 0.1)
+"""Pauses (seconds) before each ask for another instance (`_other_instance`). The router names a
+bot's instances in turn, and a concurrent Match may take the turn; an instance that has just left
+stays in the router's view until its etcd watch catches up: milliseconds, more on a busy router."""
 NONE_OF_THESE = "None of these"
 
 
@@ -376,10 +382,11 @@ class BotEngine:
     async def _other_instance(
         self, text: str, bot_id: str, failed: tuple[str, ...], route: Route
     ) -> router_pb2.Candidate | None:
-        """The router's candidate for `bot_id` at an address not in `failed`, or None. The router
-        spreads a bot's Matches over its instances in turn; a concurrent Match may take the turn,
-        hence a second ask."""
-        for _ in range(2):
+        """The router's candidate for `bot_id` at an address not in `failed`, or None; asked again
+        after the pauses of `INSTANCE_ASK_DELAYS`, within the route's time."""
+        for delay in INSTANCE_ASK_DELAYS:
+            if delay:
+                await asyncio.sleep(min(delay, route.remaining()))
             if route.remaining() <= 0:
                 return None
             _, candidates, _ = await self._decide(text, route, include_self=False)

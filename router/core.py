@@ -193,9 +193,26 @@ class RouterCore:
         return list(self._calibration)
 
     def submit(self, participants: Mapping, revision: int) -> None:
-        """Queue a participant snapshot for indexing (the latest one wins)."""
+        """Queue a participant snapshot for indexing (the latest one wins).
+
+        Who is alive and where takes effect at once, even while a model is being trained for an
+        earlier snapshot (seconds for a large group): an instance that left is never named again.
+        Matches score with the models trained so far until the build catches up."""
         self._pending = (participants, revision)
+        state = self._state
+        if state is not None and revision > state.directory.revision:
+            try:
+                directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, state.directory)
+            except Exception:
+                log.exception("directory_update_failed", revision=revision)
+            else:
+                self._state = _State(directory, state.models, state.sources, state.calibration_version)
         self._kick()
+
+    def _newest(self, directory: Directory) -> Directory:
+        """`directory`, or a newer one that `submit` put in place while it was being built for."""
+        current = self._state.directory if self._state is not None else None
+        return current if current is not None and current.revision > directory.revision else directory
 
     def set_calibration(self, examples: Sequence[Example]) -> int:
         """Replace the labelled calibration set; every group's τ is refitted in the background.
@@ -298,7 +315,7 @@ class RouterCore:
                 intents=len(model.classes), phrases=len(model.texts), **model.calibration, **model.times.as_dict(),
             )
         async with self._swapped:
-            self._state = _State(directory, models, sources, calibration_version)
+            self._state = _State(self._newest(directory), models, sources, calibration_version)
             self.builds += 1
             self._swapped.notify_all()
         self._ready.set()

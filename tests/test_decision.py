@@ -241,6 +241,71 @@ async def test_router_updates_a_large_group_in_place(encoder, tmp_path):
     await core.close()
 
 
+async def test_an_instance_that_leaves_is_not_named_while_a_model_trains(encoder, tmp_path):
+    """travel runs two instances. loans joins, then cards leaves and one travel instance with it:
+    two models to train, each held here (a large group's training takes seconds). Match stops
+    naming the instance that left at once, and never names it again, not even when the model
+    of the earlier change is swapped in while the later one trains."""
+    import threading
+
+    from mbc.v1 import participant_pb2
+
+    def record(bot, instance):
+        return f"/mbc/v1/participants/g/{bot}/{instance}", participant_pb2.Participant(
+            bot_id=bot, instance_id=instance, address=f"127.0.0.1:{len(bot)}{instance[-1]}", group="g", collaboration=True,
+            intents=[participant_pb2.Intent(name=i.intent, phrases=i.phrases) for i in INTENTS if i.bot_id == bot],
+        )
+
+    async def travel_addresses():
+        results = await asyncio.gather(*(core.match("book a flight to Rome", "", "g", 3, 0) for _ in range(4)))
+        assert {r.revision for r in results} == {core.directory.revision}
+        return {c.address for r in results for c in r.candidates if c.match.bot_id == "travel"}
+
+    def hold_trainer() -> tuple[threading.Event, threading.Event]:
+        """Keeps the router's one training thread busy, once it gets to this job (the first event),
+        until the second event is set."""
+        holding, release = threading.Event(), threading.Event()
+        core._trainer.submit(lambda: holding.set() or release.wait())
+        return holding, release
+
+    async def until_a_build_waits_for_the_trainer() -> None:
+        for _ in range(600):
+            if core._trainer._work_queue.qsize():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("no build reached the trainer: nothing was tested")
+
+    core = RouterCore(RouterConfig(embedding_cache_dir=str(tmp_path)), encoder)
+    await core.prepare()
+    travel = dict([record("travel", "i1"), record("travel", "i2")])
+    core.submit({**dict([record("cards", "i1")]), **travel}, 1)
+    await asyncio.wait_for(core.wait_builds(1), 60)
+    assert await travel_addresses() == {"127.0.0.1:61", "127.0.0.1:62"}
+
+    holding, first = hold_trainer()
+    second = None
+    try:
+        assert await asyncio.to_thread(holding.wait, 30)  # so a job queued from now on is a build's
+        core.submit({**dict([record("cards", "i1"), record("loans", "i1")]), **travel}, 2)
+        await until_a_build_waits_for_the_trainer()
+        core.submit(dict([record("loans", "i1"), record("travel", "i1")]), 3)
+        assert core.builds == 1 and core.directory.revision == 3
+        assert await travel_addresses() == {"127.0.0.1:61"}
+        first.set()
+        _, second = hold_trainer()  # queued behind revision 2's training, ahead of revision 3's
+        await asyncio.wait_for(core.wait_builds(2), 60)
+        await until_a_build_waits_for_the_trainer()
+        assert core.builds == 2 and core.directory.revision == 3
+        assert await travel_addresses() == {"127.0.0.1:61"}
+    finally:
+        first.set()
+        if second is not None:
+            second.set()
+    await asyncio.wait_for(core.wait_builds(3), 60)
+    assert core.models["g"].bots == ["loans", "travel"] and await travel_addresses() == {"127.0.0.1:61"}
+    await core.close()
+
+
 async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder, tmp_path):
     """RouterCore fed with participant snapshots (as from etcd): τ follows the bots and the set."""
     from mbc.v1 import participant_pb2
