@@ -23,7 +23,6 @@ through at most `max_hops` transfers.
 from __future__ import annotations
 
 import asyncio
-
 import contextlib
 import re
 import time

@@ -153,7 +153,6 @@ class RouterCore:
         self._ready = asyncio.Event()
         self._swapped = asyncio.Condition()
         self._builder: asyncio.Task | None = None
-        self._trimming: asyncio.Future | None = None
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-train")
         self._generic = generic_none()
         self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
@@ -259,10 +258,13 @@ class RouterCore:
             participants, revision = self._pending
             try:
                 previous = self._state.directory if self._state else None
-                directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, previous)
+                if previous is not None and previous.revision == revision:  # `submit` read it already
+                    directory = previous
+                else:
+                    directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, previous)
                 if await self._rebuild(directory, self._calibration_version):
                     # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
-                    self._trimming = asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
+                    asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
             except Exception:
                 log.exception("index_build_failed", revision=revision)
 
