@@ -37,12 +37,12 @@ from bot_server.ledger import TransferLedger
 from bot_server.state import Awaiting, ConversationState, Fenced, OwnershipConflict
 from discovery.errors import EtcdError
 from discovery.groups import GroupSettingsCache
-from mbc.channels import ChannelPool
-from mbc.config import BotConfig
-from mbc.encoder import Encoder
-from mbc.logs import get_logger
-from mbc.metrics import BOT_TRANSFERS
-from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.channels import ChannelPool
+from mbc.runtime.config import BotConfig
+from mbc.runtime.encoder import Encoder
+from mbc.runtime.logs import get_logger
+from mbc.runtime.metrics import BOT_TRANSFERS
+from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
 log = get_logger(__name__)

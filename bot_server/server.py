@@ -12,13 +12,13 @@ from discovery import EtcdClient, Registration
 from discovery.groups import GroupSettingsCache
 from discovery.presence import is_registered
 from mbc import __version__
-from mbc.channels import ChannelPool
-from mbc.config import BotConfig
-from mbc.context_client import ContextClient
-from mbc.encoder import Encoder
-from mbc.logs import bind_context, get_logger
-from mbc.security import Authorizer
-from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.runtime.channels import ChannelPool
+from mbc.runtime.config import BotConfig
+from mbc.client.context import ContextClient
+from mbc.runtime.encoder import Encoder
+from mbc.runtime.logs import bind_context, get_logger
+from mbc.runtime.security import Authorizer
+from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, participant_pb2
 
 log = get_logger(__name__)

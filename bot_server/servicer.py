@@ -7,10 +7,11 @@ from contextlib import asynccontextmanager
 import grpc
 
 from bot_server.engine import BotEngine, Conflict, InvalidInput, Message, Refused, TurnResult
-from mbc.logs import bind_context
-from mbc.metrics import BOT_TURNS
-from mbc.security import Authorizer
-from mbc.serving import abort, remaining_seconds
+from mbc.runtime.logs import bind_context
+from mbc.runtime.metrics import BOT_TURNS
+from mbc.runtime.security import Authorizer
+from mbc.runtime.serving import remaining_seconds
+from mbc.runtime.status import abort
 from mbc.v1 import bot_pb2, bot_pb2_grpc
 
 

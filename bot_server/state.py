@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from mbc.context_client import ContextClient, Scope
+from mbc.client.context import ContextClient, Scope
 from mbc.v1 import common_pb2
 
 

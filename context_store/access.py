@@ -15,7 +15,7 @@ nothing is checked and nothing is bound.
 from __future__ import annotations
 
 from context_store.core import PREFIX, ContextStoreCore, StoreError, check_namespace, owner_key
-from mbc.security import Identity, refusal
+from mbc.runtime.security import Identity, refusal
 
 NAMESPACE_GROUPS = PREFIX + "namespace-groups/"
 

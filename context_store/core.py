@@ -22,8 +22,8 @@ from google.protobuf.message import DecodeError
 from context_store.leases import LeaseBuckets
 from discovery import EtcdClient
 from discovery.errors import LeaseNotFound
-from mbc.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/config.py)
-from mbc.logs import get_logger
+from mbc.runtime.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/runtime/config.py)
+from mbc.runtime.logs import get_logger
 from mbc.v1 import context_pb2
 
 log = get_logger(__name__)

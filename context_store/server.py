@@ -5,10 +5,10 @@ from __future__ import annotations
 from context_store.core import ContextStoreCore, StoreConfig
 from context_store.servicer import ContextStoreServicer
 from discovery import EtcdClient
-from mbc.config import EtcdAccess, ServerConfig
-from mbc.logs import get_logger
-from mbc.security import Authorizer
-from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.runtime.config import EtcdAccess, ServerConfig
+from mbc.runtime.logs import get_logger
+from mbc.runtime.security import Authorizer
+from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import context_pb2, context_pb2_grpc
 
 log = get_logger(__name__)

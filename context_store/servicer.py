@@ -9,8 +9,8 @@ import grpc
 from context_store.access import GroupAccess, PermissionDenied
 from context_store.core import ContextStoreCore, Fenced, InvalidArgument, LimitExceeded, NotFound, StoreError, VersionConflict
 from discovery.errors import EtcdUnavailable
-from mbc.logs import bind_context, get_logger
-from mbc.security import Authorizer
+from mbc.runtime.logs import bind_context, get_logger
+from mbc.runtime.security import Authorizer
 from mbc.v1 import context_pb2, context_pb2_grpc
 
 log = get_logger(__name__)

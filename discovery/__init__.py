@@ -12,7 +12,6 @@ from discovery.errors import (
 )
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
 from discovery.keys import PARTICIPANTS_PREFIX, parse_participant_key, participant_key, validate_name
-from discovery.local_etcd import EtcdNotFound, LocalEtcd, LocalEtcdCluster, ServerTls, find_etcd
 from discovery.registration import Registration
 from discovery.watcher import ParticipantSnapshot, ParticipantWatcher, check_registration
 
@@ -21,23 +20,18 @@ __all__ = [
     "EtcdAuthFailed",
     "EtcdClient",
     "EtcdError",
-    "EtcdNotFound",
     "EtcdPermissionDenied",
     "EtcdSettingsError",
     "EtcdUnavailable",
     "KeyValue",
     "LeaseNotFound",
-    "LocalEtcd",
-    "LocalEtcdCluster",
     "ParticipantSnapshot",
     "ParticipantWatcher",
     "Registration",
     "RegistrationConflict",
-    "ServerTls",
     "WatchCompacted",
     "WatchEvent",
     "check_registration",
-    "find_etcd",
     "parse_participant_key",
     "participant_key",
     "validate_name",

@@ -36,8 +36,8 @@ from discovery.errors import (
     LeaseNotFound,
     WatchCompacted,
 )
-from mbc.config import EtcdAccess
-from mbc.logs import get_logger
+from mbc.runtime.config import split_endpoints, EtcdAccess
+from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -233,8 +233,7 @@ class EtcdClient:
 
     def __init__(self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0,
                  access: EtcdAccess | None = None) -> None:
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.split(",") if e.strip()]
+        endpoints = list(split_endpoints(endpoints))
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if timeout <= 0 or heartbeat <= 0:

@@ -6,7 +6,7 @@ import time
 
 from discovery.etcd_client import EtcdClient
 from discovery.keys import validate_name
-from mbc.logs import get_logger
+from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
 log = get_logger(__name__)

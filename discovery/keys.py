@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import re
+from mbc.runtime.names import validate_name
 
 PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def validate_name(kind: str, value: str) -> None:
-    """Raise ValueError unless `value` is a valid name (group, bot id, instance id, ...)."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(
-            f"{kind} {value!r} is invalid: use 1-64 of letters, digits, '.', '_', '-', "
-            "starting with a letter or digit"
-        )
-
+__all__ = ["PARTICIPANTS_PREFIX", "bot_prefix", "group_participants_prefix", "parse_participant_key", "participant_key", "validate_name"]
 
 def group_participants_prefix(group: str) -> str:
     """The prefix of the participant keys of one group (what its bots may read)."""

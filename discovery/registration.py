@@ -8,7 +8,7 @@ import contextlib
 from discovery.errors import EtcdError, LeaseNotFound, RegistrationConflict
 from discovery.etcd_client import EtcdClient
 from discovery.keys import participant_key
-from mbc.logs import get_logger
+from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
 log = get_logger(__name__)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from discovery.errors import EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
 from discovery.keys import PARTICIPANTS_PREFIX, parse_participant_key
-from mbc.logs import get_logger
+from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
 log = get_logger(__name__)

@@ -1,3 +1,3 @@
-from mbc.cli import main
+from mbc.cli.main import main
 
 main()

@@ -32,8 +32,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mbc.config import DecisionConfig
-from mbc.matching import IntentPhrases
+from mbc.runtime.config import DecisionConfig
+from mbc.runtime.matching import IntentPhrases
 from router.decision import GroupModel, Heads
 
 GENERIC_NONE_PATH = Path(__file__).resolve().parent / "data" / "generic_none.txt"

@@ -26,11 +26,11 @@ from typing import Mapping, Sequence
 import faiss
 import numpy as np
 
-from mbc.config import RouterConfig
-from mbc.embedding_store import PhraseEmbeddings, open_store
-from mbc.encoder import Encoder
-from mbc.logs import get_logger
-from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.config import RouterConfig
+from router.embedding_store import PhraseEmbeddings, open_store
+from mbc.runtime.encoder import Encoder
+from mbc.runtime.logs import get_logger
+from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from router.calibration import (
     CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none, update_group_model,
 )

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from mbc.config import DecisionConfig
-from mbc.logs import get_logger
-from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.config import DecisionConfig
+from mbc.runtime.logs import get_logger
+from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import common_pb2, router_pb2
 
 log = get_logger(__name__)

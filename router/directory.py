@@ -6,8 +6,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from mbc.logs import get_logger
-from mbc.matching import IntentPhrases
+from mbc.runtime.logs import get_logger
+from mbc.runtime.matching import IntentPhrases
 from mbc.v1 import participant_pb2
 
 log = get_logger(__name__)

@@ -3,7 +3,7 @@
 Training a group's logistic-regression and SVM heads and fitting τ takes time that grows with the
 group (phrases × intents): seconds for the 10-bot CLINC150 mesh, minutes for groups of 100,000
 phrases, and the router answers UNAVAILABLE until its first models are built. The phrase vectors
-are persisted already (mbc/embedding_store.py); this keeps what was trained from them.
+are persisted already (router/embedding_store.py); this keeps what was trained from them.
 
 One `.npz` file per trained state, named by a digest of everything training reads: the embedding
 model, the decision settings, the group's intents with their phrases, the calibration examples and
@@ -27,10 +27,10 @@ from typing import Sequence
 
 import numpy as np
 
-from mbc.config import DecisionConfig
-from mbc.files import temporary_beside
-from mbc.logs import get_logger
-from mbc.matching import IntentPhrases
+from mbc.runtime.config import DecisionConfig
+from mbc.runtime.files import temporary_beside
+from mbc.runtime.logs import get_logger
+from mbc.runtime.matching import IntentPhrases
 from router.calibration import CalibrationInput
 from router.decision import Heads, LexicalSvm
 

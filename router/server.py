@@ -6,11 +6,11 @@ import asyncio
 import os
 
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
-from mbc import metrics
-from mbc.config import RouterConfig
-from mbc.encoder import Encoder
-from mbc.logs import get_logger
-from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.runtime import metrics
+from mbc.runtime.config import RouterConfig
+from mbc.runtime.encoder import Encoder
+from mbc.runtime.logs import get_logger
+from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import router_pb2, router_pb2_grpc
 from router.calibration import CalibrationError, load_calibration
 from router.core import RouterCore

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from mbc import metrics
-from mbc.logs import bind_context, get_logger
-from mbc.serving import abort
+from mbc.runtime import metrics
+from mbc.runtime.logs import bind_context, get_logger
+from mbc.runtime.status import abort
 from mbc.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.core import GroupMismatch, NotReady, RouterCore, UnknownBot
 

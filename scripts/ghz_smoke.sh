@@ -49,7 +49,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 143' TERM INT
 
-"$PY" -m mbc.bench.mesh --workdir "$WORK" > "$WORK/mesh.out" 2>&1 &
+"$PY" -m mbc.testing.mesh --workdir "$WORK" --bot examples/cards.yaml --no-store > "$WORK/mesh.out" 2>&1 &
 MESH_PID=$!
 for _ in $(seq 1 3000); do
   [ -f "$WORK/mesh.json" ] && break

@@ -4,7 +4,7 @@
 #   - the committed Go stubs (clients/go/mbcv1) are what clients/go/gen.sh makes now, and the Go
 #     client's copy of the service config is protos/service_config.json;
 #   - a live mesh: a LocalEtcd, the store, the router and the three example bots, each its own
-#     process (scripts/polyglot_mesh.py, like scripts/ghz_smoke.sh does with mbc.bench.mesh);
+#     process (`python -m mbc.testing.mesh`, the harness scripts/ghz_smoke.sh uses too);
 #   - the Go test (go test ./... in clients/go) and the Go gateway program, the Node test
 #     (node --test in clients/node): a local answer, transfers with intent and message, a fallback;
 #   - grpcurl lists and describes every service through reflection on the router, the store and
@@ -107,7 +107,7 @@ check "Go stubs up to date" go_stubs_fresh
 # A live mesh ----------------------------------------------------------------------------------
 echo
 echo "== polyglot: starting a live mesh (etcd, store, router, three example bots)"
-"$PY" scripts/polyglot_mesh.py --workdir "$WORK" > "$WORK/mesh.out" 2>&1 &
+"$PY" -m mbc.testing.mesh --workdir "$WORK" > "$WORK/mesh.out" 2>&1 &
 MESH_PID=$!
 for _ in $(seq 1 3000); do
   [ -f "$WORK/mesh.json" ] && break

@@ -8,8 +8,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from discovery import EtcdClient, LocalEtcd
-from mbc.context_client import ContextClient
+from discovery import EtcdClient
+from mbc.testing.etcd import LocalEtcd
+from mbc.client.context import ContextClient
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +40,7 @@ async def etcd_client(etcd_server: LocalEtcd) -> AsyncIterator[EtcdClient]:
 @pytest.fixture(scope="session")
 def encoder():
     """The real embedding model (offline), loaded once."""
-    from mbc.encoder import Encoder
+    from mbc.runtime.encoder import Encoder
 
     encoder = Encoder()
     yield encoder

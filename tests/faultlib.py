@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mbc.processes import ComponentProcess
+from mbc.testing.processes import ComponentProcess
 from meshlib import match
 
 

@@ -8,8 +8,8 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbc.metrics import sample_value, scrape_text
-from mbc.processes import ComponentProcess
+from mbc.runtime.metrics import sample_value, scrape_text
+from mbc.testing.processes import ComponentProcess
 
 
 async def health(address: str, service: str = "") -> str:

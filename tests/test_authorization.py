@@ -18,12 +18,13 @@ import pytest_asyncio
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbc.channels import open_channel
-from mbc.config import TlsConfig
-from mbc.gateway import Conversation
-from mbc.inspect import list_participants
+from mbc.runtime.channels import open_channel
+from mbc.runtime.config import TlsConfig
+from mbc.client.gateway import Conversation
+from mbc.cli.inspect import list_participants
 from mbc.v1 import bot_pb2, common_pb2, context_pb2, context_pb2_grpc
-from meshlib import EXAMPLES, Mesh, transfer, wait_indexed
+from meshlib import LEASE_TTL, transfer
+from mbc.testing.mesh import EXAMPLES, LocalMesh
 from pki import TestCA
 
 pytestmark = pytest.mark.timeout(600)  # the first test starts the mesh: minutes on a loaded machine
@@ -34,12 +35,12 @@ GROUP = "retail-bank"
 @pytest_asyncio.fixture(scope="module")
 async def mesh(etcd_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mtls-mesh")
-    mesh = Mesh(etcd_server.endpoint, workdir, ca=TestCA(workdir / "pki"))
+    mesh = LocalMesh(workdir, etcd_server.endpoint, ca=TestCA(workdir / "pki"), lease_ttl=LEASE_TTL)
     try:
         await asyncio.gather(mesh.start_store(), mesh.start_router())
         await asyncio.gather(mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
                              mesh.start_bot(EXAMPLES / "cards.yaml", "cards"))
-        await wait_indexed(mesh, ["personal-banking", "cards"], timeout=120)
+        await mesh.wait_indexed(["personal-banking", "cards"], timeout=120)
         yield mesh
     finally:
         mesh.stop()

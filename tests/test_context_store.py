@@ -10,8 +10,8 @@ import pytest
 
 from context_store.core import StoreConfig
 from context_store.server import StoreProcess
-from mbc.config import ServerConfig
-from mbc.context_client import ContextClient, Scope
+from mbc.runtime.config import ServerConfig
+from mbc.client.context import ContextClient, Scope
 from mbc.v1 import common_pb2
 
 MAX_KEYS = 30

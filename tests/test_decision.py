@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from mbc.config import DecisionConfig, RouterConfig
-from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.config import DecisionConfig, RouterConfig
+from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import common_pb2, router_pb2
 from router.calibration import (
     CalibrationError, CalibrationInput, Example, build_group_model, dump_calibration, parse_calibration, update_group_model,

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,7 @@ import pytest
 from discovery import (
     PARTICIPANTS_PREFIX,
     EtcdClient,
-    EtcdNotFound,
     EtcdUnavailable,
-    LocalEtcd,
     ParticipantSnapshot,
     ParticipantWatcher,
     Registration,
@@ -28,30 +26,16 @@ from discovery import (
     participant_key,
     validate_name,
 )
-from discovery.local_etcd import free_port
+from mbc.testing.etcd import EtcdNotFound, LocalEtcd, free_port
+from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def eventually(check: Callable[[], object | Awaitable[object]], timeout: float = 5.0,
-                     what: str = "condition") -> object:
-    """Poll `check` until it returns something truthy (EtcdUnavailable counts as not yet); fail after
-    `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-        except EtcdUnavailable:
-            result = None
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.05)
+def eventually_in_etcd(check, timeout: float = 5.0, what: str = "condition"):
+    """`eventually`, polling every 50 ms, an unreachable etcd counting as not yet."""
+    return eventually(check, timeout, 0.05, what=what, retry_on=(EtcdUnavailable,))
 
 
 def participant(group: str, bot_id: str, instance_id: str = "i1", **fields: object) -> participant_pb2.Participant:
@@ -214,12 +198,12 @@ async def test_registration_is_seen_and_stop_removes_it_at_once(etcd_client, gro
         registration = Registration(etcd_client, participant(group, "cards", display_name="Cards"), ttl=10)
         await registration.start()
         assert registration.registered and registration.key == participant_key(group, "cards", "i1")
-        seen = await eventually(lambda: watcher.snapshot.participants.get(registration.key), what="registration seen")
+        seen, _ = await eventually_in_etcd(lambda: watcher.snapshot.participants.get(registration.key), what="registration seen")
         assert seen.display_name == "Cards" and seen.intents[0].phrases == ["hello"]
         assert watcher.snapshot.revision >= collector.snapshots[0].revision
         await registration.stop()
         assert not registration.registered
-        await eventually(lambda: registration.key not in watcher.snapshot.participants, timeout=1.0,
+        await eventually_in_etcd(lambda: registration.key not in watcher.snapshot.participants, timeout=1.0,
                          what="registration gone after stop")
 
 
@@ -231,7 +215,7 @@ async def test_update_replaces_the_content(etcd_client, group):
         async with watching(etcd_client, group) as (watcher, _):
             await watcher.wait_ready(5)
             await registration.update(participant(group, "cards", definition_version="v2"))
-            await eventually(lambda: watcher.snapshot.participants[registration.key].definition_version == "v2",
+            await eventually_in_etcd(lambda: watcher.snapshot.participants[registration.key].definition_version == "v2",
                              what="updated content seen")
             assert registration.lease_id == lease
             with pytest.raises(ValueError, match="use a new Registration"):
@@ -273,7 +257,7 @@ async def test_killed_process_drops_out_within_ttl(etcd_server, etcd_client, gro
             proc.send_signal(signal.SIGKILL)
             loop = asyncio.get_running_loop()
             killed_at = loop.time()
-            await eventually(lambda: key not in watcher.snapshot.participants, timeout=ttl + 2.0,
+            await eventually_in_etcd(lambda: key not in watcher.snapshot.participants, timeout=ttl + 2.0,
                              what="killed instance removed")
             assert loop.time() - killed_at <= ttl + 2.0
     finally:
@@ -300,7 +284,7 @@ async def test_invalid_registrations_are_reported_once(etcd_client, group, caplo
         await etcd_client.put(no_address, participant(group, "noaddr", address="").SerializeToString())
         await etcd_client.put(bad_name, participant(group, "bad name").SerializeToString())
         await etcd_client.put(too_deep, participant(group, "deep").SerializeToString())
-        await eventually(lambda: len(watcher.snapshot.invalid) == 5, what="all invalid registrations listed")
+        await eventually_in_etcd(lambda: len(watcher.snapshot.invalid) == 5, what="all invalid registrations listed")
         invalid = watcher.snapshot.invalid
         assert "not a serialized mbc.v1.Participant" in invalid[garbage]
         assert invalid[mismatch] == "bot_id 'someone-else' does not match the key segment 'mismatch'"
@@ -311,12 +295,12 @@ async def test_invalid_registrations_are_reported_once(etcd_client, group, caplo
 
         await etcd_client.put(garbage, b"not a protobuf")
         await etcd_client.put(participant_key(group, "other", "i1"), participant(group, "other").SerializeToString())
-        await eventually(lambda: len(watcher.snapshot.participants) == 2, what="second valid participant")
+        await eventually_in_etcd(lambda: len(watcher.snapshot.participants) == 2, what="second valid participant")
         logged = [f["key"] for f in events(caplog, "invalid_registration")]
         assert sorted(logged) == sorted([garbage, mismatch, no_address, bad_name, too_deep])
 
         await etcd_client.put(mismatch, participant(group, "mismatch").SerializeToString())
-        await eventually(lambda: mismatch in watcher.snapshot.participants, what="fixed registration valid")
+        await eventually_in_etcd(lambda: mismatch in watcher.snapshot.participants, what="fixed registration valid")
         assert mismatch not in watcher.snapshot.invalid
 
 
@@ -327,7 +311,7 @@ async def test_lost_lease_is_renewed(etcd_client, group, caplog):
     try:
         old_lease = registration.lease_id
         await etcd_client.revoke_lease(old_lease)
-        await eventually(lambda: registration.lease_id not in (None, old_lease), timeout=3.0, what="new lease")
+        await eventually_in_etcd(lambda: registration.lease_id not in (None, old_lease), timeout=3.0, what="new lease")
         kv = await etcd_client.get(registration.key)
         assert kv is not None and kv.lease == registration.lease_id
         assert events(caplog, "registration_renewed")
@@ -356,11 +340,11 @@ async def test_watcher_relists_after_compaction(etcd_client, group, caplog):
     async with watching(etcd_client, group, on_change) as (watcher, _):
         await watcher.wait_ready(5)
         assert set(collector.snapshots[0].participants) == {keys[0]}
-        await eventually(lambda: set(watcher.snapshot.participants) == set(keys), what="converged after compaction")
+        await eventually_in_etcd(lambda: set(watcher.snapshot.participants) == set(keys), what="converged after compaction")
         assert watcher.snapshot.participants[keys[0]].display_name == "renamed"
         assert events(caplog, "watch_compacted")
         await etcd_client.delete(keys[1])
-        await eventually(lambda: keys[1] not in watcher.snapshot.participants, what="watch resumed after re-list")
+        await eventually_in_etcd(lambda: keys[1] not in watcher.snapshot.participants, what="watch resumed after re-list")
 
 
 async def test_watcher_waits_for_an_unreachable_etcd(group):
@@ -399,18 +383,18 @@ async def test_survives_frozen_etcd(own_etcd, group, caplog):
             paused_at = loop.time()
             own_etcd.pause()
             try:
-                await eventually(lambda: events(caplog, "watch_interrupted"), timeout=4.0,
+                await eventually_in_etcd(lambda: events(caplog, "watch_interrupted"), timeout=4.0,
                                  what="watch reports the frozen etcd")
                 await asyncio.sleep(max(0.0, paused_at + ttl + 1.0 - loop.time()))
             finally:
                 own_etcd.resume()
-            await eventually(lambda: events(caplog, "registration_renewed"), timeout=8.0, what="lease renewed")
-            await eventually(lambda: registration.key in watcher.snapshot.participants, timeout=5.0,
+            await eventually_in_etcd(lambda: events(caplog, "registration_renewed"), timeout=8.0, what="lease renewed")
+            await eventually_in_etcd(lambda: registration.key in watcher.snapshot.participants, timeout=5.0,
                              what="registration seen again")
             assert watcher.snapshot.participants[registration.key].bot_id == "cards"
             later = participant_key(group, "later", "i1")
             await client.put(later, participant(group, "later").SerializeToString())
-            await eventually(lambda: later in watcher.snapshot.participants, what="later change seen")
+            await eventually_in_etcd(lambda: later in watcher.snapshot.participants, what="later change seen")
     finally:
         own_etcd.resume()
         await registration.stop()
@@ -429,20 +413,20 @@ async def test_survives_etcd_restart(own_etcd, group, caplog):
         async with watching(client, group) as (watcher, _):
             await watcher.wait_ready(5)
             await asyncio.to_thread(own_etcd.stop)
-            await eventually(lambda: events(caplog, "watch_interrupted"), timeout=3.0, what="watch interrupted")
+            await eventually_in_etcd(lambda: events(caplog, "watch_interrupted"), timeout=3.0, what="watch interrupted")
             with pytest.raises(EtcdUnavailable):
                 await client.get(registration.key)
             await asyncio.sleep(3.0)
             listed = len(events(caplog, "participants_listed"))
             await asyncio.to_thread(own_etcd.start)
-            await eventually(lambda: client.get(registration.key), timeout=ttl + 5.0, what="key present after restart")
-            await eventually(lambda: len(events(caplog, "participants_listed")) > listed, timeout=5.0,
+            await eventually_in_etcd(lambda: client.get(registration.key), timeout=ttl + 5.0, what="key present after restart")
+            await eventually_in_etcd(lambda: len(events(caplog, "participants_listed")) > listed, timeout=5.0,
                              what="watcher listed again")
             await second.start()
-            await eventually(lambda: second.key in watcher.snapshot.participants, what="new registration seen")
+            await eventually_in_etcd(lambda: second.key in watcher.snapshot.participants, what="new registration seen")
             assert registration.key in watcher.snapshot.participants
             await second.stop()
-            await eventually(lambda: second.key not in watcher.snapshot.participants, what="removal seen")
+            await eventually_in_etcd(lambda: second.key not in watcher.snapshot.participants, what="removal seen")
     finally:
         await second.stop()
         await registration.stop()

@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from mbc.config import RouterConfig
-from mbc.embedding_store import FILE_NAME, EmbeddingStore, PhraseEmbeddings, open_store
+from mbc.runtime.config import RouterConfig
+from router.embedding_store import FILE_NAME, EmbeddingStore, PhraseEmbeddings, open_store
 from mbc.v1 import participant_pb2
 from router.core import RouterCore
 
@@ -150,7 +150,7 @@ async def test_changed_phrases_or_an_unreadable_heads_file_train_again(encoder, 
 async def test_a_restart_shows_its_progress_while_it_reads_and_indexes(encoder, tmp_path, monkeypatch, capsys):
     """The long steps of a build have a progress bar (on a terminal, or forced with MBC_PROGRESS=1):
     reading 30,000 cached vectors back, and indexing them (an approximate index at that size)."""
-    from mbc.index import build_index
+    from mbc.runtime.index import build_index
 
     texts = [f"phrase {i}" for i in range(30_000)]
     vectors = np.random.default_rng(0).normal(size=(len(texts), encoder.dim)).astype(np.float32)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mbc.config import EncoderConfig
-from mbc.encoder import _EncoderThread, _Query
+from mbc.runtime.config import EncoderConfig
+from mbc.runtime.encoder import _EncoderThread, _Query
 
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO.parent / "shared" / "data" / "clinc150"
@@ -237,7 +237,7 @@ def test_post_hooks_run_once_per_batch_for_equal_hooks_on_the_encoder_thread() -
 
 
 async def test_aencode_with_post_uses_the_cache_and_returns_one_result_per_text() -> None:
-    from mbc.encoder import Encoder
+    from mbc.runtime.encoder import Encoder
 
     encoder = Encoder.__new__(Encoder)  # the async API around a fake model, without loading one
     encoder.config = EncoderConfig(query_cache_size=16)
@@ -262,8 +262,8 @@ def refuse(*args, **kwargs):
     raise OSError("network disabled by the test")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-from mbc.config import EncoderConfig
-from mbc.encoder import Encoder
+from mbc.runtime.config import EncoderConfig
+from mbc.runtime.encoder import Encoder
 texts = json.loads(sys.argv[3])
 out = {}
 for backend in ("torch", "onnx", "onnx-int8"):
@@ -381,7 +381,7 @@ def _brute_force_cost(lengths: list[int], overhead: float, max_pass: int) -> flo
 
 @pytest.mark.parametrize("seed", range(6))
 def test_forward_passes_cover_every_input_once_at_the_least_padding_cost(seed: int) -> None:
-    from mbc.encoder import plan_passes
+    from mbc.runtime.encoder import plan_passes
 
     rng = np.random.default_rng(seed)
     lengths = sorted(rng.integers(3, 30, size=int(rng.integers(1, 11))).tolist())
@@ -397,7 +397,7 @@ def test_forward_passes_cover_every_input_once_at_the_least_padding_cost(seed: i
 
 def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengths(onnx_dir: Path) -> None:
     """The passes a batch is cut into (and the spinning session of a lone call) change nothing."""
-    from mbc.encoder import Encoder
+    from mbc.runtime.encoder import Encoder
 
     encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir)))
     try:

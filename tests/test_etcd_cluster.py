@@ -10,10 +10,12 @@ import time
 import pytest
 import pytest_asyncio
 
-from discovery import PARTICIPANTS_PREFIX, EtcdClient, LocalEtcdCluster
+from discovery import PARTICIPANTS_PREFIX, EtcdClient
+from mbc.testing.etcd import LocalEtcdCluster
 from mbc.v1 import bot_pb2
 
-from meshlib import EXAMPLE_PROBES, EXAMPLES, LEASE_TTL, Mesh, eventually, match, respond, wait_indexed
+from meshlib import LEASE_TTL, match, respond
+from mbc.testing.mesh import EXAMPLE_PROBES, EXAMPLES, LocalMesh, eventually
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,13 +38,13 @@ def endpoints_from(cluster: LocalEtcdCluster, first: int) -> str:
 @pytest_asyncio.fixture(scope="module")
 async def cluster_mesh(cluster, tmp_path_factory):
     # A later --etcd overrides the first one: each component gets the cluster in its own order.
-    mesh = Mesh(endpoints_from(cluster, 0), tmp_path_factory.mktemp("cluster-mesh"),
-                lambda name: ["--etcd", endpoints_from(cluster, FIRST_ENDPOINT[name])])
+    mesh = LocalMesh(tmp_path_factory.mktemp("cluster-mesh"), endpoints_from(cluster, 0),
+                     etcd_flags=lambda name: ["--etcd", endpoints_from(cluster, FIRST_ENDPOINT[name])], lease_ttl=LEASE_TTL)
     try:
         await asyncio.gather(mesh.start_store(), mesh.start_router())
         await asyncio.gather(mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
                              mesh.start_bot(EXAMPLES / "cards.yaml", "cards"))
-        await wait_indexed(mesh, ("personal-banking", "cards"), timeout=120)
+        await mesh.wait_indexed(("personal-banking", "cards"), timeout=120)
         yield mesh
     finally:
         mesh.stop()
@@ -54,7 +56,7 @@ async def registered_bots(cluster: LocalEtcdCluster) -> list[str]:
     return sorted(kv.key.split("/")[-2] for kv in items)
 
 
-async def transfer_works(mesh: Mesh) -> bool:
+async def transfer_works(mesh: LocalMesh) -> bool:
     """A consumer message to personal-banking that only cards can answer: a Match, then a Transfer."""
     try:
         r = await respond(mesh.bots["personal-banking"].address, "I lost my debit card", timeout=20)
@@ -63,7 +65,7 @@ async def transfer_works(mesh: Mesh) -> bool:
     return r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.replies[-1].bot_id == "cards"
 
 
-async def assert_mesh_keeps_working(cluster: LocalEtcdCluster, mesh: Mesh, bots: list[str]) -> float:
+async def assert_mesh_keeps_working(cluster: LocalEtcdCluster, mesh: LocalMesh, bots: list[str]) -> float:
     """Seconds until a transfer worked again; then three more in a row, and registrations that
     outlive twice their lease TTL (so their leases are being renewed)."""
     _, recovered = await eventually(lambda: transfer_works(mesh), timeout=90, interval=1.0)
@@ -108,7 +110,7 @@ async def test_mesh_keeps_working_when_the_leader_is_killed(cluster, cluster_mes
         print(f"transfers worked again after {seconds:.1f}s")
         # A bot joins while the old leader is still down: it registers and the router routes to it.
         await cluster_mesh.start_bot(EXAMPLES / "business_banking.yaml", "business-banking")
-        await wait_indexed(cluster_mesh, ("business-banking",), timeout=120)
+        await cluster_mesh.wait_indexed(("business-banking",), timeout=120)
         await assert_mesh_keeps_working(cluster, cluster_mesh, ["business-banking", "cards", "personal-banking"])
     finally:
         leader.start()

@@ -12,7 +12,6 @@ import pytest
 import pytest_asyncio
 
 from discovery import (
-    EtcdAuthFailed,
     EtcdClient,
     EtcdPermissionDenied,
     EtcdUnavailable,
@@ -24,11 +23,12 @@ from discovery import (
 from discovery.etcd_client import KeyPermission
 from discovery.groups import settings_key
 from discovery.keys import participant_key
-from mbc.config import EtcdAccess
-from mbc.etcd_auth import ROUTER_USER, STORE_USER, bot_user
+from mbc.runtime.config import EtcdAccess
+from mbc.cli.etcd_auth import ROUTER_USER, STORE_USER, bot_user
 from mbc.v1 import bot_pb2, participant_pb2
 
-from meshlib import EXAMPLES, ROOT, Mesh, eventually, match, respond, wait_indexed
+from meshlib import LEASE_TTL, ROOT, match, respond
+from mbc.testing.mesh import EXAMPLES, LocalMesh, eventually
 from pki import TestCA
 
 pytestmark = pytest.mark.timeout(300)
@@ -101,12 +101,12 @@ MESH_BOTS = ("personal-banking", "cards")
 @pytest_asyncio.fixture(scope="module")
 async def secure_mesh(secure, tmp_path_factory):
     """The store, the router and two example bots, each with its own etcd user and certificate."""
-    mesh = Mesh(f"https://{secure.etcd.endpoint}", tmp_path_factory.mktemp("secure-mesh"),
-                lambda name: secure.flags(component_name_to_user(name)))
+    mesh = LocalMesh(tmp_path_factory.mktemp("secure-mesh"), f"https://{secure.etcd.endpoint}",
+                     etcd_flags=lambda name: secure.flags(component_name_to_user(name)), lease_ttl=LEASE_TTL)
     try:
         await asyncio.gather(mesh.start_store(), mesh.start_router())
         await asyncio.gather(*(mesh.start_bot(EXAMPLES / f"{name.replace('-', '_')}.yaml", name) for name in MESH_BOTS))
-        await wait_indexed(mesh, MESH_BOTS, timeout=120)
+        await mesh.wait_indexed(MESH_BOTS, timeout=120)
         yield mesh
     finally:
         mesh.stop()
@@ -144,8 +144,8 @@ async def test_setup_takes_back_a_permission_granted_by_hand(secure):
 
 
 def test_etcd_access_comes_from_the_environment_like_any_setting():
-    from mbc.config import BotConfig
-    from mbc.settings import resolve
+    from mbc.runtime.config import BotConfig
+    from mbc.cli.settings import resolve
 
     config = resolve("bot", BotConfig(), environ={"MBC_BOT__ETCD__USERNAME": "cards@retail-bank",
                                                   "MBC_BOT__ETCD__PASSWORD_FILE": "/run/secrets/cards",

@@ -21,10 +21,11 @@ from bot_server.state import Fenced, MemoryState
 from discovery import EtcdClient, Registration
 from discovery.keys import PARTICIPANTS_PREFIX
 from faultlib import logged, ranked_first
-from mbc.context_client import ContextClient, Scope
-from mbc.gateway import Conversation
+from mbc.client.context import ContextClient, Scope
+from mbc.client.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2, participant_pb2
-from meshlib import TEST_BOTS, eventually, match, owner_of, respond, start_example_mesh
+from meshlib import TEST_BOTS, match, owner_of, respond, start_example_mesh
+from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.timeout(480)  # the first test also starts the mesh: minutes on a loaded machine
 

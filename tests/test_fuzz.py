@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from discovery.groups import settings_key
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, context_pb2, context_pb2_grpc, participant_pb2, router_pb2, router_pb2_grpc
 
-from meshlib import eventually, match, respond
+from meshlib import match, respond
+from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -12,7 +12,7 @@ import pytest
 
 from mbc.bench.index import synthetic_participants
 from mbc.bench.match import default_data_dir, load_clinc
-from mbc.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, build_index
+from mbc.runtime.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, build_index
 
 DIM = 384
 pytestmark = pytest.mark.timeout(900)  # the model embeds 1,600 texts: minutes on two loaded cores

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 
 from mbc.bench.loadgen import run_paced
-from mbc.encoder import Encoder
-from mbc.config import EncoderConfig
-from mbc.processes import ComponentProcess
+from mbc.runtime.encoder import Encoder
+from mbc.runtime.config import EncoderConfig
+from mbc.testing.processes import ComponentProcess
 from mbc.v1 import bot_pb2, bot_pb2_grpc, router_pb2, router_pb2_grpc
 
-from meshlib import eventually, match
+from meshlib import match
+from mbc.testing.mesh import eventually
 from probes import health, rss_kib
 
 pytestmark = pytest.mark.timeout(600)

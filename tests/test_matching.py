@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mbc.config import RatingThresholds
-from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.config import RatingThresholds
+from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import common_pb2
 
 INTENTS = [

@@ -8,10 +8,11 @@ import uuid
 import grpc
 import pytest
 
-from mbc.gateway import Conversation
+from mbc.client.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2
 
-from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, transfer
+from meshlib import LEASE_TTL, TEST_BOTS, match, respond, transfer
+from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.timeout(300)
 

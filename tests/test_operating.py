@@ -13,12 +13,13 @@ import uuid
 import grpc
 import pytest
 
-from mbc import tracing
-from mbc.gateway import Conversation
-from mbc.metrics import sample_value, scrape_text
+from mbc.runtime import tracing
+from mbc.client.gateway import Conversation
+from mbc.runtime.metrics import sample_value, scrape_text
 from mbc.v1 import bot_pb2, bot_pb2_grpc
 
-from meshlib import ROOT, eventually, transfer
+from meshlib import ROOT, transfer
+from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,5 +1,5 @@
-"""Settings: one typed model (mbc/config.py) filled from flag defaults, a YAML file, MBC_* variables
-and flags (mbc/settings.py); trace ids in metadata (mbc/tracing.py); metrics of an in-process server."""
+"""Settings: one typed model (mbc/runtime/config.py) filled from flag defaults, a YAML file, MBC_* variables
+and flags (mbc/cli/settings.py); trace ids in metadata (mbc/runtime/tracing.py); metrics of an in-process server."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import sys
 import grpc
 import pytest
 
-from mbc import cli, tracing
-from mbc.config import BotConfig, ServerConfig
-from mbc.metrics import sample_value, scrape_text
-from mbc.serving import GrpcServer
-from mbc.settings import ConfigError, resolve
+from mbc.runtime import tracing
+from mbc.cli import main as cli
+from mbc.runtime.config import BotConfig, ServerConfig
+from mbc.runtime.metrics import sample_value, scrape_text
+from mbc.runtime.serving import GrpcServer
+from mbc.cli.settings import resolve
 from mbc.v1 import router_pb2, router_pb2_grpc
 
 from meshlib import ROOT
@@ -144,9 +145,9 @@ async def test_every_server_counts_rpcs_and_reports_its_metrics_port(tmp_path):
 
 OTEL_SCRIPT = """
 import asyncio, grpc
-from mbc import tracing
-from mbc.config import ServerConfig
-from mbc.serving import GrpcServer
+from mbc.runtime import tracing
+from mbc.runtime.config import ServerConfig
+from mbc.runtime.serving import GrpcServer
 from mbc.v1 import router_pb2, router_pb2_grpc
 from opentelemetry import trace
 

@@ -14,11 +14,12 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from discovery.local_etcd import LocalEtcd
-from mbc.processes import ComponentProcess
+from mbc.testing.etcd import LocalEtcd
+from mbc.testing.processes import ComponentProcess
 from mbc.v1 import bot_pb2, context_pb2, context_pb2_grpc, router_pb2, router_pb2_grpc
 
-from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond
+from meshlib import LEASE_TTL, TEST_BOTS, match, respond
+from mbc.testing.mesh import eventually
 from probes import health, rpcs_started
 
 pytestmark = pytest.mark.timeout(400)

@@ -1,5 +1,5 @@
 """mTLS between components: a real grpc.aio server (GrpcServer, as every component uses) and real
-clients (mbc.channels), with certificates of a test CA (tests/pki.py). A server refuses plaintext,
+clients (mbc.runtime.channels), with certificates of a test CA (tests/pki.py). A server refuses plaintext,
 a client certificate of another CA, an expired one, or none; a client refuses a server whose
 certificate is expired or of another CA. Bad TLS settings stop a component at start."""
 
@@ -15,12 +15,12 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbc import cli
-from mbc.channels import open_channel
-from mbc.config import ServerConfig, StoreServiceConfig, TlsConfig
-from mbc.security import Identity, TlsError, identity_of, parse_identity
-from mbc.serving import GrpcServer
-from mbc.settings import ConfigError, resolve
+from mbc.cli import main as cli
+from mbc.runtime.channels import open_channel
+from mbc.runtime.config import ServerConfig, StoreServiceConfig, TlsConfig
+from mbc.runtime.security import Identity, TlsError, identity_of, parse_identity
+from mbc.runtime.serving import GrpcServer
+from mbc.cli.settings import ConfigError, resolve
 from pki import CertFiles, TestCA
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,10 +10,11 @@ import uuid
 import grpc
 import pytest
 
-from mbc.context_client import ContextClient, Scope
-from mbc.gateway import Conversation
+from mbc.client.context import ContextClient, Scope
+from mbc.client.gateway import Conversation
 from mbc.v1 import bot_pb2, common_pb2
-from meshlib import TEST_BOTS, eventually, owner_of, respond, start_example_mesh, transfer
+from meshlib import TEST_BOTS, owner_of, respond, start_example_mesh, transfer
+from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -216,7 +217,7 @@ async def test_ambiguous_message_asks_the_consumer_and_follows_the_answer(mesh, 
 
 async def test_router_down_bots_keep_answering_then_use_it_again(mesh):
     """Last in this module: it replaces the router."""
-    from mbc.processes import ComponentProcess
+    from mbc.testing.processes import ComponentProcess
 
     cards = mesh.bots["cards"].address
     elsewhere = "How do I open a business checking account for my LLC?"

@@ -14,8 +14,8 @@ import asyncio
 
 import grpc
 
-from mbc.config import ServerConfig
-from mbc.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.runtime.config import ServerConfig
+from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import router_pb2, router_pb2_grpc
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name

@@ -116,7 +116,7 @@ def measure_index(real_path: str, queries_path: str, intents: list[tuple[int, in
     """Everything measured in the process holding the index (see the module docstring)."""
     import faiss
 
-    from mbc.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, ivf_lists
+    from mbc.runtime.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, ivf_lists
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     real, queries = np.load(real_path), np.load(queries_path)
@@ -246,7 +246,7 @@ def _router_texts(phrases: int) -> list[str]:
 
 def seed_router_cache(directory: str, model_id: str, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> None:
     """The persisted embeddings a restarted router finds: synthetic vectors for `_router_texts`."""
-    from mbc.embedding_store import EmbeddingStore
+    from router.embedding_store import EmbeddingStore
 
     count = (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT
     store = EmbeddingStore(directory)
@@ -258,8 +258,8 @@ def measure_router(directory: str, phrases: int, backend: str) -> dict:
     """In a process of its own: the encoder, then the router (`RouterCore`) restarted on the
     cache `seed_router_cache` filled, with one group of `phrases` phrases; then one of its
     participants replaced. `router_rss_mb` is this process's RSS once the router is ready."""
-    from mbc.config import EncoderConfig, RouterConfig
-    from mbc.encoder import Encoder
+    from mbc.runtime.config import EncoderConfig, RouterConfig
+    from mbc.runtime.encoder import Encoder
     from mbc.v1 import participant_pb2
     from router.core import RouterCore
 
@@ -320,7 +320,7 @@ def measure_router(directory: str, phrases: int, backend: str) -> dict:
 def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Real phrase vectors (the 10-bot mesh), query vectors (distinct val utterances), intent rows."""
     from mbc.bench.match import load_clinc
-    from mbc.embedding_store import PhraseEmbeddings, open_store
+    from router.embedding_store import PhraseEmbeddings, open_store
 
     domains, train, val, _ = load_clinc(data_dir)
     phrases: list[str] = []
@@ -340,8 +340,8 @@ def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str)
 
 
 def run(opts: IndexBenchOptions, data_dir: Path, backend: str, cache: str) -> dict:
-    from mbc.config import EncoderConfig
-    from mbc.encoder import Encoder
+    from mbc.runtime.config import EncoderConfig
+    from mbc.runtime.encoder import Encoder
 
     load = os.getloadavg()
     encoder = Encoder(EncoderConfig(backend=backend))

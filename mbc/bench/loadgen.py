@@ -121,7 +121,7 @@ ENCODER_SAMPLES = {
 
 
 def encoder_counters(address: str) -> dict[str, float]:
-    from mbc.metrics import sample_value, scrape_text
+    from mbc.runtime.metrics import sample_value, scrape_text
 
     text = scrape_text(address)
     return {key: sample_value(text, name, labels) for key, (name, labels) in ENCODER_SAMPLES.items()}

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from mbc.config import EncoderConfig
+from mbc.runtime.config import EncoderConfig
 
 GROUP = "clinc150"
 ROUTER_SERVICE = "mbc.v1.Router"
@@ -118,7 +118,7 @@ def encoder_setups(tuned: EncoderConfig) -> list[EncoderConfig]:
 def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions, pause_ms: float = 0.0) -> dict:
     """In-process, one set-up: median single-utterance time and throughput per batch size, with
     `config.workers` callers encoding batches side by side (as the router's workers do)."""
-    from mbc.encoder import Encoder
+    from mbc.runtime.encoder import Encoder
 
     encoder = Encoder(config)
     callers = ThreadPoolExecutor(max_workers=config.workers)
@@ -227,7 +227,7 @@ async def bench_router(
 ) -> tuple[list[dict], float]:
     """Starts `python -m module args` and loads it with `phases`, measuring its CPU and (when it serves
     /metrics) its encoder stages."""
-    from mbc.processes import ComponentProcess
+    from mbc.testing.processes import ComponentProcess
 
     started = time.monotonic()
     router = ComponentProcess(name, args, workdir, module=module)
@@ -244,8 +244,9 @@ async def bench_router(
 
 
 async def run(opts: BenchOptions) -> dict:
-    from discovery import EtcdClient, LocalEtcd, Registration
-    from mbc.processes import new_workdir
+    from discovery import EtcdClient, Registration
+    from mbc.testing.etcd import LocalEtcd
+    from mbc.testing.processes import new_workdir
 
     domains, train, val, warm = load_clinc(opts.data_dir)
     needed = opts.c1_requests + opts.c32_requests

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mbc.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig
+from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
 from mbc.v1 import bot_pb2, router_pb2
 
 GROUP = "clinc150"
@@ -113,10 +113,10 @@ async def run(args) -> dict:
     from bot_server.bot import Bot
     from bot_server.definition import BotDefinition
     from bot_server.server import BotProcess
-    from discovery import LocalEtcd
-    from mbc.channels import ChannelPool
-    from mbc.encoder import Encoder
-    from mbc.gateway import Conversation
+    from mbc.testing.etcd import LocalEtcd
+    from mbc.runtime.channels import ChannelPool
+    from mbc.runtime.encoder import Encoder
+    from mbc.client.gateway import Conversation
     from router.calibration import Example
     from router.server import RouterProcess
 
@@ -129,7 +129,7 @@ async def run(args) -> dict:
         progress("eval: NOTE --split val: the router is calibrated on val, so these figures are in-sample for calibration")
     local_etcd = None
     if args.etcd:
-        etcd = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+        etcd = split_endpoints(args.etcd)
     else:
         local_etcd = LocalEtcd()
         local_etcd.start()
@@ -319,7 +319,7 @@ def table(r: dict) -> str:
 
 
 def main(args) -> int:
-    from mbc.logs import configure
+    from mbc.runtime.logs import configure
 
     configure(args.log_level, service="eval")
     try:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 
-from mbc.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.matching import IntentCatalog, IntentPhrases
 
 
 @dataclass
@@ -78,7 +77,7 @@ def intents_from_definitions(paths: Sequence[str]) -> dict[str, list[IntentPhras
 
 async def intents_from_etcd(endpoints: Sequence[str], access=None) -> dict[str, list[IntentPhrases]]:
     """The intents of the collaborating participants registered in etcd (reached with
-    `access`, an mbc.config.EtcdAccess), by group."""
+    `access`, an mbc.runtime.config.EtcdAccess), by group."""
     from discovery import EtcdClient
     from discovery.watcher import check_registration
     from router.directory import Directory

@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 
-from mbc.logs import get_logger
+from mbc.runtime.logs import get_logger
 
 log = get_logger("fault_handlers")
 REPLY = "Your safe deposit box is reserved."

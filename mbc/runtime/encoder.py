@@ -40,10 +40,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mbc import metrics
-from mbc.config import EncoderConfig
-from mbc.files import temporary_beside
-from mbc.logs import get_logger
+from mbc.runtime import metrics
+from mbc.runtime.config import EncoderConfig
+from mbc.runtime.files import temporary_beside
+from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Mapping
 
 import grpc
 
-from mbc.channels import ChannelPool
-from mbc.config import TlsConfig
-from mbc.context_client import ContextClient
+from mbc.runtime.channels import ChannelPool
+from mbc.runtime.config import TlsConfig
+from mbc.client.context import ContextClient
 from mbc.v1 import bot_pb2
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from mbc.logs import get_logger
+from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""Effective settings of a component: the typed model of mbc/config.py, filled in layers.
+"""Effective settings of a component: the typed model of mbc/runtime/config.py, filled in layers.
 
 From lowest to highest precedence:
 
@@ -38,7 +38,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mbc.config import BotConfig, RouterConfig, StoreServiceConfig
+from mbc.runtime.config import BotConfig, RouterConfig, StoreServiceConfig, split_endpoints
 
 KINDS: dict[str, type] = {"router": RouterConfig, "bot": BotConfig, "store": StoreServiceConfig}
 ENV_PREFIX = "MBC_"
@@ -177,7 +177,7 @@ def coerce(value: Any, kind: Any, where: str) -> Any:
         raise wrong("a string")
     if typing.get_origin(kind) is tuple:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = split_endpoints(value)
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise wrong("a list of strings (or one comma-separated string)")

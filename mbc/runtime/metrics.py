@@ -1,6 +1,6 @@
 """Prometheus metrics of every mbc server (prometheus-client, default registry).
 
-Every `mbc.serving.GrpcServer` counts its RPCs through `ObservingInterceptor` (mbc/serving.py) and
+Every `mbc.runtime.serving.GrpcServer` counts its RPCs through `ObservingInterceptor` (mbc/runtime/serving.py) and
 serves `/metrics` over HTTP on `ServerConfig.metrics_port` (same host as the gRPC port; 0 picks a
 free port, written to `<port file stem>.metrics-port` next to the port file and logged as
 `metrics_serving`; -1 turns the endpoint off).
@@ -58,7 +58,7 @@ ENCODER_BATCH_UTTERANCES = Histogram(
     "mbc_encoder_batch_utterances", "Utterances encoded per micro-batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
 
-BOT_TRANSFERS = Counter("mbc_bot_transfers_total", "Transfers by outcome (see mbc/metrics.py).", ["outcome"])
+BOT_TRANSFERS = Counter("mbc_bot_transfers_total", "Transfers by outcome (see mbc/runtime/metrics.py).", ["outcome"])
 BOT_TURNS = Counter("mbc_bot_turns_total", "Respond and Transfer results by outcome.", ["rpc", "outcome"])
 for _outcome in ("sent", "taken", "failed", "loop_stopped", "fallback"):
     BOT_TRANSFERS.labels(_outcome)  # reported as 0 before the first one, so that rates and alerts see them

@@ -29,7 +29,7 @@ from discovery.errors import EtcdAuthFailed, EtcdError
 from discovery.etcd_client import EtcdClient, KeyPermission
 from discovery.groups import GROUPS_PREFIX, group_prefix
 from discovery.keys import PARTICIPANTS_PREFIX, bot_prefix, group_participants_prefix
-from mbc.config import EtcdAccess
+from mbc.runtime.config import EtcdAccess
 
 ROOT_USER = "root"
 ROUTER_USER = "mbc-router"

@@ -9,7 +9,8 @@ import os
 import shutil
 import sys
 
-from mbc.cli import _etcd_access, _etcd_access_args
+from mbc.cli.flags import etcd_access, etcd_access_args
+from mbc.runtime.config import split_endpoints
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -19,13 +20,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_overlap(args: argparse.Namespace) -> None:
-    from mbc.encoder import Encoder
+    from mbc.runtime.encoder import Encoder
     from mbc.evaluation.overlap import find_overlaps, format_overlaps, intents_from_definitions, intents_from_etcd
 
     if args.definitions:
         groups = intents_from_definitions(args.definitions)
     else:
-        groups = asyncio.run(intents_from_etcd([e.strip() for e in args.etcd.split(",") if e.strip()], _etcd_access(args)))
+        groups = asyncio.run(intents_from_etcd(list(split_endpoints(args.etcd)), etcd_access(args)))
     encoder = Encoder()
     try:
         overlaps = find_overlaps(groups, encoder, threshold=args.threshold)
@@ -37,10 +38,10 @@ def cmd_overlap(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Validate a calibration file, fit τ per group for the participants registered now, install it."""
-    from mbc.config import DecisionConfig
-    from mbc.encoder import Encoder
+    from mbc.runtime.config import DecisionConfig
+    from mbc.runtime.encoder import Encoder
     from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
-    from mbc.matching import IntentCatalog
+    from mbc.runtime.matching import IntentCatalog
     from router.calibration import CalibrationError, CalibrationInput, build_group_model, for_group, generic_none, load_calibration
 
     try:
@@ -53,7 +54,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         groups = intents_from_definitions(args.definitions)
     else:
         try:
-            groups = asyncio.run(intents_from_etcd([e.strip() for e in args.etcd.split(",") if e.strip()], _etcd_access(args)))
+            groups = asyncio.run(intents_from_etcd(list(split_endpoints(args.etcd)), etcd_access(args)))
         except Exception as e:  # noqa: BLE001
             sys.exit(f"mbc calibrate: cannot read the participants from etcd {args.etcd}: {e}")
     encoder = Encoder()
@@ -109,7 +110,7 @@ def add_commands(sub) -> None:
     cal = sub.add_parser("calibrate", help="validate a labelled calibration set, print the thresholds it gives, install it")
     cal.add_argument("file", help="JSON Lines: {\"text\": ..., \"bot\": ... or null, \"intent\": ...}")
     cal.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="fit for the participants registered here")
-    _etcd_access_args(cal)
+    etcd_access_args(cal)
     cal.add_argument("--definitions", nargs="+", default=[], help="fit for these bot definition files instead")
     cal.add_argument("--install", default="", help="copy the file here (the path given to `mbc router --calibration`)")
     cal.add_argument("--json", action="store_true", help="also print the fitted figures as JSON")
@@ -117,7 +118,7 @@ def add_commands(sub) -> None:
 
     ov = sub.add_parser("overlap", help="intents of different bots whose training phrases collide")
     ov.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="the participants registered here")
-    _etcd_access_args(ov)
+    etcd_access_args(ov)
     ov.add_argument("--definitions", nargs="+", default=[], help="these bot definition files instead (before they join)")
     ov.add_argument("--threshold", type=float, default=0.8, help="cosine from which two phrases collide (default 0.8)")
     ov.add_argument("--examples", type=int, default=2, help="phrase pairs shown per intent pair")

@@ -14,81 +14,12 @@ import sys
 # 284 Matches/s at 32 callers against 347-398 (measured, 2 cores).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
 
-from mbc.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, ServerConfig, StoreServiceConfig, TlsConfig
-from mbc.config import EtcdAccess
-from mbc.logs import configure
+from mbc.runtime.config import DecisionConfig, BotConfig, EncoderConfig, RouterConfig, StoreServiceConfig
+from mbc.runtime.logs import configure
+from mbc.cli.flags import etcd_access, etcd_access_args, server_args, server_config, tls_args, tls_config
+from mbc.runtime.config import split_endpoints
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
-
-
-def _endpoints(value: str) -> tuple[str, ...]:
-    return tuple(e.strip().removeprefix("http://") for e in value.split(",") if e.strip())
-
-
-def _tls_args(parser: argparse.ArgumentParser, client: bool = True) -> None:
-    """mTLS files (TlsConfig), all three or none. Client commands default to MBC_TLS_CA, MBC_TLS_CERT
-    and MBC_TLS_KEY; servers take MBC_<COMPONENT>__SERVER__TLS__<FIELD> like their other settings."""
-    env = os.environ.get if client else (lambda name, default: default)
-    parser.add_argument("--tls-ca", default=env("MBC_TLS_CA", ""), metavar="FILE",
-                        help="PEM CA of the mesh: turns on mutual TLS (with --tls-cert and --tls-key)")
-    parser.add_argument("--tls-cert", default=env("MBC_TLS_CERT", ""), metavar="FILE",
-                        help="PEM certificate naming this component (spiffe://mbc/bot/<group>/<bot_id>, spiffe://mbc/gateway/<name>, ...)")
-    parser.add_argument("--tls-key", default=env("MBC_TLS_KEY", ""), metavar="FILE", help="PEM private key of --tls-cert")
-
-
-def _tls_config(args: argparse.Namespace) -> TlsConfig:
-    """The client command's TlsConfig, its files checked (exit with a message otherwise)."""
-    from mbc.security import read_files
-
-    try:
-        tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
-        if tls.enabled:
-            read_files(tls)
-        return tls
-    except ValueError as e:  # TlsError included
-        sys.exit(f"mbc {args.command}: {e}")
-
-
-def _etcd_access_args(parser: argparse.ArgumentParser, user: bool = True) -> None:
-    """TLS files and the etcd user (fields of EtcdAccess)."""
-    parser.add_argument("--etcd-ca", default=EtcdAccess.ca_file, metavar="FILE",
-                        help="CA of etcd's server certificate: talk TLS to etcd (as do https:// endpoints)")
-    parser.add_argument("--etcd-cert", default=EtcdAccess.cert_file, metavar="FILE", help="client certificate for etcd (with --etcd-key)")
-    parser.add_argument("--etcd-key", default=EtcdAccess.key_file, metavar="FILE", help="key of --etcd-cert")
-    if user:
-        parser.add_argument("--etcd-user", default=EtcdAccess.username, help="etcd user (see `mbc etcd-auth setup`)")
-        parser.add_argument("--etcd-password-file", default=EtcdAccess.password_file, metavar="FILE",
-                            help="file holding the etcd user's password")
-
-
-def _etcd_access(args: argparse.Namespace) -> EtcdAccess:
-    return EtcdAccess(ca_file=args.etcd_ca, cert_file=args.etcd_cert, key_file=args.etcd_key,
-                      username=getattr(args, "etcd_user", ""), password_file=getattr(args, "etcd_password_file", ""))
-
-
-def _server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
-    parser.add_argument("--port", type=int, default=default_port, help="port to bind; 0 picks a free one")
-    parser.add_argument("--port-file", default="", help="write the bound port to this file once serving")
-    parser.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
-    _etcd_access_args(parser)
-    parser.add_argument("--model", default=os.environ.get("MBC_MODEL", ""), help="sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--log-level", default=os.environ.get("MBC_LOG_LEVEL", "INFO"))
-    parser.add_argument("--config", default=os.environ.get("MBC_CONFIG", ""), metavar="FILE",
-                        help="YAML settings file (sections router/bot/store); MBC_<COMPONENT>__<FIELD> variables and flags override it")
-    parser.add_argument("--metrics-port", type=int, default=ServerConfig.metrics_port,
-                        help="Prometheus /metrics port on --host; 0 picks a free one (written to <port file stem>.metrics-port), -1 turns it off")
-    parser.add_argument("--otel", action="store_true", default=ServerConfig.otel,
-                        help="OpenTelemetry gRPC instrumentation (needs the otel extra)")
-    parser.add_argument("--otel-exporter", default=ServerConfig.otel_exporter, choices=("otlp", "console", "none"),
-                        help="where OpenTelemetry spans go (otlp: OTEL_EXPORTER_OTLP_ENDPOINT)")
-    _tls_args(parser, client=False)
-
-
-def _server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, port_file=args.port_file, metrics_port=args.metrics_port,
-                        otel=args.otel, otel_exporter=args.otel_exporter,
-                        tls=TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key))
 
 
 def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -126,9 +57,9 @@ def _given_flags(argv: list[str]) -> set[str]:
 
 
 def effective_config(kind: str, args: argparse.Namespace, build):
-    """`build(args)` layered per mbc/settings.py: flag defaults < --config file < MBC_* env < given flags."""
-    from mbc.security import TlsError, read_files
-    from mbc.settings import ConfigError, flag_overrides, resolve
+    """`build(args)` layered per mbc/cli/settings.py: flag defaults < --config file < MBC_* env < given flags."""
+    from mbc.runtime.security import TlsError, read_files
+    from mbc.cli.settings import ConfigError, flag_overrides, resolve
 
     defaults, probes = _flag_defaults(kind)
     try:
@@ -211,9 +142,9 @@ def _exit_now() -> None:
 
 def router_config(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        etcd_endpoints=_endpoints(args.etcd),
-        etcd=_etcd_access(args),
-        server=_server_config(args),
+        etcd_endpoints=split_endpoints(args.etcd),
+        etcd=etcd_access(args),
+        server=server_config(args),
         encoder=_router_encoder_config(args),
         decision=DecisionConfig(calibration_path=args.calibration),
         embedding_cache_dir=args.embedding_cache,
@@ -250,11 +181,11 @@ def load_handlers(spec: str, bot) -> None:
 def bot_config(args: argparse.Namespace) -> BotConfig:
     return BotConfig(
         definition_path=args.definition,
-        etcd_endpoints=_endpoints(args.etcd),
-        etcd=_etcd_access(args),
+        etcd_endpoints=split_endpoints(args.etcd),
+        etcd=etcd_access(args),
         router_address=args.router,
         store_address=args.store,
-        server=_server_config(args),
+        server=server_config(args),
         encoder=EncoderConfig(model=args.model),
         instance_id=args.instance_id,
         lease_ttl_seconds=args.lease_ttl,
@@ -286,14 +217,14 @@ def cmd_store(args: argparse.Namespace) -> None:
 
 
 def store_config(args: argparse.Namespace) -> StoreServiceConfig:
-    return StoreServiceConfig(etcd_endpoints=_endpoints(args.etcd), etcd=_etcd_access(args), server=_server_config(args))
+    return StoreServiceConfig(etcd_endpoints=split_endpoints(args.etcd), etcd=etcd_access(args), server=server_config(args))
 
 
 CONFIG_BUILDERS = {"router": router_config, "bot": bot_config, "store": store_config}
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from mbc.settings import ConfigError, render, resolve
+    from mbc.cli.settings import ConfigError, render, resolve
 
     kinds = [args.kind] if args.kind else list(CONFIG_BUILDERS)
     out = []
@@ -308,17 +239,17 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_participants(args: argparse.Namespace) -> None:
-    from mbc.inspect import print_participants
+    from mbc.cli.inspect import print_participants
 
-    sys.exit(asyncio.run(print_participants(list(_endpoints(args.etcd)), args.group, args.timeout, args.json, _tls_config(args),
-                                            etcd_access=_etcd_access(args))))
+    sys.exit(asyncio.run(print_participants(list(split_endpoints(args.etcd)), args.group, args.timeout, args.json, tls_config(args),
+                                            etcd_access=etcd_access(args))))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from mbc.chat import run_chat
+    from mbc.cli.chat import run_chat
 
     configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="chat")
-    sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout, tls=_tls_config(args))))
+    sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout, tls=tls_config(args))))
 
 
 def cmd_group(args: argparse.Namespace) -> None:
@@ -326,7 +257,7 @@ def cmd_group(args: argparse.Namespace) -> None:
     from discovery.groups import read_group_settings, write_group_settings
 
     async def run() -> None:
-        async with EtcdClient(list(_endpoints(args.etcd)), access=_etcd_access(args)) as etcd:
+        async with EtcdClient(list(split_endpoints(args.etcd)), access=etcd_access(args)) as etcd:
             settings = await read_group_settings(etcd, args.group)
             if args.return_to_sender is not None:
                 settings.return_to_sender = args.return_to_sender == "on"
@@ -337,23 +268,23 @@ def cmd_group(args: argparse.Namespace) -> None:
 
 
 def cmd_etcd_auth_setup(args: argparse.Namespace) -> None:
-    from mbc.etcd_auth import run_setup
+    from mbc.cli.etcd_auth import run_setup
 
     configure(os.environ.get("MBC_LOG_LEVEL", "WARNING"), service="etcd-auth")
-    sys.exit(asyncio.run(run_setup(list(_endpoints(args.etcd)), _etcd_access(args), args.password_dir,
+    sys.exit(asyncio.run(run_setup(list(split_endpoints(args.etcd)), etcd_access(args), args.password_dir,
                                    args.root_password_file, args.bot)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from mbc.demo import run_demo
+    from mbc.cli.demo import run_demo
 
-    sys.exit(asyncio.run(run_demo(etcd=_endpoints(args.etcd) if args.etcd else None)))
+    sys.exit(asyncio.run(run_demo(etcd=split_endpoints(args.etcd) if args.etcd else None)))
 
 
 def cmd_match(args: argparse.Namespace) -> None:
-    from mbc.inspect import print_match
+    from mbc.cli.inspect import print_match
 
-    sys.exit(asyncio.run(print_match(args.router, args.text, args.bot, args.group, args.candidates, _tls_config(args))))
+    sys.exit(asyncio.run(print_match(args.router, args.text, args.bot, args.group, args.candidates, tls_config(args))))
 
 
 def cmd_bench_match(args: argparse.Namespace) -> None:
@@ -375,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     router = sub.add_parser("router", help="run the router (watches etcd, answers Match)")
-    _server_args(router, default_port=50051)
+    server_args(router, default_port=50051)
     _router_encoder_args(router)
     router.add_argument("--calibration", default=os.environ.get("MBC_CALIBRATION", ""),
                         help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)")
@@ -385,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bot = sub.add_parser("bot", help="run one bot from a definition file")
     bot.add_argument("definition", help="bot definition YAML")
-    _server_args(bot, default_port=0)
+    server_args(bot, default_port=0)
     bot.add_argument("--router", default=os.environ.get("MBC_ROUTER", DEFAULT_ROUTER), help="router host:port; empty disables transfers")
     bot.add_argument("--store", default=os.environ.get("MBC_STORE", ""), help="Context Session Store host:port; empty keeps state in the bot")
     bot.add_argument("--handlers", action="append", default=[], metavar="MODULE",
@@ -395,13 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     bot.set_defaults(func=cmd_bot)
 
     store = sub.add_parser("store", help="run the Context Session Store (cross-bot data, conversation owners)")
-    _server_args(store, default_port=50052)
+    server_args(store, default_port=50052)
     store.set_defaults(func=cmd_store)
 
     group = sub.add_parser("group", help="show or change a bot group's settings")
     group.add_argument("group")
     group.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
-    _etcd_access_args(group)
+    etcd_access_args(group)
     group.add_argument("--return-to-sender", choices=("on", "off"), default=None,
                        help="hand a transferred conversation back to the sending bot when the receiver's dialog ends")
     group.set_defaults(func=cmd_group)
@@ -410,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     etcd_auth_sub = etcd_auth.add_subparsers(dest="etcd_auth_command", required=True)
     setup = etcd_auth_sub.add_parser(
         "setup", help="create or update one etcd user per component (router, store, each bot) allowed only its key "
-                      "prefixes, then enable authentication (see mbc/etcd_auth.py)")
+                      "prefixes, then enable authentication (see mbc/cli/etcd_auth.py)")
     setup.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
-    _etcd_access_args(setup, user=False)
+    etcd_access_args(setup, user=False)
     setup.add_argument("--password-dir", required=True, metavar="DIR",
                        help="each user's password is read from DIR/<user>.password, or made (random, mode 0600) when missing")
     setup.add_argument("--root-password-file", default="", metavar="FILE",
@@ -431,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--bot", default="", help="ask as this bot (it is left out of the candidates)")
     match.add_argument("--group", default="", help="only this group (default: the bot's group, or all)")
     match.add_argument("-n", "--candidates", type=int, default=5)
-    _tls_args(match)
+    tls_args(match)
     match.set_defaults(func=cmd_match)
 
     config = sub.add_parser("config", help="show the effective settings (flag defaults, --config file, MBC_* variables)")
@@ -443,11 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     participants = sub.add_parser("participants", help="registered bots: instances, group, health, intents")
     participants.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="etcd endpoints, comma-separated host:port")
-    _etcd_access_args(participants)
+    etcd_access_args(participants)
     participants.add_argument("--group", default="", help="only this group")
     participants.add_argument("--timeout", type=float, default=2.0, help="seconds for each health check")
     participants.add_argument("--json", action="store_true", help="one JSON object per instance instead of a table")
-    _tls_args(participants)
+    tls_args(participants)
     participants.set_defaults(func=cmd_participants)
 
     chat = sub.add_parser("chat", help="chat with the mesh in the terminal: who answers, every transfer")
@@ -457,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--conversation", default="", help="conversation id (default: a new one)")
     chat.add_argument("--consumer", default="terminal", help="consumer id")
     chat.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
-    _tls_args(chat)
+    tls_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks of this machine")
@@ -472,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench_index_arguments(bench_index)
     bench_index.set_defaults(func=cmd_bench_index)
-    from mbc.evaluation.cli import add_commands as _quality_commands
+    from mbc.cli.evaluation import add_commands as _quality_commands
 
     _quality_commands(sub)  # eval, calibrate, overlap
     return parser

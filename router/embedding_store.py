@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mbc.logs import get_logger
-from mbc.progress import progress_bar
+from mbc.runtime.logs import get_logger
+from mbc.runtime.progress import progress_bar
 
 log = get_logger(__name__)
 

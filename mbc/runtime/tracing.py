@@ -5,7 +5,7 @@ The id travels in gRPC metadata: `x-mbc-trace-id` (32 lowercase hex characters),
 trace. A server takes the id of an incoming call (`x-mbc-trace-id`, else the trace id of a
 `traceparent`, else it generates one: the first hop), keeps it in a contextvar for the duration of
 the call and adds it to every log line (`trace_id`). Outgoing calls made through
-`mbc.channels.ChannelPool` (bot → router, bot → bot, bot → store) carry it on.
+`mbc.runtime.channels.ChannelPool` (bot → router, bot → bot, bot → store) carry it on.
 
 OpenTelemetry is optional (the `otel` extra): with `ServerConfig.otel` on, `enable_otel()` sets up
 a tracer provider and the official gRPC instrumentation of grpc.aio servers and channels; the mesh

@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from mbc import metrics, security, tracing
-from mbc.config import ServerConfig
-from mbc.decoding import DecodingInterceptor
-from mbc.logs import bind_context, get_logger
+from mbc.runtime import metrics, security, tracing
+from mbc.runtime.config import ServerConfig
+from mbc.runtime.decoding import DecodingInterceptor
+from mbc.runtime.logs import bind_context, get_logger
 
 log = get_logger(__name__)
 
@@ -177,9 +177,3 @@ def remaining_seconds(context: grpc.aio.ServicerContext, default: float) -> floa
     if remaining is None or remaining > 1e8:
         return default
     return max(0.0, remaining)
-
-
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    log.info("rpc_rejected", code=code.name, reason=message)
-    await context.abort(code, message)
-

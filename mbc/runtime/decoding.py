@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from mbc.logs import get_logger
+from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

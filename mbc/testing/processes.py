@@ -15,8 +15,8 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbc.channels import open_channel
-from mbc.config import TlsConfig
+from mbc.runtime.channels import open_channel
+from mbc.runtime.config import TlsConfig
 
 
 class ComponentProcess:

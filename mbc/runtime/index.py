@@ -28,7 +28,7 @@ from typing import Iterator, Protocol
 import faiss
 import numpy as np
 
-from mbc.progress import progress_bar
+from mbc.runtime.progress import progress_bar
 
 EXACT_MAX_VECTORS = 20_000
 """`build_index` uses exact search below this many vectors, the IVF index from there on."""

@@ -1,7 +1,7 @@
 """`mbc chat`: talk to the mesh from a terminal, seeing which bot answers and every transfer.
 
 Lines are read from stdin (a terminal or a pipe); each is sent as a consumer message through
-`mbc.gateway.Conversation`, which follows the owner of the conversation. `/quit` (or end of input)
+`mbc.client.gateway.Conversation`, which follows the owner of the conversation. `/quit` (or end of input)
 ends the chat. Each message gets its own trace id, printed so that it can be looked up in the logs.
 """
 
@@ -13,10 +13,10 @@ from typing import TextIO
 
 import grpc
 
-from mbc import tracing
-from mbc.config import TlsConfig
-from mbc.gateway import Conversation
-from mbc.inspect import rating_name
+from mbc.runtime import tracing
+from mbc.runtime.config import TlsConfig
+from mbc.client.gateway import Conversation
+from mbc.cli.inspect import rating_name
 from mbc.v1 import bot_pb2
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import grpc
 
-from discovery.keys import validate_name
-from mbc import serving  # the module, not its names: serving imports this module too
-from mbc.config import TlsConfig
+from mbc.runtime.names import validate_name
+from mbc.runtime.status import abort
+from mbc.runtime.config import TlsConfig
 
 SPIFFE_PREFIX = "spiffe://mbc/"
 
@@ -132,7 +132,7 @@ class Authorizer:
             return None
         identity = identity_of(context.auth_context())
         if identity is None:
-            await serving.abort(context, grpc.StatusCode.UNAUTHENTICATED,
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED,
                         "the client certificate names no mesh identity (URI SAN spiffe://mbc/bot/<group>/<bot_id>, "
                         "spiffe://mbc/gateway/<name>, ...)")
         return identity
@@ -143,5 +143,5 @@ class Authorizer:
         identity = await self.caller(context)
         reason = refusal(identity, group, bot_id, action) if identity is not None else ""
         if reason:
-            await serving.abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
         return identity

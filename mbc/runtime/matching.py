@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from mbc.config import RatingThresholds
-from mbc.index import VectorIndex, build_index
+from mbc.runtime.config import RatingThresholds
+from mbc.runtime.index import VectorIndex, build_index
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class IntentCatalog:
         if len(vectors) != len(self._phrases):
             raise ValueError(f"{len(vectors)} vectors for {len(self._phrases)} phrases")
         self.dim = dim
-        # Exact search for groups of the usual size, approximate for very large ones (mbc/index.py).
+        # Exact search for groups of the usual size, approximate for very large ones (mbc/runtime/index.py).
         self._index: VectorIndex = build_index(dim, np.arange(len(self._phrases), dtype=np.int64), vectors)
         self.bots = frozenset(self._bot_ranges)
 

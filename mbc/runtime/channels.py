@@ -3,7 +3,7 @@
 Every channel gets the mesh's service config (protos/service_config.json, shipped in the package as
 mbc/service_config.json): per-method timeouts (a cap: a shorter deadline given to a call wins) and
 retries of UNAVAILABLE only, with exponential backoff and retry throttling. With a `TlsConfig`,
-channels are mutual TLS (mbc/security.py).
+channels are mutual TLS (mbc/runtime/security.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 
-from mbc.config import MiB, TlsConfig
-from mbc.security import channel_credentials
-from mbc.serving import channel_options
-from mbc.tracing import client_interceptors
+from mbc.runtime.config import MiB, TlsConfig
+from mbc.runtime.security import channel_credentials
+from mbc.runtime.serving import channel_options
+from mbc.runtime.tracing import client_interceptors
 from mbc.v1 import bot_pb2_grpc, router_pb2_grpc
 
 SERVICE_CONFIG_PATH = Path(__file__).resolve().parent / "service_config.json"
@@ -37,7 +37,7 @@ def _open(address: str, credentials: grpc.ChannelCredentials | None, **kwargs) -
 class ChannelPool:
     """Opens one grpc.aio channel per address and keeps it; close them all with `close()`.
 
-    Calls made through these channels carry the current trace id (mbc/tracing.py)."""
+    Calls made through these channels carry the current trace id (mbc/runtime/tracing.py)."""
 
     def __init__(self, max_message_bytes: int = 4 * MiB, keepalive_time_ms: int = 30_000, keepalive_timeout_ms: int = 10_000,
                  tls: TlsConfig = TlsConfig()) -> None:

@@ -6,11 +6,19 @@ them from flags.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mbc.v1 import common_pb2
 
 MiB = 1024 * 1024
+
+
+def split_endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Endpoints given as one comma-separated string (or a list): trimmed, empty ones dropped, and
+    `http://` removed (plain host:port; `https://` stays: it asks for TLS)."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(e.strip().removeprefix("http://") for e in items if e.strip())
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
@@ -66,7 +74,7 @@ class EncoderConfig:
     batch_size: int = 16
     """Most sentences per forward pass: longer inputs (training phrases, a micro-batch of utterances)
     are sorted by length and, with the ONNX backends, cut where padding the short ones would cost
-    more than another pass (`mbc.encoder.plan_passes`); small passes also stay in the CPU cache
+    more than another pass (`mbc.runtime.encoder.plan_passes`); small passes also stay in the CPU cache
     (ONNX on one thread, AMD EPYC: 16 cost 30% less CPU per sentence than 64, 55% less than 128)."""
     cache_size: int = 200_000
     """Phrase embeddings kept in memory, keyed by model and text, so unchanged phrases cost nothing."""
@@ -110,7 +118,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Mutual TLS between mesh components (see mbc/security.py). All three files or none: none is
+    """Mutual TLS between mesh components (see mbc/runtime/security.py). All three files or none: none is
     plaintext without authorization checks (development only). With them, this component's server
     accepts only clients presenting a certificate signed by `ca_file`, and its outgoing calls verify
     the server against `ca_file` and present `cert_file`. Read once, at start."""

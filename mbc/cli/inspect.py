@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbc.channels import ChannelPool, open_channel
-from mbc.config import EtcdAccess, TlsConfig
+from mbc.runtime.channels import ChannelPool, open_channel
+from mbc.runtime.config import EtcdAccess, TlsConfig
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
 BOT_SERVICE = bot_pb2.DESCRIPTOR.services_by_name["Bot"].full_name
