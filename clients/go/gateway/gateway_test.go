@@ -7,7 +7,7 @@ package gateway_test
 //	MBC_STORE      host:port of the Context Session Store
 //	MBC_REQUIRE_MESH=1 turns a missing address into a failure instead of a skip
 //
-// The messages are the demo's (mbc/demo.py, SCRIPT).
+// The messages are the demo's (mbc/cli/demo.py, SCRIPT).
 
 import (
 	"context"

@@ -4,7 +4,7 @@
 //   MBC_ENTRY_BOT  host:port of personal-banking, where the conversation starts
 //   MBC_STORE      host:port of the Context Session Store
 //   MBC_REQUIRE_MESH=1 turns missing addresses into a failure instead of a skip
-// The messages are the demo's (mbc/demo.py, SCRIPT).
+// The messages are the demo's (mbc/cli/demo.py, SCRIPT).
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { Mesh, call } = require('../gateway');
