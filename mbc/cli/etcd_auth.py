@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot_server.definition import BotDefinition
+
 from context_store.core import CONVERSATIONS
 from context_store.core import PREFIX as CONTEXT_PREFIX
 from discovery.errors import EtcdAuthFailed, EtcdError
@@ -123,8 +125,6 @@ async def apply(etcd: EtcdClient, grants: Mapping[str, tuple[Grant, ...]], passw
 def parse_bot(spec: str) -> tuple[str, str]:
     """(group, bot_id) of "GROUP/BOT_ID" or of a bot definition file."""
     if spec.endswith((".yaml", ".yml")):
-        from bot_server.definition import BotDefinition
-
         definition = BotDefinition.from_file(spec)
         return definition.group, definition.bot_id
     group, sep, bot_id = spec.partition("/")

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from discovery import PARTICIPANTS_PREFIX, EtcdClient
+from discovery.errors import EtcdError
+from discovery.watcher import check_registration
 from mbc.runtime.channels import ChannelPool, open_channel
 from mbc.runtime.config import EtcdAccess, TlsConfig
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
@@ -125,9 +128,6 @@ async def list_participants(etcd_endpoints: list[str], group: str = "", timeout:
                             tls: TlsConfig = TlsConfig(), etcd_access: EtcdAccess | None = None,
                             ) -> tuple[list[InstanceRow], dict[str, str]]:
     """Every registered instance (health checked in parallel) and the invalid registrations by key."""
-    from discovery import PARTICIPANTS_PREFIX, EtcdClient
-    from discovery.watcher import check_registration
-
     async with EtcdClient(etcd_endpoints, timeout=timeout, access=etcd_access) as etcd:
         items, _ = await etcd.get_prefix(PARTICIPANTS_PREFIX + (f"{group}/" if group else ""))
     rows: list[InstanceRow] = []
@@ -176,8 +176,6 @@ def format_participants(rows: list[InstanceRow], invalid: dict[str, str], width:
 async def print_participants(etcd_endpoints: list[str], group: str, timeout: float, as_json: bool,
                              tls: TlsConfig = TlsConfig(), etcd_access: EtcdAccess | None = None) -> int:
     """Exit status: 0 when every instance is SERVING, 1 when one is not, 2 when etcd cannot be read."""
-    from discovery.errors import EtcdError
-
     try:
         rows, invalid = await list_participants(etcd_endpoints, group, timeout, tls, etcd_access)
     except (EtcdError, OSError) as e:

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import threading
 import weakref
+from pathlib import Path
+from urllib.request import urlopen
 from typing import Iterable
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -128,23 +131,17 @@ class MetricsEndpoint:
 
 def metrics_port_file(port_file: str) -> str:
     """Where the metrics port is reported: `router.port` → `router.metrics-port` (same directory)."""
-    from pathlib import Path
-
     return str(Path(port_file).with_suffix(".metrics-port")) if port_file else ""
 
 
 def scrape_text(address: str, timeout: float = 5.0) -> str:
     """GET http://address/metrics (for tests and `mbc` tooling)."""
-    from urllib.request import urlopen
-
     with urlopen(f"http://{address}/metrics", timeout=timeout) as response:
         return response.read().decode()
 
 
 def sample_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
     """The sum of the samples called `name` whose labels include `labels` (0 when there is none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     want = labels or {}
     total = 0.0
     for family in text_string_to_metric_families(text):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 import sys
 
+from tqdm import tqdm
+
 MIN_ITEMS = 1024
 """Steps with fewer items get no bar: they take well under a second."""
 
 
 def progress_bar(total: int, desc: str, unit: str = "phrase"):
     """A tqdm bar; `update(n)` may be called from any thread."""
-    from tqdm import tqdm
-
     forced = os.environ.get("MBC_PROGRESS", "")
     disable: bool | None = None if total >= MIN_ITEMS else True  # None: tqdm shows it on a terminal only
     if forced in ("1", "0"):
