@@ -1,4 +1,4 @@
-.PHONY: setup demo test protos protoset ghz polyglot clean
+.PHONY: setup demo lint test test-fast protos protoset ghz polyglot clean
 
 setup:
 	@scripts/setup.sh
@@ -6,8 +6,20 @@ setup:
 demo: setup
 	.venv/bin/mbc demo
 
+# Lint (ruff), format (ruff format --check), types (mypy) and the layers of the packages
+# (import-linter); the configuration of each is in pyproject.toml. CI runs it before `make test`.
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache --no-logo
+
 test: setup
 	.venv/bin/python -m pytest -q
+
+# The tests marked unit (no etcd, no model, no process or gRPC server): well under a minute.
+test-fast: setup
+	.venv/bin/python -m pytest -q -m unit
 
 protos: setup
 	.venv/bin/python scripts/gen_protos.py
