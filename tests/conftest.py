@@ -9,8 +9,8 @@ import pytest
 import pytest_asyncio
 
 from discovery import EtcdClient
-from mbc.testing.etcd import LocalEtcd
 from mbc.client.context import ContextClient
+from mbc.testing.etcd import LocalEtcd
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +64,25 @@ async def example_mesh(etcd_server, tmp_path_factory):
         _EXAMPLE_MESH["mesh"] = mesh
         yield mesh
         _EXAMPLE_MESH.pop("mesh", None)
+
+
+# What makes a test `integration` (pyproject.toml registers the markers): these fixtures start etcd,
+# load the model or start processes. A test of neither mark is `integration` (never in `make
+# test-fast`); a test marked `unit` that uses one of these fixtures is an error.
+INTEGRATION_FIXTURES = {"etcd_server", "own_etcd", "etcd_client", "encoder", "example_mesh", "mesh", "store"}
+
+
+def pytest_itemcollected(item):
+    unit, integration = item.get_closest_marker("unit"), item.get_closest_marker("integration")
+    if unit is not None and integration is not None:
+        raise pytest.UsageError(f"{item.nodeid}: marked both unit and integration")
+    if unit is None:
+        if integration is None:
+            item.add_marker(pytest.mark.integration)
+        return
+    heavy = INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if heavy:
+        raise pytest.UsageError(f"{item.nodeid}: marked unit but uses {', '.join(sorted(heavy))} (mark it integration)")
 
 
 def _uses_example_mesh(item) -> bool:

@@ -27,6 +27,8 @@ from meshlib import LEASE_TTL, transfer
 from mbc.testing.mesh import EXAMPLES, LocalMesh
 from pki import TestCA
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(600)  # the first test starts the mesh: minutes on a loaded machine
 
 GROUP = "retail-bank"

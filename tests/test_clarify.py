@@ -4,6 +4,8 @@ import pytest
 
 from bot_server.engine import _chosen_option
 
+pytestmark = pytest.mark.unit
+
 OPTIONS = (
     ("business-banking", "business_loan", "Business Banking Assistant: business loan"),
     ("personal-banking", "personal_loan", "Personal Banking Assistant: personal loan"),

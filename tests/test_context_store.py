@@ -14,6 +14,8 @@ from mbc.runtime.config import ServerConfig
 from mbc.client.context import ContextClient, Scope
 from mbc.v1 import common_pb2
 
+pytestmark = pytest.mark.integration
+
 MAX_KEYS = 30
 
 

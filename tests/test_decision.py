@@ -17,6 +17,8 @@ from router.calibration import (
 from router.core import RouterCore
 from router.decision import ACT, DISAMBIGUATE, NONE, Scored, changed_bots, decide
 
+# Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
+
 R = common_pb2
 
 INTENTS = [
@@ -32,12 +34,14 @@ def s(bot, intent, confidence, rating):
     return Scored(bot, intent, confidence, 0.8, "", rating)
 
 
+@pytest.mark.unit
 def test_act_when_first_is_good_none_otherwise():
     assert decide([s("a", "x", 9.0, R.RATING_GOOD), s("b", "y", 3.0, R.RATING_POOR)], 0.25).decision == ACT
     assert decide([s("a", "x", 5.0, R.RATING_FAIR_PLUS), s("b", "y", 1.0, R.RATING_POOR)], 0.25).decision == NONE
     assert decide([], 0.25).decision == NONE
 
 
+@pytest.mark.unit
 def test_disambiguate_when_two_bots_are_close_and_fair_plus():
     ranked = [s("a", "x", 7.0, R.RATING_GOOD), s("a", "z", 6.95, R.RATING_GOOD), s("b", "y", 6.9, R.RATING_GOOD), s("c", "w", 6.85, R.RATING_FAIR_PLUS)]
     verdict = decide(ranked, 0.25)
@@ -51,6 +55,7 @@ def test_disambiguate_when_two_bots_are_close_and_fair_plus():
     assert decide(ranked, 0.0).decision == ACT
 
 
+@pytest.mark.unit
 def test_calibration_file_format():
     text = '{"text": "lost my card", "bot": "cards", "intent": "lost_card"}\n# comment\n{"text": "pizza?", "bot": null}\n'
     examples = parse_calibration(text)
@@ -355,6 +360,7 @@ async def test_router_recalibrates_on_join_leave_and_new_calibration(encoder, tm
     await core.close()
 
 
+@pytest.mark.unit
 def test_directory_reads_only_the_records_that_changed():
     """Unchanged records (the watcher keeps their objects) are not read again; a changed one is,
     and one with too many intents is left out."""

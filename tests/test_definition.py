@@ -7,6 +7,8 @@ import yaml
 
 from bot_server.definition import BotDefinition, DefinitionError
 
+pytestmark = pytest.mark.unit
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 VALID = {

@@ -30,6 +30,8 @@ from mbc.testing.etcd import EtcdNotFound, LocalEtcd, free_port
 from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -12,6 +12,8 @@ from router.embedding_store import FILE_NAME, EmbeddingStore, PhraseEmbeddings, 
 from mbc.v1 import participant_pb2
 from router.core import RouterCore
 
+# Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
+
 PHRASES = {
     "lost_card": ["I lost my debit card", "my credit card was stolen", "cannot find my card anywhere"],
     "balance": ["what is my balance", "how much money is in checking", "show my savings balance"],
@@ -79,6 +81,7 @@ async def test_other_model_or_dimension_is_a_miss(encoder, tmp_path):
     embeddings.store.close()
 
 
+@pytest.mark.unit
 def test_off_disables_persistence_and_empty_means_the_user_cache(tmp_path, monkeypatch):
     assert open_store("off") is None
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -87,6 +90,7 @@ def test_off_disables_persistence_and_empty_means_the_user_cache(tmp_path, monke
     store.close()
 
 
+@pytest.mark.unit
 def test_an_unwritable_directory_turns_persistence_off(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -19,6 +19,8 @@ import pytest
 from mbc.runtime.config import EncoderConfig
 from mbc.runtime.encoder import _EncoderThread, _Query
 
+# Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
+
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO.parent / "shared" / "data" / "clinc150"
 UTTERANCES = [
@@ -83,6 +85,7 @@ def _submit(thread: _EncoderThread, text: str) -> Future:
     return future
 
 
+@pytest.mark.unit
 def test_a_lone_call_never_waits_and_concurrent_ones_wait_a_bounded_time() -> None:
     model = FakeModel()
     thread = _EncoderThread(model, max_batch=8, wait_seconds=0.2)
@@ -119,6 +122,7 @@ def test_a_lone_call_never_waits_and_concurrent_ones_wait_a_bounded_time() -> No
         thread.stop()
 
 
+@pytest.mark.unit
 def test_two_workers_split_the_load_into_fair_batches_and_all_stop() -> None:
     started = threading.Semaphore(0)
     release = threading.Event()
@@ -157,6 +161,7 @@ def test_two_workers_split_the_load_into_fair_batches_and_all_stop() -> None:
     assert late.cancelled(), "a call after stop was queued rather than cancelled"
 
 
+@pytest.mark.unit
 def test_cancelled_calls_are_skipped_and_errors_reach_every_caller() -> None:
     def failing(texts: list[str], alone: bool = False) -> np.ndarray:
         raise RuntimeError("model broke")
@@ -204,6 +209,7 @@ class _Post:
         return [f"{self.name}:{t}" for t in texts]
 
 
+@pytest.mark.unit
 def test_post_hooks_run_once_per_batch_for_equal_hooks_on_the_encoder_thread() -> None:
     model = FakeModel()
     thread = _EncoderThread(model, max_batch=8, wait_seconds=0.0)
@@ -236,6 +242,7 @@ def test_post_hooks_run_once_per_batch_for_equal_hooks_on_the_encoder_thread() -
         thread.stop()
 
 
+@pytest.mark.unit
 async def test_aencode_with_post_uses_the_cache_and_returns_one_result_per_text() -> None:
     from mbc.runtime.encoder import Encoder
 
@@ -341,6 +348,7 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     print(f"bench smoke took {time.monotonic() - started:.0f} s")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("classes", [2, 5])
 def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
     """The router's SVM head skips sklearn's per-call validation, not its arithmetic."""
@@ -379,6 +387,7 @@ def _brute_force_cost(lengths: list[int], overhead: float, max_pass: int) -> flo
     return best
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(6))
 def test_forward_passes_cover_every_input_once_at_the_least_padding_cost(seed: int) -> None:
     from mbc.runtime.encoder import plan_passes

@@ -17,6 +17,8 @@ from mbc.v1 import bot_pb2
 from meshlib import LEASE_TTL, match, respond
 from mbc.testing.mesh import EXAMPLE_PROBES, EXAMPLES, LocalMesh, eventually
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(600)
 
 FIRST_ENDPOINT = {"router": 0, "store": 1, "personal-banking": 2, "cards": 1, "business-banking": 0}

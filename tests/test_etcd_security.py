@@ -31,6 +31,8 @@ from meshlib import LEASE_TTL, ROOT, match, respond
 from mbc.testing.mesh import EXAMPLES, LocalMesh, eventually
 from pki import TestCA
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(300)
 
 GROUP = "retail-bank"

@@ -30,6 +30,8 @@ from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, context_pb2, context_pb2_g
 from meshlib import match, respond
 from mbc.testing.mesh import eventually
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(600)
 
 CALL_SECONDS = 20.0

@@ -14,6 +14,8 @@ from mbc.bench.index import synthetic_participants
 from mbc.bench.match import default_data_dir, load_clinc
 from mbc.runtime.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, build_index
 
+# Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
+
 DIM = 384
 pytestmark = pytest.mark.timeout(900)  # the model embeds 1,600 texts: minutes on two loaded cores
 
@@ -57,6 +59,7 @@ def ivf_and_exact(clinc):
     return ivf, exact, vectors
 
 
+@pytest.mark.unit
 def test_factory_picks_exact_below_the_threshold_and_ivf_from_it():
     below = _unit(EXACT_MAX_VECTORS - 1)
     small = build_index(DIM, np.arange(len(below)), below)
@@ -199,6 +202,7 @@ def test_bench_index_smoke_writes_every_figure(tmp_path):
     assert result["restart_encoded"] == 0 and result["restart_phrases"] == 500
 
 
+@pytest.mark.unit
 def test_exact_index_returns_the_brute_force_neighbours_with_exclusions_and_changes():
     vectors = _unit(3000, seed=7)
     ids = np.arange(10_000, 13_000, dtype=np.int64)  # ids need not be row numbers

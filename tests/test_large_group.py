@@ -13,6 +13,8 @@ import yaml
 from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, start_example_mesh
 from mbc.v1 import bot_pb2
 
+pytestmark = pytest.mark.integration
+
 GROUP = "retail-bank"
 
 

@@ -31,6 +31,8 @@ from meshlib import match
 from mbc.testing.mesh import eventually
 from probes import health, rss_kib
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(600)
 
 WARMUP_SECONDS = 40.0

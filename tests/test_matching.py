@@ -7,6 +7,8 @@ from mbc.runtime.config import RatingThresholds
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import common_pb2
 
+# Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
+
 INTENTS = [
     IntentPhrases("cards", "lost_card", ("I lost my credit card", "my card was stolen", "freeze my card")),
     IntentPhrases("cards", "activate_card", ("activate my new card", "how do I turn on my new card")),
@@ -32,6 +34,7 @@ def test_asking_bot_is_left_out(catalog, encoder):
     assert [r.bot_id for r in ranked] == ["travel"]
 
 
+@pytest.mark.unit
 def test_ratings_follow_thresholds():
     t = RatingThresholds(very_good=0.9, good=0.7, fair_plus=0.6, fair=0.5)
     assert [t.rate(s) for s in (0.95, 0.7, 0.65, 0.5, 0.1)] == [

@@ -14,6 +14,8 @@ from mbc.v1 import bot_pb2, common_pb2
 from meshlib import LEASE_TTL, TEST_BOTS, match, respond, transfer
 from mbc.testing.mesh import eventually
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(300)
 
 

@@ -21,6 +21,8 @@ from mbc.v1 import bot_pb2, bot_pb2_grpc
 from meshlib import ROOT, transfer
 from mbc.testing.mesh import eventually
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(300)
 
 BOT_RPC = "mbc.v1.Bot"

@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,6 +21,7 @@ def test_generated_code_is_up_to_date(tmp_path):
     assert committed == fresh, "generated files without a .proto (or the reverse)"
 
 
+@pytest.mark.unit
 def test_enums_start_with_unspecified():
     from mbc.v1 import bot_pb2, common_pb2
 

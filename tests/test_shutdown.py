@@ -22,6 +22,8 @@ from meshlib import LEASE_TTL, TEST_BOTS, match, respond
 from mbc.testing.mesh import eventually
 from probes import health, rpcs_started
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(400)
 
 GRACE = 10.0

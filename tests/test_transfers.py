@@ -16,6 +16,8 @@ from mbc.v1 import bot_pb2, common_pb2
 from meshlib import TEST_BOTS, owner_of, respond, start_example_mesh, transfer
 from mbc.testing.mesh import eventually
 
+pytestmark = pytest.mark.integration
+
 pytestmark = pytest.mark.timeout(300)
 
 SLOW_TEXT = "I'd like to rent a safe deposit box please"
