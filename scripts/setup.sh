@@ -27,6 +27,10 @@ want=$(cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -d' ' 
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "setup: installing packages into $VENV (the first time downloads torch: several GB)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c requirements.lock -e '.[dev,onnx,otel]'
+  # Every package of the extras dev, onnx and otel, pinned and with its hashes (requirements.lock,
+  # made by the `uv pip compile` command in its header; it includes setuptools, so the project
+  # itself then installs without downloading anything: no deps, no isolated build).
+  "$VENV/bin/python" -m pip install -q --require-hashes -r requirements.lock
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$STAMP"
 fi
