@@ -4,6 +4,7 @@ and flags (mbc/cli/settings.py); trace ids in metadata (mbc/runtime/tracing.py);
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,23 +12,24 @@ import sys
 import grpc
 import pytest
 
-from mbc.runtime import tracing
 from mbc.cli import main as cli
-from mbc.runtime.config import BotConfig, ServerConfig
+from mbc.cli.flags import fill_client_defaults
+from mbc.cli.settings import flag_defaults, flags_of, given_flags, resolve
+from mbc.runtime import tracing
+from mbc.runtime.config import BotConfig, EncoderConfig, ServerConfig
 from mbc.runtime.metrics import sample_value, scrape_text
 from mbc.runtime.serving import GrpcServer
-from mbc.cli.settings import resolve
 from mbc.v1 import router_pb2, router_pb2_grpc
-
 from meshlib import ROOT
+
+pytestmark = pytest.mark.integration  # starts `mbc config show` and gRPC servers
 
 
 def effective(argv: list[str], env: dict[str, str] | None = None, monkeypatch=None):
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
     args = cli.build_parser().parse_args(argv)
-    args.argv = argv
-    return cli.effective_config(args.command, args, cli.CONFIG_BUILDERS[args.command])
+    return cli.effective_config(args.command, args)
 
 
 @pytest.fixture
@@ -98,6 +100,85 @@ def test_config_show_prints_effective_values_and_their_source(config_file):
     shown = config_file(result.stdout)
     again = resolve("bot", BotConfig(), shown, {}).config
     assert again.router_address == "10.0.0.7:50051" and again.max_hops == 2
+
+
+def _other_value(flag, default):
+    """A command-line value of `flag` other than its default, and the field value it gives."""
+    if flag.kind is bool and flag.choices:
+        word = flag.choices[1] if default else flag.choices[0]
+        return [flag.name, word], not default
+    if flag.kind is bool:
+        return [flag.name], True
+    if flag.choices:
+        word = next(c for c in flag.choices if c != default)
+        return [flag.name, word], word
+    if flag.kind is int:
+        return [flag.name, str(default + 1)], default + 1
+    if flag.kind is float:
+        return [flag.name, str(default + 1.5)], default + 1.5
+    if flag.kind is str:
+        return ([] if flag.name == "definition" else [flag.name]) + ["other.yaml"], "other.yaml"
+    return [flag.name, "a:1,b:2"], ("a:1", "b:2")
+
+
+@pytest.mark.parametrize("kind", ["router", "bot", "store"])
+def test_each_flag_sets_the_field_it_is_derived_from(kind):
+    defaults = flag_defaults(kind)
+    for flag in flags_of(kind):
+        default = defaults
+        for part in flag.path:
+            default = getattr(default, part)
+        words, value = _other_value(flag, default)
+        argv = [kind, *words] if kind != "bot" or flag.name == "definition" else [kind, "cards.yaml", *words]
+        given = given_flags(kind, cli.build_parser().parse_args(argv))
+        assert given[flag.path] == (value, f"flag {flag.name}"), flag
+
+
+def test_a_derived_flag_sets_its_field_over_file_and_environment(config_file, monkeypatch):
+    path = config_file("bot:\n  lease_ttl_seconds: 20\n  encoder: {model: /m/file}\n")
+    c = effective(["bot", "cards.yaml", "--config", path, "--lease-ttl", "30", "--model", "/m/flag", "--router", ""],
+                  {"MBC_BOT__LEASE_TTL_SECONDS": "25"}, monkeypatch)
+    assert (c.lease_ttl_seconds, c.encoder.model, c.router_address) == (30, "/m/flag", "")
+    c = effective(["router", "--idle-spinning", "off", "--calibration", "cal.jsonl", "--etcd", "http://e:1, f:2"],
+                  monkeypatch=monkeypatch)
+    assert (c.encoder.idle_spinning, c.decision.calibration_path, c.etcd_endpoints) == (False, "cal.jsonl", ("e:1", "f:2"))
+
+
+def test_an_old_variable_still_works_with_a_deprecation_line(config_file, monkeypatch, capsys):
+    c = effective(["bot", "cards.yaml"], {"MBC_ROUTER": "10.0.0.9:50051", "MBC_ETCD": "e:1"}, monkeypatch)
+    assert (c.router_address, c.etcd_endpoints) == ("10.0.0.9:50051", ("e:1",))
+    err = capsys.readouterr().err.splitlines()
+    assert "mbc: DeprecationWarning: MBC_ROUTER is deprecated: use MBC_BOT__ROUTER_ADDRESS" in err
+    assert "mbc: DeprecationWarning: MBC_ETCD is deprecated: use MBC_BOT__ETCD_ENDPOINTS" in err
+    # As the flag default it used to be: below the file and the new variables.
+    path = config_file("router:\n  encoder: {backend: onnx}\n")
+    monkeypatch.setenv("MBC_ENCODER_BACKEND", "onnx-int8")
+    monkeypatch.setenv("MBC_ENCODER_THREADS", "3")
+    monkeypatch.setenv("MBC_ROUTER__ENCODER__THREADS", "2")
+    c = effective(["router", "--config", path], monkeypatch=monkeypatch)
+    assert (c.encoder.backend, c.encoder.threads) == ("onnx", 2)
+    err = capsys.readouterr().err
+    assert "mbc: DeprecationWarning: MBC_ENCODER_BACKEND is deprecated: use MBC_ROUTER__ENCODER__BACKEND" in err
+    # Client commands: MBC_CLIENT__<FIELD>, the old name with the same line.
+    args = fill_client_defaults(cli.build_parser().parse_args(["match", "hello"]))
+    assert args.router == "10.0.0.9:50051" and args.tls_ca == ""
+    assert capsys.readouterr().err == "mbc: DeprecationWarning: MBC_ROUTER is deprecated: use MBC_CLIENT__ROUTER_ADDRESS\n"
+    monkeypatch.setenv("MBC_CLIENT__ROUTER_ADDRESS", "r:1")
+    monkeypatch.setenv("MBC_TLS_CA", "ca.pem")
+    args = fill_client_defaults(cli.build_parser().parse_args(["match", "hello", "--tls-cert", "c.pem"]))
+    assert (args.router, args.tls_ca, args.tls_cert) == ("r:1", "ca.pem", "c.pem")
+    assert capsys.readouterr().err == "mbc: DeprecationWarning: MBC_TLS_CA is deprecated: use MBC_CLIENT__TLS__CA_FILE\n"
+
+
+def test_component_help_lists_each_flag_with_its_fields_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["router", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    backend = next(f for f in dataclasses.fields(EncoderConfig) if f.name == "backend").metadata["help"]
+    assert f"--encoder-backend {{torch,onnx,onnx-int8}} {backend}" in text
+    assert "--port PORT port to bind; 0 picks a free one" in text
+    assert "--lease-ttl" not in text  # a bot's setting
 
 
 def test_trace_id_from_metadata():

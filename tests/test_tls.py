@@ -16,14 +16,14 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mbc.cli import main as cli
+from mbc.cli.settings import ConfigError, resolve
 from mbc.runtime.channels import open_channel
 from mbc.runtime.config import ServerConfig, StoreServiceConfig, TlsConfig
 from mbc.runtime.security import Identity, TlsError, identity_of, parse_identity
 from mbc.runtime.serving import GrpcServer
-from mbc.cli.settings import ConfigError, resolve
 from pki import CertFiles, TestCA
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]  # starts `mbc store` and gRPC servers
 
 
 def tls_of(files: CertFiles, ca: Path | None = None) -> TlsConfig:
@@ -132,7 +132,7 @@ def test_tls_settings_come_from_flags_env_and_files_and_go_together(pki, tmp_pat
     argv = ["store", "--tls-ca", str(files.ca), "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
     args = cli.build_parser().parse_args(argv)
     args.argv = argv
-    assert cli.effective_config("store", args, cli.store_config).server.tls == tls_of(files)
+    assert cli.effective_config("store", args).server.tls == tls_of(files)
 
     env = {"MBC_STORE__SERVER__TLS__CA_FILE": str(files.ca), "MBC_STORE__SERVER__TLS__CERT_FILE": str(files.cert),
            "MBC_STORE__SERVER__TLS__KEY_FILE": str(files.key)}

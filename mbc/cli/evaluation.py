@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from mbc.cli.flags import etcd_access, etcd_access_args
+from mbc.cli.flags import client_arg, etcd_access, etcd_args
 from mbc.runtime.config import split_endpoints
 
 
@@ -104,21 +104,19 @@ def add_commands(sub) -> None:
                        help="inference engine of the router and the bots (quality per backend)")
     clinc.add_argument("--no-retrain-check", dest="retrain_check", action="store_false",
                        help="skip timing the retrain when one bot leaves at the end")
-    clinc.add_argument("--log-level", default=os.environ.get("MBC_LOG_LEVEL", "WARNING"))
+    client_arg(clinc, "--log-level", ("log_level",), "WARNING", help="log level of the mesh's processes (default WARNING)")
     clinc.set_defaults(func=cmd_eval)
 
     cal = sub.add_parser("calibrate", help="validate a labelled calibration set, print the thresholds it gives, install it")
     cal.add_argument("file", help="JSON Lines: {\"text\": ..., \"bot\": ... or null, \"intent\": ...}")
-    cal.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="fit for the participants registered here")
-    etcd_access_args(cal)
+    etcd_args(cal, help="fit for the participants registered here")
     cal.add_argument("--definitions", nargs="+", default=[], help="fit for these bot definition files instead")
     cal.add_argument("--install", default="", help="copy the file here (the path given to `mbc router --calibration`)")
     cal.add_argument("--json", action="store_true", help="also print the fitted figures as JSON")
     cal.set_defaults(func=cmd_calibrate)
 
     ov = sub.add_parser("overlap", help="intents of different bots whose training phrases collide")
-    ov.add_argument("--etcd", default=os.environ.get("MBC_ETCD", "127.0.0.1:2379"), help="the participants registered here")
-    etcd_access_args(ov)
+    etcd_args(ov, help="the participants registered here")
     ov.add_argument("--definitions", nargs="+", default=[], help="these bot definition files instead (before they join)")
     ov.add_argument("--threshold", type=float, default=0.8, help="cosine from which two phrases collide (default 0.8)")
     ov.add_argument("--examples", type=int, default=2, help="phrase pairs shown per intent pair")

@@ -2,9 +2,10 @@
 
 From lowest to highest precedence:
 
-1. the defaults of the command's flags (the dataclass defaults, except where a flag has its own
-   default, e.g. the router's port 50051, or a legacy variable such as MBC_ETCD);
-2. a YAML file (`--config FILE`, or MBC_CONFIG), with one section per component:
+1. the flag defaults: the dataclass defaults, except where a component's flag has its own default
+   (`section(..., flag_defaults=...)`, e.g. the router's port 50051);
+2. deprecated single-name variables (below), as the flag defaults they used to be;
+3. a YAML file (`--config FILE`, or MBC_CONFIG), with one section per component:
 
        router:
          etcd_endpoints: [10.0.0.5:2379]
@@ -17,11 +18,23 @@ From lowest to highest precedence:
          server: {metrics_port: 9465}
          limits: {max_value_bytes: 100000}
 
-3. environment variables `MBC_<COMPONENT>__<FIELD>[__<FIELD>...]`, upper case, `__` between
-   levels: `MBC_ROUTER__SERVER__METRICS_PORT=9464`, `MBC_BOT__MAX_HOPS=2`,
-   `MBC_STORE__ETCD_ENDPOINTS=10.0.0.5:2379,10.0.0.6:2379` (lists comma-separated, booleans
-   true/false/1/0/yes/no/on/off);
-4. flags given on the command line.
+4. environment variables (the one scheme, below);
+5. flags given on the command line (even with their default value).
+
+Environment variables: `MBC_<COMPONENT>__<FIELD>[__<FIELD>...]`, upper case, `__` between levels,
+the component being ROUTER, BOT or STORE: `MBC_ROUTER__SERVER__METRICS_PORT=9464`,
+`MBC_BOT__MAX_HOPS=2`, `MBC_STORE__ETCD_ENDPOINTS=10.0.0.5:2379,10.0.0.6:2379` (lists
+comma-separated, booleans true/false/1/0/yes/no/on/off). The client commands (`mbc match`,
+`chat`, `participants`, `group`, `etcd-auth`, `calibrate`, `overlap`, `bench`, `eval`) take their
+defaults from the same scheme with the component CLIENT (`CLIENT_SETTINGS`):
+`MBC_CLIENT__ROUTER_ADDRESS`, `MBC_CLIENT__ENTRY_ADDRESS`, `MBC_CLIENT__STORE_ADDRESS`,
+`MBC_CLIENT__ETCD_ENDPOINTS`, `MBC_CLIENT__TLS__CA_FILE` (`CERT_FILE`, `KEY_FILE`),
+`MBC_CLIENT__LOG_LEVEL`. MBC_CONFIG, the file of all sections, is the one variable outside the
+scheme. The older single names (`LEGACY_ENV`: MBC_ETCD, MBC_ROUTER, MBC_TLS_CA, ...) are still
+read for one release, each with a one-line deprecation notice on stderr naming its new name.
+
+Flags: every field made with `setting(flag=...)` is a flag of the components that hold it
+(`add_flags`), and a given flag sets exactly its field (`given_flags`).
 
 Everything is checked before the component starts: an unknown key or variable, a value of the
 wrong type and a value out of range stop it with a message naming the setting and where it came
@@ -30,13 +43,16 @@ from (`ConfigError`). `mbc config show [router|bot|store] [--config FILE]` print
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
 import os
+import sys
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, TextIO
 
 from mbc.runtime.config import BotConfig, RouterConfig, StoreServiceConfig, split_endpoints
 
@@ -45,6 +61,44 @@ ENV_PREFIX = "MBC_"
 CONFIG_ENV = "MBC_CONFIG"
 
 Path_ = tuple[str, ...]
+
+CLIENT = "client"
+CLIENT_SETTINGS: dict[Path_, str] = {
+    ("router_address",): "the router host:port (`mbc match --router`)",
+    ("entry_address",): "the bot a new conversation starts with (`mbc chat --entry`)",
+    ("store_address",): "the Context Session Store (`mbc chat --store`)",
+    ("etcd_endpoints",): "etcd endpoints (`--etcd` of participants, group, etcd-auth, calibrate, overlap)",
+    ("tls", "ca_file"): "`--tls-ca` of the client commands",
+    ("tls", "cert_file"): "`--tls-cert` of the client commands",
+    ("tls", "key_file"): "`--tls-key` of the client commands",
+    ("log_level",): "log level of the client commands",
+}
+"""What the client commands read from MBC_CLIENT__* when their flag is not given."""
+
+LEGACY_ENV: dict[str, dict[str, Path_]] = {
+    "MBC_ETCD": {"router": ("etcd_endpoints",), "bot": ("etcd_endpoints",), "store": ("etcd_endpoints",),
+                 CLIENT: ("etcd_endpoints",)},
+    "MBC_MODEL": {"router": ("encoder", "model"), "bot": ("encoder", "model")},
+    "MBC_LOG_LEVEL": {"router": ("log_level",), "bot": ("log_level",), "store": ("log_level",), CLIENT: ("log_level",)},
+    "MBC_ROUTER": {"bot": ("router_address",), CLIENT: ("router_address",)},
+    "MBC_STORE": {"bot": ("store_address",), CLIENT: ("store_address",)},
+    "MBC_ENTRY": {CLIENT: ("entry_address",)},
+    "MBC_CALIBRATION": {"router": ("decision", "calibration_path")},
+    "MBC_EMBEDDING_CACHE": {"router": ("embedding_cache_dir",)},
+    "MBC_ENCODER_BACKEND": {"router": ("encoder", "backend")},
+    "MBC_ENCODER_THREADS": {"router": ("encoder", "threads")},
+    "MBC_ONNX_DIR": {"router": ("encoder", "onnx_dir")},
+    "MBC_TLS_CA": {CLIENT: ("tls", "ca_file")},
+    "MBC_TLS_CERT": {CLIENT: ("tls", "cert_file")},
+    "MBC_TLS_KEY": {CLIENT: ("tls", "key_file")},
+}
+"""The single-name variables of earlier releases, per component: the setting each one fills.
+Deprecated: read for one release, with a notice."""
+
+
+def env_name(kind: str, path: Path_) -> str:
+    """The variable of a setting: MBC_<COMPONENT>__<FIELD>[__<FIELD>...]."""
+    return ENV_PREFIX + "__".join(p.upper() for p in (kind, *path))
 
 
 class ConfigError(ValueError):
@@ -121,6 +175,34 @@ def env_layer(kind: str, environ: Mapping[str, str]) -> dict[Path_, tuple[Any, s
                                   f"{', '.join(f'{var}__{n.upper()}' for n in _hints(hints[part]))}")
         out[parts] = (environ[var], f"env {var}")
     return out
+
+
+def legacy_layer(kind: str, environ: Mapping[str, str], notices: TextIO | None = None) -> dict[Path_, tuple[Any, str]]:
+    """The deprecated single-name variables set for `kind`, each announced on one line of stderr."""
+    out: dict[Path_, tuple[Any, str]] = {}
+    for old, paths in LEGACY_ENV.items():
+        if old in environ and kind in paths:
+            deprecated(old, env_name(kind, paths[kind]), notices)
+            out[paths[kind]] = (environ[old], f"env {old} (deprecated)")
+    return out
+
+
+def deprecated(old: str, new: str, notices: TextIO | None = None) -> None:
+    print(f"mbc: DeprecationWarning: {old} is deprecated: use {new}", file=notices or sys.stderr)
+
+
+def client_default(path: Path_, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """A client command's default for a setting not given as a flag: MBC_CLIENT__<FIELD>, else the
+    deprecated single name (with its notice), else `default`."""
+    environ = os.environ if environ is None else environ
+    new = env_name(CLIENT, path)
+    if new in environ:
+        return environ[new]
+    for old, paths in LEGACY_ENV.items():
+        if paths.get(CLIENT) == path and old in environ:
+            deprecated(old, new)
+            return environ[old]
+    return default
 
 
 # -- building -------------------------------------------------------------------------------
@@ -228,9 +310,10 @@ def resolve(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[Path_, tuple[Any, str]] | None = None,
 ) -> Effective:
-    """`base` (the flag defaults) with the file, the environment and `overrides` (given flags) on top."""
+    """`base` (the flag defaults) with the deprecated variables, the file, the environment and
+    `overrides` (given flags) on top."""
     environ = os.environ if environ is None else environ
-    layers: dict[Path_, tuple[Any, str]] = {}
+    layers: dict[Path_, tuple[Any, str]] = legacy_layer(kind, environ)
     if config_file:
         layers.update(file_layer(kind, config_file))
     layers.update(env_layer(kind, environ))
@@ -243,8 +326,10 @@ def resolve(
     try:
         config = _build(KINDS[kind], base, values)
     except (TypeError, ValueError) as e:
-        culprits = [f"{kind}.{'.'.join(p)} from {s}" for p, s in sources.items() if ".".join(p) in str(e)]
-        raise ConfigError(f"invalid {kind} settings: {e}" + (f" ({'; '.join(culprits)})" if culprits else "")) from None
+        named = [(p, s) for p, s in sources.items() if ".".join(p) in str(e)]
+        culprits = [f"{kind}.{'.'.join(p)} from {s}" for p, s in named]
+        what = "invalid flag value" if named and all(s.startswith("flag") for _, s in named) else f"invalid {kind} settings"
+        raise ConfigError(f"{what}: {e}" + (f" ({'; '.join(culprits)})" if culprits else "")) from None
     return Effective(config, sources)
 
 
@@ -266,72 +351,110 @@ def _build(cls: type, base: Any, values: Mapping[Path_, Any]) -> Any:
 # -- command-line flags ---------------------------------------------------------------------
 
 
-def _perturbed(value: Any) -> Any:
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, int):
-        return value + 1
-    if isinstance(value, float):
-        return value + 1.5
-    if isinstance(value, str):
-        return value + "\x00probe"
-    if isinstance(value, list):
-        return [*value, "\x00probe"]
-    if isinstance(value, tuple):
-        return (*value, "\x00probe")
-    if value is None:
-        return "\x00probe"
-    return value
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line flag derived from a config field."""
+
+    path: Path_
+    name: str
+    """"--port", or a positional argument's name ("definition")."""
+    kind: Any
+    help: str
+    choices: tuple[str, ...]
+    metavar: str
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    @property
+    def source(self) -> str:
+        return f"flag {self.name}"
+
+    def value(self, parsed: Any) -> Any:
+        """The field value of a parsed flag (an on/off choice is a boolean)."""
+        return parsed == self.choices[0] if self.kind is bool and self.choices else parsed
 
 
-def flag_overrides(
-    build: Callable[[Any], Any], args: Any, defaults: Mapping[str, Any], given: set[str],
-    probes: Mapping[str, Any] | None = None,
-) -> tuple[Any, dict[Path_, tuple[Any, str]]]:
-    """The config of the flag defaults, and the settings set by the flags given on the command line.
-
-    `build` turns an argparse namespace into a config (the component's own mapping of flags to
-    settings, untouched); `defaults` are the flags' defaults; `given` the dests present in argv.
-    Which settings a flag drives is found by building with that flag changed (so a flag given
-    with its default value still overrides the file and the environment); `probes` are values to
-    change a flag to for that (another of its choices), when a generic change would be invalid.
-    """
-    import argparse
-
-    def namespace(**changes: Any) -> argparse.Namespace:
-        ns = argparse.Namespace(**vars(args))
-        for name, value in {**defaults, **changes}.items():
-            setattr(ns, name, value)
-        return ns
-
-    base = build(namespace())
-    base_flat = flatten(base)
-    full_flat = flatten(build(args))
-    overrides: dict[Path_, tuple[Any, str]] = {}
-    together: list[str] = []  # flags valid only with others, e.g. a certificate and its key
-    for dest in sorted(given):
-        if dest not in defaults:
+def field_flags(cls: type, only: tuple[str, ...] | None = None, prefix: Path_ = ()) -> list[Flag]:
+    """The flags of a settings dataclass, nested sections included, in field order; `only`: the
+    names of the fields of `cls` itself that may be flags."""
+    out: list[Flag] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
             continue
-        try:
-            alone = flatten(build(namespace(**{dest: getattr(args, dest)})))
-        except ValueError:
-            together.append(dest)
-            continue
-        paths = {p for p, v in alone.items() if v != base_flat[p]}
-        try:
-            probe_value = (probes or {}).get(dest, _perturbed(defaults[dest]))
-            probe = flatten(build(namespace(**{dest: probe_value})))
-            paths |= {p for p, v in probe.items() if v != base_flat[p]}
-        except Exception:  # the probe value is not valid for this flag: rely on the given value
-            pass
-        for path in paths:
-            overrides[path] = (full_flat[path], f"flag --{dest.replace('_', '-')}")
-    if together:
-        jointly = flatten(build(namespace(**{dest: getattr(args, dest) for dest in together})))
-        source = "flag " + "/".join(f"--{dest.replace('_', '-')}" for dest in together)
-        for path in (p for p, v in jointly.items() if v != base_flat[p]):
-            overrides[path] = (full_flat[path], source)
-    return base, overrides
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += field_flags(hints[f.name], f.metadata.get("flags"), (*prefix, f.name))
+        elif f.metadata.get("flag"):
+            m = f.metadata
+            out.append(Flag((*prefix, f.name), m["flag"], hints[f.name], m["help"], m["choices"], m["metavar"]))
+    return out
+
+
+def flags_of(kind: str) -> list[Flag]:
+    flags = field_flags(KINDS[kind])
+    names = [f.name for f in flags]
+    assert len(names) == len(set(names)), f"{kind}: a flag names two settings: {names}"
+    return flags
+
+
+def flag_defaults(kind: str) -> Any:
+    """The config of `kind` with its flags' defaults (layer 1)."""
+
+    def build(cls: type, defaults: Mapping[str, Any]) -> Any:
+        kwargs = dict(defaults)
+        for f in dataclasses.fields(cls):
+            if "flag_defaults" in f.metadata and f.name not in kwargs:
+                kwargs[f.name] = build(_hints(cls)[f.name], f.metadata["flag_defaults"])
+        return cls(**kwargs)
+
+    return build(KINDS[kind], {})
+
+
+def add_field_arguments(parser: Any, flags: list[Flag], defaults: Any = argparse.SUPPRESS) -> None:
+    """One argparse argument per flag. With `defaults` SUPPRESS, a flag absent from the command
+    line is absent from the namespace, so the given ones are known (`given_flags`); otherwise
+    `defaults` is a config (or section) whose values are the flags' defaults."""
+    for flag in flags:
+        options: dict[str, Any] = {"help": flag.help}
+        if defaults is not argparse.SUPPRESS:
+            value = _get(defaults, flag.path)
+            options["default"] = (flag.choices[0] if value else flag.choices[1]) if flag.kind is bool and flag.choices else value
+        elif flag.name.startswith("-"):
+            options["default"] = argparse.SUPPRESS
+        if flag.metavar:
+            options["metavar"] = flag.metavar
+        if flag.kind is bool and not flag.choices:
+            options["action"] = "store_true"
+        elif flag.choices:
+            options["choices"] = flag.choices
+        elif flag.kind in (int, float):
+            options["type"] = flag.kind
+        elif typing.get_origin(flag.kind) is tuple:
+            options["type"] = split_endpoints
+        parser.add_argument(flag.name, **options)
+
+
+def add_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+    """The flags of `mbc KIND`, derived from its config: top-level settings first, then one group
+    per section (server, etcd, encoder, ...)."""
+    groups: dict[str, Any] = {}
+    for flag in flags_of(kind):
+        if len(flag.path) == 1:
+            target: Any = parser
+        else:
+            target = groups.get(flag.path[0])
+            if target is None:
+                cls = _hints(KINDS[kind])[flag.path[0]]
+                target = groups[flag.path[0]] = parser.add_argument_group(
+                    f"{flag.path[0]} settings", (cls.__doc__ or "").split("\n")[0])
+        add_field_arguments(target, [flag])
+
+
+def given_flags(kind: str, args: argparse.Namespace) -> dict[Path_, tuple[Any, str]]:
+    """The settings set by the flags given on the command line (parsed by `add_flags`)."""
+    return {f.path: (f.value(getattr(args, f.dest)), f.source) for f in flags_of(kind) if hasattr(args, f.dest)}
 
 
 # -- printing -------------------------------------------------------------------------------

