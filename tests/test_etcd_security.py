@@ -15,15 +15,14 @@ from discovery import (
     EtcdClient,
     EtcdPermissionDenied,
     EtcdUnavailable,
-    LocalEtcd,
     Registration,
     RegistrationConflict,
-    ServerTls,
 )
 from discovery.etcd_client import KeyPermission
 from discovery.groups import settings_key
 from discovery.keys import participant_key
 from mbc.runtime.config import EtcdAccess
+from mbc.testing.etcd import LocalEtcd, ServerTls
 from mbc.cli.etcd_auth import ROUTER_USER, STORE_USER, bot_user
 from mbc.v1 import bot_pb2, participant_pb2
 

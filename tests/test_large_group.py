@@ -10,7 +10,8 @@ import uuid
 import pytest
 import yaml
 
-from meshlib import LEASE_TTL, TEST_BOTS, eventually, match, respond, start_example_mesh
+from meshlib import LEASE_TTL, TEST_BOTS, match, respond, start_example_mesh
+from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2
 
 pytestmark = pytest.mark.integration
