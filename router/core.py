@@ -70,6 +70,10 @@ class GroupMismatch(Exception):
     pass
 
 
+class AmbiguousBot(Exception):
+    """The asking bot's id is registered in several groups and the request names none."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     match: Scored
@@ -113,10 +117,10 @@ class _Scorer:
     def __hash__(self) -> int:
         return hash((id(self.state), self.groups, self.exclude))
 
-    def __call__(self, Q: np.ndarray, texts: list[str]) -> list[list[tuple[float, Verdict, float]]]:
-        """Per utterance: (confidence of the first candidate − τ, verdict, τ) of each group that has candidates."""
+    def __call__(self, Q: np.ndarray, texts: list[str]) -> list[list[tuple[float, Verdict, float, str]]]:
+        """Per utterance: (confidence of the first candidate − τ, verdict, τ, group) of each group that has candidates."""
         _faiss_on_one_thread()
-        out: list[list[tuple[float, Verdict, float]]] = [[] for _ in texts]
+        out: list[list[tuple[float, Verdict, float, str]]] = [[] for _ in texts]
         for name in self.groups:
             model = self.state.models.get(name)
             if model is None:
@@ -124,7 +128,7 @@ class _Scorer:
             for verdicts, ranked in zip(out, model.rank_many(Q, texts, exclude_bot=self.exclude)):
                 verdict = model.decide(ranked)
                 if verdict.candidates:
-                    verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau))
+                    verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau, name))
         return out
 
 
@@ -139,6 +143,10 @@ def _faiss_on_one_thread() -> None:
     if not getattr(_threads, "faiss_single", False):
         faiss.omp_set_num_threads(1)
         _threads.faiss_single = True
+
+
+def _names(groups: Sequence[str]) -> str:
+    return ", ".join(repr(g) for g in groups)
 
 
 class RouterCore:
@@ -367,12 +375,16 @@ class RouterCore:
         if state is None:
             raise NotReady("the router has not indexed the participants yet")
         if bot_id:
-            asker = state.directory.find_bot(bot_id)
-            if asker is None:
+            # Bot ids are unique within a group only: the asker is looked up in the group named,
+            # or, when none is named, in the one group that has that bot id (never guessed).
+            found = state.directory.groups_of(bot_id)
+            if not found:
                 raise UnknownBot(f"bot {bot_id!r} is not a registered participant")
-            if group and group != asker.group:
-                raise GroupMismatch(f"bot {bot_id!r} belongs to group {asker.group!r}, not {group!r}")
-            group = asker.group
+            if group and group not in found:
+                raise GroupMismatch(f"bot {bot_id!r} belongs to group {_names(found)}, not {group!r}")
+            if not group and len(found) > 1:
+                raise AmbiguousBot(f"bot {bot_id!r} is registered in groups {_names(found)}: name the group of the asking bot")
+            group = group or found[0]
         groups = [group] if group else sorted(state.models)
         exclude = bot_id if bot_id and not include_asking_bot else None
         # Encoded and scored on the encoder thread, with the concurrent Matches of the same groups.
@@ -382,22 +394,23 @@ class RouterCore:
         # Across groups (an operator's view), confidences compare relative to each group's τ.
         verdicts.sort(key=lambda v: -v[0])
         decision = verdicts[0][1].decision
-        ranked = [(c.confidence - tau, c) for _, v, tau in verdicts for c in v.candidates]
+        # Each candidate with the group it was scored in: its bot id alone may name a bot of another group.
+        ranked = [(c.confidence - tau, name, c) for _, v, tau, name in verdicts for c in v.candidates]
         if len(verdicts) > 1:
             ranked.sort(key=lambda item: -item[0])
         out = []
         # One instance per bot per Match: picking per candidate, a bot with two intents in the
         # answer and two instances sent every top candidate to the same instance.
-        instances: dict[str, tuple[str, str]] = {}
-        for _, m in ranked:
+        instances: dict[tuple[str, str], tuple[str, str]] = {}
+        for _, name, m in ranked:
             if m.rating < min_rating:
                 continue
-            bot: BotEntry | None = state.directory.find_bot(m.bot_id)
+            bot: BotEntry | None = state.directory.find_bot(m.bot_id, name)
             if bot is None or not bot.instances:
                 continue
-            if m.bot_id not in instances:
-                instances[m.bot_id] = bot.pick_instance()
-            instance_id, address = instances[m.bot_id]
+            if (name, m.bot_id) not in instances:
+                instances[(name, m.bot_id)] = bot.pick_instance()
+            instance_id, address = instances[(name, m.bot_id)]
             out.append(Candidate(m, bot.display_name, instance_id, address))
             if len(out) >= limit:
                 break

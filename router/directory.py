@@ -79,11 +79,14 @@ class Directory:
             entry.instances.append((p.instance_id, p.address))
         return cls(groups=groups, revision=revision, parsed=parsed)
 
-    def find_bot(self, bot_id: str) -> BotEntry | None:
-        for bots in self.groups.values():
-            if bot_id in bots:
-                return bots[bot_id]
-        return None
+    def find_bot(self, bot_id: str, group: str) -> BotEntry | None:
+        """The bot `bot_id` of `group`. Bot ids are unique within a group only: two groups may
+        both run a bot `faq`, so a lookup always names the group."""
+        return self.groups.get(group, {}).get(bot_id)
+
+    def groups_of(self, bot_id: str) -> list[str]:
+        """The groups that have a bot `bot_id` (sorted): none, one, or several."""
+        return sorted(group for group, bots in self.groups.items() if bot_id in bots)
 
     def candidates_of(self, group: str) -> tuple[IntentPhrases, ...]:
         """The intents that may take a transfer in a group: those of collaborating bots."""

@@ -8,7 +8,7 @@ from mbc.runtime import metrics
 from mbc.runtime.logs import bind_context, get_logger
 from mbc.runtime.status import abort
 from mbc.v1 import common_pb2, router_pb2, router_pb2_grpc
-from router.core import GroupMismatch, NotReady, RouterCore, UnknownBot
+from router.core import AmbiguousBot, GroupMismatch, NotReady, RouterCore, UnknownBot
 
 log = get_logger(__name__)
 
@@ -46,7 +46,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
             except UnknownBot as e:
                 await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
-            except GroupMismatch as e:
+            except (GroupMismatch, AmbiguousBot) as e:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             response = router_pb2.MatchResponse(index_revision=result.revision, decision=result.decision)
             for c in result.candidates:
