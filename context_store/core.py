@@ -4,23 +4,35 @@ etcd layout:
     /mbc/v1/context/namespaces/<namespace>                         → RegisterNamespaceRequest
     /mbc/v1/context/data/<namespace>/<scope>/<scope id>/<key>      → Struct {value, expires_at_unix_ms}
     /mbc/v1/conversations/<conversation id>/owner                  → Ownership
+    /mbc/v1/context/counts/<namespace>/<shard>                     → the namespace's keys counted (decimal)
+    /mbc/v1/context/counts/<namespace>/recounted                   → when they were last counted in etcd (ms)
 Scope ids are percent-encoded so any id fits in one key segment. A value's version is its etcd
 mod revision; compare-and-set is an etcd transaction on it.
+
+A namespace's keys are counted in its counter shards (their sum), changed in the very
+transaction that creates or deletes a key, compared on the shard's mod revision: a write costs
+a read of the few counter keys, not a count of the namespace's keys, and concurrent writers on
+any number of store replicas each count once. Keys that expire are dropped by etcd (their
+shared lease) without a transaction, so the counter can only overstate: when it reaches the
+limit, the store counts the namespace's keys in etcd and stores that count (at most once per
+lease bucket: expiry frees room at that granularity anyway).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from aetcd import rpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from context_store.leases import LeaseBuckets
-from discovery import EtcdClient
+from discovery import EtcdClient, KeyValue
 from discovery.errors import LeaseNotFound
 from mbc.runtime.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/runtime/config.py)
 from mbc.runtime.logs import get_logger
@@ -31,6 +43,10 @@ log = get_logger(__name__)
 PREFIX = "/mbc/v1/context/"
 NAMESPACES = PREFIX + "namespaces/"
 DATA = PREFIX + "data/"
+COUNTS = PREFIX + "counts/"
+COUNT_SHARDS = 8
+"""Counter keys per namespace: concurrent creations rarely compare on the same one."""
+_RECOUNTED = "recounted"
 CONVERSATIONS = "/mbc/v1/conversations/"
 
 _NAMESPACE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
@@ -67,6 +83,43 @@ class LimitExceeded(StoreError):
 
 class Fenced(StoreError):
     """A write fenced on a conversation's ownership version, which has moved on."""
+
+
+@dataclass(frozen=True)
+class _Count:
+    """A namespace's counter as read: its shards (by etcd key) and the last recount."""
+
+    shards: dict[str, KeyValue]
+    recounted: KeyValue | None
+    total: int | None
+    """The sum of the shards; None when the namespace was never counted (or a shard is corrupt)."""
+
+    def recount_due(self, bucket_seconds: int) -> bool:
+        if self.total is None or self.recounted is None:
+            return True
+        try:
+            last = int(self.recounted.value)
+        except ValueError:
+            return True
+        return _now_ms() - last >= bucket_seconds * 1000
+
+
+def _mod_is(key: str, mod_revision: int) -> rpc.Compare:
+    """etcd compare: `key` is at `mod_revision` (0: absent)."""
+    return rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)
+
+
+def _put(key: str, value: bytes, lease: int = 0) -> rpc.RequestOp:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value, lease=lease))
+
+
+def _range(key: str) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
+
+
+def _first(response, index: int) -> KeyValue | None:
+    kvs = response.responses[index].response_range.kvs
+    return KeyValue(kvs[0].key.decode(errors="backslashreplace"), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
 
 
 @dataclass(frozen=True)
@@ -199,12 +252,11 @@ class ContextStoreCore:
             actual = current.mod_revision if live else 0
             if actual != expected_version:
                 raise VersionConflict(f"{key.key!r} is at version {actual}, not {expected_version}: read it again")
-        if current is None:
-            count = await self.etcd.count_prefix(f"{DATA}{key.namespace}/")
-            if count >= self.config.max_keys_per_namespace:
-                raise LimitExceeded(f"namespace {key.namespace!r} holds {count} keys; the maximum is {self.config.max_keys_per_namespace}")
         # The write is conditional on what was read, so a concurrent writer cannot be lost.
-        ok, revision, now_current = await self._put_if(path, raw, current.mod_revision if current else 0, ttl, guard)
+        if current is None:
+            ok, revision, now_current = await self._create(key.namespace, path, raw, ttl, guard)
+        else:
+            ok, revision, now_current = await self._put_if(path, raw, current.mod_revision, ttl, guard)
         if not ok:
             await self._check_fence(key, guard)
             if expected_version is not None:
@@ -212,6 +264,105 @@ class ContextStoreCore:
                 raise VersionConflict(f"{key.key!r} changed concurrently (now version {actual}): read it again")
             return await self.set(key, value, None, owner_version)
         return Entry(key.key, value, revision, expires)
+
+    async def _txn(self, request: rpc.TxnRequest):
+        # EtcdClient has no general transaction call (only put_if / delete_if of one key).
+        etcd = self.etcd
+        return await etcd._unary("txn", lambda c: c.kvstub.Txn(request, timeout=etcd.timeout, metadata=c.metadata))
+
+    async def _read_count(self, namespace: str) -> _Count:
+        """The namespace's counter: one read of at most COUNT_SHARDS + 1 small keys."""
+        prefix = f"{COUNTS}{namespace}/"
+        items, _ = await self.etcd.get_prefix(prefix)
+        shards: dict[str, KeyValue] = {}
+        recounted, total = None, 0
+        for kv in items:
+            if kv.key == prefix + _RECOUNTED:
+                recounted = kv
+                continue
+            shards[kv.key] = kv
+            try:
+                total += int(kv.value)
+            except ValueError:
+                log.warning("store_count_corrupt", key=kv.key)
+                total = None
+                break
+        return _Count(shards, recounted, total if recounted is not None else None)
+
+    async def key_count(self, namespace: str) -> int | None:
+        """The namespace's keys as counted (expired keys etcd dropped since the last recount included);
+        None before its first write."""
+        return (await self._read_count(namespace)).total
+
+    async def _recount(self, namespace: str, seen: _Count) -> bool:
+        """Count the namespace's keys in etcd (O(keys)) and store that count in place of `seen`,
+        unless a write changed the counter since it was read (False: read it again). A write
+        between the count and the store changes a shard's mod revision, so the stored count is
+        never off by a write; expiry meanwhile only leaves it high."""
+        count = await self.etcd.count_prefix(f"{DATA}{namespace}/")
+        prefix = f"{COUNTS}{namespace}/"
+        shards = sorted({f"{prefix}{i}" for i in range(COUNT_SHARDS)} | seen.shards.keys())
+        marker = prefix + _RECOUNTED
+        request = rpc.TxnRequest(
+            compare=[_mod_is(k, seen.shards[k].mod_revision if k in seen.shards else 0) for k in shards]
+            + [_mod_is(marker, seen.recounted.mod_revision if seen.recounted else 0)],
+            success=[_put(k, str(count if i == 0 else 0).encode()) for i, k in enumerate(shards)]
+            + [_put(marker, str(_now_ms()).encode())],
+        )
+        stored = (await self._txn(request)).succeeded
+        log.info("store_keys_counted", namespace=namespace, keys=count, stored=stored)
+        return stored
+
+    async def _counted(self, namespace: str, path: str, mod_revision: int, raw: bytes | None, lease: int,
+                       guard: tuple[str, int] | None):
+        """Create (`raw`; `path` absent: mod_revision 0) or delete (`raw` None) `path`, and count it
+        in the same transaction: ±1 on a counter shard, compared on its mod revision. Returns
+        (succeeded, store revision, `path` as it is when the transaction failed on it or on the
+        guard); a counter changed concurrently is read again and the transaction retried."""
+        limit = self.config.max_keys_per_namespace
+        recounted = False
+        while True:
+            count = await self._read_count(namespace)
+            # Counted once per call at most (a namespace never counted: until counted): the count
+            # costs O(keys), and a counter that moved since was moved by exact ±1 transactions.
+            if count.total is None or (raw is not None and count.total >= limit and not recounted
+                                       and count.recount_due(self.config.lease_bucket_seconds)):
+                recounted = True
+                await self._recount(namespace, count)
+                continue
+            if raw is not None and count.total >= limit:
+                raise LimitExceeded(f"namespace {namespace!r} holds {count.total} keys; the maximum is {limit}")
+            shards = [f"{COUNTS}{namespace}/{i}" for i in range(COUNT_SHARDS)]
+            if raw is None:  # a delete takes from a shard that has something, when one has
+                shards = [k for k in shards if k in count.shards and int(count.shards[k].value) > 0] or shards
+            shard = random.choice(shards)
+            kv = count.shards.get(shard)
+            value = (int(kv.value) if kv else 0) + (1 if raw is not None else -1)
+            write = _put(path, raw, lease) if raw is not None else rpc.RequestOp(
+                request_delete_range=rpc.DeleteRangeRequest(key=path.encode()))
+            request = rpc.TxnRequest(
+                compare=[_mod_is(path, mod_revision), _mod_is(shard, kv.mod_revision if kv else 0)]
+                + ([_mod_is(*guard)] if guard else []),
+                success=[write, _put(shard, str(value).encode())],
+                failure=[_range(path)] + ([_range(guard[0])] if guard else []),
+            )
+            response = await self._txn(request)
+            if response.succeeded:
+                return True, response.header.revision, None
+            now = _first(response, 0)
+            fence = _first(response, 1) if guard else None
+            if (now.mod_revision if now else 0) != mod_revision or (guard and (fence.mod_revision if fence else 0) != guard[1]):
+                return False, response.header.revision, now
+            # Only the counter shard moved (another creation or deletion): read it again.
+
+    async def _create(self, namespace: str, path: str, raw: bytes, ttl: int, guard: tuple[str, int] | None = None):
+        """Put `path` only if absent, counted, refused past the namespace's key limit (LimitExceeded)."""
+        lease = await self.leases.lease_for(ttl)
+        try:
+            return await self._counted(namespace, path, 0, raw, lease, guard)
+        except LeaseNotFound:
+            self.leases.forget(lease)
+            return await self._counted(namespace, path, 0, raw, await self.leases.lease_for(ttl), guard)
 
     async def _put_if(self, path: str, raw: bytes, mod_revision: int, ttl: int, guard: tuple[str, int] | None = None):
         lease = await self.leases.lease_for(ttl)
@@ -253,7 +404,7 @@ class ContextStoreCore:
             raise VersionConflict(f"{key.key!r} is at version {current.mod_revision if live else 0}, not {expected_version}")
         if current is None:
             return False
-        deleted = await self.etcd.delete_if(path, current.mod_revision, guard)
+        deleted, _, _ = await self._counted(key.namespace, path, current.mod_revision, None, 0, guard)
         if not deleted:
             await self._check_fence(key, guard)
         if not deleted and expected_version is not None:
