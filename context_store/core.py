@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from aetcd import rpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from context_store.leases import LeaseBuckets
 from discovery import EtcdClient, KeyValue
+from discovery.etcd_client import compare_mod, delete_op, put_op, range_op
 from discovery.errors import LeaseNotFound
 from mbc.runtime.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/runtime/config.py)
 from mbc.runtime.logs import get_logger
@@ -102,24 +102,6 @@ class _Count:
         except ValueError:
             return True
         return _now_ms() - last >= bucket_seconds * 1000
-
-
-def _mod_is(key: str, mod_revision: int) -> rpc.Compare:
-    """etcd compare: `key` is at `mod_revision` (0: absent)."""
-    return rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)
-
-
-def _put(key: str, value: bytes, lease: int = 0) -> rpc.RequestOp:
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value, lease=lease))
-
-
-def _range(key: str) -> rpc.RequestOp:
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
-
-
-def _first(response, index: int) -> KeyValue | None:
-    kvs = response.responses[index].response_range.kvs
-    return KeyValue(kvs[0].key.decode(errors="backslashreplace"), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
 
 
 @dataclass(frozen=True)
@@ -265,11 +247,6 @@ class ContextStoreCore:
             return await self.set(key, value, None, owner_version)
         return Entry(key.key, value, revision, expires)
 
-    async def _txn(self, request: rpc.TxnRequest):
-        # EtcdClient has no general transaction call (only put_if / delete_if of one key).
-        etcd = self.etcd
-        return await etcd._unary("txn", lambda c: c.kvstub.Txn(request, timeout=etcd.timeout, metadata=c.metadata))
-
     async def _read_count(self, namespace: str) -> _Count:
         """The namespace's counter: one read of at most COUNT_SHARDS + 1 small keys."""
         prefix = f"{COUNTS}{namespace}/"
@@ -303,13 +280,12 @@ class ContextStoreCore:
         prefix = f"{COUNTS}{namespace}/"
         shards = sorted({f"{prefix}{i}" for i in range(COUNT_SHARDS)} | seen.shards.keys())
         marker = prefix + _RECOUNTED
-        request = rpc.TxnRequest(
-            compare=[_mod_is(k, seen.shards[k].mod_revision if k in seen.shards else 0) for k in shards]
-            + [_mod_is(marker, seen.recounted.mod_revision if seen.recounted else 0)],
-            success=[_put(k, str(count if i == 0 else 0).encode()) for i, k in enumerate(shards)]
-            + [_put(marker, str(_now_ms()).encode())],
-        )
-        stored = (await self._txn(request)).succeeded
+        stored = (await self.etcd.txn(
+            compare=[compare_mod(k, seen.shards[k].mod_revision if k in seen.shards else 0) for k in shards]
+            + [compare_mod(marker, seen.recounted.mod_revision if seen.recounted else 0)],
+            success=[put_op(k, str(count if i == 0 else 0).encode()) for i, k in enumerate(shards)]
+            + [put_op(marker, str(_now_ms()).encode())],
+        )).succeeded
         log.info("store_keys_counted", namespace=namespace, keys=count, stored=stored)
         return stored
 
@@ -338,21 +314,19 @@ class ContextStoreCore:
             shard = random.choice(shards)
             kv = count.shards.get(shard)
             value = (int(kv.value) if kv else 0) + (1 if raw is not None else -1)
-            write = _put(path, raw, lease) if raw is not None else rpc.RequestOp(
-                request_delete_range=rpc.DeleteRangeRequest(key=path.encode()))
-            request = rpc.TxnRequest(
-                compare=[_mod_is(path, mod_revision), _mod_is(shard, kv.mod_revision if kv else 0)]
-                + ([_mod_is(*guard)] if guard else []),
-                success=[write, _put(shard, str(value).encode())],
-                failure=[_range(path)] + ([_range(guard[0])] if guard else []),
+            write = put_op(path, raw, lease) if raw is not None else delete_op(path)
+            result = await self.etcd.txn(
+                compare=[compare_mod(path, mod_revision), compare_mod(shard, kv.mod_revision if kv else 0)]
+                + ([compare_mod(*guard)] if guard else []),
+                success=[write, put_op(shard, str(value).encode())],
+                failure=[range_op(path)] + ([range_op(guard[0])] if guard else []),
             )
-            response = await self._txn(request)
-            if response.succeeded:
-                return True, response.header.revision, None
-            now = _first(response, 0)
-            fence = _first(response, 1) if guard else None
+            if result.succeeded:
+                return True, result.revision, None
+            now = result.reads[0]
+            fence = result.reads[1] if guard else None
             if (now.mod_revision if now else 0) != mod_revision or (guard and (fence.mod_revision if fence else 0) != guard[1]):
-                return False, response.header.revision, now
+                return False, result.revision, now
             # Only the counter shard moved (another creation or deletion): read it again.
 
     async def _create(self, namespace: str, path: str, raw: bytes, ttl: int, guard: tuple[str, int] | None = None):

@@ -171,7 +171,37 @@ def _guarded(guard: tuple[str, int] | None) -> list[rpc.Compare]:
     """The compare of a fencing guard: (key, mod revision the key must still be at)."""
     if guard is None:
         return []
-    return [rpc.Compare(key=guard[0].encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=guard[1])]
+    return [compare_mod(*guard)]
+
+
+def compare_mod(key: str, mod_revision: int) -> rpc.Compare:
+    """A transaction compare: `key` is at `mod_revision` (0: absent)."""
+    return rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)
+
+
+def put_op(key: str, value: bytes, lease: int = 0) -> rpc.RequestOp:
+    """A transaction operation: put `key`."""
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value, lease=lease))
+
+
+def range_op(key: str) -> rpc.RequestOp:
+    """A transaction operation: read `key` (its KeyValue is in `TxnResult.reads`)."""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
+
+
+def delete_op(key: str) -> rpc.RequestOp:
+    """A transaction operation: delete `key`."""
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """What a transaction did: which branch ran, the store revision after it, and for each operation
+    of that branch, the key it read (`range_op`; None when absent, and for other operations)."""
+
+    succeeded: bool
+    revision: int
+    reads: list[KeyValue | None]
 
 
 def _translate(error: aetcd.exceptions.ClientError) -> EtcdError:
@@ -366,6 +396,18 @@ class EtcdClient:
         kvs = response.responses[0].response_range.kvs
         current = KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
         return False, response.header.revision, current
+
+    async def txn(self, compare: list[rpc.Compare], success: list[rpc.RequestOp],
+                  failure: list[rpc.RequestOp] | None = None) -> TxnResult:
+        """One etcd transaction built of `compare_mod`, `put_op`, `range_op` and `delete_op`: if every
+        compare holds, the `success` operations run, else the `failure` ones."""
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure or [])
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        reads: list[KeyValue | None] = []
+        for r in response.responses:
+            kvs = r.response_range.kvs if r.WhichOneof("response") == "response_range" else []
+            reads.append(KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None)
+        return TxnResult(response.succeeded, response.header.revision, reads)
 
     async def put_unless_held(self, key: str, value: bytes, lease_id: int) -> KeyValue | None:
         """Put `key` under `lease_id` only if the key is absent or already attached to that lease.
