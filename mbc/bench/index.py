@@ -4,8 +4,8 @@ The index holds the real CLINC150 training phrases of the 10-bot mesh (one parti
 15,000 phrases, embedded with the real model) plus synthetic participants up to `--vectors`. A
 synthetic participant has 100 phrases around one real intent picked at random: each phrase is a
 random mixture (weights 0.3-0.7) of two real phrases of that intent plus Gaussian noise (σ = 0.03
-per dimension), normalised; so it sits where real utterances land (cosine ~0.8 to its nearest real
-phrase), the hard case for an approximate index. The queries are distinct CLINC150 `val`
+per dimension), normalised; so it sits where real utterances land, close to real phrases of its
+intent, the hard case for an approximate index. The queries are distinct CLINC150 `val`
 utterances, embedded with the real model; searches ask k = 100 (the router's `neighbours`), one
 query at a time, on one FAISS thread as in the router, and exclude encoding.
 
@@ -50,6 +50,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mbc.bench.clinc import default_data_dir, load_clinc
+from mbc.runtime.config import EncoderConfig, RouterConfig
+from mbc.runtime.encoder import Encoder
+from mbc.v1 import participant_pb2
+from router.embedding_store import EmbeddingStore, PhraseEmbeddings, open_store
+
+# faiss, and the modules that load it (mbc.runtime.index, router.core), are imported where they
+# are used: `mbc` imports this module to build its command line, and every `mbc` command would
+# otherwise load faiss and its OpenMP runtime.
 
 PHRASES_PER_PARTICIPANT = 100
 NOISE = 0.03
@@ -114,47 +124,74 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
 
 def measure_index(real_path: str, queries_path: str, intents: list[tuple[int, int]], opts: IndexBenchOptions) -> dict:
     """Everything measured in the process holding the index (see the module docstring)."""
-    import faiss
-
-    from mbc.runtime.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, ivf_lists
-
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    _faiss_threads(os.cpu_count() or 1)
     real, queries = np.load(real_path), np.load(queries_path)
     bounds = np.asarray(intents, np.int64)
     total = max(opts.vectors, len(real))
-    dim = real.shape[1]
     gc.collect()
     baseline, _ = _rss_mb()
+    index, index_type, params, train_seconds = _new_index(real, bounds, total, opts.seed)
+    add_seconds, exact_id = _fill(index, real, bounds, queries, total, opts.seed)
+    gc.collect()
+    rss, peak = _rss_mb()
+    _faiss_threads(1)  # as on the router's encoder thread
+    times, top = _time_searches(index, queries)
+    p50, p99 = _percentiles(times)
+    swap = _measure_swaps(index, real, bounds, queries, total, opts)
+    return {
+        "vectors": int(total), "index_type": index_type, "index_params": params,
+        "build_seconds": round(train_seconds + add_seconds, 2), "rss_mb": rss, "rss_baseline_mb": baseline,
+        "rss_index_mb": round(rss - baseline, 1), "rss_peak_mb": peak,
+        "search_p50_ms": p50, "search_p99_ms": p99,
+        "top1_agreement": round(float(np.mean(top == exact_id)), 4),
+        "top1_participant_agreement": round(float(np.mean(
+            _participant_of(top, bounds, len(real)) == _participant_of(exact_id, bounds, len(real)))), 4),
+        "queries": len(queries), **swap,
+    }
 
+
+def _faiss_threads(count: int) -> None:
+    import faiss  # see the note on faiss above
+
+    faiss.omp_set_num_threads(count)
+
+
+def _new_index(real: np.ndarray, bounds: np.ndarray, total: int, seed: int):
+    """The router's index for `total` vectors, empty: (index, its type, its parameters, training seconds).
+    An IVF index is trained on the real phrases and synthetic ones, 40 per list."""
+    from mbc.runtime.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, ivf_lists  # loads faiss: see above
+
+    if total < EXACT_MAX_VECTORS:
+        return FlatIndex(real.shape[1]), "exact", {}, 0.0
+    nlist = ivf_lists(total)
+    sample = np.concatenate([real, synthetic_participants(real, bounds, 0, max(1, 40 * nlist // PHRASES_PER_PARTICIPANT), seed)])
+    started = time.perf_counter()
+    index = IVFIndex(real.shape[1], sample, nlist=nlist)
+    return index, "ivf-pq4fs+fp16-rerank", {"nlist": index.nlist, "nprobe": index.nprobe}, time.perf_counter() - started
+
+
+def _fill(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndarray, total: int, seed: int) -> tuple[float, np.ndarray]:
+    """Adds every vector, chunk by chunk; returns the seconds spent adding and each query's exact
+    first result (computed on the same chunks, never holding them all in float32)."""
     exact_id = np.full(len(queries), -1, np.int64)
     exact_score = np.full(len(queries), -np.inf, np.float32)
-    build = 0.0
-    if total < EXACT_MAX_VECTORS:
-        index_type, index = "exact", FlatIndex(dim)
-        params = {}
-    else:
-        nlist = ivf_lists(total)
-        sample = np.concatenate([real, synthetic_participants(real, bounds, 0, max(1, 40 * nlist // PHRASES_PER_PARTICIPANT), opts.seed)])
-        started = time.perf_counter()
-        index = IVFIndex(dim, sample, nlist=nlist)
-        build += time.perf_counter() - started
-        del sample
-        index_type, params = "ivf-pq4fs+fp16-rerank", {"nlist": index.nlist, "nprobe": index.nprobe}
-    for start, vectors in _chunks(real, bounds, total, opts.seed):
+    seconds = 0.0
+    for start, vectors in _chunks(real, bounds, total, seed):
         ids = np.arange(start, start + len(vectors), dtype=np.int64)
         started = time.perf_counter()
         index.add(ids, vectors)
-        build += time.perf_counter() - started
+        seconds += time.perf_counter() - started
         scores = queries @ vectors.T
         best = scores.argmax(axis=1)
         score = scores[np.arange(len(queries)), best]
         better = score > exact_score
         exact_id[better], exact_score[better] = best[better] + start, score[better]
         del vectors, scores
-    gc.collect()
-    rss, peak = _rss_mb()
+    return seconds, exact_id
 
-    faiss.omp_set_num_threads(1)  # as on the router's encoder thread
+
+def _time_searches(index, queries: np.ndarray) -> tuple[list[float], np.ndarray]:
+    """Seconds of each query's search (after 20 unmeasured ones), and each query's first result."""
     for q in queries[:20]:
         index.search(q[None], NEIGHBOURS)
     times, top = [], np.empty(len(queries), np.int64)
@@ -163,81 +200,81 @@ def measure_index(real_path: str, queries_path: str, intents: list[tuple[int, in
         _, ids = index.search(q[None], NEIGHBOURS)
         times.append(time.perf_counter() - started)
         top[i] = ids[0, 0]
-    p50, p99 = _percentiles(times)
+    return times, top
 
-    def participant(ids: np.ndarray) -> np.ndarray:
-        """Synthetic participants by number, real domains (15 intents each) as negative numbers."""
-        domain = (np.searchsorted(bounds[:, 0], ids, side="right") - 1) // 15
-        return np.where(ids < len(real), -1 - domain, (ids - len(real)) // PHRASES_PER_PARTICIPANT)
 
-    swap = _measure_swaps(index, real, bounds, queries, total, opts)
-    return {
-        "vectors": int(total), "index_type": index_type, "index_params": params,
-        "build_seconds": round(build, 2), "rss_mb": rss, "rss_baseline_mb": baseline,
-        "rss_index_mb": round(rss - baseline, 1), "rss_peak_mb": peak,
-        "search_p50_ms": p50, "search_p99_ms": p99,
-        "top1_agreement": round(float(np.mean(top == exact_id)), 4),
-        "top1_participant_agreement": round(float(np.mean(participant(top) == participant(exact_id))), 4),
-        "queries": len(queries), **swap,
-    }
+def _participant_of(ids: np.ndarray, bounds: np.ndarray, real: int) -> np.ndarray:
+    """Synthetic participants by number, real domains (15 intents each) as negative numbers; `real`
+    is the number of real phrases (ids below it)."""
+    domain = (np.searchsorted(bounds[:, 0], ids, side="right") - 1) // 15
+    return np.where(ids < real, -1 - domain, (ids - real) // PHRASES_PER_PARTICIPANT)
+
+
+class _Searcher(threading.Thread):
+    """Searches without pause, as a stream of Matches would, and sees replacements itself: while a
+    `probe` (a new vector, its id) is set, its searches ask for it until it is found, then `seen` is
+    set (a second thread polling would compete with the measured searches for the cores, which the
+    replacement does not). Search times go to `times[phase]`."""
+
+    def __init__(self, index, queries: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.index, self.queries = index, queries
+        self.times: list[list[float]] = [[], []]
+        self.phase = 0
+        self.probe: tuple[np.ndarray, int] | None = None
+        self.seen = threading.Event()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        _faiss_threads(1)  # as on the router's encoder thread
+        i = 0
+        while not self.stopping.is_set():
+            asked = self.probe
+            started = time.perf_counter()
+            _, found = self.index.search(asked[0][None] if asked else self.queries[i % len(self.queries)][None], NEIGHBOURS)
+            self.times[self.phase].append(time.perf_counter() - started)
+            if asked and asked[1] in found[0]:
+                self.probe = None
+                self.seen.set()
+            i += 1
 
 
 def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndarray, total: int, opts: IndexBenchOptions) -> dict:
-    """One searcher thread searches without pause, as a stream of Matches would; the main thread
-    replaces participants. Visibility is seen by the searcher itself: after a replacement, its
-    next searches ask for one of the new phrases until it is found (a second thread polling
-    would compete with the measured searches for the 2 cores, which the replacement does not)."""
+    """A `_Searcher` searches for 3 s (the steady phase), then, while it goes on, participants are
+    replaced one after another; each replacement is timed until the searcher finds its new phrases."""
     synthetic = (total - len(real)) // PHRASES_PER_PARTICIPANT
     if synthetic < 1 or opts.swaps < 1:
         return {"swap_visible_ms": None, "swap_search_p99_ms": None, "steady_search_p99_ms": None, "swaps": 0}
-    phase: list[list[float]] = [[], []]
-    current = [0]
-    stop = threading.Event()
-    probe: list[tuple[np.ndarray, int] | None] = [None]
-    """(a new vector, its id) while a replacement is not seen yet."""
-    seen = threading.Event()
-
-    def searcher() -> None:
-        import faiss
-
-        faiss.omp_set_num_threads(1)  # as on the router's encoder thread
-        i = 0
-        while not stop.is_set():
-            asked = probe[0]
-            started = time.perf_counter()
-            _, found = index.search(asked[0][None] if asked else queries[i % len(queries)][None], NEIGHBOURS)
-            phase[current[0]].append(time.perf_counter() - started)
-            if asked and asked[1] in found[0]:
-                probe[0] = None
-                seen.set()
-            i += 1
-
     rng = np.random.default_rng(opts.seed + 1)
     # The replacements are made up front: generating them is the bench's work, not the router's.
     replacements = [(int(rng.integers(synthetic)), synthetic_participants(real, bounds, 10_000_000 + n, 1, opts.seed))
                     for n in range(opts.swaps)]
-    thread = threading.Thread(target=searcher, daemon=True)
-    thread.start()
+    searcher = _Searcher(index, queries)
+    searcher.start()
     time.sleep(3.0)
-    current[0] = 1
-    visible = []
-    for p, fresh in replacements:
-        ids = np.arange(len(real) + p * PHRASES_PER_PARTICIPANT, len(real) + (p + 1) * PHRASES_PER_PARTICIPANT, dtype=np.int64)
-        seen.clear()
-        started = time.perf_counter()
-        index.remove(ids)
-        index.add(ids, fresh)
-        probe[0] = (fresh[0], int(ids[0]))
-        if not seen.wait(timeout=30):
-            raise RuntimeError("a replaced participant never became visible")
-        visible.append(time.perf_counter() - started)
-        time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=30)
+    searcher.phase = 1
+    visible = [_replace(index, searcher, len(real) + p * PHRASES_PER_PARTICIPANT, fresh) for p, fresh in replacements]
+    searcher.stopping.set()
+    searcher.join(timeout=30)
     return {
-        "swap_visible_ms": round(max(visible) * 1000, 2), "swap_search_p99_ms": _percentiles(phase[1])[1],
-        "steady_search_p99_ms": _percentiles(phase[0])[1], "swaps": opts.swaps,
+        "swap_visible_ms": round(max(visible) * 1000, 2), "swap_search_p99_ms": _percentiles(searcher.times[1])[1],
+        "steady_search_p99_ms": _percentiles(searcher.times[0])[1], "swaps": opts.swaps,
     }
+
+
+def _replace(index, searcher: _Searcher, first: int, fresh: np.ndarray) -> float:
+    """Replaces the participant whose ids start at `first` by `fresh`: seconds until `searcher` finds it."""
+    ids = np.arange(first, first + PHRASES_PER_PARTICIPANT, dtype=np.int64)
+    searcher.seen.clear()
+    started = time.perf_counter()
+    index.remove(ids)
+    index.add(ids, fresh)
+    searcher.probe = (fresh[0], int(ids[0]))
+    if not searcher.seen.wait(timeout=30):
+        raise RuntimeError("a replaced participant never became visible")
+    visible = time.perf_counter() - started
+    time.sleep(0.05)
+    return visible
 
 
 def _router_texts(phrases: int) -> list[str]:
@@ -246,82 +283,81 @@ def _router_texts(phrases: int) -> list[str]:
 
 def seed_router_cache(directory: str, model_id: str, phrases: int, real: np.ndarray, intents: np.ndarray, seed: int) -> None:
     """The persisted embeddings a restarted router finds: synthetic vectors for `_router_texts`."""
-    from router.embedding_store import EmbeddingStore
-
     count = (phrases + PHRASES_PER_PARTICIPANT - 1) // PHRASES_PER_PARTICIPANT
     store = EmbeddingStore(directory)
     store.put_many(model_id, _router_texts(phrases), synthetic_participants(real, intents, 20_000_000, count, seed)[:phrases])
     store.close()
 
 
+def _router_participant(number: int, intent: str, said: list[str]) -> participant_pb2.Participant:
+    return participant_pb2.Participant(
+        bot_id=f"bot{number}", instance_id="i1", address="127.0.0.1:9", group="bench", collaboration=True,
+        intents=[participant_pb2.Intent(name=intent, phrases=said)],
+    )
+
+
 def measure_router(directory: str, phrases: int, backend: str) -> dict:
     """In a process of its own: the encoder, then the router (`RouterCore`) restarted on the
     cache `seed_router_cache` filled, with one group of `phrases` phrases; then one of its
     participants replaced. `router_rss_mb` is this process's RSS once the router is ready."""
-    from mbc.runtime.config import EncoderConfig, RouterConfig
-    from mbc.runtime.encoder import Encoder
-    from mbc.v1 import participant_pb2
-    from router.core import RouterCore
-
     texts = _router_texts(phrases)
-
-    def participant(number: int, intent: str, said: list[str]) -> participant_pb2.Participant:
-        return participant_pb2.Participant(
-            bot_id=f"bot{number}", instance_id="i1", address="127.0.0.1:9", group="bench", collaboration=True,
-            intents=[participant_pb2.Intent(name=intent, phrases=said)],
-        )
-
     snapshot = {
-        f"/mbc/v1/participants/bench/bot{n}/i1": participant(n, "intent", texts[start : start + PHRASES_PER_PARTICIPANT])
+        f"/mbc/v1/participants/bench/bot{n}/i1": _router_participant(n, "intent", texts[start : start + PHRASES_PER_PARTICIPANT])
         for n, start in enumerate(range(0, phrases, PHRASES_PER_PARTICIPANT))
     }
     del texts
-
-    async def run(encoder) -> dict:
-        started = time.perf_counter()
-        core = RouterCore(RouterConfig(embedding_cache_dir=directory), encoder)
-        try:
-            await core.prepare()
-            core.submit(snapshot, 1)
-            await core.wait_ready()
-            ready = time.perf_counter() - started
-            encoded = core.embeddings.encoded
-            gc.collect()
-            rss, peak = _rss_mb()
-            # bot0 registers again with 100 new phrases: the model embeds them, as in a real change.
-            replaced = [f"the replacement participant's phrase number {i}" for i in range(PHRASES_PER_PARTICIPANT)]
-            changed = time.perf_counter()
-            core.submit({**snapshot, "/mbc/v1/participants/bench/bot0/i1": participant(0, "replaced", replaced)}, 2)
-            while True:
-                result = await core.match(replaced[-1], "", "bench", 1, 0)
-                if result.candidates and result.candidates[0].match.intent == "replaced":
-                    break
-                await asyncio.sleep(0.001)
-            visible = time.perf_counter() - changed
-            model = core.models["bench"]
-            return {
-                "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2), "restart_encoded": encoded,
-                "router_rss_mb": rss, "router_rss_baseline_mb": baseline, "router_rss_peak_mb": peak,
-                "router_swap_visible_ms": round(visible * 1000, 1), "router_large_group": model.large,
-                "router_swap_index_s": model.times.as_dict()["index_s"], "router_swap_calibrate_s": model.times.as_dict()["calibrate_s"],
-            }
-        finally:
-            await core.close()
-
     encoder = Encoder(EncoderConfig(backend=backend))
     try:
         encoder.encode(["warm up"])
         baseline = _rss_mb()[0]
-        return asyncio.run(run(encoder))
+        return asyncio.run(_restart_router(directory, phrases, snapshot, encoder, baseline))
     finally:
         encoder.close()
 
 
+async def _restart_router(directory: str, phrases: int, snapshot: dict, encoder: Encoder, baseline: float) -> dict:
+    """A router on the persisted cache in `directory`, given `snapshot` (`phrases` phrases): the
+    seconds until it is ready, its RSS then (`baseline`: before it), and how long a replaced
+    participant takes to be answered."""
+    from router.core import RouterCore  # loads faiss: see above
+
+    started = time.perf_counter()
+    core = RouterCore(RouterConfig(embedding_cache_dir=directory), encoder)
+    try:
+        await core.prepare()
+        core.submit(snapshot, 1)
+        await core.wait_ready()
+        ready = time.perf_counter() - started
+        encoded = core.embeddings.encoded
+        gc.collect()
+        rss, peak = _rss_mb()
+        visible = await _swap_visible(core, snapshot)
+        model = core.models["bench"]
+        return {
+            "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2), "restart_encoded": encoded,
+            "router_rss_mb": rss, "router_rss_baseline_mb": baseline, "router_rss_peak_mb": peak,
+            "router_swap_visible_ms": round(visible * 1000, 1), "router_large_group": model.large,
+            "router_swap_index_s": model.times.as_dict()["index_s"], "router_swap_calibrate_s": model.times.as_dict()["calibrate_s"],
+        }
+    finally:
+        await core.close()
+
+
+async def _swap_visible(core, snapshot: dict) -> float:
+    """bot0 registers again with 100 new phrases (the model embeds them, as in a real change): the
+    seconds until Match answers one of them with its new intent."""
+    replaced = [f"the replacement participant's phrase number {i}" for i in range(PHRASES_PER_PARTICIPANT)]
+    changed = time.perf_counter()
+    core.submit({**snapshot, "/mbc/v1/participants/bench/bot0/i1": _router_participant(0, "replaced", replaced)}, 2)
+    while True:
+        result = await core.match(replaced[-1], "", "bench", 1, 0)
+        if result.candidates and result.candidates[0].match.intent == "replaced":
+            return time.perf_counter() - changed
+        await asyncio.sleep(0.001)
+
+
 def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Real phrase vectors (the 10-bot mesh), query vectors (distinct val utterances), intent rows."""
-    from mbc.bench.match import load_clinc
-    from router.embedding_store import PhraseEmbeddings, open_store
-
     domains, train, val, _ = load_clinc(data_dir)
     phrases: list[str] = []
     intents = []
@@ -340,9 +376,8 @@ def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str)
 
 
 def run(opts: IndexBenchOptions, data_dir: Path, backend: str, cache: str) -> dict:
-    from mbc.runtime.config import EncoderConfig
-    from mbc.runtime.encoder import Encoder
-
+    """Embed the CLINC150 phrases and queries, measure the index, then the restarted router, each in
+    a process of its own, and report."""
     load = os.getloadavg()
     encoder = Encoder(EncoderConfig(backend=backend))
     try:
@@ -351,17 +386,21 @@ def run(opts: IndexBenchOptions, data_dir: Path, backend: str, cache: str) -> di
             real_path, queries_path = os.path.join(work, "real.npy"), os.path.join(work, "queries.npy")
             np.save(real_path, real)
             np.save(queries_path, queries)
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                result = pool.apply(measure_index, (real_path, queries_path, intents, opts))
+            result = _in_new_process(measure_index, real_path, queries_path, intents, opts)
             seed_router_cache(work, encoder.model_id, opts.restart_phrases, real, np.asarray(intents), opts.seed)
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                result.update(pool.apply(measure_router, (work, opts.restart_phrases, backend)))
+            result.update(_in_new_process(measure_router, work, opts.restart_phrases, backend))
     finally:
         encoder.close()
     result["load_average"] = {"start": [round(x, 2) for x in load], "end": [round(x, 2) for x in os.getloadavg()]}
     result["machine"] = {"cpus": os.cpu_count(), "encoder_backend": backend}
     result["options"] = asdict(opts)
     return result
+
+
+def _in_new_process(function, *args):
+    """function(*args) in a spawned process: its memory holds only what the function measures."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
 
 
 def print_table(result: dict) -> None:
@@ -384,8 +423,6 @@ def print_table(result: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mbc.bench.match import default_data_dir
-
     defaults = IndexBenchOptions()
     parser.add_argument("--vectors", type=int, default=defaults.vectors, help="vectors in the index (real CLINC150 phrases + synthetic)")
     parser.add_argument("--queries", type=int, default=defaults.queries, help="CLINC150 val utterances searched")

@@ -18,6 +18,8 @@ Prints a table and writes the JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -26,11 +28,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from discovery import EtcdClient, Registration
+from mbc.bench.clinc import default_data_dir, load_clinc
 from mbc.runtime.config import EncoderConfig
+from mbc.runtime.encoder import Encoder
+from mbc.testing.etcd import LocalEtcd
+from mbc.testing.processes import ComponentProcess, new_workdir
+from mbc.v1 import participant_pb2
 
 GROUP = "clinc150"
 ROUTER_SERVICE = "mbc.v1.Router"
@@ -63,29 +72,16 @@ class BenchOptions:
     workdir: Path | None = None
 
 
-def default_data_dir() -> Path:
-    env = os.environ.get("MBC_CLINC150")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    return repo.parent / "shared" / "data" / "clinc150"
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def load_clinc(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str], list[str]]:
-    """(domain → intents, intent → train utterances, distinct val utterances, oos_train utterances)."""
-    domains = json.loads((data_dir / "domains.json").read_text())
-    data = json.loads((data_dir / "clinc150_public.json").read_text())
-    train: dict[str, list[str]] = {}
-    for text, intent in data["train"]:
-        train.setdefault(intent, []).append(text)
-    val = list(dict.fromkeys(text for text, _ in data["val"]))
-    warm = list(dict.fromkeys(text for text, _ in data.get("oos_train", [])))
-    return domains, train, val, warm
+# --- load ------------------------------------------------------------------------------------
 
 
-def participants(domains: dict[str, list[str]], train: dict[str, list[str]], opts: BenchOptions):
-    from mbc.v1 import participant_pb2
-
+def participants(domains: dict[str, list[str]], train: dict[str, list[str]], opts: BenchOptions) -> list[participant_pb2.Participant]:
+    """One participant per domain, its intents with their train utterances, at an address where
+    nobody listens: Match never calls the bots."""
     out = []
     for domain, intents in sorted(domains.items()):
         if opts.intents_per_domain:
@@ -106,64 +102,115 @@ def participants(domains: dict[str, list[str]], train: dict[str, list[str]], opt
     return out
 
 
-# ---------------------------------------------------------------------------------------------
+def tuned_config(opts: BenchOptions) -> EncoderConfig:
+    return EncoderConfig(backend=opts.backend, threads=opts.threads, workers=opts.workers, onnx_dir=opts.onnx_dir,
+                         max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, query_cache_size=opts.query_cache_size)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The load generator's utterances, in `file`: the warm-up ones (oos_train) first, then val from
+    `offset` on, so that every measured utterance is distinct within a router's life and the tuned
+    router's utterance cache never answers. Phases are `name:callers:first:count`."""
+
+    file: Path
+    offset: int
+    opts: BenchOptions
+
+    @classmethod
+    def write(cls, workdir: Path, warm: list[str], val: list[str], opts: BenchOptions) -> Load:
+        warm = warm[: opts.warmup_requests]
+        file = workdir / "utterances.json"
+        file.write_text(json.dumps(warm + val))
+        return cls(file, len(warm), opts)
+
+    @property
+    def warmup(self) -> str:
+        return f"warmup:8:0:{self.offset}"
+
+    def c1_and_cn(self, prefix: str = "") -> list[str]:
+        """The warm-up, then c1 requests from 1 caller, then c32 requests from `concurrency` callers."""
+        n, c1 = self.opts.concurrency, self.opts.c1_requests
+        return [self.warmup, f"{prefix}c1:1:{self.offset}:{c1}", f"{prefix}c{n}:{n}:{self.offset + c1}:{self.opts.c32_requests}"]
+
+    def naive(self) -> list[str]:
+        n = self.opts.concurrency
+        return [self.warmup, f"naive_c{n}:{n}:{self.offset}:{self.opts.naive_requests}"]
+
+
+# --- start -----------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def registered(etcd: str, members: list[participant_pb2.Participant]) -> AsyncIterator[None]:
+    """`members` registered in etcd (leases of 30 s) until exit."""
+    client = EtcdClient([etcd])
+    await client.connect()
+    registrations = [Registration(client, p, ttl=30) for p in members]
+    for r in registrations:
+        await r.start()
+    try:
+        yield
+    finally:
+        for r in registrations:
+            await r.stop()
+        await client.close()
+
+
+def router_args(etcd: str, config: EncoderConfig) -> list[str]:
+    args = [
+        "router", "--etcd", etcd,
+        "--encoder-backend", config.backend,
+        "--encoder-threads", str(config.threads),
+        "--encoder-workers", str(config.workers),
+        "--max-batch", str(config.max_batch),
+        "--batch-wait-ms", str(config.batch_wait_ms),
+        "--query-cache", str(config.query_cache_size),
+        "--idle-spinning", "on" if config.idle_spinning else "off",
+        "--log-level", "WARNING",
+    ]
+    if config.onnx_dir:
+        args += ["--onnx-dir", config.onnx_dir]
+    return args
+
+
+async def bench_router(
+    name: str, args: list[str], workdir: Path, texts_file: Path, phases: list[str], module: str = "mbc"
+) -> tuple[list[dict], float]:
+    """Starts `python -m module args` and loads it with `phases`, measuring its CPU and (when it serves
+    /metrics) its encoder stages. Returns the phases' figures and the seconds it took to serve."""
+    started = time.monotonic()
+    router = ComponentProcess(name, args, workdir, module=module)
+    try:
+        await router.wait_serving(ROUTER_SERVICE, timeout=900)
+        ready = time.monotonic() - started
+        metrics = router.metrics_address if router.metrics_port_file.exists() else ""
+        results = await asyncio.to_thread(run_load, router.address, texts_file, phases, router.pid, metrics)
+    finally:
+        code = router.terminate()
+        if code not in (0, -15):
+            print(f"warning: {name} exited with {code}; log: {router.log_path}", file=sys.stderr)
+    return results, ready
+
+
+def run_load(target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "") -> list[dict]:
+    command = [sys.executable, "-m", "mbc.bench.loadgen", "--target", target, "--texts", str(texts_file), "--group", GROUP,
+               "--timeout", "120", "--server-pid", str(server_pid), "--metrics", metrics]
+    for phase in phases:
+        command += ["--phase", phase]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)["phases"]
+
+
+# --- measure ---------------------------------------------------------------------------------
 
 
 def encoder_setups(tuned: EncoderConfig) -> list[EncoderConfig]:
     """The tuned router's set-up of the engine, and the engine's default threads with one caller."""
     default = replace(tuned, threads=0, workers=1)
     return [tuned] if default == tuned else [tuned, default]
-
-
-def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions, pause_ms: float = 0.0) -> dict:
-    """In-process, one set-up: median single-utterance time and throughput per batch size, with
-    `config.workers` callers encoding batches side by side (as the router's workers do)."""
-    from mbc.runtime.encoder import Encoder
-
-    encoder = Encoder(config)
-    callers = ThreadPoolExecutor(max_workers=config.workers)
-    try:
-        # Nothing else runs: single encodes (and one caller's batches) take the engine's fastest
-        # path, as a lone Match does in the router (EncoderConfig.idle_spinning).
-        for text in texts[:20]:
-            encoder.encode([text], alone=True)
-        singles = []
-        for text in texts[20 : 20 + opts.single_samples]:
-            started = time.perf_counter()
-            encoder.encode([text], alone=True)
-            singles.append(time.perf_counter() - started)
-        # The same after a pause: a Match served over gRPC never follows the previous one at once.
-        paused = []
-        for text in texts[20 + opts.single_samples : 20 + 2 * opts.single_samples] if pause_ms > 0 else ():
-            time.sleep(pause_ms / 1000.0)
-            started = time.perf_counter()
-            encoder.encode([text], alone=True)
-            paused.append(time.perf_counter() - started)
-        alone = config.workers == 1
-
-        def encode(batch: list[str]):
-            return encoder.encode(batch, alone=alone)
-
-        pool = texts[: opts.batch_texts]
-        per_size, cpu_per_size = {}, {}
-        for size in opts.batch_sizes:
-            batches = [pool[i : i + size] for i in range(0, len(pool), size)]
-            list(callers.map(encode, batches[: config.workers]))  # warm this shape
-            started, cpu = time.perf_counter(), time.process_time()
-            list(callers.map(encode, batches))
-            per_size[size] = round(len(pool) / (time.perf_counter() - started), 1)
-            cpu_per_size[size] = round((time.process_time() - cpu) * 1000 / len(pool), 3)
-        return {
-            "single_ms": round(statistics.median(singles) * 1000, 2),
-            "single_after_pause_ms": round(statistics.median(paused) * 1000, 2) if paused else None,
-            "qps_by_batch_size": per_size,
-            "cpu_ms_per_utterance_by_batch_size": cpu_per_size,
-        }
-    finally:
-        callers.shutdown()
-        encoder.close()
-        del encoder
-        gc.collect()
 
 
 def measure_encoder(tuned: EncoderConfig, texts: list[str], opts: BenchOptions, pause_ms: float = 0.0) -> dict:
@@ -194,127 +241,126 @@ def _setup_name(config: EncoderConfig) -> str:
     return f"threads={config.threads or 'default'} workers={config.workers}"
 
 
-def router_args(etcd: str, config: EncoderConfig) -> list[str]:
-    args = [
-        "router", "--etcd", etcd,
-        "--encoder-backend", config.backend,
-        "--encoder-threads", str(config.threads),
-        "--encoder-workers", str(config.workers),
-        "--max-batch", str(config.max_batch),
-        "--batch-wait-ms", str(config.batch_wait_ms),
-        "--query-cache", str(config.query_cache_size),
-        "--idle-spinning", "on" if config.idle_spinning else "off",
-        "--log-level", "WARNING",
-    ]
-    if config.onnx_dir:
-        args += ["--onnx-dir", config.onnx_dir]
-    return args
-
-
-def run_load(target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "") -> list[dict]:
-    command = [sys.executable, "-m", "mbc.bench.loadgen", "--target", target, "--texts", str(texts_file), "--group", GROUP,
-               "--timeout", "120", "--server-pid", str(server_pid), "--metrics", metrics]
-    for phase in phases:
-        command += ["--phase", phase]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout)["phases"]
-
-
-async def bench_router(
-    name: str, args: list[str], workdir: Path, texts_file: Path, phases: list[str], module: str = "mbc"
-) -> tuple[list[dict], float]:
-    """Starts `python -m module args` and loads it with `phases`, measuring its CPU and (when it serves
-    /metrics) its encoder stages."""
-    from mbc.testing.processes import ComponentProcess
-
-    started = time.monotonic()
-    router = ComponentProcess(name, args, workdir, module=module)
+def measure_setup(config: EncoderConfig, texts: list[str], opts: BenchOptions, pause_ms: float = 0.0) -> dict:
+    """In-process, one set-up: median single-utterance time (also after a pause of `pause_ms`) and
+    throughput and CPU per batch size."""
+    encoder = Encoder(config)
     try:
-        await router.wait_serving(ROUTER_SERVICE, timeout=900)
-        ready = time.monotonic() - started
-        metrics = router.metrics_address if router.metrics_port_file.exists() else ""
-        results = await asyncio.to_thread(run_load, router.address, texts_file, phases, router.pid, metrics)
+        singles, paused = time_singles(encoder, texts, opts.single_samples, pause_ms)
+        per_size, cpu_per_size = time_batches(encoder, texts[: opts.batch_texts], opts.batch_sizes, config.workers)
+        return {
+            "single_ms": round(statistics.median(singles) * 1000, 2),
+            "single_after_pause_ms": round(statistics.median(paused) * 1000, 2) if paused else None,
+            "qps_by_batch_size": per_size,
+            "cpu_ms_per_utterance_by_batch_size": cpu_per_size,
+        }
     finally:
-        code = router.terminate()
-        if code not in (0, -15):
-            print(f"warning: {name} exited with {code}; log: {router.log_path}", file=sys.stderr)
-    return results, ready
+        encoder.close()
+        del encoder
+        gc.collect()
+
+
+def time_singles(encoder: Encoder, texts: list[str], samples: int, pause_ms: float) -> tuple[list[float], list[float]]:
+    """Seconds of `samples` single encodes after 20 unmeasured ones; then of as many more, each after
+    a pause of `pause_ms` (none when 0): a Match served over gRPC never follows the previous one at
+    once. Nothing else runs, so they take the engine's fastest path, as a lone Match does in the
+    router (EncoderConfig.idle_spinning)."""
+    for text in texts[:20]:
+        encoder.encode([text], alone=True)
+    singles = [_time_single(encoder, text) for text in texts[20 : 20 + samples]]
+    paused = []
+    for text in texts[20 + samples : 20 + 2 * samples] if pause_ms > 0 else ():
+        time.sleep(pause_ms / 1000.0)
+        paused.append(_time_single(encoder, text))
+    return singles, paused
+
+
+def _time_single(encoder: Encoder, text: str) -> float:
+    started = time.perf_counter()
+    encoder.encode([text], alone=True)
+    return time.perf_counter() - started
+
+
+def time_batches(encoder: Encoder, pool: list[str], sizes: tuple[int, ...], workers: int) -> tuple[dict, dict]:
+    """For each batch size, the utterances of `pool` encoded per second and the CPU milliseconds
+    per utterance, with `workers` callers encoding batches side by side, as the router's workers do
+    (one caller's batches take the fastest path, as single encodes do)."""
+    encode = functools.partial(encoder.encode, alone=workers == 1)
+    per_size, cpu_per_size = {}, {}
+    with ThreadPoolExecutor(max_workers=workers) as callers:
+        for size in sizes:
+            batches = [pool[i : i + size] for i in range(0, len(pool), size)]
+            list(callers.map(encode, batches[:workers]))  # warm this shape
+            started, cpu = time.perf_counter(), time.process_time()
+            list(callers.map(encode, batches))
+            per_size[size] = round(len(pool) / (time.perf_counter() - started), 1)
+            cpu_per_size[size] = round((time.process_time() - cpu) * 1000 / len(pool), 3)
+    return per_size, cpu_per_size
+
+
+@dataclass
+class RouterRuns:
+    """The phases of each router loaded, and the seconds each took to serve."""
+
+    floor: list[dict]
+    naive: list[dict] = field(default_factory=list)
+    tuned: list[dict] = field(default_factory=list)
+    ready: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def all(self) -> list[dict]:
+        return self.naive + self.tuned + self.floor
+
+    def by_name(self) -> dict[str, dict]:
+        """The measured phases (warm-ups left out) by name."""
+        return {p["phase"]: p for p in self.naive[1:] + self.tuned[1:] + self.floor[1:]}
+
+
+async def measure_floor(load: Load, workdir: Path) -> RouterRuns:
+    progress("empty router (the serving floor) ...")
+    floor, _ = await bench_router("router-empty", [], workdir, load.file, load.c1_and_cn("floor_"),
+                                  module="mbc.bench.empty_router")
+    return RouterRuns(floor)
+
+
+async def measure_routers(runs: RouterRuns, etcd: str, tuned: EncoderConfig, load: Load, workdir: Path, phrases: int) -> None:
+    """The naive router, then the tuned one, on the mesh registered in `etcd`."""
+    progress(f"naive router ({phrases} phrases) ...")
+    runs.naive, naive_ready = await bench_router("router-naive", router_args(etcd, NAIVE), workdir, load.file, load.naive())
+    progress("tuned router ...")
+    runs.tuned, tuned_ready = await bench_router("router-tuned", router_args(etcd, tuned), workdir, load.file, load.c1_and_cn())
+    runs.ready = {"naive": round(naive_ready, 1), "tuned": round(tuned_ready, 1)}
 
 
 async def run(opts: BenchOptions) -> dict:
-    from discovery import EtcdClient, Registration
-    from mbc.testing.etcd import LocalEtcd
-    from mbc.testing.processes import new_workdir
-
+    """Load the data, measure the serving floor and the encoder in-process, start etcd with the
+    mesh's participants, measure the naive and the tuned routers, report."""
     domains, train, val, warm = load_clinc(opts.data_dir)
     needed = opts.c1_requests + opts.c32_requests
     if needed > len(val):
         raise SystemExit(f"mbc bench match: {needed} distinct utterances needed, CLINC150 val has {len(val)}")
     workdir = opts.workdir or new_workdir("mbc-bench-")
     workdir.mkdir(parents=True, exist_ok=True)
-    tuned = EncoderConfig(
-        backend=opts.backend,
-        threads=opts.threads,
-        workers=opts.workers,
-        onnx_dir=opts.onnx_dir,
-        max_batch=opts.max_batch,
-        batch_wait_ms=opts.batch_wait_ms,
-        query_cache_size=opts.query_cache_size,
-    )
-    # Warm-up utterances (oos_train) come first, then val: every measured utterance is distinct
-    # within a router's life, so the tuned router's utterance cache never answers.
-    texts = warm[: opts.warmup_requests] + val
-    offset = len(warm[: opts.warmup_requests])
-    texts_file = workdir / "utterances.json"
-    texts_file.write_text(json.dumps(texts))
-    warmup = f"warmup:8:0:{offset}"
+    tuned, load = tuned_config(opts), Load.write(workdir, warm, val, opts)
+    members = participants(domains, train, opts)
+    phrases = sum(len(i.phrases) for p in members for i in p.intents)
 
-    print("empty router (the serving floor) ...", file=sys.stderr, flush=True)
-    floor_phases, _ = await bench_router(
-        "router-empty", [], workdir, texts_file,
-        [
-            warmup,
-            f"floor_c1:1:{offset}:{opts.c1_requests}",
-            f"floor_c{opts.concurrency}:{opts.concurrency}:{offset + opts.c1_requests}:{opts.c32_requests}",
-        ],
-        module="mbc.bench.empty_router",
-    )
-    print(f"encoder in-process ({opts.backend}) ...", file=sys.stderr, flush=True)
-    encoder = await asyncio.to_thread(measure_encoder, tuned, val, opts, floor_phases[1]["p50_ms"])
-
+    runs = await measure_floor(load, workdir)
+    progress(f"encoder in-process ({opts.backend}) ...")
+    encoder = await asyncio.to_thread(measure_encoder, tuned, val, opts, runs.floor[1]["p50_ms"])
     with LocalEtcd(data_dir=workdir / "etcd") as etcd:
-        client = EtcdClient([etcd.endpoint])
-        await client.connect()
-        registrations = [Registration(client, p, ttl=30) for p in participants(domains, train, opts)]
-        for r in registrations:
-            await r.start()
-        phrases = sum(len(i.phrases) for r in registrations for i in r.participant.intents)
-        try:
-            print(f"naive router ({phrases} phrases) ...", file=sys.stderr, flush=True)
-            naive, naive_ready = await bench_router(
-                "router-naive", router_args(etcd.endpoint, NAIVE), workdir, texts_file,
-                [warmup, f"naive_c{opts.concurrency}:{opts.concurrency}:{offset}:{opts.naive_requests}"],
-            )
-            print("tuned router ...", file=sys.stderr, flush=True)
-            tuned_phases, tuned_ready = await bench_router(
-                "router-tuned", router_args(etcd.endpoint, tuned), workdir, texts_file,
-                [
-                    warmup,
-                    f"c1:1:{offset}:{opts.c1_requests}",
-                    f"c{opts.concurrency}:{opts.concurrency}:{offset + opts.c1_requests}:{opts.c32_requests}",
-                ],
-            )
-        finally:
-            for r in registrations:
-                await r.stop()
-            await client.close()
+        async with registered(etcd.endpoint, members):
+            await measure_routers(runs, etcd.endpoint, tuned, load, workdir, phrases)
+    return report(encoder, runs, tuned, opts, {"participants": len(members), "phrases": phrases, "group": GROUP})
 
-    by_name = {p["phase"]: p for p in naive[1:] + tuned_phases[1:] + floor_phases[1:]}
-    n_c = by_name[f"naive_c{opts.concurrency}"]
-    c1 = by_name["c1"]
-    cn = by_name[f"c{opts.concurrency}"]
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def report(encoder: dict, runs: RouterRuns, tuned: EncoderConfig, opts: BenchOptions, mesh: dict) -> dict:
+    """The figures (see the module docstring), the targets met, the limits, and the details."""
+    by_name = runs.by_name()
+    n_c, c1, cn = by_name[f"naive_c{opts.concurrency}"], by_name["c1"], by_name[f"c{opts.concurrency}"]
     result = {
         "encoder_single_ms": encoder["single_ms"],
         "encoder_batch_qps": encoder["batch_qps"],
@@ -326,32 +372,43 @@ async def run(opts: BenchOptions) -> dict:
         "match_p50_ms_c1": c1["p50_ms"],
         "match_p99_ms_c1": c1["p99_ms"],
         "match_p99_ms_c32": cn["p99_ms"],
-        "errors": sum(p["errors"] for p in naive + tuned_phases + floor_phases),
+        "errors": sum(p["errors"] for p in runs.all),
         "settings": {
             "tuned": {k: v for k, v in asdict(tuned).items() if k in _SPEED_FIELDS},
             "naive": {k: v for k, v in asdict(NAIVE).items() if k in _SPEED_FIELDS},
         },
     }
-    result["targets"] = {
-        "match_qps_c32 >= 4 x naive_qps_c32": result["match_qps_c32"] >= 4 * result["naive_qps_c32"],
-        "match_qps_c32 >= 0.85 x encoder_batch_qps": result["match_qps_c32"] >= 0.85 * result["encoder_batch_qps"],
-        "match_p50_ms_c1 <= 1.5 x encoder_single_ms": result["match_p50_ms_c1"] <= 1.5 * result["encoder_single_ms"],
-        "errors == 0": result["errors"] == 0,
-    }
+    result["targets"] = targets(result)
     result.update(limits(result, encoder, c1, cn, by_name["floor_c1"], by_name[f"floor_c{opts.concurrency}"]))
     result["details"] = {
         "encoder_by_setup": encoder["by_setup"],
-        "phases": naive + tuned_phases + floor_phases,
-        "router_ready_seconds": {"naive": round(naive_ready, 1), "tuned": round(tuned_ready, 1)},
-        "mesh": {"participants": len(registrations), "phrases": phrases, "group": GROUP},
+        "phases": runs.all,
+        "router_ready_seconds": runs.ready,
+        "mesh": mesh,
         "machine": machine(),
     }
     return result
 
 
+def targets(result: dict) -> dict[str, bool]:
+    return {
+        "match_qps_c32 >= 4 x naive_qps_c32": result["match_qps_c32"] >= 4 * result["naive_qps_c32"],
+        "match_qps_c32 >= 0.85 x encoder_batch_qps": result["match_qps_c32"] >= 0.85 * result["encoder_batch_qps"],
+        "match_p50_ms_c1 <= 1.5 x encoder_single_ms": result["match_p50_ms_c1"] <= 1.5 * result["encoder_single_ms"],
+        "errors == 0": result["errors"] == 0,
+    }
+
+
 def _cpu_ms(phase: dict) -> float:
     cost = phase["cost_per_call"]
     return round(cost.get("server_cpu_ms", 0.0) + cost["loadgen_cpu_ms"], 3)
+
+
+def _stages(phase: dict) -> dict:
+    """A phase's encoder stages per Match, from the router's /metrics."""
+    cost = phase["cost_per_call"]
+    return {"encode_ms": cost.get("encode_ms"), "score_ms": cost.get("post_ms"),
+            "utterances_per_batch": cost.get("utterances_per_batch")}
 
 
 def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floor_cn: dict) -> dict:
@@ -374,18 +431,12 @@ def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floo
     qps_bound = round(cores * 1000.0 / (encode_cpu + floor_cpu), 1)
     single_after_pause = encoder["single_after_pause_ms"] or result["encoder_single_ms"]
     p50_bound = round(single_after_pause + floor_c1["p50_ms"], 2)
-
-    def stages(phase: dict) -> dict:
-        cost = phase["cost_per_call"]
-        return {"encode_ms": cost.get("encode_ms"), "score_ms": cost.get("post_ms"),
-                "utterances_per_batch": cost.get("utterances_per_batch")}
-
     return {
         "floor": {"p50_ms_c1": floor_c1["p50_ms"], "qps_c32": floor_cn["qps"], "cpu_ms_per_call_c32": floor_cpu},
         "breakdown": {
-            "c1": {"mean_ms": c1["mean_ms"], **stages(c1)},
+            "c1": {"mean_ms": c1["mean_ms"], **_stages(c1)},
             "c32": {"cpu_ms_per_match": _cpu_ms(cn), "router_cpu_ms": cn["cost_per_call"].get("server_cpu_ms"),
-                    "loadgen_cpu_ms": cn["cost_per_call"]["loadgen_cpu_ms"], **stages(cn)},
+                    "loadgen_cpu_ms": cn["cost_per_call"]["loadgen_cpu_ms"], **_stages(cn)},
         },
         "bounds": {
             "cores": cores,

@@ -10,16 +10,34 @@ domain, so that transfers and fallbacks are what is counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import random
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
+
+from bot_server.bot import Bot
+from bot_server.definition import BotDefinition
+from bot_server.server import BotProcess
+from mbc.client.gateway import Conversation
+from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
-from mbc.v1 import bot_pb2, router_pb2
+from mbc.runtime.encoder import Encoder
+from mbc.runtime.logs import configure
+from mbc.testing.etcd import LocalEtcd
+from mbc.testing.mesh import eventually
+from mbc.v1 import bot_pb2, router_pb2, router_pb2_grpc
+from router.calibration import Example
+from router.decision import GroupModel
+from router.server import RouterProcess
 
 GROUP = "clinc150"
 PUBLISHED = [
@@ -28,6 +46,7 @@ PUBLISHED = [
     ("BERT fine-tuned (paper, test)", 0.962, 0.523),
     ("MiniLM 1-NN, one threshold (test)", 0.875, 0.471),
 ]
+T = TypeVar("T")
 
 
 def progress(message: str) -> None:
@@ -109,194 +128,292 @@ def definitions(ds: Dataset) -> list[dict]:
     return out
 
 
-async def run(args) -> dict:
-    from bot_server.bot import Bot
-    from bot_server.definition import BotDefinition
-    from bot_server.server import BotProcess
-    from mbc.testing.etcd import LocalEtcd
-    from mbc.runtime.channels import ChannelPool
-    from mbc.runtime.encoder import Encoder
-    from mbc.client.gateway import Conversation
-    from router.calibration import Example
-    from router.server import RouterProcess
+Item = tuple[str, str, str]
+"""An utterance to route: (text, the bot that owns its intent or "" when out of scope, the intent)."""
 
-    started = time.monotonic()
-    ds = load(args.data, args.domains, args.split, args.max_domains, args.max_intents, args.limit, args.seed)
-    progress(f"eval: {len(ds.domains)} bots, {len(ds.bot_of)} intents, {len(ds.train)} training phrases; "
-             f"split {args.split}: {len(ds.in_scope)} in scope + {len(ds.oos)} out of scope; "
-             f"calibration: {len(ds.calibration)} utterances of val, oos_val, oos_train")
-    if args.split == "val":
-        progress("eval: NOTE --split val: the router is calibrated on val, so these figures are in-sample for calibration")
-    local_etcd = None
-    if args.etcd:
-        etcd = split_endpoints(args.etcd)
-    else:
-        local_etcd = LocalEtcd()
-        local_etcd.start()
-        etcd = (local_etcd.endpoint,)
-    encoder = Encoder(EncoderConfig(backend=args.encoder_backend))
-    router = None
-    bots: dict[str, BotProcess] = {}
-    pool = ChannelPool()
-    result: dict = {}
-    try:
-        router = RouterProcess(RouterConfig(etcd_endpoints=etcd, server=ServerConfig(port=0)), encoder=encoder)
-        router.core.set_calibration(
-            [Example(text, ds.bot_of[intent], intent, GROUP) if intent else Example(text, group=GROUP) for text, intent in ds.calibration]
-        )
-        t = time.monotonic()
+
+def questions(ds: Dataset) -> list[Item]:
+    """The reported split: its in-scope utterances, then its out-of-scope ones."""
+    return [(text, ds.bot_of[intent], intent) for text, intent in ds.in_scope] + [(text, "", "") for text in ds.oos]
+
+
+def calibration_examples(ds: Dataset) -> list[Example]:
+    return [Example(text, ds.bot_of[intent], intent, GROUP) if intent else Example(text, group=GROUP)
+            for text, intent in ds.calibration]
+
+
+# --- start -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Mesh:
+    """The mesh under evaluation: the router and a bot per domain, all in this process."""
+
+    router: RouterProcess
+    bots: dict[str, BotProcess] = field(default_factory=dict)
+    pool: ChannelPool = field(default_factory=ChannelPool)
+    model: GroupModel | None = None
+    """The group's model once trained and calibrated on every bot."""
+    calibration: dict = field(default_factory=dict)
+    """`model.calibration` as it was then."""
+    initial_build: dict = field(default_factory=dict)
+    """`model.times` as they were then."""
+
+    async def stop_bots(self) -> None:
+        for bot in self.bots.values():
+            await bot.stop()
+
+
+@contextlib.contextmanager
+def etcd_endpoints(given: str) -> Iterator[tuple[str, ...]]:
+    """The --etcd endpoints, or that of a LocalEtcd of the harness, started here and removed on exit."""
+    if given:
+        yield split_endpoints(given)
+        return
+    with LocalEtcd() as etcd:
+        yield (etcd.endpoint,)
+
+
+@contextlib.asynccontextmanager
+async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncIterator[Mesh]:
+    """etcd, the router (calibrated through its API) and a bot per domain, each a real gRPC server
+    registered in etcd, ready once the router has trained and calibrated on every bot.
+
+    The router and the bots run in this process and share one encoder: a process per bot would load
+    the model once per bot. Stopped on exit: bots, router, encoder, then a LocalEtcd started here."""
+    async with contextlib.AsyncExitStack() as stack:
+        endpoints = stack.enter_context(etcd_endpoints(etcd))
+        encoder = stack.enter_context(contextlib.closing(Encoder(EncoderConfig(backend=encoder_backend))))
+        mesh = Mesh(RouterProcess(RouterConfig(etcd_endpoints=endpoints, server=ServerConfig(port=0)), encoder=encoder))
+        stack.push_async_callback(mesh.router.stop)
+        stack.push_async_callback(mesh.stop_bots)
+        stack.push_async_callback(mesh.pool.close)
+        mesh.router.core.set_calibration(calibration_examples(ds))
+        started = time.monotonic()
         progress(f"eval: embedding {len(ds.train)} training phrases...")
         await encoder.aencode_phrases([text for text, _ in ds.train])
-        # The bots register first and the router starts after them: one training instead of ten.
-        started_bots = []
-        for data in definitions(ds):
-            bot = BotProcess(
-                BotConfig(etcd_endpoints=etcd, router_address=router.server.address, server=ServerConfig(port=0), lease_ttl_seconds=5),
-                bot=Bot(BotDefinition.from_dict(data)), encoder=encoder,
-            )
-            bots[bot.bot.bot_id] = bot
-            started_bots.append(bot.start())
-        await asyncio.gather(*started_bots)
-        progress(f"eval: {len(bots)} bots serving and registered ({time.monotonic() - t:.0f}s)")
-        await router.start()
-        progress("eval: waiting for the router to train and calibrate on all bots...")
-        while True:
-            models = router.core.models
-            model = models.get(GROUP)
-            if model is not None and set(model.bots) == set(bots) and model.calibration.get("calibration_examples"):
-                break
-            await asyncio.sleep(0.5)
-        calibration = dict(model.calibration)
-        build = {**model.times.as_dict()}
-        progress(f"eval: router ready after {time.monotonic() - t:.1f}s: tau={model.tau:.3f} ({calibration.get('method')})")
+        # The bots register first and the router starts after them: one training instead of one per bot.
+        await start_bots(mesh, ds, endpoints, encoder)
+        progress(f"eval: {len(mesh.bots)} bots serving and registered ({time.monotonic() - started:.0f}s)")
+        await mesh.router.start()
+        await wait_trained(mesh)
+        progress(f"eval: router ready after {time.monotonic() - started:.1f}s: "
+                 f"tau={mesh.model.tau:.3f} ({mesh.calibration.get('method')})")
+        yield mesh
 
-        # 1. Every utterance of the split through Router.Match over gRPC.
-        items = [(text, ds.bot_of[intent], intent) for text, intent in ds.in_scope] + [(text, "", "") for text in ds.oos]
-        # A plain channel: the mesh's service config caps Match at 5 s, too short on a loaded machine.
-        import grpc
 
-        from mbc.v1 import router_pb2_grpc
+async def start_bots(mesh: Mesh, ds: Dataset, etcd: tuple[str, ...], encoder: Encoder) -> None:
+    """A bot per domain, serving and registered in etcd, calling the mesh's router."""
+    config = BotConfig(etcd_endpoints=etcd, router_address=mesh.router.server.address, server=ServerConfig(port=0),
+                       lease_ttl_seconds=5)
+    for data in definitions(ds):
+        bot = BotProcess(config, bot=Bot(BotDefinition.from_dict(data)), encoder=encoder)
+        mesh.bots[bot.bot.bot_id] = bot
+    await asyncio.gather(*(bot.start() for bot in mesh.bots.values()))
 
-        router_channel = grpc.aio.insecure_channel(router.server.address)
-        stub = router_pb2_grpc.RouterStub(router_channel)
-        errors: Counter = Counter()
-        sem = asyncio.Semaphore(args.concurrency)
-        done = [0]
-        t = time.monotonic()
 
-        async def ask(text: str):
-            async with sem:
-                try:
-                    r = await stub.Match(router_pb2.MatchRequest(text=text, group=GROUP, max_candidates=3), timeout=600)
-                except grpc.aio.AioRpcError as e:  # counted as a miss, reported
-                    errors[f"Match {e.code().name}"] += 1
-                    r = router_pb2.MatchResponse()
-            done[0] += 1
-            if done[0] % 500 == 0:
-                progress(f"eval: Match {done[0]}/{len(items)} ({time.monotonic() - t:.0f}s)")
-            return r
+async def wait_trained(mesh: Mesh) -> None:
+    """Until the router's model of the group covers every bot and is calibrated (no time limit:
+    training takes as long as the machine needs)."""
+    progress("eval: waiting for the router to train and calibrate on all bots...")
+    mesh.model, _ = await eventually(lambda: _trained_model(mesh), timeout=math.inf, interval=0.5,
+                                     what="the router trained on every bot")
+    mesh.calibration = dict(mesh.model.calibration)
+    mesh.initial_build = mesh.model.times.as_dict()
 
-        responses = await asyncio.gather(*(ask(text) for text, _, _ in items))
-        match_seconds = time.monotonic() - t
-        n_in = n_oos = right = right_bot = rejected = disamb = disamb_in = disamb_wrong_top = 0
-        for (text, bot_id, intent), r in zip(items, responses):
-            top = r.candidates[0] if r.candidates else None
-            if r.decision == router_pb2.DECISION_DISAMBIGUATE:
-                disamb += 1
-            if bot_id:
-                n_in += 1
-                if r.decision == router_pb2.DECISION_ACT and top is not None:
-                    right += top.bot_id == bot_id and top.intent == intent
-                    right_bot += top.bot_id == bot_id
-                elif r.decision == router_pb2.DECISION_DISAMBIGUATE:
-                    disamb_in += 1
-                    disamb_wrong_top += top is None or top.bot_id != bot_id
-            else:
-                n_oos += 1
-                rejected += r.decision == router_pb2.DECISION_NONE
 
-        # 2. A fixed-seed sample end to end through Respond of a bot of another domain.
-        rng = random.Random(args.seed)
-        sample = rng.sample(items, min(args.sample, len(items)))
-        bot_ids = sorted(bots)
-        outcomes: Counter = Counter()
-        e2e_right = [0]
-        done[0] = 0
-        t = time.monotonic()
+def _trained_model(mesh: Mesh) -> GroupModel | None:
+    model = mesh.router.core.models.get(GROUP)
+    if model is not None and set(model.bots) == set(mesh.bots) and model.calibration.get("calibration_examples"):
+        return model
+    return None
 
-        async def converse(text: str, bot_id: str, intent: str, entry: str):
-            async with sem:
-                try:
-                    async with Conversation(bots[entry].identity.address, channels=pool, timeout_seconds=600) as chat:
-                        r = await chat.send(text)
-                except grpc.aio.AioRpcError as e:
-                    errors[f"Respond {e.code().name}"] += 1
-                    r = bot_pb2.RespondResponse()
-            outcomes[bot_pb2.Outcome.Name(r.outcome)] += 1
-            if bot_id:
-                ok = r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.owner.bot_id == bot_id and r.match.intent == intent
-            else:
-                ok = r.outcome == bot_pb2.OUTCOME_FALLBACK
-            e2e_right[0] += ok
-            done[0] += 1
-            if done[0] % 100 == 0:
-                progress(f"eval: Respond {done[0]}/{len(sample)}")
 
-        entries = [rng.choice([b for b in bot_ids if b != bot_id] or bot_ids) for _, bot_id, _ in sample]
-        await asyncio.gather(*(converse(text, b, i, e) for (text, b, i), e in zip(sample, entries)))
-        e2e_seconds = time.monotonic() - t
+# --- measure ---------------------------------------------------------------------------------
 
-        # 3. A participant change: one bot leaves; time until the retrained model is in use.
-        retrain = None
-        if args.retrain_check and len(bots) > 2:
-            builds = router.core.builds
-            leaving = bot_ids[-1]
-            t = time.monotonic()
-            await bots.pop(leaving).stop()
-            await asyncio.wait_for(router.core.wait_builds(builds + 1), 600)
-            after = router.core.models[GROUP]
-            retrain = {"bot_left": leaving, "seconds": round(time.monotonic() - t, 2), **after.times.as_dict()}
-            progress(f"eval: {leaving} left; the router retrained and recalibrated in {retrain['seconds']}s")
 
-        await router_channel.close()
-        result = {
-            "split": args.split,
-            "encoder_backend": args.encoder_backend,
-            "in_sample_calibration": args.split == "val",
-            "n_in_scope": n_in,
-            "n_oos": n_oos,
-            "in_scope_accuracy": round(right / max(n_in, 1), 4),
-            "oos_recall": round(rejected / max(n_oos, 1), 4),
-            "bot_accuracy": round(right_bot / max(n_in, 1), 4),
-            "end_to_end_accuracy": round(e2e_right[0] / max(len(sample), 1), 4),
-            "end_to_end_n": len(sample),
-            "end_to_end_outcomes": dict(outcomes),
-            "disambiguation_rate": round(disamb / max(len(items), 1), 4),
-            "disambiguations": disamb,
-            "disambiguations_in_scope_top1_wrong_bot": disamb_wrong_top,
-            "disambiguations_in_scope": disamb_in,
-            "tau": round(model.tau, 4),
-            "calibration": calibration,
-            "initial_build": build,
-            "retrain_on_bot_leaving": retrain,
-            "match_seconds": round(match_seconds, 2),
-            "match_per_second": round(len(items) / max(match_seconds, 1e-9), 1),
-            "end_to_end_seconds": round(e2e_seconds, 2),
-            "errors": dict(errors),
-            "bots": len(ds.domains),
-            "intents": len(ds.bot_of),
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        return result
-    finally:
-        await pool.close()
-        for bot in bots.values():
-            await bot.stop()
-        if router is not None:
-            await router.stop()
-        encoder.close()
-        if local_etcd:
-            local_etcd.stop()
+class Calls:
+    """The calls of one phase: at most `concurrency` in flight; an RPC error is counted by method
+    and status, and the call then counts as a miss (`failed` stands for its reply); progress on
+    stderr every `every` calls."""
+
+    def __init__(self, method: str, total: int, concurrency: int, every: int, timed: bool = False) -> None:
+        self.method, self.total, self.every, self.timed = method, total, every, timed
+        self.limit = asyncio.Semaphore(concurrency)
+        self.errors: Counter = Counter()
+        self.done = 0
+        self.started = time.monotonic()
+
+    async def call(self, rpc: Awaitable[T], failed: T) -> T:
+        async with self.limit:
+            try:
+                reply = await rpc
+            except grpc.aio.AioRpcError as e:
+                self.errors[f"{self.method} {e.code().name}"] += 1
+                reply = failed
+        self.done += 1
+        if self.done % self.every == 0:
+            elapsed = f" ({time.monotonic() - self.started:.0f}s)" if self.timed else ""
+            progress(f"eval: {self.method} {self.done}/{self.total}{elapsed}")
+        return reply
+
+
+@dataclass
+class MatchPhase:
+    """Every utterance through Match: `counts` (see `score_matches`), seconds, RPC errors."""
+
+    n: int
+    counts: Counter
+    seconds: float
+    errors: Counter
+
+
+@dataclass
+class EndToEnd:
+    """The sample through Respond: how many, how many right, the outcomes by name, seconds, RPC errors."""
+
+    n: int
+    right: int
+    outcomes: Counter
+    seconds: float
+    errors: Counter
+
+
+async def _match(stub: router_pb2_grpc.RouterStub, text: str) -> router_pb2.MatchResponse:
+    return await stub.Match(router_pb2.MatchRequest(text=text, group=GROUP, max_candidates=3), timeout=600)
+
+
+async def measure_match(router: str, items: list[Item], concurrency: int) -> MatchPhase:
+    """Every utterance of `items` through Router.Match over gRPC, on a plain channel: the mesh's
+    service config caps Match at 5 s, too short on a loaded machine."""
+    calls = Calls("Match", len(items), concurrency, every=500, timed=True)
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        replies = await asyncio.gather(*(calls.call(_match(stub, text), router_pb2.MatchResponse()) for text, _, _ in items))
+        seconds = time.monotonic() - calls.started
+    return MatchPhase(len(items), score_matches(items, replies), seconds, calls.errors)
+
+
+def score_matches(items: list[Item], replies: list[router_pb2.MatchResponse]) -> Counter:
+    """Counts: in_scope, oos; right (its bot and intent acted on), right_bot (its bot acted on),
+    rejected (out of scope and no decision), disambiguations, of which disambiguations_in_scope
+    and disambiguations_in_scope_top1_wrong_bot (in scope, another bot or none first)."""
+    counts: Counter = Counter()
+    for (_, bot_id, intent), r in zip(items, replies):
+        top = r.candidates[0] if r.candidates else None
+        counts["disambiguations"] += r.decision == router_pb2.DECISION_DISAMBIGUATE
+        if not bot_id:
+            counts["oos"] += 1
+            counts["rejected"] += r.decision == router_pb2.DECISION_NONE
+            continue
+        counts["in_scope"] += 1
+        if r.decision == router_pb2.DECISION_ACT and top is not None:
+            counts["right"] += top.bot_id == bot_id and top.intent == intent
+            counts["right_bot"] += top.bot_id == bot_id
+        elif r.decision == router_pb2.DECISION_DISAMBIGUATE:
+            counts["disambiguations_in_scope"] += 1
+            counts["disambiguations_in_scope_top1_wrong_bot"] += top is None or top.bot_id != bot_id
+    return counts
+
+
+async def _respond(address: str, text: str, pool: ChannelPool) -> bot_pb2.RespondResponse:
+    async with Conversation(address, channels=pool, timeout_seconds=600) as chat:
+        return await chat.send(text)
+
+
+def respond_right(r: bot_pb2.RespondResponse, bot_id: str, intent: str) -> bool:
+    """In scope: transferred to its bot, for its intent; out of scope: the entry bot's fallback."""
+    if bot_id:
+        return r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.owner.bot_id == bot_id and r.match.intent == intent
+    return r.outcome == bot_pb2.OUTCOME_FALLBACK
+
+
+async def measure_end_to_end(mesh: Mesh, items: list[Item], size: int, seed: int, concurrency: int) -> EndToEnd:
+    """A fixed-seed sample of `size` items through Bot.Respond of a bot of another domain (any bot
+    when there is one only), so that transfers and fallbacks are what is counted (`respond_right`)."""
+    rng = random.Random(seed)
+    sample = rng.sample(items, min(size, len(items)))
+    bot_ids = sorted(mesh.bots)
+    entries = [rng.choice([b for b in bot_ids if b != bot_id] or bot_ids) for _, bot_id, _ in sample]
+    calls = Calls("Respond", len(sample), concurrency, every=100)
+    replies = await asyncio.gather(*(
+        calls.call(_respond(mesh.bots[entry].identity.address, text, mesh.pool), bot_pb2.RespondResponse())
+        for (text, _, _), entry in zip(sample, entries)))
+    seconds = time.monotonic() - calls.started
+    counts = Counter(bot_pb2.Outcome.Name(r.outcome) for r in replies)
+    right = sum(respond_right(r, bot_id, intent) for (_, bot_id, intent), r in zip(sample, replies))
+    return EndToEnd(len(sample), right, counts, seconds, calls.errors)
+
+
+async def measure_retrain(mesh: Mesh) -> dict:
+    """A participant change: the last bot by id leaves; the seconds until the router uses a model
+    retrained and recalibrated without it, and that build's times."""
+    core = mesh.router.core
+    builds = core.builds
+    leaving = sorted(mesh.bots)[-1]
+    started = time.monotonic()
+    await mesh.bots.pop(leaving).stop()
+    await asyncio.wait_for(core.wait_builds(builds + 1), 600)
+    retrain = {"bot_left": leaving, "seconds": round(time.monotonic() - started, 2), **core.models[GROUP].times.as_dict()}
+    progress(f"eval: {leaving} left; the router retrained and recalibrated in {retrain['seconds']}s")
+    return retrain
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def report(args, ds: Dataset, mesh: Mesh, match: MatchPhase, e2e: EndToEnd, retrain: dict | None, started: float) -> dict:
+    """The figures of one run (`table` prints them; --json writes them)."""
+    c = match.counts
+    return {
+        "split": args.split,
+        "encoder_backend": args.encoder_backend,
+        "in_sample_calibration": args.split == "val",
+        "n_in_scope": c["in_scope"],
+        "n_oos": c["oos"],
+        "in_scope_accuracy": round(c["right"] / max(c["in_scope"], 1), 4),
+        "oos_recall": round(c["rejected"] / max(c["oos"], 1), 4),
+        "bot_accuracy": round(c["right_bot"] / max(c["in_scope"], 1), 4),
+        "end_to_end_accuracy": round(e2e.right / max(e2e.n, 1), 4),
+        "end_to_end_n": e2e.n,
+        "end_to_end_outcomes": dict(e2e.outcomes),
+        "disambiguation_rate": round(c["disambiguations"] / max(match.n, 1), 4),
+        "disambiguations": c["disambiguations"],
+        "disambiguations_in_scope_top1_wrong_bot": c["disambiguations_in_scope_top1_wrong_bot"],
+        "disambiguations_in_scope": c["disambiguations_in_scope"],
+        "tau": round(mesh.model.tau, 4),
+        "calibration": mesh.calibration,
+        "initial_build": mesh.initial_build,
+        "retrain_on_bot_leaving": retrain,
+        "match_seconds": round(match.seconds, 2),
+        "match_per_second": round(match.n / max(match.seconds, 1e-9), 1),
+        "end_to_end_seconds": round(e2e.seconds, 2),
+        "errors": dict(match.errors + e2e.errors),
+        "bots": len(ds.domains),
+        "intents": len(ds.bot_of),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def describe(ds: Dataset, split: str) -> None:
+    progress(f"eval: {len(ds.domains)} bots, {len(ds.bot_of)} intents, {len(ds.train)} training phrases; "
+             f"split {split}: {len(ds.in_scope)} in scope + {len(ds.oos)} out of scope; "
+             f"calibration: {len(ds.calibration)} utterances of val, oos_val, oos_train")
+    if split == "val":
+        progress("eval: NOTE --split val: the router is calibrated on val, so these figures are in-sample for calibration")
+
+
+async def run(args) -> dict:
+    """Load the data, start the mesh, measure Match, Respond and a retrain, report."""
+    started = time.monotonic()
+    ds = load(args.data, args.domains, args.split, args.max_domains, args.max_intents, args.limit, args.seed)
+    describe(ds, args.split)
+    async with start_mesh(ds, args.etcd, args.encoder_backend) as mesh:
+        items = questions(ds)
+        match = await measure_match(mesh.router.server.address, items, args.concurrency)
+        e2e = await measure_end_to_end(mesh, items, args.sample, args.seed, args.concurrency)
+        retrain = await measure_retrain(mesh) if args.retrain_check and len(mesh.bots) > 2 else None
+        return report(args, ds, mesh, match, e2e, retrain, started)
 
 
 def table(r: dict) -> str:
@@ -319,8 +436,6 @@ def table(r: dict) -> str:
 
 
 def main(args) -> int:
-    from mbc.runtime.logs import configure
-
     configure(args.log_level, service="eval")
     try:
         result = asyncio.run(run(args))
