@@ -36,31 +36,17 @@ echo "ghz_smoke: using $GHZ ($("$GHZ" --version 2>&1))"
 [ -f build/mbc.protoset ] || make protoset
 
 WORK=$(mktemp -d -t mbc-ghz-XXXXXX)
-MESH_PID=""
+. scripts/mesh.sh
 cleanup() {
-  if [ -n "$MESH_PID" ] && kill -0 "$MESH_PID" 2>/dev/null; then
-    kill -TERM "$MESH_PID" 2>/dev/null || true
-    for _ in $(seq 1 300); do kill -0 "$MESH_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$MESH_PID" 2>/dev/null || true
-  fi
-  wait "$MESH_PID" 2>/dev/null || true
+  mesh_stop 30
   if [ "${MBC_GHZ_KEEP:-0}" = 1 ]; then echo "ghz_smoke: work dir kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
 
-"$PY" -m mbc.testing.mesh --workdir "$WORK" --bot examples/cards.yaml --no-store > "$WORK/mesh.out" 2>&1 &
-MESH_PID=$!
-for _ in $(seq 1 3000); do
-  [ -f "$WORK/mesh.json" ] && break
-  if ! kill -0 "$MESH_PID" 2>/dev/null; then
-    echo "ghz_smoke: the mesh did not start:" >&2; tail -n 40 "$WORK/mesh.out" "$WORK"/*.log >&2 || true; exit 1
-  fi
-  sleep 0.1
-done
-[ -f "$WORK/mesh.json" ] || { echo "ghz_smoke: the mesh was not up within 300 s" >&2; tail -n 40 "$WORK/mesh.out" >&2; exit 1; }
-ROUTER=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["router"])' "$WORK/mesh.json")
-BOT=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["bot"])' "$WORK/mesh.json")
+mesh_start ghz_smoke --bot examples/cards.yaml --no-store || exit 1
+ROUTER=$(mesh_field router)
+BOT=$(mesh_field bot)
 echo "ghz_smoke: mesh up: router $ROUTER, bot $BOT"
 
 run_ghz() {  # name config host

@@ -53,14 +53,9 @@ GRPCURL="$GOBIN_DIR/grpcurl"
 echo "buf $("$BUF" --version), grpcurl $GRPCURL_VERSION, $(go version | cut -d' ' -f3), node $(node --version), npm $(npm --version)"
 
 WORK=$(mktemp -d -t mbc-polyglot-XXXXXX)
-MESH_PID=""
+. scripts/mesh.sh
 cleanup() {
-  if [ -n "$MESH_PID" ] && kill -0 "$MESH_PID" 2>/dev/null; then
-    kill -TERM "$MESH_PID" 2>/dev/null || true
-    for _ in $(seq 1 600); do kill -0 "$MESH_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$MESH_PID" 2>/dev/null || true
-  fi
-  [ -n "$MESH_PID" ] && wait "$MESH_PID" 2>/dev/null || true
+  mesh_stop 60
   if [ "${MBC_POLYGLOT_KEEP:-0}" = 1 ]; then echo "polyglot: work dir kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -107,19 +102,8 @@ check "Go stubs up to date" go_stubs_fresh
 # A live mesh ----------------------------------------------------------------------------------
 echo
 echo "== polyglot: starting a live mesh (etcd, store, router, three example bots)"
-"$PY" -m mbc.testing.mesh --workdir "$WORK" > "$WORK/mesh.out" 2>&1 &
-MESH_PID=$!
-for _ in $(seq 1 3000); do
-  [ -f "$WORK/mesh.json" ] && break
-  if ! kill -0 "$MESH_PID" 2>/dev/null; then
-    echo "polyglot: the mesh did not start:" >&2; tail -n 40 "$WORK/mesh.out" "$WORK"/*.log >&2 || true; exit 1
-  fi
-  sleep 0.1
-done
-[ -f "$WORK/mesh.json" ] || { echo "polyglot: the mesh was not up within 300 s" >&2; tail -n 40 "$WORK/mesh.out" >&2; exit 1; }
-field() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$WORK/mesh.json" "$1"; }
-STORE=$(field store); ROUTER=$(field router); ENTRY=$(field entry)
-BOTS=$("$PY" -c 'import json, sys; print(*(f"{k}={v}" for k, v in json.load(open(sys.argv[1]))["bots"].items()))' "$WORK/mesh.json")
+mesh_start polyglot || exit 1
+STORE=$(mesh_field store); ROUTER=$(mesh_field router); ENTRY=$(mesh_field entry); BOTS=$(mesh_field bots)
 echo "mesh up in $((SECONDS - START)) s: store $STORE, router $ROUTER, bots: $(echo $BOTS)"
 export MBC_ENTRY_BOT=$ENTRY MBC_STORE=$STORE MBC_ROUTER=$ROUTER MBC_REQUIRE_MESH=1
 
