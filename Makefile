@@ -7,12 +7,14 @@ demo: setup
 	.venv/bin/mbc demo
 
 # Lint (ruff), format (ruff format --check), types (mypy) and the layers of the packages
-# (import-linter); the configuration of each is in pyproject.toml. CI runs it before `make test`.
+# (import-linter), and docs/performance.md current with docs/bench/*.json; the configuration of each
+# is in pyproject.toml. CI runs it before `make test`.
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache --no-logo
+	.venv/bin/python scripts/render_bench_docs.py --check
 
 test: setup
 	.venv/bin/python -m pytest -q
@@ -25,7 +27,7 @@ protos: setup
 	.venv/bin/python scripts/gen_protos.py
 
 # One self-contained descriptor set of every mbc.v1 service, for tools that cannot use the
-# servers' reflection (Python serves v1alpha only; ghz wants v1): see README, "load testing".
+# servers' reflection (Python serves v1alpha only; ghz wants v1): see docs/operators.md.
 protoset: setup
 	@mkdir -p build
 	.venv/bin/python -m grpc_tools.protoc -I protos --include_imports --descriptor_set_out=build/mbc.protoset protos/mbc/v1/*.proto

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
+from typing import Any, Union
 
 from bot_server.definition import BotDefinition, DefinitionError
 
@@ -56,7 +57,7 @@ class Turn:
 
 
 HandlerResult = Union[str, Sequence[str]]
-Handler = Callable[[Turn], Union[HandlerResult, Awaitable[HandlerResult]]]
+Handler = Callable[[Turn], HandlerResult | Awaitable[HandlerResult]]
 
 
 class Bot:
@@ -65,7 +66,7 @@ class Bot:
         self._handlers: dict[str, Handler] = {}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Bot":
+    def from_file(cls, path: str | Path) -> Bot:
         return cls(BotDefinition.from_file(path))
 
     @property

@@ -80,8 +80,15 @@ class BotDefinition:
     def version(self) -> str:
         """A content hash: instances with equal versions have equal intents and dialogs."""
         payload = json.dumps(
-            [self.bot_id, self.group, self.collaboration, [(i.name, i.phrases) for i in self.intents],
-             [(d.intent, [(t.text, t.save_as) for t in d.steps]) for d in self.dialogs], self.fallback, self.transfer_message],
+            [
+                self.bot_id,
+                self.group,
+                self.collaboration,
+                [(i.name, i.phrases) for i in self.intents],
+                [(d.intent, [(t.text, t.save_as) for t in d.steps]) for d in self.dialogs],
+                self.fallback,
+                self.transfer_message,
+            ],
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -89,7 +96,7 @@ class BotDefinition:
         return next((d for d in self.dialogs if d.intent == intent), None)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BotDefinition":
+    def from_file(cls, path: str | Path) -> BotDefinition:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -103,10 +110,20 @@ class BotDefinition:
             raise DefinitionError(f"{path}: {e}") from e
 
     @classmethod
-    def from_dict(cls, data: Any) -> "BotDefinition":
+    def from_dict(cls, data: Any) -> BotDefinition:
         if not isinstance(data, dict):
             raise DefinitionError("a bot definition is a mapping with id, group, intents, dialogs and fallback")
-        unknown = set(data) - {"id", "display_name", "group", "collaboration", "fallback", "transfer_message", "intents", "dialogs", "context_namespace"}
+        unknown = set(data) - {
+            "id",
+            "display_name",
+            "group",
+            "collaboration",
+            "fallback",
+            "transfer_message",
+            "intents",
+            "dialogs",
+            "context_namespace",
+        }
         if unknown:
             raise DefinitionError(f"unknown field(s): {', '.join(sorted(unknown))}")
         bot_id = _text(data, "id")

@@ -27,8 +27,8 @@ import contextlib
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping
 
 import grpc
 
@@ -41,8 +41,8 @@ from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
-from mbc.runtime.metrics import BOT_TRANSFERS
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
+from mbc.runtime.metrics import BOT_TRANSFERS
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
 log = get_logger(__name__)
@@ -109,8 +109,14 @@ class Route:
 
 class BotEngine:
     def __init__(
-        self, bot: Bot, config: BotConfig, encoder: Encoder, identity: common_pb2.BotRef,
-        channels: ChannelPool, state: ConversationState, group_settings: GroupSettingsCache | None = None,
+        self,
+        bot: Bot,
+        config: BotConfig,
+        encoder: Encoder,
+        identity: common_pb2.BotRef,
+        channels: ChannelPool,
+        state: ConversationState,
+        group_settings: GroupSettingsCache | None = None,
         is_registered: Callable[[common_pb2.BotRef], Awaitable[bool]] | None = None,
     ) -> None:
         self.bot = bot
@@ -152,13 +158,17 @@ class BotEngine:
             if awaiting is not None:
                 await self.state.set_awaiting(message.conversation_id, None, route.owner_version, route.remaining(0))
                 if awaiting.intent:
-                    await self.state.set_variable(message.conversation_id, awaiting.save_as, message.text,
-                                                  route.owner_version, route.remaining(0))
+                    await self.state.set_variable(
+                        message.conversation_id, awaiting.save_as, message.text, route.owner_version, route.remaining(0)
+                    )
                     return await self._answer(message, awaiting.intent, None, route, start_step=awaiting.step + 1)
                 chosen = _chosen_option(awaiting.options, message.text)
                 if chosen is not None:
-                    return await self._follow_choice(Message(message.conversation_id, message.consumer_id, awaiting.text,
-                                                             message.channel_metadata), chosen, route)
+                    return await self._follow_choice(
+                        Message(message.conversation_id, message.consumer_id, awaiting.text, message.channel_metadata),
+                        chosen,
+                        route,
+                    )
             return await self._route(message, route, include_self=True)
 
     async def _own_conversation(self, conversation_id: str, route: Route) -> int:
@@ -166,8 +176,12 @@ class BotEngine:
         ownership = await self.state.owner(conversation_id, route.remaining(0))
         if ownership.owner is not None and ownership.owner.bot_id != self.bot.bot_id:
             if await self._owner_gone(ownership.owner):
-                log.warning("conversation_taken_over", from_bot=ownership.owner.bot_id,
-                            from_instance=ownership.owner.instance_id, version=ownership.version)
+                log.warning(
+                    "conversation_taken_over",
+                    from_bot=ownership.owner.bot_id,
+                    from_instance=ownership.owner.instance_id,
+                    version=ownership.version,
+                )
                 try:
                     return await self.state.claim(conversation_id, self.identity, ownership.version, "", route.remaining(0))
                 except OwnershipConflict:
@@ -189,8 +203,12 @@ class BotEngine:
         log.warning("store_unavailable_answering_alone", code=error.code().name, detail=error.details())
         route.stateless = True
         decision, candidates, score = await self._decide(message.text, route, include_self=True)
-        if decision == router_pb2.DECISION_ACT and candidates and candidates[0].bot_id == self.bot.bot_id \
-                and candidates[0].rating >= GOOD:
+        if (
+            decision == router_pb2.DECISION_ACT
+            and candidates
+            and candidates[0].bot_id == self.bot.bot_id
+            and candidates[0].rating >= GOOD
+        ):
             return await self._answer(message, candidates[0].intent, candidates[0], route)
         BOT_TRANSFERS.labels("fallback").inc()
         return self._fallback(score)
@@ -228,15 +246,20 @@ class BotEngine:
         """The router's decision for `text`; with no router, a local match of this bot's intents."""
         if self.definition.collaboration and self.config.router_address:
             request = router_pb2.MatchRequest(
-                text=text, bot_id=self.bot.bot_id, group=self.definition.group,
-                max_candidates=self.config.max_candidates + len(route.visited), include_asking_bot=include_self,
+                text=text,
+                bot_id=self.bot.bot_id,
+                group=self.definition.group,
+                max_candidates=self.config.max_candidates + len(route.visited),
+                include_asking_bot=include_self,
             )
             try:
                 r = await self.channels.router(self.config.router_address).Match(request, timeout=max(0.05, route.remaining()))
                 candidates = [c for c in r.candidates if include_self or c.bot_id != self.bot.bot_id]
                 decision = r.decision
                 if decision == router_pb2.DECISION_UNSPECIFIED:
-                    decision = router_pb2.DECISION_ACT if candidates and candidates[0].rating >= GOOD else router_pb2.DECISION_NONE
+                    decision = (
+                        router_pb2.DECISION_ACT if candidates and candidates[0].rating >= GOOD else router_pb2.DECISION_NONE
+                    )
                 return decision, candidates, candidates[0].score if candidates else 0.0
             except grpc.aio.AioRpcError as e:
                 log.warning("router_unavailable", code=e.code().name, detail=e.details())
@@ -250,28 +273,51 @@ class BotEngine:
         return common_pb2.Reply(bot_id=self.bot.bot_id, text=text)
 
     def _fallback(self, score: float) -> TurnResult:
-        return TurnResult([self._reply(self.definition.fallback)], self.identity, bot_pb2.OUTCOME_FALLBACK,
-                          bot_pb2.MatchInfo(bot_id=self.bot.bot_id, score=score))
+        return TurnResult(
+            [self._reply(self.definition.fallback)],
+            self.identity,
+            bot_pb2.OUTCOME_FALLBACK,
+            bot_pb2.MatchInfo(bot_id=self.bot.bot_id, score=score),
+        )
 
     async def _answer(
-        self, message: Message, intent: str, candidate: router_pb2.Candidate | None, route: Route,
-        start_step: int = 0, transferred_from: str = "",
+        self,
+        message: Message,
+        intent: str,
+        candidate: router_pb2.Candidate | None,
+        route: Route,
+        start_step: int = 0,
+        transferred_from: str = "",
     ) -> TurnResult:
         """Run this bot's dialog for `intent` (from `start_step` when resuming after a question)."""
         conversation = message.conversation_id
         variables = {} if route.stateless else await self.state.variables(conversation, route.remaining(0))
         handler = self.bot.handler_for(intent)
-        match = bot_pb2.MatchInfo(bot_id=self.bot.bot_id, intent=intent,
-                                  score=candidate.score if candidate else 0.0, rating=candidate.rating if candidate else 0)
+        match = bot_pb2.MatchInfo(
+            bot_id=self.bot.bot_id,
+            intent=intent,
+            score=candidate.score if candidate else 0.0,
+            rating=candidate.rating if candidate else 0,
+        )
         try:
             if handler is not None:
+
                 async def remember(name: str, value) -> None:
                     if route.stateless:
                         raise RuntimeError("the Context Session Store cannot be reached: nothing can be remembered")
                     await self.state.set_variable(conversation, name, value, route.owner_version, route.remaining(0))
 
-                turn = Turn(conversation, message.consumer_id, message.text, intent, match.score,
-                            dict(message.channel_metadata), transferred_from, variables, remember)
+                turn = Turn(
+                    conversation,
+                    message.consumer_id,
+                    message.text,
+                    intent,
+                    match.score,
+                    dict(message.channel_metadata),
+                    transferred_from,
+                    variables,
+                    remember,
+                )
                 texts = await Bot.call(handler, turn)
             else:
                 texts, asked = [], False
@@ -280,8 +326,12 @@ class BotEngine:
                     texts.append(render(steps[index].text, variables))
                     if steps[index].asks:
                         if not route.stateless:
-                            await self.state.set_awaiting(conversation, Awaiting(intent, index, steps[index].save_as),
-                                                          route.owner_version, route.remaining(0))
+                            await self.state.set_awaiting(
+                                conversation,
+                                Awaiting(intent, index, steps[index].save_as),
+                                route.owner_version,
+                                route.remaining(0),
+                            )
                             asked = True
                         break
         except Fenced:
@@ -290,8 +340,9 @@ class BotEngine:
             log.exception("dialog_failed", intent=intent)
             return self._fallback(match.score)
         log.info("answered", intent=intent, score=match.score, transferred_from=transferred_from)
-        return TurnResult([self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, match,
-                          asked=handler is None and asked)
+        return TurnResult(
+            [self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, match, asked=handler is None and asked
+        )
 
     async def _clarify(self, message: Message, candidates: list[router_pb2.Candidate], route: Route) -> TurnResult:
         """Ask which of the closest bots the consumer meant (best intent of each, 2-3 of them)."""
@@ -301,13 +352,16 @@ class BotEngine:
                 label = f"{c.display_name or c.bot_id}: {c.intent.replace('_', ' ')}"
                 options.append((c.bot_id, c.intent, label))
         options.append(("", "", NONE_OF_THESE))
-        await self.state.set_awaiting(message.conversation_id, Awaiting(options=tuple(options), text=message.text),
-                                      route.owner_version, route.remaining(0))
+        await self.state.set_awaiting(
+            message.conversation_id, Awaiting(options=tuple(options), text=message.text), route.owner_version, route.remaining(0)
+        )
         listing = " ".join(f"{n}) {label}." for n, (_, _, label) in enumerate(options, 1))
         log.info("clarifying", options=[o[0] for o in options[:-1]])
         return TurnResult(
             [self._reply(f"Just to be sure I get you to the right place, did you mean: {listing}")],
-            self.identity, bot_pb2.OUTCOME_CLARIFY, bot_pb2.MatchInfo(bot_id=self.bot.bot_id),
+            self.identity,
+            bot_pb2.OUTCOME_CLARIFY,
+            bot_pb2.MatchInfo(bot_id=self.bot.bot_id),
             options=[bot_pb2.ClarifyOption(label=label, bot_id=b, intent=i) for b, i, label in options],
         )
 
@@ -319,11 +373,22 @@ class BotEngine:
             return await self._answer(message, intent, None, route)
         decision, candidates, _ = await self._decide(message.text, route, include_self=False)
         target = next((c for c in candidates if c.bot_id == bot_id and c.intent == intent), None) or next(
-            (c for c in candidates if c.bot_id == bot_id), None)
+            (c for c in candidates if c.bot_id == bot_id), None
+        )
         if target is not None:
-            result = await self._hand_over(message, router_pb2.Candidate(
-                bot_id=target.bot_id, intent=intent, score=target.score, rating=target.rating, address=target.address,
-                instance_id=target.instance_id, display_name=target.display_name), route)
+            result = await self._hand_over(
+                message,
+                router_pb2.Candidate(
+                    bot_id=target.bot_id,
+                    intent=intent,
+                    score=target.score,
+                    rating=target.rating,
+                    address=target.address,
+                    instance_id=target.instance_id,
+                    display_name=target.display_name,
+                ),
+                route,
+            )
             if result is not None:
                 return result
         return self._fallback(0.0)
@@ -355,12 +420,16 @@ class BotEngine:
             hop_count=route.hops,
             owner_version=route.owner_version,
         )
-        log.info("transfer_sent", to_bot=candidate.bot_id, intent=candidate.intent, score=candidate.score, transfer_id=transfer_id)
+        log.info(
+            "transfer_sent", to_bot=candidate.bot_id, intent=candidate.intent, score=candidate.score, transfer_id=transfer_id
+        )
         BOT_TRANSFERS.labels("sent").inc()
         try:
             response = await self.channels.bot(candidate.address).Transfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            log.warning("transfer_failed", to_bot=candidate.bot_id, code=e.code().name, detail=e.details(), transfer_id=transfer_id)
+            log.warning(
+                "transfer_failed", to_bot=candidate.bot_id, code=e.code().name, detail=e.details(), transfer_id=transfer_id
+            )
             BOT_TRANSFERS.labels("failed").inc()
             route.owner_version = await self._claim_back(message.conversation_id, route, transfer_id)
             failed += (candidate.address,)
@@ -373,14 +442,18 @@ class BotEngine:
         BOT_TRANSFERS.labels("taken").inc()
         replies = []
         if self.definition.transfer_message:
-            replies.append(self._reply(render(self.definition.transfer_message.replace("{to_bot}", candidate.display_name or candidate.bot_id), {})))
+            replies.append(
+                self._reply(
+                    render(self.definition.transfer_message.replace("{to_bot}", candidate.display_name or candidate.bot_id), {})
+                )
+            )
         replies.extend(response.replies)
-        match = bot_pb2.MatchInfo(bot_id=candidate.bot_id, intent=candidate.intent, score=candidate.score, rating=candidate.rating)
+        match = bot_pb2.MatchInfo(
+            bot_id=candidate.bot_id, intent=candidate.intent, score=candidate.score, rating=candidate.rating
+        )
         return TurnResult(replies, response.owner, bot_pb2.OUTCOME_TRANSFERRED, match, transfer_id)
 
-    async def _other_instance(
-        self, text: str, bot_id: str, failed: tuple[str, ...], route: Route
-    ) -> router_pb2.Candidate | None:
+    async def _other_instance(self, text: str, bot_id: str, failed: tuple[str, ...], route: Route) -> router_pb2.Candidate | None:
         """The router's candidate for `bot_id` at an address not in `failed`, or None; asked again
         after the pauses of `INSTANCE_ASK_DELAYS`, within the route's time."""
         for delay in INSTANCE_ASK_DELAYS:
@@ -430,7 +503,9 @@ class BotEngine:
             raise Refused(f"loop guard: bot {self.bot.bot_id!r} already handled this message")
         if request.hop_count >= self.config.max_hops:
             BOT_TRANSFERS.labels("loop_stopped").inc()
-            raise Refused(f"loop guard: the message already went through {request.hop_count} transfers (maximum {self.config.max_hops})")
+            raise Refused(
+                f"loop guard: the message already went through {request.hop_count} transfers (maximum {self.config.max_hops})"
+            )
         return await self.transfers.run_once(request.transfer_id, lambda: self._take(request, budget_seconds))
 
     async def _take(self, request: bot_pb2.TransferRequest, budget_seconds: float) -> TurnResult:
@@ -445,7 +520,8 @@ class BotEngine:
             expected = (await self.state.owner(message.conversation_id, route.remaining(0))).version
         try:
             route.owner_version = await self.state.claim(
-                message.conversation_id, self.identity, expected, request.transfer_id, route.remaining(0))
+                message.conversation_id, self.identity, expected, request.transfer_id, route.remaining(0)
+            )
         except OwnershipConflict as e:
             raise Conflict(str(e)) from None
         sender = request.sender.bot_id
@@ -471,8 +547,9 @@ class BotEngine:
         if not (await self.group_settings.get()).return_to_sender:
             return
         try:
-            await self.state.claim(request.conversation_id, request.sender, route.owner_version,
-                                   f"return:{request.transfer_id}", route.remaining(0))
+            await self.state.claim(
+                request.conversation_id, request.sender, route.owner_version, f"return:{request.transfer_id}", route.remaining(0)
+            )
         except OwnershipConflict:
             return
         log.info("returned_to_sender", to_bot=request.sender.bot_id)
@@ -483,8 +560,13 @@ class BotEngine:
         query = (await self.encoder.aencode([text]))[0]
         ranked = self._catalog.rank(query, self.config.ratings, self.config.neighbours, limit=1)
         if ranked and ranked[0].rating >= GOOD:
-            c = router_pb2.Candidate(bot_id=self.bot.bot_id, intent=ranked[0].intent, score=ranked[0].score,
-                                     rating=ranked[0].rating, address=self.identity.address)
+            c = router_pb2.Candidate(
+                bot_id=self.bot.bot_id,
+                intent=ranked[0].intent,
+                score=ranked[0].score,
+                rating=ranked[0].rating,
+                address=self.identity.address,
+            )
             return router_pb2.DECISION_ACT, [c], ranked[0].score
         return router_pb2.DECISION_NONE, [], ranked[0].score if ranked else 0.0
 

@@ -12,9 +12,9 @@ from discovery import EtcdClient, Registration
 from discovery.groups import GroupSettingsCache
 from discovery.presence import is_registered
 from mbc import __version__
+from mbc.client.context import ContextClient
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig
-from mbc.client.context import ContextClient
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import bind_context, get_logger
 from mbc.runtime.security import Authorizer
@@ -57,8 +57,12 @@ class BotProcess:
         self.config = config
         self.bot = bot or Bot.from_file(config.definition_path)
         self.encoder = encoder or Encoder(config.encoder)
-        self.channels = ChannelPool(config.server.max_message_bytes, config.server.keepalive_time_ms,
-                                    config.server.keepalive_timeout_ms, config.server.tls)
+        self.channels = ChannelPool(
+            config.server.max_message_bytes,
+            config.server.keepalive_time_ms,
+            config.server.keepalive_timeout_ms,
+            config.server.tls,
+        )
         self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
         self.state: StoreState | MemoryState
         if config.store_address:
@@ -67,8 +71,16 @@ class BotProcess:
         else:
             self.state = MemoryState()
         self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
-        self.engine = BotEngine(self.bot, config, self.encoder, self.identity, self.channels, self.state,
-                                GroupSettingsCache(self.etcd, self.bot.definition.group), self._is_registered if self.etcd else None)
+        self.engine = BotEngine(
+            self.bot,
+            config,
+            self.encoder,
+            self.identity,
+            self.channels,
+            self.state,
+            GroupSettingsCache(self.etcd, self.bot.definition.group),
+            self._is_registered if self.etcd else None,
+        )
         self.server, self.port = create_server(config, self.engine)
         self.identity.address = self.server.address
         self.registration: Registration | None = None
@@ -85,11 +97,18 @@ class BotProcess:
                 await self.etcd.connect()  # before serving: wrong etcd credentials stop the bot at once
             await self.server.start()
             if self.etcd is not None:
-                self.registration = Registration(self.etcd, participant_of(self.bot, self.identity), ttl=self.config.lease_ttl_seconds)
+                self.registration = Registration(
+                    self.etcd, participant_of(self.bot, self.identity), ttl=self.config.lease_ttl_seconds
+                )
                 await self.registration.start()
             await self.server.set_serving(True)
-            log.info("bot_serving", address=self.identity.address, group=self.bot.definition.group,
-                     intents=len(self.bot.definition.intents), registered=self.registration is not None)
+            log.info(
+                "bot_serving",
+                address=self.identity.address,
+                group=self.bot.definition.group,
+                intents=len(self.bot.definition.intents),
+                registered=self.registration is not None,
+            )
 
     async def stop(self) -> None:
         """NOT_SERVING, leave the mesh (lease revoked), finish in-flight calls, close."""

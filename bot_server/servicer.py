@@ -36,8 +36,9 @@ class BotServicer(bot_pb2_grpc.BotServicer):
             transfer_id=request.transfer_id,
             from_bot=request.sender.bot_id,
         ):
-            await self.authorizer.bot_of_group(context, self.engine.bot.definition.group, request.sender.bot_id,
-                                               "call Transfer on this bot")
+            await self.authorizer.bot_of_group(
+                context, self.engine.bot.definition.group, request.sender.bot_id, "call Transfer on this bot"
+            )
             budget = remaining_seconds(context, self.engine.config.call_timeout_seconds)
             async with _status(context):
                 result = await self.engine.accept_transfer(request, budget)
@@ -59,7 +60,9 @@ async def _status(context: grpc.aio.ServicerContext):
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
             # The store checks the ids this request carries (e.g. conversation_id's length).
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the Context Session Store refused this request: {e.details()}")
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"the Context Session Store refused this request: {e.details()}"
+            )
         transient = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         code = grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.INTERNAL
         await abort(context, code, f"the Context Session Store failed: {e.code().name}: {e.details()}")

@@ -19,7 +19,6 @@ import grpc
 from mbc.client.context import ContextClient, Scope
 from mbc.v1 import common_pb2
 
-
 RESERVED_PREFIX = "mbc."
 
 
@@ -56,13 +55,23 @@ class Awaiting:
     text: str = ""
 
     def to_json(self) -> dict:
-        return {"intent": self.intent, "step": self.step, "save_as": self.save_as,
-                "options": [list(o) for o in self.options], "text": self.text}
+        return {
+            "intent": self.intent,
+            "step": self.step,
+            "save_as": self.save_as,
+            "options": [list(o) for o in self.options],
+            "text": self.text,
+        }
 
     @classmethod
-    def from_json(cls, value: dict) -> "Awaiting":
-        return cls(value.get("intent", ""), int(value.get("step", 0)), value.get("save_as", ""),
-                   tuple(tuple(o) for o in value.get("options", [])), value.get("text", ""))
+    def from_json(cls, value: dict) -> Awaiting:
+        return cls(
+            value.get("intent", ""),
+            int(value.get("step", 0)),
+            value.get("save_as", ""),
+            tuple(tuple(o) for o in value.get("options", [])),
+            value.get("text", ""),
+        )
 
 
 class ConversationState(Protocol):
@@ -71,7 +80,9 @@ class ConversationState(Protocol):
 
     async def owner(self, conversation_id: str, timeout: float) -> Ownership: ...
 
-    async def claim(self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float) -> int:
+    async def claim(
+        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float
+    ) -> int:
         """Record `owner` if the record is still at `expected_version`; raise OwnershipConflict otherwise."""
         ...
 
@@ -114,7 +125,9 @@ class StoreState:
             return Ownership(None, "", 0)
         return Ownership(record.owner, record.transfer_id, version)
 
-    async def claim(self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float) -> int:
+    async def claim(
+        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float
+    ) -> int:
         try:
             return await self.client.claim_owner(conversation_id, owner, expected_version, transfer_id, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -128,8 +141,9 @@ class StoreState:
 
     async def set_variable(self, conversation_id: str, name: str, value: Any, owner_version: int, timeout: float) -> None:
         async with _fenced():
-            await self.client.set(self.namespace, Scope.CONVERSATION, conversation_id, name, value, timeout=timeout,
-                                  owner_version=owner_version)
+            await self.client.set(
+                self.namespace, Scope.CONVERSATION, conversation_id, name, value, timeout=timeout, owner_version=owner_version
+            )
 
     async def awaiting(self, conversation_id: str, timeout: float) -> Awaiting | None:
         value, _ = await self.client.get(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key, timeout=timeout)
@@ -138,11 +152,24 @@ class StoreState:
     async def set_awaiting(self, conversation_id: str, awaiting: Awaiting | None, owner_version: int, timeout: float) -> None:
         async with _fenced():
             if awaiting is None:
-                await self.client.delete(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key,
-                                         timeout=timeout, owner_version=owner_version)
+                await self.client.delete(
+                    self.namespace,
+                    Scope.CONVERSATION,
+                    conversation_id,
+                    self._awaiting_key,
+                    timeout=timeout,
+                    owner_version=owner_version,
+                )
             else:
-                await self.client.set(self.namespace, Scope.CONVERSATION, conversation_id, self._awaiting_key,
-                                      awaiting.to_json(), timeout=timeout, owner_version=owner_version)
+                await self.client.set(
+                    self.namespace,
+                    Scope.CONVERSATION,
+                    conversation_id,
+                    self._awaiting_key,
+                    awaiting.to_json(),
+                    timeout=timeout,
+                    owner_version=owner_version,
+                )
 
 
 @contextlib.asynccontextmanager
@@ -177,7 +204,9 @@ class MemoryState:
     async def owner(self, conversation_id: str, timeout: float) -> Ownership:
         return self._owners.get(conversation_id, Ownership(None, "", 0))
 
-    async def claim(self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float) -> int:
+    async def claim(
+        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float
+    ) -> int:
         current = self._owners.get(conversation_id)
         if (current.version if current else 0) != expected_version:
             raise OwnershipConflict(f"conversation {conversation_id!r} changed owner")
@@ -192,8 +221,10 @@ class MemoryState:
         current = self._owners.get(conversation_id)
         if current is None or current.version != owner_version:
             holder = current.owner.bot_id if current and current.owner else "nobody"
-            raise Fenced(f"conversation {conversation_id!r} is now owned by {holder!r}; this write, made as its "
-                         f"owner at version {owner_version}, is refused (fenced)")
+            raise Fenced(
+                f"conversation {conversation_id!r} is now owned by {holder!r}; this write, made as its "
+                f"owner at version {owner_version}, is refused (fenced)"
+            )
 
     async def set_variable(self, conversation_id: str, name: str, value: Any, owner_version: int, timeout: float) -> None:
         self._check_owner(conversation_id, owner_version)

@@ -63,8 +63,9 @@ class GroupAccess:
             return
         group = await self.namespace_group(namespace)
         if not group:
-            raise PermissionDenied(f"namespace {namespace!r} belongs to no group yet: a bot of its group must "
-                                   "register it first (RegisterNamespace)")
+            raise PermissionDenied(
+                f"namespace {namespace!r} belongs to no group yet: a bot of its group must register it first (RegisterNamespace)"
+            )
         reason = refusal(caller, group, action=f"{action} namespace {namespace!r}")
         if reason:
             raise PermissionDenied(reason)

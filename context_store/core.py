@@ -32,8 +32,8 @@ from google.protobuf.message import DecodeError
 
 from context_store.leases import LeaseBuckets
 from discovery import EtcdClient, KeyValue
-from discovery.etcd_client import compare_mod, delete_op, put_op, range_op
 from discovery.errors import LeaseNotFound
+from discovery.etcd_client import compare_mod, delete_op, put_op, range_op
 from mbc.runtime.config import StoreConfig  # noqa: F401  (re-exported: the settings live in mbc/runtime/config.py)
 from mbc.runtime.logs import get_logger
 from mbc.v1 import context_pb2
@@ -185,9 +185,7 @@ class ContextStoreCore:
     def _key(self, key: context_pb2.ContextKey) -> str:
         check_namespace(key.namespace)
         if not _KEY.match(key.key):
-            raise InvalidArgument(
-                f"key {key.key!r} is invalid: use 1-128 letters, digits, '.', '_', '-', starting with a letter"
-            )
+            raise InvalidArgument(f"key {key.key!r} is invalid: use 1-128 letters, digits, '.', '_', '-', starting with a letter")
         return self._scope_prefix(key.namespace, key.scope, key.scope_id) + key.key
 
     @staticmethod
@@ -214,8 +212,9 @@ class ContextStoreCore:
         kv = await self.etcd.get(path)
         return self._decode(kv.key, kv.value, kv.mod_revision) if kv else None
 
-    async def set(self, key: context_pb2.ContextKey, value: struct_pb2.Value, expected_version: int | None,
-                  owner_version: int | None = None) -> Entry:
+    async def set(
+        self, key: context_pb2.ContextKey, value: struct_pb2.Value, expected_version: int | None, owner_version: int | None = None
+    ) -> Entry:
         path = self._key(key)
         guard = self._fence(key, owner_version)
         ttl = await self.namespace_ttl(key.namespace)
@@ -280,17 +279,20 @@ class ContextStoreCore:
         prefix = f"{COUNTS}{namespace}/"
         shards = sorted({f"{prefix}{i}" for i in range(COUNT_SHARDS)} | seen.shards.keys())
         marker = prefix + _RECOUNTED
-        stored = (await self.etcd.txn(
-            compare=[compare_mod(k, seen.shards[k].mod_revision if k in seen.shards else 0) for k in shards]
-            + [compare_mod(marker, seen.recounted.mod_revision if seen.recounted else 0)],
-            success=[put_op(k, str(count if i == 0 else 0).encode()) for i, k in enumerate(shards)]
-            + [put_op(marker, str(_now_ms()).encode())],
-        )).succeeded
+        stored = (
+            await self.etcd.txn(
+                compare=[compare_mod(k, seen.shards[k].mod_revision if k in seen.shards else 0) for k in shards]
+                + [compare_mod(marker, seen.recounted.mod_revision if seen.recounted else 0)],
+                success=[put_op(k, str(count if i == 0 else 0).encode()) for i, k in enumerate(shards)]
+                + [put_op(marker, str(_now_ms()).encode())],
+            )
+        ).succeeded
         log.info("store_keys_counted", namespace=namespace, keys=count, stored=stored)
         return stored
 
-    async def _counted(self, namespace: str, path: str, mod_revision: int, raw: bytes | None, lease: int,
-                       guard: tuple[str, int] | None):
+    async def _counted(
+        self, namespace: str, path: str, mod_revision: int, raw: bytes | None, lease: int, guard: tuple[str, int] | None
+    ):
         """Create (`raw`; `path` absent: mod_revision 0) or delete (`raw` None) `path`, and count it
         in the same transaction: ±1 on a counter shard, compared on its mod revision. Returns
         (succeeded, store revision, `path` as it is when the transaction failed on it or on the
@@ -301,8 +303,9 @@ class ContextStoreCore:
             count = await self._read_count(namespace)
             # Counted once per call at most (a namespace never counted: until counted): the count
             # costs O(keys), and a counter that moved since was moved by exact ±1 transactions.
-            if count.total is None or (raw is not None and count.total >= limit and not recounted
-                                       and count.recount_due(self.config.lease_bucket_seconds)):
+            if count.total is None or (
+                raw is not None and count.total >= limit and not recounted and count.recount_due(self.config.lease_bucket_seconds)
+            ):
                 recounted = True
                 await self._recount(namespace, count)
                 continue
@@ -364,8 +367,10 @@ class ContextStoreCore:
         ownership, version = await self.get_owner(key.scope_id)
         if version != guard[1]:
             holder = ownership.owner.bot_id if ownership else "nobody"
-            raise Fenced(f"conversation {key.scope_id!r} is now owned by {holder!r} at version {version}; this write, "
-                         f"made as its owner at version {guard[1]}, is refused (fenced)")
+            raise Fenced(
+                f"conversation {key.scope_id!r} is now owned by {holder!r} at version {version}; this write, "
+                f"made as its owner at version {guard[1]}, is refused (fenced)"
+            )
 
     async def delete(self, key: context_pb2.ContextKey, expected_version: int | None, owner_version: int | None = None) -> bool:
         path = self._key(key)
@@ -417,8 +422,12 @@ class ContextStoreCore:
         path = owner_key(conversation_id)
         if not ownership.owner.bot_id:
             raise InvalidArgument("ownership.owner.bot_id is required")
-        for name, text in (("ownership.owner.bot_id", ownership.owner.bot_id), ("ownership.owner.instance_id", ownership.owner.instance_id),
-                           ("ownership.owner.address", ownership.owner.address), ("ownership.transfer_id", ownership.transfer_id)):
+        for name, text in (
+            ("ownership.owner.bot_id", ownership.owner.bot_id),
+            ("ownership.owner.instance_id", ownership.owner.instance_id),
+            ("ownership.owner.address", ownership.owner.address),
+            ("ownership.transfer_id", ownership.transfer_id),
+        ):
             if len(text) > MAX_SCOPE_ID:
                 raise InvalidArgument(f"{name} has {len(text)} characters; the maximum is {MAX_SCOPE_ID}")
         record = context_pb2.Ownership()

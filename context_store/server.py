@@ -23,8 +23,13 @@ def create_server(config: ServerConfig, core: ContextStoreCore) -> tuple[GrpcSer
 
 
 class StoreProcess:
-    def __init__(self, etcd_endpoints: tuple[str, ...], server: ServerConfig = ServerConfig(), store: StoreConfig = StoreConfig(),
-                 etcd_access: EtcdAccess = EtcdAccess()) -> None:
+    def __init__(
+        self,
+        etcd_endpoints: tuple[str, ...],
+        server: ServerConfig = ServerConfig(),
+        store: StoreConfig = StoreConfig(),
+        etcd_access: EtcdAccess = EtcdAccess(),
+    ) -> None:
         self.etcd = EtcdClient(list(etcd_endpoints), access=etcd_access)
         self.core = ContextStoreCore(self.etcd, store)
         self.server, self.port = create_server(server, self.core)
@@ -41,8 +46,12 @@ class StoreProcess:
         log.info("store_stopped")
 
 
-async def serve(etcd_endpoints: tuple[str, ...], server: ServerConfig, store: StoreConfig = StoreConfig(),
-                etcd_access: EtcdAccess = EtcdAccess()) -> None:
+async def serve(
+    etcd_endpoints: tuple[str, ...],
+    server: ServerConfig,
+    store: StoreConfig = StoreConfig(),
+    etcd_access: EtcdAccess = EtcdAccess(),
+) -> None:
     process = StoreProcess(etcd_endpoints, server, store, etcd_access)
     await process.start()
     signal_name = await wait_for_shutdown_signal()

@@ -72,15 +72,20 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
             caller = await self.authorizer.caller(context)
             async with _status(context):
                 await self.access.check(caller, request.key.namespace, "write")
-                entry = await self.core.set(request.key, request.value, _optional(request, "expected_version"),
-                                            _optional(request, "owner_version"))
-                return context_pb2.SetContextResponse(written=True, version=entry.version, expires_at_unix_ms=entry.expires_at_unix_ms)
+                entry = await self.core.set(
+                    request.key, request.value, _optional(request, "expected_version"), _optional(request, "owner_version")
+                )
+                return context_pb2.SetContextResponse(
+                    written=True, version=entry.version, expires_at_unix_ms=entry.expires_at_unix_ms
+                )
 
     async def Delete(self, request, context):
         caller = await self.authorizer.caller(context)
         async with _status(context):
             await self.access.check(caller, request.key.namespace, "write")
-            deleted = await self.core.delete(request.key, _optional(request, "expected_version"), _optional(request, "owner_version"))
+            deleted = await self.core.delete(
+                request.key, _optional(request, "expected_version"), _optional(request, "owner_version")
+            )
             return context_pb2.DeleteContextResponse(deleted=deleted)
 
     async def List(self, request, context):

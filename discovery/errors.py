@@ -41,7 +41,9 @@ class RegistrationConflict(EtcdError):
     """The participant key is held by another live registration (another lease): it is not overwritten."""
 
     def __init__(self, key: str, holder_lease: int) -> None:
-        super().__init__(f"{key} is registered by another instance (lease {holder_lease:x}); refusing to "
-                         "overwrite it: give this instance another instance id, or stop the other one")
+        super().__init__(
+            f"{key} is registered by another instance (lease {holder_lease:x}); refusing to "
+            "overwrite it: give this instance another instance id, or stop the other one"
+        )
         self.key = key
         self.holder_lease = holder_lease

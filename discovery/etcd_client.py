@@ -36,7 +36,7 @@ from discovery.errors import (
     LeaseNotFound,
     WatchCompacted,
 )
-from mbc.runtime.config import split_endpoints, EtcdAccess
+from mbc.runtime.config import EtcdAccess, split_endpoints
 from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
@@ -52,14 +52,16 @@ _CHANNEL_OPTIONS = {
 }
 
 # Status codes that mean "the connection or the server is not usable right now".
-_TRANSIENT = frozenset({
-    rpc.StatusCode.UNAVAILABLE,
-    rpc.StatusCode.DEADLINE_EXCEEDED,
-    rpc.StatusCode.CANCELLED,
-    rpc.StatusCode.UNKNOWN,
-    rpc.StatusCode.ABORTED,
-    rpc.StatusCode.INTERNAL,
-})
+_TRANSIENT = frozenset(
+    {
+        rpc.StatusCode.UNAVAILABLE,
+        rpc.StatusCode.DEADLINE_EXCEEDED,
+        rpc.StatusCode.CANCELLED,
+        rpc.StatusCode.UNKNOWN,
+        rpc.StatusCode.ABORTED,
+        rpc.StatusCode.INTERNAL,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,12 @@ def _rpc_error(error: rpc.AioRpcError) -> EtcdError:
         return _TokenExpired(details)
     if error.code() == rpc.StatusCode.PERMISSION_DENIED:
         return EtcdPermissionDenied(details)
-    if "authentication failed" in details or "user name is empty" in details or "auth is not enabled" in details \
-            or "authentication is not enabled" in details:
+    if (
+        "authentication failed" in details
+        or "user name is empty" in details
+        or "auth is not enabled" in details
+        or "authentication is not enabled" in details
+    ):
         return EtcdAuthFailed(details)
     if error.code() in _TRANSIENT:
         return EtcdUnavailable(details)
@@ -210,8 +216,10 @@ def _translate(error: aetcd.exceptions.ClientError) -> EtcdError:
     if isinstance(error.__cause__, rpc.AioRpcError):
         return _rpc_error(error.__cause__)
     message = str(error) or type(error).__name__
-    if isinstance(error, (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
-                          aetcd.exceptions.WatchTimeoutError)):
+    if isinstance(
+        error,
+        (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError, aetcd.exceptions.WatchTimeoutError),
+    ):
         return EtcdUnavailable(message)
     return EtcdError(message)
 
@@ -219,8 +227,17 @@ def _translate(error: aetcd.exceptions.ClientError) -> EtcdError:
 class _AetcdClient(aetcd.Client):
     """aetcd's client, dialing TLS when given channel credentials (aetcd itself only dials plaintext)."""
 
-    def __init__(self, host: str, port: int, *, credentials: grpc.ChannelCredentials | None,
-                 username: str | None, password: str | None, timeout: float, options: dict) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+        options: dict,
+    ) -> None:
         super().__init__(host=host, port=port, username=username, password=password, timeout=timeout, options=options)
         self._credentials = credentials
         self._connect_lock = asyncio.Lock()
@@ -232,13 +249,17 @@ class _AetcdClient(aetcd.Client):
                 return
             target = f"{self._host}:{self._port}"
             options = list(self._options.items())
-            channel = (grpc.aio.secure_channel(target, self._credentials, options=options) if self._credentials
-                       else grpc.aio.insecure_channel(target, options=options))
+            channel = (
+                grpc.aio.secure_channel(target, self._credentials, options=options)
+                if self._credentials
+                else grpc.aio.insecure_channel(target, options=options)
+            )
             metadata = None
             if self._username is not None:
                 try:
                     reply = await rpc.AuthStub(channel).Authenticate(
-                        rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                        rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout
+                    )
                 except BaseException:
                     await channel.close()
                     raise
@@ -261,8 +282,9 @@ class EtcdClient:
     credentials etcd refuses raise EtcdAuthFailed, a key outside the user's roles EtcdPermissionDenied.
     """
 
-    def __init__(self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0,
-                 access: EtcdAccess | None = None) -> None:
+    def __init__(
+        self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0, access: EtcdAccess | None = None
+    ) -> None:
         endpoints = list(split_endpoints(endpoints))
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
@@ -275,8 +297,9 @@ class EtcdClient:
         try:
             access.check()
             if self._tls and "http" in schemes:
-                raise ValueError("etcd endpoints mix http:// with TLS (https:// endpoints or etcd.ca_file/cert_file): "
-                                 "use one or the other")
+                raise ValueError(
+                    "etcd endpoints mix http:// with TLS (https:// endpoints or etcd.ca_file/cert_file): use one or the other"
+                )
             self._credentials = _credentials(access, self._tls)
             self._password = _password(access)
         except ValueError as e:
@@ -309,8 +332,9 @@ class EtcdClient:
         """
         self._closed = False
         # Status needs no key permission, so it works for any etcd user.
-        await self._unary("connect", lambda c: c.maintenancestub.Status(rpc.StatusRequest(), timeout=self._timeout,
-                                                                         metadata=c.metadata))
+        await self._unary(
+            "connect", lambda c: c.maintenancestub.Status(rpc.StatusRequest(), timeout=self._timeout, metadata=c.metadata)
+        )
 
     async def close(self) -> None:
         """Close the connections; running watches end with EtcdUnavailable."""
@@ -376,8 +400,9 @@ class EtcdClient:
             if type(e) is not EtcdError or "has been compacted" not in str(e):
                 raise
 
-    async def put_if(self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None,
-                     guard: tuple[str, int] | None = None) -> tuple[bool, int, KeyValue | None]:
+    async def put_if(
+        self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None, guard: tuple[str, int] | None = None
+    ) -> tuple[bool, int, KeyValue | None]:
         """Put only if the key's mod revision is `mod_revision` (0: only if the key is absent), and,
         with `guard` (another key, its mod revision), only if that key is at that revision too.
 
@@ -385,8 +410,10 @@ class EtcdClient:
         """
         k = key.encode()
         request = rpc.TxnRequest(
-            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
-                     *_guarded(guard)],
+            compare=[
+                rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
+                *_guarded(guard),
+            ],
             success=[rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=value, lease=lease_id or 0))],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))],
         )
@@ -397,8 +424,9 @@ class EtcdClient:
         current = KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
         return False, response.header.revision, current
 
-    async def txn(self, compare: list[rpc.Compare], success: list[rpc.RequestOp],
-                  failure: list[rpc.RequestOp] | None = None) -> TxnResult:
+    async def txn(
+        self, compare: list[rpc.Compare], success: list[rpc.RequestOp], failure: list[rpc.RequestOp] | None = None
+    ) -> TxnResult:
         """One etcd transaction built of `compare_mod`, `put_op`, `range_op` and `delete_op`: if every
         compare holds, the `success` operations run, else the `failure` ones."""
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure or [])
@@ -440,8 +468,10 @@ class EtcdClient:
         put_if); return whether it was deleted."""
         k = key.encode()
         request = rpc.TxnRequest(
-            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
-                     *_guarded(guard)],
+            compare=[
+                rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
+                *_guarded(guard),
+            ],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
         )
         response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
@@ -458,21 +488,25 @@ class EtcdClient:
         """Delete every key under `prefix`; return how many were deleted."""
         k = prefix.encode()
         request = rpc.DeleteRangeRequest(key=k, range_end=aetcd.utils.prefix_range_end(k))
-        response = await self._unary("delete_prefix", lambda c: c.kvstub.DeleteRange(request, timeout=self._timeout, metadata=c.metadata))
+        response = await self._unary(
+            "delete_prefix", lambda c: c.kvstub.DeleteRange(request, timeout=self._timeout, metadata=c.metadata)
+        )
         return response.deleted
 
     async def lease_ttl(self, lease_id: int) -> tuple[int, int]:
         """(remaining, granted) TTL of a lease in seconds; remaining is -1 when the lease is gone."""
         request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
-        reply = await self._unary("lease_ttl", lambda c: c.leasestub.LeaseTimeToLive(request, timeout=self._timeout,
-                                                                                   metadata=c.metadata))
+        reply = await self._unary(
+            "lease_ttl", lambda c: c.leasestub.LeaseTimeToLive(request, timeout=self._timeout, metadata=c.metadata)
+        )
         return reply.TTL, reply.grantedTTL
 
     # -- users and roles (the caller authenticates as root, or etcd has no auth enabled yet) --
 
     async def _auth(self, method: str, request) -> object:
-        return await self._unary(method, lambda c: getattr(rpc.AuthStub(c.channel), method)(
-            request, timeout=self._timeout, metadata=c.metadata))
+        return await self._unary(
+            method, lambda c: getattr(rpc.AuthStub(c.channel), method)(request, timeout=self._timeout, metadata=c.metadata)
+        )
 
     async def users(self) -> list[str]:
         return list((await self._auth("UserList", rpc.AuthUserListRequest())).users)
@@ -497,17 +531,19 @@ class EtcdClient:
 
     async def role_permissions(self, role: str) -> set[KeyPermission]:
         reply = await self._auth("RoleGet", rpc.AuthRoleGetRequest(role=role))
-        return {KeyPermission(perm.key, perm.range_end, rpc.Permission.Type.Name(perm.permType).lower())
-                for perm in reply.perm}
+        return {KeyPermission(perm.key, perm.range_end, rpc.Permission.Type.Name(perm.permType).lower()) for perm in reply.perm}
 
     async def grant_permission(self, role: str, permission: KeyPermission) -> None:
-        perm = rpc.Permission(permType=rpc.Permission.Type.Value(permission.permission.upper()),
-                              key=permission.key, range_end=permission.range_end)
+        perm = rpc.Permission(
+            permType=rpc.Permission.Type.Value(permission.permission.upper()), key=permission.key, range_end=permission.range_end
+        )
         await self._auth("RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm))
 
     async def revoke_permission(self, role: str, permission: KeyPermission) -> None:
-        await self._auth("RoleRevokePermission", rpc.AuthRoleRevokePermissionRequest(
-            role=role, key=permission.key, range_end=permission.range_end))
+        await self._auth(
+            "RoleRevokePermission",
+            rpc.AuthRoleRevokePermissionRequest(role=role, key=permission.key, range_end=permission.range_end),
+        )
 
     async def enable_auth(self) -> None:
         await self._auth("AuthEnable", rpc.AuthEnableRequest())
@@ -525,8 +561,11 @@ class EtcdClient:
         client = await self._unary("watch", _connected)
         index = self._current
         key = prefix.encode()
-        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=key, range_end=aetcd.utils.prefix_range_end(key), start_revision=start_revision))
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=key, range_end=aetcd.utils.prefix_range_end(key), start_revision=start_revision
+            )
+        )
         progress = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
         # "hasleader" makes a member that lost its leader end the watch rather than go quiet.
         metadata = (*(client.metadata or ()), ("hasleader", "true"))
@@ -600,8 +639,15 @@ class EtcdClient:
         client = self._clients.get(index)
         if client is None:
             host, port = self._endpoints[index]
-            client = _AetcdClient(host, port, credentials=self._credentials, username=self._username,
-                                  password=self._password, timeout=self._timeout, options=dict(_CHANNEL_OPTIONS))
+            client = _AetcdClient(
+                host,
+                port,
+                credentials=self._credentials,
+                username=self._username,
+                password=self._password,
+                timeout=self._timeout,
+                options=dict(_CHANNEL_OPTIONS),
+            )
             self._clients[index] = client
         await client.connect()
         return client
@@ -619,8 +665,10 @@ class EtcdClient:
         if not self._tls and any("Socket closed" in f or "Connection reset" in f for f in failures):
             return " (if etcd serves TLS, give https:// endpoints or etcd.ca_file)"
         if self._tls and any(s in f for f in failures for s in ("Unwrap failed", "TSI_", "SSL", "handshake", "certificate")):
-            return (" (the TLS handshake failed: check etcd.ca_file, and etcd.cert_file/key_file when etcd "
-                    "asks for client certificates)")
+            return (
+                " (the TLS handshake failed: check etcd.ca_file, and etcd.cert_file/key_file when etcd "
+                "asks for client certificates)"
+            )
         return ""
 
     def _explain(self, error: EtcdError) -> EtcdError:

@@ -6,7 +6,15 @@ from mbc.runtime.names import validate_name
 
 PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
 
-__all__ = ["PARTICIPANTS_PREFIX", "bot_prefix", "group_participants_prefix", "parse_participant_key", "participant_key", "validate_name"]
+__all__ = [
+    "PARTICIPANTS_PREFIX",
+    "bot_prefix",
+    "group_participants_prefix",
+    "parse_participant_key",
+    "participant_key",
+    "validate_name",
+]
+
 
 def group_participants_prefix(group: str) -> str:
     """The prefix of the participant keys of one group (what its bots may read)."""
@@ -29,7 +37,7 @@ def parse_participant_key(key: str) -> tuple[str, str, str]:
     """Return (group, bot_id, instance_id) of a participant key; ValueError if it is not one."""
     if not key.startswith(PARTICIPANTS_PREFIX):
         raise ValueError(f"key {key!r} is not under {PARTICIPANTS_PREFIX}")
-    parts = key[len(PARTICIPANTS_PREFIX):].split("/")
+    parts = key[len(PARTICIPANTS_PREFIX) :].split("/")
     if len(parts) != 3:
         raise ValueError(f"key {key!r} is not {PARTICIPANTS_PREFIX}<group>/<bot_id>/<instance_id>")
     group, bot_id, instance_id = parts

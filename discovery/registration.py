@@ -93,8 +93,13 @@ class Registration:
         try:
             await self._client.revoke_lease(lease_id)
         except EtcdError as e:
-            log.warning("deregister_failed", key=self._key, lease_id=lease_id, error=str(e),
-                        note=f"the key expires with its lease within {self._ttl}s")
+            log.warning(
+                "deregister_failed",
+                key=self._key,
+                lease_id=lease_id,
+                error=str(e),
+                note=f"the key expires with its lease within {self._ttl}s",
+            )
         else:
             log.info("deregistered", key=self._key)
 
@@ -151,8 +156,12 @@ class Registration:
                 granted = min(granted, _MAX_HOLDER_WAIT)
                 deadline = loop.time() + granted + 1
                 if granted > 0:
-                    log.warning("registration_waiting_for_holder", key=self._key, holder_lease=f"{holder.lease:x}",
-                                note=f"another lease holds the key: waiting up to {granted + 1}s for it to expire")
+                    log.warning(
+                        "registration_waiting_for_holder",
+                        key=self._key,
+                        holder_lease=f"{holder.lease:x}",
+                        note=f"another lease holds the key: waiting up to {granted + 1}s for it to expire",
+                    )
             if loop.time() >= deadline:
                 error = RegistrationConflict(self._key, holder.lease)
                 if not self._conflict_logged:
@@ -201,8 +210,13 @@ class Registration:
                 failures += 1
                 delay = min(interval, _RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
                 level = log.warning if failures == 1 else log.debug
-                level("registration_keepalive_failed", key=self._key, error=str(e) or type(e).__name__,
-                      attempt=failures, retry_in=round(delay, 2))
+                level(
+                    "registration_keepalive_failed",
+                    key=self._key,
+                    error=str(e) or type(e).__name__,
+                    attempt=failures,
+                    retry_in=round(delay, 2),
+                )
                 continue
             if failures:
                 log.info("registration_keepalive_recovered", key=self._key, failed_attempts=failures)

@@ -126,8 +126,14 @@ class ParticipantWatcher:
     async def _list_and_watch(self) -> None:
         items, revision = await self._client.get_prefix(self._prefix)
         self._load(items, revision)
-        log.info("participants_listed", prefix=self._prefix, revision=revision,
-                 participants=len(self._valid), invalid=len(self._invalid), after_failures=self._failures)
+        log.info(
+            "participants_listed",
+            prefix=self._prefix,
+            revision=revision,
+            participants=len(self._valid),
+            invalid=len(self._invalid),
+            after_failures=self._failures,
+        )
         self._failures = 0
         await self._publish()
         queue: asyncio.Queue[WatchEvent | Exception] = asyncio.Queue()
@@ -195,7 +201,8 @@ class ParticipantWatcher:
 
     async def _publish(self) -> None:
         self._snapshot = ParticipantSnapshot(
-            MappingProxyType(dict(self._valid)), MappingProxyType(dict(self._invalid)), self._revision)
+            MappingProxyType(dict(self._valid)), MappingProxyType(dict(self._invalid)), self._revision
+        )
         try:
             result = self._on_change(self._snapshot)
             if inspect.isawaitable(result):

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -113,11 +113,7 @@ def dump_calibration(examples: Iterable[Example]) -> str:
 
 
 def generic_none() -> list[str]:
-    return [
-        line.strip()
-        for line in GENERIC_NONE_PATH.read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    return [line.strip() for line in GENERIC_NONE_PATH.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
 @dataclass(frozen=True)

@@ -19,32 +19,39 @@ import asyncio
 import ctypes
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import faiss
 import numpy as np
 
 from mbc.runtime.config import RouterConfig
-from router.embedding_store import PhraseEmbeddings, open_store
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from router.calibration import (
-    CalibrationInput, Example, build_group_model, fit_threshold, for_group, generic_none, update_group_model,
+    CalibrationInput,
+    Example,
+    build_group_model,
+    fit_threshold,
+    for_group,
+    generic_none,
+    update_group_model,
 )
 from router.decision import NONE, GroupModel, Scored, Verdict, changed_bots
 from router.directory import BotEntry, Directory
-from router.model_cache import DIRECTORY as HEADS_DIRECTORY, HeadsCache, heads_key
+from router.embedding_store import PhraseEmbeddings, open_store
+from router.model_cache import DIRECTORY as HEADS_DIRECTORY
+from router.model_cache import HeadsCache, heads_key
 
 log = get_logger(__name__)
 
 
 def _import_training_libraries() -> None:
     import scipy.optimize  # noqa: F401
-    import sklearn.svm  # noqa: F401
     import sklearn.feature_extraction.text  # noqa: F401
+    import sklearn.svm  # noqa: F401
 
 
 def _return_free_memory() -> None:
@@ -110,8 +117,10 @@ class _Scorer:
 
     def __eq__(self, other: object) -> bool:
         return (
-            isinstance(other, _Scorer) and other.state is self.state
-            and other.groups == self.groups and other.exclude == self.exclude
+            isinstance(other, _Scorer)
+            and other.state is self.state
+            and other.groups == self.groups
+            and other.exclude == self.exclude
         )
 
     def __hash__(self) -> int:
@@ -311,7 +320,9 @@ class RouterCore:
                 kind = "recalibrated"
             elif previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
                 changed = changed_bots(old.sources[group], intents)
-                vectors = await self.embeddings.embed(IntentCatalog.phrases_of(e for entries in changed.values() for e in entries))
+                vectors = await self.embeddings.embed(
+                    IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
+                )
                 model = await loop.run_in_executor(self._trainer, update_group_model, previous, changed, vectors, calibration)
                 kind = "updated in place"
             else:
@@ -321,8 +332,14 @@ class RouterCore:
             models[group] = model
             rebuilt.append(group)
             log.info(
-                "group_model_built", group=group, how=kind, build_seconds=round(time.perf_counter() - start, 3),
-                intents=len(model.classes), phrases=len(model.texts), **model.calibration, **model.times.as_dict(),
+                "group_model_built",
+                group=group,
+                how=kind,
+                build_seconds=round(time.perf_counter() - start, 3),
+                intents=len(model.classes),
+                phrases=len(model.texts),
+                **model.calibration,
+                **model.times.as_dict(),
             )
         async with self._swapped:
             self._state = _State(self._newest(directory), models, sources, calibration_version)
@@ -339,7 +356,9 @@ class RouterCore:
         )
         return indexed
 
-    def _train(self, intents, vectors: np.ndarray, calibration: CalibrationInput, previous: GroupModel | None) -> tuple[GroupModel, str]:
+    def _train(
+        self, intents, vectors: np.ndarray, calibration: CalibrationInput, previous: GroupModel | None
+    ) -> tuple[GroupModel, str]:
         """A group model. Its first build in this router (a start) restores the heads trained from
         scratch on the same inputs, persisted by an earlier start, or trains and persists them. A
         change in a running router trains warm from `previous` and persists nothing: a warm start

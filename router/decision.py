@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -105,7 +105,7 @@ class LexicalSvm:
         return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
 
     @classmethod
-    def fit(cls, texts: Sequence[str], labels: np.ndarray) -> "LexicalSvm":
+    def fit(cls, texts: Sequence[str], labels: np.ndarray) -> LexicalSvm:
         from sklearn.svm import LinearSVC
 
         vectorizer = cls._vectorizer()
@@ -125,7 +125,12 @@ class LexicalSvm:
 
     def state(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """(vocabulary, arrays): what the constructor takes, to persist without pickle."""
-        return self._vocabulary, {"idf": self._idf, "weights": self._weights, "intercept": self._intercept, "classes": self.classes}
+        return self._vocabulary, {
+            "idf": self._idf,
+            "weights": self._weights,
+            "intercept": self._intercept,
+            "classes": self.classes,
+        }
 
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), len(classes)) decision values."""
@@ -161,6 +166,7 @@ def changed_bots(before: Sequence[IntentPhrases], after: Sequence[IntentPhrases]
     """The bots whose intents differ from `before` to `after`, with their intents in `after`
     (none: the bot left). Compared as lists: unchanged intents are the same objects (the router's
     directory keeps them), which the comparison recognises without reading their phrases."""
+
     def by_bot(entries: Sequence[IntentPhrases]) -> dict[str, list[IntentPhrases]]:
         out: dict[str, list[IntentPhrases]] = {}
         for e in entries:
@@ -186,8 +192,11 @@ class TrainTimes:
 
     def as_dict(self) -> dict:
         return {
-            "index_s": round(self.index, 3), "lr_s": round(self.lr, 3), "svm_s": round(self.svm, 3),
-            "calibrate_s": round(self.calibrate, 3), "lr_iterations": self.lr_iterations,
+            "index_s": round(self.index, 3),
+            "lr_s": round(self.lr, 3),
+            "svm_s": round(self.svm, 3),
+            "calibrate_s": round(self.calibrate, 3),
+            "lr_iterations": self.lr_iterations,
             "warm_started": self.warm_started,
         }
 
@@ -224,8 +233,8 @@ class GroupModel:
         vectors: np.ndarray,
         dim: int,
         config: DecisionConfig,
-        previous: "GroupModel | None" = None,
-        heads: "Heads | None" = None,
+        previous: GroupModel | None = None,
+        heads: Heads | None = None,
     ) -> None:
         """Trains the heads (warm-started from `previous`), or takes `heads` trained earlier on the
         same intents and phrases (a restarted router)."""
@@ -237,9 +246,11 @@ class GroupModel:
         self.classes: list[tuple[str, str]] = [(e.bot_id, e.intent) for e in entries]
         self.class_of = {key: i for i, key in enumerate(self.classes)}
         self.bot_of_class = [b for b, _ in self.classes]
-        self.row_class = np.concatenate(
-            [np.full(len(e.phrases), i, dtype=np.int64) for i, e in enumerate(entries)]
-        ) if entries else np.zeros(0, np.int64)
+        self.row_class = (
+            np.concatenate([np.full(len(e.phrases), i, dtype=np.int64) for i, e in enumerate(entries)])
+            if entries
+            else np.zeros(0, np.int64)
+        )
         self.texts = IntentCatalog.phrases_of(intents)
         self.large = len(self.texts) >= config.heads_max_phrases
         """No heads: scored by the nearest phrases and the centroids, and updated in place (`updated`)."""
@@ -269,11 +280,11 @@ class GroupModel:
             self._svm = LexicalSvm.fit(self.texts, self.row_class)
             self.times.svm = time.perf_counter() - t
 
-    def heads(self) -> "Heads":
+    def heads(self) -> Heads:
         """What training and calibration produced, to persist (see router/model_cache.py)."""
         return Heads(list(self.classes), self.W, self.b, self._svm, self.tau, dict(self.calibration))
 
-    def updated(self, changed: Mapping[str, Sequence[IntentPhrases]], vectors: np.ndarray) -> "GroupModel":
+    def updated(self, changed: Mapping[str, Sequence[IntentPhrases]], vectors: np.ndarray) -> GroupModel:
         """This large group's model after the bots of `changed` replaced their intents (an empty
         sequence: the bot left), without building anew: the index is updated in place and shared
         with this model, which may still be serving. `vectors`: a row per phrase of
@@ -305,7 +316,7 @@ class GroupModel:
         return other
 
     # ------------------------------------------------------------------ training
-    def _train_lr(self, X: np.ndarray, previous: "GroupModel | None") -> None:
+    def _train_lr(self, X: np.ndarray, previous: GroupModel | None) -> None:
         """Multinomial logistic regression, loss = mean cross-entropy + wd·‖W‖² (bias free),
         full-batch L-BFGS (scipy), from zero or from the previous head's weights."""
         from scipy.optimize import minimize
@@ -335,7 +346,7 @@ class GroupModel:
         def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             calls[0] += 1
             W = theta[: d * n].reshape(d, n).astype(np.float32)
-            b = theta[d * n:].astype(np.float32)
+            b = theta[d * n :].astype(np.float32)
             Z = X32 @ W + b
             Z -= Z.max(axis=1, keepdims=True)
             E = np.exp(Z)
@@ -354,12 +365,15 @@ class GroupModel:
         # Small problems: BLAS threads cost more than they bring (0.9 s vs 0.1 s at 400 phrases).
         with threadpool_limits(1 if m * n < 1_000_000 else None):
             result = minimize(
-                loss_grad, np.concatenate([W0.ravel(), b0]), jac=True, method="L-BFGS-B",
+                loss_grad,
+                np.concatenate([W0.ravel(), b0]),
+                jac=True,
+                method="L-BFGS-B",
                 options={"maxiter": iterations, "maxcor": 20, "gtol": 1e-6, "ftol": 1e-10},
             )
         self.times.lr_iterations = calls[0]
         self.W = result.x[: d * n].reshape(d, n).astype(np.float32)
-        self.b = result.x[d * n:].astype(np.float32)
+        self.b = result.x[d * n :].astype(np.float32)
 
     # ------------------------------------------------------------------ scoring
     def features(self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None) -> Features:
@@ -370,7 +384,7 @@ class GroupModel:
         n = len(self.classes)
         k = min(cfg.neighbours, len(self.catalog))
         S, I = self.catalog.search(Q, k, exclude_bot=exclude_bot)
-        valid = (I >= 0) & (I < len(row_class))
+        valid = (I >= 0) & (len(row_class) > I)
         L = np.where(valid, row_class[np.where(valid, I, 0)], -1)
         m = cfg.knn_top
         mx = np.full((nq, n), -np.inf, np.float32)
@@ -411,7 +425,9 @@ class GroupModel:
         qi, ci = np.nonzero(cand)
         return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci])
 
-    def best(self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def best(
+        self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per query: (best class or -1, its fused score or -inf, best score of a second bot or -inf)."""
         f = self.features(Q, texts, exclude_bot)
         nq = len(Q)
@@ -475,7 +491,7 @@ class GroupModel:
     def decide(self, ranked: Sequence[Scored]) -> Verdict:
         return decide(ranked, self.config.disambiguation_margin)
 
-    def with_threshold(self, tau: float, calibration: dict) -> "GroupModel":
+    def with_threshold(self, tau: float, calibration: dict) -> GroupModel:
         """A copy with another threshold (the heads are shared: they never change after building)."""
         other = copy.copy(self)
         other.tau = float(tau)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from mbc.runtime.logs import get_logger
 from mbc.runtime.matching import IntentPhrases
@@ -47,8 +47,8 @@ class Directory:
         participants: Mapping[str, participant_pb2.Participant],
         revision: int,
         max_intents: int | None = None,
-        previous: "Directory | None" = None,
-    ) -> "Directory":
+        previous: Directory | None = None,
+    ) -> Directory:
         """Participants with more than `max_intents` intents are left out (and logged). The intents
         of a record that is the very object `previous` read are taken from it: with a million
         phrases, reading them all again took most of the time a participant change needs."""

@@ -20,8 +20,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -127,9 +127,7 @@ class EmbeddingStore:
                     batches = [self._db.execute("SELECT key, dim, data FROM vectors")]
                 else:
                     batches = (
-                        self._db.execute(
-                            f"SELECT key, dim, data FROM vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk
-                        )
+                        self._db.execute(f"SELECT key, dim, data FROM vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk)
                         for chunk in (items[i : i + _LOOKUP_CHUNK] for i in range(0, len(items), _LOOKUP_CHUNK))
                     )
                 count = 0
@@ -209,7 +207,10 @@ class PhraseEmbeddings:
             await self._encode(unique, missing, vectors)
         if len(unique) >= self.CHUNK:
             log.info(
-                "phrases_embedded", phrases=len(unique), from_cache=len(unique) - len(missing), encoded=len(missing),
+                "phrases_embedded",
+                phrases=len(unique),
+                from_cache=len(unique) - len(missing),
+                encoded=len(missing),
                 seconds=round(time.perf_counter() - started, 3),
             )
         if len(unique) == len(phrases):

@@ -21,9 +21,9 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -45,9 +45,7 @@ DIRECTORY = "models"
 """Beside the embeddings file, in the same cache directory."""
 
 
-def heads_key(
-    model_id: str, config: DecisionConfig, intents: Sequence[IntentPhrases], calibration: CalibrationInput
-) -> str:
+def heads_key(model_id: str, config: DecisionConfig, intents: Sequence[IntentPhrases], calibration: CalibrationInput) -> str:
     """The digest of every input of training (see the module docstring)."""
     digest = hashlib.sha256()
     for part in (

@@ -66,7 +66,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             rating = common_pb2.Rating.Name(top.rating).removeprefix("RATING_") if top else "NONE"
             metrics.ROUTER_MATCHES.labels(decision, rating).inc()
             log.info(
-                "matched", candidates=len(result.candidates), decision=decision,
-                top=f"{top.bot_id}/{top.intent}" if top else "", rating=rating, score=round(top.score, 3) if top else 0.0,
+                "matched",
+                candidates=len(result.candidates),
+                decision=decision,
+                top=f"{top.bot_id}/{top.intent}" if top else "",
+                rating=rating,
+                score=round(top.score, 3) if top else 0.0,
             )
             return response

@@ -26,8 +26,9 @@ async def match(address: str, text: str, tls: TlsConfig = TlsConfig(), **fields)
         return await router_pb2_grpc.RouterStub(channel).Match(router_pb2.MatchRequest(text=text, **fields), timeout=10)
 
 
-async def respond(address: str, text: str, conversation_id: str | None = None, timeout: float = 10.0,
-                  tls: TlsConfig = TlsConfig()) -> bot_pb2.RespondResponse:
+async def respond(
+    address: str, text: str, conversation_id: str | None = None, timeout: float = 10.0, tls: TlsConfig = TlsConfig()
+) -> bot_pb2.RespondResponse:
     async with Conversation(address, conversation_id, timeout_seconds=timeout, tls=tls) as chat:
         return await chat.send(text)
 
@@ -44,12 +45,24 @@ async def transfer(address: str, tls: TlsConfig = TlsConfig(), **fields) -> bot_
 
 
 @contextlib.asynccontextmanager
-async def start_example_mesh(etcd_endpoint: str, workdir: Path, etcd_flags: Callable[[str], list[str]] | None = None, ca=None,
-                             router_env: dict[str, str] | None = None):
+async def start_example_mesh(
+    etcd_endpoint: str,
+    workdir: Path,
+    etcd_flags: Callable[[str], list[str]] | None = None,
+    ca=None,
+    router_env: dict[str, str] | None = None,
+):
     """The store, the router (with `router_env` added to its environment) and the three example
     bots on `etcd_endpoint`, the router having indexed them (over mTLS with `ca`)."""
-    async with start_local(EXAMPLE_BOTS, workdir=workdir, etcd=etcd_endpoint, etcd_flags=etcd_flags, ca=ca,
-                           router_env=router_env, lease_ttl=LEASE_TTL) as mesh:
+    async with start_local(
+        EXAMPLE_BOTS,
+        workdir=workdir,
+        etcd=etcd_endpoint,
+        etcd_flags=etcd_flags,
+        ca=ca,
+        router_env=router_env,
+        lease_ttl=LEASE_TTL,
+    ) as mesh:
         yield mesh
 
 

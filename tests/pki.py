@@ -28,13 +28,15 @@ class CertFiles:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mbc tests"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mbc tests"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
 
 
@@ -48,7 +50,7 @@ class TestCA:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self._cert = (
             x509.CertificateBuilder()
             .subject_name(_name(f"mbc test CA {name}"))
@@ -58,34 +60,55 @@ class TestCA:
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .sign(self._key, hashes.SHA256())
         )
         self.cert_path = self.directory / f"{name}.crt"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         _write_key(self._key, self.directory / f"{name}.key")
 
-    def issue(self, common_name: str, *, server: bool = True, client: bool = True,
-              expired: bool = False, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> CertFiles:
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool = True,
+        client: bool = True,
+        expired: bool = False,
+        hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    ) -> CertFiles:
         """A leaf certificate for `common_name`, valid for `hosts` when used by a server.
 
         `expired` makes one that ended yesterday (TLS peers must refuse it).
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
-        start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
-            now - dt.timedelta(hours=1), now + dt.timedelta(days=7))
+        now = dt.datetime.now(dt.UTC)
+        start, end = (
+            (now - dt.timedelta(days=10), now - dt.timedelta(days=1))
+            if expired
+            else (now - dt.timedelta(hours=1), now + dt.timedelta(days=7))
+        )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"spiffe://mbc/{common_name}")]
         for host in hosts:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 sans.append(x509.DNSName(host))
-        usages = [u for u, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server),
-                                      (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if wanted]
+        usages = [
+            u for u, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if wanted
+        ]
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))

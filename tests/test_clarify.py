@@ -15,9 +15,16 @@ OPTIONS = (
 
 @pytest.mark.parametrize(
     "answer, bot",
-    [("1", "business-banking"), ("2)", "personal-banking"), ("option 2", "personal-banking"), ("3", ""),
-     ("none of these", ""), ("Neither.", ""), ("personal loan", "personal-banking"),
-     ("the Business Banking Assistant please", "business-banking")],
+    [
+        ("1", "business-banking"),
+        ("2)", "personal-banking"),
+        ("option 2", "personal-banking"),
+        ("3", ""),
+        ("none of these", ""),
+        ("Neither.", ""),
+        ("personal loan", "personal-banking"),
+        ("the Business Banking Assistant please", "business-banking"),
+    ],
 )
 def test_answers_that_pick_an_option(answer, bot):
     assert _chosen_option(OPTIONS, answer)[0] == bot

@@ -10,8 +10,8 @@ import pytest
 
 from context_store.core import StoreConfig
 from context_store.server import StoreProcess
-from mbc.runtime.config import ServerConfig
 from mbc.client.context import ContextClient, Scope
+from mbc.runtime.config import ServerConfig
 from mbc.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,9 @@ MAX_KEYS = 30
 
 @pytest.fixture(scope="module")
 async def store_process(etcd_server):
-    process = StoreProcess((etcd_server.endpoint,), ServerConfig(port=0), StoreConfig(max_keys_per_namespace=MAX_KEYS, lease_bucket_seconds=1))
+    process = StoreProcess(
+        (etcd_server.endpoint,), ServerConfig(port=0), StoreConfig(max_keys_per_namespace=MAX_KEYS, lease_bucket_seconds=1)
+    )
     await process.start()
     yield process
     await process.stop()
@@ -110,14 +112,32 @@ async def test_concurrent_increments_lose_nothing(store, namespace):
         (lambda s, ns: s.set("9bad", Scope.GLOBAL, "", "k", 1), grpc.StatusCode.INVALID_ARGUMENT, "namespace '9bad' is invalid"),
         (lambda s, ns: s.set(ns, Scope.GLOBAL, "", "bad key", 1), grpc.StatusCode.INVALID_ARGUMENT, "key 'bad key' is invalid"),
         (lambda s, ns: s.set(ns, Scope.GLOBAL, "x", "k", 1), grpc.StatusCode.INVALID_ARGUMENT, "scope_id must be empty"),
-        (lambda s, ns: s.set(ns, Scope.CONVERSATION, "", "k", 1), grpc.StatusCode.INVALID_ARGUMENT, "conversation id) is required"),
+        (
+            lambda s, ns: s.set(ns, Scope.CONVERSATION, "", "k", 1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "conversation id) is required",
+        ),
         (lambda s, ns: s.set(ns, Scope.CONVERSATION, "c" * 300, "k", 1), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 256"),
         (lambda s, ns: s.set(ns, 0, "c", "k", 1), grpc.StatusCode.INVALID_ARGUMENT, "scope must be"),
-        (lambda s, ns: s.set(ns, Scope.GLOBAL, "", "big", "x" * 900_000), grpc.StatusCode.INVALID_ARGUMENT, "the maximum is 800000"),
+        (
+            lambda s, ns: s.set(ns, Scope.GLOBAL, "", "big", "x" * 900_000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the maximum is 800000",
+        ),
         (lambda s, ns: s.set("never-registered", Scope.GLOBAL, "", "k", 1), grpc.StatusCode.NOT_FOUND, "RegisterNamespace"),
         (lambda s, ns: s.register_namespace(ns, 0), grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds must be at least 1"),
     ],
-    ids=["namespace-syntax", "key-syntax", "global-with-id", "missing-id", "long-id", "no-scope", "too-big", "unregistered", "zero-ttl"],
+    ids=[
+        "namespace-syntax",
+        "key-syntax",
+        "global-with-id",
+        "missing-id",
+        "long-id",
+        "no-scope",
+        "too-big",
+        "unregistered",
+        "zero-ttl",
+    ],
 )
 async def test_limits_and_names_are_explained(store, namespace, call, code, words):
     with pytest.raises(grpc.aio.AioRpcError) as err:

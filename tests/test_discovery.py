@@ -42,8 +42,14 @@ def eventually_in_etcd(check, timeout: float = 5.0, what: str = "condition"):
 
 def participant(group: str, bot_id: str, instance_id: str = "i1", **fields: object) -> participant_pb2.Participant:
     fields.setdefault("address", "127.0.0.1:50051")
-    return participant_pb2.Participant(group=group, bot_id=bot_id, instance_id=instance_id, collaboration=True,
-                                       intents=[participant_pb2.Intent(name="greet", phrases=["hello"])], **fields)
+    return participant_pb2.Participant(
+        group=group,
+        bot_id=bot_id,
+        instance_id=instance_id,
+        collaboration=True,
+        intents=[participant_pb2.Intent(name="greet", phrases=["hello"])],
+        **fields,
+    )
 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict]:
@@ -81,6 +87,7 @@ async def watching(client: EtcdClient, group: str, on_change=None) -> AsyncItera
 
 # --- keys ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["a", "Bot-1", "cards.v2", "x_y", "9lives", "a" * 64])
 def test_validate_name_accepts(value):
     validate_name("bot_id", value)
@@ -95,8 +102,7 @@ def test_validate_name_rejects(value):
 def test_validate_name_message_names_the_kind_and_value():
     with pytest.raises(ValueError) as e:
         validate_name("group", "a/b")
-    assert str(e.value) == ("group 'a/b' is invalid: use 1-64 of letters, digits, '.', '_', '-', "
-                            "starting with a letter or digit")
+    assert str(e.value) == ("group 'a/b' is invalid: use 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit")
 
 
 def test_participant_key_round_trip():
@@ -110,19 +116,23 @@ def test_participant_key_validates():
         participant_key("sales", "cards", "a/b")
 
 
-@pytest.mark.parametrize("key", [
-    "/other/sales/cards/1",
-    "/mbc/v1/participants/sales/cards",
-    "/mbc/v1/participants/sales/cards/1/extra",
-    "/mbc/v1/participants/sales//1",
-    "/mbc/v1/participants/sa les/cards/1",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "/other/sales/cards/1",
+        "/mbc/v1/participants/sales/cards",
+        "/mbc/v1/participants/sales/cards/1/extra",
+        "/mbc/v1/participants/sales//1",
+        "/mbc/v1/participants/sa les/cards/1",
+    ],
+)
 def test_parse_participant_key_rejects(key):
     with pytest.raises(ValueError):
         parse_participant_key(key)
 
 
 # --- client -------------------------------------------------------------------------------
+
 
 async def test_client_basic_operations(etcd_client, group):
     prefix = f"/test/{group}/"
@@ -193,6 +203,7 @@ async def test_unreachable_etcd_raises_promptly(group):
 
 # --- registration and watcher --------------------------------------------------------------
 
+
 async def test_registration_is_seen_and_stop_removes_it_at_once(etcd_client, group):
     async with watching(etcd_client, group) as (watcher, collector):
         await watcher.wait_ready(5)
@@ -205,8 +216,9 @@ async def test_registration_is_seen_and_stop_removes_it_at_once(etcd_client, gro
         assert watcher.snapshot.revision >= collector.snapshots[0].revision
         await registration.stop()
         assert not registration.registered
-        await eventually_in_etcd(lambda: registration.key not in watcher.snapshot.participants, timeout=1.0,
-                         what="registration gone after stop")
+        await eventually_in_etcd(
+            lambda: registration.key not in watcher.snapshot.participants, timeout=1.0, what="registration gone after stop"
+        )
 
 
 async def test_update_replaces_the_content(etcd_client, group):
@@ -217,8 +229,9 @@ async def test_update_replaces_the_content(etcd_client, group):
         async with watching(etcd_client, group) as (watcher, _):
             await watcher.wait_ready(5)
             await registration.update(participant(group, "cards", definition_version="v2"))
-            await eventually_in_etcd(lambda: watcher.snapshot.participants[registration.key].definition_version == "v2",
-                             what="updated content seen")
+            await eventually_in_etcd(
+                lambda: watcher.snapshot.participants[registration.key].definition_version == "v2", what="updated content seen"
+            )
             assert registration.lease_id == lease
             with pytest.raises(ValueError, match="use a new Registration"):
                 await registration.update(participant(group, "other"))
@@ -246,8 +259,9 @@ asyncio.run(main())
 async def test_killed_process_drops_out_within_ttl(etcd_server, etcd_client, group):
     ttl = 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLED_BOT, etcd_server.endpoint, group, str(ttl),
-                                                stdout=asyncio.subprocess.PIPE, env=env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED_BOT, etcd_server.endpoint, group, str(ttl), stdout=asyncio.subprocess.PIPE, env=env
+    )
     key = participant_key(group, "killed", "i1")
     try:
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"registered\n"
@@ -259,8 +273,9 @@ async def test_killed_process_drops_out_within_ttl(etcd_server, etcd_client, gro
             proc.send_signal(signal.SIGKILL)
             loop = asyncio.get_running_loop()
             killed_at = loop.time()
-            await eventually_in_etcd(lambda: key not in watcher.snapshot.participants, timeout=ttl + 2.0,
-                             what="killed instance removed")
+            await eventually_in_etcd(
+                lambda: key not in watcher.snapshot.participants, timeout=ttl + 2.0, what="killed instance removed"
+            )
             assert loop.time() - killed_at <= ttl + 2.0
     finally:
         if proc.returncode is None:
@@ -362,6 +377,7 @@ async def test_watcher_waits_for_an_unreachable_etcd(group):
 
 # --- etcd failures (a dedicated etcd each) ---------------------------------------------------
 
+
 @pytest.fixture
 def own_etcd():
     with LocalEtcd() as server:
@@ -385,14 +401,16 @@ async def test_survives_frozen_etcd(own_etcd, group, caplog):
             paused_at = loop.time()
             own_etcd.pause()
             try:
-                await eventually_in_etcd(lambda: events(caplog, "watch_interrupted"), timeout=4.0,
-                                 what="watch reports the frozen etcd")
+                await eventually_in_etcd(
+                    lambda: events(caplog, "watch_interrupted"), timeout=4.0, what="watch reports the frozen etcd"
+                )
                 await asyncio.sleep(max(0.0, paused_at + ttl + 1.0 - loop.time()))
             finally:
                 own_etcd.resume()
             await eventually_in_etcd(lambda: events(caplog, "registration_renewed"), timeout=8.0, what="lease renewed")
-            await eventually_in_etcd(lambda: registration.key in watcher.snapshot.participants, timeout=5.0,
-                             what="registration seen again")
+            await eventually_in_etcd(
+                lambda: registration.key in watcher.snapshot.participants, timeout=5.0, what="registration seen again"
+            )
             assert watcher.snapshot.participants[registration.key].bot_id == "cards"
             later = participant_key(group, "later", "i1")
             await client.put(later, participant(group, "later").SerializeToString())
@@ -422,8 +440,9 @@ async def test_survives_etcd_restart(own_etcd, group, caplog):
             listed = len(events(caplog, "participants_listed"))
             await asyncio.to_thread(own_etcd.start)
             await eventually_in_etcd(lambda: client.get(registration.key), timeout=ttl + 5.0, what="key present after restart")
-            await eventually_in_etcd(lambda: len(events(caplog, "participants_listed")) > listed, timeout=5.0,
-                             what="watcher listed again")
+            await eventually_in_etcd(
+                lambda: len(events(caplog, "participants_listed")) > listed, timeout=5.0, what="watcher listed again"
+            )
             await second.start()
             await eventually_in_etcd(lambda: second.key in watcher.snapshot.participants, what="new registration seen")
             assert registration.key in watcher.snapshot.participants

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mbc.runtime.config import RouterConfig
-from router.embedding_store import FILE_NAME, EmbeddingStore, PhraseEmbeddings, open_store
 from mbc.v1 import participant_pb2
 from router.core import RouterCore
+from router.embedding_store import FILE_NAME, EmbeddingStore, PhraseEmbeddings, open_store
 
 # Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
 

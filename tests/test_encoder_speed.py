@@ -286,7 +286,10 @@ def test_onnx_backends_load_offline_and_agree_with_torch(onnx_dir: Path) -> None
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", _OFFLINE_SCRIPT, str(onnx_dir), "", json.dumps(UTTERANCES)],
-        capture_output=True, text=True, env=env, timeout=240,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     vectors = json.loads(done.stdout.strip().splitlines()[-1])
@@ -308,24 +311,64 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     started = time.monotonic()
     done = subprocess.run(
         [
-            sys.executable, "-m", "mbc", "bench", "match", "--json", str(out), "--data", str(CLINC),
-            "--onnx-dir", str(onnx_dir), "--intents-per-domain", "1", "--phrases-per-intent", "3",
-            "--single-samples", "10", "--batch-texts", "32", "--warmup-requests", "8",
-            "--naive-requests", "32", "--c1-requests", "10", "--c32-requests", "64",
-            "--workdir", str(tmp_path / "work"),
+            sys.executable,
+            "-m",
+            "mbc",
+            "bench",
+            "match",
+            "--json",
+            str(out),
+            "--data",
+            str(CLINC),
+            "--onnx-dir",
+            str(onnx_dir),
+            "--intents-per-domain",
+            "1",
+            "--phrases-per-intent",
+            "3",
+            "--single-samples",
+            "10",
+            "--batch-texts",
+            "32",
+            "--warmup-requests",
+            "8",
+            "--naive-requests",
+            "32",
+            "--c1-requests",
+            "10",
+            "--c32-requests",
+            "64",
+            "--workdir",
+            str(tmp_path / "work"),
         ],
-        capture_output=True, text=True, timeout=460,
+        capture_output=True,
+        text=True,
+        timeout=460,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    for key in ("encoder_single_ms", "encoder_batch_qps", "naive_qps_c32", "match_qps_c32",
-                "match_p50_ms_c1", "match_p99_ms_c1", "match_p99_ms_c32"):
+    for key in (
+        "encoder_single_ms",
+        "encoder_batch_qps",
+        "naive_qps_c32",
+        "match_qps_c32",
+        "match_p50_ms_c1",
+        "match_p99_ms_c1",
+        "match_p99_ms_c32",
+    ):
         assert result[key] > 0, key
     assert result["errors"] == 0
     assert result["settings"]["tuned"]["backend"] == "onnx"
-    assert result["settings"]["naive"] == {"backend": "torch", "threads": 0, "workers": 1, "batch_size": 16,
-                                           "max_batch": 1, "batch_wait_ms": 0.0, "query_cache_size": 0,
-                                           "idle_spinning": False}
+    assert result["settings"]["naive"] == {
+        "backend": "torch",
+        "threads": 0,
+        "workers": 1,
+        "batch_size": 16,
+        "max_batch": 1,
+        "batch_wait_ms": 0.0,
+        "query_cache_size": 0,
+        "idle_spinning": False,
+    }
     assert result["settings"]["tuned"]["workers"] == 2
     setups = result["details"]["encoder_by_setup"]
     assert set(setups) == {"threads=default workers=2", "threads=default workers=1"}
@@ -343,7 +386,8 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     bounds = result["bounds"]
     assert bounds["match_p50_ms_c1"] == pytest.approx(bounds["encoder_single_after_pause_ms"] + floor["p50_ms_c1"], abs=0.011)
     assert bounds["match_qps_c32"] == pytest.approx(
-        bounds["cores"] * 1000 / (bounds["encoder_cpu_ms_per_utterance"] + floor["cpu_ms_per_call_c32"]), rel=1e-3)
+        bounds["cores"] * 1000 / (bounds["encoder_cpu_ms_per_utterance"] + floor["cpu_ms_per_call_c32"]), rel=1e-3
+    )
     assert "serving floor" in done.stdout and "best possible" in done.stdout
     print(f"bench smoke took {time.monotonic() - started:.0f} s")
 

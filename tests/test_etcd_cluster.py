@@ -12,10 +12,9 @@ import pytest_asyncio
 
 from discovery import PARTICIPANTS_PREFIX, EtcdClient
 from mbc.testing.etcd import LocalEtcdCluster
-from mbc.v1 import bot_pb2
-
-from meshlib import LEASE_TTL, match, respond
 from mbc.testing.mesh import EXAMPLE_PROBES, EXAMPLES, LocalMesh, eventually
+from mbc.v1 import bot_pb2
+from meshlib import LEASE_TTL, match, respond
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +39,18 @@ def endpoints_from(cluster: LocalEtcdCluster, first: int) -> str:
 @pytest_asyncio.fixture(scope="module")
 async def cluster_mesh(cluster, tmp_path_factory):
     # A later --etcd overrides the first one: each component gets the cluster in its own order.
-    mesh = LocalMesh(tmp_path_factory.mktemp("cluster-mesh"), endpoints_from(cluster, 0),
-                     etcd_flags=lambda name: ["--etcd", endpoints_from(cluster, FIRST_ENDPOINT[name])], lease_ttl=LEASE_TTL)
+    mesh = LocalMesh(
+        tmp_path_factory.mktemp("cluster-mesh"),
+        endpoints_from(cluster, 0),
+        etcd_flags=lambda name: ["--etcd", endpoints_from(cluster, FIRST_ENDPOINT[name])],
+        lease_ttl=LEASE_TTL,
+    )
     try:
         await asyncio.gather(mesh.start_store(), mesh.start_router())
-        await asyncio.gather(mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
-                             mesh.start_bot(EXAMPLES / "cards.yaml", "cards"))
+        await asyncio.gather(
+            mesh.start_bot(EXAMPLES / "personal_banking.yaml", "personal-banking"),
+            mesh.start_bot(EXAMPLES / "cards.yaml", "cards"),
+        )
         await mesh.wait_indexed(("personal-banking", "cards"), timeout=120)
         yield mesh
     finally:

@@ -21,13 +21,12 @@ from discovery import (
 from discovery.etcd_client import KeyPermission
 from discovery.groups import settings_key
 from discovery.keys import participant_key
+from mbc.cli.etcd_auth import ROUTER_USER, STORE_USER, bot_user
 from mbc.runtime.config import EtcdAccess
 from mbc.testing.etcd import LocalEtcd, ServerTls
-from mbc.cli.etcd_auth import ROUTER_USER, STORE_USER, bot_user
-from mbc.v1 import bot_pb2, participant_pb2
-
-from meshlib import LEASE_TTL, ROOT, match, respond
 from mbc.testing.mesh import EXAMPLES, LocalMesh, eventually
+from mbc.v1 import bot_pb2, participant_pb2
+from meshlib import LEASE_TTL, ROOT, match, respond
 from pki import TestCA
 
 pytestmark = pytest.mark.integration
@@ -47,8 +46,7 @@ class SecureEtcd:
     def __init__(self, directory: Path) -> None:
         self.ca = TestCA(directory / "pki")
         server = self.ca.issue("etcd-server", client=False)
-        self.etcd = LocalEtcd(directory / "etcd", tls=ServerTls(server.cert, server.key, server.ca),
-                              auth_token_ttl=TOKEN_TTL)
+        self.etcd = LocalEtcd(directory / "etcd", tls=ServerTls(server.cert, server.key, server.ca), auth_token_ttl=TOKEN_TTL)
         self.secrets = directory / "secrets"
         self.setup_cert = self.ca.issue("mbc-setup", server=False)
 
@@ -59,20 +57,50 @@ class SecureEtcd:
         """Run the operator's command, as an operator would."""
         bots = [arg for name in BOTS for arg in ("--bot", str(EXAMPLES / f"{name.replace('-', '_')}.yaml"))]
         return subprocess.run(
-            [sys.executable, "-m", "mbc", "etcd-auth", "setup", "--etcd", f"https://{self.etcd.endpoint}",
-             *self.tls_flags(self.setup_cert), "--password-dir", str(self.secrets), *bots],
-            capture_output=True, text=True, timeout=60, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "mbc",
+                "etcd-auth",
+                "setup",
+                "--etcd",
+                f"https://{self.etcd.endpoint}",
+                *self.tls_flags(self.setup_cert),
+                "--password-dir",
+                str(self.secrets),
+                *bots,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
 
     def access(self, user: str, password_file: Path | None = None) -> EtcdAccess:
         """What component `user` uses: its own client certificate (CN = its user) and password."""
         cert = self.ca.issue(user, server=False)
-        return EtcdAccess(ca_file=str(cert.ca), cert_file=str(cert.cert), key_file=str(cert.key), username=user,
-                          password_file=str(password_file or self.secrets / f"{user}.password"))
+        return EtcdAccess(
+            ca_file=str(cert.ca),
+            cert_file=str(cert.cert),
+            key_file=str(cert.key),
+            username=user,
+            password_file=str(password_file or self.secrets / f"{user}.password"),
+        )
 
     def flags(self, user: str) -> list[str]:
         a = self.access(user)
-        return ["--etcd-ca", a.ca_file, "--etcd-cert", a.cert_file, "--etcd-key", a.key_file,
-                "--etcd-user", a.username, "--etcd-password-file", a.password_file]
+        return [
+            "--etcd-ca",
+            a.ca_file,
+            "--etcd-cert",
+            a.cert_file,
+            "--etcd-key",
+            a.key_file,
+            "--etcd-user",
+            a.username,
+            "--etcd-password-file",
+            a.password_file,
+        ]
 
     def client(self, user: str, **kwargs) -> EtcdClient:
         return EtcdClient([f"https://{self.etcd.endpoint}"], timeout=3.0, access=self.access(user, **kwargs))
@@ -102,8 +130,12 @@ MESH_BOTS = ("personal-banking", "cards")
 @pytest_asyncio.fixture(scope="module")
 async def secure_mesh(secure, tmp_path_factory):
     """The store, the router and two example bots, each with its own etcd user and certificate."""
-    mesh = LocalMesh(tmp_path_factory.mktemp("secure-mesh"), f"https://{secure.etcd.endpoint}",
-                     etcd_flags=lambda name: secure.flags(component_name_to_user(name)), lease_ttl=LEASE_TTL)
+    mesh = LocalMesh(
+        tmp_path_factory.mktemp("secure-mesh"),
+        f"https://{secure.etcd.endpoint}",
+        etcd_flags=lambda name: secure.flags(component_name_to_user(name)),
+        lease_ttl=LEASE_TTL,
+    )
     try:
         await asyncio.gather(mesh.start_store(), mesh.start_router())
         await asyncio.gather(*(mesh.start_bot(EXAMPLES / f"{name.replace('-', '_')}.yaml", name) for name in MESH_BOTS))
@@ -114,8 +146,9 @@ async def secure_mesh(secure, tmp_path_factory):
 
 
 def participant(bot_id: str, instance_id: str = "i1") -> participant_pb2.Participant:
-    return participant_pb2.Participant(group=GROUP, bot_id=bot_id, instance_id=instance_id, address="127.0.0.1:1",
-                                       collaboration=True)
+    return participant_pb2.Participant(
+        group=GROUP, bot_id=bot_id, instance_id=instance_id, address="127.0.0.1:1", collaboration=True
+    )
 
 
 async def test_setup_gives_each_component_a_user_and_is_idempotent(secure):
@@ -128,9 +161,13 @@ async def test_setup_gives_each_component_a_user_and_is_idempotent(secure):
     assert again.returncode == 0, again.stderr
     assert "nothing to change" in again.stdout
     # A valid client certificate alone (its CN is no etcd user) reads nothing.
-    async with EtcdClient([f"https://{secure.etcd.endpoint}"], timeout=3.0,
-                          access=EtcdAccess(ca_file=str(secure.setup_cert.ca), cert_file=str(secure.setup_cert.cert),
-                                            key_file=str(secure.setup_cert.key))) as anonymous:
+    async with EtcdClient(
+        [f"https://{secure.etcd.endpoint}"],
+        timeout=3.0,
+        access=EtcdAccess(
+            ca_file=str(secure.setup_cert.ca), cert_file=str(secure.setup_cert.cert), key_file=str(secure.setup_cert.key)
+        ),
+    ) as anonymous:
         with pytest.raises(EtcdPermissionDenied):
             await anonymous.get_prefix("/mbc/v1/participants/")
 
@@ -145,14 +182,19 @@ async def test_setup_takes_back_a_permission_granted_by_hand(secure):
 
 
 def test_etcd_access_comes_from_the_environment_like_any_setting():
-    from mbc.runtime.config import BotConfig
     from mbc.cli.settings import resolve
+    from mbc.runtime.config import BotConfig
 
-    config = resolve("bot", BotConfig(), environ={"MBC_BOT__ETCD__USERNAME": "cards@retail-bank",
-                                                  "MBC_BOT__ETCD__PASSWORD_FILE": "/run/secrets/cards",
-                                                  "MBC_BOT__ETCD__CA_FILE": "/etc/mbc/ca.crt"}).config
-    assert config.etcd == EtcdAccess(ca_file="/etc/mbc/ca.crt", username="cards@retail-bank",
-                                     password_file="/run/secrets/cards")
+    config = resolve(
+        "bot",
+        BotConfig(),
+        environ={
+            "MBC_BOT__ETCD__USERNAME": "cards@retail-bank",
+            "MBC_BOT__ETCD__PASSWORD_FILE": "/run/secrets/cards",
+            "MBC_BOT__ETCD__CA_FILE": "/etc/mbc/ca.crt",
+        },
+    ).config
+    assert config.etcd == EtcdAccess(ca_file="/etc/mbc/ca.crt", username="cards@retail-bank", password_file="/run/secrets/cards")
     assert config.etcd.tls
 
 
@@ -165,8 +207,11 @@ async def test_plaintext_client_is_refused_with_a_hint_about_tls(secure):
 
 async def test_client_without_certificate_is_refused_with_a_hint(secure):
     access = secure.access(ROUTER_USER)
-    client = EtcdClient([secure.etcd.endpoint], timeout=2.0,
-                        access=EtcdAccess(ca_file=access.ca_file, username=access.username, password_file=access.password_file))
+    client = EtcdClient(
+        [secure.etcd.endpoint],
+        timeout=2.0,
+        access=EtcdAccess(ca_file=access.ca_file, username=access.username, password_file=access.password_file),
+    )
     with pytest.raises(EtcdUnavailable, match="TLS handshake failed"):
         await asyncio.wait_for(client.connect(), 30)
     await client.close()
@@ -177,10 +222,33 @@ def test_wrong_password_stops_the_router_at_start_with_a_clear_message(secure, t
     wrong.write_text("not-the-password\n")
     a = secure.access(ROUTER_USER, password_file=wrong)
     result = subprocess.run(
-        [sys.executable, "-m", "mbc", "router", "--port", "0", "--etcd", f"https://{secure.etcd.endpoint}",
-         "--etcd-ca", a.ca_file, "--etcd-cert", a.cert_file, "--etcd-key", a.key_file,
-         "--etcd-user", ROUTER_USER, "--etcd-password-file", str(wrong), "--metrics-port", "-1"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "mbc",
+            "router",
+            "--port",
+            "0",
+            "--etcd",
+            f"https://{secure.etcd.endpoint}",
+            "--etcd-ca",
+            a.ca_file,
+            "--etcd-cert",
+            a.cert_file,
+            "--etcd-key",
+            a.key_file,
+            "--etcd-user",
+            ROUTER_USER,
+            "--etcd-password-file",
+            str(wrong),
+            "--metrics-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     tail = result.stderr[-3000:]
     assert result.returncode != 0, tail
     assert f"mbc router: etcd: etcd refused user '{ROUTER_USER}'" in result.stderr, tail

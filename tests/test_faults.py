@@ -23,9 +23,9 @@ from discovery.keys import PARTICIPANTS_PREFIX
 from faultlib import logged, ranked_first
 from mbc.client.context import ContextClient, Scope
 from mbc.client.gateway import Conversation
+from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, common_pb2, participant_pb2
 from meshlib import TEST_BOTS, match, owner_of, respond, start_example_mesh
-from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -139,8 +139,10 @@ async def test_store_refuses_writes_fenced_on_a_stale_owner_version(mesh, store)
     mine = await store.claim_owner(conversation, common_pb2.BotRef(bot_id="cards"), 0)
     await store.set(GROUP, Scope.CONVERSATION, conversation, "topic", "card", owner_version=mine)
     await store.claim_owner(conversation, common_pb2.BotRef(bot_id="business-banking"), mine)
-    for stale_write in (store.set(GROUP, Scope.CONVERSATION, conversation, "topic", "stale", owner_version=mine),
-                        store.delete(GROUP, Scope.CONVERSATION, conversation, "topic", owner_version=mine)):
+    for stale_write in (
+        store.set(GROUP, Scope.CONVERSATION, conversation, "topic", "stale", owner_version=mine),
+        store.delete(GROUP, Scope.CONVERSATION, conversation, "topic", owner_version=mine),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stale_write
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -198,7 +200,11 @@ async def _logged_times(component, event: str, times: int) -> bool:
 
 def _desk(bot_id: str, phrase: str) -> participant_pb2.Participant:
     return participant_pb2.Participant(
-        bot_id=bot_id, instance_id="i1", address="127.0.0.1:9", group="faults-travel", collaboration=True,
+        bot_id=bot_id,
+        instance_id="i1",
+        address="127.0.0.1:9",
+        group="faults-travel",
+        collaboration=True,
         intents=[participant_pb2.Intent(name="desk", phrases=[phrase, f"{phrase} please", f"I want {phrase}"])],
     )
 
@@ -276,7 +282,10 @@ async def test_etcd_outage_mesh_keeps_serving_then_converges(mesh, own_etcd, etc
     async def all_registered():
         items, _ = await etcd.get_prefix(f"{PARTICIPANTS_PREFIX}{GROUP}/")
         return {participant_pb2.Participant.FromString(kv.value).bot_id for kv in items} == {
-            "personal-banking", "business-banking", "cards"}
+            "personal-banking",
+            "business-banking",
+            "cards",
+        }
 
     await eventually(all_registered, timeout=30, interval=0.5)
 

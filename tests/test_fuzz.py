@@ -25,10 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from discovery.groups import settings_key
-from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, context_pb2, context_pb2_grpc, participant_pb2, router_pb2, router_pb2_grpc
-
-from meshlib import match, respond
 from mbc.testing.mesh import eventually
+from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, context_pb2, context_pb2_grpc, participant_pb2, router_pb2, router_pb2_grpc
+from meshlib import match, respond
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +36,7 @@ pytestmark = pytest.mark.timeout(600)
 CALL_SECONDS = 20.0
 """Deadline of every fuzzed call: generous for a loaded machine; a call that needs it has hung."""
 
-FUZZ = settings(
-    max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
-)
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
 Code = grpc.StatusCode
 MATCH_CODES = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED}
@@ -51,12 +48,44 @@ SEEN: dict[str, Counter] = defaultdict(Counter)
 
 NAMESPACES = ["fuzz-a", "fuzz-b"]
 ODD_TEXTS = [
-    "", " ", "\u3000\t\n", "\x00", "a\x00b", "\u202e\u2066evil\u2069 \u200f", "e" + "\u0301" * 60,
-    "🏦💳🧾" * 100, "\ufeff", "\U0010ffff\U000e0001", "\r\n\x0b\x0c", "𒐫" * 300, "ﷺ" * 10,
-    "x" * 2000, "x" * 2001, "é" * 2000, "🏦" * 2001, "I lost my debit card", "open a business account for my LLC",
+    "",
+    " ",
+    "\u3000\t\n",
+    "\x00",
+    "a\x00b",
+    "\u202e\u2066evil\u2069 \u200f",
+    "e" + "\u0301" * 60,
+    "🏦💳🧾" * 100,
+    "\ufeff",
+    "\U0010ffff\U000e0001",
+    "\r\n\x0b\x0c",
+    "𒐫" * 300,
+    "ﷺ" * 10,
+    "x" * 2000,
+    "x" * 2001,
+    "é" * 2000,
+    "🏦" * 2001,
+    "I lost my debit card",
+    "open a business account for my LLC",
 ]
-ODD_IDS = ["", " ", "cards", "personal-banking", "business-banking", "retail-bank", "x" * 256, "x" * 257, "x" * 5000,
-           "a/b/c", "../..", "%2F%00", "\x00", "🏦", "*", "\u202e"]
+ODD_IDS = [
+    "",
+    " ",
+    "cards",
+    "personal-banking",
+    "business-banking",
+    "retail-bank",
+    "x" * 256,
+    "x" * 257,
+    "x" * 5000,
+    "a/b/c",
+    "../..",
+    "%2F%00",
+    "\x00",
+    "🏦",
+    "*",
+    "\u202e",
+]
 
 texts = st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=60), st.sampled_from(ODD_TEXTS))
 ids = st.one_of(st.sampled_from(ODD_IDS), st.text(st.characters(exclude_categories=("Cs",)), max_size=24))
@@ -111,9 +140,14 @@ def mesh(example_mesh):
 async def stubs(mesh):
     """Plain channels (no retries, no service config), so every status is the server's own."""
     options = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
-    channels = {name: grpc.aio.insecure_channel(address, options=options)
-                for name, address in (("router", mesh.router.address), ("cards", mesh.bots["cards"].address),
-                                      ("store", mesh.store.address))}
+    channels = {
+        name: grpc.aio.insecure_channel(address, options=options)
+        for name, address in (
+            ("router", mesh.router.address),
+            ("cards", mesh.bots["cards"].address),
+            ("store", mesh.store.address),
+        )
+    }
     store = context_pb2_grpc.ContextStoreStub(channels["store"])
     for namespace in NAMESPACES:
         await store.RegisterNamespace(context_pb2.RegisterNamespaceRequest(namespace=namespace, ttl_seconds=3600), timeout=10)
@@ -146,19 +180,32 @@ async def call(name: str, rpc, request, allowed: set) -> Code:
 
 
 @settings(FUZZ, max_examples=60)
-@given(text=texts, bot_id=ids, group=st.one_of(st.just("retail-bank"), ids), max_candidates=st.one_of(st.integers(0, 101), uint32),
-       min_rating=enum32, include_asking_bot=st.booleans())
+@given(
+    text=texts,
+    bot_id=ids,
+    group=st.one_of(st.just("retail-bank"), ids),
+    max_candidates=st.one_of(st.integers(0, 101), uint32),
+    min_rating=enum32,
+    include_asking_bot=st.booleans(),
+)
 async def test_match(stubs, text, bot_id, group, max_candidates, min_rating, include_asking_bot):
-    request = router_pb2.MatchRequest(text=text, bot_id=bot_id, group=group, max_candidates=max_candidates,
-                                      min_rating=min_rating, include_asking_bot=include_asking_bot)
+    request = router_pb2.MatchRequest(
+        text=text,
+        bot_id=bot_id,
+        group=group,
+        max_candidates=max_candidates,
+        min_rating=min_rating,
+        include_asking_bot=include_asking_bot,
+    )
     await call("Match", stubs.router.Match, request, MATCH_CODES)
 
 
 @FUZZ
 @given(conversation_id=fresh_or_odd_ids, consumer_id=ids, text=texts, channel_metadata=metadata)
 async def test_respond(stubs, conversation_id, consumer_id, text, channel_metadata):
-    request = bot_pb2.RespondRequest(conversation_id=conversation_id, consumer_id=consumer_id, text=text,
-                                     channel_metadata=channel_metadata)
+    request = bot_pb2.RespondRequest(
+        conversation_id=conversation_id, consumer_id=consumer_id, text=text, channel_metadata=channel_metadata
+    )
     await call("Respond", stubs.bot.Respond, request, BOT_CODES)
 
 
@@ -169,11 +216,16 @@ TRANSFER_FIELDS = {
     "consumer_id": (st.just("consumer-1"), ids),
     "text": (st.sampled_from(["I lost my debit card", "my card got declined", "what's my balance"]), texts),
     "intent": (st.sampled_from(["lost_or_stolen_card", "card_declined", ""]), ids),
-    "sender": (st.just(common_pb2.BotRef(bot_id="personal-banking")),
-               st.builds(common_pb2.BotRef, bot_id=ids, instance_id=ids, address=st.one_of(st.just("127.0.0.1:1"), ids))),
+    "sender": (
+        st.just(common_pb2.BotRef(bot_id="personal-banking")),
+        st.builds(common_pb2.BotRef, bot_id=ids, instance_id=ids, address=st.one_of(st.just("127.0.0.1:1"), ids)),
+    ),
     "receiver_bot_id": (st.just("cards"), ids),
     "channel_metadata": (st.just({}), metadata),
-    "visited_bot_ids": (st.just(["personal-banking"]), st.one_of(st.lists(ids, max_size=5), st.just([f"bot-{i}" for i in range(5000)]))),
+    "visited_bot_ids": (
+        st.just(["personal-banking"]),
+        st.one_of(st.lists(ids, max_size=5), st.just([f"bot-{i}" for i in range(5000)])),
+    ),
     "hop_count": (st.integers(0, 1), uint32),
     "owner_version": (st.just(0), int64),
 }
@@ -226,9 +278,15 @@ async def test_set_then_get_list_delete(stubs, key, value, expected_version):
 
 CLAIM_FIELDS = {
     "conversation_id": (st.uuids().map(lambda u: u.hex), ids),
-    "ownership": (st.just(context_pb2.Ownership(owner=common_pb2.BotRef(bot_id="cards", instance_id="i1", address="127.0.0.1:1"))),
-                  st.builds(context_pb2.Ownership, owner=st.builds(common_pb2.BotRef, bot_id=ids, instance_id=ids, address=ids),
-                            transfer_id=ids, updated_at_unix_ms=int64)),
+    "ownership": (
+        st.just(context_pb2.Ownership(owner=common_pb2.BotRef(bot_id="cards", instance_id="i1", address="127.0.0.1:1"))),
+        st.builds(
+            context_pb2.Ownership,
+            owner=st.builds(common_pb2.BotRef, bot_id=ids, instance_id=ids, address=ids),
+            transfer_id=ids,
+            updated_at_unix_ms=int64,
+        ),
+    ),
     "expected_version": (st.just(0), int64),
 }
 
@@ -248,10 +306,18 @@ METHODS = {
     "/mbc.v1.Router/Match": ("router", router_pb2.MatchRequest, MATCH_CODES),
     "/mbc.v1.Bot/Respond": ("cards", bot_pb2.RespondRequest, BOT_CODES),
     "/mbc.v1.Bot/Transfer": ("cards", bot_pb2.TransferRequest, BOT_CODES),
-    **{f"/mbc.v1.ContextStore/{name}": ("store", getattr(context_pb2, request), STORE_CODES) for name, request in (
-        ("RegisterNamespace", "RegisterNamespaceRequest"), ("Get", "GetContextRequest"), ("Set", "SetContextRequest"),
-        ("Delete", "DeleteContextRequest"), ("List", "ListContextRequest"), ("GetOwner", "GetOwnerRequest"),
-        ("ClaimOwner", "ClaimOwnerRequest"))},
+    **{
+        f"/mbc.v1.ContextStore/{name}": ("store", getattr(context_pb2, request), STORE_CODES)
+        for name, request in (
+            ("RegisterNamespace", "RegisterNamespaceRequest"),
+            ("Get", "GetContextRequest"),
+            ("Set", "SetContextRequest"),
+            ("Delete", "DeleteContextRequest"),
+            ("List", "ListContextRequest"),
+            ("GetOwner", "GetOwnerRequest"),
+            ("ClaimOwner", "ClaimOwnerRequest"),
+        )
+    },
 }
 
 
@@ -304,23 +370,38 @@ async def test_value_nested_beyond_the_parsers_depth_limit_is_invalid_argument(s
 
 
 @settings(FUZZ, max_examples=150)
-@given(method=st.sampled_from(sorted(METHODS)), raw=st.one_of(st.binary(max_size=64), st.just(b"\xff" * 10), st.just(b"\x0a\xff\xff\xff\xff\x0f")))
+@given(
+    method=st.sampled_from(sorted(METHODS)),
+    raw=st.one_of(st.binary(max_size=64), st.just(b"\xff" * 10), st.just(b"\x0a\xff\xff\xff\xff\x0f")),
+)
 async def test_arbitrary_bytes(stubs, method, raw):
     await call(method, _raw_rpc(stubs, method), raw, METHODS[method][2])
 
 
-@pytest.mark.parametrize("method, request_of", [
-    ("/mbc.v1.Router/Match", lambda text: router_pb2.MatchRequest(text=text)),
-    ("/mbc.v1.Bot/Respond", lambda text: bot_pb2.RespondRequest(conversation_id=uuid.uuid4().hex, text=text)),
-    ("/mbc.v1.ContextStore/Set", lambda text: context_pb2.SetContextRequest(
-        key=context_pb2.ContextKey(namespace=NAMESPACES[0], scope=context_pb2.SCOPE_GLOBAL, key="big"),
-        value=struct_pb2.Value(string_value=text))),
-])
+@pytest.mark.parametrize(
+    "method, request_of",
+    [
+        ("/mbc.v1.Router/Match", lambda text: router_pb2.MatchRequest(text=text)),
+        ("/mbc.v1.Bot/Respond", lambda text: bot_pb2.RespondRequest(conversation_id=uuid.uuid4().hex, text=text)),
+        (
+            "/mbc.v1.ContextStore/Set",
+            lambda text: context_pb2.SetContextRequest(
+                key=context_pb2.ContextKey(namespace=NAMESPACES[0], scope=context_pb2.SCOPE_GLOBAL, key="big"),
+                value=struct_pb2.Value(string_value=text),
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("size", [4 * 2**20 - 64, 4 * 2**20 + 64, 16 * 2**20])
 async def test_messages_near_and_over_the_size_limit(stubs, method, request_of, size):
     """Just under the 4 MiB message limit: refused as too long; over it: RESOURCE_EXHAUSTED."""
     request = request_of("x" * size)
-    code = await call(method, getattr(_stub_of(stubs, method), method.rsplit("/", 1)[1]), request, {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED})
+    code = await call(
+        method,
+        getattr(_stub_of(stubs, method), method.rsplit("/", 1)[1]),
+        request,
+        {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED},
+    )
     assert code == (Code.INVALID_ARGUMENT if request.ByteSize() < 4 * 2**20 else Code.RESOURCE_EXHAUSTED)
 
 
@@ -337,12 +418,23 @@ async def test_hostile_registrations_leave_the_router_serving(mesh, stubs, etcd_
     ignored), one with hundreds of intents and hostile phrases and names (indexed)."""
     group = "fuzz-" + uuid.uuid4().hex[:6]
     thousands = participant_pb2.Participant(
-        bot_id="thousands", instance_id="i1", address="127.0.0.1:1", group=group, collaboration=True,
+        bot_id="thousands",
+        instance_id="i1",
+        address="127.0.0.1:1",
+        group=group,
+        collaboration=True,
         intents=[participant_pb2.Intent(name=f"intent_{i}", phrases=[f"please do chore number {i}"]) for i in range(3000)],
     )
     big = participant_pb2.Participant(
-        bot_id="big", instance_id="i1", address="127.0.0.1:1", group=group, collaboration=True,
-        intents=[participant_pb2.Intent(name=f"intent_{i}", phrases=[f"please do task number {i}", f"task {i} now"]) for i in range(300)],
+        bot_id="big",
+        instance_id="i1",
+        address="127.0.0.1:1",
+        group=group,
+        collaboration=True,
+        intents=[
+            participant_pb2.Intent(name=f"intent_{i}", phrases=[f"please do task number {i}", f"task {i} now"])
+            for i in range(300)
+        ],
     )
     big.intents.add(name="hostile", phrases=["", " ", "\x00", "🏦" * 3000, "z" * 100_000, "e\u0301" * 500])
     big.intents.add(name="", phrases=["an intent without a name"])
@@ -373,8 +465,9 @@ async def test_hostile_registrations_leave_the_router_serving(mesh, stubs, etcd_
             assert await top("I lost my debit card", "retail-bank") == "cards"
         _, seconds = await eventually(lambda: _equals(top("please do task number 123", group), "big"), timeout=180, interval=1.0)
         print(f"a participant with {len(big.intents)} intents indexed in {seconds:.0f}s")
-        r = await stubs.router.Match(router_pb2.MatchRequest(text="please do chore number 77", group=group, max_candidates=100),
-                                     timeout=CALL_SECONDS)
+        r = await stubs.router.Match(
+            router_pb2.MatchRequest(text="please do chore number 77", group=group, max_candidates=100), timeout=CALL_SECONDS
+        )
         assert {c.bot_id for c in r.candidates} == {"big"}, "only big is a valid participant of its group"
     finally:
         for key in writes:
@@ -413,16 +506,22 @@ async def test_corrupt_store_records_count_as_absent_and_are_replaced(mesh, stub
     await etcd_client.put(data + "good", _stored("kept"))
 
     def key(name: str) -> context_pb2.ContextKey:
-        return context_pb2.ContextKey(namespace=NAMESPACES[0], scope=context_pb2.SCOPE_CONVERSATION, scope_id=conversation, key=name)
+        return context_pb2.ContextKey(
+            namespace=NAMESPACES[0], scope=context_pb2.SCOPE_CONVERSATION, scope_id=conversation, key=name
+        )
 
     for name in corrupt:
         r = await stubs.store.Get(context_pb2.GetContextRequest(key=key(name)), timeout=10)
         assert not r.found, name
-    listing = await stubs.store.List(context_pb2.ListContextRequest(
-        namespace=NAMESPACES[0], scope=context_pb2.SCOPE_CONVERSATION, scope_id=conversation), timeout=10)
+    listing = await stubs.store.List(
+        context_pb2.ListContextRequest(namespace=NAMESPACES[0], scope=context_pb2.SCOPE_CONVERSATION, scope_id=conversation),
+        timeout=10,
+    )
     assert [(e.key, e.value.string_value) for e in listing.entries] == [("good", "kept")]
-    written = await stubs.store.Set(context_pb2.SetContextRequest(key=key("garbage"), value=struct_pb2.Value(string_value="new"),
-                                                                  expected_version=0), timeout=10)
+    written = await stubs.store.Set(
+        context_pb2.SetContextRequest(key=key("garbage"), value=struct_pb2.Value(string_value="new"), expected_version=0),
+        timeout=10,
+    )
     r = await stubs.store.Get(context_pb2.GetContextRequest(key=key("garbage")), timeout=10)
     assert r.found and r.value.string_value == "new" and r.version == written.version
 
@@ -430,12 +529,16 @@ async def test_corrupt_store_records_count_as_absent_and_are_replaced(mesh, stub
     broken = "fuzz-broken-" + uuid.uuid4().hex[:6]
     await etcd_client.put(f"/mbc/v1/context/namespaces/{broken}", b"\xff\xff")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stubs.store.Get(context_pb2.GetContextRequest(key=context_pb2.ContextKey(
-            namespace=broken, scope=context_pb2.SCOPE_GLOBAL, key="k")), timeout=10)
+        await stubs.store.Get(
+            context_pb2.GetContextRequest(key=context_pb2.ContextKey(namespace=broken, scope=context_pb2.SCOPE_GLOBAL, key="k")),
+            timeout=10,
+        )
     assert err.value.code() == Code.NOT_FOUND and "corrupt" in err.value.details()
     await stubs.store.RegisterNamespace(context_pb2.RegisterNamespaceRequest(namespace=broken, ttl_seconds=60), timeout=10)
-    await stubs.store.Get(context_pb2.GetContextRequest(key=context_pb2.ContextKey(
-        namespace=broken, scope=context_pb2.SCOPE_GLOBAL, key="k")), timeout=10)
+    await stubs.store.Get(
+        context_pb2.GetContextRequest(key=context_pb2.ContextKey(namespace=broken, scope=context_pb2.SCOPE_GLOBAL, key="k")),
+        timeout=10,
+    )
 
     # A corrupt owner record: the conversation has no owner, and its next message is answered.
     owned = uuid.uuid4().hex
@@ -466,7 +569,9 @@ async def test_every_server_still_serving_and_answering(mesh, stubs):
         assert health.status == health_pb2.HealthCheckResponse.SERVING, name
     r = await respond(mesh.bots["personal-banking"].address, "I lost my debit card")
     assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.owner.bot_id == "cards"
-    assert (await match(mesh.router.address, "what's my checking balance", group="retail-bank")).candidates[0].bot_id == "personal-banking"
+    assert (await match(mesh.router.address, "what's my checking balance", group="retail-bank")).candidates[
+        0
+    ].bot_id == "personal-banking"
     # The fuzzing (of the RPCs fuzzed in this run) reached both sides: answers and refusals.
     for rpc in ("Match", "Respond", "Transfer", "RegisterNamespace", "Set", "Get", "List", "Delete", "ClaimOwner", "GetOwner"):
         if SEEN[rpc]:

@@ -12,22 +12,31 @@ import grpc
 import pytest
 
 from discovery import EtcdClient, Registration
-from meshlib import match
 from mbc.runtime.config import RouterConfig, ServerConfig
 from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2
+from meshlib import match
 from router.server import RouterProcess
 
 pytestmark = pytest.mark.integration
 
-FAQ = ("opening_hours", ["what are your opening hours", "when are you open", "are you open on sunday",
-                         "what time do you close today"])
+FAQ = (
+    "opening_hours",
+    ["what are your opening hours", "when are you open", "are you open on sunday", "what time do you close today"],
+)
 BOTS = {
     # group: {bot: (intent, phrases)}
-    "alpha": {"faq": FAQ, "cards": ("lost_card", ["I lost my credit card", "my card was stolen", "freeze my card",
-                                                    "block my missing debit card"])},
-    "beta": {"faq": FAQ, "travel": ("book_flight", ["book a flight to Rome", "I need a plane ticket",
-                                                      "find me flights to Paris", "reserve a seat on a plane"])},
+    "alpha": {
+        "faq": FAQ,
+        "cards": ("lost_card", ["I lost my credit card", "my card was stolen", "freeze my card", "block my missing debit card"]),
+    },
+    "beta": {
+        "faq": FAQ,
+        "travel": (
+            "book_flight",
+            ["book a flight to Rome", "I need a plane ticket", "find me flights to Paris", "reserve a seat on a plane"],
+        ),
+    },
 }
 
 
@@ -45,14 +54,22 @@ async def router(own_etcd, encoder, tmp_path_factory):
     for group, bots in BOTS.items():
         for bot, (intent, phrases) in bots.items():
             participant = participant_pb2.Participant(
-                bot_id=bot, instance_id=f"{group}-{bot}-1", address=_address(group, bot), group=group, collaboration=True,
-                display_name=f"{bot} of {group}", intents=[participant_pb2.Intent(name=intent, phrases=phrases)],
+                bot_id=bot,
+                instance_id=f"{group}-{bot}-1",
+                address=_address(group, bot),
+                group=group,
+                collaboration=True,
+                display_name=f"{bot} of {group}",
+                intents=[participant_pb2.Intent(name=intent, phrases=phrases)],
             )
             registrations.append(Registration(client, participant, ttl=5))
     for registration in registrations:
         await registration.start()
-    config = RouterConfig(etcd_endpoints=(own_etcd.endpoint,), server=ServerConfig(port=0),
-                          embedding_cache_dir=str(tmp_path_factory.mktemp("embeddings")))
+    config = RouterConfig(
+        etcd_endpoints=(own_etcd.endpoint,),
+        server=ServerConfig(port=0),
+        embedding_cache_dir=str(tmp_path_factory.mktemp("embeddings")),
+    )
     process = RouterProcess(config, encoder=encoder)
     process.encoder = types.SimpleNamespace(close=lambda: None)  # stop() closes it: the session's encoder is shared
     await process.start()

@@ -174,8 +174,8 @@ def test_ivf_answers_while_participants_are_replaced(ivf_and_exact):
         for start in range(25_000, 27_000, 100):
             ids = np.arange(start, start + 100)
             ivf.remove(ids)
-            ivf.add(ids, vectors[start:start + 100])
-            _, found = ivf.search(vectors[start:start + 1], 1)
+            ivf.add(ids, vectors[start : start + 100])
+            _, found = ivf.search(vectors[start : start + 1], 1)
             assert found[0, 0] == start  # visible as soon as add returns
     finally:
         stop.set()
@@ -187,15 +187,49 @@ def test_bench_index_smoke_writes_every_figure(tmp_path):
     _require_clinc()
     out = tmp_path / "bench.json"
     subprocess.run(
-        [sys.executable, "-m", "mbc", "bench", "index", "--vectors", "3000", "--queries", "40", "--swaps", "2",
-         "--restart-phrases", "500", "--domains", "1", "--backend", "torch",
-         "--embedding-cache", str(tmp_path / "cache"), "--json", str(out)],
-        check=True, timeout=600, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "mbc",
+            "bench",
+            "index",
+            "--vectors",
+            "3000",
+            "--queries",
+            "40",
+            "--swaps",
+            "2",
+            "--restart-phrases",
+            "500",
+            "--domains",
+            "1",
+            "--backend",
+            "torch",
+            "--embedding-cache",
+            str(tmp_path / "cache"),
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=600,
+        capture_output=True,
     )
     result = json.loads(out.read_text())
-    for key in ("vectors", "index_type", "build_seconds", "rss_mb", "search_p50_ms", "search_p99_ms", "top1_agreement",
-                "swap_search_p99_ms", "swap_visible_ms", "restart_ready_seconds", "router_swap_visible_ms", "router_rss_mb",
-                "load_average"):
+    for key in (
+        "vectors",
+        "index_type",
+        "build_seconds",
+        "rss_mb",
+        "search_p50_ms",
+        "search_p99_ms",
+        "top1_agreement",
+        "swap_search_p99_ms",
+        "swap_visible_ms",
+        "restart_ready_seconds",
+        "router_swap_visible_ms",
+        "router_rss_mb",
+        "load_average",
+    ):
         assert result[key] is not None, key
     assert result["vectors"] == 3000 and result["index_type"] == "exact"
     assert result["top1_agreement"] == 1.0  # exact search agrees with itself

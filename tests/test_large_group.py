@@ -10,9 +10,9 @@ import uuid
 import pytest
 import yaml
 
-from meshlib import LEASE_TTL, TEST_BOTS, match, respond, start_example_mesh
 from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2
+from meshlib import LEASE_TTL, TEST_BOTS, match, respond, start_example_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,9 @@ async def mesh(own_etcd, tmp_path_factory):
 
 
 async def test_transfers_work_in_a_large_group(mesh):
-    r = await respond(mesh.bots["personal-banking"].address, "How do I open a business checking account for my LLC?", uuid.uuid4().hex)
+    r = await respond(
+        mesh.bots["personal-banking"].address, "How do I open a business checking account for my LLC?", uuid.uuid4().hex
+    )
     assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.owner.bot_id == "business-banking"
     r = await respond(mesh.bots["cards"].address, "which pizza place delivers the fastest tonight?", uuid.uuid4().hex)
     assert r.outcome == bot_pb2.OUTCOME_FALLBACK and r.owner.bot_id == "cards"
@@ -48,10 +50,19 @@ async def test_a_bot_joining_changing_and_leaving_reaches_match(mesh, tmp_path):
     # travel registers again with an intent swapped for another: the new one is matched, the old one gone.
     definition = yaml.safe_load((TEST_BOTS / "travel.yaml").read_text())
     definition["intents"] = [i for i in definition["intents"] if i["name"] != "travel_notice"] + [
-        {"name": "lounge_access", "phrases": ["can I use the airport lounge", "lounge access with my card",
-                                              "which airport lounges can I enter", "get me into the lounge"]}]
+        {
+            "name": "lounge_access",
+            "phrases": [
+                "can I use the airport lounge",
+                "lounge access with my card",
+                "which airport lounges can I enter",
+                "get me into the lounge",
+            ],
+        }
+    ]
     definition["dialogs"] = [d for d in definition["dialogs"] if d["intent"] != "travel_notice"] + [
-        {"intent": "lounge_access", "responses": ["Your card gives you access to 1,200 lounges."]}]
+        {"intent": "lounge_access", "responses": ["Your card gives you access to 1,200 lounges."]}
+    ]
     changed = tmp_path / "travel.yaml"
     changed.write_text(yaml.safe_dump(definition))
     travel.terminate()

@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 
 from mbc.bench.loadgen import run_paced
-from mbc.runtime.encoder import Encoder
 from mbc.runtime.config import EncoderConfig
+from mbc.runtime.encoder import Encoder
+from mbc.testing.mesh import eventually
 from mbc.testing.processes import ComponentProcess
 from mbc.v1 import bot_pb2, bot_pb2_grpc, router_pb2, router_pb2_grpc
-
 from meshlib import match
-from mbc.testing.mesh import eventually
 from probes import health, rss_kib
 
 pytestmark = pytest.mark.integration
@@ -50,8 +49,13 @@ spike queued calls) and the bots and the store by less than 1 MiB. A leak of the
 request or response per call (~10 KiB and more) passes 8 MiB within the window."""
 OVERLOAD_LIMIT = 4
 
-RESPOND_TEXTS = ["I lost my debit card", "my card got declined at the store", "How do I open a business account for my LLC?",
-                 "what's the balance on my checking account?", "which pizza place delivers the fastest tonight?"]
+RESPOND_TEXTS = [
+    "I lost my debit card",
+    "my card got declined at the store",
+    "How do I open a business account for my LLC?",
+    "what's the balance on my checking account?",
+    "which pizza place delivers the fastest tonight?",
+]
 
 
 def utterance(i: int) -> str:
@@ -72,8 +76,12 @@ async def routers(mesh):
     `overload` admitting OVERLOAD_LIMIT calls at once."""
     started = {
         "load": ComponentProcess("router-load", ["router", "--etcd", mesh.etcd, "--query-cache", str(QUERY_CACHE)], mesh.workdir),
-        "overload": ComponentProcess("router-overload", ["router", "--etcd", mesh.etcd], mesh.workdir,
-                                     env={"MBC_ROUTER__SERVER__MAX_CONCURRENT_RPCS": str(OVERLOAD_LIMIT)}),
+        "overload": ComponentProcess(
+            "router-overload",
+            ["router", "--etcd", mesh.etcd],
+            mesh.workdir,
+            env={"MBC_ROUTER__SERVER__MAX_CONCURRENT_RPCS": str(OVERLOAD_LIMIT)},
+        ),
     }
     try:
         await asyncio.gather(*(r.wait_serving() for r in started.values()))
@@ -91,12 +99,18 @@ async def routers(mesh):
 
 
 async def test_sustained_load_has_no_errors_and_memory_stops_growing(mesh, routers):
-    watched = {"router": routers["load"], "cards": mesh.bots["cards"], "business-banking": mesh.bots["business-banking"],
-               "store": mesh.store}
+    watched = {
+        "router": routers["load"],
+        "cards": mesh.bots["cards"],
+        "business-banking": mesh.bots["business-banking"],
+        "store": mesh.store,
+    }
     samples: list[tuple[float, dict[str, int]]] = []
     total = WARMUP_SECONDS + MEASURED_SECONDS
-    async with grpc.aio.insecure_channel(routers["load"].address) as router_channel, \
-            grpc.aio.insecure_channel(mesh.bots["cards"].address) as bot_channel:
+    async with (
+        grpc.aio.insecure_channel(routers["load"].address) as router_channel,
+        grpc.aio.insecure_channel(mesh.bots["cards"].address) as bot_channel,
+    ):
         router = router_pb2_grpc.RouterStub(router_channel)
         bot = bot_pb2_grpc.BotStub(bot_channel)
 
@@ -114,12 +128,15 @@ async def test_sustained_load_has_no_errors_and_memory_stops_growing(mesh, route
                 await asyncio.sleep(SAMPLE_SECONDS)
 
         matches, responds, _ = await asyncio.gather(
-            run_paced("Match", match_call, MATCH_RATE, total), run_paced("Respond", respond_call, RESPOND_RATE, total),
+            run_paced("Match", match_call, MATCH_RATE, total),
+            run_paced("Respond", respond_call, RESPOND_RATE, total),
             sample_memory(),
         )
     for phase in (matches, responds):
-        print(f"{phase['phase']}: {phase['requests']} calls in {phase['seconds']:.0f}s, statuses {phase['statuses']}, "
-              f"p50 {phase['p50_ms']} ms, p99 {phase['p99_ms']} ms, max {phase['max_ms']} ms")
+        print(
+            f"{phase['phase']}: {phase['requests']} calls in {phase['seconds']:.0f}s, statuses {phase['statuses']}, "
+            f"p50 {phase['p50_ms']} ms, p99 {phase['p99_ms']} ms, max {phase['max_ms']} ms"
+        )
     print("t(s)  " + "  ".join(f"{name:>17}" for name in watched) + "   (RSS, MiB)")
     for t, rss in samples:
         print(f"{t:5.0f} " + "  ".join(f"{rss[name] / 1024:17.1f}" for name in watched))
@@ -132,8 +149,10 @@ async def test_sustained_load_has_no_errors_and_memory_stops_growing(mesh, route
         around_middle = [rss[name] for t, rss in samples if abs(t - middle) <= SAMPLE_SECONDS * 1.5]
         at_end = [rss[name] for t, rss in samples[-3:]]
         growth = statistics.median(at_end) - statistics.median(around_middle)
-        print(f"{name}: RSS growth over the last {MEASURED_SECONDS / 2:.0f}s: {growth / 1024:+.1f} MiB "
-              f"(bound {GROWTH_BOUND_KIB / 1024:.0f} MiB)")
+        print(
+            f"{name}: RSS growth over the last {MEASURED_SECONDS / 2:.0f}s: {growth / 1024:+.1f} MiB "
+            f"(bound {GROWTH_BOUND_KIB / 1024:.0f} MiB)"
+        )
         assert growth <= GROWTH_BOUND_KIB, f"{name} kept growing: {growth / 1024:+.1f} MiB over the last half"
 
 
@@ -188,10 +207,12 @@ async def test_overload_gets_resource_exhausted_quickly_and_admitted_calls_keep_
         baseline = await _closed_loop(stub, [utterance(10_000 + i) for i in range(80)], OVERLOAD_LIMIT)
         flood = await _closed_loop(stub, [utterance(20_000 + i) for i in range(100_000)], 48, enough_admitted=40)
         after = await _closed_loop(stub, [utterance(30_000 + i) for i in range(40)], OVERLOAD_LIMIT)
-    print(f"overload (limit {OVERLOAD_LIMIT}): baseline at {OVERLOAD_LIMIT} callers p50 {_p50_ms(baseline['OK']):.1f} ms "
-          f"({len(baseline['OK'])} OK); flood by 48 callers: {len(flood['OK'])} admitted, p50 {_p50_ms(flood['OK']):.1f} ms; "
-          f"{len(flood['RESOURCE_EXHAUSTED'])} RESOURCE_EXHAUSTED, p50 {_p50_ms(flood['RESOURCE_EXHAUSTED']):.1f} ms; "
-          f"after: p50 {_p50_ms(after['OK']):.1f} ms ({len(after['OK'])} OK); message {flood['details'][:1]}")
+    print(
+        f"overload (limit {OVERLOAD_LIMIT}): baseline at {OVERLOAD_LIMIT} callers p50 {_p50_ms(baseline['OK']):.1f} ms "
+        f"({len(baseline['OK'])} OK); flood by 48 callers: {len(flood['OK'])} admitted, p50 {_p50_ms(flood['OK']):.1f} ms; "
+        f"{len(flood['RESOURCE_EXHAUSTED'])} RESOURCE_EXHAUSTED, p50 {_p50_ms(flood['RESOURCE_EXHAUSTED']):.1f} ms; "
+        f"after: p50 {_p50_ms(after['OK']):.1f} ms ({len(after['OK'])} OK); message {flood['details'][:1]}"
+    )
     assert set(baseline) == {"OK"} and set(after) == {"OK"}, "below the limit every call is admitted"
     assert set(flood) == {"OK", "RESOURCE_EXHAUSTED", "details"}, set(flood)
     # The excess is refused before any work: much faster than an admitted call.

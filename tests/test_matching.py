@@ -38,8 +38,11 @@ def test_asking_bot_is_left_out(catalog, encoder):
 def test_ratings_follow_thresholds():
     t = RatingThresholds(very_good=0.9, good=0.7, fair_plus=0.6, fair=0.5)
     assert [t.rate(s) for s in (0.95, 0.7, 0.65, 0.5, 0.1)] == [
-        common_pb2.RATING_VERY_GOOD, common_pb2.RATING_GOOD, common_pb2.RATING_FAIR_PLUS,
-        common_pb2.RATING_FAIR, common_pb2.RATING_POOR,
+        common_pb2.RATING_VERY_GOOD,
+        common_pb2.RATING_GOOD,
+        common_pb2.RATING_FAIR_PLUS,
+        common_pb2.RATING_FAIR,
+        common_pb2.RATING_POOR,
     ]
     with pytest.raises(ValueError):
         RatingThresholds(very_good=0.5, good=0.7)

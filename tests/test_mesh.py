@@ -9,10 +9,9 @@ import grpc
 import pytest
 
 from mbc.client.gateway import Conversation
-from mbc.v1 import bot_pb2, common_pb2
-
-from meshlib import LEASE_TTL, TEST_BOTS, match, respond, transfer
 from mbc.testing.mesh import eventually
+from mbc.v1 import bot_pb2, common_pb2
+from meshlib import LEASE_TTL, TEST_BOTS, match, respond, transfer
 
 pytestmark = pytest.mark.integration
 
@@ -97,17 +96,43 @@ async def test_retried_transfer_is_applied_once(mesh):
     [
         (lambda m: respond(m.bots["cards"].address, "   "), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
         (lambda m: respond(m.bots["cards"].address, "x" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 2000"),
-        (lambda m: respond(m.bots["cards"].address, "hi", conversation_id=" "), grpc.StatusCode.INVALID_ARGUMENT, "conversation_id"),
-        (lambda m: transfer(m.bots["cards"].address, receiver_bot_id="travel", text="hi"), grpc.StatusCode.FAILED_PRECONDITION, "not 'travel'"),
-        (lambda m: transfer(m.bots["cards"].address, receiver_bot_id="cards", text="hi", transfer_id=""), grpc.StatusCode.INVALID_ARGUMENT, "transfer_id"),
+        (
+            lambda m: respond(m.bots["cards"].address, "hi", conversation_id=" "),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "conversation_id",
+        ),
+        (
+            lambda m: transfer(m.bots["cards"].address, receiver_bot_id="travel", text="hi"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "not 'travel'",
+        ),
+        (
+            lambda m: transfer(m.bots["cards"].address, receiver_bot_id="cards", text="hi", transfer_id=""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "transfer_id",
+        ),
         (lambda m: match(m.router.address, ""), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
         (lambda m: match(m.router.address, "y" * 3000), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 2000"),
         (lambda m: match(m.router.address, "hello", bot_id="no-such-bot"), grpc.StatusCode.NOT_FOUND, "no-such-bot"),
-        (lambda m: match(m.router.address, "hello", bot_id="cards", group="other"), grpc.StatusCode.INVALID_ARGUMENT, "retail-bank"),
+        (
+            lambda m: match(m.router.address, "hello", bot_id="cards", group="other"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "retail-bank",
+        ),
         (lambda m: match(m.router.address, "hello", max_candidates=1000), grpc.StatusCode.INVALID_ARGUMENT, "max_candidates"),
     ],
-    ids=["empty-text", "oversized-text", "no-conversation", "wrong-receiver", "no-transfer-id",
-         "match-empty", "match-oversized", "match-unknown-bot", "match-wrong-group", "match-too-many"],
+    ids=[
+        "empty-text",
+        "oversized-text",
+        "no-conversation",
+        "wrong-receiver",
+        "no-transfer-id",
+        "match-empty",
+        "match-oversized",
+        "match-unknown-bot",
+        "match-wrong-group",
+        "match-too-many",
+    ],
 )
 async def test_bad_input_gets_a_clear_status_and_servers_keep_serving(mesh, call, code, words):
     with pytest.raises(grpc.aio.AioRpcError) as err:

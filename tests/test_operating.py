@@ -13,13 +13,12 @@ import uuid
 import grpc
 import pytest
 
-from mbc.runtime import tracing
 from mbc.client.gateway import Conversation
+from mbc.runtime import tracing
 from mbc.runtime.metrics import sample_value, scrape_text
-from mbc.v1 import bot_pb2, bot_pb2_grpc
-
-from meshlib import ROOT, transfer
 from mbc.testing.mesh import eventually
+from mbc.v1 import bot_pb2, bot_pb2_grpc
+from meshlib import ROOT, transfer
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +48,15 @@ def log_events(component) -> list[dict]:
 
 
 def run_mbc(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mbc", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "mbc", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 async def test_metrics_move_with_a_conversation(mesh):
@@ -67,8 +73,12 @@ async def test_metrics_move_with_a_conversation(mesh):
     assert fallback.outcome == bot_pb2.OUTCOME_FALLBACK
     # The loop guard refuses a message that already visited the receiver.
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await transfer(business.address, receiver_bot_id="business-banking", text="open a business account",
-                       visited_bot_ids=["personal-banking", "business-banking"])
+        await transfer(
+            business.address,
+            receiver_bot_id="business-banking",
+            text="open a business account",
+            visited_bot_ids=["personal-banking", "business-banking"],
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     after = {name: await scrape(c) for name, c in components.items()}
@@ -81,8 +91,12 @@ async def test_metrics_move_with_a_conversation(mesh):
     assert delta("personal", "grpc_server_handling_seconds_count", grpc_service=BOT_RPC, grpc_method="Respond") == 2
     assert delta("business", "grpc_server_handled_total", grpc_service=BOT_RPC, grpc_method="Respond", grpc_code="OK") == 1
     assert delta("business", "grpc_server_handled_total", grpc_service=BOT_RPC, grpc_method="Transfer", grpc_code="OK") == 1
-    assert delta("business", "grpc_server_handled_total", grpc_service=BOT_RPC, grpc_method="Transfer",
-                 grpc_code="FAILED_PRECONDITION") == 1
+    assert (
+        delta(
+            "business", "grpc_server_handled_total", grpc_service=BOT_RPC, grpc_method="Transfer", grpc_code="FAILED_PRECONDITION"
+        )
+        == 1
+    )
     # Transfers by outcome, on the sending side and at the loop guard.
     assert delta("personal", "mbc_bot_transfers_total", outcome="sent") == 1
     assert delta("personal", "mbc_bot_transfers_total", outcome="taken") == 1
@@ -94,8 +108,11 @@ async def test_metrics_move_with_a_conversation(mesh):
     # The router: one Match per consumer message, by decision and rating; participants and index size.
     assert delta("router", "grpc_server_handled_total", grpc_service="mbc.v1.Router", grpc_method="Match", grpc_code="OK") >= 3
     assert delta("router", "mbc_router_matches_total", decision="ACT") >= 2
-    assert delta("router", "mbc_router_matches_total", decision="ACT", rating="VERY_GOOD") + \
-        delta("router", "mbc_router_matches_total", decision="ACT", rating="GOOD") >= 2
+    assert (
+        delta("router", "mbc_router_matches_total", decision="ACT", rating="VERY_GOOD")
+        + delta("router", "mbc_router_matches_total", decision="ACT", rating="GOOD")
+        >= 2
+    )
     assert delta("router", "mbc_router_matches_total", decision="NONE") >= 1
     assert sample_value(after["router"], "mbc_router_participants", {"group": "retail-bank"}) >= 3
     assert sample_value(after["router"], "mbc_router_bots", {"group": "retail-bank"}) >= 3
@@ -107,8 +124,14 @@ async def test_metrics_move_with_a_conversation(mesh):
     assert delta("router", "mbc_encoder_batch_seconds_count", stage="post") >= 1
     assert delta("router", "mbc_encoder_batch_seconds_sum", stage="post") > 0
     # The store: the conversation's owner read and claimed through it.
-    assert delta("store", "grpc_server_handled_total", grpc_service="mbc.v1.ContextStore", grpc_method="ClaimOwner", grpc_code="OK") >= 2
-    assert delta("store", "grpc_server_handled_total", grpc_service="mbc.v1.ContextStore", grpc_method="GetOwner", grpc_code="OK") >= 3
+    assert (
+        delta("store", "grpc_server_handled_total", grpc_service="mbc.v1.ContextStore", grpc_method="ClaimOwner", grpc_code="OK")
+        >= 2
+    )
+    assert (
+        delta("store", "grpc_server_handled_total", grpc_service="mbc.v1.ContextStore", grpc_method="GetOwner", grpc_code="OK")
+        >= 3
+    )
 
 
 async def test_one_trace_id_follows_a_transfer_through_the_logs(mesh):
@@ -150,12 +173,16 @@ async def test_a_callers_trace_id_is_kept(mesh, header):
     async with grpc.aio.insecure_channel(mesh.bots["cards"].address) as channel:
         r = await bot_pb2_grpc.BotStub(channel).Respond(
             bot_pb2.RespondRequest(conversation_id=conversation, text="I want to open a business account for my company"),
-            metadata=[(header, value)], timeout=10)
+            metadata=[(header, value)],
+            timeout=10,
+        )
     assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED
 
     async def found():
-        return all(any(e.get("trace_id") == trace_id for e in log_events(c))
-                   for c in (mesh.bots["cards"], mesh.router, mesh.bots["business-banking"]))
+        return all(
+            any(e.get("trace_id") == trace_id for e in log_events(c))
+            for c in (mesh.bots["cards"], mesh.router, mesh.bots["business-banking"])
+        )
 
     await eventually(found, timeout=5)
 
@@ -178,15 +205,21 @@ async def test_participants_shows_bots_instances_health_and_intents(mesh):
 
 
 async def test_chat_in_the_terminal_shows_who_answers_and_every_transfer(mesh):
-    lines = "\n".join([
-        "what's the balance on my checking account?",
-        "How do I open a business checking account for my LLC?",
-        "which pizza place delivers the fastest tonight?",
-        "/quit",
-        "this line is never sent",
-    ]) + "\n"
+    lines = (
+        "\n".join(
+            [
+                "what's the balance on my checking account?",
+                "How do I open a business checking account for my LLC?",
+                "which pizza place delivers the fastest tonight?",
+                "/quit",
+                "this line is never sent",
+            ]
+        )
+        + "\n"
+    )
     result = await asyncio.to_thread(
-        run_mbc, "chat", "--entry", mesh.bots["personal-banking"].address, "--store", mesh.store.address, stdin=lines)
+        run_mbc, "chat", "--entry", mesh.bots["personal-banking"].address, "--store", mesh.store.address, stdin=lines
+    )
     out = result.stdout
     assert result.returncode == 0, result.stderr
     assert "you > what's the balance on my checking account?" in out

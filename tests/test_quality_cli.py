@@ -15,22 +15,70 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DOMAINS = {
     "banking": {
-        "balance": ["what's my balance", "how much money do I have", "show my account balance", "balance in checking",
-                    "tell me my savings balance", "how much is in my account", "current balance please", "check my balance"],
-        "transfer": ["move money to savings", "transfer 50 dollars to john", "send money to my other account",
-                     "make a transfer", "wire money to my landlord", "transfer funds between accounts", "pay my friend 20", "move cash to checking"],
+        "balance": [
+            "what's my balance",
+            "how much money do I have",
+            "show my account balance",
+            "balance in checking",
+            "tell me my savings balance",
+            "how much is in my account",
+            "current balance please",
+            "check my balance",
+        ],
+        "transfer": [
+            "move money to savings",
+            "transfer 50 dollars to john",
+            "send money to my other account",
+            "make a transfer",
+            "wire money to my landlord",
+            "transfer funds between accounts",
+            "pay my friend 20",
+            "move cash to checking",
+        ],
     },
     "travel": {
-        "book_flight": ["book a flight to rome", "I need a plane ticket", "find flights to paris", "reserve a seat on a plane",
-                        "fly me to tokyo next week", "cheapest flight to london", "book an airplane ticket", "flights to new york"],
-        "book_hotel": ["book a hotel room", "I need a place to stay in berlin", "reserve a hotel for two nights", "find a hotel near the airport",
-                       "hotel in madrid please", "book accommodation in lisbon", "get me a room downtown", "find lodging for the weekend"],
+        "book_flight": [
+            "book a flight to rome",
+            "I need a plane ticket",
+            "find flights to paris",
+            "reserve a seat on a plane",
+            "fly me to tokyo next week",
+            "cheapest flight to london",
+            "book an airplane ticket",
+            "flights to new york",
+        ],
+        "book_hotel": [
+            "book a hotel room",
+            "I need a place to stay in berlin",
+            "reserve a hotel for two nights",
+            "find a hotel near the airport",
+            "hotel in madrid please",
+            "book accommodation in lisbon",
+            "get me a room downtown",
+            "find lodging for the weekend",
+        ],
     },
     "kitchen": {
-        "recipe": ["how do I make pancakes", "recipe for lasagna", "how to cook risotto", "give me a soup recipe",
-                   "how do you bake bread", "what's a good chili recipe", "steps to make pizza dough", "how to roast a chicken"],
-        "calories": ["how many calories in an apple", "calories in a banana", "is pizza high in calories", "calorie count of rice",
-                     "how fattening is cheese", "calories in a glass of milk", "how many calories does bread have", "energy in an egg"],
+        "recipe": [
+            "how do I make pancakes",
+            "recipe for lasagna",
+            "how to cook risotto",
+            "give me a soup recipe",
+            "how do you bake bread",
+            "what's a good chili recipe",
+            "steps to make pizza dough",
+            "how to roast a chicken",
+        ],
+        "calories": [
+            "how many calories in an apple",
+            "calories in a banana",
+            "is pizza high in calories",
+            "calorie count of rice",
+            "how fattening is cheese",
+            "calories in a glass of milk",
+            "how many calories does bread have",
+            "energy in an egg",
+        ],
     },
 }
 VAL = {
@@ -41,17 +89,33 @@ VAL = {
     "recipe": ["how do I make a cake", "recipe for tomato sauce"],
     "calories": ["how many calories in a pear", "calories in pasta"],
 }
-OOS = ["what's the weather tomorrow", "tell me a joke", "who won the game", "play some music", "what time is it",
-       "how tall is everest", "set an alarm for 7", "what's your name", "translate hello to french", "fix my laptop"]
+OOS = [
+    "what's the weather tomorrow",
+    "tell me a joke",
+    "who won the game",
+    "play some music",
+    "what time is it",
+    "how tall is everest",
+    "set an alarm for 7",
+    "what's your name",
+    "translate hello to french",
+    "fix my laptop",
+]
 
 
 def _data(tmp_path: Path) -> Path:
     train = [[t, i] for d in DOMAINS.values() for i, ts in d.items() for t in ts]
     val = [[t, i] for i, ts in VAL.items() for t in ts]
     oos = [[t, "oos"] for t in OOS]
-    data = {"train": train, "val": val, "oos_train": oos[:5], "oos_val": oos[5:],
-            # The full file also has test and oos_test: here a copy of val, to exercise --split test.
-            "test": val, "oos_test": oos[5:]}
+    data = {
+        "train": train,
+        "val": val,
+        "oos_train": oos[:5],
+        "oos_val": oos[5:],
+        # The full file also has test and oos_test: here a copy of val, to exercise --split test.
+        "test": val,
+        "oos_test": oos[5:],
+    }
     path = tmp_path / "clinc_small.json"
     path.write_text(json.dumps(data))
     (tmp_path / "domains.json").write_text(json.dumps({d: list(i) for d, i in DOMAINS.items()}))
@@ -69,8 +133,17 @@ def test_eval_clinc150_slice(tmp_path):
     run = _mbc("eval", "clinc150", "--data", str(data), "--split", "test", "--sample", "8", "--limit", "14", "--json", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
-    for key in ("split", "n_in_scope", "n_oos", "in_scope_accuracy", "oos_recall", "bot_accuracy",
-                "end_to_end_accuracy", "disambiguation_rate", "seconds"):
+    for key in (
+        "split",
+        "n_in_scope",
+        "n_oos",
+        "in_scope_accuracy",
+        "oos_recall",
+        "bot_accuracy",
+        "end_to_end_accuracy",
+        "disambiguation_rate",
+        "seconds",
+    ):
         assert key in figures
     assert figures["split"] == "test" and not figures["in_sample_calibration"]
     assert figures["n_in_scope"] + figures["n_oos"] == 14
@@ -98,12 +171,22 @@ def test_eval_data_may_be_the_directory_and_a_bad_file_is_a_clear_error(tmp_path
 
 
 def test_overlap_lists_colliding_intents(tmp_path):
-    a = {"id": "cards", "group": "g", "collaboration": True, "fallback": "no",
-         "intents": [{"name": "travel_note", "phrases": ["set a travel notice on my card", "lock my card"]}],
-         "dialogs": [{"intent": "travel_note", "responses": ["ok"]}]}
-    b = {"id": "travel", "group": "g", "collaboration": True, "fallback": "no",
-         "intents": [{"name": "travel_notice", "phrases": ["set a travel notice", "book a flight"]}],
-         "dialogs": [{"intent": "travel_notice", "responses": ["ok"]}]}
+    a = {
+        "id": "cards",
+        "group": "g",
+        "collaboration": True,
+        "fallback": "no",
+        "intents": [{"name": "travel_note", "phrases": ["set a travel notice on my card", "lock my card"]}],
+        "dialogs": [{"intent": "travel_note", "responses": ["ok"]}],
+    }
+    b = {
+        "id": "travel",
+        "group": "g",
+        "collaboration": True,
+        "fallback": "no",
+        "intents": [{"name": "travel_notice", "phrases": ["set a travel notice", "book a flight"]}],
+        "dialogs": [{"intent": "travel_notice", "responses": ["ok"]}],
+    }
     paths = []
     for d in (a, b):
         p = tmp_path / f"{d['id']}.yaml"

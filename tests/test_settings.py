@@ -43,18 +43,25 @@ def config_file(tmp_path):
 
 
 def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
-    path = config_file("router:\n  server: {port: 6000, metrics_port: 9400}\n  encoder: {backend: onnx}\n"
-                       "  etcd_endpoints: [10.0.0.1:2379]\n")
+    path = config_file(
+        "router:\n  server: {port: 6000, metrics_port: 9400}\n  encoder: {backend: onnx}\n  etcd_endpoints: [10.0.0.1:2379]\n"
+    )
     c = effective(["router"], monkeypatch=monkeypatch)
     assert (c.server.port, c.server.metrics_port, c.encoder.backend) == (50051, 0, "torch")  # the flags' defaults
     c = effective(["router", "--config", path], monkeypatch=monkeypatch)
     assert (c.server.port, c.server.metrics_port, c.encoder.backend, c.etcd_endpoints) == (6000, 9400, "onnx", ("10.0.0.1:2379",))
     # Variables beat the file; flags beat both, even when given with their default value.
-    c = effective(["router", "--config", path, "--port", "50051", "--encoder-backend", "torch"],
-                  {"MBC_ROUTER__SERVER__METRICS_PORT": "9500", "MBC_ROUTER__SERVER__PORT": "7000"}, monkeypatch)
+    c = effective(
+        ["router", "--config", path, "--port", "50051", "--encoder-backend", "torch"],
+        {"MBC_ROUTER__SERVER__METRICS_PORT": "9500", "MBC_ROUTER__SERVER__PORT": "7000"},
+        monkeypatch,
+    )
     assert (c.server.port, c.server.metrics_port, c.encoder.backend) == (50051, 9500, "torch")
-    c = effective(["bot", "cards.yaml", "--etcd", "a:1,b:2"],
-                  {"MBC_BOT__ETCD_ENDPOINTS": "c:3", "MBC_BOT__SERVER__OTEL": "on", "MBC_BOT__MAX_HOPS": "2"}, monkeypatch)
+    c = effective(
+        ["bot", "cards.yaml", "--etcd", "a:1,b:2"],
+        {"MBC_BOT__ETCD_ENDPOINTS": "c:3", "MBC_BOT__SERVER__OTEL": "on", "MBC_BOT__MAX_HOPS": "2"},
+        monkeypatch,
+    )
     assert (c.etcd_endpoints, c.server.otel, c.max_hops, c.definition_path) == (("a:1", "b:2"), True, 2, "cards.yaml")
     c = effective(["store"], {"MBC_STORE__LIMITS__MAX_VALUE_BYTES": "1000"}, monkeypatch)
     assert (c.limits.max_value_bytes, c.server.port) == (1000, 50052)
@@ -63,19 +70,49 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
 @pytest.mark.parametrize(
     "argv, env, file, words",
     [
-        (["router"], {"MBC_ROUTER__SERVER__PROT": "1"}, None, "unknown setting MBC_ROUTER__SERVER__PROT (router.server.prot) (did you mean 'port'?)"),
-        (["router"], {"MBC_ROUTER__SERVER__PORT": "abc"}, None, "env MBC_ROUTER__SERVER__PORT (router.server.port): expected an integer, got 'abc'"),
-        (["router"], {"MBC_ROUTER__SERVER__PORT": "70000"}, None, "server.port must be between 0 and 65535, got 70000 (router.server.port from env MBC_ROUTER__SERVER__PORT)"),
+        (
+            ["router"],
+            {"MBC_ROUTER__SERVER__PROT": "1"},
+            None,
+            "unknown setting MBC_ROUTER__SERVER__PROT (router.server.prot) (did you mean 'port'?)",
+        ),
+        (
+            ["router"],
+            {"MBC_ROUTER__SERVER__PORT": "abc"},
+            None,
+            "env MBC_ROUTER__SERVER__PORT (router.server.port): expected an integer, got 'abc'",
+        ),
+        (
+            ["router"],
+            {"MBC_ROUTER__SERVER__PORT": "70000"},
+            None,
+            "server.port must be between 0 and 65535, got 70000 (router.server.port from env MBC_ROUTER__SERVER__PORT)",
+        ),
         (["bot", "x.yaml"], {"MBC_BOT__MAX_HOPS": "-1"}, None, "max_hops must be at least 0"),
         (["router", "--port", "70000"], {}, None, "invalid flag value: server.port must be between 0 and 65535"),
         (["router"], {}, "router:\n  server: {port: '6000'}\n", "(router.server.port): expected an integer, got '6000'"),
         (["router"], {}, "routr:\n  server: {}\n", "unknown section 'routr' (did you mean 'router'?)"),
         (["router"], {}, "router:\n  encodr: {}\n", "unknown setting router.encodr in"),
-        (["router"], {}, "router:\n  encoder: {backend: tensorflow}\n", "encoder.backend must be one of torch, onnx, onnx-int8; got 'tensorflow'"),
+        (
+            ["router"],
+            {},
+            "router:\n  encoder: {backend: tensorflow}\n",
+            "encoder.backend must be one of torch, onnx, onnx-int8; got 'tensorflow'",
+        ),
         (["store"], {}, "store:\n  limits: {max_value_bytes: 0}\n", "limits.max_value_bytes must be at least 1"),
     ],
-    ids=["unknown-env", "env-type", "env-range", "bot-range", "flag-range", "file-type", "file-section", "file-key",
-         "file-choice", "store-range"],
+    ids=[
+        "unknown-env",
+        "env-type",
+        "env-range",
+        "bot-range",
+        "flag-range",
+        "file-type",
+        "file-section",
+        "file-key",
+        "file-choice",
+        "store-range",
+    ],
 )
 def test_bad_settings_stop_the_start_with_a_clear_message(argv, env, file, words, config_file, monkeypatch):
     if file:
@@ -88,8 +125,14 @@ def test_bad_settings_stop_the_start_with_a_clear_message(argv, env, file, words
 def test_config_show_prints_effective_values_and_their_source(config_file):
     path = config_file("bot:\n  router_address: 10.0.0.7:50051\n")
     env = {**os.environ, "MBC_BOT__MAX_HOPS": "2"}
-    result = subprocess.run([sys.executable, "-m", "mbc", "config", "show", "bot", "--config", path],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mbc", "config", "show", "bot", "--config", path],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "bot:"
@@ -136,11 +179,15 @@ def test_each_flag_sets_the_field_it_is_derived_from(kind):
 
 def test_a_derived_flag_sets_its_field_over_file_and_environment(config_file, monkeypatch):
     path = config_file("bot:\n  lease_ttl_seconds: 20\n  encoder: {model: /m/file}\n")
-    c = effective(["bot", "cards.yaml", "--config", path, "--lease-ttl", "30", "--model", "/m/flag", "--router", ""],
-                  {"MBC_BOT__LEASE_TTL_SECONDS": "25"}, monkeypatch)
+    c = effective(
+        ["bot", "cards.yaml", "--config", path, "--lease-ttl", "30", "--model", "/m/flag", "--router", ""],
+        {"MBC_BOT__LEASE_TTL_SECONDS": "25"},
+        monkeypatch,
+    )
     assert (c.lease_ttl_seconds, c.encoder.model, c.router_address) == (30, "/m/flag", "")
-    c = effective(["router", "--idle-spinning", "off", "--calibration", "cal.jsonl", "--etcd", "http://e:1, f:2"],
-                  monkeypatch=monkeypatch)
+    c = effective(
+        ["router", "--idle-spinning", "off", "--calibration", "cal.jsonl", "--etcd", "http://e:1, f:2"], monkeypatch=monkeypatch
+    )
     assert (c.encoder.idle_spinning, c.decision.calibration_path, c.etcd_endpoints) == (False, "cal.jsonl", ("e:1", "f:2"))
 
 
@@ -187,7 +234,9 @@ def test_trace_id_from_metadata():
     assert tracing.trace_id_from_metadata([("traceparent", f"00-{tid}-00f067aa0ba902b7-01")]) == tid
     # Ours wins over a traceparent; malformed or all-zero ids are ignored.
     assert tracing.trace_id_from_metadata([("traceparent", f"00-{'a' * 32}-00f067aa0ba902b7-01"), ("x-mbc-trace-id", tid)]) == tid
-    assert tracing.trace_id_from_metadata([("x-mbc-trace-id", "nope"), ("traceparent", f"00-{'0' * 32}-00f067aa0ba902b7-01")]) == ""
+    assert (
+        tracing.trace_id_from_metadata([("x-mbc-trace-id", "nope"), ("traceparent", f"00-{'0' * 32}-00f067aa0ba902b7-01")]) == ""
+    )
     assert len(tracing.incoming_trace_id([])) == 32
 
 
@@ -200,8 +249,11 @@ class _Router(router_pb2_grpc.RouterServicer):
 
 async def test_every_server_counts_rpcs_and_reports_its_metrics_port(tmp_path):
     port_file = tmp_path / "x.port"
-    server = GrpcServer(ServerConfig(port_file=str(port_file)),
-                        lambda s: router_pb2_grpc.add_RouterServicer_to_server(_Router(), s), ["mbc.v1.Router"])
+    server = GrpcServer(
+        ServerConfig(port_file=str(port_file)),
+        lambda s: router_pb2_grpc.add_RouterServicer_to_server(_Router(), s),
+        ["mbc.v1.Router"],
+    )
     await server.start()
     try:
         assert int((tmp_path / "x.metrics-port").read_text()) == server.metrics_port > 0
@@ -215,10 +267,16 @@ async def test_every_server_counts_rpcs_and_reports_its_metrics_port(tmp_path):
                 await stub.Match(router_pb2.MatchRequest(text="bad"))
         after = await asyncio.to_thread(scrape_text, f"127.0.0.1:{server.metrics_port}")
         for code in ("OK", "INVALID_ARGUMENT"):
-            assert sample_value(after, "grpc_server_handled_total", {**labels, "grpc_code": code}) - \
-                sample_value(before, "grpc_server_handled_total", {**labels, "grpc_code": code}) == 1
-        assert sample_value(after, "grpc_server_handling_seconds_count", labels) - \
-            sample_value(before, "grpc_server_handling_seconds_count", labels) == 2
+            assert (
+                sample_value(after, "grpc_server_handled_total", {**labels, "grpc_code": code})
+                - sample_value(before, "grpc_server_handled_total", {**labels, "grpc_code": code})
+                == 1
+            )
+        assert (
+            sample_value(after, "grpc_server_handling_seconds_count", labels)
+            - sample_value(before, "grpc_server_handling_seconds_count", labels)
+            == 2
+        )
     finally:
         await server.stop()
     assert ServerConfig(metrics_port=-1).metrics_port == -1

@@ -53,8 +53,12 @@ class Requests:
 
 @pytest.fixture(scope="module")
 async def replicas(etcd_server):
-    processes = [StoreProcess((etcd_server.endpoint,), ServerConfig(port=0),
-                              StoreConfig(max_keys_per_namespace=MAX_KEYS, lease_bucket_seconds=1)) for _ in range(2)]
+    processes = [
+        StoreProcess(
+            (etcd_server.endpoint,), ServerConfig(port=0), StoreConfig(max_keys_per_namespace=MAX_KEYS, lease_bucket_seconds=1)
+        )
+        for _ in range(2)
+    ]
     for process in processes:
         await process.start()
         process.requests = Requests(process.etcd)
@@ -104,8 +108,9 @@ async def test_concurrent_writers_on_two_replicas_keep_the_count(replicas, etcd_
     ns = await _namespace(a)
     await a.set(ns, Scope.GLOBAL, "", "first", 0)
     # Twice the limit in creations, racing on both replicas: whatever got in is what is counted.
-    results = await asyncio.gather(*((a if i % 2 else b).set(ns, Scope.CONVERSATION, f"c{i}", "k", i)
-                                     for i in range(2 * MAX_KEYS)), return_exceptions=True)
+    results = await asyncio.gather(
+        *((a if i % 2 else b).set(ns, Scope.CONVERSATION, f"c{i}", "k", i) for i in range(2 * MAX_KEYS)), return_exceptions=True
+    )
     refused = [r for r in results if isinstance(r, BaseException)]
     assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused), refused
     held = await etcd_client.count_prefix(f"{DATA}{ns}/")
@@ -113,8 +118,9 @@ async def test_concurrent_writers_on_two_replicas_keep_the_count(replicas, etcd_
     assert await processes[0].core.key_count(ns) == held
     # Everything deleted, racing on both replicas: the count is back to zero, and the limit is whole again.
     await a.delete(ns, Scope.GLOBAL, "", "first")
-    deleted = await asyncio.gather(*((b if i % 2 else a).delete(ns, Scope.CONVERSATION, f"c{i}", "k")
-                                     for i in range(2 * MAX_KEYS)))
+    deleted = await asyncio.gather(
+        *((b if i % 2 else a).delete(ns, Scope.CONVERSATION, f"c{i}", "k") for i in range(2 * MAX_KEYS))
+    )
     assert sum(deleted) == held - 1
     assert await processes[1].core.key_count(ns) == 0 == await etcd_client.count_prefix(f"{DATA}{ns}/")
     for i in range(MAX_KEYS):

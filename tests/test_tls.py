@@ -60,7 +60,9 @@ async def health(address: str, tls: TlsConfig = TlsConfig(), credentials: grpc.C
         return reply.status
 
 
-async def refused(address: str, tls: TlsConfig = TlsConfig(), credentials: grpc.ChannelCredentials | None = None) -> grpc.StatusCode:
+async def refused(
+    address: str, tls: TlsConfig = TlsConfig(), credentials: grpc.ChannelCredentials | None = None
+) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await health(address, tls, credentials)
     return error.value.code()
@@ -118,9 +120,28 @@ def test_a_missing_or_non_pem_file_stops_a_server_at_start(pki, tmp_path):
 def test_mbc_store_with_a_missing_certificate_exits_with_a_message(pki, tmp_path):
     good = pki["mesh"].issue("store")
     run = subprocess.run(
-        [sys.executable, "-m", "mbc", "store", "--etcd", "127.0.0.1:9", "--port", "0", "--metrics-port", "-1",
-         "--tls-ca", str(good.ca), "--tls-cert", str(tmp_path / "nowhere.crt"), "--tls-key", str(good.key)],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "MBC_CONFIG": ""},
+        [
+            sys.executable,
+            "-m",
+            "mbc",
+            "store",
+            "--etcd",
+            "127.0.0.1:9",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--tls-ca",
+            str(good.ca),
+            "--tls-cert",
+            str(tmp_path / "nowhere.crt"),
+            "--tls-key",
+            str(good.key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MBC_CONFIG": ""},
     )
     assert run.returncode != 0
     assert f"TLS cert_file {tmp_path / 'nowhere.crt'}: No such file or directory" in run.stderr
@@ -134,33 +155,41 @@ def test_tls_settings_come_from_flags_env_and_files_and_go_together(pki, tmp_pat
     args.argv = argv
     assert cli.effective_config("store", args).server.tls == tls_of(files)
 
-    env = {"MBC_STORE__SERVER__TLS__CA_FILE": str(files.ca), "MBC_STORE__SERVER__TLS__CERT_FILE": str(files.cert),
-           "MBC_STORE__SERVER__TLS__KEY_FILE": str(files.key)}
+    env = {
+        "MBC_STORE__SERVER__TLS__CA_FILE": str(files.ca),
+        "MBC_STORE__SERVER__TLS__CERT_FILE": str(files.cert),
+        "MBC_STORE__SERVER__TLS__KEY_FILE": str(files.key),
+    }
     assert resolve("store", StoreServiceConfig(), environ=env).config.server.tls == tls_of(files)
 
     config_file = tmp_path / "mbc.yaml"
-    config_file.write_text(f"store:\n  server:\n    tls: {{ca_file: {files.ca}, cert_file: {files.cert}, key_file: {files.key}}}\n")
+    config_file.write_text(
+        f"store:\n  server:\n    tls: {{ca_file: {files.ca}, cert_file: {files.cert}, key_file: {files.key}}}\n"
+    )
     assert resolve("store", StoreServiceConfig(), str(config_file), environ={}).config.server.tls == tls_of(files)
 
     with pytest.raises(ConfigError, match=r"set all three or none .*MBC_STORE__SERVER__TLS__CA_FILE"):
         resolve("store", StoreServiceConfig(), environ={"MBC_STORE__SERVER__TLS__CA_FILE": str(files.ca)})
 
 
-@pytest.mark.parametrize("text, identity", [
-    ("bot/retail-bank/cards", Identity("bot", "retail-bank", "cards")),
-    ("spiffe://mbc/bot/retail-bank/cards", Identity("bot", "retail-bank", "cards")),
-    ("gateway/web-1", Identity("gateway", name="web-1")),
-    ("router", Identity("router")),
-    ("store", Identity("store")),
-    ("bot/retail-bank", None),
-    ("bot/retail-bank/cards/extra", None),
-    ("bot//cards", None),
-    ("bot/retail bank/cards", None),
-    ("gateway", None),
-    ("admin", None),
-    ("spiffe://other/bot/retail-bank/cards", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, identity",
+    [
+        ("bot/retail-bank/cards", Identity("bot", "retail-bank", "cards")),
+        ("spiffe://mbc/bot/retail-bank/cards", Identity("bot", "retail-bank", "cards")),
+        ("gateway/web-1", Identity("gateway", name="web-1")),
+        ("router", Identity("router")),
+        ("store", Identity("store")),
+        ("bot/retail-bank", None),
+        ("bot/retail-bank/cards/extra", None),
+        ("bot//cards", None),
+        ("bot/retail bank/cards", None),
+        ("gateway", None),
+        ("admin", None),
+        ("spiffe://other/bot/retail-bank/cards", None),
+        ("", None),
+    ],
+)
 def test_parse_identity(text, identity):
     assert parse_identity(text) == identity
 

@@ -12,9 +12,9 @@ import pytest
 
 from mbc.client.context import ContextClient, Scope
 from mbc.client.gateway import Conversation
+from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, common_pb2
 from meshlib import TEST_BOTS, owner_of, respond, start_example_mesh, transfer
-from mbc.testing.mesh import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +60,24 @@ async def test_concurrent_transfers_of_one_conversation_exactly_one_wins(mesh, s
     _, version = await store.get_owner(conversation)
     sender = first.owner
     results = await asyncio.gather(
-        transfer(mesh.bots["cards"].address, conversation_id=conversation, receiver_bot_id="cards",
-                 text="I lost my card", intent="lost_or_stolen_card", sender=sender, owner_version=version),
-        transfer(mesh.bots["business-banking"].address, conversation_id=conversation, receiver_bot_id="business-banking",
-                 text="open a business account", intent="open_business_account", sender=sender, owner_version=version),
+        transfer(
+            mesh.bots["cards"].address,
+            conversation_id=conversation,
+            receiver_bot_id="cards",
+            text="I lost my card",
+            intent="lost_or_stolen_card",
+            sender=sender,
+            owner_version=version,
+        ),
+        transfer(
+            mesh.bots["business-banking"].address,
+            conversation_id=conversation,
+            receiver_bot_id="business-banking",
+            text="open a business account",
+            intent="open_business_account",
+            sender=sender,
+            owner_version=version,
+        ),
         return_exceptions=True,
     )
     won = [r for r in results if isinstance(r, bot_pb2.TransferResponse)]
@@ -77,8 +91,14 @@ async def test_same_transfer_id_three_times_is_applied_once(mesh, store):
     conversation = uuid.uuid4().hex
     await respond(mesh.bots["personal-banking"].address, "what's my checking balance", conversation)
     _, version = await store.get_owner(conversation)
-    same = dict(transfer_id=uuid.uuid4().hex, conversation_id=conversation, receiver_bot_id="cards",
-                text="I lost my card", intent="lost_or_stolen_card", owner_version=version)
+    same = dict(
+        transfer_id=uuid.uuid4().hex,
+        conversation_id=conversation,
+        receiver_bot_id="cards",
+        text="I lost my card",
+        intent="lost_or_stolen_card",
+        owner_version=version,
+    )
     results = await asyncio.gather(*(transfer(mesh.bots["cards"].address, **same) for _ in range(3)))
     assert results[0] == results[1] == results[2]
     ownership, after = await store.get_owner(conversation)
@@ -138,8 +158,12 @@ async def test_loop_between_two_bots_is_cut_with_a_fallback(mesh):
     # cards hands a message over without an intent; business banking finds that it belongs to cards,
     # which already had it: no ping-pong, business banking answers with its fallback.
     r = await transfer(
-        mesh.bots["business-banking"].address, receiver_bot_id="business-banking", text="I lost my debit card",
-        sender=common_pb2.BotRef(bot_id="cards"), visited_bot_ids=["cards"], hop_count=0,
+        mesh.bots["business-banking"].address,
+        receiver_bot_id="business-banking",
+        text="I lost my debit card",
+        sender=common_pb2.BotRef(bot_id="cards"),
+        visited_bot_ids=["cards"],
+        hop_count=0,
     )
     assert r.outcome == bot_pb2.OUTCOME_FALLBACK and r.owner.bot_id == "business-banking"
     assert [reply.bot_id for reply in r.replies] == ["business-banking"]
@@ -147,8 +171,11 @@ async def test_loop_between_two_bots_is_cut_with_a_fallback(mesh):
 
 async def test_receiver_forwards_a_message_it_cannot_answer(mesh):
     r = await transfer(
-        mesh.bots["business-banking"].address, receiver_bot_id="business-banking", text="I lost my debit card",
-        sender=common_pb2.BotRef(bot_id="personal-banking"), visited_bot_ids=["personal-banking"],
+        mesh.bots["business-banking"].address,
+        receiver_bot_id="business-banking",
+        text="I lost my debit card",
+        sender=common_pb2.BotRef(bot_id="personal-banking"),
+        visited_bot_ids=["personal-banking"],
     )
     assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED
     assert r.owner.bot_id == "cards" and r.replies[-1].bot_id == "cards"
@@ -192,6 +219,7 @@ async def test_ambiguous_message_asks_the_consumer_and_follows_the_answer(mesh, 
     twin_a = await mesh.start_bot(TEST_BOTS / "twin_a.yaml", "twin-a")
     await mesh.start_bot(TEST_BOTS / "twin_b.yaml", "twin-b")
     try:
+
         async def both_indexed():
             r = await respond(twin_a.address, "what's the savings APY")
             s = await respond(twin_a.address, "I need a new checkbook")

@@ -139,14 +139,22 @@ def measure_index(real_path: str, queries_path: str, intents: list[tuple[int, in
     p50, p99 = _percentiles(times)
     swap = _measure_swaps(index, real, bounds, queries, total, opts)
     return {
-        "vectors": int(total), "index_type": index_type, "index_params": params,
-        "build_seconds": round(train_seconds + add_seconds, 2), "rss_mb": rss, "rss_baseline_mb": baseline,
-        "rss_index_mb": round(rss - baseline, 1), "rss_peak_mb": peak,
-        "search_p50_ms": p50, "search_p99_ms": p99,
+        "vectors": int(total),
+        "index_type": index_type,
+        "index_params": params,
+        "build_seconds": round(train_seconds + add_seconds, 2),
+        "rss_mb": rss,
+        "rss_baseline_mb": baseline,
+        "rss_index_mb": round(rss - baseline, 1),
+        "rss_peak_mb": peak,
+        "search_p50_ms": p50,
+        "search_p99_ms": p99,
         "top1_agreement": round(float(np.mean(top == exact_id)), 4),
-        "top1_participant_agreement": round(float(np.mean(
-            _participant_of(top, bounds, len(real)) == _participant_of(exact_id, bounds, len(real)))), 4),
-        "queries": len(queries), **swap,
+        "top1_participant_agreement": round(
+            float(np.mean(_participant_of(top, bounds, len(real)) == _participant_of(exact_id, bounds, len(real)))), 4
+        ),
+        "queries": len(queries),
+        **swap,
     }
 
 
@@ -247,8 +255,10 @@ def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndar
         return {"swap_visible_ms": None, "swap_search_p99_ms": None, "steady_search_p99_ms": None, "swaps": 0}
     rng = np.random.default_rng(opts.seed + 1)
     # The replacements are made up front: generating them is the bench's work, not the router's.
-    replacements = [(int(rng.integers(synthetic)), synthetic_participants(real, bounds, 10_000_000 + n, 1, opts.seed))
-                    for n in range(opts.swaps)]
+    replacements = [
+        (int(rng.integers(synthetic)), synthetic_participants(real, bounds, 10_000_000 + n, 1, opts.seed))
+        for n in range(opts.swaps)
+    ]
     searcher = _Searcher(index, queries)
     searcher.start()
     time.sleep(3.0)
@@ -257,8 +267,10 @@ def _measure_swaps(index, real: np.ndarray, bounds: np.ndarray, queries: np.ndar
     searcher.stopping.set()
     searcher.join(timeout=30)
     return {
-        "swap_visible_ms": round(max(visible) * 1000, 2), "swap_search_p99_ms": _percentiles(searcher.times[1])[1],
-        "steady_search_p99_ms": _percentiles(searcher.times[0])[1], "swaps": opts.swaps,
+        "swap_visible_ms": round(max(visible) * 1000, 2),
+        "swap_search_p99_ms": _percentiles(searcher.times[1])[1],
+        "steady_search_p99_ms": _percentiles(searcher.times[0])[1],
+        "swaps": opts.swaps,
     }
 
 
@@ -291,7 +303,11 @@ def seed_router_cache(directory: str, model_id: str, phrases: int, real: np.ndar
 
 def _router_participant(number: int, intent: str, said: list[str]) -> participant_pb2.Participant:
     return participant_pb2.Participant(
-        bot_id=f"bot{number}", instance_id="i1", address="127.0.0.1:9", group="bench", collaboration=True,
+        bot_id=f"bot{number}",
+        instance_id="i1",
+        address="127.0.0.1:9",
+        group="bench",
+        collaboration=True,
         intents=[participant_pb2.Intent(name=intent, phrases=said)],
     )
 
@@ -334,10 +350,16 @@ async def _restart_router(directory: str, phrases: int, snapshot: dict, encoder:
         visible = await _swap_visible(core, snapshot)
         model = core.models["bench"]
         return {
-            "restart_phrases": phrases, "restart_ready_seconds": round(ready, 2), "restart_encoded": encoded,
-            "router_rss_mb": rss, "router_rss_baseline_mb": baseline, "router_rss_peak_mb": peak,
-            "router_swap_visible_ms": round(visible * 1000, 1), "router_large_group": model.large,
-            "router_swap_index_s": model.times.as_dict()["index_s"], "router_swap_calibrate_s": model.times.as_dict()["calibrate_s"],
+            "restart_phrases": phrases,
+            "restart_ready_seconds": round(ready, 2),
+            "restart_encoded": encoded,
+            "router_rss_mb": rss,
+            "router_rss_baseline_mb": baseline,
+            "router_rss_peak_mb": peak,
+            "router_swap_visible_ms": round(visible * 1000, 1),
+            "router_large_group": model.large,
+            "router_swap_index_s": model.times.as_dict()["index_s"],
+            "router_swap_calibrate_s": model.times.as_dict()["calibrate_s"],
         }
     finally:
         await core.close()
@@ -356,7 +378,9 @@ async def _swap_visible(core, snapshot: dict) -> float:
         await asyncio.sleep(0.001)
 
 
-def _clinc_vectors(encoder, data_dir: Path, opts: IndexBenchOptions, cache: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+def _clinc_vectors(
+    encoder, data_dir: Path, opts: IndexBenchOptions, cache: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Real phrase vectors (the 10-bot mesh), query vectors (distinct val utterances), intent rows."""
     domains, train, val, _ = load_clinc(data_dir)
     phrases: list[str] = []
@@ -405,15 +429,26 @@ def _in_new_process(function, *args):
 
 def print_table(result: dict) -> None:
     rows = [
-        ("vectors", result["vectors"]), ("index_type", result["index_type"]), ("index_params", result["index_params"]),
+        ("vectors", result["vectors"]),
+        ("index_type", result["index_type"]),
+        ("index_params", result["index_params"]),
         ("build_seconds", result["build_seconds"]),
         ("rss_mb (index process; baseline, peak)", f"{result['rss_mb']} ({result['rss_baseline_mb']}, {result['rss_peak_mb']})"),
         ("search_p50_ms / search_p99_ms", f"{result['search_p50_ms']} / {result['search_p99_ms']}"),
-        ("top1_agreement (id; participant)", f"{result['top1_agreement']}; {result['top1_participant_agreement']} over {result['queries']} queries"),
+        (
+            "top1_agreement (id; participant)",
+            f"{result['top1_agreement']}; {result['top1_participant_agreement']} over {result['queries']} queries",
+        ),
         ("swap_visible_ms (slowest of swaps)", f"{result['swap_visible_ms']} ({result['swaps']})"),
         ("swap_search_p99_ms / steady_search_p99_ms", f"{result['swap_search_p99_ms']} / {result['steady_search_p99_ms']}"),
-        ("restart_ready_seconds (phrases; encoded)", f"{result['restart_ready_seconds']} ({result['restart_phrases']}; {result['restart_encoded']})"),
-        ("router_rss_mb (model loaded; peak)", f"{result['router_rss_mb']} ({result['router_rss_baseline_mb']}; {result['router_rss_peak_mb']})"),
+        (
+            "restart_ready_seconds (phrases; encoded)",
+            f"{result['restart_ready_seconds']} ({result['restart_phrases']}; {result['restart_encoded']})",
+        ),
+        (
+            "router_rss_mb (model loaded; peak)",
+            f"{result['router_rss_mb']} ({result['router_rss_baseline_mb']}; {result['router_rss_peak_mb']})",
+        ),
         ("router_swap_visible_ms (same group)", result["router_swap_visible_ms"]),
         ("load average start → end", f"{result['load_average']['start']} → {result['load_average']['end']}"),
     ]
@@ -424,22 +459,35 @@ def print_table(result: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = IndexBenchOptions()
-    parser.add_argument("--vectors", type=int, default=defaults.vectors, help="vectors in the index (real CLINC150 phrases + synthetic)")
+    parser.add_argument(
+        "--vectors", type=int, default=defaults.vectors, help="vectors in the index (real CLINC150 phrases + synthetic)"
+    )
     parser.add_argument("--queries", type=int, default=defaults.queries, help="CLINC150 val utterances searched")
     parser.add_argument("--swaps", type=int, default=defaults.swaps, help="participants of 100 phrases replaced under search")
-    parser.add_argument("--restart-phrases", type=int, default=defaults.restart_phrases, help="cached phrases of the restart measurement")
+    parser.add_argument(
+        "--restart-phrases", type=int, default=defaults.restart_phrases, help="cached phrases of the restart measurement"
+    )
     parser.add_argument("--domains", type=int, default=defaults.domains, help="real CLINC150 domains (bots) indexed; 0: all 10")
     parser.add_argument("--json", default="", metavar="OUT", help="write the figures as JSON")
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="CLINC150 directory")
-    parser.add_argument("--backend", default="onnx", choices=("torch", "onnx", "onnx-int8"), help="encoder backend for the real vectors")
-    parser.add_argument("--embedding-cache", default="", metavar="DIR",
-                        help='persisted embeddings of the CLINC150 texts (default ~/.cache/mbc/embeddings; "off": none)')
+    parser.add_argument(
+        "--backend", default="onnx", choices=("torch", "onnx", "onnx-int8"), help="encoder backend for the real vectors"
+    )
+    parser.add_argument(
+        "--embedding-cache",
+        default="",
+        metavar="DIR",
+        help='persisted embeddings of the CLINC150 texts (default ~/.cache/mbc/embeddings; "off": none)',
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.vectors < 1 or args.queries < 1 or args.swaps < 0 or args.restart_phrases < 1 or not 0 <= args.domains <= 10:
-        print("mbc bench index: --vectors, --queries and --restart-phrases must be positive, --swaps not negative, "
-              "--domains between 0 and 10", file=sys.stderr)
+        print(
+            "mbc bench index: --vectors, --queries and --restart-phrases must be positive, --swaps not negative, "
+            "--domains between 0 and 10",
+            file=sys.stderr,
+        )
         return 2
     opts = IndexBenchOptions(args.vectors, args.queries, args.swaps, args.restart_phrases, args.domains)
     result = run(opts, args.data, args.backend, args.embedding_cache)

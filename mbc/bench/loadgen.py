@@ -69,8 +69,7 @@ async def run_phase(stub, name: str, texts: list[str], concurrency: int, group: 
 
     async def caller() -> None:
         for text in queue:
-            await timed(lambda: stub.Match(router_pb2.MatchRequest(text=text, group=group), timeout=timeout),
-                        latencies, statuses)
+            await timed(lambda: stub.Match(router_pb2.MatchRequest(text=text, group=group), timeout=timeout), latencies, statuses)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))

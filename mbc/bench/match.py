@@ -43,7 +43,9 @@ from mbc.v1 import participant_pb2
 
 GROUP = "clinc150"
 ROUTER_SERVICE = "mbc.v1.Router"
-NAIVE = EncoderConfig(backend="torch", threads=0, workers=1, max_batch=1, batch_wait_ms=0.0, query_cache_size=0, idle_spinning=False)
+NAIVE = EncoderConfig(
+    backend="torch", threads=0, workers=1, max_batch=1, batch_wait_ms=0.0, query_cache_size=0, idle_spinning=False
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,9 @@ def progress(message: str) -> None:
 # --- load ------------------------------------------------------------------------------------
 
 
-def participants(domains: dict[str, list[str]], train: dict[str, list[str]], opts: BenchOptions) -> list[participant_pb2.Participant]:
+def participants(
+    domains: dict[str, list[str]], train: dict[str, list[str]], opts: BenchOptions
+) -> list[participant_pb2.Participant]:
     """One participant per domain, its intents with their train utterances, at an address where
     nobody listens: Match never calls the bots."""
     out = []
@@ -103,8 +107,15 @@ def participants(domains: dict[str, list[str]], train: dict[str, list[str]], opt
 
 
 def tuned_config(opts: BenchOptions) -> EncoderConfig:
-    return EncoderConfig(backend=opts.backend, threads=opts.threads, workers=opts.workers, onnx_dir=opts.onnx_dir,
-                         max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, query_cache_size=opts.query_cache_size)
+    return EncoderConfig(
+        backend=opts.backend,
+        threads=opts.threads,
+        workers=opts.workers,
+        onnx_dir=opts.onnx_dir,
+        max_batch=opts.max_batch,
+        batch_wait_ms=opts.batch_wait_ms,
+        query_cache_size=opts.query_cache_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -159,15 +170,25 @@ async def registered(etcd: str, members: list[participant_pb2.Participant]) -> A
 
 def router_args(etcd: str, config: EncoderConfig) -> list[str]:
     args = [
-        "router", "--etcd", etcd,
-        "--encoder-backend", config.backend,
-        "--encoder-threads", str(config.threads),
-        "--encoder-workers", str(config.workers),
-        "--max-batch", str(config.max_batch),
-        "--batch-wait-ms", str(config.batch_wait_ms),
-        "--query-cache", str(config.query_cache_size),
-        "--idle-spinning", "on" if config.idle_spinning else "off",
-        "--log-level", "WARNING",
+        "router",
+        "--etcd",
+        etcd,
+        "--encoder-backend",
+        config.backend,
+        "--encoder-threads",
+        str(config.threads),
+        "--encoder-workers",
+        str(config.workers),
+        "--max-batch",
+        str(config.max_batch),
+        "--batch-wait-ms",
+        str(config.batch_wait_ms),
+        "--query-cache",
+        str(config.query_cache_size),
+        "--idle-spinning",
+        "on" if config.idle_spinning else "off",
+        "--log-level",
+        "WARNING",
     ]
     if config.onnx_dir:
         args += ["--onnx-dir", config.onnx_dir]
@@ -194,8 +215,23 @@ async def bench_router(
 
 
 def run_load(target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "") -> list[dict]:
-    command = [sys.executable, "-m", "mbc.bench.loadgen", "--target", target, "--texts", str(texts_file), "--group", GROUP,
-               "--timeout", "120", "--server-pid", str(server_pid), "--metrics", metrics]
+    command = [
+        sys.executable,
+        "-m",
+        "mbc.bench.loadgen",
+        "--target",
+        target,
+        "--texts",
+        str(texts_file),
+        "--group",
+        GROUP,
+        "--timeout",
+        "120",
+        "--server-pid",
+        str(server_pid),
+        "--metrics",
+        metrics,
+    ]
     for phase in phases:
         command += ["--phase", phase]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
@@ -318,8 +354,9 @@ class RouterRuns:
 
 async def measure_floor(load: Load, workdir: Path) -> RouterRuns:
     progress("empty router (the serving floor) ...")
-    floor, _ = await bench_router("router-empty", [], workdir, load.file, load.c1_and_cn("floor_"),
-                                  module="mbc.bench.empty_router")
+    floor, _ = await bench_router(
+        "router-empty", [], workdir, load.file, load.c1_and_cn("floor_"), module="mbc.bench.empty_router"
+    )
     return RouterRuns(floor)
 
 
@@ -407,8 +444,11 @@ def _cpu_ms(phase: dict) -> float:
 def _stages(phase: dict) -> dict:
     """A phase's encoder stages per Match, from the router's /metrics."""
     cost = phase["cost_per_call"]
-    return {"encode_ms": cost.get("encode_ms"), "score_ms": cost.get("post_ms"),
-            "utterances_per_batch": cost.get("utterances_per_batch")}
+    return {
+        "encode_ms": cost.get("encode_ms"),
+        "score_ms": cost.get("post_ms"),
+        "utterances_per_batch": cost.get("utterances_per_batch"),
+    }
 
 
 def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floor_cn: dict) -> dict:
@@ -435,8 +475,12 @@ def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floo
         "floor": {"p50_ms_c1": floor_c1["p50_ms"], "qps_c32": floor_cn["qps"], "cpu_ms_per_call_c32": floor_cpu},
         "breakdown": {
             "c1": {"mean_ms": c1["mean_ms"], **_stages(c1)},
-            "c32": {"cpu_ms_per_match": _cpu_ms(cn), "router_cpu_ms": cn["cost_per_call"].get("server_cpu_ms"),
-                    "loadgen_cpu_ms": cn["cost_per_call"]["loadgen_cpu_ms"], **_stages(cn)},
+            "c32": {
+                "cpu_ms_per_match": _cpu_ms(cn),
+                "router_cpu_ms": cn["cost_per_call"].get("server_cpu_ms"),
+                "loadgen_cpu_ms": cn["cost_per_call"]["loadgen_cpu_ms"],
+                **_stages(cn),
+            },
         },
         "bounds": {
             "cores": cores,
@@ -468,10 +512,16 @@ def machine() -> dict:
 def table(result: dict) -> str:
     s = result["settings"]["tuned"]
     rows = [
-        ("encoder_single_ms", result["encoder_single_ms"],
-         f"in-process, {s['backend']}, median of single encodes ({result['encoder_single_setup']})"),
-        ("encoder_batch_qps", result["encoder_batch_qps"],
-         f"in-process, best batch size {result['encoder_best_batch_size']} ({result['encoder_batch_setup']})"),
+        (
+            "encoder_single_ms",
+            result["encoder_single_ms"],
+            f"in-process, {s['backend']}, median of single encodes ({result['encoder_single_setup']})",
+        ),
+        (
+            "encoder_batch_qps",
+            result["encoder_batch_qps"],
+            f"in-process, best batch size {result['encoder_best_batch_size']} ({result['encoder_batch_setup']})",
+        ),
         ("naive_qps_c32", result["naive_qps_c32"], "Match, torch, no batching, no caches, 32 callers"),
         ("match_qps_c32", result["match_qps_c32"], "Match, tuned router, 32 callers"),
         ("match_p50_ms_c1", result["match_p50_ms_c1"], "Match, tuned router, 1 caller"),

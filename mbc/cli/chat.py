@@ -13,10 +13,10 @@ from typing import TextIO
 
 import grpc
 
+from mbc.cli.inspect import rating_name
+from mbc.client.gateway import Conversation
 from mbc.runtime import tracing
 from mbc.runtime.config import TlsConfig
-from mbc.client.gateway import Conversation
-from mbc.cli.inspect import rating_name
 from mbc.v1 import bot_pb2
 
 
@@ -37,8 +37,10 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> list[str]:
         chain.append(response.owner.bot_id)
     outcome = response.outcome
     if outcome == bot_pb2.OUTCOME_TRANSFERRED:
-        notes.append(f"transfer {' → '.join(chain)}: {_how(response.match) or 'no intent'}"
-                     + (f", transfer id {response.transfer_id[:8]}" if response.transfer_id else ""))
+        notes.append(
+            f"transfer {' → '.join(chain)}: {_how(response.match) or 'no intent'}"
+            + (f", transfer id {response.transfer_id[:8]}" if response.transfer_id else "")
+        )
     elif outcome == bot_pb2.OUTCOME_ANSWERED:
         if response.match.intent and not response.match.rating:
             notes.append(f"{asked} goes on with intent {response.match.intent} (it was waiting for this answer)")
@@ -55,8 +57,14 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> list[str]:
 
 
 async def run_chat(
-    entry: str, store: str = "", conversation_id: str = "", consumer_id: str = "terminal", timeout: float = 10.0,
-    stdin: TextIO | None = None, stdout: TextIO | None = None, tls: TlsConfig = TlsConfig(),
+    entry: str,
+    store: str = "",
+    conversation_id: str = "",
+    consumer_id: str = "terminal",
+    timeout: float = 10.0,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    tls: TlsConfig = TlsConfig(),
 ) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -65,7 +73,9 @@ async def run_chat(
     def say(line: str = "") -> None:
         print(line, file=stdout, flush=True)
 
-    async with Conversation(entry, conversation_id or None, consumer_id, timeout_seconds=timeout, store_address=store, tls=tls) as chat:
+    async with Conversation(
+        entry, conversation_id or None, consumer_id, timeout_seconds=timeout, store_address=store, tls=tls
+    ) as chat:
         say(f"conversation {chat.conversation_id} (entry bot at {entry}{', store at ' + store if store else ''}); /quit to leave")
         while True:
             if interactive:

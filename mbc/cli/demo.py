@@ -8,14 +8,13 @@ import asyncio
 import shutil
 import textwrap
 
-from mbc.runtime.channels import ChannelPool
+from mbc.cli.inspect import rating_name
 from mbc.client.context import ContextClient
 from mbc.client.gateway import Conversation
-from mbc.cli.inspect import rating_name
+from mbc.runtime.channels import ChannelPool
 from mbc.testing.mesh import EXAMPLE_BOTS, LocalMesh
 from mbc.testing.processes import new_workdir
 from mbc.v1 import bot_pb2, common_pb2
-
 
 SCRIPT = (
     "Hi there!",
@@ -42,8 +41,10 @@ def describe(response: bot_pb2.RespondResponse, asked: str) -> str:
     if response.outcome == bot_pb2.OUTCOME_CLARIFY:
         return f"{asked}: two bots match about equally well, so it asks the consumer"
     if response.outcome == bot_pb2.OUTCOME_TRANSFERRED:
-        return (f"{asked} asked the router, which rates {m.bot_id}/{how} best in the group: "
-                f"transfer {response.transfer_id[:8]} with the message and the intent")
+        return (
+            f"{asked} asked the router, which rates {m.bot_id}/{how} best in the group: "
+            f"transfer {response.transfer_id[:8]} with the message and the intent"
+        )
     return f"no bot of the group, {asked} included, has an intent rated GOOD: {asked}'s fallback answers"
 
 
@@ -78,7 +79,9 @@ async def play(mesh: LocalMesh) -> None:
     store = mesh.store.address if mesh.store else ""
     say(f"The consumer starts a conversation with {entry.name}.")
     say("=" * 78)
-    async with Conversation(entry.address, consumer_id="consumer-42", channel_metadata={"channel": "web"}, store_address=store) as chat:
+    async with Conversation(
+        entry.address, consumer_id="consumer-42", channel_metadata={"channel": "web"}, store_address=store
+    ) as chat:
         for text in SCRIPT:
             asked = chat.owner_bot_id or entry.name
             response = await chat.send(text)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot_server.definition import BotDefinition
-
 from context_store.core import CONVERSATIONS
 from context_store.core import PREFIX as CONTEXT_PREFIX
 from discovery.errors import EtcdAuthFailed, EtcdError
@@ -57,9 +56,11 @@ def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, 
         STORE_USER: (Grant(CONTEXT_PREFIX, "readwrite"), Grant(CONVERSATIONS, "readwrite")),
     }
     for group, bot_id in bots:
-        grants[bot_user(group, bot_id)] = (Grant(bot_prefix(group, bot_id), "readwrite"),
-                                           Grant(group_participants_prefix(group), "read"),
-                                           Grant(group_prefix(group), "read"))
+        grants[bot_user(group, bot_id)] = (
+            Grant(bot_prefix(group, bot_id), "readwrite"),
+            Grant(group_participants_prefix(group), "read"),
+            Grant(group_prefix(group), "read"),
+        )
     return grants
 
 
@@ -80,8 +81,9 @@ def password_from(path: Path, create: bool) -> tuple[str, bool]:
     return password, True
 
 
-async def apply(etcd: EtcdClient, grants: Mapping[str, tuple[Grant, ...]], passwords: Mapping[str, str],
-                root_password: str | None) -> list[str]:
+async def apply(
+    etcd: EtcdClient, grants: Mapping[str, tuple[Grant, ...]], passwords: Mapping[str, str], root_password: str | None
+) -> list[str]:
     """Make etcd's users and roles match `grants` (a role per user, same name, exactly these
     permissions) with `passwords`, and return what changed.
 
@@ -134,8 +136,7 @@ def parse_bot(spec: str) -> tuple[str, str]:
     return group, bot_id
 
 
-async def run_setup(endpoints: list[str], tls: EtcdAccess, password_dir: str, root_password_file: str,
-                    bots: list[str]) -> int:
+async def run_setup(endpoints: list[str], tls: EtcdAccess, password_dir: str, root_password_file: str, bots: list[str]) -> int:
     """`mbc etcd-auth setup`: the exit status (0 done, 2 bad input, 1 etcd refused or unreachable).
 
     With a root password file etcd is entered as root; when etcd answers that it has no
@@ -160,8 +161,9 @@ async def run_setup(endpoints: list[str], tls: EtcdAccess, password_dir: str, ro
         try:
             if not root_file.exists():
                 raise EtcdAuthFailed("no root password file: try etcd without authentication")
-            async with EtcdClient(endpoints, access=dataclasses.replace(tls, username=ROOT_USER,
-                                                                        password_file=str(root_file))) as etcd:
+            async with EtcdClient(
+                endpoints, access=dataclasses.replace(tls, username=ROOT_USER, password_file=str(root_file))
+            ) as etcd:
                 changes = await apply(etcd, grants, passwords, None)
         except EtcdAuthFailed as e:
             if root_file.exists() and "not enabled" not in str(e):

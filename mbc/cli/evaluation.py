@@ -20,8 +20,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_overlap(args: argparse.Namespace) -> None:
-    from mbc.runtime.encoder import Encoder
     from mbc.evaluation.overlap import find_overlaps, format_overlaps, intents_from_definitions, intents_from_etcd
+    from mbc.runtime.encoder import Encoder
 
     if args.definitions:
         groups = intents_from_definitions(args.definitions)
@@ -38,11 +38,18 @@ def cmd_overlap(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Validate a calibration file, fit τ per group for the participants registered now, install it."""
+    from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
     from mbc.runtime.config import DecisionConfig
     from mbc.runtime.encoder import Encoder
-    from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
     from mbc.runtime.matching import IntentCatalog
-    from router.calibration import CalibrationError, CalibrationInput, build_group_model, for_group, generic_none, load_calibration
+    from router.calibration import (
+        CalibrationError,
+        CalibrationInput,
+        build_group_model,
+        for_group,
+        generic_none,
+        load_calibration,
+    )
 
     try:
         examples = load_calibration(args.file)
@@ -89,7 +96,11 @@ def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help="routing-quality evaluations through a real mesh")
     ev_sub = ev.add_subparsers(dest="dataset", required=True)
     clinc = ev_sub.add_parser("clinc150", help="CLINC150 as a 10-bot mesh (one bot per domain)")
-    clinc.add_argument("--data", required=True, help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test]), or the directory holding it as clinc150_public.json")
+    clinc.add_argument(
+        "--data",
+        required=True,
+        help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test]), or the directory holding it as clinc150_public.json",
+    )
     clinc.add_argument("--split", choices=["val", "test"], default="val", help="the split to report (default val)")
     clinc.add_argument("--domains", default="", help="domains.json (default: beside --data)")
     clinc.add_argument("--json", default="", help="write the figures to this JSON file")
@@ -100,15 +111,23 @@ def add_commands(sub) -> None:
     clinc.add_argument("--max-intents", type=int, default=0, help="only the first N intents per domain (a quick slice)")
     clinc.add_argument("--seed", type=int, default=0)
     clinc.add_argument("--concurrency", type=int, default=8, help="calls in flight")
-    clinc.add_argument("--encoder-backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
-                       help="inference engine of the router and the bots (quality per backend)")
-    clinc.add_argument("--no-retrain-check", dest="retrain_check", action="store_false",
-                       help="skip timing the retrain when one bot leaves at the end")
+    clinc.add_argument(
+        "--encoder-backend",
+        default="torch",
+        choices=("torch", "onnx", "onnx-int8"),
+        help="inference engine of the router and the bots (quality per backend)",
+    )
+    clinc.add_argument(
+        "--no-retrain-check",
+        dest="retrain_check",
+        action="store_false",
+        help="skip timing the retrain when one bot leaves at the end",
+    )
     client_arg(clinc, "--log-level", ("log_level",), "WARNING", help="log level of the mesh's processes (default WARNING)")
     clinc.set_defaults(func=cmd_eval)
 
     cal = sub.add_parser("calibrate", help="validate a labelled calibration set, print the thresholds it gives, install it")
-    cal.add_argument("file", help="JSON Lines: {\"text\": ..., \"bot\": ... or null, \"intent\": ...}")
+    cal.add_argument("file", help='JSON Lines: {"text": ..., "bot": ... or null, "intent": ...}')
     etcd_args(cal, help="fit for the participants registered here")
     cal.add_argument("--definitions", nargs="+", default=[], help="fit for these bot definition files instead")
     cal.add_argument("--install", default="", help="copy the file here (the path given to `mbc router --calibration`)")

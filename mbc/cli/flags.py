@@ -30,7 +30,7 @@ def client_arg(parser: argparse.ArgumentParser, name: str, path: tuple[str, ...]
 def fill_client_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Give the client flags that were not on the command line their default from the environment."""
     for key in [k for k in vars(args) if k.startswith(_CLIENT_DEFAULT)]:
-        dest = key[len(_CLIENT_DEFAULT):]
+        dest = key[len(_CLIENT_DEFAULT) :]
         path, default = getattr(args, key)
         delattr(args, key)
         if getattr(args, dest) is None:
@@ -55,8 +55,9 @@ def tls_config(args: argparse.Namespace) -> TlsConfig:
         sys.exit(f"mbc {args.command}: {e}")
 
 
-def etcd_args(parser: argparse.ArgumentParser, user: bool = True,
-              help: str = "etcd endpoints, comma-separated host:port") -> None:
+def etcd_args(
+    parser: argparse.ArgumentParser, user: bool = True, help: str = "etcd endpoints, comma-separated host:port"
+) -> None:
     """--etcd (MBC_CLIENT__ETCD_ENDPOINTS), then TLS files and the etcd user (fields of EtcdAccess)."""
     client_arg(parser, "--etcd", ("etcd_endpoints",), DEFAULT_ETCD, help=help)
     only = None if user else ("ca_file", "cert_file", "key_file")

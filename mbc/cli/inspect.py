@@ -57,7 +57,9 @@ def verdict(response: router_pb2.MatchResponse, asking_bot: str = "") -> tuple[s
     candidates = list(response.candidates)
     decision = response.decision
     if decision == router_pb2.DECISION_UNSPECIFIED:  # an older router: judge by rating
-        decision = router_pb2.DECISION_ACT if candidates and candidates[0].rating >= common_pb2.RATING_GOOD else router_pb2.DECISION_NONE
+        decision = (
+            router_pb2.DECISION_ACT if candidates and candidates[0].rating >= common_pb2.RATING_GOOD else router_pb2.DECISION_NONE
+        )
     asker = asking_bot or "the bot in the conversation"
     if decision == router_pb2.DECISION_ACT and candidates:
         best = candidates[0]
@@ -89,8 +91,10 @@ async def print_match(router: str, text: str, bot: str, group: str, n: int, tls:
     print(f"{text!r}")
     print(line)
     print(format_candidates(response.candidates, chosen))
-    print(f"  (index revision {response.index_revision}; rating: VERY GOOD > GOOD > FAIR PLUS > FAIR > POOR, "
-          f"the mesh acts on GOOD or better)")
+    print(
+        f"  (index revision {response.index_revision}; rating: VERY GOOD > GOOD > FAIR PLUS > FAIR > POOR, "
+        f"the mesh acts on GOOD or better)"
+    )
     return 0
 
 
@@ -118,15 +122,21 @@ async def check_health(address: str, service: str, timeout: float, tls: TlsConfi
     """grpc.health.v1 status of `service` at `address`: SERVING, NOT_SERVING, ... or UNREACHABLE."""
     try:
         async with open_channel(address, tls) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.aio.AioRpcError as e:
         return "UNREACHABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else e.code().name
 
 
-async def list_participants(etcd_endpoints: list[str], group: str = "", timeout: float = 2.0,
-                            tls: TlsConfig = TlsConfig(), etcd_access: EtcdAccess | None = None,
-                            ) -> tuple[list[InstanceRow], dict[str, str]]:
+async def list_participants(
+    etcd_endpoints: list[str],
+    group: str = "",
+    timeout: float = 2.0,
+    tls: TlsConfig = TlsConfig(),
+    etcd_access: EtcdAccess | None = None,
+) -> tuple[list[InstanceRow], dict[str, str]]:
     """Every registered instance (health checked in parallel) and the invalid registrations by key."""
     async with EtcdClient(etcd_endpoints, timeout=timeout, access=etcd_access) as etcd:
         items, _ = await etcd.get_prefix(PARTICIPANTS_PREFIX + (f"{group}/" if group else ""))
@@ -137,8 +147,19 @@ async def list_participants(etcd_endpoints: list[str], group: str = "", timeout:
         if isinstance(p, str):
             invalid[kv.key] = p
             continue
-        rows.append(InstanceRow(p.group, p.bot_id, p.display_name or p.bot_id, p.instance_id, p.address, p.collaboration,
-                                [i.name for i in p.intents], p.definition_version, p.software_version))
+        rows.append(
+            InstanceRow(
+                p.group,
+                p.bot_id,
+                p.display_name or p.bot_id,
+                p.instance_id,
+                p.address,
+                p.collaboration,
+                [i.name for i in p.intents],
+                p.definition_version,
+                p.software_version,
+            )
+        )
     statuses = await asyncio.gather(*(check_health(r.address, BOT_SERVICE, timeout, tls) for r in rows))
     for row, status in zip(rows, statuses):
         row.health = status
@@ -173,8 +194,14 @@ def format_participants(rows: list[InstanceRow], invalid: dict[str, str], width:
     return "\n".join(out).rstrip()
 
 
-async def print_participants(etcd_endpoints: list[str], group: str, timeout: float, as_json: bool,
-                             tls: TlsConfig = TlsConfig(), etcd_access: EtcdAccess | None = None) -> int:
+async def print_participants(
+    etcd_endpoints: list[str],
+    group: str,
+    timeout: float,
+    as_json: bool,
+    tls: TlsConfig = TlsConfig(),
+    etcd_access: EtcdAccess | None = None,
+) -> int:
     """Exit status: 0 when every instance is SERVING, 1 when one is not, 2 when etcd cannot be read."""
     try:
         rows, invalid = await list_participants(etcd_endpoints, group, timeout, tls, etcd_access)

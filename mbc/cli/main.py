@@ -151,8 +151,18 @@ def client_log_level() -> str:
 def cmd_participants(args: argparse.Namespace) -> None:
     from mbc.cli.inspect import print_participants
 
-    sys.exit(asyncio.run(print_participants(list(split_endpoints(args.etcd)), args.group, args.timeout, args.json, tls_config(args),
-                                            etcd_access=etcd_access(args))))
+    sys.exit(
+        asyncio.run(
+            print_participants(
+                list(split_endpoints(args.etcd)),
+                args.group,
+                args.timeout,
+                args.json,
+                tls_config(args),
+                etcd_access=etcd_access(args),
+            )
+        )
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -184,8 +194,11 @@ def cmd_etcd_auth_setup(args: argparse.Namespace) -> None:
     from mbc.cli.etcd_auth import run_setup
 
     configure(client_log_level(), service="etcd-auth")
-    sys.exit(asyncio.run(run_setup(list(split_endpoints(args.etcd)), etcd_access(args), args.password_dir,
-                                   args.root_password_file, args.bot)))
+    sys.exit(
+        asyncio.run(
+            run_setup(list(split_endpoints(args.etcd)), etcd_access(args), args.password_dir, args.root_password_file, args.bot)
+        )
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -217,9 +230,12 @@ def add_component(sub, kind: str, help: str, func) -> argparse.ArgumentParser:
     """`mbc router|bot|store`: a flag per config field that names one, and --config."""
     parser = sub.add_parser(kind, help=help)
     add_flags(parser, kind)
-    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, ""), metavar="FILE",
-                        help="YAML settings file (sections router/bot/store); "
-                             "MBC_<COMPONENT>__<FIELD> variables and flags override it")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_ENV, ""),
+        metavar="FILE",
+        help="YAML settings file (sections router/bot/store); MBC_<COMPONENT>__<FIELD> variables and flags override it",
+    )
     parser.set_defaults(func=func)
     return parser
 
@@ -230,8 +246,13 @@ def add_router(sub) -> None:
 
 def add_bot(sub) -> None:
     bot = add_component(sub, "bot", "run one bot from a definition file", cmd_bot)
-    bot.add_argument("--handlers", action="append", default=[], metavar="MODULE",
-                     help="Python module (dotted name or .py file) whose setup(bot) attaches code to intents; repeatable")
+    bot.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="Python module (dotted name or .py file) whose setup(bot) attaches code to intents; repeatable",
+    )
 
 
 def add_store(sub) -> None:
@@ -252,8 +273,12 @@ def add_group(sub) -> None:
     group = sub.add_parser("group", help="show or change a bot group's settings")
     group.add_argument("group")
     etcd_args(group)
-    group.add_argument("--return-to-sender", choices=("on", "off"), default=None,
-                       help="hand a transferred conversation back to the sending bot when the receiver's dialog ends")
+    group.add_argument(
+        "--return-to-sender",
+        choices=("on", "off"),
+        default=None,
+        help="hand a transferred conversation back to the sending bot when the receiver's dialog ends",
+    )
     group.set_defaults(func=cmd_group)
 
 
@@ -261,15 +286,30 @@ def add_etcd_auth(sub) -> None:
     etcd_auth = sub.add_parser("etcd-auth", help="etcd users and roles for the mesh's components")
     etcd_auth_sub = etcd_auth.add_subparsers(dest="etcd_auth_command", required=True)
     setup = etcd_auth_sub.add_parser(
-        "setup", help="create or update one etcd user per component (router, store, each bot) allowed only its key "
-                      "prefixes, then enable authentication (see mbc/cli/etcd_auth.py)")
+        "setup",
+        help="create or update one etcd user per component (router, store, each bot) allowed only its key "
+        "prefixes, then enable authentication (see mbc/cli/etcd_auth.py)",
+    )
     etcd_args(setup, user=False)
-    setup.add_argument("--password-dir", required=True, metavar="DIR",
-                       help="each user's password is read from DIR/<user>.password, or made (random, mode 0600) when missing")
-    setup.add_argument("--root-password-file", default="", metavar="FILE",
-                       help="etcd root's password (default DIR/root.password; made when etcd has no authentication yet)")
-    setup.add_argument("--bot", action="append", default=[], metavar="GROUP/BOT_ID|DEFINITION.yaml",
-                       help="a bot to make a user for: its group and id, or its definition file; repeatable")
+    setup.add_argument(
+        "--password-dir",
+        required=True,
+        metavar="DIR",
+        help="each user's password is read from DIR/<user>.password, or made (random, mode 0600) when missing",
+    )
+    setup.add_argument(
+        "--root-password-file",
+        default="",
+        metavar="FILE",
+        help="etcd root's password (default DIR/root.password; made when etcd has no authentication yet)",
+    )
+    setup.add_argument(
+        "--bot",
+        action="append",
+        default=[],
+        metavar="GROUP/BOT_ID|DEFINITION.yaml",
+        help="a bot to make a user for: its group and id, or its definition file; repeatable",
+    )
     setup.set_defaults(func=cmd_etcd_auth_setup)
 
 
@@ -322,8 +362,20 @@ def add_bench(sub) -> None:
     index.set_defaults(func=cmd_bench_index)
 
 
-COMMANDS = (add_router, add_bot, add_store, add_group, add_etcd_auth, add_demo, add_match, add_config,
-            add_participants, add_chat, add_bench, add_quality_commands)
+COMMANDS = (
+    add_router,
+    add_bot,
+    add_store,
+    add_group,
+    add_etcd_auth,
+    add_demo,
+    add_match,
+    add_config,
+    add_participants,
+    add_chat,
+    add_bench,
+    add_quality_commands,
+)
 """Every `mbc` command, in the order of `mbc --help` (add_quality_commands: eval, calibrate, overlap)."""
 
 

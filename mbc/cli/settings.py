@@ -76,8 +76,12 @@ CLIENT_SETTINGS: dict[Path_, str] = {
 """What the client commands read from MBC_CLIENT__* when their flag is not given."""
 
 LEGACY_ENV: dict[str, dict[str, Path_]] = {
-    "MBC_ETCD": {"router": ("etcd_endpoints",), "bot": ("etcd_endpoints",), "store": ("etcd_endpoints",),
-                 CLIENT: ("etcd_endpoints",)},
+    "MBC_ETCD": {
+        "router": ("etcd_endpoints",),
+        "bot": ("etcd_endpoints",),
+        "store": ("etcd_endpoints",),
+        CLIENT: ("etcd_endpoints",),
+    },
     "MBC_MODEL": {"router": ("encoder", "model"), "bot": ("encoder", "model")},
     "MBC_LOG_LEVEL": {"router": ("log_level",), "bot": ("log_level",), "store": ("log_level",), CLIENT: ("log_level",)},
     "MBC_ROUTER": {"bot": ("router_address",), CLIENT: ("router_address",)},
@@ -126,7 +130,9 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: expected a mapping with sections {', '.join(KINDS)}, got {type(data).__name__}")
     for key in data:
         if key not in KINDS:
-            raise ConfigError(f"config file {path}: unknown section {key!r}{_suggest(str(key), KINDS)}; sections are {', '.join(KINDS)}")
+            raise ConfigError(
+                f"config file {path}: unknown section {key!r}{_suggest(str(key), KINDS)}; sections are {', '.join(KINDS)}"
+            )
     return data
 
 
@@ -160,7 +166,7 @@ def env_layer(kind: str, environ: Mapping[str, str]) -> dict[Path_, tuple[Any, s
     for var in sorted(environ):
         if not var.startswith(prefix):
             continue
-        parts = tuple(p.lower() for p in var[len(prefix):].split("__"))
+        parts = tuple(p.lower() for p in var[len(prefix) :].split("__"))
         cls: type = KINDS[kind]
         for i, part in enumerate(parts):
             hints = _hints(cls)
@@ -168,11 +174,13 @@ def env_layer(kind: str, environ: Mapping[str, str]) -> dict[Path_, tuple[Any, s
                 raise ConfigError(f"unknown setting {var} ({kind}.{'.'.join(parts)}){_suggest(part, hints)}")
             if i < len(parts) - 1:
                 if not dataclasses.is_dataclass(hints[part]):
-                    raise ConfigError(f"unknown setting {var}: {kind}.{'.'.join(parts[:i + 1])} has no sub-settings")
+                    raise ConfigError(f"unknown setting {var}: {kind}.{'.'.join(parts[: i + 1])} has no sub-settings")
                 cls = hints[part]
             elif dataclasses.is_dataclass(hints[part]):
-                raise ConfigError(f"{var}: {kind}.{'.'.join(parts)} is a section; name one of its settings: "
-                                  f"{', '.join(f'{var}__{n.upper()}' for n in _hints(hints[part]))}")
+                raise ConfigError(
+                    f"{var}: {kind}.{'.'.join(parts)} is a section; name one of its settings: "
+                    f"{', '.join(f'{var}__{n.upper()}' for n in _hints(hints[part]))}"
+                )
         out[parts] = (environ[var], f"env {var}")
     return out
 
@@ -321,7 +329,11 @@ def resolve(
     sources: dict[Path_, str] = {}
     values: dict[Path_, Any] = {}
     for path, (raw, source) in layers.items():
-        values[path] = raw if source.startswith("flag") else coerce(raw, _field_type(KINDS[kind], path), f"{source} ({kind}.{'.'.join(path)})")
+        values[path] = (
+            raw
+            if source.startswith("flag")
+            else coerce(raw, _field_type(KINDS[kind], path), f"{source} ({kind}.{'.'.join(path)})")
+        )
         sources[path] = source
     try:
         config = _build(KINDS[kind], base, values)
@@ -448,7 +460,8 @@ def add_flags(parser: argparse.ArgumentParser, kind: str) -> None:
             if target is None:
                 cls = _hints(KINDS[kind])[flag.path[0]]
                 target = groups[flag.path[0]] = parser.add_argument_group(
-                    f"{flag.path[0]} settings", (cls.__doc__ or "").split("\n")[0])
+                    f"{flag.path[0]} settings", (cls.__doc__ or "").split("\n")[0]
+                )
         add_field_arguments(target, [flag])
 
 

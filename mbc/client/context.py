@@ -68,12 +68,21 @@ class ContextClient:
 
     async def get(self, namespace: str, scope: Scope, scope_id: str, key: str, timeout: float | None = None) -> tuple[Any, int]:
         """(value, version); (None, 0) when absent."""
-        r = await self._stub.Get(context_pb2.GetContextRequest(key=self._key(namespace, scope, scope_id, key)), timeout=self._timeout(timeout))
+        r = await self._stub.Get(
+            context_pb2.GetContextRequest(key=self._key(namespace, scope, scope_id, key)), timeout=self._timeout(timeout)
+        )
         return (from_value(r.value), r.version) if r.found else (None, 0)
 
     async def set(
-        self, namespace: str, scope: Scope, scope_id: str, key: str, value: Any,
-        expected_version: int | None = None, timeout: float | None = None, owner_version: int | None = None,
+        self,
+        namespace: str,
+        scope: Scope,
+        scope_id: str,
+        key: str,
+        value: Any,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+        owner_version: int | None = None,
     ) -> int:
         """Write and return the new version; with expected_version, only if the key is at that version
         (raises grpc.aio.AioRpcError ABORTED otherwise); with owner_version (conversation scope),
@@ -85,9 +94,16 @@ class ContextClient:
             request.owner_version = owner_version
         return (await self._stub.Set(request, timeout=self._timeout(timeout))).version
 
-    async def delete(self, namespace: str, scope: Scope, scope_id: str, key: str,
-                     expected_version: int | None = None, timeout: float | None = None,
-                     owner_version: int | None = None) -> bool:
+    async def delete(
+        self,
+        namespace: str,
+        scope: Scope,
+        scope_id: str,
+        key: str,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+        owner_version: int | None = None,
+    ) -> bool:
         request = context_pb2.DeleteContextRequest(key=self._key(namespace, scope, scope_id, key))
         if expected_version is not None:
             request.expected_version = expected_version
@@ -97,18 +113,25 @@ class ContextClient:
 
     async def list(self, namespace: str, scope: Scope, scope_id: str = "", timeout: float | None = None) -> dict[str, Any]:
         r = await self._stub.List(
-            context_pb2.ListContextRequest(namespace=namespace, scope=int(scope), scope_id=scope_id), timeout=self._timeout(timeout)
+            context_pb2.ListContextRequest(namespace=namespace, scope=int(scope), scope_id=scope_id),
+            timeout=self._timeout(timeout),
         )
         return {e.key: from_value(e.value) for e in r.entries}
 
     async def get_owner(self, conversation_id: str, timeout: float | None = None) -> tuple[context_pb2.Ownership | None, int]:
         """(ownership, version); (None, 0) when no bot has the conversation yet."""
-        r = await self._stub.GetOwner(context_pb2.GetOwnerRequest(conversation_id=conversation_id), timeout=self._timeout(timeout))
+        r = await self._stub.GetOwner(
+            context_pb2.GetOwnerRequest(conversation_id=conversation_id), timeout=self._timeout(timeout)
+        )
         return (r.ownership, r.version) if r.found else (None, 0)
 
     async def claim_owner(
-        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int,
-        transfer_id: str = "", timeout: float | None = None,
+        self,
+        conversation_id: str,
+        owner: common_pb2.BotRef,
+        expected_version: int,
+        transfer_id: str = "",
+        timeout: float | None = None,
     ) -> int:
         """Record `owner` if the record is still at expected_version; returns the new version
         (raises grpc.aio.AioRpcError ABORTED when someone else changed it first)."""

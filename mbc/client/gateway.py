@@ -15,13 +15,13 @@ With mTLS (`tls`, a certificate for the identity gateway/<name>), every call pre
 from __future__ import annotations
 
 import uuid
-from typing import Mapping
+from collections.abc import Mapping
 
 import grpc
 
+from mbc.client.context import ContextClient
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import TlsConfig
-from mbc.client.context import ContextClient
 from mbc.v1 import bot_pb2
 
 
@@ -92,7 +92,7 @@ class Conversation:
         if self._own_channels:
             await self._channels.close()
 
-    async def __aenter__(self) -> "Conversation":
+    async def __aenter__(self) -> Conversation:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -116,15 +116,17 @@ def definitions(ds: Dataset) -> list[dict]:
         phrases.setdefault(intent, []).append(text)
     out = []
     for domain, intents in ds.domains.items():
-        out.append({
-            "id": bot_id_of(domain),
-            "display_name": domain.replace("_", " ").title() + " Bot",
-            "group": GROUP,
-            "collaboration": True,
-            "fallback": f"Sorry, I can only help with {domain.replace('_', ' ')}.",
-            "intents": [{"name": i, "phrases": list(dict.fromkeys(phrases[i]))} for i in intents if phrases.get(i)],
-            "dialogs": [{"intent": i, "responses": [f"[{i}]"]} for i in intents if phrases.get(i)],
-        })
+        out.append(
+            {
+                "id": bot_id_of(domain),
+                "display_name": domain.replace("_", " ").title() + " Bot",
+                "group": GROUP,
+                "collaboration": True,
+                "fallback": f"Sorry, I can only help with {domain.replace('_', ' ')}.",
+                "intents": [{"name": i, "phrases": list(dict.fromkeys(phrases[i]))} for i in intents if phrases.get(i)],
+                "dialogs": [{"intent": i, "responses": [f"[{i}]"]} for i in intents if phrases.get(i)],
+            }
+        )
     return out
 
 
@@ -138,8 +140,10 @@ def questions(ds: Dataset) -> list[Item]:
 
 
 def calibration_examples(ds: Dataset) -> list[Example]:
-    return [Example(text, ds.bot_of[intent], intent, GROUP) if intent else Example(text, group=GROUP)
-            for text, intent in ds.calibration]
+    return [
+        Example(text, ds.bot_of[intent], intent, GROUP) if intent else Example(text, group=GROUP)
+        for text, intent in ds.calibration
+    ]
 
 
 # --- start -----------------------------------------------------------------------------------
@@ -197,15 +201,18 @@ async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncItera
         progress(f"eval: {len(mesh.bots)} bots serving and registered ({time.monotonic() - started:.0f}s)")
         await mesh.router.start()
         await wait_trained(mesh)
-        progress(f"eval: router ready after {time.monotonic() - started:.1f}s: "
-                 f"tau={mesh.model.tau:.3f} ({mesh.calibration.get('method')})")
+        progress(
+            f"eval: router ready after {time.monotonic() - started:.1f}s: "
+            f"tau={mesh.model.tau:.3f} ({mesh.calibration.get('method')})"
+        )
         yield mesh
 
 
 async def start_bots(mesh: Mesh, ds: Dataset, etcd: tuple[str, ...], encoder: Encoder) -> None:
     """A bot per domain, serving and registered in etcd, calling the mesh's router."""
-    config = BotConfig(etcd_endpoints=etcd, router_address=mesh.router.server.address, server=ServerConfig(port=0),
-                       lease_ttl_seconds=5)
+    config = BotConfig(
+        etcd_endpoints=etcd, router_address=mesh.router.server.address, server=ServerConfig(port=0), lease_ttl_seconds=5
+    )
     for data in definitions(ds):
         bot = BotProcess(config, bot=Bot(BotDefinition.from_dict(data)), encoder=encoder)
         mesh.bots[bot.bot.bot_id] = bot
@@ -216,8 +223,9 @@ async def wait_trained(mesh: Mesh) -> None:
     """Until the router's model of the group covers every bot and is calibrated (no time limit:
     training takes as long as the machine needs)."""
     progress("eval: waiting for the router to train and calibrate on all bots...")
-    mesh.model, _ = await eventually(lambda: _trained_model(mesh), timeout=math.inf, interval=0.5,
-                                     what="the router trained on every bot")
+    mesh.model, _ = await eventually(
+        lambda: _trained_model(mesh), timeout=math.inf, interval=0.5, what="the router trained on every bot"
+    )
     mesh.calibration = dict(mesh.model.calibration)
     mesh.initial_build = mesh.model.times.as_dict()
 
@@ -336,9 +344,12 @@ async def measure_end_to_end(mesh: Mesh, items: list[Item], size: int, seed: int
     bot_ids = sorted(mesh.bots)
     entries = [rng.choice([b for b in bot_ids if b != bot_id] or bot_ids) for _, bot_id, _ in sample]
     calls = Calls("Respond", len(sample), concurrency, every=100)
-    replies = await asyncio.gather(*(
-        calls.call(_respond(mesh.bots[entry].identity.address, text, mesh.pool), bot_pb2.RespondResponse())
-        for (text, _, _), entry in zip(sample, entries)))
+    replies = await asyncio.gather(
+        *(
+            calls.call(_respond(mesh.bots[entry].identity.address, text, mesh.pool), bot_pb2.RespondResponse())
+            for (text, _, _), entry in zip(sample, entries)
+        )
+    )
     seconds = time.monotonic() - calls.started
     counts = Counter(bot_pb2.Outcome.Name(r.outcome) for r in replies)
     right = sum(respond_right(r, bot_id, intent) for (_, bot_id, intent), r in zip(sample, replies))
@@ -396,9 +407,11 @@ def report(args, ds: Dataset, mesh: Mesh, match: MatchPhase, e2e: EndToEnd, retr
 
 
 def describe(ds: Dataset, split: str) -> None:
-    progress(f"eval: {len(ds.domains)} bots, {len(ds.bot_of)} intents, {len(ds.train)} training phrases; "
-             f"split {split}: {len(ds.in_scope)} in scope + {len(ds.oos)} out of scope; "
-             f"calibration: {len(ds.calibration)} utterances of val, oos_val, oos_train")
+    progress(
+        f"eval: {len(ds.domains)} bots, {len(ds.bot_of)} intents, {len(ds.train)} training phrases; "
+        f"split {split}: {len(ds.in_scope)} in scope + {len(ds.oos)} out of scope; "
+        f"calibration: {len(ds.calibration)} utterances of val, oos_val, oos_train"
+    )
     if split == "val":
         progress("eval: NOTE --split val: the router is calibrated on val, so these figures are in-sample for calibration")
 

@@ -7,9 +7,8 @@ an operator sees an overlap before a bot joins (the product's guidance: no overl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
-
 
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
 
@@ -23,7 +22,9 @@ class Overlap:
     pairs: list[tuple[float, str, str]] = field(default_factory=list)
 
 
-def find_overlaps(groups: dict[str, Sequence[IntentPhrases]], encoder, threshold: float = 0.8, neighbours: int = 10) -> list[Overlap]:
+def find_overlaps(
+    groups: dict[str, Sequence[IntentPhrases]], encoder, threshold: float = 0.8, neighbours: int = 10
+) -> list[Overlap]:
     found: dict[tuple, Overlap] = {}
     for group, intents in groups.items():
         if len({i.bot_id for i in intents}) < 2:
@@ -58,8 +59,9 @@ def format_overlaps(overlaps: list[Overlap], examples: int = 2) -> str:
         return "No overlapping intents between bots."
     lines = [f"{len(overlaps)} pair(s) of intents of different bots with colliding training phrases:", ""]
     for o in overlaps:
-        lines.append(f"[{o.group}] {o.a[0]}/{o.a[1]}  <->  {o.b[0]}/{o.b[1]}   max cosine {o.best:.2f}, "
-                     f"{len(o.pairs)} phrase pair(s)")
+        lines.append(
+            f"[{o.group}] {o.a[0]}/{o.a[1]}  <->  {o.b[0]}/{o.b[1]}   max cosine {o.best:.2f}, {len(o.pairs)} phrase pair(s)"
+        )
         for sim, p, q in o.pairs[:examples]:
             lines.append(f"    {sim:.2f}  {p!r}  ~  {q!r}")
     return "\n".join(lines)

@@ -39,8 +39,13 @@ class ChannelPool:
 
     Calls made through these channels carry the current trace id (mbc/runtime/tracing.py)."""
 
-    def __init__(self, max_message_bytes: int = 4 * MiB, keepalive_time_ms: int = 30_000, keepalive_timeout_ms: int = 10_000,
-                 tls: TlsConfig = TlsConfig()) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = 4 * MiB,
+        keepalive_time_ms: int = 30_000,
+        keepalive_timeout_ms: int = 10_000,
+        tls: TlsConfig = TlsConfig(),
+    ) -> None:
         self.tls = tls
         self._credentials = channel_credentials(tls) if tls.enabled else None  # files read once, at start
         self._options = [

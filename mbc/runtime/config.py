@@ -47,8 +47,11 @@ ON_OFF = ("on", "off")
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
     """Raise ValueError naming the setting when `value` is outside [low, high]."""
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if low is not None and high is not None else (
-            f"at least {low}" if low is not None else f"at most {high}")
+        bounds = (
+            f"between {low} and {high}"
+            if low is not None and high is not None
+            else (f"at least {low}" if low is not None else f"at most {high}")
+        )
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
 
 
@@ -68,10 +71,7 @@ class RatingThresholds:
 
     def __post_init__(self) -> None:
         if not (1.0 >= self.very_good >= self.good >= self.fair_plus >= self.fair >= -1.0):
-            raise ValueError(
-                "rating thresholds must satisfy 1 >= very_good >= good >= fair_plus >= fair >= -1, "
-                f"got {self}"
-            )
+            raise ValueError(f"rating thresholds must satisfy 1 >= very_good >= good >= fair_plus >= fair >= -1, got {self}")
 
     def rate(self, score: float) -> int:
         """The mbc.v1.Rating value of a cosine score."""
@@ -101,8 +101,9 @@ class EncoderConfig:
     cache, so a small batch costs less CPU per sentence than a large one."""
     cache_size: int = 200_000
     """Phrase embeddings kept in memory, keyed by model and text, so unchanged phrases cost nothing."""
-    backend: str = setting("torch", flag="--encoder-backend", choices=BACKENDS,
-                           help="inference engine (onnx needs the onnx extra)")
+    backend: str = setting(
+        "torch", flag="--encoder-backend", choices=BACKENDS, help="inference engine (onnx needs the onnx extra)"
+    )
     """Inference engine: "torch" (sentence-transformers), "onnx" (onnxruntime, same vectors to 1e-6)
     or "onnx-int8" (dynamically quantized: faster, slightly different vectors). The ONNX files are
     exported once from the local weights, offline, into `onnx_dir`; they need the `onnx` extra."""
@@ -113,21 +114,28 @@ class EncoderConfig:
     workers: int = setting(1, flag="--encoder-workers", help="threads encoding and scoring micro-batches side by side")
     """Threads running the micro-batches of the async API (the router's Match) side by side, each
     encoding then scoring its own batch; with `threads: 1`, 2 workers use 2 cores."""
-    max_batch: int = setting(32, flag="--max-batch",
-                             help="largest micro-batch of concurrent Match utterances; 1 disables batching")
+    max_batch: int = setting(
+        32, flag="--max-batch", help="largest micro-batch of concurrent Match utterances; 1 disables batching"
+    )
     """Largest micro-batch: concurrent `aencode` calls (the router's Match) are encoded together in
     one forward pass of at most this many utterances; 1 encodes one call at a time."""
-    batch_wait_ms: float = setting(0.0, flag="--batch-wait-ms",
-                                   help="bounded wait for a micro-batch to fill, under concurrency only")
+    batch_wait_ms: float = setting(
+        0.0, flag="--batch-wait-ms", help="bounded wait for a micro-batch to fill, under concurrency only"
+    )
     """How long a micro-batch may wait for more utterances before it is encoded (bounded; it ends
     early when `max_batch` is reached). Only applied while calls arrive concurrently (the previous
     batch held more than one call), so a lone call never waits."""
-    query_cache_size: int = setting(4096, flag="--query-cache",
-                                    help="utterance embeddings kept for repeated utterances; 0 disables")
+    query_cache_size: int = setting(
+        4096, flag="--query-cache", help="utterance embeddings kept for repeated utterances; 0 disables"
+    )
     """Utterance embeddings kept by `aencode` (LRU, keyed by exact text) so a repeated utterance
     costs no model call; 0 disables the cache."""
-    idle_spinning: bool = setting(True, flag="--idle-spinning", choices=ON_OFF,
-                                  help="onnx: a micro-batch alone on an idle router runs on spinning engine threads")
+    idle_spinning: bool = setting(
+        True,
+        flag="--idle-spinning",
+        choices=ON_OFF,
+        help="onnx: a micro-batch alone on an idle router runs on spinning engine threads",
+    )
     """ONNX backends with more than one engine thread: a micro-batch that runs alone (no other batch
     encoding or queued) uses a second engine session whose threads spin between operators instead
     of sleeping, which answers a lone utterance sooner. Under load the sleeping session is used, so
@@ -151,12 +159,16 @@ class TlsConfig:
     accepts only clients presenting a certificate signed by `ca_file`, and its outgoing calls verify
     the server against `ca_file` and present `cert_file`. Read once, at start."""
 
-    ca_file: str = setting("", flag="--tls-ca", metavar="FILE",
-                           help="PEM CA of the mesh: turns on mutual TLS (with --tls-cert and --tls-key)")
+    ca_file: str = setting(
+        "", flag="--tls-ca", metavar="FILE", help="PEM CA of the mesh: turns on mutual TLS (with --tls-cert and --tls-key)"
+    )
     """PEM bundle of the CA(s) that sign the mesh's certificates (servers and clients)."""
-    cert_file: str = setting("", flag="--tls-cert", metavar="FILE",
-                             help="PEM certificate naming this component (spiffe://mbc/bot/<group>/<bot_id>, "
-                                  "spiffe://mbc/gateway/<name>, ...)")
+    cert_file: str = setting(
+        "",
+        flag="--tls-cert",
+        metavar="FILE",
+        help="PEM certificate naming this component (spiffe://mbc/bot/<group>/<bot_id>, spiffe://mbc/gateway/<name>, ...)",
+    )
     """PEM certificate of this component; its identity is the URI SAN spiffe://mbc/<identity> (or the
     subject CN <identity>): bot/<group>/<bot_id>, gateway/<name>, router or store."""
     key_file: str = setting("", flag="--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
@@ -164,8 +176,9 @@ class TlsConfig:
 
     def __post_init__(self) -> None:
         if len({bool(self.ca_file), bool(self.cert_file), bool(self.key_file)}) > 1:
-            raise ValueError("server.tls.ca_file, server.tls.cert_file and server.tls.key_file go together: "
-                             "set all three or none")
+            raise ValueError(
+                "server.tls.ca_file, server.tls.cert_file and server.tls.key_file go together: set all three or none"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -194,14 +207,21 @@ class ServerConfig:
     """On SIGTERM, how long in-flight RPCs may take to finish."""
     port_file: str = setting("", flag="--port-file", help="write the bound port to this file once serving")
     """When set, the bound port is written to this file once serving (for supervisors and tests)."""
-    metrics_port: int = setting(0, flag="--metrics-port", help="Prometheus /metrics port on --host; 0 picks a free one "
-                                "(written to <port file stem>.metrics-port), -1 turns it off")
+    metrics_port: int = setting(
+        0,
+        flag="--metrics-port",
+        help="Prometheus /metrics port on --host; 0 picks a free one (written to <port file stem>.metrics-port), -1 turns it off",
+    )
     """Port of the Prometheus /metrics HTTP endpoint, bound on `host`; 0 picks a free one (reported
     in the `metrics_serving` log line and in `<port_file stem>.metrics-port`), -1 turns it off."""
     otel: bool = setting(False, flag="--otel", help="OpenTelemetry gRPC instrumentation (needs the otel extra)")
     """OpenTelemetry gRPC instrumentation of this server and its outgoing calls (needs the `otel` extra)."""
-    otel_exporter: str = setting("otlp", flag="--otel-exporter", choices=OTEL_EXPORTERS,
-                                 help="where OpenTelemetry spans go (otlp: OTEL_EXPORTER_OTLP_ENDPOINT)")
+    otel_exporter: str = setting(
+        "otlp",
+        flag="--otel-exporter",
+        choices=OTEL_EXPORTERS,
+        help="where OpenTelemetry spans go (otlp: OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
     """Where OpenTelemetry spans go: "otlp" (OTEL_EXPORTER_OTLP_ENDPOINT, default localhost:4317),
     "console" (stderr) or "none"."""
     tls: TlsConfig = section(TlsConfig)
@@ -274,8 +294,9 @@ class DecisionConfig:
     """DISAMBIGUATE when the best two bots are within this of each other (fused score) and both
     FAIR PLUS or better; 0 turns disambiguation off. It fires rarely, and mostly where the first
     bot would have been the wrong one."""
-    calibration_path: str = setting("", flag="--calibration",
-                                    help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)")
+    calibration_path: str = setting(
+        "", flag="--calibration", help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)"
+    )
     """A labelled calibration set (JSON Lines, see router/calibration.py), loaded at start and
     reloaded when the file changes; empty: none."""
 
@@ -286,8 +307,9 @@ class EtcdAccess:
 
     TLS is used when `ca_file` is set or the endpoints are https:// URLs."""
 
-    ca_file: str = setting("", flag="--etcd-ca", metavar="FILE",
-                           help="CA of etcd's server certificate: talk TLS to etcd (as do https:// endpoints)")
+    ca_file: str = setting(
+        "", flag="--etcd-ca", metavar="FILE", help="CA of etcd's server certificate: talk TLS to etcd (as do https:// endpoints)"
+    )
     """PEM CA bundle that signed etcd's server certificate; empty with https:// endpoints: the system CAs."""
     cert_file: str = setting("", flag="--etcd-cert", metavar="FILE", help="client certificate for etcd (with --etcd-key)")
     """PEM client certificate, for an etcd started with --client-cert-auth (with `key_file`)."""
@@ -315,8 +337,9 @@ class EtcdAccess:
 class RouterConfig:
     """The router: watches participants in etcd and answers Match."""
 
-    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), flag="--etcd",
-                                              help="etcd endpoints, comma-separated host:port")
+    etcd_endpoints: tuple[str, ...] = setting(
+        ("127.0.0.1:2379",), flag="--etcd", help="etcd endpoints, comma-separated host:port"
+    )
     """etcd client endpoints as host:port (or https://host:port)."""
     etcd: EtcdAccess = section(EtcdAccess)
     server: ServerConfig = section(ServerConfig, flag_defaults={"port": 50051})
@@ -333,8 +356,12 @@ class RouterConfig:
     """A registration with more intents is ignored (logged as participant_ignored): training a
     group's decision model takes time that grows with its intents, so one registration must not
     hold the router's trainer for minutes."""
-    embedding_cache_dir: str = setting("", flag="--embedding-cache", metavar="DIR",
-                                       help='persisted phrase embeddings (default ~/.cache/mbc/embeddings; "off": none)')
+    embedding_cache_dir: str = setting(
+        "",
+        flag="--embedding-cache",
+        metavar="DIR",
+        help='persisted phrase embeddings (default ~/.cache/mbc/embeddings; "off": none)',
+    )
     """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
     a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
     (~/.cache/mbc/embeddings), "off" keeps them in memory only."""
@@ -354,8 +381,9 @@ class BotConfig:
 
     definition_path: str = setting("", flag="definition", help="bot definition YAML")
     """The bot definition YAML file."""
-    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), flag="--etcd",
-                                              help="etcd endpoints, comma-separated host:port")
+    etcd_endpoints: tuple[str, ...] = setting(
+        ("127.0.0.1:2379",), flag="--etcd", help="etcd endpoints, comma-separated host:port"
+    )
     """etcd client endpoints as host:port; empty disables registration (a standalone bot)."""
     etcd: EtcdAccess = section(EtcdAccess)
     router_address: str = setting("127.0.0.1:50051", flag="--router", help="router host:port; empty disables transfers")
@@ -422,8 +450,9 @@ class StoreConfig:
 class StoreServiceConfig:
     """The Context Session Store process (`mbc store`)."""
 
-    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), flag="--etcd",
-                                              help="etcd endpoints, comma-separated host:port")
+    etcd_endpoints: tuple[str, ...] = setting(
+        ("127.0.0.1:2379",), flag="--etcd", help="etcd endpoints, comma-separated host:port"
+    )
     """etcd client endpoints as host:port (or https://host:port)."""
     etcd: EtcdAccess = section(EtcdAccess)
     server: ServerConfig = section(ServerConfig, flag_defaults={"port": 50052})

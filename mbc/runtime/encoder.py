@@ -33,10 +33,11 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -554,9 +555,7 @@ class Encoder:
         """(micro-batches encoded, `aencode` calls they served) since start."""
         return self._thread.batches, self._thread.batched_queries
 
-    async def aencode(
-        self, texts: Sequence[str], post: Callable[[np.ndarray, list[str]], Sequence[Any]] | None = None
-    ) -> Any:
+    async def aencode(self, texts: Sequence[str], post: Callable[[np.ndarray, list[str]], Sequence[Any]] | None = None) -> Any:
         """Embed texts on the encoder thread, batched with concurrent calls; repeats come from the LRU.
 
         With `post`, returns `post(vectors, texts)` (one result per text), computed on the encoder

@@ -22,8 +22,9 @@ keeps the usual groups (the 10-bot CLINC150 mesh has 15,000 phrases) exactly as 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -39,9 +40,7 @@ class VectorIndex(Protocol):
 
     def remove(self, ids: np.ndarray) -> None: ...
 
-    def search(
-        self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query row, best first; id -1 marks an empty slot.
 
         `exclude` is a half-open id range [start, end) that must not be returned.
@@ -145,9 +144,7 @@ class FlatIndex:
             keep = ~np.isin(old_ids, np.asarray(ids, dtype=np.int64))
             self._snapshot = (old_ids[keep], np.ascontiguousarray(old_t[:, keep]))
 
-    def search(
-        self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         ids, transposed = self._snapshot
         n = len(ids)
@@ -348,7 +345,7 @@ class IVFIndex:
         self.dim = dim
         self.nlist = nlist or ivf_lists(n)
         self.nprobe = nprobe or max(8, self.nlist // 8)
-        self.trained_for = self.nlist ** 2
+        self.trained_for = self.nlist**2
         """The size the lists fit (about √n lists for n vectors), whatever the training sample."""
         quantizer = faiss.IndexFlatIP(dim)
         subquantizers = dim // 4 if dim % 4 == 0 else dim // 2 if dim % 2 == 0 else dim
@@ -358,7 +355,9 @@ class IVFIndex:
         rng = np.random.default_rng(seed)
         sample = training if n <= 40 * self.nlist else training[rng.choice(n, 40 * self.nlist, replace=False)]
         if len(sample) < self.nlist:
-            raise ValueError(f"an IVF index of {self.nlist} lists needs at least {self.nlist} training vectors, got {len(sample)}")
+            raise ValueError(
+                f"an IVF index of {self.nlist} lists needs at least {self.nlist} training vectors, got {len(sample)}"
+            )
         with _one_thread():
             self._index.train(sample)
         self._quantizer = quantizer  # the IVF index does not own it
@@ -412,14 +411,16 @@ class IVFIndex:
             dead |= (ids >= exclude[0]) & (ids < exclude[1])
         scores[:, dead] = -np.inf
         top = out.shape[1]
-        best = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < len(ids) else np.broadcast_to(np.arange(len(ids)), scores.shape)
+        best = (
+            np.argpartition(-scores, top - 1, axis=1)[:, :top]
+            if top < len(ids)
+            else np.broadcast_to(np.arange(len(ids)), scores.shape)
+        )
         out[:] = ids[best]
         out[np.isneginf(np.take_along_axis(scores, best, axis=1))] = -1
         return out
 
-    def search(
-        self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         nq = len(queries)
         if len(self) == 0:

@@ -8,8 +8,8 @@ lets a search leave out the asking bot inside FAISS itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -139,10 +139,7 @@ class IntentCatalog:
             if key not in best:
                 best[key] = (float(score), self._phrases[idx])
         ranked = sorted(best.items(), key=lambda item: -item[1][0])[:limit]
-        return [
-            ScoredIntent(bot_id, intent, score, ratings.rate(score), phrase)
-            for (bot_id, intent), (score, phrase) in ranked
-        ]
+        return [ScoredIntent(bot_id, intent, score, ratings.rate(score), phrase) for (bot_id, intent), (score, phrase) in ranked]
 
 
 def _sorted(entries: Iterable[IntentPhrases]) -> list[IntentPhrases]:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.request import urlopen
-from typing import Iterable
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -43,7 +43,9 @@ RPC_HANDLED = Counter(
     "grpc_server_handled_total", "RPCs completed on the server, by status code.", ["grpc_service", "grpc_method", "grpc_code"]
 )
 RPC_LATENCY = Histogram(
-    "grpc_server_handling_seconds", "Time to handle an RPC, until its status.", ["grpc_service", "grpc_method"],
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC, until its status.",
+    ["grpc_service", "grpc_method"],
     buckets=LATENCY_BUCKETS,
 )
 
@@ -77,7 +79,7 @@ class RouterCollector:
     """Gauges read from the live routers of this process at scrape time (participants, index size)."""
 
     def __init__(self) -> None:
-        self._sources: "weakref.WeakSet" = weakref.WeakSet()
+        self._sources: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def add(self, core) -> None:
@@ -149,4 +151,3 @@ def sample_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
             if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
                 total += sample.value
     return total
-

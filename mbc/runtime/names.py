@@ -11,6 +11,5 @@ def validate_name(kind: str, value: str) -> None:
     """Raise ValueError unless `value` is a valid name (group, bot id, instance id, ...)."""
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(
-            f"{kind} {value!r} is invalid: use 1-64 of letters, digits, '.', '_', '-', "
-            "starting with a letter or digit"
+            f"{kind} {value!r} is invalid: use 1-64 of letters, digits, '.', '_', '-', starting with a letter or digit"
         )

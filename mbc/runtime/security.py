@@ -22,9 +22,9 @@ from pathlib import Path
 
 import grpc
 
+from mbc.runtime.config import TlsConfig
 from mbc.runtime.names import validate_name
 from mbc.runtime.status import abort
-from mbc.runtime.config import TlsConfig
 
 SPIFFE_PREFIX = "spiffe://mbc/"
 
@@ -132,13 +132,17 @@ class Authorizer:
             return None
         identity = identity_of(context.auth_context())
         if identity is None:
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                        "the client certificate names no mesh identity (URI SAN spiffe://mbc/bot/<group>/<bot_id>, "
-                        "spiffe://mbc/gateway/<name>, ...)")
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate names no mesh identity (URI SAN spiffe://mbc/bot/<group>/<bot_id>, "
+                "spiffe://mbc/gateway/<name>, ...)",
+            )
         return identity
 
-    async def bot_of_group(self, context: grpc.aio.ServicerContext, group: str, bot_id: str = "",
-                           action: str = "do this") -> Identity | None:
+    async def bot_of_group(
+        self, context: grpc.aio.ServicerContext, group: str, bot_id: str = "", action: str = "do this"
+    ) -> Identity | None:
         """The caller, which must be a bot of `group` (and be `bot_id` when given), else PERMISSION_DENIED."""
         identity = await self.caller(context)
         reason = refusal(identity, group, bot_id, action) if identity is not None else ""

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -128,8 +128,11 @@ class GrpcServer:
         await self.server.start()
         if self.config.metrics_port >= 0 and self.metrics is None:
             self.metrics = metrics.MetricsEndpoint(self.config.host, self.config.metrics_port)
-            log.info("metrics_serving", address=f"{self.config.advertise_host or self.config.host}:{self.metrics.port}",
-                     metrics_port=self.metrics.port)
+            log.info(
+                "metrics_serving",
+                address=f"{self.config.advertise_host or self.config.host}:{self.metrics.port}",
+                metrics_port=self.metrics.port,
+            )
             if self.config.port_file:  # before the port file: whoever waits for that one finds both
                 _write_atomically(Path(metrics.metrics_port_file(self.config.port_file)), str(self.metrics.port))
         if self.config.port_file:

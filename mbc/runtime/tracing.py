@@ -18,7 +18,8 @@ import contextvars
 import os
 import re
 import secrets
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -131,10 +132,10 @@ def enable_otel(service_name: str, exporter: str = "otlp") -> None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError as e:
-        raise OtelUnavailable(
-            f"OpenTelemetry is not installed ({e.name}); install the extra: pip install 'mbc[otel]'"
-        ) from None
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name or os.environ.get("OTEL_SERVICE_NAME", "mbc")}))
+        raise OtelUnavailable(f"OpenTelemetry is not installed ({e.name}); install the extra: pip install 'mbc[otel]'") from None
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name or os.environ.get("OTEL_SERVICE_NAME", "mbc")})
+    )
     if exporter == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -25,8 +25,7 @@ log = get_logger(__name__)
 # The health check goes straight to 127.0.0.1 whatever the proxy environment variables say.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _FALLBACK_PATHS = ("/usr/bin/etcd", "/usr/sbin/etcd")
-_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le",
-           "s390x": "s390x"}
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
 class EtcdNotFound(RuntimeError):
@@ -41,8 +40,7 @@ def find_etcd() -> str:
     for path in _FALLBACK_PATHS:
         if os.access(path, os.X_OK):
             return path
-    raise EtcdNotFound("etcd was not found on PATH nor in /usr/bin or /usr/sbin: "
-                       "install it with `apt-get install etcd-server`")
+    raise EtcdNotFound("etcd was not found on PATH nor in /usr/bin or /usr/sbin: install it with `apt-get install etcd-server`")
 
 
 def free_port() -> int:
@@ -82,14 +80,23 @@ class LocalEtcd:
     `auth_token_ttl` (seconds) is etcd's --auth-token-ttl for simple auth tokens (default 300).
     """
 
-    def __init__(self, data_dir: Path | None = None, client_port: int = 0, peer_port: int = 0,
-                 binary: str | None = None, start_timeout: float = 15.0, *, tls: ServerTls | None = None,
-                 name: str = "mbc-local", initial_cluster: str = "", auth_token_ttl: int = 0,
-                 metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        client_port: int = 0,
+        peer_port: int = 0,
+        binary: str | None = None,
+        start_timeout: float = 15.0,
+        *,
+        tls: ServerTls | None = None,
+        name: str = "mbc-local",
+        initial_cluster: str = "",
+        auth_token_ttl: int = 0,
+        metrics_port: int = 0,
+    ) -> None:
         self._binary = binary or find_etcd()
         if not os.access(self._binary, os.X_OK):
-            raise EtcdNotFound(f"etcd binary {self._binary} is not executable: "
-                               "install etcd with `apt-get install etcd-server`")
+            raise EtcdNotFound(f"etcd binary {self._binary} is not executable: install etcd with `apt-get install etcd-server`")
         self._owns_dir = data_dir is None
         self._dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mbc-etcd-"))
         self.client_port = client_port or free_port()
@@ -138,20 +145,36 @@ class LocalEtcd:
     def _command(self) -> list[str]:
         command = [
             self._binary,
-            "--name", self.name,
-            "--data-dir", str(self._dir / "data"),
-            "--listen-client-urls", self.url,
-            "--advertise-client-urls", self.url,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", self._initial_cluster,
-            "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self._dir / "data"),
+            "--listen-client-urls",
+            self.url,
+            "--advertise-client-urls",
+            self.url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            self._initial_cluster,
+            "--listen-metrics-urls",
+            f"http://127.0.0.1:{self.metrics_port}",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
         ]
         if self._tls:
-            command += ["--cert-file", str(self._tls.cert), "--key-file", str(self._tls.key),
-                        "--trusted-ca-file", str(self._tls.ca)]
+            command += [
+                "--cert-file",
+                str(self._tls.cert),
+                "--key-file",
+                str(self._tls.key),
+                "--trusted-ca-file",
+                str(self._tls.ca),
+            ]
             if self._tls.client_cert_auth:
                 command.append("--client-cert-auth")
         if self._auth_token_ttl:
@@ -182,8 +205,14 @@ class LocalEtcd:
         (self._dir / "data").mkdir(mode=0o700, exist_ok=True)
         with open(self.log_path, "ab") as out:
             # A session of its own, so that Ctrl-C on a terminal leaves shutting etcd down to us.
-            self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
+            )
 
     def wait_healthy(self) -> None:
         """Wait (bounded by `start_timeout`) until the launched etcd reports healthy."""
@@ -194,15 +223,18 @@ class LocalEtcd:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None
-                raise RuntimeError(f"etcd exited with code {code} while starting; "
-                                   f"its log ({self.log_path}) ends with:\n{self._log_tail()}")
+                raise RuntimeError(
+                    f"etcd exited with code {code} while starting; its log ({self.log_path}) ends with:\n{self._log_tail()}"
+                )
             if self._healthy():
                 log.info("local_etcd_started", endpoint=self.endpoint, pid=self._proc.pid, data_dir=str(self._dir))
                 return
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"etcd did not become healthy on {self.endpoint} within "
-                                   f"{self._start_timeout:g}s; its log ({self.log_path}) ends with:\n{self._log_tail()}")
+                raise RuntimeError(
+                    f"etcd did not become healthy on {self.endpoint} within "
+                    f"{self._start_timeout:g}s; its log ({self.log_path}) ends with:\n{self._log_tail()}"
+                )
             time.sleep(0.05)
 
     def _metrics_get(self, path: str) -> bytes:
@@ -274,10 +306,8 @@ class LocalEtcd:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.cleanup()
-
 
 
 class LocalEtcdCluster:
@@ -297,8 +327,15 @@ class LocalEtcdCluster:
         names = [f"member{i}" for i in range(size)]
         initial = ",".join(f"{name}=http://127.0.0.1:{ports[3 * i + 1]}" for i, name in enumerate(names))
         self.members = [
-            LocalEtcd(self._dir / name, client_port=ports[3 * i], peer_port=ports[3 * i + 1], metrics_port=ports[3 * i + 2],
-                      start_timeout=start_timeout, name=name, initial_cluster=initial)
+            LocalEtcd(
+                self._dir / name,
+                client_port=ports[3 * i],
+                peer_port=ports[3 * i + 1],
+                metrics_port=ports[3 * i + 2],
+                start_timeout=start_timeout,
+                name=name,
+                initial_cluster=initial,
+            )
             for i, name in enumerate(names)
         ]
 
@@ -343,6 +380,5 @@ class LocalEtcdCluster:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.cleanup()

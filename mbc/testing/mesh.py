@@ -41,8 +41,11 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"
 EXAMPLE_BOTS = tuple(EXAMPLES / f for f in ("personal_banking.yaml", "business_banking.yaml", "cards.yaml"))
 """The example bots; the first is the entry bot of `mbc demo` and the polyglot checks."""
 EXAMPLE_GROUP = "retail-bank"
-EXAMPLE_PROBES = {"cards": "I lost my debit card", "business-banking": "open a business account for my LLC",
-                  "personal-banking": "what's my checking balance"}
+EXAMPLE_PROBES = {
+    "cards": "I lost my debit card",
+    "business-banking": "open a business account for my LLC",
+    "personal-banking": "what's my checking balance",
+}
 """An utterance each example bot is the best match for."""
 START_TIMEOUT = 240.0
 """Seconds a component may take to serve: it loads torch and the model, minutes when several meshes
@@ -51,8 +54,14 @@ share 2 cores."""
 T = TypeVar("T")
 
 
-async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 5.0, interval: float = 0.2, *,
-                     what: str = "condition", retry_on: tuple[type[BaseException], ...] = ()) -> tuple[T, float]:
+async def eventually(
+    check: Callable[[], T | Awaitable[T]],
+    timeout: float = 5.0,
+    interval: float = 0.2,
+    *,
+    what: str = "condition",
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> tuple[T, float]:
     """Poll `check` (a function, async or not) until it returns something truthy; an exception of
     `retry_on` counts as not yet. Returns (that value, seconds it took); AssertionError after `timeout`."""
     start = time.monotonic()
@@ -70,8 +79,9 @@ async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 5.0
         await asyncio.sleep(interval)
 
 
-async def wait_indexed(router: str, probes: Mapping[str, str], *, group: str = "", timeout: float = 60.0,
-                       tls: TlsConfig = TlsConfig()) -> None:
+async def wait_indexed(
+    router: str, probes: Mapping[str, str], *, group: str = "", timeout: float = 60.0, tls: TlsConfig = TlsConfig()
+) -> None:
     """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`)."""
     pending = dict(probes)
     async with open_channel(router, tls) as channel:
@@ -119,8 +129,16 @@ class LocalMesh:
     gateway's. `lease_ttl` sets the bots' lease TTL (their default when None).
     """
 
-    def __init__(self, workdir: Path, etcd: str = "", *, etcd_flags: Callable[[str], list[str]] | None = None,
-                 ca: Any = None, lease_ttl: int | None = None, start_timeout: float = START_TIMEOUT) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        etcd: str = "",
+        *,
+        etcd_flags: Callable[[str], list[str]] | None = None,
+        ca: Any = None,
+        lease_ttl: int | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
         self.workdir = Path(workdir)
         self.etcd = etcd
         self._etcd_flags = etcd_flags or (lambda name: [])
@@ -163,15 +181,21 @@ class LocalMesh:
 
     async def start_store(self, *args: str, env: dict[str, str] | None = None) -> ComponentProcess:
         self.store = ComponentProcess(
-            "store", ["store", "--etcd", self.etcd, *self._etcd_flags("store"), *self._tls_flags("store"), *args],
-            self.workdir, env=env)
+            "store",
+            ["store", "--etcd", self.etcd, *self._etcd_flags("store"), *self._tls_flags("store"), *args],
+            self.workdir,
+            env=env,
+        )
         return await self._serving(self.store, "mbc.v1.ContextStore")
 
     async def start_router(self, *args: str, env: dict[str, str] | None = None, name: str = "router") -> ComponentProcess:
         """A router (`args`: more `mbc router` flags); the first one started is `self.router`."""
         router = ComponentProcess(
-            name, ["router", "--etcd", self.etcd, *self._etcd_flags("router"), *self._tls_flags("router"), *args],
-            self.workdir, env=env)
+            name,
+            ["router", "--etcd", self.etcd, *self._etcd_flags("router"), *self._tls_flags("router"), *args],
+            self.workdir,
+            env=env,
+        )
         self.routers.append(router)
         self.router = self.router or router
         return await self._serving(router, "mbc.v1.Router")
@@ -200,8 +224,13 @@ class LocalMesh:
         assert self.router is not None, "no router started"
         files = [self.bot_files[n] for n in (self.bots if names is None else names)]
         groups = {f.group for f in files}
-        await wait_indexed(self.router.address, {f.bot_id: EXAMPLE_PROBES.get(f.bot_id, f.probe) for f in files},
-                           group=groups.pop() if len(groups) == 1 else "", timeout=timeout, tls=self.client_tls)
+        await wait_indexed(
+            self.router.address,
+            {f.bot_id: EXAMPLE_PROBES.get(f.bot_id, f.probe) for f in files},
+            group=groups.pop() if len(groups) == 1 else "",
+            timeout=timeout,
+            tls=self.client_tls,
+        )
 
     def stop(self) -> dict[str, int]:
         """The bots (they leave etcd and may still call the store), then the routers and the store,
@@ -238,16 +267,25 @@ class LocalMesh:
 
 @contextlib.asynccontextmanager
 async def start_local(
-    bot_files: Sequence[Path] = EXAMPLE_BOTS, *, workdir: Path | None = None, etcd: str = "", store: bool = True,
-    router_args: Sequence[str] = (), router_env: dict[str, str] | None = None,
-    etcd_flags: Callable[[str], list[str]] | None = None, ca: Any = None, lease_ttl: int | None = None,
-    start_timeout: float = START_TIMEOUT, index_timeout: float = 60.0,
+    bot_files: Sequence[Path] = EXAMPLE_BOTS,
+    *,
+    workdir: Path | None = None,
+    etcd: str = "",
+    store: bool = True,
+    router_args: Sequence[str] = (),
+    router_env: dict[str, str] | None = None,
+    etcd_flags: Callable[[str], list[str]] | None = None,
+    ca: Any = None,
+    lease_ttl: int | None = None,
+    start_timeout: float = START_TIMEOUT,
+    index_timeout: float = 60.0,
 ) -> AsyncIterator[LocalMesh]:
     """A mesh whose router has indexed every bot of `bot_files`: etcd (a LocalEtcd unless `etcd`
     endpoints are given), the store (unless `store` is False) beside one router (`router_args` and
     `router_env` added), then the bots. Stopped, etcd included, on exit."""
-    mesh = LocalMesh(workdir or new_workdir("mbc-mesh-"), etcd, etcd_flags=etcd_flags, ca=ca, lease_ttl=lease_ttl,
-                     start_timeout=start_timeout)
+    mesh = LocalMesh(
+        workdir or new_workdir("mbc-mesh-"), etcd, etcd_flags=etcd_flags, ca=ca, lease_ttl=lease_ttl, start_timeout=start_timeout
+    )
     try:
         if not etcd:
             mesh.start_etcd()
@@ -266,8 +304,14 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.get_running_loop().create_task(wait_for_shutdown_signal())
     try:
-        async with start_local([Path(b) for b in args.bot] or EXAMPLE_BOTS, workdir=workdir, store=not args.no_store,
-                               router_args=args.router_flags, start_timeout=args.timeout, index_timeout=args.timeout) as mesh:
+        async with start_local(
+            [Path(b) for b in args.bot] or EXAMPLE_BOTS,
+            workdir=workdir,
+            store=not args.no_store,
+            router_args=args.router_flags,
+            start_timeout=args.timeout,
+            index_timeout=args.timeout,
+        ) as mesh:
             info = json.dumps(mesh.describe())
             (workdir / "mesh.json.tmp").write_text(info)
             (workdir / "mesh.json.tmp").replace(workdir / "mesh.json")
@@ -284,8 +328,13 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mbc.testing.mesh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="logs, etcd's data and mesh.json go here")
-    parser.add_argument("--bot", action="append", default=[], metavar="FILE",
-                        help="a bot definition to run; repeatable (default: the example bots)")
+    parser.add_argument(
+        "--bot",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a bot definition to run; repeatable (default: the example bots)",
+    )
     parser.add_argument("--no-store", action="store_true", help="no Context Session Store")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to start and index everything")
     parser.add_argument("router_flags", nargs="*", help="extra `mbc router` flags (after --)")

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +24,12 @@ class ComponentProcess:
     that binds `port` (0: a free one) and reports it through a file."""
 
     def __init__(
-        self, name: str, args: Sequence[str], workdir: Path, env: dict[str, str] | None = None, port: int = 0,
+        self,
+        name: str,
+        args: Sequence[str],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        port: int = 0,
         module: str = "mbc",
     ) -> None:
         self.name = name
