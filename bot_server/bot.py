@@ -17,7 +17,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from bot_server.definition import BotDefinition, DefinitionError
 
@@ -56,7 +56,7 @@ class Turn:
     """Store a conversation variable (visible to every bot of the group)."""
 
 
-HandlerResult = Union[str, Sequence[str]]
+HandlerResult = str | Sequence[str]
 Handler = Callable[[Turn], HandlerResult | Awaitable[HandlerResult]]
 
 

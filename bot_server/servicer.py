@@ -16,9 +16,9 @@ from mbc.v1 import bot_pb2, bot_pb2_grpc
 
 
 class BotServicer(bot_pb2_grpc.BotServicer):
-    def __init__(self, engine: BotEngine, authorizer: Authorizer = Authorizer(False)) -> None:
+    def __init__(self, engine: BotEngine, authorizer: Authorizer | None = None) -> None:
         self.engine = engine
-        self.authorizer = authorizer
+        self.authorizer = authorizer or Authorizer(False)
 
     async def Respond(self, request: bot_pb2.RespondRequest, context: grpc.aio.ServicerContext) -> bot_pb2.RespondResponse:
         with bind_context(conversation_id=request.conversation_id, bot_id=self.engine.bot.bot_id):

@@ -46,9 +46,9 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
     written only by bots of its group, a conversation claimed only by bots of its group
     (context_store/access.py); GetOwner is open to every identity (gateways ask it)."""
 
-    def __init__(self, core: ContextStoreCore, authorizer: Authorizer = Authorizer(False)) -> None:
+    def __init__(self, core: ContextStoreCore, authorizer: Authorizer | None = None) -> None:
         self.core = core
-        self.authorizer = authorizer
+        self.authorizer = authorizer or Authorizer(False)
         self.access = GroupAccess(core)
 
     async def RegisterNamespace(self, request, context):

@@ -387,10 +387,8 @@ class EtcdClient:
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Revoke the lease, deleting its keys at once; a lease already gone is not an error."""
-        try:
+        with contextlib.suppress(LeaseNotFound):
             await self._unary("revoke_lease", lambda c: c.revoke_lease(lease_id))
-        except LeaseNotFound:
-            pass
 
     async def compact(self, revision: int) -> None:
         """Drop the history before `revision`; compacting an already compacted revision does nothing."""

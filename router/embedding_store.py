@@ -15,6 +15,7 @@ end), written back as they come.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -155,10 +156,8 @@ class EmbeddingStore:
                 self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 self._disable(e)
 
     def __len__(self) -> int:

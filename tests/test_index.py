@@ -89,10 +89,7 @@ def test_ivf_top1_equals_exact_on_real_utterances(clinc, ivf_and_exact):
 @pytest.mark.parametrize("kind", ["exact", "ivf"])
 def test_remove_and_exclude(kind, ivf_and_exact):
     vectors = ivf_and_exact[2]
-    if kind == "exact":
-        index = FlatIndex(DIM)
-    else:
-        index = IVFIndex(DIM, vectors)
+    index = FlatIndex(DIM) if kind == "exact" else IVFIndex(DIM, vectors)
     index.add(np.arange(len(vectors)), vectors)
     probe = vectors[1000:1100]
     _, ids = index.search(probe, 5, exclude=(1000, 1100))

@@ -91,7 +91,7 @@ async def routers(mesh):
             return r.candidates and r.candidates[0].bot_id == "cards"
 
         for router in started.values():
-            await eventually(lambda: indexed(router), timeout=60)
+            await eventually(lambda r=router: indexed(r), timeout=60)
         yield started
     finally:
         for router in started.values():

@@ -385,7 +385,7 @@ def _clinc_vectors(
     domains, train, val, _ = load_clinc(data_dir)
     phrases: list[str] = []
     intents = []
-    for domain, names in sorted(domains.items())[: opts.domains or None]:
+    for _domain, names in sorted(domains.items())[: opts.domains or None]:
         for name in sorted(names):
             intents.append((len(phrases), len(phrases) + len(train[name])))
             phrases.extend(train[name])

@@ -69,7 +69,8 @@ async def run_phase(stub, name: str, texts: list[str], concurrency: int, group: 
 
     async def caller() -> None:
         for text in queue:
-            await timed(lambda: stub.Match(router_pb2.MatchRequest(text=text, group=group), timeout=timeout), latencies, statuses)
+            request = router_pb2.MatchRequest(text=text, group=group)
+            await timed(lambda r=request: stub.Match(r, timeout=timeout), latencies, statuses)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -154,7 +155,7 @@ class CostMeter:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    texts = json.loads(open(args.texts).read())
+    texts = json.loads(Path(args.texts).read_text())
     phases = []
     async with grpc.aio.insecure_channel(args.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)

@@ -99,7 +99,8 @@ def add_commands(sub) -> None:
     clinc.add_argument(
         "--data",
         required=True,
-        help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test]), or the directory holding it as clinc150_public.json",
+        help="clinc150 JSON (keys train, val, oos_train, oos_val[, test, oos_test]), "
+        "or the directory holding it as clinc150_public.json",
     )
     clinc.add_argument("--split", choices=["val", "test"], default="val", help="the split to report (default val)")
     clinc.add_argument("--domains", default="", help="domains.json (default: beside --data)")

@@ -183,7 +183,10 @@ def format_participants(rows: list[InstanceRow], invalid: dict[str, str], width:
             instances = [r for r in members if r.bot_id == bot]
             for i, r in enumerate(instances):
                 intents = f"{len(r.intents)}: {', '.join(r.intents)}" if i == 0 else '"'
-                left = f"  {r.bot_id if i == 0 else '':<{bot_w}}  {r.instance_id[:12]:<12}  {r.address:<{addr_w}}  {r.health:<11}  {'yes' if r.collaboration else 'no':<6}  "
+                left = (
+                    f"  {r.bot_id if i == 0 else '':<{bot_w}}  {r.instance_id[:12]:<12}  {r.address:<{addr_w}}  "
+                    f"{r.health:<11}  {'yes' if r.collaboration else 'no':<6}  "
+                )
                 out.append(left + _shorten(intents, max(20, width - len(left))))
             if instances[0].display_name != bot:
                 out.append(f"  {'':<{bot_w}}  ({instances[0].display_name}, definition {instances[0].definition_version or '-'})")

@@ -436,8 +436,10 @@ def table(r: dict) -> str:
         f"  {'in_scope_accuracy':<24} {r['in_scope_accuracy']:.4f}   (right bot and intent, acted on; target >= 0.93)",
         f"  {'oos_recall':<24} {r['oos_recall']:.4f}   (out of scope that got a fallback; target >= 0.55)",
         f"  {'bot_accuracy':<24} {r['bot_accuracy']:.4f}   (right bot, acted on; target >= 0.98)",
-        f"  {'end_to_end_accuracy':<24} {r['end_to_end_accuracy']:.4f}   (Respond on a bot of another domain, n={r['end_to_end_n']})",
-        f"  {'disambiguation_rate':<24} {r['disambiguation_rate']:.4f}   ({r['disambiguations']} questions; counted as misses above)",
+        f"  {'end_to_end_accuracy':<24} {r['end_to_end_accuracy']:.4f}   "
+        f"(Respond on a bot of another domain, n={r['end_to_end_n']})",
+        f"  {'disambiguation_rate':<24} {r['disambiguation_rate']:.4f}   "
+        f"({r['disambiguations']} questions; counted as misses above)",
         f"  {'tau':<24} {r['tau']:.3f}",
         f"  {'seconds':<24} {r['seconds']:.1f}   (Match: {r['match_per_second']}/s)",
         "",

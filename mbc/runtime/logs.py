@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("mbc_log_context", default={})
+# The default is never mutated: bind_context sets a new dict.
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("mbc_log_context", default={})  # noqa: B039
 
 
 @contextlib.contextmanager

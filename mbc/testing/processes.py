@@ -39,7 +39,7 @@ class ComponentProcess:
         self.metrics_port_file = self.workdir / f"{name}.metrics-port"
         self.port_file.unlink(missing_ok=True)
         self.metrics_port_file.unlink(missing_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it until terminate() closes it
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--port", str(port), "--port-file", str(self.port_file)],
             stdout=self._log,
