@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -501,7 +501,8 @@ class EtcdClient:
 
     # -- users and roles (the caller authenticates as root, or etcd has no auth enabled yet) --
 
-    async def _auth(self, method: str, request) -> object:
+    async def _auth(self, method: str, request) -> Any:
+        # Any: the reply is one of aetcd's generated Auth*Response messages, which carry no types.
         return await self._unary(
             method, lambda c: getattr(rpc.AuthStub(c.channel), method)(request, timeout=self._timeout, metadata=c.metadata)
         )
@@ -546,7 +547,7 @@ class EtcdClient:
     async def enable_auth(self) -> None:
         await self._auth("AuthEnable", rpc.AuthEnableRequest())
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         """Yield the changes under `prefix` from `start_revision` (inclusive) on.
 
         Never ends by itself: raises WatchCompacted when `start_revision` has been compacted and

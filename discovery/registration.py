@@ -120,7 +120,7 @@ class Registration:
             if self._lease_id is None:
                 return
             try:
-                await self._put()
+                await self._put(self._lease_id)
             except LeaseNotFound:
                 await self._renew()
         log.info("registration_updated", key=self._key)
@@ -171,8 +171,8 @@ class Registration:
             await asyncio.sleep(0.5)
             await self._client.refresh_lease(lease_id)
 
-    async def _put(self) -> None:
-        await self._claim(self._lease_id)
+    async def _put(self, lease_id: int) -> None:
+        await self._claim(lease_id)
         self._dirty = False
 
     async def _renew(self) -> None:
@@ -192,7 +192,7 @@ class Registration:
         self._registered = True
         if self._dirty:
             try:
-                await self._put()
+                await self._put(self._lease_id)
             except LeaseNotFound:
                 await self._renew()
 

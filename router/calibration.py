@@ -139,12 +139,16 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     examples = list(data.examples)
     none_mask = np.array([not e.bot_id or e.bot_id not in bots for e in examples], dtype=bool)
     info: dict = {"classes": len(model.classes), "bots": len(bots), "calibration_examples": len(examples)}
-    conf = top = None
+    # None only without examples or without classes (no model is built for a group without
+    # intents): the uses below have examples, "none" ones or labelled ones.
+    top: np.ndarray | None = None
+    conf: np.ndarray | None = None
     if examples and len(model.classes):
         top, conf, _ = model.best(data.vectors, [e.text for e in examples])
     n_none = int(none_mask.sum())
     info["calibration_none"] = n_none
     if n_none >= cfg.min_calibration_none:
+        assert conf is not None  # min_calibration_none "none" examples were scored
         tau = float(np.quantile(conf[none_mask], cfg.oos_target, method="higher"))
         info["method"] = f"calibration set: {cfg.oos_target:.2f} quantile of {n_none} none-of-these scores"
     else:
@@ -152,6 +156,7 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
         if len(data.generic) and len(model.classes):
             pool.append(model.best(data.generic_vectors, list(data.generic))[1])
         if n_none:
+            assert conf is not None  # the "none" examples were scored
             pool.append(conf[none_mask])
         scores = np.concatenate(pool) if pool else np.zeros(0)
         tau = float(np.quantile(scores, cfg.generic_quantile, method="higher")) if len(scores) else 0.0
@@ -167,6 +172,7 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     if examples:
         labelled = [(i, e) for i, e in enumerate(examples) if e.bot_id in bots and e.intent]
         if labelled:
+            assert top is not None and conf is not None  # examples of the model's bots: it has classes
             idx = np.array([i for i, _ in labelled])
             right = np.array([model.classes[top[i]] == (e.bot_id, e.intent) if top[i] >= 0 else False for i, e in labelled])
             right_bot = np.array([model.classes[top[i]][0] == e.bot_id if top[i] >= 0 else False for i, e in labelled])
@@ -175,6 +181,7 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
             info["in_scope_accuracy"] = round(float((right & acted).mean()), 4)
             info["bot_accuracy"] = round(float((right_bot & acted).mean()), 4)
         if n_none:
+            assert conf is not None  # the "none" examples were scored
             info["none_recall"] = round(float((conf[none_mask] <= tau).mean()), 4)
         unknown = [e for e in examples if e.bot_id in bots and e.intent and (e.bot_id, e.intent) not in classes]
         if unknown:

@@ -30,6 +30,7 @@ from mbc.runtime.config import RouterConfig
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
+from mbc.v1 import router_pb2
 from router.calibration import (
     CalibrationInput,
     Example,
@@ -93,7 +94,7 @@ class Candidate:
 class MatchResult:
     candidates: list[Candidate]
     revision: int
-    decision: int
+    decision: router_pb2.Decision
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,9 @@ class RouterCore:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            participants, revision = self._pending
+            pending = self._pending
+            assert pending is not None  # _kick, the only waker, runs once a snapshot is pending
+            participants, revision = pending
             try:
                 previous = self._state.directory if self._state else None
                 if previous is not None and previous.revision == revision:  # `submit` read it already
@@ -302,24 +305,28 @@ class RouterCore:
         sources: dict[str, tuple[IntentPhrases, ...]] = {}
         rebuilt = []
         indexed = False
+        old_models = old.models if old else {}
+        old_sources = old.sources if old else {}
+        old_calibration_version = old.calibration_version if old else None
         for group in directory.groups:
             intents = directory.candidates_of(group)
             sources[group] = intents
             if not intents:
                 continue
-            previous = old.models.get(group) if old else None
-            same_intents = previous is not None and old.sources.get(group) == intents
-            if same_intents and old.calibration_version == calibration_version:
-                models[group] = previous
+            previous = old_models.get(group)
+            # `previous` when it was built from the same intents: then only τ may need refitting.
+            unchanged = previous if old_sources.get(group) == intents else None
+            if unchanged is not None and old_calibration_version == calibration_version:
+                models[group] = unchanged
                 continue
             start = time.perf_counter()
             calibration = await self._calibration_input(group)
-            if same_intents:
-                tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, calibration)
-                model = previous.with_threshold(tau, info)
+            if unchanged is not None:
+                tau, info = await loop.run_in_executor(self._trainer, fit_threshold, unchanged, calibration)
+                model = unchanged.with_threshold(tau, info)
                 kind = "recalibrated"
             elif previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
-                changed = changed_bots(old.sources[group], intents)
+                changed = changed_bots(old_sources[group], intents)
                 vectors = await self.embeddings.embed(
                     IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
                 )
@@ -372,14 +379,14 @@ class RouterCore:
         if previous is not None:
             return build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous), "retrained"
         key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""
-        heads = self.heads.load(key) if key else None
+        heads = self.heads.load(key) if self.heads is not None else None
         if heads is not None:
             try:
                 return build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads=heads), "restored"
             except ValueError as e:
                 log.warning("heads_cache_mismatch", error=str(e), action="training again")
         model = build_group_model(intents, vectors, self.encoder.dim, config, calibration)
-        if key:
+        if self.heads is not None:
             self.heads.save(key, model.heads())
         return model, "retrained"
 

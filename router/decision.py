@@ -63,7 +63,7 @@ class Scored:
 
 @dataclass(frozen=True)
 class Verdict:
-    decision: int
+    decision: router_pb2.Decision
     candidates: list[Scored]
     """Best first. With DISAMBIGUATE: the best intent of each of the 2-3 close bots, the options."""
 
@@ -295,6 +295,7 @@ class GroupModel:
         beyond it (the phrases added after it was made). Removed rows keep their entries."""
         if not self.large:
             raise ValueError("only a large group's model is updated in place")
+        assert self.centroids is not None  # a large group's model always has its centroids (__init__)
         t0 = time.perf_counter()
         added = sorted((e for entries in changed.values() for e in entries), key=lambda e: (e.bot_id, e.intent))
         other = copy.copy(self)

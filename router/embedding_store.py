@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +124,7 @@ class EmbeddingStore:
                 return vectors, found
             try:
                 stored = self._db.execute("SELECT max(rowid) FROM vectors").fetchone()[0] or 0
+                batches: Iterable[sqlite3.Cursor]
                 if len(items) * 4 >= stored:  # asking for much of the file: one sequential read beats lookups
                     batches = [self._db.execute("SELECT key, dim, data FROM vectors")]
                 else:

@@ -110,7 +110,8 @@ class HeadsCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(meta, default=float)), **arrays)
+                # allow_pickle: numpy's default, given so that mypy does not match **arrays against it.
+                np.savez(f, allow_pickle=True, meta=np.array(json.dumps(meta, default=float)), **arrays)
             os.replace(tmp, path)
             self._prune()
         except OSError as e:

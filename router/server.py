@@ -88,8 +88,10 @@ class RouterProcess:
 
     async def _serve_when_ready(self) -> None:
         await self.core.wait_ready()
+        directory = self.core.directory
+        assert directory is not None  # the core is ready once its first state (with a directory) is in place
         await self.server.set_serving(True)
-        log.info("router_serving", address=self.server.address, revision=self.core.directory.revision)
+        log.info("router_serving", address=self.server.address, revision=directory.revision)
 
     async def stop(self) -> None:
         for task in (self._ready_task, self._calibration_task):
