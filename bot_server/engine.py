@@ -297,7 +297,7 @@ class BotEngine:
             bot_id=self.bot.bot_id,
             intent=intent,
             score=candidate.score if candidate else 0.0,
-            rating=candidate.rating if candidate else 0,
+            rating=candidate.rating if candidate else common_pb2.RATING_UNSPECIFIED,
         )
         try:
             if handler is not None:
@@ -321,7 +321,10 @@ class BotEngine:
                 texts = await Bot.call(handler, turn)
             else:
                 texts, asked = [], False
-                steps = self.definition.dialog_for(intent).steps
+                dialog = self.definition.dialog_for(intent)
+                if dialog is None:
+                    raise LookupError(f"no dialog for intent {intent!r}")
+                steps = dialog.steps
                 for index in range(start_step, len(steps)):
                     texts.append(render(steps[index].text, variables))
                     if steps[index].asks:
@@ -558,6 +561,8 @@ class BotEngine:
     async def _decide_locally(self, text: str) -> tuple[int, list[router_pb2.Candidate], float]:
         """This bot's own intents only: act on the best one if rated GOOD or better."""
         query = (await self.encoder.aencode([text]))[0]
+        if self._catalog is None:
+            raise RuntimeError("the bot's intent catalog is not built: await prepare() first")
         ranked = self._catalog.rank(query, self.config.ratings, self.config.neighbours, limit=1)
         if ranked and ranked[0].rating >= GOOD:
             c = router_pb2.Candidate(

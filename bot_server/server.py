@@ -86,6 +86,7 @@ class BotProcess:
         self.registration: Registration | None = None
 
     async def _is_registered(self, bot: common_pb2.BotRef) -> bool:
+        assert self.etcd is not None  # handed to the engine only when etcd is configured (__init__)
         return await is_registered(self.etcd, self.bot.definition.group, bot)
 
     async def start(self) -> None:

@@ -54,7 +54,7 @@ _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
 MAX_SCOPE_ID = 256
 # Ten years: a namespace TTL becomes an etcd lease TTL, and etcd refuses leases beyond ~285 years.
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
-_SCOPES = {
+_SCOPES: dict[int, str] = {
     context_pb2.SCOPE_GLOBAL: "global",
     context_pb2.SCOPE_CONSUMER: "consumer",
     context_pb2.SCOPE_CONVERSATION: "conversation",
@@ -230,7 +230,7 @@ class ContextStoreCore:
         current = await self.etcd.get(path)
         live = current is not None and self._decode(current.key, current.value, current.mod_revision) is not None
         if expected_version is not None:
-            actual = current.mod_revision if live else 0
+            actual = current.mod_revision if current is not None and live else 0
             if actual != expected_version:
                 raise VersionConflict(f"{key.key!r} is at version {actual}, not {expected_version}: read it again")
         # The write is conditional on what was read, so a concurrent writer cannot be lost.
@@ -251,7 +251,8 @@ class ContextStoreCore:
         prefix = f"{COUNTS}{namespace}/"
         items, _ = await self.etcd.get_prefix(prefix)
         shards: dict[str, KeyValue] = {}
-        recounted, total = None, 0
+        recounted: KeyValue | None = None
+        total, corrupt = 0, False
         for kv in items:
             if kv.key == prefix + _RECOUNTED:
                 recounted = kv
@@ -261,9 +262,9 @@ class ContextStoreCore:
                 total += int(kv.value)
             except ValueError:
                 log.warning("store_count_corrupt", key=kv.key)
-                total = None
+                corrupt = True
                 break
-        return _Count(shards, recounted, total if recounted is not None else None)
+        return _Count(shards, recounted, total if recounted is not None and not corrupt else None)
 
     async def key_count(self, namespace: str) -> int | None:
         """The namespace's keys as counted (expired keys etcd dropped since the last recount included);
@@ -379,8 +380,9 @@ class ContextStoreCore:
         await self._check_fence(key, guard)
         current = await self.etcd.get(path)
         live = current is not None and self._decode(current.key, current.value, current.mod_revision) is not None
-        if expected_version is not None and (current.mod_revision if live else 0) != expected_version:
-            raise VersionConflict(f"{key.key!r} is at version {current.mod_revision if live else 0}, not {expected_version}")
+        version = current.mod_revision if current is not None and live else 0
+        if expected_version is not None and version != expected_version:
+            raise VersionConflict(f"{key.key!r} is at version {version}, not {expected_version}")
         if current is None:
             return False
         deleted, _, _ = await self._counted(key.namespace, path, current.mod_revision, None, 0, guard)
@@ -399,7 +401,7 @@ class ContextStoreCore:
         return sorted((e for e in entries if e is not None), key=lambda e: e.key)
 
     @staticmethod
-    def _ownership(kv) -> context_pb2.Ownership | None:
+    def _ownership(kv: KeyValue | None) -> context_pb2.Ownership | None:
         """The owner record in `kv`; None when there is none or it is corrupt (it then counts as
         absent: version 0, and a claim from version 0 replaces it)."""
         if kv is None:
@@ -416,7 +418,9 @@ class ContextStoreCore:
     async def get_owner(self, conversation_id: str) -> tuple[context_pb2.Ownership | None, int]:
         kv = await self.etcd.get(owner_key(conversation_id))
         record = self._ownership(kv)
-        return (record, kv.mod_revision) if record is not None else (None, 0)
+        if kv is None or record is None:
+            return None, 0
+        return record, kv.mod_revision
 
     async def claim_owner(self, conversation_id: str, ownership: context_pb2.Ownership, expected_version: int) -> int:
         path = owner_key(conversation_id)

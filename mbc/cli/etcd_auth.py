@@ -51,7 +51,7 @@ def bot_user(group: str, bot_id: str) -> str:
 
 def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, ...]]:
     """The permissions of each component's user; `bots` are (group, bot_id) pairs."""
-    grants = {
+    grants: dict[str, tuple[Grant, ...]] = {
         ROUTER_USER: (Grant(PARTICIPANTS_PREFIX, "read"), Grant(GROUPS_PREFIX, "read")),
         STORE_USER: (Grant(CONTEXT_PREFIX, "readwrite"), Grant(CONVERSATIONS, "readwrite")),
     }

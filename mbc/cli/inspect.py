@@ -72,8 +72,10 @@ def verdict(response: router_pb2.MatchResponse, asking_bot: str = "") -> tuple[s
             if c.bot_id not in names:
                 names.append(c.bot_id)
         return f"→ DISAMBIGUATE: too close to call, {asker} asks the consumer: {' or '.join(names[:3])}?", -1
-    best = f" (best: {candidates[0].bot_id}/{candidates[0].intent}, {rating_name(candidates[0].rating)})" if candidates else ""
-    return f"→ NONE: no bot rated GOOD or better{best}: {asker}'s fallback answers", -1
+    best_note = (
+        f" (best: {candidates[0].bot_id}/{candidates[0].intent}, {rating_name(candidates[0].rating)})" if candidates else ""
+    )
+    return f"→ NONE: no bot rated GOOD or better{best_note}: {asker}'s fallback answers", -1
 
 
 async def print_match(router: str, text: str, bot: str, group: str, n: int, tls: TlsConfig = TlsConfig()) -> int:

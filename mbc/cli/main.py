@@ -98,7 +98,7 @@ def load_handlers(spec: str, bot) -> None:
     """Import a handlers module (dotted name or .py path) and let its `setup(bot)` attach code to intents."""
     if spec.endswith(".py"):
         loaded = importlib.util.spec_from_file_location(f"mbc_handlers_{abs(hash(spec))}", spec)
-        if loaded is None:
+        if loaded is None or loaded.loader is None:
             sys.exit(f"mbc bot: cannot load handlers from {spec}")
         module = importlib.util.module_from_spec(loaded)
         loaded.loader.exec_module(module)

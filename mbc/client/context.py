@@ -59,7 +59,7 @@ class ContextClient:
 
     @staticmethod
     def _key(namespace: str, scope: Scope, scope_id: str, key: str) -> context_pb2.ContextKey:
-        return context_pb2.ContextKey(namespace=namespace, scope=int(scope), scope_id=scope_id, key=key)
+        return context_pb2.ContextKey(namespace=namespace, scope=scope.value, scope_id=scope_id, key=key)
 
     async def register_namespace(self, namespace: str, ttl_seconds: int, timeout: float | None = None) -> None:
         await self._stub.RegisterNamespace(
@@ -113,7 +113,7 @@ class ContextClient:
 
     async def list(self, namespace: str, scope: Scope, scope_id: str = "", timeout: float | None = None) -> dict[str, Any]:
         r = await self._stub.List(
-            context_pb2.ListContextRequest(namespace=namespace, scope=int(scope), scope_id=scope_id),
+            context_pb2.ListContextRequest(namespace=namespace, scope=scope.value, scope_id=scope_id),
             timeout=self._timeout(timeout),
         )
         return {e.key: from_value(e.value) for e in r.entries}

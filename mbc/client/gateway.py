@@ -79,10 +79,10 @@ class Conversation:
         try:
             response = await self._channels.bot(address).Respond(request, timeout=self.timeout_seconds)
         except grpc.aio.AioRpcError as e:
-            address = await self._send_again_to(e, address)
-            if address is None:
+            retry_address = await self._send_again_to(e, address)
+            if retry_address is None:
                 raise
-            response = await self._channels.bot(address).Respond(request, timeout=self.timeout_seconds)
+            response = await self._channels.bot(retry_address).Respond(request, timeout=self.timeout_seconds)
         if response.owner.address:
             self.owner_address = response.owner.address
             self.owner_bot_id = response.owner.bot_id

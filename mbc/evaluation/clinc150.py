@@ -200,10 +200,9 @@ async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncItera
         await start_bots(mesh, ds, endpoints, encoder)
         progress(f"eval: {len(mesh.bots)} bots serving and registered ({time.monotonic() - started:.0f}s)")
         await mesh.router.start()
-        await wait_trained(mesh)
+        model = await wait_trained(mesh)
         progress(
-            f"eval: router ready after {time.monotonic() - started:.1f}s: "
-            f"tau={mesh.model.tau:.3f} ({mesh.calibration.get('method')})"
+            f"eval: router ready after {time.monotonic() - started:.1f}s: tau={model.tau:.3f} ({mesh.calibration.get('method')})"
         )
         yield mesh
 
@@ -219,15 +218,18 @@ async def start_bots(mesh: Mesh, ds: Dataset, etcd: tuple[str, ...], encoder: En
     await asyncio.gather(*(bot.start() for bot in mesh.bots.values()))
 
 
-async def wait_trained(mesh: Mesh) -> None:
+async def wait_trained(mesh: Mesh) -> GroupModel:
     """Until the router's model of the group covers every bot and is calibrated (no time limit:
-    training takes as long as the machine needs)."""
+    training takes as long as the machine needs); that model, also kept as `mesh.model`."""
     progress("eval: waiting for the router to train and calibrate on all bots...")
-    mesh.model, _ = await eventually(
+    model, _ = await eventually(
         lambda: _trained_model(mesh), timeout=math.inf, interval=0.5, what="the router trained on every bot"
     )
-    mesh.calibration = dict(mesh.model.calibration)
-    mesh.initial_build = mesh.model.times.as_dict()
+    assert model is not None  # eventually returns a truthy value only
+    mesh.model = model
+    mesh.calibration = dict(model.calibration)
+    mesh.initial_build = model.times.as_dict()
+    return model
 
 
 def _trained_model(mesh: Mesh) -> GroupModel | None:
@@ -375,6 +377,8 @@ async def measure_retrain(mesh: Mesh) -> dict:
 
 def report(args, ds: Dataset, mesh: Mesh, match: MatchPhase, e2e: EndToEnd, retrain: dict | None, started: float) -> dict:
     """The figures of one run (`table` prints them; --json writes them)."""
+    if mesh.model is None:
+        raise ValueError("no trained model to report on: wait_trained(mesh) first")
     c = match.counts
     return {
         "split": args.split,

@@ -7,7 +7,7 @@ an operator sees an overlap before a bot joins (the product's guidance: no overl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
@@ -23,7 +23,7 @@ class Overlap:
 
 
 def find_overlaps(
-    groups: dict[str, Sequence[IntentPhrases]], encoder, threshold: float = 0.8, neighbours: int = 10
+    groups: Mapping[str, Sequence[IntentPhrases]], encoder, threshold: float = 0.8, neighbours: int = 10
 ) -> list[Overlap]:
     found: dict[tuple, Overlap] = {}
     for group, intents in groups.items():

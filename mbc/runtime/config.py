@@ -73,7 +73,7 @@ class RatingThresholds:
         if not (1.0 >= self.very_good >= self.good >= self.fair_plus >= self.fair >= -1.0):
             raise ValueError(f"rating thresholds must satisfy 1 >= very_good >= good >= fair_plus >= fair >= -1, got {self}")
 
-    def rate(self, score: float) -> int:
+    def rate(self, score: float) -> common_pb2.Rating:
         """The mbc.v1.Rating value of a cosine score."""
         if score >= self.very_good:
             return common_pb2.RATING_VERY_GOOD

@@ -116,7 +116,7 @@ def export_onnx(model_path: Path, target: Path) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+        def forward(self, input_ids, attention_mask, token_type_ids):
             return self.inner(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=False
             )[0]
@@ -386,8 +386,10 @@ class _EncoderThread:
                 if not self._items:
                     self._changed.wait()
                     continue
-                if isinstance(self._items[0], _Job):
-                    return self._items.popleft()
+                head = self._items[0]
+                if isinstance(head, _Job):
+                    self._items.popleft()
+                    return head
                 waiting = sum(len(q.to_encode) for q in self._items if isinstance(q, _Query))
                 if waiting >= self._max_batch:
                     break
@@ -447,6 +449,7 @@ class _EncoderThread:
                     if q.missing is None:
                         q.vectors = vectors[start : start + n]
                     else:
+                        assert q.vectors is not None  # aencode passes the cached rows together with `missing`
                         q.vectors[q.missing] = vectors[start : start + n]
                     start += n
         posts: dict[Callable, list[_Query]] = {}
@@ -458,7 +461,9 @@ class _EncoderThread:
         started = time.perf_counter()
         for post, queries in posts.items():
             try:
-                vectors = queries[0].vectors if len(queries) == 1 else np.concatenate([q.vectors for q in queries])
+                first = queries[0].vectors
+                assert first is not None  # a query still live has all its rows: encoded above, or cached
+                vectors = first if len(queries) == 1 else np.concatenate([q.vectors for q in queries])
                 results = post(vectors, [t for q in queries for t in q.texts])
             except BaseException as e:  # noqa: BLE001
                 for q in queries:

@@ -427,7 +427,10 @@ class IVFIndex:
             return _empty(nq)
         k = max(1, min(k, len(self)))
         wide = max(64, self.RERANK_FACTOR * k)
-        params = faiss.SearchParametersIVF(sel=_excluding(exclude), nprobe=self.nprobe)
+        # Attributes, not constructor keywords: faiss's stubs omit the keyword __init__ (both set the same fields).
+        params = faiss.SearchParametersIVF()
+        params.sel = _excluding(exclude)
+        params.nprobe = self.nprobe
         scores = np.full((nq, k), -np.inf, np.float32)
         out = np.full((nq, k), -1, np.int64)
         with self._lock.reading():

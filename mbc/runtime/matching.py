@@ -15,6 +15,7 @@ import numpy as np
 
 from mbc.runtime.config import RatingThresholds
 from mbc.runtime.index import VectorIndex, build_index
+from mbc.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ScoredIntent:
     bot_id: str
     intent: str
     score: float
-    rating: int
+    rating: common_pb2.Rating
     matched_phrase: str
 
 

@@ -136,7 +136,7 @@ class LocalEtcd:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.running else None
+        return self._proc.pid if self._proc is not None and self.running else None
 
     @property
     def running(self) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import yaml
 
@@ -54,6 +54,28 @@ share 2 cores."""
 T = TypeVar("T")
 
 
+@overload
+async def eventually(
+    check: Callable[[], Awaitable[T]],
+    timeout: float = ...,
+    interval: float = ...,
+    *,
+    what: str = ...,
+    retry_on: tuple[type[BaseException], ...] = ...,
+) -> tuple[T, float]: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T],
+    timeout: float = ...,
+    interval: float = ...,
+    *,
+    what: str = ...,
+    retry_on: tuple[type[BaseException], ...] = ...,
+) -> tuple[T, float]: ...
+
+
 async def eventually(
     check: Callable[[], T | Awaitable[T]],
     timeout: float = 5.0,
@@ -73,7 +95,7 @@ async def eventually(
         except retry_on:
             value = None
         if value:
-            return value, time.monotonic() - start  # type: ignore[return-value]
+            return value, time.monotonic() - start
         if time.monotonic() - start > timeout:
             raise AssertionError(f"{what} not met within {timeout}s")
         await asyncio.sleep(interval)
@@ -249,7 +271,9 @@ class LocalMesh:
         """Where everything listens: {"etcd", "store", "router", "routers", "bots": {bot_id: host:port},
         "entry" and "bot" (the first bot's address), "bot_id" (its id), "pids": {name: pid}}."""
         first = next(iter(self.bots), "")
-        pids = {c.name: c.pid for c in [*([self.store] if self.store else []), *self.routers, *self.bots.values()]}
+        pids: dict[str, int | None] = {
+            c.name: c.pid for c in [*([self.store] if self.store else []), *self.routers, *self.bots.values()]
+        }
         if self.local_etcd is not None:
             pids["etcd"] = self.local_etcd.pid
         return {
