@@ -37,7 +37,9 @@ class Participant(_message.Message):
     def __init__(self, bot_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., group: _Optional[str] = ..., collaboration: _Optional[bool] = ..., intents: _Optional[_Iterable[_Union[Intent, _Mapping]]] = ..., definition_version: _Optional[str] = ..., software_version: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
 
 class GroupSettings(_message.Message):
-    __slots__ = ("return_to_sender",)
+    __slots__ = ("return_to_sender", "unavailable_message")
     RETURN_TO_SENDER_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     return_to_sender: bool
-    def __init__(self, return_to_sender: _Optional[bool] = ...) -> None: ...
+    unavailable_message: str
+    def __init__(self, return_to_sender: _Optional[bool] = ..., unavailable_message: _Optional[str] = ...) -> None: ...

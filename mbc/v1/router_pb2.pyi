@@ -14,10 +14,17 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_ACT: _ClassVar[Decision]
     DECISION_DISAMBIGUATE: _ClassVar[Decision]
     DECISION_NONE: _ClassVar[Decision]
+
+class NoneReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NONE_REASON_UNSPECIFIED: _ClassVar[NoneReason]
+    NONE_REASON_BOT_UNAVAILABLE: _ClassVar[NoneReason]
 DECISION_UNSPECIFIED: Decision
 DECISION_ACT: Decision
 DECISION_DISAMBIGUATE: Decision
 DECISION_NONE: Decision
+NONE_REASON_UNSPECIFIED: NoneReason
+NONE_REASON_BOT_UNAVAILABLE: NoneReason
 
 class MatchRequest(_message.Message):
     __slots__ = ("text", "bot_id", "group", "max_candidates", "min_rating", "include_asking_bot")
@@ -58,11 +65,15 @@ class Candidate(_message.Message):
     def __init__(self, bot_id: _Optional[str] = ..., intent: _Optional[str] = ..., score: _Optional[float] = ..., rating: _Optional[_Union[_common_pb2.Rating, str]] = ..., address: _Optional[str] = ..., instance_id: _Optional[str] = ..., matched_phrase: _Optional[str] = ..., display_name: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("candidates", "index_revision", "decision")
+    __slots__ = ("candidates", "index_revision", "decision", "none_reason", "unavailable_bot_id")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     INDEX_REVISION_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    NONE_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_BOT_ID_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     index_revision: int
     decision: Decision
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., index_revision: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ...) -> None: ...
+    none_reason: NoneReason
+    unavailable_bot_id: str
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., index_revision: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., none_reason: _Optional[_Union[NoneReason, str]] = ..., unavailable_bot_id: _Optional[str] = ...) -> None: ...

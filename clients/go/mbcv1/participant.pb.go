@@ -207,8 +207,12 @@ type GroupSettings struct {
 	// waiting for an answer), the conversation goes back to the bot that handed it over, like a
 	// skill returning control to its caller.
 	ReturnToSender bool `protobuf:"varint,1,opt,name=return_to_sender,json=returnToSender,proto3" json:"return_to_sender,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// What a bot of the group answers when the message's best match belongs to a bot of the group
+	// that has no live instance (Match's NONE_REASON_BOT_UNAVAILABLE); "{bot}" is replaced by that
+	// bot's display name. Empty: the mesh's default message.
+	UnavailableMessage string `protobuf:"bytes,2,opt,name=unavailable_message,json=unavailableMessage,proto3" json:"unavailable_message,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *GroupSettings) Reset() {
@@ -248,6 +252,13 @@ func (x *GroupSettings) GetReturnToSender() bool {
 	return false
 }
 
+func (x *GroupSettings) GetUnavailableMessage() string {
+	if x != nil {
+		return x.UnavailableMessage
+	}
+	return ""
+}
+
 var File_mbc_v1_participant_proto protoreflect.FileDescriptor
 
 const file_mbc_v1_participant_proto_rawDesc = "" +
@@ -266,9 +277,10 @@ const file_mbc_v1_participant_proto_rawDesc = "" +
 	"\aintents\x18\x06 \x03(\v2\x0e.mbc.v1.IntentR\aintents\x12-\n" +
 	"\x12definition_version\x18\a \x01(\tR\x11definitionVersion\x12)\n" +
 	"\x10software_version\x18\b \x01(\tR\x0fsoftwareVersion\x12!\n" +
-	"\fdisplay_name\x18\t \x01(\tR\vdisplayName\"9\n" +
+	"\fdisplay_name\x18\t \x01(\tR\vdisplayName\"j\n" +
 	"\rGroupSettings\x12(\n" +
-	"\x10return_to_sender\x18\x01 \x01(\bR\x0ereturnToSenderB#\n" +
+	"\x10return_to_sender\x18\x01 \x01(\bR\x0ereturnToSender\x12/\n" +
+	"\x13unavailable_message\x18\x02 \x01(\tR\x12unavailableMessageB#\n" +
 	"\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3"
 
 var (

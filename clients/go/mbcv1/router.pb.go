@@ -80,6 +80,57 @@ func (Decision) EnumDescriptor() ([]byte, []int) {
 	return file_mbc_v1_router_proto_rawDescGZIP(), []int{0}
 }
 
+// Why a Match answered DECISION_NONE.
+type NoneReason int32
+
+const (
+	// No reason given: nothing in the group matches well enough (or the decision is not NONE).
+	NoneReason_NONE_REASON_UNSPECIFIED NoneReason = 0
+	// The best match is an intent of a bot of the group that has no live instance: the asking
+	// bot tells the consumer that this help is temporarily unavailable, rather than giving its
+	// own fallback or handing the message to a bot that matches it less well.
+	NoneReason_NONE_REASON_BOT_UNAVAILABLE NoneReason = 1
+)
+
+// Enum value maps for NoneReason.
+var (
+	NoneReason_name = map[int32]string{
+		0: "NONE_REASON_UNSPECIFIED",
+		1: "NONE_REASON_BOT_UNAVAILABLE",
+	}
+	NoneReason_value = map[string]int32{
+		"NONE_REASON_UNSPECIFIED":     0,
+		"NONE_REASON_BOT_UNAVAILABLE": 1,
+	}
+)
+
+func (x NoneReason) Enum() *NoneReason {
+	p := new(NoneReason)
+	*p = x
+	return p
+}
+
+func (x NoneReason) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NoneReason) Descriptor() protoreflect.EnumDescriptor {
+	return file_mbc_v1_router_proto_enumTypes[1].Descriptor()
+}
+
+func (NoneReason) Type() protoreflect.EnumType {
+	return &file_mbc_v1_router_proto_enumTypes[1]
+}
+
+func (x NoneReason) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use NoneReason.Descriptor instead.
+func (NoneReason) EnumDescriptor() ([]byte, []int) {
+	return file_mbc_v1_router_proto_rawDescGZIP(), []int{1}
+}
+
 // An utterance to rank against the participating bots' intents.
 type MatchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -301,9 +352,15 @@ type MatchResponse struct {
 	// etcd revision of the participant set the answer was computed from.
 	IndexRevision int64 `protobuf:"varint,2,opt,name=index_revision,json=indexRevision,proto3" json:"index_revision,omitempty"`
 	// What the asking bot should do.
-	Decision      Decision `protobuf:"varint,3,opt,name=decision,proto3,enum=mbc.v1.Decision" json:"decision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Decision Decision `protobuf:"varint,3,opt,name=decision,proto3,enum=mbc.v1.Decision" json:"decision,omitempty"`
+	// Why the decision is NONE when the router knows more than "nothing matched". Routers that
+	// predate this field leave it unspecified.
+	NoneReason NoneReason `protobuf:"varint,4,opt,name=none_reason,json=noneReason,proto3,enum=mbc.v1.NoneReason" json:"none_reason,omitempty"`
+	// With NONE_REASON_BOT_UNAVAILABLE: the bot whose intent matches best, which is known to the
+	// group but has no live instance now (it is absent, restarting or being deployed).
+	UnavailableBotId string `protobuf:"bytes,5,opt,name=unavailable_bot_id,json=unavailableBotId,proto3" json:"unavailable_bot_id,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *MatchResponse) Reset() {
@@ -357,6 +414,20 @@ func (x *MatchResponse) GetDecision() Decision {
 	return Decision_DECISION_UNSPECIFIED
 }
 
+func (x *MatchResponse) GetNoneReason() NoneReason {
+	if x != nil {
+		return x.NoneReason
+	}
+	return NoneReason_NONE_REASON_UNSPECIFIED
+}
+
+func (x *MatchResponse) GetUnavailableBotId() string {
+	if x != nil {
+		return x.UnavailableBotId
+	}
+	return ""
+}
+
 var File_mbc_v1_router_proto protoreflect.FileDescriptor
 
 const file_mbc_v1_router_proto_rawDesc = "" +
@@ -382,18 +453,25 @@ const file_mbc_v1_router_proto_rawDesc = "" +
 	"\fdisplay_name\x18\b \x01(\tR\vdisplayName\x12\x1e\n" +
 	"\n" +
 	"confidence\x18\t \x01(\x02R\n" +
-	"confidence\"\x97\x01\n" +
+	"confidence\"\xfa\x01\n" +
 	"\rMatchResponse\x121\n" +
 	"\n" +
 	"candidates\x18\x01 \x03(\v2\x11.mbc.v1.CandidateR\n" +
 	"candidates\x12%\n" +
 	"\x0eindex_revision\x18\x02 \x01(\x03R\rindexRevision\x12,\n" +
-	"\bdecision\x18\x03 \x01(\x0e2\x10.mbc.v1.DecisionR\bdecision*d\n" +
+	"\bdecision\x18\x03 \x01(\x0e2\x10.mbc.v1.DecisionR\bdecision\x123\n" +
+	"\vnone_reason\x18\x04 \x01(\x0e2\x12.mbc.v1.NoneReasonR\n" +
+	"noneReason\x12,\n" +
+	"\x12unavailable_bot_id\x18\x05 \x01(\tR\x10unavailableBotId*d\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fDECISION_ACT\x10\x01\x12\x19\n" +
 	"\x15DECISION_DISAMBIGUATE\x10\x02\x12\x11\n" +
-	"\rDECISION_NONE\x10\x032>\n" +
+	"\rDECISION_NONE\x10\x03*J\n" +
+	"\n" +
+	"NoneReason\x12\x1b\n" +
+	"\x17NONE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bNONE_REASON_BOT_UNAVAILABLE\x10\x012>\n" +
 	"\x06Router\x124\n" +
 	"\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponseB#\n" +
 	"\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3"
@@ -410,27 +488,29 @@ func file_mbc_v1_router_proto_rawDescGZIP() []byte {
 	return file_mbc_v1_router_proto_rawDescData
 }
 
-var file_mbc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_mbc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_mbc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_mbc_v1_router_proto_goTypes = []any{
 	(Decision)(0),         // 0: mbc.v1.Decision
-	(*MatchRequest)(nil),  // 1: mbc.v1.MatchRequest
-	(*Candidate)(nil),     // 2: mbc.v1.Candidate
-	(*MatchResponse)(nil), // 3: mbc.v1.MatchResponse
-	(Rating)(0),           // 4: mbc.v1.Rating
+	(NoneReason)(0),       // 1: mbc.v1.NoneReason
+	(*MatchRequest)(nil),  // 2: mbc.v1.MatchRequest
+	(*Candidate)(nil),     // 3: mbc.v1.Candidate
+	(*MatchResponse)(nil), // 4: mbc.v1.MatchResponse
+	(Rating)(0),           // 5: mbc.v1.Rating
 }
 var file_mbc_v1_router_proto_depIdxs = []int32{
-	4, // 0: mbc.v1.MatchRequest.min_rating:type_name -> mbc.v1.Rating
-	4, // 1: mbc.v1.Candidate.rating:type_name -> mbc.v1.Rating
-	2, // 2: mbc.v1.MatchResponse.candidates:type_name -> mbc.v1.Candidate
+	5, // 0: mbc.v1.MatchRequest.min_rating:type_name -> mbc.v1.Rating
+	5, // 1: mbc.v1.Candidate.rating:type_name -> mbc.v1.Rating
+	3, // 2: mbc.v1.MatchResponse.candidates:type_name -> mbc.v1.Candidate
 	0, // 3: mbc.v1.MatchResponse.decision:type_name -> mbc.v1.Decision
-	1, // 4: mbc.v1.Router.Match:input_type -> mbc.v1.MatchRequest
-	3, // 5: mbc.v1.Router.Match:output_type -> mbc.v1.MatchResponse
-	5, // [5:6] is the sub-list for method output_type
-	4, // [4:5] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	1, // 4: mbc.v1.MatchResponse.none_reason:type_name -> mbc.v1.NoneReason
+	2, // 5: mbc.v1.Router.Match:input_type -> mbc.v1.MatchRequest
+	4, // 6: mbc.v1.Router.Match:output_type -> mbc.v1.MatchResponse
+	6, // [6:7] is the sub-list for method output_type
+	5, // [5:6] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_mbc_v1_router_proto_init() }
@@ -444,7 +524,7 @@ func file_mbc_v1_router_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mbc_v1_router_proto_rawDesc), len(file_mbc_v1_router_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   1,
