@@ -12,7 +12,7 @@ type: numbers that are whole come back as int.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -58,15 +58,19 @@ class ContextClient:
         return self.timeout_seconds if timeout is None else timeout
 
     @staticmethod
-    def _key(namespace: str, scope: Scope, scope_id: str, key: str) -> context_pb2.ContextKey:
-        return context_pb2.ContextKey(namespace=namespace, scope=scope.value, scope_id=scope_id, key=key)
+    def _key(namespace: str, scope: Scope | int, scope_id: str, key: str) -> context_pb2.ContextKey:
+        # An int too: a caller may pass a raw wire value (the store refuses an unknown one). The stubs
+        # type the field as the enum class, which the wire value is at run time.
+        return context_pb2.ContextKey(namespace=namespace, scope=cast(context_pb2.Scope, int(scope)), scope_id=scope_id, key=key)
 
     async def register_namespace(self, namespace: str, ttl_seconds: int, timeout: float | None = None) -> None:
         await self._stub.RegisterNamespace(
             context_pb2.RegisterNamespaceRequest(namespace=namespace, ttl_seconds=ttl_seconds), timeout=self._timeout(timeout)
         )
 
-    async def get(self, namespace: str, scope: Scope, scope_id: str, key: str, timeout: float | None = None) -> tuple[Any, int]:
+    async def get(
+        self, namespace: str, scope: Scope | int, scope_id: str, key: str, timeout: float | None = None
+    ) -> tuple[Any, int]:
         """(value, version); (None, 0) when absent."""
         r = await self._stub.Get(
             context_pb2.GetContextRequest(key=self._key(namespace, scope, scope_id, key)), timeout=self._timeout(timeout)
@@ -76,7 +80,7 @@ class ContextClient:
     async def set(
         self,
         namespace: str,
-        scope: Scope,
+        scope: Scope | int,
         scope_id: str,
         key: str,
         value: Any,
@@ -97,7 +101,7 @@ class ContextClient:
     async def delete(
         self,
         namespace: str,
-        scope: Scope,
+        scope: Scope | int,
         scope_id: str,
         key: str,
         expected_version: int | None = None,
@@ -111,9 +115,9 @@ class ContextClient:
             request.owner_version = owner_version
         return (await self._stub.Delete(request, timeout=self._timeout(timeout))).deleted
 
-    async def list(self, namespace: str, scope: Scope, scope_id: str = "", timeout: float | None = None) -> dict[str, Any]:
+    async def list(self, namespace: str, scope: Scope | int, scope_id: str = "", timeout: float | None = None) -> dict[str, Any]:
         r = await self._stub.List(
-            context_pb2.ListContextRequest(namespace=namespace, scope=scope.value, scope_id=scope_id),
+            context_pb2.ListContextRequest(namespace=namespace, scope=cast(context_pb2.Scope, int(scope)), scope_id=scope_id),
             timeout=self._timeout(timeout),
         )
         return {e.key: from_value(e.value) for e in r.entries}
