@@ -285,7 +285,7 @@ class EtcdClient:
     def __init__(
         self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0, access: EtcdAccess | None = None
     ) -> None:
-        endpoints = list(split_endpoints(endpoints))
+        endpoints = list(split_endpoints(endpoints, keep_http=True))
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if timeout <= 0 or heartbeat <= 0:

@@ -17,11 +17,12 @@ from mbc.v1 import common_pb2
 MiB = 1024 * 1024
 
 
-def split_endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
+def split_endpoints(value: str | Sequence[str], *, keep_http: bool = False) -> tuple[str, ...]:
     """Endpoints given as one comma-separated string (or a list): trimmed, empty ones dropped, and
-    `http://` removed (plain host:port; `https://` stays: it asks for TLS)."""
+    `http://` removed unless `keep_http` (plain host:port; `https://` stays: it asks for TLS). The
+    etcd client keeps it, to refuse endpoints that mix http:// with TLS settings."""
     items = value.split(",") if isinstance(value, str) else value
-    return tuple(e.strip().removeprefix("http://") for e in items if e.strip())
+    return tuple(e.strip() if keep_http else e.strip().removeprefix("http://") for e in items if e.strip())
 
 
 def setting(default: Any, *, flag: str = "", help: str = "", choices: tuple[str, ...] = (), metavar: str = "") -> Any:
