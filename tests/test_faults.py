@@ -27,7 +27,6 @@ from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, common_pb2, participant_pb2
 from meshlib import TEST_BOTS, match, owner_of, respond, start_example_mesh
 
-
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(480),

@@ -21,7 +21,6 @@ from mbc.v1 import bot_pb2, context_pb2, context_pb2_grpc, router_pb2, router_pb
 from meshlib import LEASE_TTL, TEST_BOTS, match, respond
 from probes import health, rpcs_started
 
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 GRACE = 10.0
