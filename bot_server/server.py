@@ -35,6 +35,17 @@ def create_server(config: BotConfig, engine: BotEngine) -> tuple[GrpcServer, int
     return server, server.port
 
 
+def channel_pool(config: BotConfig) -> ChannelPool:
+    """The bot's channels to the router, the store and other bots, per its server and channel settings."""
+    return ChannelPool(
+        config.server.max_message_bytes,
+        config.server.keepalive_time_ms,
+        config.server.keepalive_timeout_ms,
+        config.server.tls,
+        config.channels,
+    )
+
+
 def participant_of(bot: Bot, identity: common_pb2.BotRef) -> participant_pb2.Participant:
     d = bot.definition
     return participant_pb2.Participant(
@@ -57,12 +68,7 @@ class BotProcess:
         self.config = config
         self.bot = bot or Bot.from_file(config.definition_path)
         self.encoder = encoder or Encoder(config.encoder)
-        self.channels = ChannelPool(
-            config.server.max_message_bytes,
-            config.server.keepalive_time_ms,
-            config.server.keepalive_timeout_ms,
-            config.server.tls,
-        )
+        self.channels = channel_pool(config)
         self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
         self.state: StoreState | MemoryState
         if config.store_address:

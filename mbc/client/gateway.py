@@ -9,7 +9,8 @@ does not know the owner (another replica took the previous message, or it restar
 Context Session Store who owns the conversation; a new conversation goes to the entry bot, and so
 does a message whose owner cannot be reached (the entry bot takes the conversation over once the
 owner's registration is gone).
-With mTLS (`tls`, a certificate for the identity gateway/<name>), every call presents it.
+With mTLS (`tls`, a certificate for the identity gateway/<name>), every call presents it. The
+channels reconnect per `channel_config` (bounded backoff, see `ChannelConfig`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Mapping
 import grpc
 
 from mbc.client.context import ContextClient
-from mbc.runtime.channels import ChannelPool
-from mbc.runtime.config import TlsConfig
+from mbc.runtime.channels import DEFAULT_CHANNEL_CONFIG, ChannelPool
+from mbc.runtime.config import ChannelConfig, TlsConfig
 from mbc.v1 import bot_pb2
 
 
@@ -36,6 +37,7 @@ class Conversation:
         channels: ChannelPool | None = None,
         store_address: str = "",
         tls: TlsConfig = TlsConfig(),
+        channel_config: ChannelConfig = DEFAULT_CHANNEL_CONFIG,
     ) -> None:
         self.conversation_id = conversation_id or uuid.uuid4().hex
         self.consumer_id = consumer_id
@@ -45,7 +47,7 @@ class Conversation:
         self.owner_address = ""
         self.owner_bot_id = ""
         self._own_channels = channels is None
-        self._channels = channels or ChannelPool(tls=tls)
+        self._channels = channels or ChannelPool(tls=tls, config=channel_config)
         self._store = ContextClient(self._channels.channel(store_address), timeout_seconds) if store_address else None
 
     async def _find_owner(self) -> str:

@@ -187,6 +187,49 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ChannelConfig:
+    """How this component's client channels to other mesh servers reconnect (grpc core's connection
+    backoff). gRPC's defaults (1 s first, up to 120 s between attempts, 20 s per attempt) are made
+    for the internet; a mesh on a LAN wants a peer restarted on the same address reached again within
+    a second."""
+
+    initial_reconnect_backoff_ms: int = setting(
+        100, flag="--initial-reconnect-backoff-ms", help="first wait before reconnecting a broken channel (ms)"
+    )
+    """Wait after the first failed connection attempt (grpc.initial_reconnect_backoff_ms); each further
+    failure multiplies it by 1.6 (±20% jitter), up to `max_reconnect_backoff_ms`."""
+    min_reconnect_backoff_ms: int = setting(
+        1000, flag="--min-reconnect-backoff-ms", help="least time a connection attempt is given (ms)"
+    )
+    """Least time a single connection attempt (TCP, TLS and HTTP/2 handshakes) may take before it is
+    abandoned (grpc.min_reconnect_backoff_ms: despite the name, grpc uses it as the connect timeout
+    floor; a refused connection fails at once and does not wait for it)."""
+    max_reconnect_backoff_ms: int = setting(
+        1000, flag="--max-reconnect-backoff-ms", help="longest wait between reconnection attempts (ms)"
+    )
+    """Longest wait between two connection attempts (grpc.max_reconnect_backoff_ms): a peer back on
+    its address is reached at most this long (+20% jitter) after it listens again."""
+    retired_grace_seconds: float = 15.0
+    """A channel replaced because a new instance registered at its address (or `ChannelPool.reset`)
+    is closed in the background: calls in flight on it get this long to finish before they are
+    cancelled."""
+
+    def __post_init__(self) -> None:
+        check_range("channels.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms, 1)
+        check_range("channels.min_reconnect_backoff_ms", self.min_reconnect_backoff_ms, 1)
+        check_range("channels.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms, self.initial_reconnect_backoff_ms)
+        check_range("channels.retired_grace_seconds", self.retired_grace_seconds, 0)
+
+    def options(self) -> list[tuple[str, int]]:
+        """The grpc channel arguments of these settings."""
+        return [
+            ("grpc.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
+            ("grpc.min_reconnect_backoff_ms", self.min_reconnect_backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
+        ]
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """How a gRPC server listens and behaves on the wire."""
 
@@ -394,6 +437,8 @@ class BotConfig:
     context_ttl_seconds: int = 86_400
     """TTL of the bot's context namespace, registered at start."""
     server: ServerConfig = section(ServerConfig)
+    channels: ChannelConfig = section(ChannelConfig)
+    """How the bot's channels to the router, the store and other bots reconnect."""
     encoder: EncoderConfig = section(EncoderConfig, flags=("model",))
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
     instance_id: str = setting("", flag="--instance-id", help="instance id to register (default: generated)")
