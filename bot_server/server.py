@@ -117,12 +117,14 @@ class BotProcess:
                 registered=self.registration is not None,
             )
 
-    async def stop(self) -> None:
-        """NOT_SERVING, leave the mesh (lease revoked), finish in-flight calls, close."""
+    async def stop(self, forget: bool = False) -> None:
+        """NOT_SERVING, leave the mesh (lease revoked), finish in-flight calls, close. The bot's
+        definition stays in etcd (the router answers that it is unavailable until an instance is
+        back) unless `forget`: the bot leaves its group for good."""
         with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):
             await self.server.set_serving(False)
             if self.registration:
-                await self.registration.stop()
+                await self.registration.stop(forget=forget)
             await self.server.stop()
             if self.etcd:
                 await self.etcd.close()

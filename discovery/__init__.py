@@ -11,12 +11,21 @@ from discovery.errors import (
     WatchCompacted,
 )
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
-from discovery.keys import PARTICIPANTS_PREFIX, parse_participant_key, participant_key, validate_name
-from discovery.registration import Registration
+from discovery.keys import (
+    DEFINITIONS_PREFIX,
+    PARTICIPANTS_PREFIX,
+    definition_key,
+    parse_participant_key,
+    participant_key,
+    validate_name,
+)
+from discovery.registration import DefinitionError, Registration, forget_definition
 from discovery.watcher import ParticipantSnapshot, ParticipantWatcher, check_registration
 
 __all__ = [
+    "DEFINITIONS_PREFIX",
     "PARTICIPANTS_PREFIX",
+    "DefinitionError",
     "EtcdAuthFailed",
     "EtcdClient",
     "EtcdError",
@@ -32,6 +41,8 @@ __all__ = [
     "WatchCompacted",
     "WatchEvent",
     "check_registration",
+    "definition_key",
+    "forget_definition",
     "parse_participant_key",
     "participant_key",
     "validate_name",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -94,8 +94,15 @@ class KeyPermission:
         key = prefix.encode()
         return cls(key, aetcd.utils.prefix_range_end(key), permission)
 
+    @classmethod
+    def on_key(cls, key: str, permission: str) -> KeyPermission:
+        """On the one key `key` (etcd's empty range end)."""
+        return cls(key.encode(), b"", permission)
+
     def __str__(self) -> str:
         key = self.key.decode(errors="backslashreplace")
+        if not self.range_end:
+            return f"{self.permission} {key}"
         if self.range_end == aetcd.utils.prefix_range_end(self.key):
             return f"{self.permission} {key}*"
         return f"{self.permission} [{key}, {self.range_end.decode(errors='backslashreplace')})"
@@ -369,6 +376,21 @@ class EtcdClient:
         result = await self._unary("get_prefix", lambda c: c.get_prefix(prefix.encode()))
         items = [KeyValue(_decode(kv.key), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs]
         return items, result.header.revision
+
+    async def get_prefixes(self, prefixes: Sequence[str]) -> tuple[list[list[KeyValue]], int]:
+        """The keys under each of `prefixes`, read in one transaction (one store revision, returned
+        too: watch each prefix from it + 1)."""
+        ops = []
+        for prefix in prefixes:
+            k = prefix.encode()
+            ops.append(rpc.RequestOp(request_range=rpc.RangeRequest(key=k, range_end=aetcd.utils.prefix_range_end(k))))
+        request = rpc.TxnRequest(compare=[], success=ops)
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        lists = [
+            [KeyValue(_decode(kv.key), kv.value, kv.mod_revision, kv.lease) for kv in r.response_range.kvs]
+            for r in response.responses
+        ]
+        return lists, response.header.revision
 
     async def delete(self, key: str) -> bool:
         """Delete `key`; return whether it existed."""

@@ -1,14 +1,20 @@
-"""The etcd key layout of the mesh: /mbc/v1/participants/<group>/<bot_id>/<instance_id>."""
+"""The etcd key layout of the mesh: /mbc/v1/participants/<group>/<bot_id>/<instance_id> (a live
+instance, under its lease) and /mbc/v1/definitions/<group>/<bot_id> (the bot's definition, without a
+lease: it outlives the instances, so that the router knows a bot that is absent for a while)."""
 
 from __future__ import annotations
 
 from mbc.runtime.names import validate_name
 
 PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
+DEFINITIONS_PREFIX = "/mbc/v1/definitions/"
 
 __all__ = [
+    "DEFINITIONS_PREFIX",
     "PARTICIPANTS_PREFIX",
     "bot_prefix",
+    "definition_key",
+    "parse_definition_key",
     "group_participants_prefix",
     "parse_participant_key",
     "participant_key",
@@ -45,3 +51,23 @@ def parse_participant_key(key: str) -> tuple[str, str, str]:
     validate_name("bot_id", bot_id)
     validate_name("instance_id", instance_id)
     return group, bot_id, instance_id
+
+
+def definition_key(group: str, bot_id: str) -> str:
+    """The key of a bot's definition: written by its instances, deleted only when it is forgotten."""
+    validate_name("group", group)
+    validate_name("bot_id", bot_id)
+    return f"{DEFINITIONS_PREFIX}{group}/{bot_id}"
+
+
+def parse_definition_key(key: str) -> tuple[str, str]:
+    """Return (group, bot_id) of a definition key; ValueError if it is not one."""
+    if not key.startswith(DEFINITIONS_PREFIX):
+        raise ValueError(f"key {key!r} is not under {DEFINITIONS_PREFIX}")
+    parts = key[len(DEFINITIONS_PREFIX) :].split("/")
+    if len(parts) != 2:
+        raise ValueError(f"key {key!r} is not {DEFINITIONS_PREFIX}<group>/<bot_id>")
+    group, bot_id = parts
+    validate_name("group", group)
+    validate_name("bot_id", bot_id)
+    return group, bot_id

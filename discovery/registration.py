@@ -1,4 +1,5 @@
-"""A bot instance's registration: its Participant under a lease that it keeps alive."""
+"""A bot instance's registration: its Participant under a lease that it keeps alive, and the bot's
+definition under a key without a lease, which outlives the instance until the bot is forgotten."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 
 from discovery.errors import EtcdError, LeaseNotFound, RegistrationConflict
 from discovery.etcd_client import EtcdClient
-from discovery.keys import participant_key
+from discovery.keys import definition_key, participant_key
 from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
@@ -17,6 +18,46 @@ _RETRY_FIRST = 0.2
 _RETRY_CAP = 2.0
 _MAX_HOLDER_WAIT = 60
 """Longest wait at start for another lease's key to expire, whatever that lease's TTL."""
+MAX_DEFINITION_BYTES = 1024 * 1024
+"""Largest serialized definition: etcd refuses requests above 1.5 MiB by default (--max-request-bytes)."""
+
+
+class DefinitionError(ValueError):
+    """A bot definition that cannot be written to etcd (too large, or not a valid definition)."""
+
+
+def definition_of(participant: participant_pb2.Participant) -> participant_pb2.Participant:
+    """The bot's definition: what every instance of the bot shares (no instance id, no address)."""
+    return participant_pb2.Participant(
+        bot_id=participant.bot_id,
+        group=participant.group,
+        collaboration=participant.collaboration,
+        intents=participant.intents,
+        definition_version=participant.definition_version,
+        display_name=participant.display_name,
+    )
+
+
+def definition_bytes(participant: participant_pb2.Participant) -> bytes:
+    """The serialized definition of `participant`'s bot; DefinitionError when it cannot be stored."""
+    name = f"{participant.bot_id}@{participant.group}"
+    try:
+        definition_key(participant.group, participant.bot_id)
+    except ValueError as e:
+        raise DefinitionError(f"definition of {name}: {e}") from e
+    value = definition_of(participant).SerializeToString()
+    if len(value) > MAX_DEFINITION_BYTES:
+        raise DefinitionError(
+            f"definition of {name} is {len(value)} bytes serialized; the maximum is {MAX_DEFINITION_BYTES}"
+            " (fewer or shorter phrases)"
+        )
+    return value
+
+
+async def forget_definition(client: EtcdClient, group: str, bot_id: str) -> bool:
+    """Delete a bot's definition: the router forgets the bot once no instance of it is live.
+    Returns whether there was one."""
+    return await client.delete(definition_key(group, bot_id))
 
 
 def _copy(participant: participant_pb2.Participant) -> participant_pb2.Participant:
@@ -43,6 +84,8 @@ class Registration:
         self._client = client
         self._participant = _copy(participant)
         self._key = participant_key(participant.group, participant.bot_id, participant.instance_id)
+        self._definition_key = definition_key(participant.group, participant.bot_id)
+        self._definition = definition_bytes(participant)  # a bad definition fails here, before anything runs
         self._ttl = ttl
         self._lease_id: int | None = None
         self._registered = False
@@ -54,6 +97,10 @@ class Registration:
     @property
     def key(self) -> str:
         return self._key
+
+    @property
+    def definition_key(self) -> str:
+        return self._definition_key
 
     @property
     def lease_id(self) -> int | None:
@@ -73,15 +120,27 @@ class Registration:
         if self._task is not None:
             raise RuntimeError(f"registration {self._key} is already started")
         async with self._lock:
+            await self._write_definition()
             await self._register(wait_for_holder=True)
         self._task = asyncio.create_task(self._keep_alive(), name=f"keep-alive {self._key}")
         log.info("registered", key=self._key, lease_id=self._lease_id, ttl=self._ttl)
 
-    async def stop(self) -> None:
+    async def stop(self, forget: bool = False) -> None:
         """Stop the keep-alive and revoke the lease, so that the key disappears at once.
 
-        If etcd cannot be reached the key still disappears when the lease expires.
+        If etcd cannot be reached the key still disappears when the lease expires. The definition
+        stays (the router keeps the bot's intents and answers that it is unavailable) unless
+        `forget`: then it is deleted too, and the bot leaves its group for good once no other
+        instance of it is live (an error reaching etcd is raised then).
         """
+        try:
+            await self._stop()
+        finally:
+            if forget:
+                await forget_definition(self._client, self._participant.group, self._participant.bot_id)
+                log.info("definition_forgotten", key=self._definition_key)
+
+    async def _stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -112,11 +171,14 @@ class Registration:
         key = participant_key(participant.group, participant.bot_id, participant.instance_id)
         if key != self._key:
             raise ValueError(f"update cannot move {self._key} to {key}: use a new Registration")
+        definition = definition_bytes(participant)
         self._participant = _copy(participant)
+        self._definition = definition
         self._dirty = True
         if self._task is None:
             return
         async with self._lock:
+            await self._write_definition()
             if self._lease_id is None:
                 return
             try:
@@ -124,6 +186,14 @@ class Registration:
             except LeaseNotFound:
                 await self._renew()
         log.info("registration_updated", key=self._key)
+
+    async def _write_definition(self) -> None:
+        """Put the definition (without a lease) unless etcd holds it already: an instance that
+        restarts with the same definition changes nothing the router follows."""
+        current = await self._client.get(self._definition_key)
+        if current is None or current.value != self._definition:
+            await self._client.put(self._definition_key, self._definition)
+            log.info("definition_written", key=self._definition_key, bytes=len(self._definition))
 
     async def _register(self, wait_for_holder: bool = False) -> None:
         lease_id = await self._client.grant_lease(self._ttl)

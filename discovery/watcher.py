@@ -1,4 +1,5 @@
-"""Follows the registered participants: list the prefix, then watch it, and re-list after any error."""
+"""Follows the registered participants and the bots' definitions: list both prefixes at one
+revision, then watch them, and re-list after any error."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from discovery.errors import EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
-from discovery.keys import PARTICIPANTS_PREFIX, parse_participant_key
+from discovery.keys import DEFINITIONS_PREFIX, PARTICIPANTS_PREFIX, parse_definition_key, parse_participant_key
 from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
@@ -27,15 +28,18 @@ Participant = participant_pb2.Participant
 
 @dataclass(frozen=True)
 class ParticipantSnapshot:
-    """The registrations under the watched prefix as of store revision `revision`.
+    """The registrations under the watched prefixes as of store revision `revision`.
 
-    `participants` holds the valid ones and `invalid` the reason each other one was rejected,
-    both keyed by etcd key. Treat the Participant messages as read-only.
+    `participants` holds the valid live instances, `definitions` the valid bot definitions (which
+    outlive the instances: a bot with a definition and no instance is absent, not gone), and
+    `invalid` the reason each other key was rejected, all keyed by etcd key. Treat the Participant
+    messages as read-only.
     """
 
     participants: Mapping[str, Participant] = field(default_factory=lambda: MappingProxyType({}))
     invalid: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     revision: int = 0
+    definitions: Mapping[str, Participant] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def check_registration(key: str, value: bytes) -> Participant | str:
@@ -57,13 +61,40 @@ def check_registration(key: str, value: bytes) -> Participant | str:
     return participant
 
 
+def check_definition(key: str, value: bytes) -> Participant | str:
+    """Return the bot definition stored under `key`, or why it is invalid."""
+    try:
+        segments = parse_definition_key(key)
+    except ValueError as e:
+        return str(e)
+    definition = Participant()
+    try:
+        definition.ParseFromString(value)
+    except DecodeError:
+        return "value is not a serialized mbc.v1.Participant"
+    for name, segment in zip(("group", "bot_id"), segments):
+        if getattr(definition, name) != segment:
+            return f"{name} {getattr(definition, name)!r} does not match the key segment {segment!r}"
+    if definition.instance_id or definition.address:
+        return "a definition names no instance and no address"
+    return definition
+
+
+def definitions_prefix_of(prefix: str) -> str:
+    """The definitions prefix that goes with a participants prefix (the whole mesh, or a group)."""
+    if not prefix.startswith(PARTICIPANTS_PREFIX):
+        raise ValueError(f"prefix {prefix!r} is not under {PARTICIPANTS_PREFIX}")
+    return DEFINITIONS_PREFIX + prefix[len(PARTICIPANTS_PREFIX) :]
+
+
 class ParticipantWatcher:
     """Calls `on_change` with a new ParticipantSnapshot after the first list and after each change.
 
     Changes that arrive together (one etcd response, or while on_change runs) give one snapshot.
     On a compacted watch or an unreachable etcd it backs off, lists again and resumes; it only
     stops when stop() is called. Keys are parsed as full participant keys, so `prefix` may narrow
-    the watch to a group (PARTICIPANTS_PREFIX + "group/").
+    the watch to a group (PARTICIPANTS_PREFIX + "group/"); the definitions of the same scope are
+    listed (in the same transaction: one revision) and watched beside them.
     """
 
     def __init__(
@@ -75,7 +106,9 @@ class ParticipantWatcher:
         self._client = client
         self._on_change = on_change
         self._prefix = prefix
+        self._definitions_prefix = definitions_prefix_of(prefix)
         self._valid: dict[str, Participant] = {}
+        self._definitions: dict[str, Participant] = {}
         self._invalid: dict[str, str] = {}
         self._revision = 0
         self._snapshot = ParticipantSnapshot()
@@ -124,20 +157,25 @@ class ParticipantWatcher:
             await asyncio.sleep(delay)
 
     async def _list_and_watch(self) -> None:
-        items, revision = await self._client.get_prefix(self._prefix)
-        self._load(items, revision)
+        (items, definitions), revision = await self._client.get_prefixes([self._prefix, self._definitions_prefix])
+        self._load(items + definitions, revision)
         log.info(
             "participants_listed",
             prefix=self._prefix,
             revision=revision,
             participants=len(self._valid),
+            definitions=len(self._definitions),
             invalid=len(self._invalid),
             after_failures=self._failures,
         )
         self._failures = 0
         await self._publish()
         queue: asyncio.Queue[WatchEvent | Exception] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(revision + 1, queue), name=f"watch-pump {self._prefix}")
+        # One watch per prefix into one queue: the keys differ, so each key's events stay in order.
+        pumps = [
+            asyncio.create_task(self._pump(prefix, revision + 1, queue), name=f"watch-pump {prefix}")
+            for prefix in (self._prefix, self._definitions_prefix)
+        ]
         try:
             while True:
                 batch = [await queue.get()]
@@ -152,12 +190,13 @@ class ParticipantWatcher:
                     if isinstance(item, Exception):
                         raise item
         finally:
-            pump.cancel()
-            await asyncio.wait({pump})
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.wait(pumps)
 
-    async def _pump(self, start_revision: int, queue: asyncio.Queue[WatchEvent | Exception]) -> None:
+    async def _pump(self, prefix: str, start_revision: int, queue: asyncio.Queue[WatchEvent | Exception]) -> None:
         try:
-            async with contextlib.aclosing(self._client.watch_prefix(self._prefix, start_revision)) as events:
+            async with contextlib.aclosing(self._client.watch_prefix(prefix, start_revision)) as events:
                 async for event in events:
                     queue.put_nowait(event)
             queue.put_nowait(EtcdUnavailable("the watch ended"))
@@ -167,7 +206,7 @@ class ParticipantWatcher:
     def _load(self, items: list[KeyValue], revision: int) -> None:
         before = set(self._valid)
         invalid_before = self._invalid
-        self._valid, self._invalid = {}, {}
+        self._valid, self._invalid, self._definitions = {}, {}, {}
         for kv in items:
             self._classify(kv.key, kv.value, invalid_before.get(kv.key))
         self._revision = revision
@@ -180,28 +219,34 @@ class ParticipantWatcher:
         self._revision = max(self._revision, event.mod_revision)
         if event.kind == "delete":
             self._invalid.pop(event.key, None)
+            if self._definitions.pop(event.key, None) is not None:
+                log.info("definition_removed", key=event.key)
             if self._valid.pop(event.key, None) is not None:
                 log.info("participant_removed", key=event.key)
             return
-        known = self._valid.pop(event.key, None) is not None
+        known = self._valid.pop(event.key, None) is not None or self._definitions.pop(event.key, None) is not None
         previous_reason = self._invalid.pop(event.key, None)
         if self._classify(event.key, event.value, previous_reason) and not known:
             log.info("participant_added", key=event.key)
 
     def _classify(self, key: str, value: bytes, previous_reason: str | None) -> bool:
-        """Record the registration as valid or invalid; warn once per key and reason."""
-        result = check_registration(key, value)
+        """Record the registration (or definition) as valid or invalid; warn once per key and reason."""
+        definition = key.startswith(DEFINITIONS_PREFIX)
+        result = check_definition(key, value) if definition else check_registration(key, value)
         if isinstance(result, str):
             self._invalid[key] = result
             if previous_reason != result:
                 log.warning("invalid_registration", key=key, reason=result)
             return False
-        self._valid[key] = result
+        (self._definitions if definition else self._valid)[key] = result
         return True
 
     async def _publish(self) -> None:
         self._snapshot = ParticipantSnapshot(
-            MappingProxyType(dict(self._valid)), MappingProxyType(dict(self._invalid)), self._revision
+            MappingProxyType(dict(self._valid)),
+            MappingProxyType(dict(self._invalid)),
+            self._revision,
+            MappingProxyType(dict(self._definitions)),
         )
         try:
             result = self._on_change(self._snapshot)

@@ -11,6 +11,12 @@ to train: a participant change updates its index in place, and refits τ. A grou
 persists its trained heads beside the phrase vectors (router/model_cache.py): a restarted router
 with unchanged groups restores them instead of training, so it is ready as soon as its indexes
 are built.
+
+Bots that have a definition in etcd and no live instance (absent: crashed, restarting, being
+deployed) keep their intents in their group's model, so a restart neither retrains nor refits it;
+they are never candidates. When the decision would hand the message over (ACT, or DISAMBIGUATE)
+and the best intent is an absent bot's, Match answers NONE with NONE_REASON_BOT_UNAVAILABLE and the
+bot's id: the message is never handed to a bot that matches it less well.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from router.calibration import (
     generic_none,
     update_group_model,
 )
-from router.decision import NONE, GroupModel, Scored, Verdict, changed_bots
+from router.decision import ACT, DISAMBIGUATE, GOOD, NONE, GroupModel, Scored, Verdict, changed_bots
 from router.directory import BotEntry, Directory
 from router.embedding_store import PhraseEmbeddings, open_store
 from router.model_cache import DIRECTORY as HEADS_DIRECTORY
@@ -95,6 +101,9 @@ class MatchResult:
     candidates: list[Candidate]
     revision: int
     decision: router_pb2.Decision
+    none_reason: router_pb2.NoneReason = router_pb2.NONE_REASON_UNSPECIFIED
+    unavailable_bot_id: str = ""
+    """With NONE_REASON_BOT_UNAVAILABLE: the absent bot whose intent matched best."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,7 @@ class RouterCore:
         self.config = config
         self.encoder = encoder
         self._state: _State | None = None
-        self._pending: tuple[Mapping, int] | None = None
+        self._pending: tuple[Mapping, int, Mapping] | None = None
         self._calibration: list[Example] = list(calibration)
         self._calibration_version = 0
         self._wakeup = asyncio.Event()
@@ -209,17 +218,21 @@ class RouterCore:
     def calibration(self) -> list[Example]:
         return list(self._calibration)
 
-    def submit(self, participants: Mapping, revision: int) -> None:
-        """Queue a participant snapshot for indexing (the latest one wins).
+    def submit(self, participants: Mapping, revision: int, definitions: Mapping | None = None) -> None:
+        """Queue a participant snapshot for indexing (the latest one wins); `definitions` (by key)
+        keep the bots without a live instance in their group, absent.
 
         Who is alive and where takes effect at once, even while a model is being trained for an
         earlier snapshot (seconds for a large group): an instance that left is never named again.
         Matches score with the models trained so far until the build catches up."""
-        self._pending = (participants, revision)
+        definitions = definitions or {}
+        self._pending = (participants, revision, definitions)
         state = self._state
         if state is not None and revision > state.directory.revision:
             try:
-                directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, state.directory)
+                directory = Directory.from_participants(
+                    participants, revision, self.config.max_intents_per_bot, state.directory, definitions
+                )
             except Exception:
                 log.exception("directory_update_failed", revision=revision)
             else:
@@ -275,13 +288,15 @@ class RouterCore:
             self._wakeup.clear()
             pending = self._pending
             assert pending is not None  # _kick, the only waker, runs once a snapshot is pending
-            participants, revision = pending
+            participants, revision, definitions = pending
             try:
                 previous = self._state.directory if self._state else None
                 if previous is not None and previous.revision == revision:  # `submit` read it already
                     directory = previous
                 else:
-                    directory = Directory.from_participants(participants, revision, self.config.max_intents_per_bot, previous)
+                    directory = Directory.from_participants(
+                        participants, revision, self.config.max_intents_per_bot, previous, definitions
+                    )
                 if await self._rebuild(directory, self._calibration_version):
                     # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
                     asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
@@ -419,7 +434,7 @@ class RouterCore:
             return MatchResult([], state.directory.revision, NONE)
         # Across groups (an operator's view), confidences compare relative to each group's τ.
         verdicts.sort(key=lambda v: -v[0])
-        decision = verdicts[0][1].decision
+        decision, absent = self._decide_absent(state.directory, verdicts[0][1], verdicts[0][3])
         # Each candidate with the group it was scored in: its bot id alone may name a bot of another group.
         ranked = [(c.confidence - tau, name, c) for _, v, tau, name in verdicts for c in v.candidates]
         if len(verdicts) > 1:
@@ -432,7 +447,7 @@ class RouterCore:
             if m.rating < min_rating:
                 continue
             bot: BotEntry | None = state.directory.find_bot(m.bot_id, name)
-            if bot is None or not bot.instances:
+            if bot is None or bot.absent:
                 continue
             if (name, m.bot_id) not in instances:
                 instances[(name, m.bot_id)] = bot.pick_instance()
@@ -440,4 +455,31 @@ class RouterCore:
             out.append(Candidate(m, bot.display_name, instance_id, address))
             if len(out) >= limit:
                 break
+        if absent:
+            return MatchResult(out, state.directory.revision, decision, router_pb2.NONE_REASON_BOT_UNAVAILABLE, absent)
         return MatchResult(out, state.directory.revision, decision)
+
+    @staticmethod
+    def _decide_absent(directory: Directory, verdict: Verdict, group: str) -> tuple[router_pb2.Decision, str]:
+        """`verdict`'s decision given the absent bots, and the absent bot to name ("" for none).
+
+        ACT or DISAMBIGUATE whose first candidate is an absent bot's: NONE, naming it. A
+        DISAMBIGUATE with an absent option after a live first one drops it; if a single bot is
+        left, it gets the message (ACT) only when it is GOOD on its own, else NONE naming the
+        absent bot (it matched about as well)."""
+        decision = verdict.decision
+        if decision not in (ACT, DISAMBIGUATE) or not verdict.candidates:
+            return decision, ""
+
+        def absent(m: Scored) -> bool:
+            bot = directory.find_bot(m.bot_id, group)
+            return bot is not None and bot.absent
+
+        top = verdict.candidates[0]
+        if absent(top):
+            return NONE, top.bot_id
+        if decision == DISAMBIGUATE:
+            gone = [m for m in verdict.candidates if absent(m)]
+            if gone and len({m.bot_id for m in verdict.candidates if not absent(m)}) < 2:
+                return (ACT, "") if top.rating >= GOOD else (NONE, gone[0].bot_id)
+        return decision, ""

@@ -1,4 +1,8 @@
-"""The router's view of the mesh: participants grouped by bot group, from an etcd snapshot."""
+"""The router's view of the mesh: participants grouped by bot group, from an etcd snapshot.
+
+A bot with a definition in etcd and no live instance is *absent*: its entry has no instances. Its
+intents stay in its group's model (a crash or a restart changes neither the model nor τ), but it is
+never a candidate; a Match whose best intent is its own answers that it is unavailable."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ log = get_logger(__name__)
 
 @dataclass
 class BotEntry:
-    """A bot as the router sees it: its intents and its live instances."""
+    """A bot as the router sees it: its intents and its live instances (none: the bot is absent)."""
 
     bot_id: str
     group: str
@@ -26,6 +30,11 @@ class BotEntry:
     instances: list[tuple[str, str]] = field(default_factory=list)
     """(instance_id, address) of each live instance."""
     _turn: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    @property
+    def absent(self) -> bool:
+        """Known by its definition, but no instance is live (crashed, restarting, being deployed)."""
+        return not self.instances
 
     def pick_instance(self) -> tuple[str, str]:
         """Spread transfers over the live instances, round-robin."""
@@ -48,35 +57,54 @@ class Directory:
         revision: int,
         max_intents: int | None = None,
         previous: Directory | None = None,
+        definitions: Mapping[str, participant_pb2.Participant] | None = None,
     ) -> Directory:
         """Participants with more than `max_intents` intents are left out (and logged). The intents
         of a record that is the very object `previous` read are taken from it: with a million
-        phrases, reading them all again took most of the time a participant change needs."""
+        phrases, reading them all again took most of the time a participant change needs.
+
+        `definitions` (by definition key) add the bots that have no live instance, as absent
+        entries. A bot with live instances takes its intents from them, whatever its definition
+        says (a new version rolling out)."""
         groups: dict[str, dict[str, BotEntry]] = {}
         parsed: dict[str, tuple[participant_pb2.Participant, tuple[IntentPhrases, ...]]] = {}
         known = previous.parsed if previous is not None else {}
+
+        def entry_of(key: str, p: participant_pb2.Participant) -> BotEntry:
+            source, intents = known.get(key, (None, ()))
+            if source is not p:
+                intents = tuple(IntentPhrases(p.bot_id, i.name, tuple(dict.fromkeys(i.phrases))) for i in p.intents)
+            parsed[key] = (p, intents)
+            return BotEntry(
+                bot_id=p.bot_id,
+                group=p.group,
+                collaboration=p.collaboration,
+                intents=intents,
+                definition_version=p.definition_version,
+                display_name=p.display_name or p.bot_id,
+            )
+
+        def too_many(key: str, p: participant_pb2.Participant) -> bool:
+            if max_intents is not None and len(p.intents) > max_intents:
+                log.warning("participant_ignored", key=key, reason=f"{len(p.intents)} intents; the maximum is {max_intents}")
+                return True
+            return False
+
         # Iterate by key so the instance list (and the chosen intents) do not depend on dict order.
         for key in sorted(participants):
             p = participants[key]
-            if max_intents is not None and len(p.intents) > max_intents:
-                log.warning("participant_ignored", key=key, reason=f"{len(p.intents)} intents; the maximum is {max_intents}")
+            if too_many(key, p):
                 continue
             bots = groups.setdefault(p.group, {})
             entry = bots.get(p.bot_id)
             if entry is None:
-                source, intents = known.get(key, (None, ()))
-                if source is not p:
-                    intents = tuple(IntentPhrases(p.bot_id, i.name, tuple(dict.fromkeys(i.phrases))) for i in p.intents)
-                parsed[key] = (p, intents)
-                entry = bots[p.bot_id] = BotEntry(
-                    bot_id=p.bot_id,
-                    group=p.group,
-                    collaboration=p.collaboration,
-                    intents=intents,
-                    definition_version=p.definition_version,
-                    display_name=p.display_name or p.bot_id,
-                )
+                entry = bots[p.bot_id] = entry_of(key, p)
             entry.instances.append((p.instance_id, p.address))
+        for key in sorted(definitions or {}):
+            d = (definitions or {})[key]
+            if d.bot_id in groups.get(d.group, {}) or too_many(key, d):
+                continue
+            groups.setdefault(d.group, {})[d.bot_id] = entry_of(key, d)
         return cls(groups=groups, revision=revision, parsed=parsed)
 
     def find_bot(self, bot_id: str, group: str) -> BotEntry | None:

@@ -74,7 +74,7 @@ class RouterProcess:
                 self.load_calibration()
 
     def _on_snapshot(self, snapshot: ParticipantSnapshot) -> None:
-        self.core.submit(snapshot.participants, snapshot.revision)
+        self.core.submit(snapshot.participants, snapshot.revision, snapshot.definitions)
 
     async def start(self) -> None:
         await self.etcd.connect()  # first: wrong etcd credentials stop the router before it loads anything

@@ -48,7 +48,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
             except (GroupMismatch, AmbiguousBot) as e:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            response = router_pb2.MatchResponse(index_revision=result.revision, decision=result.decision)
+            response = router_pb2.MatchResponse(
+                index_revision=result.revision,
+                decision=result.decision,
+                none_reason=result.none_reason,
+                unavailable_bot_id=result.unavailable_bot_id,
+            )
             for c in result.candidates:
                 response.candidates.add(
                     bot_id=c.match.bot_id,
@@ -64,11 +69,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             decision = router_pb2.Decision.Name(result.decision).removeprefix("DECISION_")
             top = result.candidates[0].match if result.candidates else None
             rating = common_pb2.Rating.Name(top.rating).removeprefix("RATING_") if top else "NONE"
-            metrics.ROUTER_MATCHES.labels(decision, rating).inc()
+            reason = router_pb2.NoneReason.Name(result.none_reason).removeprefix("NONE_REASON_")
+            metrics.ROUTER_MATCHES.labels(decision, rating, reason).inc()
             log.info(
                 "matched",
                 candidates=len(result.candidates),
                 decision=decision,
+                none_reason=reason,
+                unavailable_bot_id=result.unavailable_bot_id,
                 top=f"{top.bot_id}/{top.intent}" if top else "",
                 rating=rating,
                 score=round(top.score, 3) if top else 0.0,

@@ -20,7 +20,7 @@ from discovery import (
 )
 from discovery.etcd_client import KeyPermission
 from discovery.groups import settings_key
-from discovery.keys import participant_key
+from discovery.keys import DEFINITIONS_PREFIX, definition_key, participant_key
 from mbc.cli.etcd_auth import ROUTER_USER, STORE_USER, bot_user
 from mbc.runtime.config import EtcdAccess
 from mbc.testing.etcd import LocalEtcd, ServerTls
@@ -259,7 +259,10 @@ def test_wrong_password_stops_the_router_at_start_with_a_clear_message(secure, t
 async def test_router_user_reads_participants_but_cannot_write_them(secure):
     async with secure.client(ROUTER_USER) as router:
         await router.get_prefix("/mbc/v1/participants/")
+        await router.get_prefix(DEFINITIONS_PREFIX)  # the bots' definitions, which outlive their instances
         await router.get(settings_key(GROUP))
+        with pytest.raises(EtcdPermissionDenied):
+            await router.put(definition_key(GROUP, "cards"), participant("cards").SerializeToString())
         with pytest.raises(EtcdPermissionDenied, match=ROUTER_USER):
             await router.put(participant_key(GROUP, "cards", "forged"), participant("cards").SerializeToString())
         with pytest.raises(EtcdPermissionDenied):
@@ -271,12 +274,20 @@ async def test_bot_user_writes_only_its_own_registrations(secure):
         own = Registration(cards, participant("cards", "own"), ttl=5)
         await own.start()
         assert (await cards.get(own.key)).lease == own.lease_id
+        assert (await cards.get(definition_key(GROUP, "cards"))).lease == 0  # its definition, without a lease
         # Through the real registration code and a raw put: another bot's key is refused.
         forged = Registration(cards, participant("business-banking", "forged"), ttl=5)
         with pytest.raises(EtcdPermissionDenied, match=bot_user(GROUP, "cards")):
             await forged.start()
         with pytest.raises(EtcdPermissionDenied):
             await cards.put(participant_key(GROUP, "business-banking", "x"), b"")
+        # Nor another bot's definition (nor a key that only starts like its own).
+        with pytest.raises(EtcdPermissionDenied):
+            await cards.put(definition_key(GROUP, "business-banking"), participant("cards").SerializeToString())
+        with pytest.raises(EtcdPermissionDenied):
+            await cards.delete(definition_key(GROUP, "business-banking"))
+        with pytest.raises(EtcdPermissionDenied):
+            await cards.put(definition_key(GROUP, "cards-forged"), b"")
         with pytest.raises(EtcdPermissionDenied):
             await cards.put(settings_key(GROUP), participant_pb2.GroupSettings(return_to_sender=True).SerializeToString())
         with pytest.raises(EtcdPermissionDenied):
@@ -285,8 +296,9 @@ async def test_bot_user_writes_only_its_own_registrations(secure):
         await cards.get_prefix(f"/mbc/v1/participants/{GROUP}/")
         with pytest.raises(EtcdPermissionDenied):
             await cards.get_prefix("/mbc/v1/participants/other-group/")
-        await own.stop()
+        await own.stop(forget=True)
         assert await cards.get(own.key) is None
+        assert await cards.get(definition_key(GROUP, "cards")) is None
 
 
 async def test_expired_token_is_renewed_without_the_caller_noticing(secure):

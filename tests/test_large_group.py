@@ -79,6 +79,7 @@ async def test_a_bot_joining_changing_and_leaving_reaches_match(mesh, tmp_path):
 
     travel.kill()  # no deregistration: the lease expires
     mesh.bots.pop("travel")
+    await mesh.forget(mesh.bot_files["travel"].group, mesh.bot_files["travel"].bot_id)  # it left for good
     await eventually(lambda: _not_bot(first("can I get into the airport lounge?"), "travel"), timeout=LEASE_TTL + 5)
 
 

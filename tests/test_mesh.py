@@ -168,6 +168,7 @@ async def test_non_collaborating_bot_is_never_a_candidate(mesh):
         await transfer(loner.address, receiver_bot_id="loner", text="will it rain")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     mesh.bots.pop("loner").terminate()
+    await mesh.forget(mesh.bot_files["loner"].group, mesh.bot_files["loner"].bot_id)  # it left for good
 
 
 async def test_bot_joining_and_dying_mid_run(mesh):
@@ -185,6 +186,8 @@ async def test_bot_joining_and_dying_mid_run(mesh):
 
     travel.kill()  # SIGKILL: no deregistration, the lease has to expire
     mesh.bots.pop("travel")
+    # For good: without this the router would keep it absent and answer that travel is unavailable.
+    await mesh.forget(mesh.bot_files["travel"].group, mesh.bot_files["travel"].bot_id)
 
     async def gone():
         return not await travel_candidate()

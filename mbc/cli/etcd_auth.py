@@ -3,11 +3,12 @@ the key prefixes it needs. The prefixes come from the modules that own the key l
 
 | etcd user (and role)  | may                                                                  |
 | --------------------- | -------------------------------------------------------------------- |
-| `mbc-router`          | read `/mbc/v1/participants/`, read `/mbc/v1/groups/`                 |
+| `mbc-router`          | read `/mbc/v1/participants/`, `/mbc/v1/definitions/`, `/mbc/v1/groups/` |
 | `mbc-store`           | read and write `/mbc/v1/context/` and `/mbc/v1/conversations/`       |
 | `<bot_id>@<group>`    | read and write `/mbc/v1/participants/<group>/<bot_id>/` (its own     |
 |                       | instances); read `/mbc/v1/participants/<group>/` (whether the owner  |
-|                       | of a conversation is still registered) and `/mbc/v1/groups/<group>/` |
+|                       | of a conversation is still registered) and `/mbc/v1/groups/<group>/`; |
+|                       | read and write `/mbc/v1/definitions/<group>/<bot_id>` (its definition) |
 | `root`                | everything; only for this command and `mbc group`                    |
 
 Leases need no permission of their own in etcd 3.4, except that revoking one needs write access to
@@ -29,7 +30,7 @@ from context_store.core import PREFIX as CONTEXT_PREFIX
 from discovery.errors import EtcdAuthFailed, EtcdError
 from discovery.etcd_client import EtcdClient, KeyPermission
 from discovery.groups import GROUPS_PREFIX, group_prefix
-from discovery.keys import PARTICIPANTS_PREFIX, bot_prefix, group_participants_prefix
+from discovery.keys import DEFINITIONS_PREFIX, PARTICIPANTS_PREFIX, bot_prefix, definition_key, group_participants_prefix
 from mbc.runtime.config import EtcdAccess
 
 ROOT_USER = "root"
@@ -42,6 +43,8 @@ class Grant:
     prefix: str
     permission: str
     """"read", "write" or "readwrite"."""
+    exact: bool = False
+    """On the key `prefix` alone, not on the keys under it."""
 
 
 def bot_user(group: str, bot_id: str) -> str:
@@ -52,7 +55,7 @@ def bot_user(group: str, bot_id: str) -> str:
 def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, ...]]:
     """The permissions of each component's user; `bots` are (group, bot_id) pairs."""
     grants: dict[str, tuple[Grant, ...]] = {
-        ROUTER_USER: (Grant(PARTICIPANTS_PREFIX, "read"), Grant(GROUPS_PREFIX, "read")),
+        ROUTER_USER: (Grant(PARTICIPANTS_PREFIX, "read"), Grant(DEFINITIONS_PREFIX, "read"), Grant(GROUPS_PREFIX, "read")),
         STORE_USER: (Grant(CONTEXT_PREFIX, "readwrite"), Grant(CONVERSATIONS, "readwrite")),
     }
     for group, bot_id in bots:
@@ -60,6 +63,7 @@ def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, 
             Grant(bot_prefix(group, bot_id), "readwrite"),
             Grant(group_participants_prefix(group), "read"),
             Grant(group_prefix(group), "read"),
+            Grant(definition_key(group, bot_id), "readwrite", exact=True),
         )
     return grants
 
@@ -98,7 +102,10 @@ async def apply(
             await etcd.add_role(name)
             changes.append(f"role {name} created")
         have = await etcd.role_permissions(name)
-        want = {KeyPermission.on_prefix(g.prefix, g.permission) for g in wanted}
+        want = {
+            KeyPermission.on_key(g.prefix, g.permission) if g.exact else KeyPermission.on_prefix(g.prefix, g.permission)
+            for g in wanted
+        }
         for permission in sorted(have - want, key=str):
             await etcd.revoke_permission(name, permission)
             changes.append(f"role {name}: {permission} revoked")
@@ -183,5 +190,5 @@ async def run_setup(endpoints: list[str], tls: EtcdAccess, password_dir: str, ro
     for line in changes or ["nothing to change"]:
         print(line)
     for user, wanted in grants.items():
-        print(f"{user}: {', '.join(f'{g.permission} {g.prefix}*' for g in wanted)}")
+        print(f"{user}: {', '.join(f'{g.permission} {g.prefix}' + ('' if g.exact else '*') for g in wanted)}")
     return 0

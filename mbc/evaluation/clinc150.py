@@ -165,7 +165,7 @@ class Mesh:
 
     async def stop_bots(self) -> None:
         for bot in self.bots.values():
-            await bot.stop()
+            await bot.stop(forget=True)  # the evaluation's bots leave for good: an etcd given may outlive them
 
 
 @contextlib.contextmanager
@@ -365,7 +365,7 @@ async def measure_retrain(mesh: Mesh) -> dict:
     builds = core.builds
     leaving = sorted(mesh.bots)[-1]
     started = time.monotonic()
-    await mesh.bots.pop(leaving).stop()
+    await mesh.bots.pop(leaving).stop(forget=True)  # for good: only then is the model retrained without it
     await asyncio.wait_for(core.wait_builds(builds + 1), 600)
     retrain = {"bot_left": leaving, "seconds": round(time.monotonic() - started, 2), **core.models[GROUP].times.as_dict()}
     progress(f"eval: {leaving} left; the router retrained and recalibrated in {retrain['seconds']}s")

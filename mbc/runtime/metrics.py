@@ -10,7 +10,7 @@ free port, written to `<port file stem>.metrics-port` next to the port file and 
 | `grpc_server_started_total` | counter | grpc_service, grpc_method | RPCs received |
 | `grpc_server_handled_total` | counter | grpc_service, grpc_method, grpc_code | RPCs completed, by status code |
 | `grpc_server_handling_seconds` | histogram | grpc_service, grpc_method | RPC latency |
-| `mbc_router_matches_total` | counter | decision, rating | Match answers: decision and rating of the best candidate ("NONE" without one) |
+| `mbc_router_matches_total` | counter | decision, rating, reason | Match answers: decision, rating of the best candidate ("NONE" without one), why NONE (UNSPECIFIED, or BOT_UNAVAILABLE: the best intent's bot has no live instance) |
 | `mbc_router_participants` | gauge | group | live registered instances |
 | `mbc_router_bots` | gauge | group | bots with at least one live instance |
 | `mbc_router_index_phrases` | gauge | group | training phrases in the group's index |
@@ -50,7 +50,9 @@ RPC_LATENCY = Histogram(
 )
 
 ROUTER_MATCHES = Counter(
-    "mbc_router_matches_total", "Match answers by decision and by rating of the best candidate.", ["decision", "rating"]
+    "mbc_router_matches_total",
+    "Match answers by decision, by rating of the best candidate and by reason of a NONE.",
+    ["decision", "rating", "reason"],
 )
 
 ENCODER_BATCH_SECONDS = Histogram(

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -174,6 +175,9 @@ class LocalMesh:
         self.routers: list[ComponentProcess] = []
         self.bots: dict[str, ComponentProcess] = {}
         self.bot_files: dict[str, BotFile] = {}
+        self._defined: dict[tuple[str, str], str] = {}
+        """(group, bot_id) of every bot started here, with a component name to use its etcd flags:
+        stop() forgets their definitions, which outlive the instances in a shared etcd."""
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -238,6 +242,7 @@ class LocalMesh:
         bot = ComponentProcess(name, [*flags, *args], self.workdir, env=env)
         self.bots[name] = bot
         self.bot_files[name] = bot_file
+        self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
         return await self._serving(bot, "mbc.v1.Bot")
 
     async def wait_indexed(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> None:
@@ -254,15 +259,45 @@ class LocalMesh:
             tls=self.client_tls,
         )
 
+    def forget_command(self, group: str, bot_id: str, name: str = "") -> list[str]:
+        """`mbc group forget` of a bot, with the etcd flags of component `name` (default: a component
+        started for that bot)."""
+        name = name or self._defined.get((group, bot_id), bot_id)
+        return [sys.executable, "-m", "mbc", "group", "forget", group, bot_id, "--etcd", self.etcd, *self._etcd_flags(name)]
+
+    def forget_now(self, group: str, bot_id: str, name: str = "") -> None:
+        """Delete a bot's definition (it left for good): once no instance of it is live, the
+        router forgets it instead of answering that it is unavailable."""
+        subprocess.run(self.forget_command(group, bot_id, name), check=True, capture_output=True, timeout=60)
+
+    async def forget(self, group: str, bot_id: str, name: str = "") -> None:
+        """forget_now, without blocking the event loop."""
+        await asyncio.to_thread(self.forget_now, group, bot_id, name)
+
+    def _forget_all(self) -> None:
+        """Forget the definitions of every bot started here (best effort): later meshes on the same
+        etcd must not find them absent in their groups."""
+        if not self._defined or self.local_etcd is not None:  # a LocalEtcd of this mesh goes with it
+            return
+        commands = [self.forget_command(group, bot_id, name) for (group, bot_id), name in self._defined.items()]
+        with ThreadPoolExecutor(min(len(commands), 4)) as pool:
+            list(pool.map(lambda c: subprocess.run(c, capture_output=True, timeout=60), commands))
+        self._defined.clear()
+
     def stop(self) -> dict[str, int]:
         """The bots (they leave etcd and may still call the store), then the routers and the store,
         then a LocalEtcd this mesh started; the components of each step are stopped together, so
-        their exits overlap. Returns each component's exit code, in the order they were stopped."""
+        their exits overlap. The definitions of the bots started here are forgotten (after the
+        bots, beside the routers and the store). Returns each component's exit code, in the order
+        they were stopped."""
         codes: dict[str, int] = {}
-        for step in (list(self.bots.values()), [*self.routers, *([self.store] if self.store else [])]):
-            if step:
-                with ThreadPoolExecutor(len(step)) as pool:
+        for i, step in enumerate((list(self.bots.values()), [*self.routers, *([self.store] if self.store else [])])):
+            if step or i == 1:
+                with ThreadPoolExecutor(len(step) + 1) as pool:
+                    forgotten = pool.submit(self._forget_all) if i == 1 else None
                     codes.update(zip((c.name for c in step), pool.map(ComponentProcess.terminate, step)))
+                    if forgotten is not None:
+                        forgotten.result()
         if self.local_etcd is not None:
             self.local_etcd.stop()
         return codes
