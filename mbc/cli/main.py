@@ -177,15 +177,20 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_group(args: argparse.Namespace) -> None:
     from discovery import EtcdClient
-    from discovery.groups import read_group_settings, write_group_settings
+    from discovery.groups import DEFAULT_UNAVAILABLE_MESSAGE, read_group_settings, write_group_settings
 
     async def run() -> None:
         async with EtcdClient(list(split_endpoints(args.etcd)), access=etcd_access(args)) as etcd:
             settings = await read_group_settings(etcd, args.group)
-            if args.return_to_sender is not None:
-                settings.return_to_sender = args.return_to_sender == "on"
+            if args.return_to_sender is not None or args.unavailable_message is not None:
+                if args.return_to_sender is not None:
+                    settings.return_to_sender = args.return_to_sender == "on"
+                if args.unavailable_message is not None:
+                    settings.unavailable_message = args.unavailable_message
                 await write_group_settings(etcd, args.group, settings)
             print(f"group {args.group}: return_to_sender={'on' if settings.return_to_sender else 'off'}")
+            default = "" if settings.unavailable_message else " (default)"
+            print(f"unavailable_message={settings.unavailable_message or DEFAULT_UNAVAILABLE_MESSAGE!r}{default}")
 
     asyncio.run(run())
 
@@ -278,6 +283,12 @@ def add_group(sub) -> None:
         choices=("on", "off"),
         default=None,
         help="hand a transferred conversation back to the sending bot when the receiver's dialog ends",
+    )
+    group.add_argument(
+        "--unavailable-message",
+        default=None,
+        metavar="TEXT",
+        help='answer when the best match is a bot with no live instance ("{bot}": its name; "": the default)',
     )
     group.set_defaults(func=cmd_group)
 
