@@ -14,8 +14,14 @@ version the sender read; a sender whose transfer failed claims the conversation 
 fences out a receiver that answers too late. Every write into the conversation (variables, the
 question awaited) is fenced on the owner version this bot holds, so a bot that lost the
 conversation meanwhile (frozen past its lease, cut off) is refused, not applied. A conversation
-whose owner instance is no longer registered (its lease ran out) is taken over by the bot the
-message reaches. A retried transfer id is applied once. Every
+whose owner instance is gone is taken over by the bot the message reaches, at once: the owner is
+no longer registered (its lease ran out), or does not answer a health check within
+`owner_check_timeout_seconds` (killed, frozen, cut off: no waiting out its lease), or the router
+has just said its bot has no live instance; an owner that answers SERVING, however busy, keeps it.
+A record naming another instance of this bot (restarted, or a sibling) is claimed for this one,
+so the store always gives a live address. When the router says the best match belongs to a bot
+with no live instance, the bot answers with its group's unavailable message. A retried transfer
+id is applied once. Every
 outgoing call gets the caller's remaining time. A message never visits a bot twice and goes
 through at most `max_hops` transfers.
 """
@@ -31,12 +37,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bot_server.bot import Bot, Turn, render
 from bot_server.ledger import TransferLedger
 from bot_server.state import Awaiting, ConversationState, Fenced, OwnershipConflict
 from discovery.errors import EtcdError
-from discovery.groups import GroupSettingsCache
+from discovery.groups import GroupSettingsCache, unavailable_message
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig
 from mbc.runtime.encoder import Encoder
@@ -58,6 +65,9 @@ INSTANCE_ASK_DELAYS = (0.0, 0.0, 0.025, 0.1)
 bot's instances in turn, and a concurrent Match may take the turn; an instance that has just left
 stays in the router's view until its etcd watch catches up: milliseconds, more on a busy router."""
 NONE_OF_THESE = "None of these"
+ROUTER_UNAVAILABLE_MEMORY_SECONDS = 3.0
+"""How long the router's word that a bot has no live instance (NONE_REASON_BOT_UNAVAILABLE) is
+enough to take a conversation over from that bot without a health check of its instance."""
 
 
 class InvalidInput(ValueError):
@@ -102,6 +112,8 @@ class Route:
     hops: int
     stateless: bool = False
     """The store cannot be reached: no variables are read, nothing is recorded."""
+    unavailable_bot_id: str = ""
+    """Set by the last Match when its best match is a bot with no live instance."""
 
     def remaining(self, reserve: float = FALLBACK_RESERVE_SECONDS) -> float:
         return self.deadline - time.monotonic() - reserve
@@ -132,6 +144,10 @@ class BotEngine:
         self.transfers: TransferLedger[TurnResult] = TransferLedger()
         self._catalog: IntentCatalog | None = None
         self._intents = {i.name for i in self.definition.intents}
+        self._unavailable_bots: dict[str, float] = {}
+        """Bots the router said have no live instance, and when (time.monotonic())."""
+        self._display_names: dict[str, str] = {}
+        """Display names of the group's bots, as the router's candidates gave them."""
 
     async def prepare(self) -> None:
         """Embed the bot's own training phrases (used when the router cannot be reached)."""
@@ -172,30 +188,71 @@ class BotEngine:
             return await self._route(message, route, include_self=True)
 
     async def _own_conversation(self, conversation_id: str, route: Route) -> int:
-        """The owner record's version, after making sure this bot owns the conversation."""
+        """The owner record's version, after making sure this instance owns the conversation.
+
+        Another bot's conversation is taken over (fenced on the version read) when its owner
+        instance is gone (`_owner_unreachable`), else refused. A record naming this bot at another
+        instance (a restarted one, a sibling) is claimed for this instance, so the store's owner
+        is the instance that answers."""
         ownership = await self.state.owner(conversation_id, route.remaining(0))
-        if ownership.owner is not None and ownership.owner.bot_id != self.bot.bot_id:
-            if await self._owner_gone(ownership.owner):
-                log.warning(
-                    "conversation_taken_over",
-                    from_bot=ownership.owner.bot_id,
-                    from_instance=ownership.owner.instance_id,
-                    version=ownership.version,
+        owner = ownership.owner
+        if owner is not None and owner.bot_id != self.bot.bot_id:
+            reason = await self._owner_unreachable(owner, route)
+            if not reason:
+                raise Refused(
+                    f"conversation {conversation_id!r} belongs to bot {owner.bot_id!r} at "
+                    f"{owner.address}; send its messages there"
                 )
-                try:
-                    return await self.state.claim(conversation_id, self.identity, ownership.version, "", route.remaining(0))
-                except OwnershipConflict:
-                    return await self._own_conversation(conversation_id, route)
-            raise Refused(
-                f"conversation {conversation_id!r} belongs to bot {ownership.owner.bot_id!r} at "
-                f"{ownership.owner.address}; send its messages there"
+            log.warning(
+                "conversation_taken_over",
+                reason=reason,
+                from_bot=owner.bot_id,
+                from_instance=owner.instance_id,
+                from_address=owner.address,
+                version=ownership.version,
             )
-        if ownership.owner is not None:
-            return ownership.version
+            BOT_TRANSFERS.labels("taken_over").inc()
+        elif owner is not None:
+            if owner.instance_id == self.identity.instance_id and owner.address == self.identity.address:
+                return ownership.version
+            log.info(
+                "conversation_reclaimed",
+                from_instance=owner.instance_id,
+                from_address=owner.address,
+                version=ownership.version,
+            )
         try:
-            return await self.state.claim(conversation_id, self.identity, 0, "", route.remaining(0))
+            return await self.state.claim(conversation_id, self.identity, ownership.version, "", route.remaining(0))
         except OwnershipConflict:
             return await self._own_conversation(conversation_id, route)
+
+    async def _owner_unreachable(self, owner: common_pb2.BotRef, route: Route) -> str:
+        """Why the owner instance (another bot's) cannot have the conversation any more, "" when it
+        can: it is no longer registered; the router has just said its bot has no live instance;
+        or it does not answer a health check SERVING within `owner_check_timeout_seconds`."""
+        if await self._owner_gone(owner):
+            return "owner_unregistered"
+        said = self._unavailable_bots.get(owner.bot_id)
+        if said is not None and time.monotonic() - said < ROUTER_UNAVAILABLE_MEMORY_SECONDS:
+            return "router_says_bot_unavailable"
+        if not owner.address:
+            return ""
+        timeout = max(0.01, min(self.config.owner_check_timeout_seconds, route.remaining(0)))
+        try:
+            health = await health_pb2_grpc.HealthStub(self.channels.channel(owner.address, owner.instance_id)).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                return "owner_unreachable"
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "owner_health_check_timed_out"
+            # It answered, with something other than a health status: alive, for all we know.
+            log.warning("owner_health_unknown", owner=owner.bot_id, code=e.code().name, detail=e.details())
+            return ""
+        if health.status != health_pb2.HealthCheckResponse.SERVING:
+            return "owner_not_serving"
+        return ""
 
     async def _answer_without_store(self, message: Message, route: Route, error: grpc.aio.AioRpcError) -> TurnResult:
         """The store cannot be reached (etcd is down, say): answer from this bot's own intents,
@@ -214,7 +271,8 @@ class BotEngine:
         return self._fallback(score)
 
     async def _owner_gone(self, owner: common_pb2.BotRef) -> bool:
-        """Whether the owner instance is no longer registered (when etcd cannot tell: no)."""
+        """Whether the owner instance is no longer registered (when etcd cannot tell, or there is no
+        registry: no)."""
         if self.is_registered is None:
             return False
         try:
@@ -225,6 +283,8 @@ class BotEngine:
 
     async def _route(self, message: Message, route: Route, include_self: bool) -> TurnResult:
         decision, candidates, best_score = await self._decide(message.text, route, include_self)
+        if decision == router_pb2.DECISION_NONE and route.unavailable_bot_id:
+            return await self._unavailable(route.unavailable_bot_id, best_score)
         if decision == router_pb2.DECISION_DISAMBIGUATE:
             return await self._clarify(message, candidates, route)
         if decision == router_pb2.DECISION_ACT:
@@ -243,7 +303,11 @@ class BotEngine:
         return self._fallback(best_score)
 
     async def _decide(self, text: str, route: Route, include_self: bool) -> tuple[int, list[router_pb2.Candidate], float]:
-        """The router's decision for `text`; with no router, a local match of this bot's intents."""
+        """The router's decision for `text`; with no router, a local match of this bot's intents.
+
+        Sets `route.unavailable_bot_id` when the router says the best match is a bot with no live
+        instance, and remembers that answer for `_owner_unreachable`."""
+        route.unavailable_bot_id = ""
         if self.definition.collaboration and self.config.router_address:
             request = router_pb2.MatchRequest(
                 text=text,
@@ -254,6 +318,13 @@ class BotEngine:
             )
             try:
                 r = await self.channels.router(self.config.router_address).Match(request, timeout=max(0.05, route.remaining()))
+                for c in r.candidates:
+                    if c.display_name:
+                        self._display_names[c.bot_id] = c.display_name
+                gone = unavailable_bot(r)
+                if gone and gone != self.bot.bot_id:
+                    self._unavailable_bots[gone] = time.monotonic()
+                    route.unavailable_bot_id = gone
                 candidates = [c for c in r.candidates if include_self or c.bot_id != self.bot.bot_id]
                 decision = r.decision
                 if decision == router_pb2.DECISION_UNSPECIFIED:
@@ -278,6 +349,16 @@ class BotEngine:
             self.identity,
             bot_pb2.OUTCOME_FALLBACK,
             bot_pb2.MatchInfo(bot_id=self.bot.bot_id, score=score),
+        )
+
+    async def _unavailable(self, bot_id: str, score: float) -> TurnResult:
+        """The group's unavailable message about `bot_id` (OUTCOME_FALLBACK, as before the router
+        could say why nothing qualified)."""
+        text = unavailable_message(await self.group_settings.get(), self._display_names.get(bot_id) or bot_id)
+        log.info("bot_unavailable", unavailable_bot=bot_id, best_score=score)
+        BOT_TRANSFERS.labels("unavailable").inc()
+        return TurnResult(
+            [self._reply(text)], self.identity, bot_pb2.OUTCOME_FALLBACK, bot_pb2.MatchInfo(bot_id=self.bot.bot_id, score=score)
         )
 
     async def _answer(
@@ -428,7 +509,7 @@ class BotEngine:
         )
         BOT_TRANSFERS.labels("sent").inc()
         try:
-            response = await self.channels.bot(candidate.address).Transfer(request, timeout=timeout)
+            response = await self.channels.bot(candidate.address, candidate.instance_id).Transfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             log.warning(
                 "transfer_failed", to_bot=candidate.bot_id, code=e.code().name, detail=e.details(), transfer_id=transfer_id
@@ -580,6 +661,13 @@ class BotEngine:
             raise InvalidInput("text is empty")
         if len(text) > self.config.max_text_chars:
             raise InvalidInput(f"text has {len(text)} characters; the maximum is {self.config.max_text_chars}")
+
+
+def unavailable_bot(response: router_pb2.MatchResponse) -> str:
+    """The bot a Match names as the best match with no live instance ("" for any other answer)."""
+    if response.decision == router_pb2.DECISION_NONE and response.none_reason == router_pb2.NONE_REASON_BOT_UNAVAILABLE:
+        return response.unavailable_bot_id
+    return ""
 
 
 @contextlib.contextmanager

@@ -12,6 +12,9 @@ from mbc.v1 import participant_pb2
 log = get_logger(__name__)
 
 GROUPS_PREFIX = "/mbc/v1/groups/"
+DEFAULT_UNAVAILABLE_MESSAGE = "{bot} is not available right now. Please try again in a few minutes."
+"""What a bot answers when the best match belongs to a bot of its group with no live instance,
+unless the group sets its own (`GroupSettings.unavailable_message`, `mbc group --unavailable-message`)."""
 
 
 def group_prefix(group: str) -> str:
@@ -22,6 +25,12 @@ def group_prefix(group: str) -> str:
 
 def settings_key(group: str) -> str:
     return f"{group_prefix(group)}settings"
+
+
+def unavailable_message(settings: participant_pb2.GroupSettings, bot: str) -> str:
+    """The group's unavailable message (the default when it sets none) about `bot` (its display
+    name, or its id): every "{bot}" replaced."""
+    return (settings.unavailable_message or DEFAULT_UNAVAILABLE_MESSAGE).replace("{bot}", bot)
 
 
 async def write_group_settings(client: EtcdClient, group: str, settings: participant_pb2.GroupSettings) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -19,6 +21,7 @@ import pytest
 
 from bot_server.state import Fenced, MemoryState
 from discovery import EtcdClient, Registration
+from discovery.groups import DEFAULT_UNAVAILABLE_MESSAGE, GroupSettingsCache, unavailable_message
 from discovery.keys import PARTICIPANTS_PREFIX
 from faultlib import logged, ranked_first
 from mbc.client.context import ContextClient, Scope
@@ -133,6 +136,93 @@ async def test_owner_killed_between_messages_the_entry_bot_takes_the_conversatio
         assert logged(mesh.bots["cards"], "conversation_taken_over")
     finally:
         await stop_slowpoke(mesh, "slowpoke-owner")
+
+
+async def test_owner_killed_within_its_lease_the_entry_bot_takes_over_at_once(mesh, store, etcd):
+    """The owner of a conversation is SIGKILLed while its lease (30 s) keeps it registered and in
+    the router's view: a gateway that follows the docs (owner from the store; UNAVAILABLE → the
+    entry bot, once) gets the next message answered within its 6 s deadline, because the entry bot
+    finds the owner's instance does not answer a health check and takes the conversation over."""
+    owner = await mesh.start_bot(
+        SLOWPOKE, "slowpoke-killed", *HANDLERS, "--lease-ttl", "30", env={"FAULT_MODE": "slow_write", "FAULT_SECONDS": "0"}
+    )
+    await eventually(lambda: _router_ranks(mesh, "slowpoke"), timeout=30, interval=0.3)
+    try:
+        async with Conversation(mesh.bots["cards"].address, store_address=mesh.store.address, timeout_seconds=20) as chat:
+            first = await chat.send(SLOW_TEXT)
+            assert first.owner.bot_id == "slowpoke" and first.owner.address == owner.address
+            dead = first.owner.instance_id
+            owner.kill()
+            assert await _router_ranks(mesh, "slowpoke")  # still registered: the lease window is real
+        # Another gateway replica: the owner from the store (the dead instance's address).
+        entry, cid = mesh.bots["cards"].address, chat.conversation_id
+        async with Conversation(entry, cid, store_address=mesh.store.address, timeout_seconds=6) as gateway:
+            started = time.monotonic()
+            r = await gateway.send("my card got declined at the grocery store")
+            elapsed = time.monotonic() - started
+        assert elapsed < 6
+        assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.owner.bot_id == "cards"
+        record, _ = await store.get_owner(chat.conversation_id)
+        assert record is not None and record.owner.bot_id == "cards" and record.owner.instance_id != dead
+        assert record.owner.address == mesh.bots["cards"].address
+        (taken,) = [e for e in logged(mesh.bots["cards"], "conversation_taken_over") if e["from_instance"] == dead]
+        assert taken["reason"] in ("owner_unreachable", "owner_health_check_timed_out")
+    finally:
+        # Its lease would keep it in the router's view for 30 s: remove its registration.
+        await etcd.delete_prefix(f"{PARTICIPANTS_PREFIX}{GROUP}/slowpoke/")
+        await stop_slowpoke(mesh, "slowpoke-killed")
+
+
+async def test_restarted_owner_rewrites_the_owner_record_with_its_instance(mesh, store):
+    """slowpoke owns a conversation, is killed and started again (new instance id and address); the
+    message sent to the new instance is answered, and the store's owner names the new instance,
+    so a gateway asking GetOwner reaches a live address."""
+    env = {"FAULT_MODE": "slow_write", "FAULT_SECONDS": "0"}
+    first_life = await mesh.start_bot(SLOWPOKE, "slowpoke-restarted", *HANDLERS, env=env)
+    await eventually(lambda: _router_ranks(mesh, "slowpoke"), timeout=30, interval=0.3)
+    try:
+        conversation = uuid.uuid4().hex
+        first = await respond(mesh.bots["cards"].address, SLOW_TEXT, conversation, timeout=20)
+        assert first.owner.bot_id == "slowpoke" and first.owner.address == first_life.address
+        first_life.kill()
+        second_life = await mesh.start_bot(SLOWPOKE, "slowpoke-restarted", *HANDLERS, env=env)
+        assert second_life.address != first_life.address
+        await eventually(lambda: _router_ranks(mesh, "slowpoke"), timeout=30, interval=0.3)
+        r = await respond(second_life.address, SLOW_TEXT, conversation, timeout=20)
+        assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.owner.bot_id == "slowpoke"
+        assert r.owner.instance_id != first.owner.instance_id and r.owner.address == second_life.address
+        record, _ = await store.get_owner(conversation)
+        assert record is not None
+        assert (record.owner.bot_id, record.owner.instance_id, record.owner.address) == (
+            "slowpoke",
+            r.owner.instance_id,
+            second_life.address,
+        )
+        assert logged(second_life, "conversation_reclaimed")
+    finally:
+        await stop_slowpoke(mesh, "slowpoke-restarted")
+
+
+async def test_busy_but_alive_owner_keeps_its_conversation(mesh, store):
+    """The owner is in the middle of a slow dialog for the conversation (its health answers
+    SERVING): a message for the conversation that reaches the entry bot is refused with
+    FAILED_PRECONDITION naming the owner, not taken over."""
+    busy = await start_slowpoke(mesh, "slowpoke-busy", "slow_write")
+    try:
+        conversation = uuid.uuid4().hex
+        first = await respond(mesh.bots["cards"].address, SLOW_TEXT, conversation, timeout=20)
+        assert first.owner.bot_id == "slowpoke"
+        in_flight = asyncio.ensure_future(respond(busy.address, "I need to access my safe deposit box", conversation, timeout=20))
+        await eventually(lambda: _logged_times(busy, "slow_dialog_started", 2), timeout=15, interval=0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await respond(mesh.bots["cards"].address, "my card got declined at the grocery store", conversation)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "belongs to bot 'slowpoke'" in refused.value.details()
+        answered = await asyncio.wait_for(in_flight, 20)
+        assert answered.outcome == bot_pb2.OUTCOME_ANSWERED and answered.owner.bot_id == "slowpoke"
+        assert await owner_of(store, conversation) == "slowpoke"
+    finally:
+        await stop_slowpoke(mesh, "slowpoke-busy")
 
 
 async def test_store_refuses_writes_fenced_on_a_stale_owner_version(mesh, store):
@@ -252,6 +342,22 @@ async def _ranks(mesh, text: str, bot_id: str) -> bool:
 
 async def _count_above(component, event: str, count: int) -> bool:
     return len(logged(component, event)) > count
+
+
+async def test_group_unavailable_message_is_set_by_the_cli_and_read_by_bots(own_etcd, etcd):
+    """`mbc group G --unavailable-message TEXT` writes the group's message; bots read it through
+    their group settings cache; an empty text goes back to the default."""
+    group = "faults-unavailable"
+    for text, expected in (("{bot} is out to lunch.", "Cards Assistant is out to lunch."), ("", None)):
+        command = [sys.executable, "-m", "mbc", "group", group, "--etcd", own_etcd.endpoint, "--unavailable-message", text]
+        done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "unavailable_message=" in done.stdout
+        settings = await GroupSettingsCache(etcd, group).get()
+        assert settings.unavailable_message == text
+        assert unavailable_message(settings, "Cards Assistant") == (
+            expected or DEFAULT_UNAVAILABLE_MESSAGE.replace("{bot}", "Cards Assistant")
+        )
 
 
 async def test_etcd_outage_mesh_keeps_serving_then_converges(mesh, own_etcd, etcd):

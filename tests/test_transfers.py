@@ -266,3 +266,27 @@ async def test_router_down_bots_keep_answering_then_use_it_again(mesh):
         return (await respond(cards, elsewhere)).outcome == bot_pb2.OUTCOME_TRANSFERRED
 
     await eventually(transfers_again, timeout=30, interval=0.5)
+
+
+def test_match_none_bot_unavailable_becomes_the_groups_unavailable_message():
+    """Unit level (pure logic): no router answers NONE_REASON_BOT_UNAVAILABLE yet on this branch,
+    so the engine's two steps are tested on a MatchResponse: which bot Match says is unavailable,
+    and the reply made of it with the group's message or the default."""
+    from bot_server.engine import unavailable_bot
+    from discovery.groups import DEFAULT_UNAVAILABLE_MESSAGE, unavailable_message
+    from mbc.v1 import participant_pb2, router_pb2
+
+    gone = router_pb2.MatchResponse(
+        decision=router_pb2.DECISION_NONE,
+        none_reason=router_pb2.NONE_REASON_BOT_UNAVAILABLE,
+        unavailable_bot_id="cards",
+    )
+    assert unavailable_bot(gone) == "cards"
+    assert unavailable_bot(router_pb2.MatchResponse(decision=router_pb2.DECISION_NONE)) == ""
+    acting = router_pb2.MatchResponse(decision=router_pb2.DECISION_ACT, unavailable_bot_id="cards")
+    assert unavailable_bot(acting) == ""
+    default = unavailable_message(participant_pb2.GroupSettings(), "Cards Assistant")
+    assert default == DEFAULT_UNAVAILABLE_MESSAGE.replace("{bot}", "Cards Assistant")
+    assert default == "Cards Assistant is not available right now. Please try again in a few minutes."
+    own = participant_pb2.GroupSettings(unavailable_message="Our {bot} team is away; {bot} will be back soon.")
+    assert unavailable_message(own, "cards") == "Our cards team is away; cards will be back soon."

@@ -177,7 +177,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_group(args: argparse.Namespace) -> None:
     from discovery import EtcdClient, forget_definition
-    from discovery.groups import read_group_settings, write_group_settings
+    from discovery.groups import DEFAULT_UNAVAILABLE_MESSAGE, read_group_settings, write_group_settings
 
     forget = args.group == "forget"
     if len(args.bot) != (2 if forget else 0):
@@ -191,10 +191,15 @@ def cmd_group(args: argparse.Namespace) -> None:
                 print(f"group {group}: {bot_id} {'forgotten' if found else 'had no definition'}")
                 return
             settings = await read_group_settings(etcd, args.group)
-            if args.return_to_sender is not None:
-                settings.return_to_sender = args.return_to_sender == "on"
+            if args.return_to_sender is not None or args.unavailable_message is not None:
+                if args.return_to_sender is not None:
+                    settings.return_to_sender = args.return_to_sender == "on"
+                if args.unavailable_message is not None:
+                    settings.unavailable_message = args.unavailable_message
                 await write_group_settings(etcd, args.group, settings)
             print(f"group {args.group}: return_to_sender={'on' if settings.return_to_sender else 'off'}")
+            default = "" if settings.unavailable_message else " (default)"
+            print(f"unavailable_message={settings.unavailable_message or DEFAULT_UNAVAILABLE_MESSAGE!r}{default}")
 
     asyncio.run(run())
 
@@ -297,6 +302,12 @@ def add_group(sub) -> None:
         choices=("on", "off"),
         default=None,
         help="hand a transferred conversation back to the sending bot when the receiver's dialog ends",
+    )
+    group.add_argument(
+        "--unavailable-message",
+        default=None,
+        metavar="TEXT",
+        help='answer when the best match is a bot with no live instance ("{bot}": its name; "": the default)',
     )
     group.set_defaults(func=cmd_group)
 

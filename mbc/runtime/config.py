@@ -447,6 +447,14 @@ class BotConfig:
     """TTL of the etcd lease behind the registration: a dead bot vanishes this long after dying."""
     call_timeout_seconds: float = 5.0
     """Deadline given to outgoing calls (Match, Transfer) when the incoming call carries none."""
+    owner_check_timeout_seconds: float = setting(
+        0.5,
+        flag="--owner-check-timeout",
+        help="seconds a conversation's owner has to answer a health check before this bot takes it over",
+    )
+    """How long the owner instance of a conversation (another bot) has to answer a gRPC health check
+    when a message for it reaches this bot: no SERVING answer in time (killed, frozen, unreachable)
+    and this bot takes the conversation over at once, rather than after the owner's lease TTL."""
     max_candidates: int = 3
     """Candidates asked of the router and tried in order when a transfer fails."""
     max_text_chars: int = 2000
@@ -462,6 +470,7 @@ class BotConfig:
         check_range("context_ttl_seconds", self.context_ttl_seconds, 1)
         check_range("lease_ttl_seconds", self.lease_ttl_seconds, 1)
         check_range("call_timeout_seconds", self.call_timeout_seconds, 0.001)
+        check_range("owner_check_timeout_seconds", self.owner_check_timeout_seconds, 0.001)
         check_range("max_candidates", self.max_candidates, 1, 100)
         check_range("max_text_chars", self.max_text_chars, 1)
         check_range("max_hops", self.max_hops, 0)

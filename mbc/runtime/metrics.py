@@ -18,7 +18,7 @@ free port, written to `<port file stem>.metrics-port` next to the port file and 
 | `mbc_router_index_revision` | gauge | | etcd revision of the indexed participant snapshot |
 | `mbc_encoder_batch_seconds` | histogram | stage | one micro-batch of concurrent calls on an encoder worker: `encode` (the model), `post` (the work done with its vectors: the router's scoring) |
 | `mbc_encoder_batch_utterances` | histogram | | utterances encoded per micro-batch |
-| `mbc_bot_transfers_total` | counter | outcome | sent, taken (the receiver took it), failed, loop_stopped (refused by the loop guard), fallback (no bot could take the message, or every transfer failed) |
+| `mbc_bot_transfers_total` | counter | outcome | sent, taken (the receiver took it), failed, loop_stopped (refused by the loop guard), fallback (no bot could take the message, or every transfer failed), unavailable (the best match's bot has no live instance: the group's unavailable message was sent), taken_over (a conversation whose owner instance was gone or unreachable taken over by this bot) |
 | `mbc_bot_turns_total` | counter | rpc, outcome | Respond/Transfer results: ANSWERED, TRANSFERRED, FALLBACK, CLARIFY |
 
 Health and reflection RPCs are counted like the others.
@@ -67,7 +67,7 @@ ENCODER_BATCH_UTTERANCES = Histogram(
 
 BOT_TRANSFERS = Counter("mbc_bot_transfers_total", "Transfers by outcome (see mbc/runtime/metrics.py).", ["outcome"])
 BOT_TURNS = Counter("mbc_bot_turns_total", "Respond and Transfer results by outcome.", ["rpc", "outcome"])
-for _outcome in ("sent", "taken", "failed", "loop_stopped", "fallback"):
+for _outcome in ("sent", "taken", "failed", "loop_stopped", "fallback", "unavailable", "taken_over"):
     BOT_TRANSFERS.labels(_outcome)  # reported as 0 before the first one, so that rates and alerts see them
 
 
