@@ -393,6 +393,30 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
 
 
 @pytest.mark.unit
+def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it() -> None:
+    """Restored heads score with our analyser (no sklearn import before SERVING): same terms."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from router.decision import _word_1_2_grams
+
+    analyze = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).build_analyzer()
+    texts = [
+        *UTTERANCES,
+        "",
+        "a",
+        "I I I",
+        "Ünïcode CAFÉ naïve straße ΣΊΣΥΦΟΣ",
+        "snake_case 42 x9 don't e-mail me@example.com",
+        "tabs\tand\nnewlines  and   spaces",
+        "日本語のテキスト と 中文 文本",
+        "it's £5, or 5€ — fine?!",
+        *_phrases(),
+    ]
+    for text in texts:
+        assert _word_1_2_grams(text) == analyze(text), text
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("classes", [2, 5])
 def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
     """The router's SVM head skips sklearn's per-call validation, not its arithmetic."""
