@@ -180,6 +180,7 @@ class RouterCore:
         self._ready = asyncio.Event()
         self._swapped = asyncio.Condition()
         self._builder: asyncio.Task | None = None
+        self._preload: asyncio.Task | None = None
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-train")
         self._generic = generic_none()
         self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
@@ -191,9 +192,16 @@ class RouterCore:
         """Models swapped in so far (tests and the evaluation wait on it)."""
 
     async def prepare(self) -> None:
-        """Embed the built-in generic set ahead of the first build (and load the training libraries)."""
-        await self.encoder.aencode_phrases(self._generic)
-        await asyncio.get_running_loop().run_in_executor(self._trainer, _import_training_libraries)
+        """Embed the built-in generic set ahead of the first build, through the persisted phrase
+        vectors (a restart makes no model call for it), and load the training libraries once the
+        router serves (or when a build trains first: heads restored from their cache need none,
+        and their 5 s of imports on a loaded machine must not delay SERVING)."""
+        self.encoder.remember_phrases(self._generic, await self.embeddings.embed(self._generic))
+        self._preload = asyncio.get_running_loop().create_task(self._import_training_libraries_when_ready())
+
+    async def _import_training_libraries_when_ready(self) -> None:
+        await self._ready.wait()
+        await asyncio.to_thread(_import_training_libraries)
 
     @property
     def ready(self) -> bool:
@@ -275,9 +283,10 @@ class RouterCore:
             self._builder = asyncio.get_running_loop().create_task(self._build_loop())
 
     async def close(self) -> None:
-        if self._builder:
-            self._builder.cancel()
-            await asyncio.gather(self._builder, return_exceptions=True)
+        for task in (self._builder, self._preload):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._trainer.shutdown(wait=False, cancel_futures=True)
         if self.embeddings.store is not None:
             self.embeddings.store.close()

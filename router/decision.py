@@ -23,6 +23,7 @@ the gap between the best two bots.
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,18 @@ def decide(ranked: Sequence[Scored], margin: float) -> Verdict:
     return Verdict(NONE, list(ranked))
 
 
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")
+"""sklearn's default `token_pattern`."""
+
+
+def _word_1_2_grams(text: str) -> list[str]:
+    """The terms sklearn's `TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()` gives (lower
+    case, its token pattern, the words then the pairs of neighbours joined by a space), without
+    importing sklearn; tests/test_decision.py checks they are equal."""
+    words = _TOKEN.findall(text.lower())
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
 class LexicalSvm:
     """A TF-IDF (word 1-2 grams, sublinear tf) linear SVM over phrase texts.
 
@@ -100,6 +113,8 @@ class LexicalSvm:
 
     @staticmethod
     def _vectorizer():
+        """What `fit` uses; scoring analyses texts with `_word_1_2_grams`, the same terms without
+        importing sklearn (seconds on a loaded machine: heads restored from their cache need none)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
@@ -115,7 +130,7 @@ class LexicalSvm:
     def __init__(self, vocabulary: dict[str, int], idf, weights, intercept, classes) -> None:
         """From a fitted `TfidfVectorizer` (vocabulary, idf) and the `LinearSVC` fitted on its output
         (weights: one row per n-gram, intercept, classes)."""
-        self._analyze = self._vectorizer().build_analyzer()
+        self._analyze = _word_1_2_grams
         self._vocabulary = {str(term): int(i) for term, i in vocabulary.items()}
         self._idf = np.asarray(idf, np.float64)
         self._weights = np.ascontiguousarray(weights, np.float64)

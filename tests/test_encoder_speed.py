@@ -393,6 +393,30 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
 
 
 @pytest.mark.unit
+def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it() -> None:
+    """Restored heads score with our analyser (no sklearn import before SERVING): same terms."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from router.decision import _word_1_2_grams
+
+    analyze = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).build_analyzer()
+    texts = [
+        *UTTERANCES,
+        "",
+        "a",
+        "I I I",
+        "Ünïcode CAFÉ naïve straße ΣΊΣΥΦΟΣ",
+        "snake_case 42 x9 don't e-mail me@example.com",
+        "tabs\tand\nnewlines  and   spaces",
+        "日本語のテキスト と 中文 文本",
+        "it's £5, or 5€ — fine?!",
+        *_phrases(),
+    ]
+    for text in texts:
+        assert _word_1_2_grams(text) == analyze(text), text
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("classes", [2, 5])
 def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
     """The router's SVM head skips sklearn's per-call validation, not its arithmetic."""
@@ -459,3 +483,64 @@ def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengt
             np.testing.assert_allclose(encoder.encode([text], alone=True)[0], vector, atol=2e-5)
     finally:
         encoder.close()
+
+
+def _phrases() -> list[str]:
+    """A few hundred phrases: the example bots' training phrases and the generic out-of-scope set."""
+    from bot_server.bot import Bot
+
+    phrases = [
+        p
+        for path in sorted((REPO / "examples").glob("*.yaml"))
+        for i in Bot.from_file(path).definition.intents
+        for p in i.phrases
+    ]
+    phrases += (REPO / "router" / "data" / "generic_none.txt").read_text().splitlines()
+    return list(dict.fromkeys(p.strip() for p in phrases if p.strip()))
+
+
+def test_onnx_float32_gives_torch_vectors_so_they_share_cached_vectors(onnx_dir: Path) -> None:
+    """The embedding and heads caches key float32 ONNX vectors like torch's (`model_id_of`): that
+    holds only while they are equal to a tight tolerance, on hundreds of phrases. int8 never shares."""
+    pytest.importorskip("onnxruntime")
+    from mbc.runtime.encoder import Encoder
+
+    phrases = _phrases()
+    assert len(phrases) >= 300
+    torch_encoder = Encoder(EncoderConfig(backend="torch"))
+    onnx_encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir)))
+    try:
+        reference, got = torch_encoder.encode(phrases), onnx_encoder.encode(phrases)
+        cosines = (reference * got).sum(axis=1)
+        assert cosines.min() >= 0.9999, (float(cosines.min()), phrases[int(cosines.argmin())])
+        assert float(np.abs(reference - got).max()) < 1e-4
+        assert onnx_encoder.model_id == torch_encoder.model_id
+    finally:
+        torch_encoder.close()
+        onnx_encoder.close()
+    from mbc.runtime.encoder import model_id_of
+
+    assert model_id_of("m", "onnx-int8") != model_id_of("m", "torch")
+
+
+_NO_TORCH_SCRIPT = """
+import json, sys
+from mbc.runtime.config import EncoderConfig, RouterConfig
+from mbc.runtime.encoder import Encoder
+e = Encoder(EncoderConfig(backend=RouterConfig().encoder.backend, onnx_dir=sys.argv[1]))
+e.encode(["hello"])
+heavy = sorted(m for m in ("torch", "transformers", "sentence_transformers", "sklearn", "scipy") if m in sys.modules)
+print(json.dumps({"backend": e.config.backend, "heavy": heavy}))
+"""
+
+
+def test_the_router_default_loads_an_exported_onnx_model_without_torch(onnx_dir: Path) -> None:
+    """The router's default backend ("auto") is onnx when onnxruntime is installed, and once the
+    model is exported it loads with neither torch, transformers nor sentence-transformers."""
+    pytest.importorskip("onnxruntime")
+    from mbc.runtime.encoder import Encoder
+
+    Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir))).close()  # exported (imports torch here)
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, str(onnx_dir)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"backend": "onnx", "heavy": []}

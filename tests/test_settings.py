@@ -16,7 +16,7 @@ from mbc.cli import main as cli
 from mbc.cli.flags import fill_client_defaults
 from mbc.cli.settings import flag_defaults, flags_of, given_flags, resolve
 from mbc.runtime import tracing
-from mbc.runtime.config import BotConfig, EncoderConfig, ServerConfig
+from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig
 from mbc.runtime.metrics import sample_value, scrape_text
 from mbc.runtime.serving import GrpcServer
 from mbc.v1 import router_pb2, router_pb2_grpc
@@ -47,7 +47,9 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
         "router:\n  server: {port: 6000, metrics_port: 9400}\n  encoder: {backend: onnx}\n  etcd_endpoints: [10.0.0.1:2379]\n"
     )
     c = effective(["router"], monkeypatch=monkeypatch)
-    assert (c.server.port, c.server.metrics_port, c.encoder.backend) == (50051, 0, "torch")  # the flags' defaults
+    assert (c.server.port, c.server.metrics_port, c.encoder.backend) == (50051, 0, "auto")  # the flags' defaults
+    assert effective(["bot", "x.yaml"], monkeypatch=monkeypatch).encoder.backend == "torch"  # the bot keeps torch
+    assert (RouterConfig().encoder.backend, BotConfig().encoder.backend) == ("auto", "torch")
     c = effective(["router", "--config", path], monkeypatch=monkeypatch)
     assert (c.server.port, c.server.metrics_port, c.encoder.backend, c.etcd_endpoints) == (6000, 9400, "onnx", ("10.0.0.1:2379",))
     # Variables beat the file; flags beat both, even when given with their default value.
@@ -97,7 +99,7 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
             ["router"],
             {},
             "router:\n  encoder: {backend: tensorflow}\n",
-            "encoder.backend must be one of torch, onnx, onnx-int8; got 'tensorflow'",
+            "encoder.backend must be one of torch, onnx, onnx-int8, auto; got 'tensorflow'",
         ),
         (["store"], {}, "store:\n  limits: {max_value_bytes: 0}\n", "limits.max_value_bytes must be at least 1"),
     ],
@@ -223,7 +225,7 @@ def test_component_help_lists_each_flag_with_its_fields_help(monkeypatch, capsys
         cli.build_parser().parse_args(["router", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     backend = next(f for f in dataclasses.fields(EncoderConfig) if f.name == "backend").metadata["help"]
-    assert f"--encoder-backend {{torch,onnx,onnx-int8}} {backend}" in text
+    assert f"--encoder-backend {{torch,onnx,onnx-int8,auto}} {backend}" in text
     assert "--port PORT port to bind; 0 picks a free one" in text
     assert "--lease-ttl" not in text  # a bot's setting
 

@@ -33,14 +33,26 @@ def setting(default: Any, *, flag: str = "", help: str = "", choices: tuple[str,
     return field(default=default, metadata={"flag": flag, "help": help, "choices": choices, "metavar": metavar})
 
 
-def section(cls: type, *, flags: tuple[str, ...] | None = None, flag_defaults: Mapping[str, Any] | None = None) -> Any:
+def section(
+    cls: type,
+    *,
+    flags: tuple[str, ...] | None = None,
+    flag_defaults: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Any:
     """A nested settings dataclass. Its fields that name a flag are flags of the enclosing
     component, or only those listed in `flags`; `flag_defaults` are this component's flag
-    defaults where they differ from the dataclass defaults (the router's port)."""
-    return field(default_factory=cls, metadata={"flags": flags, "flag_defaults": dict(flag_defaults or {})})
+    defaults where they differ from the dataclass defaults (the router's port); `defaults` are
+    this component's defaults where they differ (its flag defaults too: the router's encoder backend)."""
+    own = dict(defaults or {})
+    return field(
+        default_factory=(lambda: cls(**own)) if own else cls,
+        metadata={"flags": flags, "flag_defaults": {**own, **(flag_defaults or {})}},
+    )
 
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
+"""Encoder backends; "auto": onnx when onnxruntime is installed, else torch (the router's default)."""
 OTEL_EXPORTERS = ("otlp", "console", "none")
 ON_OFF = ("on", "off")
 
@@ -106,7 +118,8 @@ class EncoderConfig:
         "torch", flag="--encoder-backend", choices=BACKENDS, help="inference engine (onnx needs the onnx extra)"
     )
     """Inference engine: "torch" (sentence-transformers), "onnx" (onnxruntime, same vectors to 1e-6)
-    or "onnx-int8" (dynamically quantized: faster, slightly different vectors). The ONNX files are
+    or "onnx-int8" (dynamically quantized: faster, slightly different vectors); "auto": "onnx" when
+    onnxruntime is installed, else "torch" (the router's default; the bot's is "torch"). The ONNX files are
     exported once from the local weights, offline, into `onnx_dir`; they need the `onnx` extra."""
     onnx_dir: str = setting("", flag="--onnx-dir", help="cache of exported ONNX models")
     """Where exported ONNX models are cached; empty means $XDG_CACHE_HOME/mbc/onnx (~/.cache/mbc/onnx)."""
@@ -387,7 +400,9 @@ class RouterConfig:
     """etcd client endpoints as host:port (or https://host:port)."""
     etcd: EtcdAccess = section(EtcdAccess)
     server: ServerConfig = section(ServerConfig, flag_defaults={"port": 50051})
-    encoder: EncoderConfig = section(EncoderConfig)
+    encoder: EncoderConfig = section(EncoderConfig, defaults={"backend": "auto"})
+    """Its backend defaults to "auto" (onnx when installed): a restart serves in seconds, not in the
+    20 s that importing torch and sentence-transformers take on a loaded machine."""
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
     neighbours: int = 24
     """Training phrases retrieved per Match before aggregating them per (bot, intent)."""

@@ -27,7 +27,9 @@ else queued or encoding) uses a second ONNX session whose threads spin between o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import threading
@@ -49,6 +51,8 @@ from mbc.runtime.logs import get_logger
 log = get_logger(__name__)
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
+AUTO = "auto"
+"""Backend setting: "onnx" when onnxruntime is installed, else "torch" (`resolve_backend`)."""
 _EXPORT_FORMAT = "1"
 """Bump when the exported graph changes, so cached exports are redone."""
 
@@ -62,6 +66,26 @@ def default_model_path() -> str:
 def default_onnx_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mbc" / "onnx"
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend a setting names: "auto" is "onnx" when onnxruntime is installed (a restarted
+    router then loads the exported model with neither torch nor sentence-transformers: seconds
+    less), else "torch", said in a log line."""
+    if backend != AUTO:
+        return backend
+    if importlib.util.find_spec("onnxruntime") is None:
+        log.info("encoder_backend_chosen", backend="torch", reason="onnxruntime is not installed (the onnx extra)")
+        return "torch"
+    return "onnx"
+
+
+def model_id_of(path: str, backend: str) -> str:
+    """What cached vectors and heads are keyed by: float32 ONNX runs torch's graph and gives its
+    vectors (499 phrases: cosine ≥ 0.9999999, no component off by more than 2.5e-7; checked to
+    0.9999 by tests/test_encoder_speed.py), so the two share
+    them (a router moving from torch to onnx keeps its caches); int8 vectors differ and never do."""
+    return path if backend in ("torch", "onnx") else f"{path}#{backend}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,11 +516,12 @@ class Encoder:
     def __init__(self, config: EncoderConfig = EncoderConfig()) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if config.backend not in BACKENDS:
+        if config.backend != AUTO and config.backend not in BACKENDS:
             raise ValueError(f"unknown encoder backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
+        config = dataclasses.replace(config, backend=resolve_backend(config.backend))
         self.config = config
         path = config.model or default_model_path()
-        self.model_id = path if config.backend == "torch" else f"{path}#{config.backend}"
+        self.model_id = model_id_of(path, config.backend)
         self._backend = _TorchBackend(path, config) if config.backend == "torch" else _OnnxBackend(path, config)
         self.dim = self._backend.dim
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -546,6 +571,16 @@ class Encoder:
                     self._cache.move_to_end(phrase)
                 out[i] = vector
         return out
+
+    def remember_phrases(self, phrases: Sequence[str], vectors: np.ndarray) -> None:
+        """Put vectors of phrases (read from a persisted cache) in the phrase cache, so that
+        `encode_phrases` returns them without a model call."""
+        with self._cache_lock:
+            for phrase, vector in zip(phrases, vectors):
+                self._cache[phrase] = np.array(vector, dtype=np.float32)
+                self._cache.move_to_end(phrase)
+            while len(self._cache) > self.config.cache_size:
+                self._cache.popitem(last=False)
 
     @property
     def cached_phrases(self) -> int:
