@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -185,14 +186,18 @@ class _Gateway:
         m.reply = r.replies[-1].text if r.replies else ""
         return r.owner.address
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, rng: random.Random) -> None:
+        """Conversations one after the other, the first starting at a random point of a cycle and each
+        pause drawn around `think`: like real consumers, the gateways are never in step, so every
+        step of the script is in flight at any moment (a restarted bot is asked for at once)."""
+        await asyncio.sleep(rng.uniform(0, len(self.script) * self.think))
         while not stop.is_set():
             conversation, owner = uuid.uuid4().hex, ""
             for step in range(len(self.script)):
                 if stop.is_set():
                     return
                 owner = await self._send(conversation, step, owner)
-                await asyncio.sleep(self.think)
+                await asyncio.sleep(self.think * rng.uniform(0.5, 1.5))
 
 
 async def run_restart_scenario(
@@ -208,6 +213,7 @@ async def run_restart_scenario(
     tail: float = 15.0,
     start_timeout: float = 240.0,
     messages_file: Path | None = None,
+    seed: int = 7,
 ) -> dict[str, Any]:
     """Drive the scenario on `mesh` (a LocalMesh of the example bots, entry bot first, with a store)
     and return its figures. `warmup` s of load, SIGKILL cards; `cards_to_router` s later SIGKILL
@@ -225,8 +231,10 @@ async def run_restart_scenario(
     store = ContextClient(channels.channel(mesh.store.address), deadline)
     stop = asyncio.Event()
     workers = [
-        asyncio.create_task(_Gateway(entry, store, channels, script, deadline, think, clock, result).run(stop))
-        for _ in range(conversations)
+        asyncio.create_task(
+            _Gateway(entry, store, channels, script, deadline, think, clock, result).run(stop, random.Random(seed + i))
+        )
+        for i in range(conversations)
     ]
     try:
         await asyncio.sleep(warmup)
