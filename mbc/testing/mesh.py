@@ -291,7 +291,9 @@ class LocalMesh:
         bots, beside the routers and the store). Returns each component's exit code, in the order
         they were stopped."""
         codes: dict[str, int] = {}
-        for i, step in enumerate((list(self.bots.values()), [*self.routers, *([self.store] if self.store else [])])):
+        # `router` too: a test may put a restarted router there without adding it to `routers`.
+        routers = list(dict.fromkeys([*self.routers, *([self.router] if self.router else [])]))
+        for i, step in enumerate((list(self.bots.values()), [*routers, *([self.store] if self.store else [])])):
             if step or i == 1:
                 with ThreadPoolExecutor(len(step) + 1) as pool:
                     forgotten = pool.submit(self._forget_all) if i == 1 else None
