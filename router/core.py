@@ -432,8 +432,15 @@ class RouterCore:
                 raise UnknownBot(f"bot {bot_id!r} is not a registered participant")
             if group and group not in found:
                 raise GroupMismatch(f"bot {bot_id!r} belongs to group {_names(found)}, not {group!r}")
-            if not group and len(found) > 1:
-                raise AmbiguousBot(f"bot {bot_id!r} is registered in groups {_names(found)}: name the group of the asking bot")
+            if not group:
+                # A bot that asks is live: groups where a bot of that id is only remembered (absent)
+                # do not make the question ambiguous.
+                live = [g for g in found if not state.directory.groups[g][bot_id].absent]
+                found = live or found
+                if len(found) > 1:
+                    raise AmbiguousBot(
+                        f"bot {bot_id!r} is registered in groups {_names(found)}: name the group of the asking bot"
+                    )
             group = group or found[0]
         groups = [group] if group else sorted(state.models)
         exclude = bot_id if bot_id and not include_asking_bot else None

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from discovery import (
+    DEFINITIONS_PREFIX,
     PARTICIPANTS_PREFIX,
     EtcdClient,
     EtcdUnavailable,
@@ -69,9 +70,12 @@ class Collector:
 
 
 @pytest.fixture
-def group() -> str:
-    """A group of its own for each test, so tests sharing the etcd do not see each other's keys."""
-    return f"t-{uuid.uuid4().hex[:12]}"
+async def group(etcd_client: EtcdClient) -> AsyncIterator[str]:
+    """A group of its own for each test, so tests sharing the etcd do not see each other's keys;
+    the bot definitions its registrations leave (they outlive instances) are removed after it."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    yield name
+    await etcd_client.delete_prefix(f"{DEFINITIONS_PREFIX}{name}/")
 
 
 @contextlib.asynccontextmanager

@@ -179,16 +179,11 @@ def cmd_group(args: argparse.Namespace) -> None:
     from discovery import EtcdClient, forget_definition
     from discovery.groups import DEFAULT_UNAVAILABLE_MESSAGE, read_group_settings, write_group_settings
 
-    forget = args.group == "forget"
-    if len(args.bot) != (2 if forget else 0):
-        sys.exit("usage: mbc group GROUP [--return-to-sender on|off], or mbc group forget GROUP BOT_ID")
-
     async def run() -> None:
         async with EtcdClient(list(split_endpoints(args.etcd)), access=etcd_access(args)) as etcd:
-            if forget:
-                group, bot_id = args.bot
-                found = await forget_definition(etcd, group, bot_id)
-                print(f"group {group}: {bot_id} {'forgotten' if found else 'had no definition'}")
+            if args.forget:
+                found = await forget_definition(etcd, args.group, args.forget)
+                print(f"group {args.group}: {args.forget} {'forgotten' if found else 'had no definition'}")
                 return
             settings = await read_group_settings(etcd, args.group)
             if args.return_to_sender is not None or args.unavailable_message is not None:
@@ -286,15 +281,15 @@ def add_config(sub) -> None:
 def add_group(sub) -> None:
     group = sub.add_parser(
         "group",
-        help="show or change a bot group's settings; `mbc group forget GROUP BOT_ID` removes a bot that left for good",
+        help="show or change a bot group's settings; `--forget BOT_ID` removes a bot that left for good",
     )
-    group.add_argument("group", help="the group, or `forget`")
+    group.add_argument("group")
     group.add_argument(
-        "bot",
-        nargs="*",
-        metavar="GROUP BOT_ID",
-        help="with `forget`: delete the bot's definition, so that the router no longer answers that it is"
-        " unavailable once no instance of it is live",
+        "--forget",
+        default="",
+        metavar="BOT_ID",
+        help="delete the bot's definition, so that the router no longer answers that it is unavailable"
+        " once no instance of it is live (it forgets its intents)",
     )
     etcd_args(group)
     group.add_argument(

@@ -260,10 +260,10 @@ class LocalMesh:
         )
 
     def forget_command(self, group: str, bot_id: str, name: str = "") -> list[str]:
-        """`mbc group forget` of a bot, with the etcd flags of component `name` (default: a component
+        """`mbc group GROUP --forget BOT_ID`, with the etcd flags of component `name` (default: a component
         started for that bot)."""
         name = name or self._defined.get((group, bot_id), bot_id)
-        return [sys.executable, "-m", "mbc", "group", "forget", group, bot_id, "--etcd", self.etcd, *self._etcd_flags(name)]
+        return [sys.executable, "-m", "mbc", "group", group, "--forget", bot_id, "--etcd", self.etcd, *self._etcd_flags(name)]
 
     def forget_now(self, group: str, bot_id: str, name: str = "") -> None:
         """Delete a bot's definition (it left for good): once no instance of it is live, the
