@@ -450,7 +450,7 @@ class RouterCore:
             return MatchResult([], state.directory.revision, NONE)
         # Across groups (an operator's view), confidences compare relative to each group's τ.
         verdicts.sort(key=lambda v: -v[0])
-        decision, absent = self._decide_absent(state.directory, verdicts[0][1], verdicts[0][3])
+        decision, absent = self._decide_absent(state.directory, verdicts[0][1], verdicts[0][3], bot_id)
         # Each candidate with the group it was scored in: its bot id alone may name a bot of another group.
         ranked = [(c.confidence - tau, name, c) for _, v, tau, name in verdicts for c in v.candidates]
         if len(verdicts) > 1:
@@ -463,10 +463,12 @@ class RouterCore:
             if m.rating < min_rating:
                 continue
             bot: BotEntry | None = state.directory.find_bot(m.bot_id, name)
-            if bot is None or bot.absent:
+            # The asking bot is live whatever the directory says (it may be draining: deregistered,
+            # finishing its calls); it answers its own intents itself, with no address needed.
+            if bot is None or (bot.absent and m.bot_id != bot_id):
                 continue
             if (name, m.bot_id) not in instances:
-                instances[(name, m.bot_id)] = bot.pick_instance()
+                instances[(name, m.bot_id)] = bot.pick_instance() if bot.instances else ("", "")
             instance_id, address = instances[(name, m.bot_id)]
             out.append(Candidate(m, bot.display_name, instance_id, address))
             if len(out) >= limit:
@@ -476,8 +478,9 @@ class RouterCore:
         return MatchResult(out, state.directory.revision, decision)
 
     @staticmethod
-    def _decide_absent(directory: Directory, verdict: Verdict, group: str) -> tuple[router_pb2.Decision, str]:
-        """`verdict`'s decision given the absent bots, and the absent bot to name ("" for none).
+    def _decide_absent(directory: Directory, verdict: Verdict, group: str, asking: str = "") -> tuple[router_pb2.Decision, str]:
+        """`verdict`'s decision given the absent bots, and the absent bot to name ("" for none). The
+        asking bot is never absent: it asked.
 
         ACT or DISAMBIGUATE whose first candidate is an absent bot's: NONE, naming it. A
         DISAMBIGUATE with an absent option after a live first one drops it; if a single bot is
@@ -488,6 +491,8 @@ class RouterCore:
             return decision, ""
 
         def absent(m: Scored) -> bool:
+            if m.bot_id == asking:
+                return False
             bot = directory.find_bot(m.bot_id, group)
             return bot is not None and bot.absent
 

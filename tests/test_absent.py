@@ -131,6 +131,19 @@ async def test_revoked_without_forget_is_unavailable_and_comes_back_without_retr
     assert core.models[GROUP] is model, f"rebuilt: builds {builds} -> {core.builds}"
 
 
+async def test_a_draining_bot_asking_for_itself_is_not_told_it_is_unavailable(mesh, client):
+    # SIGTERM: a bot deregisters at once and finishes its calls; a Match it makes meanwhile about
+    # its own intents must let it answer them, not name it as the unavailable bot.
+    await mesh.registrations["cards"].stop()
+    await absent_answer(mesh.router)
+    response = await match(mesh.router.server.address, PROBE, bot_id="cards", group=GROUP, include_asking_bot=True)
+    assert response.decision == router_pb2.DECISION_ACT and response.none_reason == 0, response
+    assert response.candidates[0].bot_id == "cards"
+    mesh.registrations["cards"] = Registration(client, participant("cards", "drained"), ttl=5)
+    await mesh.registrations["cards"].start()
+    await cards_acts(mesh.router)
+
+
 async def test_expired_lease_of_a_killed_instance_is_unavailable(mesh, client):
     # A killed process: the keep-alive stops, nothing is revoked, the lease runs out.
     killed = Registration(client, participant("cards", "killed"), ttl=2)
