@@ -74,11 +74,16 @@ def mesh(example_mesh):
 async def routers(mesh):
     """Two more routers on the mesh's etcd, started together: `load` with a small query cache,
     `overload` admitting OVERLOAD_LIMIT calls at once."""
+    # The torch encoder, on which the bounds below were measured: an admitted call's cost is the
+    # scale the refusals and the memory are judged against (the ONNX default makes a call cheaper).
+    torch = ["--encoder-backend", "torch"]
     started = {
-        "load": ComponentProcess("router-load", ["router", "--etcd", mesh.etcd, "--query-cache", str(QUERY_CACHE)], mesh.workdir),
+        "load": ComponentProcess(
+            "router-load", ["router", "--etcd", mesh.etcd, "--query-cache", str(QUERY_CACHE), *torch], mesh.workdir
+        ),
         "overload": ComponentProcess(
             "router-overload",
-            ["router", "--etcd", mesh.etcd],
+            ["router", "--etcd", mesh.etcd, *torch],
             mesh.workdir,
             env={"MBC_ROUTER__SERVER__MAX_CONCURRENT_RPCS": str(OVERLOAD_LIMIT)},
         ),
