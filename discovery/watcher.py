@@ -42,40 +42,38 @@ class ParticipantSnapshot:
     definitions: Mapping[str, Participant] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def check_registration(key: str, value: bytes) -> Participant | str:
-    """Return the Participant registered under `key`, or why the registration is invalid."""
+def _parse_record(
+    key: str, value: bytes, parse_key: Callable[[str], tuple[str, ...]], names: tuple[str, ...]
+) -> Participant | str:
+    """The Participant serialized in `value`, its `names` fields equal to the segments of `key`
+    (parsed by `parse_key`), or why not."""
     try:
-        segments = parse_participant_key(key)
+        segments = parse_key(key)
     except ValueError as e:
         return str(e)
-    participant = Participant()
+    record = Participant()
     try:
-        participant.ParseFromString(value)
+        record.ParseFromString(value)
     except DecodeError:
         return "value is not a serialized mbc.v1.Participant"
-    for name, segment in zip(("group", "bot_id", "instance_id"), segments):
-        if getattr(participant, name) != segment:
-            return f"{name} {getattr(participant, name)!r} does not match the key segment {segment!r}"
-    if not participant.address.strip():
+    for name, segment in zip(names, segments):
+        if getattr(record, name) != segment:
+            return f"{name} {getattr(record, name)!r} does not match the key segment {segment!r}"
+    return record
+
+
+def check_registration(key: str, value: bytes) -> Participant | str:
+    """Return the Participant registered under `key`, or why the registration is invalid."""
+    participant = _parse_record(key, value, parse_participant_key, ("group", "bot_id", "instance_id"))
+    if isinstance(participant, Participant) and not participant.address.strip():
         return "address is empty"
     return participant
 
 
 def check_definition(key: str, value: bytes) -> Participant | str:
     """Return the bot definition stored under `key`, or why it is invalid."""
-    try:
-        segments = parse_definition_key(key)
-    except ValueError as e:
-        return str(e)
-    definition = Participant()
-    try:
-        definition.ParseFromString(value)
-    except DecodeError:
-        return "value is not a serialized mbc.v1.Participant"
-    for name, segment in zip(("group", "bot_id"), segments):
-        if getattr(definition, name) != segment:
-            return f"{name} {getattr(definition, name)!r} does not match the key segment {segment!r}"
-    if definition.instance_id or definition.address:
+    definition = _parse_record(key, value, parse_definition_key, ("group", "bot_id"))
+    if isinstance(definition, Participant) and (definition.instance_id or definition.address):
         return "a definition names no instance and no address"
     return definition
 

@@ -4,6 +4,7 @@ the example mesh with the tests' short lease, the store's owner of a conversatio
 from __future__ import annotations
 
 import contextlib
+import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 from mbc.client.context import ContextClient
 from mbc.client.gateway import Conversation
 from mbc.runtime.channels import open_channel
-from mbc.runtime.config import TlsConfig
+from mbc.runtime.config import RouterConfig, ServerConfig, TlsConfig
 from mbc.testing.mesh import EXAMPLE_BOTS, start_local
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
+from router.server import RouterProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_BOTS = Path(__file__).resolve().parent / "bots"
@@ -70,3 +72,13 @@ async def owner_of(store: ContextClient, conversation_id: str) -> str:
     """The bot id the store records as the conversation's owner ("" when none)."""
     ownership, _ = await store.get_owner(conversation_id)
     return ownership.owner.bot_id if ownership else ""
+
+
+async def start_router_in_process(etcd_endpoint: str, encoder, embedding_cache_dir: str) -> RouterProcess:
+    """A router in the test process over `etcd_endpoint`, on a free port, sharing the session's
+    `encoder` (its stop() leaves that encoder open)."""
+    config = RouterConfig(etcd_endpoints=(etcd_endpoint,), server=ServerConfig(port=0), embedding_cache_dir=embedding_cache_dir)
+    process = RouterProcess(config, encoder=encoder)
+    process.encoder = types.SimpleNamespace(close=lambda: None)  # stop() closes it: the session's encoder is shared
+    await process.start()
+    return process

@@ -12,10 +12,9 @@ import types
 import pytest
 
 from discovery import DefinitionError, EtcdClient, Registration, definition_key, forget_definition
-from mbc.runtime.config import RouterConfig, ServerConfig
 from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2, router_pb2
-from meshlib import match
+from meshlib import match, start_router_in_process
 from router.directory import Directory
 from router.server import RouterProcess
 
@@ -60,14 +59,7 @@ async def client(own_etcd):
 
 
 async def start_router(own_etcd, encoder, tmp_path_factory) -> RouterProcess:
-    config = RouterConfig(
-        etcd_endpoints=(own_etcd.endpoint,),
-        server=ServerConfig(port=0),
-        embedding_cache_dir=str(tmp_path_factory.mktemp("embeddings")),
-    )
-    process = RouterProcess(config, encoder=encoder)
-    process.encoder = types.SimpleNamespace(close=lambda: None)  # stop() closes it: the session's encoder is shared
-    await process.start()
+    process = await start_router_in_process(own_etcd.endpoint, encoder, str(tmp_path_factory.mktemp("embeddings")))
     return process
 
 

@@ -6,17 +6,13 @@ refused as ambiguous rather than guessed."""
 
 from __future__ import annotations
 
-import types
-
 import grpc
 import pytest
 
 from discovery import EtcdClient, Registration
-from mbc.runtime.config import RouterConfig, ServerConfig
 from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2
-from meshlib import match
-from router.server import RouterProcess
+from meshlib import match, start_router_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -65,14 +61,7 @@ async def router(own_etcd, encoder, tmp_path_factory):
             registrations.append(Registration(client, participant, ttl=5))
     for registration in registrations:
         await registration.start()
-    config = RouterConfig(
-        etcd_endpoints=(own_etcd.endpoint,),
-        server=ServerConfig(port=0),
-        embedding_cache_dir=str(tmp_path_factory.mktemp("embeddings")),
-    )
-    process = RouterProcess(config, encoder=encoder)
-    process.encoder = types.SimpleNamespace(close=lambda: None)  # stop() closes it: the session's encoder is shared
-    await process.start()
+    process = await start_router_in_process(own_etcd.endpoint, encoder, str(tmp_path_factory.mktemp("embeddings")))
     try:
         await eventually(lambda: set(process.core.models) == {"alpha", "beta"}, timeout=120, what="both groups indexed")
         yield process
