@@ -33,6 +33,11 @@ def setting(default: Any, *, flag: str = "", help: str = "", choices: tuple[str,
     return field(default=default, metadata={"flag": flag, "help": help, "choices": choices, "metavar": metavar})
 
 
+def log_level_setting() -> Any:
+    """The `log_level` field every component has: the level of its JSON log lines on stderr."""
+    return setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+
+
 def section(
     cls: type,
     *,
@@ -424,8 +429,7 @@ class RouterConfig:
     """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
     a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
     (~/.cache/mbc/embeddings), "off" keeps them in memory only."""
-    log_level: str = setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
-    """Level of the JSON log lines written to stderr."""
+    log_level: str = log_level_setting()
 
     def __post_init__(self) -> None:
         check_range("neighbours", self.neighbours, 1)
@@ -478,8 +482,7 @@ class BotConfig:
     """Transfers a single message may go through."""
     neighbours: int = 24
     """Training phrases retrieved when the bot matches a message against its own intents."""
-    log_level: str = setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
-    """Level of the JSON log lines written to stderr."""
+    log_level: str = log_level_setting()
 
     def __post_init__(self) -> None:
         check_range("context_ttl_seconds", self.context_ttl_seconds, 1)
@@ -527,5 +530,4 @@ class StoreServiceConfig:
     etcd: EtcdAccess = section(EtcdAccess)
     server: ServerConfig = section(ServerConfig, flag_defaults={"port": 50052})
     limits: StoreConfig = field(default_factory=StoreConfig)
-    log_level: str = setting("INFO", flag="--log-level", help="logging level (DEBUG, INFO, WARNING, ERROR)")
-    """Level of the JSON log lines written to stderr."""
+    log_level: str = log_level_setting()
