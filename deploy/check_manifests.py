@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -23,97 +22,114 @@ POD_IP = "10.0.0.1"
 """Stands for a value the pod gets from the downward API (status.podIP)."""
 
 
-def pod_templates(objects: list[dict]) -> Iterator[tuple[dict, dict]]:
-    for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet"):
-            yield obj, obj["spec"]["template"]
+class Manifests:
+    """The built objects, by kind and name, and the pod templates with their owners."""
+
+    def __init__(self, objects: list[dict]) -> None:
+        self.by_kind: dict[str, dict[str, dict]] = {}
+        for obj in objects:
+            self.by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
+        self.config_maps = self.of("ConfigMap")
+        self.services = self.of("Service")
+        self.pods = [
+            (
+                f"{o['kind']} {o['metadata']['name']}",
+                o,
+                o["spec"]["template"]["metadata"]["labels"],
+                o["spec"]["template"]["spec"],
+            )
+            for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet")
+        ]
+
+    def of(self, kind: str) -> dict[str, dict]:
+        return self.by_kind.get(kind, {})
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def container_env(container: dict, config_maps: dict[str, dict]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        env.update(config_maps[source["configMapRef"]["name"]].get("data", {}))
-    for var in container.get("env", []):
-        env[var["name"]] = var.get("value", POD_IP)
-    return env
-
-
 def check(objects: list[dict]) -> list[str]:
-    problems: list[str] = []
-    by_kind: dict[str, dict[str, dict]] = {}
-    for obj in objects:
-        by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
-    config_maps = by_kind.get("ConfigMap", {})
-    services = by_kind.get("Service", {})
-    pods = [(owner, template["metadata"]["labels"], template["spec"]) for owner, template in pod_templates(objects)]
-
-    for owner, labels, _ in pods:
-        if not selects(owner["spec"]["selector"]["matchLabels"], labels):
-            problems.append(f"{owner['kind']} {owner['metadata']['name']}: its selector does not select its own pods")
-    for kind in ("Service", "PodDisruptionBudget"):
-        for name, obj in by_kind.get(kind, {}).items():
-            selector = obj["spec"]["selector"]
-            selector = selector.get("matchLabels", selector)
-            if not any(selects(selector, labels) for _, labels, _ in pods):
-                problems.append(f"{kind} {name}: its selector matches no pod template")
-
-    listening: dict[str, set[str]] = {}  # Service name -> its ports that reach a container port
-    for owner, labels, spec in pods:
-        ports = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
-        for svc_name, svc in services.items():
-            if selects(svc["spec"]["selector"], labels):
-                for port in svc["spec"]["ports"]:
-                    if port["targetPort"] in ports:
-                        listening.setdefault(svc_name, set()).add(str(port["port"]))
-                    else:
-                        problems.append(f"Service {svc_name}: target port {port['targetPort']} is not a port of {owner['metadata']['name']}")
-
-    for owner, labels, spec in pods:
-        where = f"{owner['kind']} {owner['metadata']['name']}"
+    m = Manifests(objects)
+    problems = check_selectors(m)
+    listening, unreachable = service_ports(m)
+    problems += unreachable
+    for where, _, _, spec in m.pods:
         for volume in spec.get("volumes", []):
-            if "configMap" in volume and volume["configMap"]["name"] not in config_maps:
+            if "configMap" in volume and volume["configMap"]["name"] not in m.config_maps:
                 problems.append(f"{where}: volume {volume['name']} names a missing ConfigMap {volume['configMap']['name']}")
         for container in spec["containers"]:
-            ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                grpc = container.get(probe, {}).get("grpc")
-                if grpc and grpc["port"] not in ports.values():
-                    problems.append(f"{where}: the {probe} checks port {grpc['port']}, which the container does not expose")
-            missing = [s["configMapRef"]["name"] for s in container.get("envFrom", []) if s["configMapRef"]["name"] not in config_maps]
-            if missing:
-                problems.append(f"{where}: envFrom names a missing ConfigMap {', '.join(missing)}")
-                continue
-            args = container.get("args", [])
-            if not (args and args[0] in COMPONENTS):
-                continue
-            kind = args[0]
-            try:
-                config = resolve(kind, flag_defaults(kind), environ=container_env(container, config_maps)).config
-            except ConfigError as e:
-                problems.append(f"{where}: {e}")
-                continue
-            if config.server.host != "0.0.0.0" or config.server.advertise_host != POD_IP:
-                problems.append(f"{where}: {kind} must listen on 0.0.0.0 and advertise the pod IP (status.podIP)")
-            if config.server.port not in ports.values() or config.server.metrics_port not in ports.values():
-                problems.append(f"{where}: {kind} listens on {config.server.port} and {config.server.metrics_port}, not exposed")
-            problems += check_etcd(where, config.etcd_endpoints, by_kind.get("StatefulSet", {}))
-            if kind == "bot":
-                problems += [f"{where}: {p}" for p in check_bot_addresses(config, listening, services)]
-    problems += check_definitions(config_maps)
+            problems += [f"{where}: {p}" for p in check_container(m, container, listening)]
+    return problems + check_definitions(m.config_maps)
+
+
+def check_selectors(m: Manifests) -> list[str]:
+    problems = [f"{where}: its selector does not select its own pods" for where, o, labels, _ in m.pods
+                if not selects(o["spec"]["selector"]["matchLabels"], labels)]  # fmt: skip
+    for kind in ("Service", "PodDisruptionBudget"):
+        for name, obj in m.of(kind).items():
+            selector = obj["spec"]["selector"]
+            selector = selector.get("matchLabels", selector)
+            if not any(selects(selector, labels) for _, _, labels, _ in m.pods):
+                problems.append(f"{kind} {name}: its selector matches no pod template")
     return problems
 
 
-def check_etcd(where: str, endpoints: tuple[str, ...], statefulsets: dict[str, dict]) -> list[str]:
+def service_ports(m: Manifests) -> tuple[dict[str, set[str]], list[str]]:
+    """Each Service's ports that reach a named container port of the pods it selects, and the
+    ports that reach none."""
+    listening: dict[str, set[str]] = {}
+    problems = []
+    for where, _, labels, spec in m.pods:
+        names = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+        for name, service in m.services.items():
+            if not selects(service["spec"]["selector"], labels):
+                continue
+            for port in service["spec"]["ports"]:
+                if port["targetPort"] in names:
+                    listening.setdefault(name, set()).add(str(port["port"]))
+                else:
+                    problems.append(f"Service {name}: target port {port['targetPort']} is not a port of {where}")
+    return listening, problems
+
+
+def check_container(m: Manifests, container: dict, listening: dict[str, set[str]]) -> list[str]:
+    problems = []
+    ports = {p["containerPort"] for p in container.get("ports", [])}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc = container.get(probe, {}).get("grpc")
+        if grpc and grpc["port"] not in ports:
+            problems.append(f"the {probe} checks port {grpc['port']}, which the container does not expose")
+    sources = [s["configMapRef"]["name"] for s in container.get("envFrom", [])]
+    missing = [name for name in sources if name not in m.config_maps]
+    args = container.get("args", [])
+    if missing or not (args and args[0] in COMPONENTS):
+        return problems + [f"envFrom names a missing ConfigMap {name}" for name in missing]
+    kind = args[0]
+    env = {k: v for name in sources for k, v in m.config_maps[name].get("data", {}).items()}
+    env.update({var["name"]: var.get("value", POD_IP) for var in container.get("env", [])})
+    try:
+        config = resolve(kind, flag_defaults(kind), environ=env).config
+    except ConfigError as e:
+        return [*problems, str(e)]
+    if config.server.host != "0.0.0.0" or config.server.advertise_host != POD_IP:
+        problems.append(f"{kind} must listen on 0.0.0.0 and advertise the pod IP (status.podIP)")
+    if not {config.server.port, config.server.metrics_port} <= ports:
+        problems.append(f"{kind} listens on {config.server.port} and {config.server.metrics_port}, not both exposed")
+    problems += check_etcd(config.etcd_endpoints, m.of("StatefulSet"))
+    if kind == "bot":
+        problems += check_bot_addresses(config, listening, m.services)
+    return problems
+
+
+def check_etcd(endpoints: tuple[str, ...], statefulsets: dict[str, dict]) -> list[str]:
     problems = []
     for endpoint in endpoints:
         m = re.fullmatch(r"(.+)-(\d+)\.([^.:]+):2379", endpoint)
         etcd = statefulsets.get(m.group(1)) if m else None
         if not (m and etcd and etcd["spec"]["serviceName"] == m.group(3) and int(m.group(2)) < etcd["spec"]["replicas"]):
-            problems.append(f"{where}: etcd endpoint {endpoint} is not a member of an etcd StatefulSet (<name>-<n>.<service>:2379)")
+            problems.append(f"etcd endpoint {endpoint} is not a member of an etcd StatefulSet (<name>-<n>.<service>:2379)")
     return problems
 
 

@@ -44,6 +44,13 @@ manifests=()
 while IFS= read -r f; do manifests+=("$f"); done < <(
   find "$DEPLOY" -name '*.yaml' ! -name kustomization.yaml ! -path "$DEPLOY/bots/*" | sort
 )
+# A file kustomization.yaml does not list would be validated here and never deployed.
+for f in "${manifests[@]}" "$DEPLOY"/bots/*.yaml; do
+  if ! grep -qE "^ *- ${f#"$DEPLOY"/}\$" "$DEPLOY/kustomization.yaml"; then
+    echo "ERROR $f is not listed in $DEPLOY/kustomization.yaml"
+    exit 1
+  fi
+done
 validate "${manifests[@]}"
 echo "check_kubernetes: ${#manifests[@]} manifests valid against Kubernetes ${KUBERNETES_VERSIONS[*]}"
 
@@ -65,5 +72,5 @@ if [ ${#build[@]} -gt 0 ]; then
   echo "check_kubernetes: '${build[*]}' valid"
 fi
 
-"$VENV/bin/hadolint" Dockerfile
+"$VENV/bin/hadolint" --no-color Dockerfile
 echo "check_kubernetes: Dockerfile passes hadolint"
