@@ -145,7 +145,8 @@ def check_bot_addresses(config: Any, listening: dict[str, set[str]], services: d
 
 
 def check_definitions(config_maps: dict[str, dict]) -> list[str]:
-    problems, seen = [], {}
+    problems: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
     for name, cm in config_maps.items():
         for file, text in cm.get("data", {}).items() if name.startswith("mbc-bots") else ():
             try:
