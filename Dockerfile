@@ -28,7 +28,8 @@ COPY context_store context_store
 RUN /opt/mbc/venv/bin/python -m pip install --no-deps --no-build-isolation .
 
 FROM ${PYTHON_IMAGE}
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mbc
+RUN groupadd --system --gid 10001 mbc \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mbc
 COPY --from=build /opt/mbc/venv /opt/mbc/venv
 ENV PATH=/opt/mbc/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -67,9 +67,9 @@ def check(objects: list[dict]) -> list[str]:
 def check_selectors(m: Manifests) -> list[str]:
     problems = [f"{where}: its selector does not select its own pods" for where, o, labels, _ in m.pods
                 if not selects(o["spec"]["selector"]["matchLabels"], labels)]  # fmt: skip
-    for kind in ("Service", "PodDisruptionBudget"):
+    for kind, field in (("Service", "selector"), ("PodDisruptionBudget", "selector"), ("NetworkPolicy", "podSelector")):
         for name, obj in m.of(kind).items():
-            selector = obj["spec"]["selector"]
+            selector = obj["spec"][field]
             selector = selector.get("matchLabels", selector)
             if not any(selects(selector, labels) for _, _, labels, _ in m.pods):
                 problems.append(f"{kind} {name}: its selector matches no pod template")
