@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,23 @@ class BotDefinition:
             dialogs=dialogs,
             context_namespace=str(data.get("context_namespace") or group),
         )
+
+
+def definition_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The definition files that `paths` name: a file itself, a directory's *.yaml files (sorted)."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(path.glob("*.yaml"))
+            if not found:
+                raise DefinitionError(f"{path}: a directory with no *.yaml bot definition")
+            files += found
+        else:
+            files.append(path)
+    if not files:
+        raise DefinitionError("no bot definition given")
+    return files
 
 
 def _text(data: dict, field: str) -> str:
