@@ -162,7 +162,9 @@ def _other_value(flag, default):
     if flag.kind is float:
         return [flag.name, str(default + 1.5)], default + 1.5
     if flag.kind is str:
-        return ([] if flag.name == "definition" else [flag.name]) + ["other.yaml"], "other.yaml"
+        return [flag.name, "other.yaml"], "other.yaml"
+    if flag.name == "definition":  # positional, one or more
+        return ["a.yaml", "bots/"], ("a.yaml", "bots/")
     return [flag.name, "a:1,b:2"], ("a:1", "b:2")
 
 
