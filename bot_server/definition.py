@@ -36,6 +36,10 @@ import yaml
 
 from discovery.keys import validate_name
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader when PyYAML has it: ten times faster than the pure Python one, which a
+host of hundreds of definitions would wait on at start."""
+
 
 class DefinitionError(ValueError):
     """A bot definition that cannot be used; the message says where and why."""
@@ -100,7 +104,7 @@ class BotDefinition:
     def from_file(cls, path: str | Path) -> BotDefinition:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
         except OSError as e:
             raise DefinitionError(f"{path}: cannot read the bot definition: {e.strerror}") from e
         except yaml.YAMLError as e:

@@ -30,7 +30,11 @@ def normalise(text: str) -> str:
 
 def features(text: str) -> frozenset[str]:
     """The word unigrams and bigrams of `text` (normalised)."""
-    words = normalise(text).split()
+    return _features(normalise(text))
+
+
+def _features(normalised: str) -> frozenset[str]:
+    words = normalised.split()
     return frozenset([*words, *(f"{a} {b}" for a, b in zip(words, words[1:]))])
 
 
@@ -39,28 +43,39 @@ def dice(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 class LexicalIntents:
-    """The intents of one bot, matched by words (see the module docstring)."""
+    """The intents of one bot, matched by words (see the module docstring).
+
+    The phrases are indexed at the first message, not at start: a host of hundreds of bots that
+    the router serves never pays for (nor keeps) indexes it does not use."""
 
     def __init__(self, intents: Iterable[tuple[str, Sequence[str]]], threshold: float = LEXICAL_THRESHOLD) -> None:
         """`intents`: (name, training phrases) of each intent of the bot."""
         self.threshold = threshold
-        self._exact: dict[str, str] = {}
+        self._intents = tuple(intents)
+        self._exact: dict[str, str] | None = None
         self._phrases: list[tuple[str, frozenset[str]]] = []
-        for name, phrases in intents:
+
+    def _index(self) -> dict[str, str]:
+        exact: dict[str, str] = {}
+        for name, phrases in self._intents:
             for phrase in phrases:
-                self._exact.setdefault(normalise(phrase), name)
-                self._phrases.append((name, features(phrase)))
+                normalised = normalise(phrase)
+                exact.setdefault(normalised, name)
+                self._phrases.append((name, _features(normalised)))
+        self._exact = exact
+        return exact
 
     async def prepare(self) -> None:
-        """Nothing to prepare: the phrases are indexed when built."""
+        """Nothing to prepare: the phrases are indexed when first needed."""
 
     async def best(self, text: str) -> tuple[str, float, int]:
         """(intent, score, rating) of the best match of `text`; intent "" when none reaches the threshold.
         An exact match (after normalisation) is rated VERY_GOOD, any other match GOOD."""
-        exact = self._exact.get(normalise(text))
+        normalised = normalise(text)
+        exact = (self._exact if self._exact is not None else self._index()).get(normalised)
         if exact is not None:
             return exact, 1.0, common_pb2.RATING_VERY_GOOD
-        query = features(text)
+        query = _features(normalised)
         intent, score = "", 0.0
         for name, phrase in self._phrases:
             s = dice(query, phrase)
