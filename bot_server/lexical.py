@@ -15,10 +15,11 @@ from collections.abc import Iterable, Sequence
 
 from mbc.v1 import common_pb2
 
-LEXICAL_THRESHOLD = 0.6
+LEXICAL_THRESHOLD = 0.65
 """The least Dice score of unigrams and bigrams that counts as a match. Chosen so that a phrase
 with one word dropped or changed still matches ("I lost my debit card": 0.88 without "I", 0.75
-without "my", 0.67 with "credit" for "debit"), and two words in common do not ("my card": 0.33)."""
+without "my", 0.67 with "credit" for "debit"), and a fragment of one does not ("my card" against
+"my card was declined": 0.6; against "I lost my debit card": 0.33)."""
 
 _NOT_WORD = re.compile(r"[\W_]+")
 
