@@ -159,3 +159,16 @@ async def test_each_hosted_bot_is_its_own_registered_participant_routed_to_the_h
             assert (best.bot_id, best.address) == (bot_id, address)
             instances[bot_id] = best.instance_id
     assert len(set(instances.values())) == 3 and all(instances.values())
+
+
+async def test_with_the_local_model_a_bot_answers_a_paraphrase_without_the_router(etcd_server, tmp_path):
+    """`--local-model`: the old behaviour, for those who want it (the model in the bot process)."""
+    mesh = LocalMesh(tmp_path, etcd_server.endpoint, lease_ttl=3)
+    try:
+        bot = await mesh.start_bot(
+            EXAMPLES / "cards.yaml", "cards-model", "--router", f"127.0.0.1:{_closed_port()}", "--local-model"
+        )
+        r = await _respond(bot.address, "my card got declined at the grocery store")
+        assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.match.intent == "card_declined"
+    finally:
+        mesh.stop()
