@@ -113,6 +113,8 @@ class BotHost:
             self.store = ContextClient(self.channels.channel(config.store_address), config.call_timeout_seconds)
         self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
         self._group_settings: dict[str, GroupSettingsCache] = {}
+        if len({bot.bot_id for bot in bots}) != len(bots):
+            raise ValueError(f"a host serves each bot id once: {sorted(b.bot_id for b in bots)}")
         self.hosted = {bot.bot_id: self._host(bot, own_intents(bot), len(bots) > 1) for bot in bots}
         self.server, self.port = create_server(config, [h.engine for h in self.hosted.values()])
         for hosted in self.hosted.values():
