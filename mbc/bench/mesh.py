@@ -32,6 +32,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from mbc.runtime.progress import progress_bar
 from mbc.testing.etcd import LocalEtcdCluster
 from mbc.testing.mesh import LocalMesh, wait_indexed
 from mbc.testing.processes import ComponentProcess, new_workdir
+from mbc.v1 import bot_pb2
 
 MiB = 1024 * 1024
 MESSAGES_PER_CONVERSATION = 5
@@ -269,6 +271,7 @@ async def drive(
         entries[g] = (entry.bot_id, mesh.bots[instance.name].address)
     pool = ChannelPool()
     chats: dict[int, tuple[Conversation, str, int]] = {}
+    outcomes: Counter = Counter()
 
     async def respond(caller: int) -> None:
         chat, group, sent = chats.get(caller) or (None, "", MESSAGES_PER_CONVERSATION)
@@ -276,12 +279,14 @@ async def drive(
             group = rng.choice(plan.groups)
             chat, sent = open_conversation(pool, *entries[group], store), 0
         chats[caller] = (chat, group, sent + 1)
-        await chat.send(rng.choice(plan.messages[group]))
+        response = await chat.send(rng.choice(plan.messages[group]))
+        outcomes[bot_pb2.Outcome.Name(response.outcome).removeprefix("OUTCOME_")] += 1
 
     calls: list[tuple[float, str]] = []
     faults = asyncio.create_task(inflict(mesh, plan, hosts, opts))
     try:
         summary = await run_for("respond", respond, opts.concurrency, opts.seconds, calls)
+        summary["outcomes"] = dict(outcomes)
         return summary, calls, await faults
     finally:
         faults.cancel()
