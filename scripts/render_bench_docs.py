@@ -344,7 +344,10 @@ def render_mesh() -> list[str]:
     if data is None:
         return ["(docs/bench/mesh.json is missing)"]
     header = ["figure", "value", "target at 1,000 bots, 3 routers, 3 etcd members"]
-    return provenance(data, "mesh") + [""] + table(header, mesh_rows(data))
+    out = provenance(data, "mesh") + [""] + table(header, mesh_rows(data))
+    if any((data.get(k) or 0) < n for k, n in (("bots", 1000), ("routers", 3), ("etcd_members", 3))):
+        out += ["", "This run is smaller than the scale the targets are set for: its verdicts are for reference only."]
+    return out
 
 
 # --- mbc eval clinc150 -----------------------------------------------------------------------

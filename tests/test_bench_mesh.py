@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from mbc.bench.clinc import default_data_dir, load_clinc
-from mbc.bench.mesh import errors_between, targets, val_by_intent
+from mbc.bench.mesh import command_line, errors_between, targets, val_by_intent
 from mbc.bench.mesh_plan import PlanOptions, group_sizes, plan_mesh
 
 # Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
@@ -112,6 +112,12 @@ def test_errors_are_counted_in_the_window_of_a_kill_and_targets_say_what_was_not
     assert met["killed_bots_gone_seconds <= lease TTL + 2 (12)"] is True
 
 
+@pytest.mark.unit
+def test_the_recorded_command_leaves_out_where_files_went():
+    argv = ["bench", "mesh", "--bots", "1000", "--json", "m.json", "--routers", "3", "--workdir=/tmp/w", "--etcd-members", "3"]
+    assert command_line(argv) == "mbc bench mesh --bots 1000 --routers 3 --etcd-members 3"
+
+
 def test_bench_mesh_smallest_run_writes_every_figure(tmp_path, clinc):
     """Two routers (one is killed), three bots (the entry bot twice) on two hosts (one is killed)."""
     out = tmp_path / "mesh.json"
@@ -144,6 +150,7 @@ def test_bench_mesh_smallest_run_writes_every_figure(tmp_path, clinc):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "seconds_to_all_routable" in done.stdout  # the table
     result = json.loads(out.read_text())
+    assert result["recorded"]["command"].startswith("mbc bench mesh --bots 3 --routers 2")
     assert [k for k in KEYS if k not in result] == []
     assert (result["bots"], result["routers"], result["etcd_members"]) == (3, 2, 1)
     assert 0 < result["router_ready_seconds"] <= result["seconds_to_all_routable"]

@@ -472,6 +472,17 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def command_line(argv: Sequence[str]) -> str:
+    """`mbc ARGS` as run, without the flags that only say where files go."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.split("=", 1)[0] in ("--json", "--workdir"):
+            skip = not skip and "=" not in arg
+            continue
+        kept.append(arg)
+    return " ".join(["mbc", *kept])
+
+
 def main(args) -> int:
     opts = MeshOptions(
         bots=args.bots,
@@ -499,6 +510,7 @@ def main(args) -> int:
             print(f"mbc bench mesh: {name} must be at least 1, got {value}", file=sys.stderr)
             return 2
     result = asyncio.run(run(opts))
+    result["recorded"] = {"command": command_line(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
