@@ -59,6 +59,8 @@ HOST_KILL_AT = 0.5
 """Fractions of the Respond phase when a router replica, then a bot host, is SIGKILLed."""
 TARGETS = {"bots": 1000, "routers": 3, "etcd_members": 3}
 """The scale the issue's targets are set for."""
+Call = tuple[float, str]
+"""When a Respond ended (perf_counter), its status."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,11 @@ def router_flags(routers: Sequence[str], index: int) -> list[str]:
 
 async def start_host(
     mesh: LocalMesh, instances: Sequence[Instance], files: dict[str, Path], flags: Sequence[Sequence[str]]
-) -> list[ComponentProcess]:
-    """The processes of one bot host: today one `mbc bot DEF` per instance (`flags[i]`: its own)."""
-    return list(await asyncio.gather(*(mesh.start_bot(files[i.bot_id], i.name, *f) for i, f in zip(instances, flags))))
+) -> dict[str, ComponentProcess]:
+    """One bot host: the process serving each instance, by instance name. Today one `mbc bot DEF`
+    per instance (`flags[i]`: its own)."""
+    started = await asyncio.gather(*(mesh.start_bot(files[i.bot_id], i.name, *f) for i, f in zip(instances, flags)))
+    return {i.name: p for i, p in zip(instances, started)}
 
 
 def open_conversation(pool: ChannelPool, entry_bot_id: str, entry_address: str, store: str) -> Conversation:
@@ -118,9 +122,18 @@ def open_conversation(pool: ChannelPool, entry_bot_id: str, entry_address: str, 
 class Started:
     """The mesh once every bot is routable everywhere."""
 
-    hosts: list[list[ComponentProcess]]
+    serving: list[dict[str, ComponentProcess]]
+    """Per host, the process serving each instance (by name)."""
     seconds_to_all_routable: float
     router_ready_seconds: list[float]
+
+    @property
+    def hosts(self) -> list[list[ComponentProcess]]:
+        """The processes of each host."""
+        return [list({id(p): p for p in host.values()}.values()) for host in self.serving]
+
+    def address(self, instance: Instance) -> str:
+        return self.serving[instance.host][instance.name].address
 
 
 async def start_mesh(mesh: LocalMesh, plan: MeshPlan, files: dict[str, Path], opts: MeshOptions) -> Started:
@@ -143,7 +156,7 @@ async def start_mesh(mesh: LocalMesh, plan: MeshPlan, files: dict[str, Path], op
             await asyncio.to_thread(r.wait_port, opts.start_timeout)
         addresses = [r.address for r in mesh.routers]
 
-        async def host(h: int) -> list[ComponentProcess]:
+        async def host(h: int) -> dict[str, ComponentProcess]:
             instances = plan.on_host(h)
             flags = [[*router_flags(addresses, plan.instances.index(i)), *common] for i in instances]
             processes = await start_host(mesh, instances, files, flags)
@@ -256,9 +269,7 @@ async def inflict(mesh: LocalMesh, plan: MeshPlan, hosts: list[list[ComponentPro
     return faults
 
 
-async def drive(
-    mesh: LocalMesh, plan: MeshPlan, hosts: list[list[ComponentProcess]], opts: MeshOptions
-) -> tuple[dict, list[tuple[float, str]], Faults]:
+async def drive(mesh: LocalMesh, plan: MeshPlan, started: Started, opts: MeshOptions) -> tuple[dict, list[Call], Faults]:
     """Respond at `concurrency` conversations for `seconds`, while `inflict` kills."""
     rng = random.Random(opts.seed)
     assert mesh.store is not None
@@ -268,7 +279,7 @@ async def drive(
     for g in plan.groups:
         entry = plan.entry_bot(g)
         instance = next(i for i in plan.instances if i.bot_id == entry.bot_id and i.host != killed_host)
-        entries[g] = (entry.bot_id, mesh.bots[instance.name].address)
+        entries[g] = (entry.bot_id, started.address(instance))
     pool = ChannelPool()
     chats: dict[int, tuple[Conversation, str, int]] = {}
     outcomes: Counter = Counter()
@@ -282,8 +293,8 @@ async def drive(
         response = await chat.send(rng.choice(plan.messages[group]))
         outcomes[bot_pb2.Outcome.Name(response.outcome).removeprefix("OUTCOME_")] += 1
 
-    calls: list[tuple[float, str]] = []
-    faults = asyncio.create_task(inflict(mesh, plan, hosts, opts))
+    calls: list[Call] = []
+    faults = asyncio.create_task(inflict(mesh, plan, started.hosts, opts))
     try:
         summary = await run_for("respond", respond, opts.concurrency, opts.seconds, calls)
         summary["outcomes"] = dict(outcomes)
@@ -345,7 +356,7 @@ async def run(opts: MeshOptions) -> dict:
             routers_rss = rss_mb(mesh.routers)
             bots_rss = rss_mb([p for h in started.hosts for p in h])
             progress(f"all routable in {started.seconds_to_all_routable:.1f} s; Respond, {opts.concurrency} conversations ...")
-            respond, calls, faults = await drive(mesh, plan, started.hosts, opts)
+            respond, calls, faults = await drive(mesh, plan, started, opts)
             survivor = next(r for r in mesh.routers if r.process.poll() is None)
             progress(f"Match at {opts.concurrency} callers on {survivor.name} ...")
             match = await asyncio.to_thread(measure_match, survivor, plan, warm, opts, workdir)
@@ -359,7 +370,7 @@ async def run(opts: MeshOptions) -> dict:
 # --- report ----------------------------------------------------------------------------------
 
 
-def errors_between(calls: list[tuple[float, str]], start: float | None, end: float | None) -> int | None:
+def errors_between(calls: list[Call], start: float | None, end: float | None) -> int | None:
     """Failed calls that ended in [start, end) (None when nothing happened at `start`)."""
     if start is None:
         return None
@@ -373,7 +384,7 @@ def report(
     bots_rss: list[float],
     routers_rss: list[list[float]],
     respond: dict,
-    calls: list[tuple[float, str]],
+    calls: list[Call],
     faults: Faults,
     match: dict,
     db_mb: float,
