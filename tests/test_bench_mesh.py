@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from mbc.bench.clinc import default_data_dir, load_clinc
-from mbc.bench.mesh import command_line, errors_between, targets, val_by_intent
+from mbc.bench.mesh import command_line, errors_between, participants_in, targets, val_by_intent
 from mbc.bench.mesh_plan import PlanOptions, group_sizes, plan_mesh
 
 # Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
@@ -110,6 +110,19 @@ def test_errors_are_counted_in_the_window_of_a_kill_and_targets_say_what_was_not
     assert met["bot_rss_mb_total <= 4096"] is False
     assert met["respond_errors_during_router_kill == 0"] is None
     assert met["killed_bots_gone_seconds <= lease TTL + 2 (12)"] is True
+
+
+@pytest.mark.unit
+def test_live_instances_per_group_are_read_from_a_routers_metrics():
+    metrics = """# HELP mbc_router_participants Live registered bot instances.
+# TYPE mbc_router_participants gauge
+mbc_router_participants{group="g000"} 17.0
+mbc_router_participants{group="g001"} 16.0
+# HELP mbc_router_bots Bots with at least one live instance.
+# TYPE mbc_router_bots gauge
+mbc_router_bots{group="g000"} 15.0
+"""
+    assert participants_in(metrics) == {"g000": 17, "g001": 16}
 
 
 @pytest.mark.unit

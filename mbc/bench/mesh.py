@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from mbc.bench.clinc import default_data_dir, load_clinc
 from mbc.bench.index import _rss_mb
 from mbc.bench.loadgen import run_for
@@ -193,15 +195,15 @@ def rss_mb(processes: Sequence[ComponentProcess]) -> list[float]:
     return [_rss_mb(p.pid)[0] for p in processes if p.process.poll() is None]
 
 
-def participants_by_group(router: ComponentProcess) -> dict[str, int]:
-    """The live instances per group in the router's directory (its `mbc_router_participants` gauge)."""
-    text = scrape_text(router.metrics_address)
-    groups: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("mbc_router_participants{"):
-            group = line.split('group="', 1)[1].split('"', 1)[0]
-            groups[group] = int(sample_value(text, "mbc_router_participants", {"group": group}))
-    return groups
+def participants_in(metrics: str) -> dict[str, int]:
+    """The live instances per group in a router's directory, from its /metrics text (the
+    `mbc_router_participants` gauge)."""
+    return {
+        sample.labels["group"]: int(sample.value)
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "mbc_router_participants"
+    }
 
 
 async def wait_gone(routers: Sequence[ComponentProcess], expected: dict[str, int], timeout: float) -> float | None:
@@ -212,7 +214,7 @@ async def wait_gone(routers: Sequence[ComponentProcess], expected: dict[str, int
     async def gone(router: ComponentProcess) -> None:
         while time.perf_counter() - started < timeout:
             try:
-                counts = await asyncio.to_thread(participants_by_group, router)
+                counts = participants_in(await asyncio.to_thread(scrape_text, router.metrics_address))
             except OSError:
                 counts = {}
             if counts and all(counts.get(g, 0) <= n for g, n in expected.items()):
