@@ -11,7 +11,7 @@ import pytest
 
 from mbc.bench.clinc import default_data_dir, load_clinc
 from mbc.bench.mesh import command_line, errors_between, participants_in, targets, val_by_intent
-from mbc.bench.mesh_plan import PlanOptions, group_sizes, plan_mesh
+from mbc.bench.mesh_plan import PlanError, PlanOptions, group_sizes, plan_mesh
 
 # Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
 
@@ -91,6 +91,15 @@ def test_messages_and_match_utterances_are_held_back_from_the_definitions(clinc)
     for name in shared:  # one intent in two groups: other utterances, so more phrases to embed cold
         of = [dict(b.intents)[name] for b in plan.bots if name in dict(b.intents)]
         assert of[0] != of[1]
+
+
+@pytest.mark.unit
+def test_a_plan_that_cannot_be_made_names_the_flag(clinc):
+    with pytest.raises(PlanError, match="a group of 60 bots needs 180 intents"):
+        plan_mesh(PlanOptions(60, bots_per_group=60), *clinc)
+    assert len(plan_mesh(PlanOptions(2, bots_per_group=60), *clinc).bots) == 2  # one group of 2 needs 6
+    with pytest.raises(PlanError, match="--intents-per-bot"):
+        plan_mesh(PlanOptions(2, intents_per_bot=0), *clinc)
 
 
 @pytest.mark.unit

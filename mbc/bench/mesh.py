@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import sys
@@ -43,7 +44,7 @@ from mbc.bench.clinc import default_data_dir, load_clinc
 from mbc.bench.index import _rss_mb
 from mbc.bench.loadgen import run_for
 from mbc.bench.match import machine, run_load
-from mbc.bench.mesh_plan import Instance, MeshPlan, PlanOptions, plan_mesh, write_definitions
+from mbc.bench.mesh_plan import Instance, MeshPlan, PlanError, PlanOptions, plan_mesh, write_definitions
 from mbc.client.gateway import Conversation
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.metrics import sample_value, scrape_text
@@ -522,8 +523,16 @@ def main(args) -> int:
         if value < 1:
             print(f"mbc bench mesh: {name} must be at least 1, got {value}", file=sys.stderr)
             return 2
-    result = asyncio.run(run(opts))
-    result["recorded"] = {"command": command_line(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    try:
+        result = asyncio.run(run(opts))
+    except PlanError as e:
+        print(f"mbc bench mesh: {e}", file=sys.stderr)
+        return 2
+    result["recorded"] = {
+        "command": command_line(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("MBC_")},  # settings the mesh inherited
+    }
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -31,6 +31,10 @@ MANY_EVERY = 10
 """Every MANY_EVERY-th bot (5th, 15th, ...) runs MANY_INSTANCES instances."""
 
 
+class PlanError(ValueError):
+    """A plan these options cannot make; the message names the flag."""
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     bots: int
@@ -120,16 +124,17 @@ def plan_mesh(
 ) -> MeshPlan:
     """The mesh for `opts` from CLINC150's intents (`domains`), their `train` and `val` utterances."""
     all_intents = sorted(i for intents in domains.values() for i in intents if train.get(i))
-    per_group_intents = opts.bots_per_group * opts.intents_per_bot
-    if opts.bots < 1:
-        raise ValueError("--bots must be at least 1")
-    if per_group_intents > len(all_intents):
-        raise ValueError(f"a group of {opts.bots_per_group} bots needs {per_group_intents} intents; there are {len(all_intents)}")
+    if min(opts.bots, opts.bots_per_group, opts.intents_per_bot, opts.phrases_per_intent, opts.bots_per_host) < 1:
+        raise PlanError("--bots, --bots-per-group, --intents-per-bot, --phrases-per-intent, --bots-per-host: at least 1")
+    sizes = group_sizes(opts.bots, opts.bots_per_group)
+    needed = max(sizes) * opts.intents_per_bot
+    if needed > len(all_intents):
+        raise PlanError(f"a group of {max(sizes)} bots needs {needed} intents; there are {len(all_intents)}")
     rng = random.Random(opts.seed)
     bots: list[BotPlan] = []
     messages: dict[str, tuple[str, ...]] = {}
     match_texts: dict[str, tuple[str, ...]] = {}
-    for g, size in enumerate(group_sizes(opts.bots, opts.bots_per_group)):
+    for g, size in enumerate(sizes):
         group = f"g{g:03d}"
         chosen = rng.sample(all_intents, size * opts.intents_per_bot)
         start = (g * opts.phrases_per_intent) % 100
