@@ -105,12 +105,12 @@ def router_flags(routers: Sequence[str], index: int) -> list[str]:
 
 
 async def start_host(
-    mesh: LocalMesh, instances: Sequence[Instance], files: dict[str, Path], flags: Sequence[Sequence[str]]
+    mesh: LocalMesh, host: int, instances: Sequence[Instance], files: dict[str, Path], flags: Sequence[str]
 ) -> dict[str, ComponentProcess]:
-    """One bot host: the process serving each instance, by instance name. Today one `mbc bot DEF`
-    per instance (`flags[i]`: its own)."""
-    started = await asyncio.gather(*(mesh.start_bot(files[i.bot_id], i.name, *f) for i, f in zip(instances, flags)))
-    return {i.name: p for i, p in zip(instances, started)}
+    """One bot host: a single `mbc bot DEF...` process serving every instance of `instances` (one bot
+    each) on one port; returns it by instance name."""
+    process = await mesh.start_host([files[i.bot_id] for i in instances], f"host-{host}", *flags)
+    return {i.name: process for i in instances}
 
 
 def open_conversation(pool: ChannelPool, entry_bot_id: str, entry_address: str, store: str) -> Conversation:
@@ -161,8 +161,7 @@ async def start_mesh(mesh: LocalMesh, plan: MeshPlan, files: dict[str, Path], op
 
         async def host(h: int) -> dict[str, ComponentProcess]:
             instances = plan.on_host(h)
-            flags = [[*router_flags(addresses, plan.instances.index(i)), *common] for i in instances]
-            processes = await start_host(mesh, instances, files, flags)
+            processes = await start_host(mesh, h, instances, files, [*router_flags(addresses, h), *common])
             bar.update(len(instances))
             return processes
 
