@@ -674,6 +674,9 @@ class BotEngine:
         except OwnershipConflict:
             # Handed on (a further transfer) or taken meanwhile: a retry finds a newer transfer.
             log.info("transfer_result_not_recorded", reason="owner_changed")
+        except grpc.aio.AioRpcError as e:
+            # The answer stands (the dialog ran, its writes are in): only a retry elsewhere loses.
+            log.warning("transfer_result_not_recorded", reason=e.code().name, detail=e.details())
 
     async def _applied_elsewhere(self, request: bot_pb2.TransferRequest, route: Route) -> TurnResult | None:
         """The answer of an instance of this bot that applied (or is applying) the same transfer:

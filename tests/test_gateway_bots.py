@@ -22,17 +22,25 @@ from mbc.testing.mesh import EXAMPLE_BOTS, EXAMPLES, eventually, start_local
 from mbc.v1 import bot_pb2, router_pb2, router_pb2_grpc
 from meshlib import respond, transfer
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 LEASE_TTL = 30
 """Long: the sibling must answer well before the killed instance's registration expires."""
 CARDS = ("cards", "cards-2")
+START_TIMEOUT = 900.0
+"""Seconds a component may take to serve, and the router to index the bots: generous, as the
+machine these tests share may be loaded far beyond its cores."""
 
 
 @pytest.fixture(scope="module")
 async def mesh(etcd_server, tmp_path_factory):
     async with start_local(
-        EXAMPLE_BOTS, workdir=tmp_path_factory.mktemp("gateway-bots"), etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL
+        EXAMPLE_BOTS,
+        workdir=tmp_path_factory.mktemp("gateway-bots"),
+        etcd=etcd_server.endpoint,
+        lease_ttl=LEASE_TTL,
+        start_timeout=START_TIMEOUT,
+        index_timeout=START_TIMEOUT,
     ) as mesh:
         await mesh.start_bot(EXAMPLES / "cards.yaml", "cards-2")
         await eventually(lambda: _instances_located(mesh, 2), timeout=30, interval=0.2)
