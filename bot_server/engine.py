@@ -682,6 +682,8 @@ class BotEngine:
         """The answer of an instance of this bot that applied (or is applying) the same transfer:
         read from the owner record, waited for while it is being applied, within the route's time.
         None when the record is at another transfer: the conversation moved on, a real conflict."""
+        if not self.state.shared:
+            return None  # every instance has its own conversations: the ledger saw any retry
         applied = (request.transfer_id, f"{RETURN_PREFIX}{request.transfer_id}")
         while True:
             current = await self.state.owner(request.conversation_id, route.remaining(0))
