@@ -691,7 +691,6 @@ class BotEngine:
                 return None
             if current.transfer_response is not None:
                 log.info("transfer_already_applied", by_instance=current.transfer_response.owner.instance_id)
-                BOT_TRANSFERS.labels("retry_answered").inc()
                 return TurnResult.of_transfer(current.transfer_response)
             if route.remaining(0) <= APPLIED_POLL_SECONDS:
                 by = current.owner.instance_id if current.owner else "?"
