@@ -11,8 +11,10 @@ import pytest
 from context_store.core import StoreConfig
 from context_store.server import StoreProcess
 from mbc.client.context import ContextClient
-from mbc.runtime.config import ServerConfig
+from mbc.runtime.channels import open_channel
+from mbc.runtime.config import ServerConfig, TlsConfig
 from mbc.v1 import bot_pb2, common_pb2
+from pki import TestCA
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +71,30 @@ async def test_an_answer_without_its_transfer_or_too_large_is_refused(store):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ownership.owner.group has 300 characters" in err.value.details()
     assert await store.get_owner(conversation) == (None, 0)
+
+
+def _tls(ca: TestCA, identity: str) -> TlsConfig:
+    files = ca.issue(identity)
+    return TlsConfig(ca_file=str(files.ca), cert_file=str(files.cert), key_file=str(files.key))
+
+
+async def test_with_mtls_only_the_owners_group_reads_the_answer(etcd_server, tmp_path):
+    ca = TestCA(tmp_path / "pki")
+    process = StoreProcess((etcd_server.endpoint,), ServerConfig(port=0, tls=_tls(ca, "store")))
+    await process.start()
+    try:
+        conversation = uuid.uuid4().hex
+        answer = bot_pb2.TransferResponse(replies=[common_pb2.Reply(bot_id="cards", text="Hi Sam")], owner=CARDS)
+        owners = {}
+        for identity in ("bot/retail-bank/cards", "bot/other-group/cards", "gateway/web"):
+            async with open_channel(process.server.address, _tls(ca, identity)) as channel:
+                client = ContextClient(channel)
+                if identity == "bot/retail-bank/cards":
+                    await client.claim_owner(conversation, CARDS, 0, transfer_id="t1", transfer_response=answer)
+                owners[identity], _ = await client.get_owner(conversation)
+        assert owners["bot/retail-bank/cards"].transfer_response == answer
+        for stranger in ("bot/other-group/cards", "gateway/web"):
+            assert owners[stranger].owner == CARDS and owners[stranger].transfer_id == "t1"
+            assert not owners[stranger].HasField("transfer_response")
+    finally:
+        await process.stop()
