@@ -81,61 +81,65 @@ class Conversation {
     this.ownerGroup = '';
   }
 
+  // The owner the store names ({ address, botId }), else the entry bot (botId '': its address's only bot).
   async findOwner() {
     if (this.storeAddress) {
       const r = await call(this.mesh.store(this.storeAddress), 'GetOwner', { conversationId: this.conversationId }, this.timeoutMs);
       if (r.found && r.ownership.owner.address) {
         this.ownerBotId = r.ownership.owner.botId;
         this.ownerGroup = r.ownership.owner.group;
-        return r.ownership.owner.address;
+        return { address: r.ownership.owner.address, botId: r.ownership.owner.botId };
       }
     }
-    return this.entryAddress;
+    return { address: this.entryAddress, botId: '' };
   }
 
-  // A live instance of the owner bot not in `failed`, per the router; '' with no router, no known
-  // owner, no such instance, or no answer (the router's error is not the message's).
+  // A live instance ({ address, botId }) of the owner bot not in `failed`, per the router; null with
+  // no router, no known owner, no such instance, or no answer (the router's error is not the message's).
   async liveInstance(failed) {
-    if (!this.routerAddress || !this.ownerBotId) return '';
+    if (!this.routerAddress || !this.ownerBotId) return null;
     try {
       const r = await call(this.mesh.router(this.routerAddress), 'Locate', { group: this.ownerGroup, botId: this.ownerBotId }, this.timeoutMs);
       const live = r.instances.find((i) => !failed.includes(i.address));
-      return live ? live.address : '';
+      return live ? { address: live.address, botId: live.botId } : null;
     } catch {
-      return '';
+      return null;
     }
   }
 
-  // Where to send a message once more after `err` from the last of `failed` ('': nowhere). Refused
+  // Where to send a message once more after `err` from the last of `failed` (null: nowhere). Refused
   // (another bot or instance holds it): where the store says now, unless that failed, then a live
-  // instance of the owner bot. Unreachable: a live instance of its bot, else the entry bot.
+  // instance of the owner bot. Unreachable, or no longer hosted there (NOT_FOUND): a live instance
+  // of its bot, else the entry bot.
   async sendAgainTo(err, failed) {
     if (err.code === grpc.status.FAILED_PRECONDITION && this.storeAddress) {
-      const address = await this.findOwner();
-      return failed.includes(address) ? this.liveInstance(failed) : address;
+      const owner = await this.findOwner();
+      return failed.includes(owner.address) ? this.liveInstance(failed) : owner;
     }
-    if (err.code === grpc.status.UNAVAILABLE) {
+    if (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.NOT_FOUND) {
       const live = await this.liveInstance(failed);
       if (live) return live;
-      if (!failed.includes(this.entryAddress)) return this.entryAddress;
+      if (!failed.includes(this.entryAddress)) return { address: this.entryAddress, botId: '' };
     }
-    return '';
+    return null;
   }
 
   // Sends one consumer message; resolves to the RespondResponse (replies, owner, outcome, match...).
+  // The message names the owner's bot (an address may host several bots).
   async send(text) {
-    const request = { conversationId: this.conversationId, consumerId: this.consumerId, text, channelMetadata: this.channelMetadata };
-    let address = this.ownerAddress || await this.findOwner();
+    let target = this.ownerAddress ? { address: this.ownerAddress, botId: this.ownerBotId } : await this.findOwner();
     const failed = [];
     for (;;) {
+      const request = { conversationId: this.conversationId, consumerId: this.consumerId, text,
+        channelMetadata: this.channelMetadata, botId: target.botId };
       let response;
       try {
-        response = await call(this.mesh.bot(address), 'Respond', request, this.timeoutMs);
+        response = await call(this.mesh.bot(target.address), 'Respond', request, this.timeoutMs);
       } catch (err) {
-        failed.push(address);
-        const next = failed.length < MAX_SENDS ? await this.sendAgainTo(err, failed) : '';
+        failed.push(target.address);
+        const next = failed.length < MAX_SENDS ? await this.sendAgainTo(err, failed) : null;
         if (!next) throw err;
-        address = next;
+        target = next;
         continue;
       }
       if (response.owner && response.owner.address) {

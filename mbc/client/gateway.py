@@ -8,10 +8,12 @@
 Each response names the owner (the bot: group and bot_id, and the instance's address), and the next
 message goes there. With a store, a gateway that does not know the owner (another replica took the
 previous message, or it restarted) asks the Context Session Store who owns the conversation; a new
-conversation goes to the entry bot. When the owner instance cannot be reached (UNAVAILABLE: it died)
-or refuses the conversation (FAILED_PRECONDITION) and the store names no other instance, the gateway
-asks a router (`router_target`) to Locate a live instance of the owner bot and sends there; with no
-router, or no live instance, the message goes to the entry bot, which takes the conversation over.
+conversation goes to the entry bot. Each message names the owner's bot_id (an address may host
+several bots). When the owner instance cannot be reached (UNAVAILABLE: it died), no longer hosts the
+bot (NOT_FOUND) or refuses the conversation (FAILED_PRECONDITION) and the store names no other
+instance, the gateway asks a router (`router_target`) to Locate a live instance of the owner bot and
+sends there; with no router, or no live instance, the message goes to the entry bot, which takes the
+conversation over.
 With mTLS (`tls`, a certificate for the identity gateway/<name>), every call presents it. The
 channels reconnect per `channel_config` (bounded backoff, see `ChannelConfig`).
 """
@@ -63,18 +65,19 @@ class Conversation:
         self._channels = channels or ChannelPool(tls=tls, config=channel_config)
         self._store = ContextClient(self._channels.channel(store_address), timeout_seconds) if store_address else None
 
-    async def _find_owner(self) -> str:
+    async def _find_owner(self) -> tuple[str, str]:
+        """(address, bot id) of the owner the store names; the entry bot ("": its address's only bot)."""
         if self._store is not None:
             ownership, _ = await self._store.get_owner(self.conversation_id)
             if ownership is not None and ownership.owner.address:
                 self.owner_bot_id = ownership.owner.bot_id
                 self.owner_group = ownership.owner.group
-                return ownership.owner.address
-        return self.entry_address
+                return ownership.owner.address, ownership.owner.bot_id
+        return self.entry_address, ""
 
-    async def _live_instance(self, failed: list[str]) -> str | None:
-        """The address of a live instance of the owner bot not in `failed`, per a router; None with
-        no router, no known owner, no such instance, or no answer."""
+    async def _live_instance(self, failed: list[str]) -> tuple[str, str] | None:
+        """(address, bot id) of a live instance of the owner bot not in `failed`, per a router; None
+        with no router, no known owner, no such instance, or no answer."""
         if not self.router_target or not self.owner_bot_id:
             return None
         request = router_pb2.LocateRequest(group=self.owner_group, bot_id=self.owner_bot_id)
@@ -86,25 +89,27 @@ class Conversation:
         for instance in located.instances:
             if instance.address not in failed:
                 self._channels.channel(instance.address, instance.instance_id)  # a new instance there: a new channel
-                return instance.address
+                return instance.address, instance.bot_id
         return None
 
-    async def _send_again_to(self, error: grpc.aio.AioRpcError, failed: list[str]) -> str | None:
-        """Where to send a message once more after `error` from the last of `failed`, or None.
+    async def _send_again_to(self, error: grpc.aio.AioRpcError, failed: list[str]) -> tuple[str, str] | None:
+        """Where (address, bot id) to send a message once more after `error` from the last of
+        `failed`, or None.
 
         The instance refused the conversation (FAILED_PRECONDITION: another bot or instance holds
         it): where the store says now, unless that is where it failed; then a live instance of the
-        owner bot. The owner cannot be reached (UNAVAILABLE: it died): a live instance of its bot,
-        else the entry bot, which takes over a conversation whose owner instance is gone."""
+        owner bot. The owner cannot be reached (UNAVAILABLE: it died) or its address no longer hosts
+        it (NOT_FOUND): a live instance of its bot, else the entry bot, which takes over a
+        conversation whose owner instance is gone."""
         if error.code() == grpc.StatusCode.FAILED_PRECONDITION and self._store is not None:
-            address = await self._find_owner()
-            if address not in failed:
-                return address
+            owner = await self._find_owner()
+            if owner[0] not in failed:
+                return owner
             return await self._live_instance(failed)
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
             live = await self._live_instance(failed)
             if live is None and self.entry_address not in failed:
-                return self.entry_address
+                return self.entry_address, ""
             return live
         return None
 
@@ -115,7 +120,8 @@ class Conversation:
             text=text,
             channel_metadata=self.channel_metadata,
         )
-        address = self.owner_address or await self._find_owner()
+        # The bot is named with its address: an address may host several bots.
+        address, request.bot_id = (self.owner_address, self.owner_bot_id) if self.owner_address else await self._find_owner()
         failed: list[str] = []
         while True:
             try:
@@ -123,11 +129,11 @@ class Conversation:
                 break
             except grpc.aio.AioRpcError as e:
                 failed.append(address)
-                retry_address = await self._send_again_to(e, failed) if len(failed) < MAX_SENDS else None
-                if retry_address is None:
+                retry = await self._send_again_to(e, failed) if len(failed) < MAX_SENDS else None
+                if retry is None:
                     raise
-                log.info("gateway_resending", code=e.code().name, failed=address, to=retry_address)
-                address = retry_address
+                log.info("gateway_resending", code=e.code().name, failed=address, to=retry[0])
+                address, request.bot_id = retry
         if response.owner.address:
             self.owner_address = response.owner.address
             self.owner_bot_id = response.owner.bot_id

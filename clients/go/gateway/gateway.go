@@ -151,23 +151,25 @@ func (m *Mesh) NewConversation(entryAddress, storeAddress string) *Conversation 
 	return &Conversation{ID: hex.EncodeToString(id), EntryAddress: entryAddress, StoreAddress: storeAddress, mesh: m}
 }
 
-func (c *Conversation) findOwner(ctx context.Context) (string, error) {
+// findOwner is the owner the store names (address and bot id), else the entry bot ("": its
+// address's only bot).
+func (c *Conversation) findOwner(ctx context.Context) (string, string, error) {
 	if c.StoreAddress != "" {
 		store, err := c.mesh.Store(c.StoreAddress)
 		if err != nil {
-			return "", err
+			return "", "", err
 		}
 		r, err := store.GetOwner(ctx, &mbcv1.GetOwnerRequest{ConversationId: c.ID})
 		if err != nil {
-			return "", fmt.Errorf("asking the store who owns %s: %w", c.ID, err)
+			return "", "", fmt.Errorf("asking the store who owns %s: %w", c.ID, err)
 		}
-		if r.GetFound() && r.GetOwnership().GetOwner().GetAddress() != "" {
-			c.OwnerBotID = r.GetOwnership().GetOwner().GetBotId()
-			c.OwnerGroup = r.GetOwnership().GetOwner().GetGroup()
-			return r.GetOwnership().GetOwner().GetAddress(), nil
+		if owner := r.GetOwnership().GetOwner(); r.GetFound() && owner.GetAddress() != "" {
+			c.OwnerBotID = owner.GetBotId()
+			c.OwnerGroup = owner.GetGroup()
+			return owner.GetAddress(), owner.GetBotId(), nil
 		}
 	}
-	return c.EntryAddress, nil
+	return c.EntryAddress, "", nil
 }
 
 // maxSends is how many addresses a message is sent to at most: the owner, then where the store,
@@ -175,7 +177,8 @@ func (c *Conversation) findOwner(ctx context.Context) (string, error) {
 const maxSends = 4
 
 // Send sends one consumer message to the owner of the conversation and returns its response
-// (the replies to show, in order, and the owner for the next message).
+// (the replies to show, in order, and the owner for the next message). The message names the
+// owner's bot (an address may host several bots).
 func (c *Conversation) Send(ctx context.Context, text string) (*mbcv1.RespondResponse, error) {
 	request := &mbcv1.RespondRequest{
 		ConversationId:  c.ID,
@@ -183,15 +186,16 @@ func (c *Conversation) Send(ctx context.Context, text string) (*mbcv1.RespondRes
 		Text:            text,
 		ChannelMetadata: c.ChannelMetadata,
 	}
-	address := c.OwnerAddress
+	address, botID := c.OwnerAddress, c.OwnerBotID
 	if address == "" {
 		var err error
-		if address, err = c.findOwner(ctx); err != nil {
+		if address, botID, err = c.findOwner(ctx); err != nil {
 			return nil, err
 		}
 	}
 	var failed []string
 	for {
+		request.BotId = botID
 		response, err := c.respond(ctx, address, request)
 		if err == nil {
 			if owner := response.GetOwner(); owner.GetAddress() != "" {
@@ -205,66 +209,69 @@ func (c *Conversation) Send(ctx context.Context, text string) (*mbcv1.RespondRes
 		if len(failed) >= maxSends {
 			return nil, err
 		}
-		next, nextErr := c.sendAgainTo(ctx, err, failed)
+		next, nextBot, nextErr := c.sendAgainTo(ctx, err, failed)
 		if nextErr != nil {
 			return nil, nextErr
 		}
 		if next == "" {
 			return nil, err
 		}
-		address = next
+		address, botID = next, nextBot
 	}
 }
 
-// sendAgainTo is where to send a message once more after err from the last of failed ("": nowhere).
-// The instance refused the conversation: where the store says now, unless that is where it failed,
-// then a live instance of the owner bot. The owner cannot be reached: a live instance of its bot,
-// else the entry bot, which takes over a conversation whose owner instance is gone.
-func (c *Conversation) sendAgainTo(ctx context.Context, err error, failed []string) (string, error) {
+// sendAgainTo is where (address, bot id) to send a message once more after err from the last of
+// failed ("": nowhere). The instance refused the conversation: where the store says now, unless
+// that is where it failed, then a live instance of the owner bot. The owner cannot be reached, or
+// its address no longer hosts it (NOT_FOUND): a live instance of its bot, else the entry bot,
+// which takes over a conversation whose owner instance is gone.
+func (c *Conversation) sendAgainTo(ctx context.Context, err error, failed []string) (string, string, error) {
 	switch status.Code(err) {
 	case codes.FailedPrecondition:
 		if c.StoreAddress == "" {
-			return "", nil
+			return "", "", nil
 		}
-		address, err := c.findOwner(ctx)
+		address, botID, err := c.findOwner(ctx)
 		if err != nil {
-			return "", err
+			return "", "", err
 		}
 		if !slices.Contains(failed, address) {
-			return address, nil
+			return address, botID, nil
 		}
-		return c.liveInstance(ctx, failed), nil
-	case codes.Unavailable:
-		if address := c.liveInstance(ctx, failed); address != "" {
-			return address, nil
+		address, botID = c.liveInstance(ctx, failed)
+		return address, botID, nil
+	case codes.Unavailable, codes.NotFound:
+		if address, botID := c.liveInstance(ctx, failed); address != "" {
+			return address, botID, nil
 		}
 		if !slices.Contains(failed, c.EntryAddress) {
-			return c.EntryAddress, nil
+			return c.EntryAddress, "", nil
 		}
 	}
-	return "", nil
+	return "", "", nil
 }
 
-// liveInstance asks the router for a live instance of the owner bot not in failed; "" with no
-// router, no known owner, no such instance, or no answer (the router's error is not the message's).
-func (c *Conversation) liveInstance(ctx context.Context, failed []string) string {
+// liveInstance asks the router for a live instance of the owner bot not in failed (its address
+// and bot id); "" with no router, no known owner, no such instance, or no answer (the router's
+// error is not the message's).
+func (c *Conversation) liveInstance(ctx context.Context, failed []string) (string, string) {
 	if c.RouterAddress == "" || c.OwnerBotID == "" {
-		return ""
+		return "", ""
 	}
 	router, err := c.mesh.Router(c.RouterAddress)
 	if err != nil {
-		return ""
+		return "", ""
 	}
 	r, err := router.Locate(ctx, &mbcv1.LocateRequest{Group: c.OwnerGroup, BotId: c.OwnerBotID})
 	if err != nil {
-		return ""
+		return "", ""
 	}
 	for _, instance := range r.GetInstances() {
 		if !slices.Contains(failed, instance.GetAddress()) {
-			return instance.GetAddress()
+			return instance.GetAddress(), instance.GetBotId()
 		}
 	}
-	return ""
+	return "", ""
 }
 
 func (c *Conversation) respond(ctx context.Context, address string, request *mbcv1.RespondRequest) (*mbcv1.RespondResponse, error) {
