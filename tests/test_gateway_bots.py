@@ -162,6 +162,7 @@ async def test_owner_instance_killed_its_sibling_answers_the_next_message(mesh, 
         killed_at = time.monotonic()
         r = await chat.send("my card got declined at the store")
         took = time.monotonic() - killed_at
+    print(f"\nsibling answered {took:.2f} s after the owner instance was killed (lease TTL {LEASE_TTL} s)")
     # Answered by the sibling's own dialog: not refused, not handed back through the entry bot.
     assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.match.intent == "card_declined"
     assert r.replies and {reply.bot_id for reply in r.replies} == {"cards"}
