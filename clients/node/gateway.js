@@ -73,9 +73,9 @@ class Mesh {
 const MAX_SENDS = 4;
 
 class Conversation {
-  constructor(mesh, { entryAddress, storeAddress = '', routerAddress = '', conversationId = crypto.randomUUID().replaceAll('-', ''),
+  constructor(mesh, { entryAddress, entryBotId = '', storeAddress = '', routerAddress = '', conversationId = crypto.randomUUID().replaceAll('-', ''),
     consumerId = '', channelMetadata = {}, timeoutMs = 10000 }) {
-    Object.assign(this, { mesh, entryAddress, storeAddress, routerAddress, conversationId, consumerId, channelMetadata, timeoutMs });
+    Object.assign(this, { mesh, entryAddress, entryBotId, storeAddress, routerAddress, conversationId, consumerId, channelMetadata, timeoutMs });
     this.ownerAddress = '';
     this.ownerBotId = '';
     this.ownerGroup = '';
@@ -91,7 +91,7 @@ class Conversation {
         return { address: r.ownership.owner.address, botId: r.ownership.owner.botId };
       }
     }
-    return { address: this.entryAddress, botId: '' };
+    return { address: this.entryAddress, botId: this.entryBotId };
   }
 
   // A live instance ({ address, botId }) of the owner bot not in `failed`, per the router; null with
@@ -119,7 +119,7 @@ class Conversation {
     if (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.NOT_FOUND) {
       const live = await this.liveInstance(failed);
       if (live) return live;
-      if (!failed.includes(this.entryAddress)) return { address: this.entryAddress, botId: '' };
+      if (!failed.includes(this.entryAddress)) return { address: this.entryAddress, botId: this.entryBotId };
     }
     return null;
   }

@@ -114,8 +114,8 @@ async def start_host(
 
 
 def open_conversation(pool: ChannelPool, entry_bot_id: str, entry_address: str, store: str) -> Conversation:
-    """A conversation of a gateway starting at the entry bot (today its address alone names it)."""
-    return Conversation(entry_address=entry_address, store_address=store, channels=pool)
+    """A conversation of a gateway starting at the entry bot, named on its host."""
+    return Conversation(entry_address=entry_address, store_address=store, channels=pool, entry_bot_id=entry_bot_id)
 
 
 # --- start -----------------------------------------------------------------------------------

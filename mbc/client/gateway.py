@@ -50,12 +50,16 @@ class Conversation:
         tls: TlsConfig = TlsConfig(),
         channel_config: ChannelConfig = DEFAULT_CHANNEL_CONFIG,
         router_target: str = "",
+        entry_bot_id: str = "",
     ) -> None:
         self.conversation_id = conversation_id or uuid.uuid4().hex
         self.consumer_id = consumer_id
         self.channel_metadata = dict(channel_metadata or {})
         self.timeout_seconds = timeout_seconds
         self.entry_address = entry_address
+        self.entry_bot_id = entry_bot_id
+        """The entry bot's id: required when its address hosts several bots (`mbc bot` with several
+        definitions); "": the address's only bot."""
         self.router_target = router_target
         """A router (host:port, or any gRPC target) to Locate a live instance of the owner bot; "": none."""
         self.owner_address = ""
@@ -66,14 +70,14 @@ class Conversation:
         self._store = ContextClient(self._channels.channel(store_address), timeout_seconds) if store_address else None
 
     async def _find_owner(self) -> tuple[str, str]:
-        """(address, bot id) of the owner the store names; the entry bot ("": its address's only bot)."""
+        """(address, bot id) of the owner the store names, else of the entry bot."""
         if self._store is not None:
             ownership, _ = await self._store.get_owner(self.conversation_id)
             if ownership is not None and ownership.owner.address:
                 self.owner_bot_id = ownership.owner.bot_id
                 self.owner_group = ownership.owner.group
                 return ownership.owner.address, ownership.owner.bot_id
-        return self.entry_address, ""
+        return self.entry_address, self.entry_bot_id
 
     async def _live_instance(self, failed: list[str]) -> tuple[str, str] | None:
         """(address, bot id) of a live instance of the owner bot not in `failed`, per a router; None
@@ -109,7 +113,7 @@ class Conversation:
         if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
             live = await self._live_instance(failed)
             if live is None and self.entry_address not in failed:
-                return self.entry_address, ""
+                return self.entry_address, self.entry_bot_id
             return live
         return None
 

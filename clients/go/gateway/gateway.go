@@ -129,6 +129,8 @@ type Conversation struct {
 	ChannelMetadata map[string]string
 	// EntryAddress is the bot that gets a conversation nobody owns yet.
 	EntryAddress string
+	// EntryBotID names the entry bot when its address hosts several bots; empty: the address's only bot.
+	EntryBotID string
 	// StoreAddress of the Context Session Store; empty: rely on the responses' owners only.
 	StoreAddress string
 	// RouterAddress of a router (host:port or a gRPC target); empty: a dead owner instance's
@@ -169,7 +171,7 @@ func (c *Conversation) findOwner(ctx context.Context) (string, string, error) {
 			return owner.GetAddress(), owner.GetBotId(), nil
 		}
 	}
-	return c.EntryAddress, "", nil
+	return c.EntryAddress, c.EntryBotID, nil
 }
 
 // maxSends is how many addresses a message is sent to at most: the owner, then where the store,
@@ -245,7 +247,7 @@ func (c *Conversation) sendAgainTo(ctx context.Context, err error, failed []stri
 			return address, botID, nil
 		}
 		if !slices.Contains(failed, c.EntryAddress) {
-			return c.EntryAddress, "", nil
+			return c.EntryAddress, c.EntryBotID, nil
 		}
 	}
 	return "", "", nil
