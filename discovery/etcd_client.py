@@ -32,9 +32,9 @@ from aetcd import rpc
 from discovery.errors import (
     EtcdAuthFailed,
     EtcdError,
+    EtcdLimitExceeded,
     EtcdPermissionDenied,
     EtcdSettingsError,
-    EtcdLimitExceeded,
     EtcdUnavailable,
     LeaseNotFound,
     RevisionCompacted,
@@ -518,6 +518,9 @@ class EtcdClient:
         kvs = response.kvs
         return KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
 
+    def _range_call(self, request: rpc.RangeRequest) -> Callable[[aetcd.Client], Awaitable[Any]]:
+        return lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata)
+
     async def _range_pages(self, key: bytes, range_end: bytes, revision: int) -> tuple[list[KeyValue], int]:
         """Every key in [key, range_end) at `revision` (0: the latest, returned), page by page."""
         items: list[KeyValue] = []
@@ -525,9 +528,7 @@ class EtcdClient:
         while True:
             request = rpc.RangeRequest(key=key, range_end=range_end, limit=limit, revision=revision)
             try:
-                response = await self._unary(
-                    "list", lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata)
-                )
+                response = await self._unary("list", self._range_call(request))
             except EtcdLimitExceeded as e:
                 if limit == 1 or "receive limit" not in str(e):
                     raise EtcdLimitExceeded(f"listing from {_decode(key)!r}: {e}") from None
@@ -682,6 +683,16 @@ class EtcdClient:
                 rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
                 *_guarded(guard),
             ],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
+        )
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        return response.succeeded and response.responses[0].response_delete_range.deleted > 0
+
+    async def delete_if_leased(self, key: str, lease_id: int) -> bool:
+        """Delete the key only if it is attached to `lease_id`; return whether it was deleted."""
+        k = key.encode()
+        request = rpc.TxnRequest(
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease_id)],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
         )
         response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
