@@ -339,6 +339,10 @@ class _KeepAliveStream:
         finally:
             with contextlib.suppress(ValueError):
                 queue.remove(waiter)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: no "never retrieved" report when it is collected
+            else:
+                waiter.cancel()
 
     async def _read(self) -> None:
         try:
@@ -372,6 +376,11 @@ class _KeepAliveStream:
     def close(self) -> None:
         self._fail(EtcdUnavailable("the lease keep-alive stream was closed"))
         self._reader.cancel()
+
+    async def aclose(self) -> None:
+        """close(), and wait until the reader has ended (nothing left pending when the loop closes)."""
+        self.close()
+        await asyncio.wait({self._reader})
 
 
 class EtcdClient:
@@ -456,8 +465,9 @@ class EtcdClient:
     async def close(self) -> None:
         """Close the connections; running watches end with EtcdUnavailable."""
         self._closed = True
-        if self._keepalive is not None:
-            self._drop_keepalive(self._keepalive)
+        stream, self._keepalive = self._keepalive, None
+        if stream is not None:
+            await stream.aclose()
         clients, self._clients = self._clients, {}
         for client in clients.values():
             try:
@@ -605,11 +615,8 @@ class EtcdClient:
 
     async def compact(self, revision: int) -> None:
         """Drop the history before `revision`; compacting an already compacted revision does nothing."""
-        try:
+        with contextlib.suppress(RevisionCompacted):
             await self._unary("compact", lambda c: c.compact(revision))
-        except EtcdError as e:
-            if type(e) is not EtcdError or "has been compacted" not in str(e):
-                raise
 
     async def put_if(
         self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None, guard: tuple[str, int] | None = None

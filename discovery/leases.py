@@ -180,6 +180,11 @@ class LeasedKey:
         return self._value
 
     @property
+    def lease_id(self) -> int | None:
+        """The lease the key was last put under."""
+        return self._put_lease
+
+    @property
     def registered(self) -> bool:
         """Whether the key was put under the keeper's current lease with the current value."""
         return self._started and not self._dirty and self._put_lease is not None and self._put_lease == self._keeper.lease_id
@@ -227,7 +232,7 @@ class LeasedKey:
                 return
             if self._before_put is not None:
                 await self._before_put()
-            dirty_value = self._value
+            dirty_value, previous = self._value, self._put_lease
             try:
                 await self._claim(lease_id)
             except LeaseNotFound:
@@ -235,6 +240,8 @@ class LeasedKey:
                 await self._claim(lease_id)
             if self._value is dirty_value:
                 self._dirty = False
+            if previous != self._put_lease:
+                log.info("registration_renewed", key=self._key, lease_id=self._put_lease)
 
     async def _claim(self, lease_id: int, wait_for_holder: bool = False) -> None:
         """Put the value under `lease_id` unless another lease holds the key.

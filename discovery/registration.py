@@ -134,7 +134,8 @@ class Registration:
 
     @property
     def lease_id(self) -> int | None:
-        return self._keeper.lease_id if self._started else None
+        """The lease that holds the instance key (None before start, after stop)."""
+        return self._record.lease_id if self._started else None
 
     @property
     def registered(self) -> bool:
