@@ -179,7 +179,9 @@ def _rpc_error(error: rpc.AioRpcError) -> EtcdError:
     if "required revision has been compacted" in details:
         return RevisionCompacted(details)
     if error.code() == rpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        return EtcdLimitExceeded(f"an etcd response is over this client's receive limit of {RECEIVE_LIMIT} bytes ({details})")
+        if f"vs. {RECEIVE_LIMIT})" in details:
+            return EtcdLimitExceeded(f"an etcd response is over this client's receive limit of {RECEIVE_LIMIT} bytes ({details})")
+        return EtcdLimitExceeded(f"etcd refused a request over its --max-request-bytes ({details})")
     if "request is too large" in details:
         return EtcdLimitExceeded(f"etcd refused a request over its --max-request-bytes ({details})")
     if "database space exceeded" in details:
