@@ -391,7 +391,11 @@ class EtcdClient:
     Each request goes to the current endpoint, at first a random one (so that the clients of a
     cluster spread over its members); when that one cannot be reached the request is tried on the
     next ones, and the first that answers becomes current. Lists are read in pages of `page_size`
-    keys and lease refreshes share one keep-alive stream. `timeout` bounds every
+    keys and lease refreshes share one keep-alive stream.
+
+    Not gRPC's round_robin over an ipv4: list of the members: watches and the keep-alive stream
+    stay on one member whatever the policy, a failed member must be left for the next rather than
+    retried in turn, and TLS checks each member's own name, which an ipv4: target drops. `timeout` bounds every
     request. `access` gives the TLS files and the etcd user. Errors are those of discovery.errors:
     credentials etcd refuses raise EtcdAuthFailed, a key outside the user's roles EtcdPermissionDenied.
     """

@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from google.protobuf.message import DecodeError
 
-from discovery.errors import EtcdUnavailable, WatchCompacted
+from discovery.errors import EtcdLimitExceeded, EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
 from discovery.keys import (
     DEFINITIONS_PREFIX,
@@ -281,6 +281,9 @@ class ParticipantWatcher:
                 await self._list_and_watch()
             except WatchCompacted as e:
                 log.warning("watch_compacted", prefix=self._prefix, compact_revision=e.compact_revision)
+            except EtcdLimitExceeded as e:
+                # Lists are paged, so only a single value over the receive limit gets here.
+                log.error("watch_list_over_limit", prefix=self._prefix, error=str(e), attempt=self._failures + 1)
             except EtcdUnavailable as e:
                 # Warn once per outage; the retries that follow are debug.
                 level = log.warning if self._failures == 0 else log.debug

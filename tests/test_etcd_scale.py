@@ -32,6 +32,7 @@ from discovery import (
 )
 from discovery.errors import EtcdLimitExceeded, RevisionCompacted
 from discovery.leases import LeasedKey, LeaseKeeper
+from mbc.cli.main import run_component
 from mbc.testing.etcd import EtcdServerLimits, LocalEtcd, LocalEtcdCluster
 from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2
@@ -200,6 +201,29 @@ async def test_lists_are_read_in_pages_smaller_than_the_number_of_keys(etcd_serv
     finally:
         await asyncio.gather(*(r.stop() for r in registrations))
         await client.close()
+
+
+async def test_a_list_over_the_receive_limit_is_read_in_smaller_pages():
+    """70 values of 1 MiB: one Range of them is over the client's 64 MiB receive limit (etcd
+    answers RESOURCE_EXHAUSTED), so the pages shrink until they fit."""
+    with LocalEtcd() as server:
+        async with EtcdClient([server.endpoint], timeout=30.0) as client:
+            for n in range(70):
+                await client.put(f"/big/{n:03d}", bytes([n]) * (1024 * 1024))
+            items, _ = await client.get_prefix("/big/")
+            assert client.pages_read >= 3  # no page of more than 64 values fits
+            assert [kv.key for kv in items] == [f"/big/{n:03d}" for n in range(70)]
+            assert all(kv.value == bytes([n]) * (1024 * 1024) for n, kv in enumerate(items))
+
+
+def test_a_registration_too_large_stops_a_component_with_a_message():
+    async def start() -> None:
+        huge = bot("g", "cards")
+        huge.address = "h" * 5000 + ":1"
+        Registration(None, huge)  # type: ignore[arg-type]
+
+    with pytest.raises(SystemExit, match="mbc bot: cannot register: instance record of cards@g/i1 is"):
+        run_component("bot", start())
 
 
 # --- keep-alive: one stream per client, one lease per process -------------------------------------
