@@ -140,15 +140,30 @@ class _Registry:
 
     def put(self, key: str, value: bytes) -> None:
         previous_reason = self.invalid.pop(key, None)
-        self._forget(key)
-        if self._store(key, value, previous_reason):
+        if key.startswith(DEFINITIONS_PREFIX):
+            self.definitions.pop(key, None)
+            self._store(key, value, previous_reason)
             self._rejoin(key)
+            return
+        record = self.records.pop(key, None)
+        if record is not None:
+            self._instances.get(definition_key(record.group, record.bot_id), set()).discard(key)
+        if self._store(key, value, previous_reason):
+            self._join(key, self.waiting.get(key))
+        else:
+            self._drop(key)
 
     def delete(self, key: str) -> None:
         self.invalid.pop(key, None)
-        if self._forget(key):
-            log.info("definition_removed", key=key)
+        if key.startswith(DEFINITIONS_PREFIX):
+            if self.definitions.pop(key, None) is not None:
+                log.info("definition_removed", key=key)
             self._rejoin(key)
+            return
+        record = self.records.pop(key, None)
+        if record is not None:
+            self._instances.get(definition_key(record.group, record.bot_id), set()).discard(key)
+        self._drop(key)
 
     def snapshot(self, revision: int) -> ParticipantSnapshot:
         return ParticipantSnapshot(
@@ -174,21 +189,14 @@ class _Registry:
             self._instances.setdefault(definition_key(result.group, result.bot_id), set()).add(key)
         return True
 
-    def _forget(self, key: str) -> bool:
-        """Drop what is known of `key`; whether it was a definition."""
-        record = self.records.pop(key, None)
-        if record is not None:
-            self._instances.get(definition_key(record.group, record.bot_id), set()).discard(key)
-            self.waiting.pop(key, None)
-            if self.joined.pop(key, None) is not None:
-                log.info("participant_removed", key=key)
-        return self.definitions.pop(key, None) is not None
+    def _drop(self, key: str) -> None:
+        """`key` is no longer a valid instance: out of the snapshot's participants."""
+        self.waiting.pop(key, None)
+        if self.joined.pop(key, None) is not None:
+            log.info("participant_removed", key=key)
 
     def _rejoin(self, key: str) -> None:
-        """Join `key` again (an instance), or every instance of its bot (a definition)."""
-        if key in self.records:
-            self._join(key, None)
-            return
+        """Join every instance of the bot of definition `key` again (its definition changed)."""
         for instance in sorted(self._instances.get(key, ())):
             self._join(instance, self.waiting.get(instance))
 
