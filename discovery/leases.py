@@ -91,6 +91,13 @@ class LeaseKeeper:
                 note=f"its keys expire with it within {self._ttl}s",
             )
 
+    def abandon(self) -> None:
+        """Stop refreshing without revoking, as a killed process does: the keys expire with the
+        lease within the TTL."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
     async def renew(self, stale: int | None) -> int:
         """The lease to use instead of `stale` (found gone): a new one, granted once however many
         keys found it gone."""
