@@ -103,9 +103,16 @@ async def eventually(
 
 
 async def wait_indexed(
-    router: str, probes: Mapping[str, str], *, group: str = "", timeout: float = 60.0, tls: TlsConfig = TlsConfig()
+    router: str,
+    probes: Mapping[str, str],
+    *,
+    group: str = "",
+    timeout: float = 60.0,
+    tls: TlsConfig = TlsConfig(),
+    on_indexed: Callable[[str], None] = lambda bot_id: None,
 ) -> None:
-    """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`)."""
+    """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`);
+    `on_indexed(bot_id)` as each one is."""
     pending = dict(probes)
     async with open_channel(router, tls) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
@@ -118,6 +125,7 @@ async def wait_indexed(
                     continue
                 if r.candidates and r.candidates[0].bot_id == bot_id:
                     pending.pop(bot_id)
+                    on_indexed(bot_id)
             return not pending
 
         try:
@@ -149,7 +157,9 @@ class LocalMesh:
     "router", a bot's name). With `ca` (an object whose `issue(identity)` returns PEM files with
     `ca`, `cert` and `key`, as tests/pki.py's TestCA), every component serves and calls over mTLS
     with a certificate of its identity (store, router, bot/<group>/<bot_id>); `client_tls` is a
-    gateway's. `lease_ttl` sets the bots' lease TTL (their default when None).
+    gateway's. `lease_ttl` sets the bots' lease TTL (their default when None). `etcd_owned`: the
+    etcd endpoints given go away with the mesh (a cluster its caller stops after it), so stop()
+    forgets no definition.
     """
 
     def __init__(
@@ -161,8 +171,10 @@ class LocalMesh:
         ca: Any = None,
         lease_ttl: int | None = None,
         start_timeout: float = START_TIMEOUT,
+        etcd_owned: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
+        self.etcd_owned = etcd_owned
         self.etcd = etcd
         self._etcd_flags = etcd_flags or (lambda name: [])
         self.ca = ca
@@ -229,20 +241,28 @@ class LocalMesh:
     async def start_bot(self, path: Path, name: str = "", *args: str, env: dict[str, str] | None = None) -> ComponentProcess:
         """The bot of definition `path`, named `name` (default: its id), calling the first router
         and the store started so far; `args`: more `mbc bot` flags."""
-        bot_file = BotFile.read(path)
-        name = name or bot_file.bot_id
-        flags = ["bot", str(path), "--etcd", self.etcd, *self._etcd_flags(name)]
+        return await self.start_host([path], name, *args, env=env)
+
+    async def start_host(
+        self, paths: Sequence[Path], name: str = "", *args: str, env: dict[str, str] | None = None
+    ) -> ComponentProcess:
+        """One `mbc bot` process hosting the bots of `paths` on one port, named `name` (default: the
+        first bot's id; `bot_files[name]` is that first bot's), as `start_bot`."""
+        bot_files = [BotFile.read(p) for p in paths]
+        name = name or bot_files[0].bot_id
+        flags = ["bot", *map(str, paths), "--etcd", self.etcd, *self._etcd_flags(name)]
         if self.router is not None:
             flags += ["--router", self.router.address]
         if self.store is not None:
             flags += ["--store", self.store.address]
         if self.lease_ttl is not None:
             flags += ["--lease-ttl", str(self.lease_ttl)]
-        flags += self._tls_flags(f"bot/{bot_file.group}/{bot_file.bot_id}")
+        flags += self._tls_flags(f"bot/{bot_files[0].group}/{bot_files[0].bot_id}")
         bot = ComponentProcess(name, [*flags, *args], self.workdir, env=env)
         self.bots[name] = bot
-        self.bot_files[name] = bot_file
-        self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
+        self.bot_files[name] = bot_files[0]
+        for bot_file in bot_files:
+            self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
         return await self._serving(bot, "mbc.v1.Bot")
 
     async def wait_indexed(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> None:
@@ -277,7 +297,7 @@ class LocalMesh:
     def _forget_all(self) -> None:
         """Forget the definitions of every bot started here (best effort): later meshes on the same
         etcd must not find them absent in their groups."""
-        if not self._defined or self.local_etcd is not None:  # a LocalEtcd of this mesh goes with it
+        if not self._defined or self.local_etcd is not None or self.etcd_owned:  # its etcd goes with it
             return
         commands = [self.forget_command(group, bot_id, name) for (group, bot_id), name in self._defined.items()]
         with ThreadPoolExecutor(min(len(commands), 4)) as pool:
