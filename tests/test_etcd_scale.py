@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -34,7 +35,7 @@ from discovery.errors import EtcdLimitExceeded, RevisionCompacted
 from discovery.leases import LeasedKey, LeaseKeeper
 from mbc.cli.main import run_component
 from mbc.testing.etcd import EtcdServerLimits, LocalEtcd, LocalEtcdCluster
-from mbc.testing.mesh import eventually
+from mbc.testing.mesh import EXAMPLE_BOTS, EXAMPLE_GROUP, LocalMesh, eventually
 from mbc.v1 import participant_pb2
 from router.directory import Directory
 
@@ -303,6 +304,37 @@ async def test_a_host_keeps_one_lease_for_all_its_bots_and_loses_them_all_when_k
         if host.poll() is None:
             host.kill()
             host.wait()
+
+
+async def test_a_bot_host_keeps_one_lease_for_its_bots_and_they_leave_together_when_killed(own_etcd, tmp_path):
+    """`mbc bot` hosting the three example bots: one lease holds the three instance keys; SIGKILL
+    drops all three within the TTL."""
+    ttl = 3
+    mesh = LocalMesh(tmp_path, own_etcd.endpoint, lease_ttl=ttl)
+    prefix = f"{PARTICIPANTS_PREFIX}{EXAMPLE_GROUP}/"
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nowhere = s.getsockname()[1]  # no router: registering needs none
+        host = await mesh.start_host(EXAMPLE_BOTS, "lease-host", "--router", f"127.0.0.1:{nowhere}")
+        async with EtcdClient([own_etcd.endpoint], timeout=5.0) as etcd:
+
+            async def registered() -> list | None:
+                items, _ = await etcd.get_prefix(prefix)
+                return items if len(items) == len(EXAMPLE_BOTS) else None
+
+            items, _ = await eventually(registered, 30, 0.2, what="the host's bots registered")
+            assert len({kv.lease for kv in items}) == 1, [kv.lease for kv in items]
+            host.kill()
+            killed = time.monotonic()
+
+            async def gone() -> bool:
+                return await etcd.count_prefix(prefix) == 0
+
+            await eventually(gone, ttl + 2.0, 0.1, what="every bot of the killed host gone")
+            assert time.monotonic() - killed <= ttl + 2.0
+    finally:
+        mesh.stop()
 
 
 async def test_a_lost_shared_lease_is_replaced_and_every_key_put_again(etcd_client, group, caplog):
