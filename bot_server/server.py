@@ -18,7 +18,7 @@ from bot_server.engine import BotEngine, OwnIntents
 from bot_server.lexical import LexicalIntents
 from bot_server.servicer import BotServicer
 from bot_server.state import MemoryState, StoreState
-from discovery import EtcdClient, Registration
+from discovery import EtcdClient, LeaseKeeper, Registration
 from discovery.groups import GroupSettingsCache
 from discovery.presence import is_registered
 from mbc import __version__
@@ -112,6 +112,8 @@ class BotHost:
         if config.store_address:
             self.store = ContextClient(self.channels.channel(config.store_address), config.call_timeout_seconds)
         self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
+        # One lease for every hosted bot: one refresh per ttl/3 for the process, however many bots.
+        self.lease = LeaseKeeper(self.etcd, config.lease_ttl_seconds, name="bot host") if self.etcd else None
         self._group_settings: dict[str, GroupSettingsCache] = {}
         if len({bot.bot_id for bot in bots}) != len(bots):
             raise ValueError(f"a host serves each bot id once: {sorted(b.bot_id for b in bots)}")
@@ -191,7 +193,7 @@ class BotHost:
         """Every hosted bot's registration is made here, one per bot."""
         assert self.etcd is not None  # registering only with etcd configured (start)
         participant = participant_of(hosted.bot, hosted.identity)
-        hosted.registration = Registration(self.etcd, participant, ttl=self.config.lease_ttl_seconds)
+        hosted.registration = Registration(self.etcd, participant, ttl=self.config.lease_ttl_seconds, lease=self.lease)
         await hosted.registration.start()
         log.info(
             "bot_serving",
@@ -225,6 +227,8 @@ class BotHost:
 
         await self.server.set_serving(False)
         await self._each(leave)
+        if self.lease is not None:
+            await self.lease.stop()
         await self.server.stop()
         if self.etcd:
             await self.etcd.close()

@@ -3,11 +3,13 @@
 from discovery.errors import (
     EtcdAuthFailed,
     EtcdError,
+    EtcdLimitExceeded,
     EtcdPermissionDenied,
     EtcdSettingsError,
     EtcdUnavailable,
     LeaseNotFound,
     RegistrationConflict,
+    RevisionCompacted,
     WatchCompacted,
 )
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
@@ -19,8 +21,9 @@ from discovery.keys import (
     participant_key,
     validate_name,
 )
+from discovery.leases import LeasedKey, LeaseKeeper
 from discovery.registration import DefinitionError, Registration, forget_definition
-from discovery.watcher import ParticipantSnapshot, ParticipantWatcher, check_registration
+from discovery.watcher import ParticipantSnapshot, ParticipantWatcher, check_registration, read_participants
 
 __all__ = [
     "DEFINITIONS_PREFIX",
@@ -29,15 +32,19 @@ __all__ = [
     "EtcdAuthFailed",
     "EtcdClient",
     "EtcdError",
+    "EtcdLimitExceeded",
     "EtcdPermissionDenied",
     "EtcdSettingsError",
     "EtcdUnavailable",
     "KeyValue",
+    "LeaseKeeper",
     "LeaseNotFound",
+    "LeasedKey",
     "ParticipantSnapshot",
     "ParticipantWatcher",
     "Registration",
     "RegistrationConflict",
+    "RevisionCompacted",
     "WatchCompacted",
     "WatchEvent",
     "check_registration",
@@ -45,5 +52,6 @@ __all__ = [
     "forget_definition",
     "parse_participant_key",
     "participant_key",
+    "read_participants",
     "validate_name",
 ]

@@ -19,6 +19,15 @@ class WatchCompacted(EtcdError):
         self.compact_revision = compact_revision
 
 
+class RevisionCompacted(EtcdError):
+    """A read at a revision older than etcd's last compaction: read the latest revision instead."""
+
+
+class EtcdLimitExceeded(EtcdError):
+    """A request or a response is over one of etcd's limits (--max-request-bytes, this client's
+    receive limit, --quota-backend-bytes): sending the same again fails the same way."""
+
+
 class LeaseNotFound(EtcdError):
     """The lease does not exist (expired or revoked)."""
 

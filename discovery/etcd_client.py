@@ -15,7 +15,9 @@ authenticates again and is retried once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,12 @@ from aetcd import rpc
 from discovery.errors import (
     EtcdAuthFailed,
     EtcdError,
+    EtcdLimitExceeded,
     EtcdPermissionDenied,
     EtcdSettingsError,
     EtcdUnavailable,
     LeaseNotFound,
+    RevisionCompacted,
     WatchCompacted,
 )
 from mbc.runtime.config import EtcdAccess, split_endpoints
@@ -43,8 +47,16 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+RECEIVE_LIMIT = 64 * 1024 * 1024
+"""Largest etcd response this client takes; lists are read in pages well below it."""
+PAGE_SIZE = 256
+"""Keys per Range page when listing a prefix; halved on a page over RECEIVE_LIMIT (definitions
+reach 1 MiB, so a page of 64 such keys would)."""
+_LIST_ATTEMPTS = 3
+"""Listings started again from the first page when their revision is compacted meanwhile."""
+
 _CHANNEL_OPTIONS = {
-    "grpc.max_receive_message_length": 64 * 1024 * 1024,
+    "grpc.max_receive_message_length": RECEIVE_LIMIT,
     # gRPC's reconnect backoff otherwise grows to two minutes while etcd is down, and calls fail
     # at once during the backoff even after etcd is back.
     "grpc.initial_reconnect_backoff_ms": 200,
@@ -164,6 +176,19 @@ def _rpc_error(error: rpc.AioRpcError) -> EtcdError:
     details = error.details() or error.code().name
     if "invalid auth token" in details:
         return _TokenExpired(details)
+    if "required revision has been compacted" in details:
+        return RevisionCompacted(details)
+    if error.code() == rpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        if f"vs. {RECEIVE_LIMIT})" in details:
+            return EtcdLimitExceeded(f"an etcd response is over this client's receive limit of {RECEIVE_LIMIT} bytes ({details})")
+        return EtcdLimitExceeded(f"etcd refused a request over its --max-request-bytes ({details})")
+    if "request is too large" in details:
+        return EtcdLimitExceeded(f"etcd refused a request over its --max-request-bytes ({details})")
+    if "database space exceeded" in details:
+        return EtcdLimitExceeded(
+            f"etcd is out of space ({details}): its backend reached --quota-backend-bytes; compact, defragment and "
+            "disarm the NOSPACE alarm (docs/operators.md, etcd in production)"
+        )
     if error.code() == rpc.StatusCode.PERMISSION_DENIED:
         return EtcdPermissionDenied(details)
     if (
@@ -280,23 +305,115 @@ class _AetcdClient(aetcd.Client):
             self._connected.set()
 
 
+class _KeepAliveStream:
+    """One LeaseKeepAlive bidi stream: refreshes of any lease are written to it, and each answer
+    goes to the oldest refresh waiting for that lease. Broken (`error` set) on the first failure,
+    a timeout included: the client opens another."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, index: int) -> None:
+        self.call = call
+        self.index = index
+        self.error: EtcdError | None = None
+        self._waiters: dict[int, collections.deque[asyncio.Future[int]]] = {}
+        self._write_lock = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read(), name="etcd lease keep-alive")
+
+    async def refresh(self, lease_id: int, timeout: float) -> int:
+        if self.error is not None:
+            raise self.error
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault(lease_id, collections.deque())
+        queue.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._write_lock:
+                    await self.call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                return await waiter
+        except TimeoutError:
+            self._fail(EtcdUnavailable(f"etcd did not answer a lease keep-alive within {timeout:g}s"))
+            raise self.error or EtcdUnavailable("keep-alive timed out") from None
+        except asyncio.InvalidStateError:
+            self._fail(EtcdUnavailable("the lease keep-alive stream is closed"))
+            raise self.error or EtcdUnavailable("keep-alive stream closed") from None
+        except rpc.AioRpcError as e:
+            self._fail(_rpc_error(e))
+            raise self.error or EtcdUnavailable("keep-alive stream failed") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: no "never retrieved" report when it is collected
+            else:
+                waiter.cancel()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    self._fail(EtcdUnavailable("etcd closed the lease keep-alive stream"))
+                    return
+                queue = self._waiters.get(response.ID)
+                while queue:
+                    waiter = queue.popleft()
+                    if not waiter.done():
+                        waiter.set_result(response.TTL)
+                        break
+        except rpc.AioRpcError as e:
+            self._fail(_rpc_error(e))
+        except asyncio.CancelledError:
+            self._fail(EtcdUnavailable("the lease keep-alive stream was closed"))
+            raise
+
+    def _fail(self, error: EtcdError) -> None:
+        if self.error is None:
+            self.error = error
+        for queue in self._waiters.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_exception(self.error)
+        self._waiters.clear()
+        self.call.cancel()
+
+    def close(self) -> None:
+        self._fail(EtcdUnavailable("the lease keep-alive stream was closed"))
+        self._reader.cancel()
+
+    async def aclose(self) -> None:
+        """close(), and wait until the reader has ended (nothing left pending when the loop closes)."""
+        self.close()
+        await asyncio.wait({self._reader})
+
+
 class EtcdClient:
     """Connection to an etcd cluster given as "host:port" endpoints (https://host:port for TLS).
 
-    Each request goes to the current endpoint; when that one cannot be reached the request is
-    tried on the next ones, and the first that answers becomes current. `timeout` bounds every
+    Each request goes to the current endpoint, at first a random one (so that the clients of a
+    cluster spread over its members); when that one cannot be reached the request is tried on the
+    next ones, and the first that answers becomes current. Lists are read in pages of `page_size`
+    keys and lease refreshes share one keep-alive stream.
+
+    Not gRPC's round_robin over an ipv4: list of the members: watches and the keep-alive stream
+    stay on one member whatever the policy, a failed member must be left for the next rather than
+    retried in turn, and TLS checks each member's own name, which an ipv4: target drops. `timeout` bounds every
     request. `access` gives the TLS files and the etcd user. Errors are those of discovery.errors:
     credentials etcd refuses raise EtcdAuthFailed, a key outside the user's roles EtcdPermissionDenied.
     """
 
     def __init__(
-        self, endpoints: list[str] | str, timeout: float = 5.0, *, heartbeat: float = 2.0, access: EtcdAccess | None = None
+        self,
+        endpoints: list[str] | str,
+        timeout: float = 5.0,
+        *,
+        heartbeat: float = 2.0,
+        access: EtcdAccess | None = None,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         endpoints = list(split_endpoints(endpoints, keep_http=True))
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
-        if timeout <= 0 or heartbeat <= 0:
-            raise ValueError("timeout and heartbeat must be positive")
+        if timeout <= 0 or heartbeat <= 0 or page_size < 1:
+            raise ValueError("timeout, heartbeat and page_size must be positive")
         parsed = [_parse_endpoint(e) for e in endpoints]
         access = access or EtcdAccess()
         schemes = {scheme for scheme, _, _ in parsed}
@@ -316,8 +433,16 @@ class EtcdClient:
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._clients: dict[int, aetcd.Client] = {}
-        self._current = 0
+        # A random first endpoint spreads the clients of a cluster over its members.
+        self._current = random.randrange(len(self._endpoints))
         self._closed = False
+        self._page_size = page_size
+        self._keepalive: _KeepAliveStream | None = None
+        self._keepalive_lock = asyncio.Lock()
+        self.keepalive_streams_opened = 0
+        """LeaseKeepAlive streams opened so far: one, unless a stream broke."""
+        self.pages_read = 0
+        """Range pages read by listings so far."""
 
     @property
     def endpoints(self) -> list[str]:
@@ -346,6 +471,9 @@ class EtcdClient:
     async def close(self) -> None:
         """Close the connections; running watches end with EtcdUnavailable."""
         self._closed = True
+        stream, self._keepalive = self._keepalive, None
+        if stream is not None:
+            await stream.aclose()
         clients, self._clients = self._clients, {}
         for client in clients.values():
             try:
@@ -373,24 +501,61 @@ class EtcdClient:
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Return the keys under `prefix` and the store revision of the read (watch from it + 1)."""
-        result = await self._unary("get_prefix", lambda c: c.get_prefix(prefix.encode()))
-        items = [KeyValue(_decode(kv.key), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs]
-        return items, result.header.revision
+        (items,), revision = await self.get_prefixes([prefix])
+        return items, revision
 
     async def get_prefixes(self, prefixes: Sequence[str]) -> tuple[list[list[KeyValue]], int]:
-        """The keys under each of `prefixes`, read in one transaction (one store revision, returned
-        too: watch each prefix from it + 1)."""
-        ops = []
-        for prefix in prefixes:
-            k = prefix.encode()
-            ops.append(rpc.RequestOp(request_range=rpc.RangeRequest(key=k, range_end=aetcd.utils.prefix_range_end(k))))
-        request = rpc.TxnRequest(compare=[], success=ops)
-        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
-        lists = [
-            [KeyValue(_decode(kv.key), kv.value, kv.mod_revision, kv.lease) for kv in r.response_range.kvs]
-            for r in response.responses
-        ]
-        return lists, response.header.revision
+        """The keys under each of `prefixes`, all read at one store revision (returned too: watch
+        each prefix from it + 1).
+
+        Read in pages of at most `page_size` keys (fewer when a page would be over the receive
+        limit), every page at the revision of the first one, so that no list is too large for one
+        response. A listing whose revision is compacted between two pages starts again.
+        """
+        for attempt in range(1, _LIST_ATTEMPTS + 1):
+            try:
+                lists: list[list[KeyValue]] = []
+                revision = 0
+                for prefix in prefixes:
+                    key = prefix.encode()
+                    items, revision = await self._range_pages(key, aetcd.utils.prefix_range_end(key), revision)
+                    lists.append(items)
+                return lists, revision
+            except RevisionCompacted:
+                if attempt == _LIST_ATTEMPTS:
+                    raise
+                log.info("etcd_list_compacted", prefixes=list(prefixes), attempt=attempt)
+        raise AssertionError("unreachable")
+
+    async def get_at(self, key: str, revision: int) -> KeyValue | None:
+        """`key` as it was at store `revision`; RevisionCompacted when that revision was compacted."""
+        request = rpc.RangeRequest(key=key.encode(), revision=revision)
+        response = await self._unary("get", lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata))
+        kvs = response.kvs
+        return KeyValue(_decode(kvs[0].key), kvs[0].value, kvs[0].mod_revision, kvs[0].lease) if kvs else None
+
+    def _range_call(self, request: rpc.RangeRequest) -> Callable[[aetcd.Client], Awaitable[Any]]:
+        return lambda c: c.kvstub.Range(request, timeout=self._timeout, metadata=c.metadata)
+
+    async def _range_pages(self, key: bytes, range_end: bytes, revision: int) -> tuple[list[KeyValue], int]:
+        """Every key in [key, range_end) at `revision` (0: the latest, returned), page by page."""
+        items: list[KeyValue] = []
+        limit = self._page_size
+        while True:
+            request = rpc.RangeRequest(key=key, range_end=range_end, limit=limit, revision=revision)
+            try:
+                response = await self._unary("list", self._range_call(request))
+            except EtcdLimitExceeded as e:
+                if limit == 1 or "receive limit" not in str(e):
+                    raise EtcdLimitExceeded(f"listing from {_decode(key)!r}: {e}") from None
+                limit = max(1, limit // 2)
+                continue
+            self.pages_read += 1
+            revision = revision or response.header.revision
+            items.extend(KeyValue(_decode(kv.key), kv.value, kv.mod_revision, kv.lease) for kv in response.kvs)
+            if not response.more or not response.kvs:
+                return items, revision
+            key = response.kvs[-1].key + b"\0"
 
     async def delete(self, key: str) -> bool:
         """Delete `key`; return whether it existed."""
@@ -401,11 +566,53 @@ class EtcdClient:
         return lease.id
 
     async def refresh_lease(self, lease_id: int) -> int:
-        """Renew the lease; return its TTL in seconds, <= 0 when the lease no longer exists."""
-        reply = await self._unary("refresh_lease", lambda c: c.refresh_lease(lease_id))
-        if reply is None:
-            raise EtcdUnavailable("etcd closed the lease keep-alive stream without a reply")
-        return reply.TTL
+        """Renew the lease; return its TTL in seconds, <= 0 when the lease no longer exists.
+
+        Every refresh of this client goes over one LeaseKeepAlive stream, opened on first use and
+        again after it broke (on the next endpoint then)."""
+        if self._closed:
+            raise EtcdUnavailable("etcd client is closed")
+        failures = []
+        attempts = len(self._endpoints)
+        reauthenticated: set[int] = set()
+        while True:
+            stream = await self._keepalive_stream()
+            try:
+                return await stream.refresh(lease_id, self._timeout)
+            except _TokenExpired:
+                self._drop_keepalive(stream)
+                if stream.index in reauthenticated:
+                    raise EtcdUnavailable("etcd refused the new auth token of the keep-alive stream") from None
+                reauthenticated.add(stream.index)
+                await self._reauthenticate(stream.index)
+            except EtcdUnavailable as e:
+                self._drop_keepalive(stream)
+                failures.append(f"{self._name(stream.index)}: {e}")
+                self._failover(stream.index)
+                attempts -= 1
+                if attempts == 0:
+                    raise EtcdUnavailable("etcd refresh_lease failed: " + "; ".join(failures)) from None
+            except EtcdError as e:
+                self._drop_keepalive(stream)
+                raise self._explain(e) from None
+
+    async def _keepalive_stream(self) -> _KeepAliveStream:
+        async with self._keepalive_lock:
+            stream = self._keepalive
+            if stream is not None and stream.error is None:
+                return stream
+            client = await self._unary("keepalive", _connected)
+            index = self._current
+            call = client.leasestub.LeaseKeepAlive(metadata=client.metadata)
+            self._keepalive = _KeepAliveStream(call, index)
+            self.keepalive_streams_opened += 1
+            log.debug("etcd_keepalive_stream_opened", endpoint=self._name(index), count=self.keepalive_streams_opened)
+            return self._keepalive
+
+    def _drop_keepalive(self, stream: _KeepAliveStream) -> None:
+        stream.close()
+        if self._keepalive is stream:
+            self._keepalive = None
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Revoke the lease, deleting its keys at once; a lease already gone is not an error."""
@@ -414,11 +621,8 @@ class EtcdClient:
 
     async def compact(self, revision: int) -> None:
         """Drop the history before `revision`; compacting an already compacted revision does nothing."""
-        try:
+        with contextlib.suppress(RevisionCompacted):
             await self._unary("compact", lambda c: c.compact(revision))
-        except EtcdError as e:
-            if type(e) is not EtcdError or "has been compacted" not in str(e):
-                raise
 
     async def put_if(
         self, key: str, value: bytes, mod_revision: int, lease_id: int | None = None, guard: tuple[str, int] | None = None
@@ -492,6 +696,16 @@ class EtcdClient:
                 rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision),
                 *_guarded(guard),
             ],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
+        )
+        response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))
+        return response.succeeded and response.responses[0].response_delete_range.deleted > 0
+
+    async def delete_if_leased(self, key: str, lease_id: int) -> bool:
+        """Delete the key only if it is attached to `lease_id`; return whether it was deleted."""
+        k = key.encode()
+        request = rpc.TxnRequest(
+            compare=[rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease_id)],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k))],
         )
         response = await self._unary("txn", lambda c: c.kvstub.Txn(request, timeout=self._timeout, metadata=c.metadata))

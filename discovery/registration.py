@@ -1,29 +1,27 @@
-"""A bot instance's registration: its Participant under a lease that it keeps alive, and the bot's
-definition under a key without a lease, which outlives the instance until the bot is forgotten."""
+"""A bot instance's registration: the bot's definition (intents, phrases) under a key without a
+lease, which outlives the instance until the bot is forgotten, and the instance record (address,
+versions: no intents) under a lease kept alive, the instance's own or one shared by its process."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-from discovery.errors import EtcdError, LeaseNotFound, RegistrationConflict
 from discovery.etcd_client import EtcdClient
 from discovery.keys import definition_key, participant_key
+from discovery.leases import LeasedKey, LeaseKeeper
 from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
 log = get_logger(__name__)
 
-_RETRY_FIRST = 0.2
-_RETRY_CAP = 2.0
-_MAX_HOLDER_WAIT = 60
-"""Longest wait at start for another lease's key to expire, whatever that lease's TTL."""
 MAX_DEFINITION_BYTES = 1024 * 1024
 """Largest serialized definition: etcd refuses requests above 1.5 MiB by default (--max-request-bytes)."""
+MAX_INSTANCE_BYTES = 4096
+"""Largest serialized instance record: it holds an address and versions, never phrases."""
 
 
 class DefinitionError(ValueError):
-    """A bot definition that cannot be written to etcd (too large, or not a valid definition)."""
+    """A bot definition or instance record that cannot be written to etcd (too large, or invalid)."""
 
 
 def definition_of(participant: participant_pb2.Participant) -> participant_pb2.Participant:
@@ -54,6 +52,30 @@ def definition_bytes(participant: participant_pb2.Participant) -> bytes:
     return value
 
 
+def instance_of(participant: participant_pb2.Participant) -> participant_pb2.Participant:
+    """The instance record: only what this instance adds to its bot's definition (the watcher joins
+    the two; the intents stay in the definition, written once per bot)."""
+    return participant_pb2.Participant(
+        bot_id=participant.bot_id,
+        group=participant.group,
+        instance_id=participant.instance_id,
+        address=participant.address,
+        definition_version=participant.definition_version,
+        software_version=participant.software_version,
+    )
+
+
+def instance_bytes(participant: participant_pb2.Participant) -> bytes:
+    """The serialized instance record of `participant`; DefinitionError when it cannot be stored."""
+    value = instance_of(participant).SerializeToString()
+    if len(value) > MAX_INSTANCE_BYTES:
+        raise DefinitionError(
+            f"instance record of {participant.bot_id}@{participant.group}/{participant.instance_id} is {len(value)} "
+            f"bytes serialized; the maximum is {MAX_INSTANCE_BYTES} (is the address or a version that long?)"
+        )
+    return value
+
+
 async def forget_definition(client: EtcdClient, group: str, bot_id: str) -> bool:
     """Delete a bot's definition: the router forgets the bot once no instance of it is live.
     Returns whether there was one."""
@@ -67,32 +89,40 @@ def _copy(participant: participant_pb2.Participant) -> participant_pb2.Participa
 
 
 class Registration:
-    """Keeps `participant` registered under its key while this process runs and reaches etcd.
+    """Keeps `participant` registered while this process runs and reaches etcd: its bot's
+    definition under the definition key (no lease), and its instance record under its instance key,
+    attached to a lease.
 
-    The key is attached to a lease of `ttl` seconds, refreshed every ttl/3, so a killed process
-    drops out within `ttl`. When the lease is found gone (etcd was unreachable for longer than the
-    TTL, or this process was frozen) a new lease is granted and the key put again.
+    The lease is the registration's own (`ttl` seconds, refreshed every ttl/3) unless `lease`, a
+    LeaseKeeper shared by the process's registrations, is given (its TTL then applies): a killed
+    process drops out within the TTL. When the lease is found gone (etcd was unreachable for longer
+    than the TTL, or this process was frozen) a new lease is granted and the key put again.
 
     A key held by another lease (another instance started with the same instance id) is never
     overwritten: start() waits for that lease to run out (its holder died: at most the holder's
     TTL), then raises RegistrationConflict if it is still kept alive.
     """
 
-    def __init__(self, client: EtcdClient, participant: participant_pb2.Participant, ttl: int = 10) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        participant: participant_pb2.Participant,
+        ttl: int = 10,
+        *,
+        lease: LeaseKeeper | None = None,
+    ) -> None:
         if ttl < 1:
             raise ValueError(f"lease ttl must be at least 1 second, got {ttl}")
         self._client = client
         self._participant = _copy(participant)
         self._key = participant_key(participant.group, participant.bot_id, participant.instance_id)
         self._definition_key = definition_key(participant.group, participant.bot_id)
-        self._definition = definition_bytes(participant)  # a bad definition fails here, before anything runs
-        self._ttl = ttl
-        self._lease_id: int | None = None
-        self._registered = False
-        self._dirty = False
-        self._task: asyncio.Task[None] | None = None
+        self._definition = definition_bytes(participant)  # a bad registration fails here, before anything runs
+        self._private = lease is None
+        self._keeper = lease if lease is not None else LeaseKeeper(client, ttl, name=self._key)
+        self._record = LeasedKey(self._keeper, self._key, instance_bytes(participant), before_put=self._write_definition)
+        self._started = False
         self._lock = asyncio.Lock()
-        self._conflict_logged = False
 
     @property
     def key(self) -> str:
@@ -104,12 +134,13 @@ class Registration:
 
     @property
     def lease_id(self) -> int | None:
-        return self._lease_id
+        """The lease that holds the instance key (None before start, after stop)."""
+        return self._record.lease_id if self._started else None
 
     @property
     def registered(self) -> bool:
         """Whether the key was in etcd at the last successful contact (False before start, after stop)."""
-        return self._registered
+        return self._started and self._record.registered
 
     @property
     def participant(self) -> participant_pb2.Participant:
@@ -117,21 +148,27 @@ class Registration:
 
     async def start(self) -> None:
         """Register and start the keep-alive; raises EtcdUnavailable if etcd cannot be reached."""
-        if self._task is not None:
+        if self._started:
             raise RuntimeError(f"registration {self._key} is already started")
         async with self._lock:
             await self._write_definition()
-            await self._register(wait_for_holder=True)
-        self._task = asyncio.create_task(self._keep_alive(), name=f"keep-alive {self._key}")
-        log.info("registered", key=self._key, lease_id=self._lease_id, ttl=self._ttl)
+            try:
+                await self._record.start(wait_for_holder=True)
+            except BaseException:
+                if self._private:
+                    await self._keeper.stop()
+                raise
+            self._started = True
+        log.info("registered", key=self._key, lease_id=self._keeper.lease_id, ttl=self._keeper.ttl, shared=not self._private)
 
     async def stop(self, forget: bool = False) -> None:
-        """Stop the keep-alive and revoke the lease, so that the key disappears at once.
+        """Deregister: the key disappears at once (its own lease revoked, or the key deleted from a
+        shared lease).
 
-        If etcd cannot be reached the key still disappears when the lease expires. The definition
-        stays (the router keeps the bot's intents and answers that it is unavailable) unless
-        `forget`: then it is deleted too, and the bot leaves its group for good once no other
-        instance of it is live (an error reaching etcd is raised then).
+        If etcd cannot be reached the key still disappears when the lease expires (a shared lease:
+        when its keeper stops). The definition stays (the router keeps the bot's intents and
+        answers that it is unavailable) unless `forget`: then it is deleted too, and the bot leaves
+        its group for good (an error reaching etcd is raised then).
         """
         try:
             await self._stop()
@@ -141,25 +178,11 @@ class Registration:
                 log.info("definition_forgotten", key=self._definition_key)
 
     async def _stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-        lease_id, self._lease_id = self._lease_id, None
-        self._registered = False
-        if lease_id is None:
-            return
-        try:
-            await self._client.revoke_lease(lease_id)
-        except EtcdError as e:
-            log.warning(
-                "deregister_failed",
-                key=self._key,
-                lease_id=lease_id,
-                error=str(e),
-                note=f"the key expires with its lease within {self._ttl}s",
-            )
-        else:
+        started, self._started = self._started, False
+        await self._record.stop(delete=not self._private)
+        if self._private:
+            await self._keeper.stop()
+        if started:
             log.info("deregistered", key=self._key)
 
     async def update(self, participant: participant_pb2.Participant) -> None:
@@ -172,19 +195,11 @@ class Registration:
         if key != self._key:
             raise ValueError(f"update cannot move {self._key} to {key}: use a new Registration")
         definition = definition_bytes(participant)
+        record = instance_bytes(participant)
         self._participant = _copy(participant)
         self._definition = definition
-        self._dirty = True
-        if self._task is None:
-            return
         async with self._lock:
-            await self._write_definition()
-            if self._lease_id is None:
-                return
-            try:
-                await self._put(self._lease_id)
-            except LeaseNotFound:
-                await self._renew()
+            await self._record.update(record)  # puts the definition first (before_put)
         log.info("registration_updated", key=self._key)
 
     async def _write_definition(self) -> None:
@@ -194,101 +209,3 @@ class Registration:
         if current is None or current.value != self._definition:
             await self._client.put(self._definition_key, self._definition)
             log.info("definition_written", key=self._definition_key, bytes=len(self._definition))
-
-    async def _register(self, wait_for_holder: bool = False) -> None:
-        lease_id = await self._client.grant_lease(self._ttl)
-        try:
-            await self._claim(lease_id, wait_for_holder)
-        except BaseException:
-            with contextlib.suppress(EtcdError):
-                await self._client.revoke_lease(lease_id)
-            raise
-        self._lease_id = lease_id
-        self._registered = True
-        self._dirty = False
-
-    async def _claim(self, lease_id: int, wait_for_holder: bool = False) -> None:
-        """Put the participant under `lease_id` unless another lease holds the key.
-
-        With `wait_for_holder`, a holder whose lease runs out (a dead process) is waited for, for at
-        most that lease's granted TTL plus a second (capped at _MAX_HOLDER_WAIT), this lease being
-        kept alive meanwhile.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None
-        while True:
-            holder = await self._client.put_unless_held(self._key, self._participant.SerializeToString(), lease_id)
-            if holder is None:
-                self._conflict_logged = False
-                return
-            if deadline is None:
-                granted = (await self._client.lease_ttl(holder.lease))[1] if holder.lease and wait_for_holder else -1
-                granted = min(granted, _MAX_HOLDER_WAIT)
-                deadline = loop.time() + granted + 1
-                if granted > 0:
-                    log.warning(
-                        "registration_waiting_for_holder",
-                        key=self._key,
-                        holder_lease=f"{holder.lease:x}",
-                        note=f"another lease holds the key: waiting up to {granted + 1}s for it to expire",
-                    )
-            if loop.time() >= deadline:
-                error = RegistrationConflict(self._key, holder.lease)
-                if not self._conflict_logged:
-                    log.error("registration_conflict", key=self._key, holder_lease=f"{holder.lease:x}", error=str(error))
-                    self._conflict_logged = True
-                raise error
-            await asyncio.sleep(0.5)
-            await self._client.refresh_lease(lease_id)
-
-    async def _put(self, lease_id: int) -> None:
-        await self._claim(lease_id)
-        self._dirty = False
-
-    async def _renew(self) -> None:
-        self._lease_id = None
-        self._registered = False
-        await self._register()
-        log.info("registration_renewed", key=self._key, lease_id=self._lease_id)
-
-    async def _refresh(self) -> None:
-        if self._lease_id is None:
-            await self._renew()
-            return
-        if await self._client.refresh_lease(self._lease_id) <= 0:
-            log.warning("registration_lease_lost", key=self._key, lease_id=self._lease_id)
-            await self._renew()
-            return
-        self._registered = True
-        if self._dirty:
-            try:
-                await self._put(self._lease_id)
-            except LeaseNotFound:
-                await self._renew()
-
-    async def _keep_alive(self) -> None:
-        interval = self._ttl / 3
-        delay = interval
-        failures = 0
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                async with self._lock:
-                    await self._refresh()
-            except Exception as e:
-                # Never give up: etcd may come back, and then the registration must too.
-                failures += 1
-                delay = min(interval, _RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
-                level = log.warning if failures == 1 else log.debug
-                level(
-                    "registration_keepalive_failed",
-                    key=self._key,
-                    error=str(e) or type(e).__name__,
-                    attempt=failures,
-                    retry_in=round(delay, 2),
-                )
-                continue
-            if failures:
-                log.info("registration_keepalive_recovered", key=self._key, failed_attempts=failures)
-            failures = 0
-            delay = interval

@@ -1,5 +1,6 @@
 """Follows the registered participants and the bots' definitions: list both prefixes at one
-revision, then watch them, and re-list after any error."""
+revision, then watch them, and re-list after any error. Each instance record (address, versions)
+is joined with its bot's definition (intents), so that routers see full Participants."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from types import MappingProxyType
 
 from google.protobuf.message import DecodeError
 
-from discovery.errors import EtcdUnavailable, WatchCompacted
+from discovery.errors import EtcdLimitExceeded, EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
-from discovery.keys import DEFINITIONS_PREFIX, PARTICIPANTS_PREFIX, parse_definition_key, parse_participant_key
+from discovery.keys import (
+    DEFINITIONS_PREFIX,
+    PARTICIPANTS_PREFIX,
+    definition_key,
+    parse_definition_key,
+    parse_participant_key,
+)
 from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
 
@@ -30,9 +37,11 @@ Participant = participant_pb2.Participant
 class ParticipantSnapshot:
     """The registrations under the watched prefixes as of store revision `revision`.
 
-    `participants` holds the valid live instances, `definitions` the valid bot definitions (which
-    outlive the instances: a bot with a definition and no instance is absent, not gone), and
-    `invalid` the reason each other key was rejected, all keyed by etcd key. Treat the Participant
+    `participants` holds the valid live instances, each joined with its bot's definition (a full
+    Participant: intents included), `definitions` the valid bot definitions (which outlive the
+    instances: a bot with a definition and no instance is absent, not gone), and `invalid` the
+    reason each other key was rejected (an instance waiting for its definition included), all keyed
+    by etcd key. Treat the Participant
     messages as read-only.
     """
 
@@ -78,6 +87,145 @@ def check_definition(key: str, value: bytes) -> Participant | str:
     return definition
 
 
+def join(record: Participant, definition: Participant | None) -> Participant | str:
+    """The full Participant of an instance: its record (address, versions) joined with its bot's
+    definition (intents, phrases, display name, collaboration), or why it cannot be yet.
+
+    A record that carries intents itself (written by a version of mbc that put the whole
+    Participant under the instance key: a rolling upgrade) is taken as it is. Any other record is
+    invalid until its bot's definition is in etcd: an instance whose definition was lost (forgotten
+    while the instance lived) or is not written yet is not routed to, rather than routed with
+    intents nobody can vouch for; its registration puts the definition again when it renews.
+    """
+    if record.intents:
+        return record
+    if definition is None:
+        return (
+            f"no definition of bot {record.bot_id!r} in group {record.group!r} "
+            f"({definition_key(record.group, record.bot_id)}): ignored until it is written"
+        )
+    joined = Participant()
+    joined.CopyFrom(definition)
+    joined.instance_id = record.instance_id
+    joined.address = record.address
+    joined.software_version = record.software_version
+    if record.definition_version:
+        joined.definition_version = record.definition_version
+    return joined
+
+
+class _Registry:
+    """Instance records and definitions as read from etcd, with each instance joined to its bot's
+    definition (re-joined only when one of the two changes)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: dict[str, Participant] = {}
+        self.definitions: dict[str, Participant] = {}
+        self.joined: dict[str, Participant] = {}
+        self.invalid: dict[str, str] = {}
+        self.waiting: dict[str, str] = {}
+        self._instances: dict[str, set[str]] = {}
+        """Instance keys by the definition key of their bot."""
+
+    def load(self, items: list[KeyValue]) -> None:
+        invalid_before, waiting_before = self.invalid, self.waiting
+        self._reset()
+        for kv in items:
+            self._store(kv.key, kv.value, invalid_before.get(kv.key))
+        for key in self.records:
+            self._join(key, waiting_before.get(key))
+
+    def put(self, key: str, value: bytes) -> None:
+        previous_reason = self.invalid.pop(key, None)
+        if key.startswith(DEFINITIONS_PREFIX):
+            self.definitions.pop(key, None)
+            self._store(key, value, previous_reason)
+            self._rejoin(key)
+            return
+        record = self.records.pop(key, None)
+        if record is not None:
+            self._instances.get(definition_key(record.group, record.bot_id), set()).discard(key)
+        if self._store(key, value, previous_reason):
+            self._join(key, self.waiting.get(key))
+        else:
+            self._drop(key)
+
+    def delete(self, key: str) -> None:
+        self.invalid.pop(key, None)
+        if key.startswith(DEFINITIONS_PREFIX):
+            if self.definitions.pop(key, None) is not None:
+                log.info("definition_removed", key=key)
+            self._rejoin(key)
+            return
+        record = self.records.pop(key, None)
+        if record is not None:
+            self._instances.get(definition_key(record.group, record.bot_id), set()).discard(key)
+        self._drop(key)
+
+    def snapshot(self, revision: int) -> ParticipantSnapshot:
+        return ParticipantSnapshot(
+            MappingProxyType(dict(self.joined)),
+            MappingProxyType({**self.invalid, **self.waiting}),
+            revision,
+            MappingProxyType(dict(self.definitions)),
+        )
+
+    def _store(self, key: str, value: bytes, previous_reason: str | None) -> bool:
+        """Record the key as a valid record or definition, or as invalid; warn once per key and reason."""
+        definition = key.startswith(DEFINITIONS_PREFIX)
+        result = check_definition(key, value) if definition else check_registration(key, value)
+        if isinstance(result, str):
+            self.invalid[key] = result
+            if previous_reason != result:
+                log.warning("invalid_registration", key=key, reason=result)
+            return False
+        if definition:
+            self.definitions[key] = result
+        else:
+            self.records[key] = result
+            self._instances.setdefault(definition_key(result.group, result.bot_id), set()).add(key)
+        return True
+
+    def _drop(self, key: str) -> None:
+        """`key` is no longer a valid instance: out of the snapshot's participants."""
+        self.waiting.pop(key, None)
+        if self.joined.pop(key, None) is not None:
+            log.info("participant_removed", key=key)
+
+    def _rejoin(self, key: str) -> None:
+        """Join every instance of the bot of definition `key` again (its definition changed)."""
+        for instance in sorted(self._instances.get(key, ())):
+            self._join(instance, self.waiting.get(instance))
+
+    def _join(self, key: str, previous_reason: str | None) -> None:
+        record = self.records[key]
+        result = join(record, self.definitions.get(definition_key(record.group, record.bot_id)))
+        known = key in self.joined
+        if isinstance(result, str):
+            self.waiting[key] = result
+            if self.joined.pop(key, None) is not None:
+                log.info("participant_removed", key=key, reason=result)
+            if previous_reason != result:
+                log.info("registration_waiting_for_definition", key=key, reason=result)
+            return
+        self.waiting.pop(key, None)
+        self.joined[key] = result
+        if not known:
+            log.info("participant_added", key=key)
+
+
+async def read_participants(client: EtcdClient, prefix: str = PARTICIPANTS_PREFIX) -> ParticipantSnapshot:
+    """The registrations under `prefix` and the definitions of the same scope, read once (at one
+    revision) and joined as the watcher joins them."""
+    (items, definitions), revision = await client.get_prefixes([prefix, definitions_prefix_of(prefix)])
+    registry = _Registry()
+    registry.load(items + definitions)
+    return registry.snapshot(revision)
+
+
 def definitions_prefix_of(prefix: str) -> str:
     """The definitions prefix that goes with a participants prefix (the whole mesh, or a group)."""
     if not prefix.startswith(PARTICIPANTS_PREFIX):
@@ -105,9 +253,7 @@ class ParticipantWatcher:
         self._on_change = on_change
         self._prefix = prefix
         self._definitions_prefix = definitions_prefix_of(prefix)
-        self._valid: dict[str, Participant] = {}
-        self._definitions: dict[str, Participant] = {}
-        self._invalid: dict[str, str] = {}
+        self._registry = _Registry()
         self._revision = 0
         self._snapshot = ParticipantSnapshot()
         self._ready = asyncio.Event()
@@ -143,6 +289,9 @@ class ParticipantWatcher:
                 await self._list_and_watch()
             except WatchCompacted as e:
                 log.warning("watch_compacted", prefix=self._prefix, compact_revision=e.compact_revision)
+            except EtcdLimitExceeded as e:
+                # Lists are paged, so only a single value over the receive limit gets here.
+                log.error("watch_list_over_limit", prefix=self._prefix, error=str(e), attempt=self._failures + 1)
             except EtcdUnavailable as e:
                 # Warn once per outage; the retries that follow are debug.
                 level = log.warning if self._failures == 0 else log.debug
@@ -161,9 +310,10 @@ class ParticipantWatcher:
             "participants_listed",
             prefix=self._prefix,
             revision=revision,
-            participants=len(self._valid),
-            definitions=len(self._definitions),
-            invalid=len(self._invalid),
+            participants=len(self._registry.joined),
+            definitions=len(self._registry.definitions),
+            invalid=len(self._registry.invalid),
+            waiting_for_definition=len(self._registry.waiting),
             after_failures=self._failures,
         )
         self._failures = 0
@@ -202,50 +352,24 @@ class ParticipantWatcher:
             queue.put_nowait(e)
 
     def _load(self, items: list[KeyValue], revision: int) -> None:
-        before = set(self._valid)
-        invalid_before = self._invalid
-        self._valid, self._invalid, self._definitions = {}, {}, {}
-        for kv in items:
-            self._classify(kv.key, kv.value, invalid_before.get(kv.key))
+        before = set(self._registry.joined)
+        self._registry.load(items)
         self._revision = revision
-        for key in sorted(before - set(self._valid)):
+        after = set(self._registry.joined)
+        for key in sorted(before - after):
             log.info("participant_removed", key=key)
-        for key in sorted(set(self._valid) - before):
+        for key in sorted(after - before):
             log.info("participant_added", key=key)
 
     def _apply(self, event: WatchEvent) -> None:
         self._revision = max(self._revision, event.mod_revision)
         if event.kind == "delete":
-            self._invalid.pop(event.key, None)
-            if self._definitions.pop(event.key, None) is not None:
-                log.info("definition_removed", key=event.key)
-            if self._valid.pop(event.key, None) is not None:
-                log.info("participant_removed", key=event.key)
-            return
-        known = self._valid.pop(event.key, None) is not None or self._definitions.pop(event.key, None) is not None
-        previous_reason = self._invalid.pop(event.key, None)
-        if self._classify(event.key, event.value, previous_reason) and not known:
-            log.info("participant_added", key=event.key)
-
-    def _classify(self, key: str, value: bytes, previous_reason: str | None) -> bool:
-        """Record the registration (or definition) as valid or invalid; warn once per key and reason."""
-        definition = key.startswith(DEFINITIONS_PREFIX)
-        result = check_definition(key, value) if definition else check_registration(key, value)
-        if isinstance(result, str):
-            self._invalid[key] = result
-            if previous_reason != result:
-                log.warning("invalid_registration", key=key, reason=result)
-            return False
-        (self._definitions if definition else self._valid)[key] = result
-        return True
+            self._registry.delete(event.key)
+        else:
+            self._registry.put(event.key, event.value)
 
     async def _publish(self) -> None:
-        self._snapshot = ParticipantSnapshot(
-            MappingProxyType(dict(self._valid)),
-            MappingProxyType(dict(self._invalid)),
-            self._revision,
-            MappingProxyType(dict(self._definitions)),
-        )
+        self._snapshot = self._registry.snapshot(self._revision)
         try:
             result = self._on_change(self._snapshot)
             if inspect.isawaitable(result):

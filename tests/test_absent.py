@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from discovery import DefinitionError, EtcdClient, Registration, definition_key, forget_definition
+from discovery import DefinitionError, EtcdClient, LeaseKeeper, Registration, definition_key, forget_definition
 from mbc.testing.mesh import eventually
 from mbc.v1 import participant_pb2, router_pb2
 from meshlib import match, start_router_in_process
@@ -138,11 +138,11 @@ async def test_a_draining_bot_asking_for_itself_is_not_told_it_is_unavailable(me
 
 async def test_expired_lease_of_a_killed_instance_is_unavailable(mesh, client):
     # A killed process: the keep-alive stops, nothing is revoked, the lease runs out.
-    killed = Registration(client, participant("cards", "killed"), ttl=2)
+    keeper = LeaseKeeper(client, ttl=2)
+    killed = Registration(client, participant("cards", "killed"), lease=keeper)
     await killed.start()
     await mesh.registrations["cards"].stop()
-    assert killed._task is not None
-    killed._task.cancel()
+    keeper.abandon()
     response = await absent_answer(mesh.router, timeout=30)
     assert_unavailable(response)
     assert await client.get(killed.key) is None  # gone with its lease, not by a revoke

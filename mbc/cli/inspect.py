@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from discovery import PARTICIPANTS_PREFIX, EtcdClient
 from discovery.errors import EtcdError
-from discovery.watcher import check_registration
+from discovery.watcher import read_participants
 from mbc.runtime.channels import ChannelPool, open_channel
 from mbc.runtime.config import EtcdAccess, TlsConfig
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
@@ -141,14 +141,10 @@ async def list_participants(
 ) -> tuple[list[InstanceRow], dict[str, str]]:
     """Every registered instance (health checked in parallel) and the invalid registrations by key."""
     async with EtcdClient(etcd_endpoints, timeout=timeout, access=etcd_access) as etcd:
-        items, _ = await etcd.get_prefix(PARTICIPANTS_PREFIX + (f"{group}/" if group else ""))
+        snapshot = await read_participants(etcd, PARTICIPANTS_PREFIX + (f"{group}/" if group else ""))
     rows: list[InstanceRow] = []
-    invalid: dict[str, str] = {}
-    for kv in items:
-        p = check_registration(kv.key, kv.value)
-        if isinstance(p, str):
-            invalid[kv.key] = p
-            continue
+    invalid = dict(snapshot.invalid)
+    for p in snapshot.participants.values():
         rows.append(
             InstanceRow(
                 p.group,

@@ -69,11 +69,14 @@ def run_component(kind: str, main) -> None:
     """Run a server; etcd settings or credentials that cannot work, or an etcd it cannot reach at start,
     stop it with a message rather than a traceback."""
     from discovery.errors import EtcdError, EtcdSettingsError  # the etcd client, loaded by servers only
+    from discovery.registration import DefinitionError
 
     try:
         asyncio.run(main)
     except (EtcdError, EtcdSettingsError) as e:
         sys.exit(f"mbc {kind}: etcd: {e}")
+    except DefinitionError as e:
+        sys.exit(f"mbc {kind}: cannot register: {e}")
     _exit_now()
 
 

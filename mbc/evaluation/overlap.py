@@ -81,19 +81,14 @@ async def intents_from_etcd(endpoints: Sequence[str], access=None) -> dict[str, 
     """The intents of the collaborating participants registered in etcd (reached with
     `access`, an mbc.runtime.config.EtcdAccess), by group."""
     from discovery import EtcdClient
-    from discovery.watcher import check_registration
+    from discovery.watcher import read_participants
     from router.directory import Directory
 
     client = EtcdClient(list(endpoints), access=access)
     await client.connect()
     try:
-        items, revision = await client.get_prefix("/mbc/v1/participants/")
+        snapshot = await read_participants(client)
     finally:
         await client.close()
-    participants = {}
-    for kv in items:
-        p = check_registration(kv.key, kv.value)
-        if not isinstance(p, str):
-            participants[kv.key] = p
-    directory = Directory.from_participants(participants, revision)
+    directory = Directory.from_participants(snapshot.participants, snapshot.revision)
     return {g: list(directory.candidates_of(g)) for g in directory.groups}

@@ -70,6 +70,34 @@ class ServerTls:
     client_cert_auth: bool = True
 
 
+@dataclass(frozen=True)
+class EtcdServerLimits:
+    """History and size limits of every etcd the project starts (tests, demo, benchmarks). Without
+    them nothing compacts: the store's writes grow the database until etcd's NOSPACE alarm stops the
+    whole mesh. Production values and why: docs/operators.md, "etcd in production"."""
+
+    compaction_mode: str = "periodic"
+    """--auto-compaction-mode: "periodic" (keep a window of time) or "revision" (keep N revisions)."""
+    compaction_retention: str = "5m"
+    """--auto-compaction-retention: a duration ("5m", "1h") in periodic mode, a count in revision mode."""
+    quota_backend_bytes: int = 1024**3
+    """--quota-backend-bytes: past it etcd raises the NOSPACE alarm and refuses writes."""
+    max_request_bytes: int = 2 * 1024**2
+    """--max-request-bytes: the largest request (a bot definition is at most 1 MiB)."""
+
+    def flags(self) -> list[str]:
+        return [
+            "--auto-compaction-mode",
+            self.compaction_mode,
+            "--auto-compaction-retention",
+            self.compaction_retention,
+            "--quota-backend-bytes",
+            str(self.quota_backend_bytes),
+            "--max-request-bytes",
+            str(self.max_request_bytes),
+        ]
+
+
 class LocalEtcd:
     """Runs etcd bound to 127.0.0.1 only, on free ports unless given, with its data in `data_dir`
     (a temporary directory, removed on exit of the context manager, when none is given).
@@ -78,6 +106,7 @@ class LocalEtcd:
     client port serves TLS only; the health check and /metrics use a plaintext metrics port. As a
     member of a cluster it takes its `name` and the `initial_cluster` (name=peer URL, ...).
     `auth_token_ttl` (seconds) is etcd's --auth-token-ttl for simple auth tokens (default 300).
+    `limits` sets auto-compaction and the size limits.
     """
 
     def __init__(
@@ -93,6 +122,7 @@ class LocalEtcd:
         initial_cluster: str = "",
         auth_token_ttl: int = 0,
         metrics_port: int = 0,
+        limits: EtcdServerLimits = EtcdServerLimits(),
     ) -> None:
         self._binary = binary or find_etcd()
         if not os.access(self._binary, os.X_OK):
@@ -111,6 +141,7 @@ class LocalEtcd:
         self.name = name
         self._initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self._auth_token_ttl = auth_token_ttl
+        self.limits = limits
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -165,6 +196,7 @@ class LocalEtcd:
             "zap",
             "--log-outputs",
             "stderr",
+            *self.limits.flags(),
         ]
         if self._tls:
             command += [
@@ -247,6 +279,16 @@ class LocalEtcd:
         except (OSError, ValueError):
             return False
 
+    def metric(self, name: str, label: str = "") -> float:
+        """The sum of the samples of metric `name` on etcd's /metrics whose labels hold `label`
+        (for example 'grpc_method="LeaseKeepAlive"')."""
+        total = 0.0
+        for line in self._metrics_get("/metrics").decode().splitlines():
+            sample, _, value = line.rpartition(" ")
+            if (sample == name or sample.startswith(name + "{")) and label in sample:
+                total += float(value)
+        return total
+
     def is_leader(self) -> bool:
         """Whether this member is the raft leader now (from its etcd_server_is_leader metric)."""
         try:
@@ -314,7 +356,13 @@ class LocalEtcdCluster:
     """`size` etcd members on 127.0.0.1 forming one cluster, each with its data in a subdirectory
     of `data_dir` (temporary when none is given). Members can be stopped and started one by one."""
 
-    def __init__(self, size: int = 3, data_dir: Path | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        data_dir: Path | None = None,
+        start_timeout: float = 30.0,
+        limits: EtcdServerLimits = EtcdServerLimits(),
+    ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one member, got {size}")
         self._owns_dir = data_dir is None
@@ -335,6 +383,7 @@ class LocalEtcdCluster:
                 start_timeout=start_timeout,
                 name=name,
                 initial_cluster=initial,
+                limits=limits,
             )
             for i, name in enumerate(names)
         ]
