@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 from bot_server.bot import Bot
@@ -11,10 +12,11 @@ from bot_server.state import MemoryState, StoreState
 from discovery import EtcdClient, Registration
 from discovery.groups import GroupSettingsCache
 from discovery.presence import is_registered
+from discovery.routers import RouterWatcher
 from mbc import __version__
 from mbc.client.context import ContextClient
-from mbc.runtime.channels import ChannelPool
-from mbc.runtime.config import BotConfig
+from mbc.runtime.channels import ChannelPool, address_list_target, router_target
+from mbc.runtime.config import LOCAL_ROUTER, NO_ROUTER, BotConfig
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import bind_context, get_logger
 from mbc.runtime.security import Authorizer
@@ -35,15 +37,45 @@ def create_server(config: BotConfig, engine: BotEngine) -> tuple[GrpcServer, int
     return server, server.port
 
 
-def channel_pool(config: BotConfig) -> ChannelPool:
-    """The bot's channels to the router, the store and other bots, per its server and channel settings."""
-    return ChannelPool(
-        config.server.max_message_bytes,
-        config.server.keepalive_time_ms,
-        config.server.keepalive_timeout_ms,
-        config.server.tls,
-        config.channels,
-    )
+class BotChannels(ChannelPool):
+    """The bot's channels to the router replicas, the store and other bots, per its server and
+    channel settings. The routers are `router_address` (see BotConfig) or, when it is empty and etcd
+    is configured, every replica registered in etcd, followed as they come and go (`start`)."""
+
+    def __init__(self, config: BotConfig, etcd: EtcdClient | None = None) -> None:
+        super().__init__(
+            config.server.max_message_bytes,
+            config.server.keepalive_time_ms,
+            config.server.keepalive_timeout_ms,
+            config.server.tls,
+            config.channels,
+        )
+        self._watcher: RouterWatcher | None = None
+        if config.router_address == NO_ROUTER:
+            return
+        if config.router_address or etcd is None:
+            self.route_to(router_target(config.router_address or LOCAL_ROUTER))  # a bad list fails here
+        else:
+            self._watcher = RouterWatcher(etcd, self._on_routers)
+
+    def _on_routers(self, addresses: tuple[str, ...]) -> None:
+        try:
+            self.route_to(address_list_target(addresses))
+        except ValueError as e:
+            log.warning("router_addresses_unusable", addresses=list(addresses), error=str(e), kept=self.router_target)
+
+    async def start(self, timeout: float = 5.0) -> None:
+        """Follow the replicas in etcd (when configured to), and wait up to `timeout` seconds for the
+        first list, so that the first messages already reach a router."""
+        if self._watcher is not None:
+            self._watcher.start()
+            with contextlib.suppress(TimeoutError):
+                await self._watcher.wait_ready(timeout)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+        await super().close()
 
 
 def participant_of(bot: Bot, identity: common_pb2.BotRef) -> participant_pb2.Participant:
@@ -68,7 +100,8 @@ class BotProcess:
         self.config = config
         self.bot = bot or Bot.from_file(config.definition_path)
         self.encoder = encoder or Encoder(config.encoder)
-        self.channels = channel_pool(config)
+        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
+        self.channels = BotChannels(config, self.etcd)
         self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
         self.state: StoreState | MemoryState
         if config.store_address:
@@ -76,7 +109,6 @@ class BotProcess:
             self.state = StoreState(client, self.bot.definition.context_namespace, self.bot.bot_id)
         else:
             self.state = MemoryState()
-        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
         self.engine = BotEngine(
             self.bot,
             config,
@@ -102,6 +134,7 @@ class BotProcess:
                 await self.state.prepare(self.config.context_ttl_seconds)
             if self.etcd is not None:
                 await self.etcd.connect()  # before serving: wrong etcd credentials stop the bot at once
+            await self.channels.start()
             await self.server.start()
             if self.etcd is not None:
                 self.registration = Registration(
@@ -126,9 +159,9 @@ class BotProcess:
             if self.registration:
                 await self.registration.stop(forget=forget)
             await self.server.stop()
+            await self.channels.close()
             if self.etcd:
                 await self.etcd.close()
-            await self.channels.close()
             self.encoder.close()
             log.info("bot_stopped")
 
