@@ -444,7 +444,7 @@ class RouterConfig:
     router_id: str = setting("", flag="--router-id", help="id of this replica's record in etcd (default: generated)")
     """Id of this replica's record in etcd (/mbc/v1/routers/<router_id>, see discovery/routers.py);
     empty generates one per start."""
-    lease_ttl_seconds: int = setting(10, flag="--lease-ttl", help="etcd lease TTL of this replica's record, in seconds")
+    lease_ttl_seconds: int = 10
     """TTL of the lease behind the replica's record: the bots stop dialing a killed replica this long
     after it died (one stopped cleanly is removed at once)."""
     log_level: str = log_level_setting()

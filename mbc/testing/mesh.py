@@ -8,7 +8,10 @@ bound to 127.0.0.1 on a free port; etcd is a `LocalEtcd` unless endpoints are gi
     async with start_local(EXAMPLE_BOTS) as mesh:      # etcd, store, router, the example bots
         ... mesh.router.address, mesh.bots["cards"].address ...
 
-`python -m mbc.testing.mesh --workdir DIR` runs one for scripts: once the router has indexed every
+    async with start_local(EXAMPLE_BOTS, routers=3) as mesh:   # three router replicas, which the
+        ... mesh.routers ...                                   # bots find in etcd (round robin)
+
+`python -m mbc.testing.mesh --workdir DIR [--routers R]` runs one for scripts: once the router has indexed every
 bot it writes DIR/mesh.json (see `LocalMesh.describe`) and runs until SIGTERM or SIGINT.
 """
 
@@ -126,6 +129,11 @@ async def wait_indexed(
             raise TimeoutError(f"router did not index {sorted(pending)} within {timeout:.0f}s") from None
 
 
+def router_name(index: int) -> str:
+    """The component name of the `index`-th router replica of a mesh: router, router2, router3, ..."""
+    return "router" if index == 0 else f"router{index + 1}"
+
+
 @dataclass(frozen=True)
 class BotFile:
     """What the harness reads of a definition file: the bot's id, group and a phrase of its own."""
@@ -149,7 +157,9 @@ class LocalMesh:
     "router", a bot's name). With `ca` (an object whose `issue(identity)` returns PEM files with
     `ca`, `cert` and `key`, as tests/pki.py's TestCA), every component serves and calls over mTLS
     with a certificate of its identity (store, router, bot/<group>/<bot_id>); `client_tls` is a
-    gateway's. `lease_ttl` sets the bots' lease TTL (their default when None).
+    gateway's. `lease_ttl` sets the bots' lease TTL (their default when None). With `routers` > 1
+    (router replicas), the bots follow the replicas registered in etcd; with one, they call the
+    first router started by its address.
     """
 
     def __init__(
@@ -161,8 +171,10 @@ class LocalMesh:
         ca: Any = None,
         lease_ttl: int | None = None,
         start_timeout: float = START_TIMEOUT,
+        routers: int = 1,
     ) -> None:
         self.workdir = Path(workdir)
+        self.replicas = routers
         self.etcd = etcd
         self._etcd_flags = etcd_flags or (lambda name: [])
         self.ca = ca
@@ -232,7 +244,7 @@ class LocalMesh:
         bot_file = BotFile.read(path)
         name = name or bot_file.bot_id
         flags = ["bot", str(path), "--etcd", self.etcd, *self._etcd_flags(name)]
-        if self.router is not None:
+        if self.router is not None and self.replicas == 1:
             flags += ["--router", self.router.address]
         if self.store is not None:
             flags += ["--store", self.store.address]
@@ -245,14 +257,17 @@ class LocalMesh:
         self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
         return await self._serving(bot, "mbc.v1.Bot")
 
-    async def wait_indexed(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> None:
-        """Until the first router ranks each bot (`names`: by component name; default: all) first for
-        a phrase of its own."""
-        assert self.router is not None, "no router started"
+    async def wait_indexed(
+        self, names: Sequence[str] | None = None, timeout: float = 60.0, router: ComponentProcess | None = None
+    ) -> None:
+        """Until `router` (default: the first one) ranks each bot (`names`: by component name;
+        default: all) first for a phrase of its own."""
+        router = router or self.router
+        assert router is not None, "no router started"
         files = [self.bot_files[n] for n in (self.bots if names is None else names)]
         groups = {f.group for f in files}
         await wait_indexed(
-            self.router.address,
+            router.address,
             {f.bot_id: EXAMPLE_PROBES.get(f.bot_id, f.probe) for f in files},
             group=groups.pop() if len(groups) == 1 else "",
             timeout=timeout,
@@ -306,7 +321,8 @@ class LocalMesh:
 
     def describe(self) -> dict[str, Any]:
         """Where everything listens: {"etcd", "store", "router", "routers", "bots": {bot_id: host:port},
-        "entry" and "bot" (the first bot's address), "bot_id" (its id), "pids": {name: pid}}."""
+        "entry" and "bot" (the first bot's address), "bot_id" (its id), "pids": {name: pid}}; "router" is
+        the first router, "routers" every replica."""
         first = next(iter(self.bots), "")
         pids: dict[str, int | None] = {
             c.name: c.pid for c in [*([self.store] if self.store else []), *self.routers, *self.bots.values()]
@@ -340,19 +356,30 @@ async def start_local(
     lease_ttl: int | None = None,
     start_timeout: float = START_TIMEOUT,
     index_timeout: float = 60.0,
+    routers: int = 1,
 ) -> AsyncIterator[LocalMesh]:
-    """A mesh whose router has indexed every bot of `bot_files`: etcd (a LocalEtcd unless `etcd`
-    endpoints are given), the store (unless `store` is False) beside one router (`router_args` and
-    `router_env` added), then the bots. Stopped, etcd included, on exit."""
+    """A mesh whose routers have indexed every bot of `bot_files`: etcd (a LocalEtcd unless `etcd`
+    endpoints are given), the store (unless `store` is False) beside `routers` routers
+    (`router_args` and `router_env` added; "router", "router2", ...), then the bots. Stopped, etcd
+    included, on exit."""
     mesh = LocalMesh(
-        workdir or new_workdir("mbc-mesh-"), etcd, etcd_flags=etcd_flags, ca=ca, lease_ttl=lease_ttl, start_timeout=start_timeout
+        workdir or new_workdir("mbc-mesh-"),
+        etcd,
+        etcd_flags=etcd_flags,
+        ca=ca,
+        lease_ttl=lease_ttl,
+        start_timeout=start_timeout,
+        routers=routers,
     )
     try:
         if not etcd:
             mesh.start_etcd()
-        await asyncio.gather(*([mesh.start_store()] if store else []), mesh.start_router(*router_args, env=router_env))
+        await asyncio.gather(
+            *([mesh.start_store()] if store else []),
+            *(mesh.start_router(*router_args, env=router_env, name=router_name(i)) for i in range(routers)),
+        )
         await asyncio.gather(*(mesh.start_bot(Path(f)) for f in bot_files))
-        await mesh.wait_indexed(timeout=index_timeout)
+        await asyncio.gather(*(mesh.wait_indexed(timeout=index_timeout, router=r) for r in mesh.routers))
         yield mesh
     finally:
         mesh.stop()
@@ -370,6 +397,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
             workdir=workdir,
             store=not args.no_store,
             router_args=args.router_flags,
+            routers=args.routers,
             start_timeout=args.timeout,
             index_timeout=args.timeout,
         ) as mesh:
@@ -397,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a bot definition to run; repeatable (default: the example bots)",
     )
     parser.add_argument("--no-store", action="store_true", help="no Context Session Store")
+    parser.add_argument("--routers", type=int, default=1, help="router replicas (more than one: bots find them in etcd)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to start and index everything")
     parser.add_argument("router_flags", nargs="*", help="extra `mbc router` flags (after --)")
     sys.exit(asyncio.run(serve_until_stopped(parser.parse_args(argv))))
