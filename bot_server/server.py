@@ -15,12 +15,13 @@ from discovery.presence import is_registered
 from discovery.routers import RouterWatcher
 from mbc import __version__
 from mbc.client.context import ContextClient
-from mbc.runtime.channels import ChannelPool, address_list_target, router_target
+from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import LOCAL_ROUTER, NO_ROUTER, BotConfig
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import bind_context, get_logger
 from mbc.runtime.security import Authorizer
 from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.runtime.targets import address_list_target, router_target
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, participant_pb2
 
 log = get_logger(__name__)
@@ -54,7 +55,7 @@ class BotChannels(ChannelPool):
         if config.router_address == NO_ROUTER:
             return
         if config.router_address or etcd is None:
-            self.route_to(router_target(config.router_address or LOCAL_ROUTER))  # a bad list fails here
+            self.route_to(router_target(config.router_address or LOCAL_ROUTER))
         else:
             self._watcher = RouterWatcher(etcd, self._on_routers)
 

@@ -81,7 +81,7 @@ async def answered_by(entry: str, text: str = TEXT) -> str:
     try:
         response = await respond(entry, text, timeout=10)
     except Exception as e:  # noqa: BLE001 - counted by the tests
-        return f"error: {getattr(e, 'code', lambda: type(e).__name__)()}"
+        return f"error: {type(e).__name__}: {e}"[:300]
     return response.replies[-1].bot_id if response.replies else "no reply"
 
 

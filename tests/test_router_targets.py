@@ -1,5 +1,5 @@
 """How a bot's router setting and the replicas registered in etcd become one gRPC target
-(mbc/runtime/channels.py), and which router records a bot accepts (discovery/routers.py)."""
+(mbc/runtime/targets.py), and which router records a bot accepts (discovery/routers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import json
 import pytest
 
 from discovery.routers import RouterRecord
-from mbc.runtime.channels import ROUTER_SERVICE_CONFIG, address_list_target, router_target
+from mbc.runtime.channels import ROUTER_SERVICE_CONFIG
+from mbc.runtime.config import BotConfig
+from mbc.runtime.targets import address_list_target, router_target
 
 pytestmark = pytest.mark.unit
 
@@ -34,6 +36,8 @@ def test_a_list_naming_a_host_or_mixing_families_is_refused_with_the_way_out():
         router_target("10.0.0.7:50051,routers.mbc:50051")
     with pytest.raises(ValueError, match="mix IPv4 and IPv6"):
         address_list_target(["10.0.0.7:50051", "[::1]:50051"])
+    with pytest.raises(ValueError, match="router_address: 'b:2' is not IP:port"):
+        BotConfig(router_address="10.0.0.7:1,b:2")  # checked with the settings, before the bot starts
 
 
 def test_the_same_replicas_in_another_order_are_the_same_target():

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mbc.runtime.targets import router_target
 from mbc.v1 import common_pb2
 
 MiB = 1024 * 1024
@@ -525,6 +526,11 @@ class BotConfig:
         check_range("max_text_chars", self.max_text_chars, 1)
         check_range("max_hops", self.max_hops, 0)
         check_range("neighbours", self.neighbours, 1)
+        if self.router_address != NO_ROUTER:
+            try:
+                router_target(self.router_address)
+            except ValueError as e:
+                raise ValueError(f"router_address: {e}") from None
 
 
 @dataclass(frozen=True)
