@@ -119,11 +119,12 @@ async def test_a_killed_replica_costs_no_respond_and_leaves_etcd(mesh, etcd):
     await asyncio.sleep(5)
     victim.kill()  # SIGKILL under the steady stream
     killed = time.monotonic()
-    _, took = await eventually(
+    await eventually(
         lambda: _absent(etcd, victim.address), timeout=ROUTER_TTL + SLACK + 10, interval=0.2, what="killed router's record gone"
     )
     gone_after = time.monotonic() - killed
     answers = await traffic
+    print(f"\nrouter kill: answers {dict(answers)}, record gone {gone_after:.1f}s after SIGKILL (ttl {ROUTER_TTL}s)")
     assert set(answers) == {"cards"}, f"answers during the kill: {answers}"
     assert sum(answers.values()) >= 20, answers
     assert gone_after <= ROUTER_TTL + SLACK, f"record gone {gone_after:.1f}s after SIGKILL (ttl {ROUTER_TTL}s)"
