@@ -7,14 +7,16 @@ demo: setup
 	.venv/bin/mbc demo
 
 # Lint (ruff), format (ruff format --check), types (mypy) and the layers of the packages
-# (import-linter), and docs/performance.md current with docs/bench/*.json; the configuration of each
-# is in pyproject.toml. CI runs it before `make test`.
+# (import-linter), docs/performance.md current with docs/bench/*.json, and deploy/kubernetes/ with the
+# Dockerfile (offline: scripts/check_kubernetes.sh); the Python tools are configured in pyproject.toml.
+# CI runs it before `make test`.
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache --no-logo
 	.venv/bin/python scripts/render_bench_docs.py --check
+	scripts/check_kubernetes.sh
 
 test: setup
 	.venv/bin/python -m pytest -q

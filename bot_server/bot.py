@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot_server.definition import BotDefinition, DefinitionError
+from bot_server.definition import BotDefinition, DefinitionError, definition_files
 
 _VARIABLE = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)(?:\|([^}]*))?\}")
 
@@ -93,3 +93,16 @@ class Bot:
         if inspect.isawaitable(result):
             result = await result
         return [result] if isinstance(result, str) else [str(r) for r in result]
+
+
+def load_bots(paths: Sequence[str | Path]) -> list[Bot]:
+    """The bots defined by `paths` (files, or directories of *.yaml), for one host: each bot id once."""
+    bots: dict[str, tuple[Bot, Path]] = {}
+    for path in definition_files(paths):
+        bot = Bot.from_file(path)
+        if bot.bot_id in bots:
+            raise DefinitionError(
+                f"bot {bot.bot_id!r} is defined twice ({bots[bot.bot_id][1]} and {path}): a process hosts each bot id once"
+            )
+        bots[bot.bot_id] = (bot, path)
+    return [bot for bot, _ in bots.values()]

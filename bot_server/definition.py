@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ from typing import Any
 import yaml
 
 from discovery.keys import validate_name
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader when PyYAML has it: ten times faster than the pure Python one, which a
+host of hundreds of definitions would wait on at start."""
 
 
 class DefinitionError(ValueError):
@@ -99,7 +104,7 @@ class BotDefinition:
     def from_file(cls, path: str | Path) -> BotDefinition:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
         except OSError as e:
             raise DefinitionError(f"{path}: cannot read the bot definition: {e.strerror}") from e
         except yaml.YAMLError as e:
@@ -157,6 +162,23 @@ class BotDefinition:
             dialogs=dialogs,
             context_namespace=str(data.get("context_namespace") or group),
         )
+
+
+def definition_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The definition files that `paths` name: a file itself, a directory's *.yaml files (sorted)."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(path.glob("*.yaml"))
+            if not found:
+                raise DefinitionError(f"{path}: a directory with no *.yaml bot definition")
+            files += found
+        else:
+            files.append(path)
+    if not files:
+        raise DefinitionError("no bot definition given")
+    return files
 
 
 def _text(data: dict, field: str) -> str:

@@ -6,7 +6,8 @@ Each message is judged by the router against the whole group, this bot included
   answers; another bot's → the conversation is handed over with the message and the intent.
 - Two or three bots qualify about equally: the bot asks the consumer which one they meant.
 - Workflow 2: nobody qualifies, or every transfer failed → the bot's own fallback.
-When the router cannot be reached, the bot matches the message against its own intents.
+When the router cannot be reached (or the bot has none), the bot matches the message against its
+own intents (`OwnIntents`: by words by default, bot_server/lexical.py; or with the in-bot model).
 
 Transfers lose nothing: the conversation's owner is a versioned record (in the Context Session
 Store when configured). The receiver takes the conversation only if the record is still at the
@@ -35,6 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,9 +48,7 @@ from discovery.errors import EtcdError
 from discovery.groups import GroupSettingsCache, unavailable_message
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig
-from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
-from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.runtime.metrics import BOT_TRANSFERS
 from mbc.v1 import bot_pb2, common_pb2, router_pb2
 
@@ -68,6 +68,19 @@ NONE_OF_THESE = "None of these"
 ROUTER_UNAVAILABLE_MEMORY_SECONDS = 3.0
 """How long the router's word that a bot has no live instance (NONE_REASON_BOT_UNAVAILABLE) is
 enough to take a conversation over from that bot without a health check of its instance."""
+
+
+class OwnIntents(Protocol):
+    """How a bot matches a message against its own intents when no router answers: by words
+    (bot_server/lexical.py, the default) or with the encoder model (bot_server/local_model.py)."""
+
+    async def prepare(self) -> None: ...
+
+    async def best(self, text: str) -> tuple[str, float, int]:
+        """(intent, score, rating) of the best intent; intent "" when none is good enough to answer."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class InvalidInput(ValueError):
@@ -124,7 +137,7 @@ class BotEngine:
         self,
         bot: Bot,
         config: BotConfig,
-        encoder: Encoder,
+        own: OwnIntents,
         identity: common_pb2.BotRef,
         channels: ChannelPool,
         state: ConversationState,
@@ -134,7 +147,7 @@ class BotEngine:
         self.bot = bot
         self.definition = bot.definition
         self.config = config
-        self.encoder = encoder
+        self.own = own
         self.identity = identity
         self.channels = channels
         self.state = state
@@ -142,7 +155,6 @@ class BotEngine:
         self.is_registered = is_registered
         """Whether a bot instance is registered in this bot's group (None: no registry, no takeover)."""
         self.transfers: TransferLedger[TurnResult] = TransferLedger()
-        self._catalog: IntentCatalog | None = None
         self._intents = {i.name for i in self.definition.intents}
         self._unavailable_bots: dict[str, float] = {}
         """Bots the router said have no live instance, and when (time.monotonic())."""
@@ -150,10 +162,8 @@ class BotEngine:
         """Display names of the group's bots, as the router's candidates gave them."""
 
     async def prepare(self) -> None:
-        """Embed the bot's own training phrases (used when the router cannot be reached)."""
-        intents = [IntentPhrases(self.bot.bot_id, i.name, i.phrases) for i in self.definition.intents]
-        vectors = await self.encoder.aencode_phrases(IntentCatalog.phrases_of(intents))
-        self._catalog = IntentCatalog(intents, vectors, self.encoder.dim)
+        """Ready the bot's own intents for matching without the router."""
+        await self.own.prepare()
 
     # -- consumer messages -------------------------------------------------------------------
 
@@ -642,20 +652,17 @@ class BotEngine:
 
     async def _decide_locally(self, text: str) -> tuple[int, list[router_pb2.Candidate], float]:
         """This bot's own intents only: act on the best one if rated GOOD or better."""
-        query = (await self.encoder.aencode([text]))[0]
-        if self._catalog is None:
-            raise RuntimeError("the bot's intent catalog is not built: await prepare() first")
-        ranked = self._catalog.rank(query, self.config.ratings, self.config.neighbours, limit=1)
-        if ranked and ranked[0].rating >= GOOD:
+        intent, score, rating = await self.own.best(text)
+        if intent and rating >= GOOD:
             c = router_pb2.Candidate(
                 bot_id=self.bot.bot_id,
-                intent=ranked[0].intent,
-                score=ranked[0].score,
-                rating=ranked[0].rating,
+                intent=intent,
+                score=score,
+                rating=rating,  # type: ignore[arg-type]  # a Rating value
                 address=self.identity.address,
             )
-            return router_pb2.DECISION_ACT, [c], ranked[0].score
-        return router_pb2.DECISION_NONE, [], ranked[0].score if ranked else 0.0
+            return router_pb2.DECISION_ACT, [c], score
+        return router_pb2.DECISION_NONE, [], score
 
     def _check_text(self, text: str) -> None:
         if not text.strip():

@@ -1,12 +1,22 @@
-"""The bot process: serve the Bot service, register in etcd, leave cleanly on SIGTERM."""
+"""The bot process: host one or more bots on one gRPC port, register each in etcd, leave cleanly on SIGTERM.
+
+Every hosted bot is its own participant (bot id, group, instance id, registration, conversation
+state, engine); what a process needs only once is shared: the event loop, the gRPC server, the
+etcd client, the channel pool (router, store, other bots) and the store client. A hosted bot
+matches its own intents by words when no router answers (bot_server/lexical.py): the process
+loads no model unless given `own_intents` (`mbc bot --local-model`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 
-from bot_server.bot import Bot
-from bot_server.engine import BotEngine
+from bot_server.bot import Bot, load_bots
+from bot_server.engine import BotEngine, OwnIntents
+from bot_server.lexical import LexicalIntents
 from bot_server.servicer import BotServicer
 from bot_server.state import MemoryState, StoreState
 from discovery import EtcdClient, Registration
@@ -17,7 +27,6 @@ from mbc import __version__
 from mbc.client.context import ContextClient
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import LOCAL_ROUTER, NO_ROUTER, BotConfig
-from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import bind_context, get_logger
 from mbc.runtime.security import Authorizer
 from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
@@ -29,10 +38,11 @@ log = get_logger(__name__)
 SERVICE_NAME = bot_pb2.DESCRIPTOR.services_by_name["Bot"].full_name
 
 
-def create_server(config: BotConfig, engine: BotEngine) -> tuple[GrpcServer, int]:
+def create_server(config: BotConfig, engines: BotEngine | Sequence[BotEngine]) -> tuple[GrpcServer, int]:
+    """One server for every bot hosted in the process (a call names its bot: `BotServicer`)."""
     server = GrpcServer(
         config.server,
-        lambda s: bot_pb2_grpc.add_BotServicer_to_server(BotServicer(engine, Authorizer(config.server.tls.enabled)), s),
+        lambda s: bot_pb2_grpc.add_BotServicer_to_server(BotServicer(engines, Authorizer(config.server.tls.enabled)), s),
         [SERVICE_NAME],
     )
     return server, server.port
@@ -94,82 +104,175 @@ def participant_of(bot: Bot, identity: common_pb2.BotRef) -> participant_pb2.Par
     )
 
 
-class BotProcess:
-    """One bot instance: server, engine and etcd registration, started and stopped in order."""
+def lexical_intents(bot: Bot) -> OwnIntents:
+    """The default `OwnIntents` of a hosted bot: its phrases matched by words, no model."""
+    return LexicalIntents((i.name, i.phrases) for i in bot.definition.intents)
 
-    def __init__(self, config: BotConfig, bot: Bot | None = None, encoder: Encoder | None = None) -> None:
-        self.config = config
-        self.bot = bot or Bot.from_file(config.definition_path)
-        self.encoder = encoder or Encoder(config.encoder)
-        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
-        self.channels = BotChannels(config, self.etcd)
-        self.identity = common_pb2.BotRef(bot_id=self.bot.bot_id, instance_id=config.instance_id or uuid.uuid4().hex[:12])
-        self.state: StoreState | MemoryState
-        if config.store_address:
-            client = ContextClient(self.channels.channel(config.store_address), config.call_timeout_seconds)
-            self.state = StoreState(client, self.bot.definition.context_namespace, self.bot.bot_id)
-        else:
-            self.state = MemoryState()
-        self.engine = BotEngine(
-            self.bot,
-            config,
-            self.encoder,
-            self.identity,
-            self.channels,
-            self.state,
-            GroupSettingsCache(self.etcd, self.bot.definition.group),
-            self._is_registered if self.etcd else None,
-        )
-        self.server, self.port = create_server(config, self.engine)
-        self.identity.address = self.server.address
+
+REGISTRATION_CONCURRENCY = 32
+"""Registrations (and leaves) a host runs at once: a host of hundreds of bots does not open
+hundreds of etcd requests together."""
+
+
+class HostedBot:
+    """One bot of a host: its identity, conversation state, engine and (once started) registration."""
+
+    def __init__(self, bot: Bot, identity: common_pb2.BotRef, state: StoreState | MemoryState, engine: BotEngine) -> None:
+        self.bot = bot
+        self.identity = identity
+        self.state = state
+        self.engine = engine
         self.registration: Registration | None = None
 
-    async def _is_registered(self, bot: common_pb2.BotRef) -> bool:
-        assert self.etcd is not None  # handed to the engine only when etcd is configured (__init__)
-        return await is_registered(self.etcd, self.bot.definition.group, bot)
+
+class BotHost:
+    """The bots of one process (one or more definitions), served on one port, started and stopped in order."""
+
+    def __init__(
+        self,
+        config: BotConfig,
+        bots: Sequence[Bot] | None = None,
+        own_intents: Callable[[Bot], OwnIntents] = lexical_intents,
+    ) -> None:
+        """`bots`: default, those of `config.definition_path`. `own_intents`: how each bot matches its
+        own intents when no router answers (by words; bot_server/local_model.py for the model)."""
+        self.config = config
+        bots = list(bots) if bots is not None else load_bots(config.definition_path)
+        if not bots:
+            raise ValueError("a bot host needs at least one bot")
+        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
+        self.channels = BotChannels(config, self.etcd)
+        self.store: ContextClient | None = None
+        if config.store_address:
+            self.store = ContextClient(self.channels.channel(config.store_address), config.call_timeout_seconds)
+        self._group_settings: dict[str, GroupSettingsCache] = {}
+        if len({bot.bot_id for bot in bots}) != len(bots):
+            raise ValueError(f"a host serves each bot id once: {sorted(b.bot_id for b in bots)}")
+        self.hosted = {bot.bot_id: self._host(bot, own_intents(bot), len(bots) > 1) for bot in bots}
+        self.server, self.port = create_server(config, [h.engine for h in self.hosted.values()])
+        for hosted in self.hosted.values():
+            hosted.identity.address = self.server.address
+
+    def _host(self, bot: Bot, own: OwnIntents, several: bool) -> HostedBot:
+        given = self.config.instance_id
+        instance_id = (f"{given}.{bot.bot_id}" if several else given) if given else uuid.uuid4().hex[:12]
+        identity = common_pb2.BotRef(bot_id=bot.bot_id, instance_id=instance_id)
+        state: StoreState | MemoryState = (
+            StoreState(self.store, bot.definition.context_namespace, bot.bot_id) if self.store is not None else MemoryState()
+        )
+        group = bot.definition.group
+        settings = self._group_settings.setdefault(group, GroupSettingsCache(self.etcd, group))
+        engine = BotEngine(
+            bot,
+            self.config,
+            own,
+            identity,
+            self.channels,
+            state,
+            settings,
+            self._presence(group),
+        )
+        return HostedBot(bot, identity, state, engine)
+
+    def _presence(self, group: str) -> Callable[[common_pb2.BotRef], Awaitable[bool]] | None:
+        """Whether a bot instance is registered in `group` (None without etcd: no registry)."""
+        etcd = self.etcd
+        if etcd is None:
+            return None
+
+        async def registered(bot: common_pb2.BotRef) -> bool:
+            return await is_registered(etcd, group, bot)
+
+        return registered
+
+    @property
+    def only(self) -> HostedBot:
+        """The hosted bot of a single-bot host."""
+        if len(self.hosted) != 1:
+            raise ValueError(f"this host has {len(self.hosted)} bots")
+        return next(iter(self.hosted.values()))
+
+    @property
+    def bot(self) -> Bot:
+        return self.only.bot
+
+    @property
+    def identity(self) -> common_pb2.BotRef:
+        return self.only.identity
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def _each(self, step: Callable[[HostedBot], Awaitable[None]]) -> None:
+        """`step` for every hosted bot, `REGISTRATION_CONCURRENCY` at a time, each in its log context."""
+        limit = asyncio.Semaphore(REGISTRATION_CONCURRENCY)
+
+        async def run(hosted: HostedBot) -> None:
+            async with limit:
+                with bind_context(bot_id=hosted.bot.bot_id, instance_id=hosted.identity.instance_id):
+                    await step(hosted)
+
+        await asyncio.gather(*(run(h) for h in self.hosted.values()))
+
+    async def _prepare(self, hosted: HostedBot) -> None:
+        await hosted.engine.prepare()
+        if isinstance(hosted.state, StoreState):
+            await hosted.state.prepare(self.config.context_ttl_seconds)
+
+    async def _register(self, hosted: HostedBot) -> None:
+        """Every hosted bot's registration is made here, one per bot."""
+        assert self.etcd is not None  # registering only with etcd configured (start)
+        participant = participant_of(hosted.bot, hosted.identity)
+        hosted.registration = Registration(self.etcd, participant, ttl=self.config.lease_ttl_seconds)
+        await hosted.registration.start()
+        log.info(
+            "bot_serving",
+            address=hosted.identity.address,
+            group=hosted.bot.definition.group,
+            intents=len(hosted.bot.definition.intents),
+            registered=True,
+        )
 
     async def start(self) -> None:
-        with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):
-            await self.engine.prepare()
-            if isinstance(self.state, StoreState):
-                await self.state.prepare(self.config.context_ttl_seconds)
-            if self.etcd is not None:
-                await self.etcd.connect()  # before serving: wrong etcd credentials stop the bot at once
-            await self.channels.start()
-            await self.server.start()
-            if self.etcd is not None:
-                self.registration = Registration(
-                    self.etcd, participant_of(self.bot, self.identity), ttl=self.config.lease_ttl_seconds
-                )
-                await self.registration.start()
-            await self.server.set_serving(True)
-            log.info(
-                "bot_serving",
-                address=self.identity.address,
-                group=self.bot.definition.group,
-                intents=len(self.bot.definition.intents),
-                registered=self.registration is not None,
-            )
+        await self._each(self._prepare)
+        if self.etcd is not None:
+            await self.etcd.connect()  # before serving: wrong etcd credentials stop the process at once
+        await self.channels.start()
+        await self.server.start()
+        if self.etcd is not None:
+            await self._each(self._register)
+        else:
+            for hosted in self.hosted.values():
+                log.info("bot_serving", bot_id=hosted.bot.bot_id, address=hosted.identity.address, registered=False)
+        await self.server.set_serving(True)
+        log.info("host_serving", address=self.server.address, bots=len(self.hosted))
 
     async def stop(self, forget: bool = False) -> None:
-        """NOT_SERVING, leave the mesh (lease revoked), finish in-flight calls, close. The bot's
-        definition stays in etcd (the router answers that it is unavailable until an instance is
-        back) unless `forget`: the bot leaves its group for good."""
-        with bind_context(bot_id=self.bot.bot_id, instance_id=self.identity.instance_id):
-            await self.server.set_serving(False)
-            if self.registration:
-                await self.registration.stop(forget=forget)
-            await self.server.stop()
-            await self.channels.close()
-            if self.etcd:
-                await self.etcd.close()
-            self.encoder.close()
-            log.info("bot_stopped")
+        """NOT_SERVING, every hosted bot leaves the mesh (lease revoked), finish in-flight calls,
+        close. Each bot's definition stays in etcd (the router answers that it is unavailable until
+        an instance is back) unless `forget`: the bots leave their groups for good."""
+
+        async def leave(hosted: HostedBot) -> None:
+            if hosted.registration:
+                await hosted.registration.stop(forget=forget)
+
+        await self.server.set_serving(False)
+        await self._each(leave)
+        await self.server.stop()
+        await self.channels.close()
+        if self.etcd:
+            await self.etcd.close()
+        for hosted in self.hosted.values():
+            hosted.engine.own.close()
+            log.info("bot_stopped", bot_id=hosted.bot.bot_id, instance_id=hosted.identity.instance_id)
 
 
-async def serve(config: BotConfig, bot: Bot | None = None) -> None:
-    process = BotProcess(config, bot)
-    await process.start()
+async def serve(
+    config: BotConfig, bots: Sequence[Bot] | None = None, own_intents: Callable[[Bot], OwnIntents] = lexical_intents
+) -> None:
+    host = BotHost(config, bots, own_intents)
+    await host.start()
     signal_name = await wait_for_shutdown_signal()
-    log.info("shutdown_requested", signal=signal_name, bot_id=process.bot.bot_id)
-    await process.stop()
+    log.info("shutdown_requested", signal=signal_name, bots=len(host.hosted))
+    await host.stop()

@@ -40,7 +40,7 @@ FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
 
 Code = grpc.StatusCode
 MATCH_CODES = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED}
-BOT_CODES = {Code.OK, Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.ABORTED, Code.RESOURCE_EXHAUSTED}
+BOT_CODES = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.ABORTED, Code.RESOURCE_EXHAUSTED}
 STORE_CODES = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ABORTED, Code.RESOURCE_EXHAUSTED}
 
 SEEN: dict[str, Counter] = defaultdict(Counter)

@@ -64,7 +64,7 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
         {"MBC_BOT__ETCD_ENDPOINTS": "c:3", "MBC_BOT__SERVER__OTEL": "on", "MBC_BOT__MAX_HOPS": "2"},
         monkeypatch,
     )
-    assert (c.etcd_endpoints, c.server.otel, c.max_hops, c.definition_path) == (("a:1", "b:2"), True, 2, "cards.yaml")
+    assert (c.etcd_endpoints, c.server.otel, c.max_hops, c.definition_path) == (("a:1", "b:2"), True, 2, ("cards.yaml",))
     c = effective(["store"], {"MBC_STORE__LIMITS__MAX_VALUE_BYTES": "1000"}, monkeypatch)
     assert (c.limits.max_value_bytes, c.server.port) == (1000, 50052)
 
@@ -162,7 +162,9 @@ def _other_value(flag, default):
     if flag.kind is float:
         return [flag.name, str(default + 1.5)], default + 1.5
     if flag.kind is str:
-        return ([] if flag.name == "definition" else [flag.name]) + ["other.yaml"], "other.yaml"
+        return [flag.name, "other.yaml"], "other.yaml"
+    if flag.name == "definition":  # positional, one or more
+        return ["a.yaml", "bots/"], ("a.yaml", "bots/")
     return [flag.name, "a:1,b:2"], ("a:1", "b:2")
 
 

@@ -253,8 +253,8 @@ async def test_router_down_bots_keep_answering_then_use_it_again(mesh):
     elsewhere = "How do I open a business checking account for my LLC?"
     port = mesh.router.port
     mesh.router.kill()
-    # Without the router, a bot still answers its own intents (matched locally) and falls back for the rest.
-    r = await respond(cards, "my card got declined at the grocery store")
+    # Without the router, a bot still answers its own phrases (matched by words) and falls back for the rest.
+    r = await respond(cards, "my card was declined at the store")
     assert r.outcome == bot_pb2.OUTCOME_ANSWERED and r.match.intent == "card_declined"
     r = await respond(cards, elsewhere)
     assert r.outcome == bot_pb2.OUTCOME_FALLBACK and r.owner.bot_id == "cards"

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 
 # Before numpy loads OpenBLAS: its idle threads then sleep at once instead of spinning after each
 # call (the router's search is a BLAS product), so under load they leave the cores to the encoder.
@@ -94,8 +95,8 @@ def cmd_router(args: argparse.Namespace) -> None:
     run_component("router", serve(config))
 
 
-def load_handlers(spec: str, bot) -> None:
-    """Import a handlers module (dotted name or .py path) and let its `setup(bot)` attach code to intents."""
+def load_handlers(spec: str):
+    """Import a handlers module (dotted name or .py path): its `setup(bot)`, which attaches code to intents."""
     if spec.endswith(".py"):
         loaded = importlib.util.spec_from_file_location(f"mbc_handlers_{abs(hash(spec))}", spec)
         if loaded is None or loaded.loader is None:
@@ -107,21 +108,29 @@ def load_handlers(spec: str, bot) -> None:
     setup = getattr(module, "setup", None)
     if not callable(setup):
         sys.exit(f"mbc bot: {spec} has no setup(bot) function")
-    setup(bot)
+    return setup
 
 
 def cmd_bot(args: argparse.Namespace) -> None:
-    from bot_server.bot import Bot
+    from bot_server.bot import Bot, load_bots
     from bot_server.definition import DefinitionError
-    from bot_server.server import serve
+    from bot_server.engine import OwnIntents
+    from bot_server.server import lexical_intents, serve
 
     config = effective_config("bot", args)
     configure(config.log_level, service="bot")
     try:
-        bot = Bot.from_file(config.definition_path)
+        bots = load_bots(config.definition_path)
         for spec in args.handlers:
-            load_handlers(spec, bot)
-        run_component("bot", serve(config, bot))
+            setup = load_handlers(spec)
+            for bot in bots:  # every hosted bot: a setup serving several bots looks at bot.bot_id
+                setup(bot)
+        own_intents: Callable[[Bot], OwnIntents] = lexical_intents
+        if config.local_model:
+            from bot_server.local_model import model_intents  # torch and the model: only when asked for
+
+            own_intents = model_intents(config)
+        run_component("bot", serve(config, bots, own_intents))
     except DefinitionError as e:
         sys.exit(f"mbc bot: {e}")
 
@@ -254,13 +263,14 @@ def add_router(sub) -> None:
 
 
 def add_bot(sub) -> None:
-    bot = add_component(sub, "bot", "run one bot from a definition file", cmd_bot)
+    bot = add_component(sub, "bot", "run bots from definition files (or directories of *.yaml), all on one port", cmd_bot)
     bot.add_argument(
         "--handlers",
         action="append",
         default=[],
         metavar="MODULE",
-        help="Python module (dotted name or .py file) whose setup(bot) attaches code to intents; repeatable",
+        help="Python module (dotted name or .py file) whose setup(bot) attaches code to intents, called for "
+        "each hosted bot; repeatable",
     )
 
 

@@ -385,6 +385,8 @@ class Flag:
 
     def value(self, parsed: Any) -> Any:
         """The field value of a parsed flag (an on/off choice is a boolean)."""
+        if isinstance(parsed, list):
+            return tuple(parsed)  # a positional list (nargs="+")
         return parsed == self.choices[0] if self.kind is bool and self.choices else parsed
 
 
@@ -444,7 +446,10 @@ def add_field_arguments(parser: Any, flags: list[Flag], defaults: Any = argparse
         elif flag.kind in (int, float):
             options["type"] = flag.kind
         elif typing.get_origin(flag.kind) is tuple:
-            options["type"] = split_endpoints
+            if flag.name.startswith("-"):
+                options["type"] = split_endpoints
+            else:
+                options["nargs"] = "+"
         parser.add_argument(flag.name, **options)
 
 

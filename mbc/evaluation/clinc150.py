@@ -26,7 +26,8 @@ import grpc
 
 from bot_server.bot import Bot
 from bot_server.definition import BotDefinition
-from bot_server.server import BotProcess
+from bot_server.local_model import ModelIntents
+from bot_server.server import BotHost
 from mbc.client.gateway import Conversation
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
@@ -154,7 +155,7 @@ class Mesh:
     """The mesh under evaluation: the router and a bot per domain, all in this process."""
 
     router: RouterProcess
-    bots: dict[str, BotProcess] = field(default_factory=dict)
+    bots: dict[str, BotHost] = field(default_factory=dict)
     pool: ChannelPool = field(default_factory=ChannelPool)
     model: GroupModel | None = None
     """The group's model once trained and calibrated on every bot."""
@@ -213,7 +214,7 @@ async def start_bots(mesh: Mesh, ds: Dataset, etcd: tuple[str, ...], encoder: En
         etcd_endpoints=etcd, router_address=mesh.router.server.address, server=ServerConfig(port=0), lease_ttl_seconds=5
     )
     for data in definitions(ds):
-        bot = BotProcess(config, bot=Bot(BotDefinition.from_dict(data)), encoder=encoder)
+        bot = BotHost(config, [Bot(BotDefinition.from_dict(data))], lambda b: ModelIntents(b, config, encoder))
         mesh.bots[bot.bot.bot_id] = bot
     await asyncio.gather(*(bot.start() for bot in mesh.bots.values()))
 

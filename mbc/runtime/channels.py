@@ -63,8 +63,9 @@ ROUTER_SERVICE_CONFIG = balanced_service_config(ROUTER_SERVICE)
 DEFAULT_CHANNEL_CONFIG = ChannelConfig()
 
 # Instance ids remembered per address: an id seen there before (a stale candidate of a replaced
-# instance) does not reset the channel again.
-_KNOWN_INSTANCES = 8
+# instance) does not reset the channel again. A bot host serves hundreds of bots at one address,
+# each its own instance: all of them are remembered, or calls to them would reset it in turn.
+_KNOWN_INSTANCES = 1024
 
 
 def open_channel(

@@ -468,8 +468,11 @@ NO_ROUTER = "off"
 class BotConfig:
     """One bot process: its definition, where it serves, and how it reaches the mesh."""
 
-    definition_path: str = setting("", flag="definition", help="bot definition YAML")
-    """The bot definition YAML file."""
+    definition_path: tuple[str, ...] = setting(
+        (), flag="definition", help="bot definition YAML files, or directories of *.yaml: all hosted in this process"
+    )
+    """The bot definitions to host: YAML files, or directories whose *.yaml files are each a bot. One
+    process serves them all on one port, each its own participant (bot_server/server.py)."""
     etcd_endpoints: tuple[str, ...] = setting(
         ("127.0.0.1:2379",), flag="--etcd", help="etcd endpoints, comma-separated host:port"
     )
@@ -480,7 +483,7 @@ class BotConfig:
         flag="--router",
         help='router replicas: host:port, a comma list, dns:///name:port; empty: those registered in etcd; "off": no router',
     )
-    """Where the router replicas are (see `mbc.runtime.channels.router_target`): empty follows the
+    """Where the router replicas are (see `mbc.runtime.targets.router_target`): empty follows the
     replicas registered in etcd (127.0.0.1:50051 without etcd); host:port, a comma-separated list of
     IP:port, or a gRPC target such as dns:///routers.mbc:50051 (a headless Service) dials those,
     round robin over the SERVING ones; "off" disables collaboration lookups (no transfers)."""
@@ -491,7 +494,13 @@ class BotConfig:
     server: ServerConfig = section(ServerConfig)
     channels: ChannelConfig = section(ChannelConfig)
     """How the bot's channels to the router, the store and other bots reconnect."""
+    local_model: bool = setting(
+        False, flag="--local-model", help="load the encoder model in the bot to match its own intents without a router"
+    )
+    """With no router answering, match the bot's own intents with the encoder model (torch, seconds
+    of start, hundreds of MB) rather than by words (bot_server/lexical.py). Off: the router decides."""
     encoder: EncoderConfig = section(EncoderConfig, flags=("model",))
+    """The model of `local_model`."""
     ratings: RatingThresholds = field(default_factory=RatingThresholds)
     instance_id: str = setting("", flag="--instance-id", help="instance id to register (default: generated)")
     """Instance id to register; empty generates one per start."""

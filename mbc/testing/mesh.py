@@ -241,20 +241,28 @@ class LocalMesh:
     async def start_bot(self, path: Path, name: str = "", *args: str, env: dict[str, str] | None = None) -> ComponentProcess:
         """The bot of definition `path`, named `name` (default: its id), calling the first router
         and the store started so far; `args`: more `mbc bot` flags."""
-        bot_file = BotFile.read(path)
-        name = name or bot_file.bot_id
-        flags = ["bot", str(path), "--etcd", self.etcd, *self._etcd_flags(name)]
+        return await self.start_host([path], name, *args, env=env)
+
+    async def start_host(
+        self, paths: Sequence[Path], name: str = "", *args: str, env: dict[str, str] | None = None
+    ) -> ComponentProcess:
+        """One `mbc bot` process hosting the bots of `paths` on one port, named `name` (default: the
+        first bot's id; `bot_files[name]` is that first bot's), as `start_bot`."""
+        bot_files = [BotFile.read(p) for p in paths]
+        name = name or bot_files[0].bot_id
+        flags = ["bot", *map(str, paths), "--etcd", self.etcd, *self._etcd_flags(name)]
         if self.router is not None and self.replicas == 1:
             flags += ["--router", self.router.address]
         if self.store is not None:
             flags += ["--store", self.store.address]
         if self.lease_ttl is not None:
             flags += ["--lease-ttl", str(self.lease_ttl)]
-        flags += self._tls_flags(f"bot/{bot_file.group}/{bot_file.bot_id}")
+        flags += self._tls_flags(f"bot/{bot_files[0].group}/{bot_files[0].bot_id}")
         bot = ComponentProcess(name, [*flags, *args], self.workdir, env=env)
         self.bots[name] = bot
-        self.bot_files[name] = bot_file
-        self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
+        self.bot_files[name] = bot_files[0]
+        for bot_file in bot_files:
+            self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
         return await self._serving(bot, "mbc.v1.Bot")
 
     async def wait_indexed(

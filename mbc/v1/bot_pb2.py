@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mbc.v1 import common_pb2 as mbc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10mbc/v1/bot.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\">\n\rClarifyOption\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\"\xcb\x01\n\x0eRespondRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x45\n\x10\x63hannel_metadata\x18\x04 \x03(\x0b\x32+.mbc.v1.RespondRequest.ChannelMetadataEntry\x1a\x36\n\x14\x43hannelMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\tMatchInfo\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1e\n\x06rating\x18\x04 \x01(\x0e\x32\x0e.mbc.v1.Rating\"\xd1\x01\n\x0fRespondResponse\x12\x1e\n\x07replies\x18\x01 \x03(\x0b\x32\r.mbc.v1.Reply\x12\x1d\n\x05owner\x18\x02 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12 \n\x07outcome\x18\x03 \x01(\x0e\x32\x0f.mbc.v1.Outcome\x12 \n\x05match\x18\x04 \x01(\x0b\x32\x11.mbc.v1.MatchInfo\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12&\n\x07options\x18\x06 \x03(\x0b\x32\x15.mbc.v1.ClarifyOption\"\xee\x02\n\x0fTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06intent\x18\x05 \x01(\t\x12\x1e\n\x06sender\x18\x06 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12\x17\n\x0freceiver_bot_id\x18\x07 \x01(\t\x12\x46\n\x10\x63hannel_metadata\x18\x08 \x03(\x0b\x32,.mbc.v1.TransferRequest.ChannelMetadataEntry\x12\x17\n\x0fvisited_bot_ids\x18\t \x03(\t\x12\x11\n\thop_count\x18\n \x01(\r\x12\x15\n\rowner_version\x18\x0b \x01(\x03\x1a\x36\n\x14\x43hannelMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x10TransferResponse\x12\x1e\n\x07replies\x18\x01 \x03(\x0b\x32\r.mbc.v1.Reply\x12\x1d\n\x05owner\x18\x02 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12 \n\x07outcome\x18\x03 \x01(\x0e\x32\x0f.mbc.v1.Outcome\x12 \n\x05match\x18\x04 \x01(\x0b\x32\x11.mbc.v1.MatchInfo*|\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ANSWERED\x10\x01\x12\x17\n\x13OUTCOME_TRANSFERRED\x10\x02\x12\x14\n\x10OUTCOME_FALLBACK\x10\x03\x12\x13\n\x0fOUTCOME_CLARIFY\x10\x04\x32\x80\x01\n\x03\x42ot\x12:\n\x07Respond\x12\x16.mbc.v1.RespondRequest\x1a\x17.mbc.v1.RespondResponse\x12=\n\x08Transfer\x12\x17.mbc.v1.TransferRequest\x1a\x18.mbc.v1.TransferResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10mbc/v1/bot.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\">\n\rClarifyOption\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0e\n\x06intent\x18\x03 \x01(\t\"\xdb\x01\n\x0eRespondRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x45\n\x10\x63hannel_metadata\x18\x04 \x03(\x0b\x32+.mbc.v1.RespondRequest.ChannelMetadataEntry\x12\x0e\n\x06\x62ot_id\x18\x05 \x01(\t\x1a\x36\n\x14\x43hannelMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\tMatchInfo\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1e\n\x06rating\x18\x04 \x01(\x0e\x32\x0e.mbc.v1.Rating\"\xd1\x01\n\x0fRespondResponse\x12\x1e\n\x07replies\x18\x01 \x03(\x0b\x32\r.mbc.v1.Reply\x12\x1d\n\x05owner\x18\x02 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12 \n\x07outcome\x18\x03 \x01(\x0e\x32\x0f.mbc.v1.Outcome\x12 \n\x05match\x18\x04 \x01(\x0b\x32\x11.mbc.v1.MatchInfo\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12&\n\x07options\x18\x06 \x03(\x0b\x32\x15.mbc.v1.ClarifyOption\"\xee\x02\n\x0fTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06intent\x18\x05 \x01(\t\x12\x1e\n\x06sender\x18\x06 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12\x17\n\x0freceiver_bot_id\x18\x07 \x01(\t\x12\x46\n\x10\x63hannel_metadata\x18\x08 \x03(\x0b\x32,.mbc.v1.TransferRequest.ChannelMetadataEntry\x12\x17\n\x0fvisited_bot_ids\x18\t \x03(\t\x12\x11\n\thop_count\x18\n \x01(\r\x12\x15\n\rowner_version\x18\x0b \x01(\x03\x1a\x36\n\x14\x43hannelMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x10TransferResponse\x12\x1e\n\x07replies\x18\x01 \x03(\x0b\x32\r.mbc.v1.Reply\x12\x1d\n\x05owner\x18\x02 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12 \n\x07outcome\x18\x03 \x01(\x0e\x32\x0f.mbc.v1.Outcome\x12 \n\x05match\x18\x04 \x01(\x0b\x32\x11.mbc.v1.MatchInfo*|\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ANSWERED\x10\x01\x12\x17\n\x13OUTCOME_TRANSFERRED\x10\x02\x12\x14\n\x10OUTCOME_FALLBACK\x10\x03\x12\x13\n\x0fOUTCOME_CLARIFY\x10\x04\x32\x80\x01\n\x03\x42ot\x12:\n\x07Respond\x12\x16.mbc.v1.RespondRequest\x1a\x17.mbc.v1.RespondResponse\x12=\n\x08Transfer\x12\x17.mbc.v1.TransferRequest\x1a\x18.mbc.v1.TransferResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONDREQUEST_CHANNELMETADATAENTRY']._serialized_options = b'8\001'
   _globals['_TRANSFERREQUEST_CHANNELMETADATAENTRY']._loaded_options = None
   _globals['_TRANSFERREQUEST_CHANNELMETADATAENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=1144
-  _globals['_OUTCOME']._serialized_end=1268
+  _globals['_OUTCOME']._serialized_start=1160
+  _globals['_OUTCOME']._serialized_end=1284
   _globals['_CLARIFYOPTION']._serialized_start=49
   _globals['_CLARIFYOPTION']._serialized_end=111
   _globals['_RESPONDREQUEST']._serialized_start=114
-  _globals['_RESPONDREQUEST']._serialized_end=317
-  _globals['_RESPONDREQUEST_CHANNELMETADATAENTRY']._serialized_start=263
-  _globals['_RESPONDREQUEST_CHANNELMETADATAENTRY']._serialized_end=317
-  _globals['_MATCHINFO']._serialized_start=319
-  _globals['_MATCHINFO']._serialized_end=409
-  _globals['_RESPONDRESPONSE']._serialized_start=412
-  _globals['_RESPONDRESPONSE']._serialized_end=621
-  _globals['_TRANSFERREQUEST']._serialized_start=624
-  _globals['_TRANSFERREQUEST']._serialized_end=990
-  _globals['_TRANSFERREQUEST_CHANNELMETADATAENTRY']._serialized_start=263
-  _globals['_TRANSFERREQUEST_CHANNELMETADATAENTRY']._serialized_end=317
-  _globals['_TRANSFERRESPONSE']._serialized_start=993
-  _globals['_TRANSFERRESPONSE']._serialized_end=1142
-  _globals['_BOT']._serialized_start=1271
-  _globals['_BOT']._serialized_end=1399
+  _globals['_RESPONDREQUEST']._serialized_end=333
+  _globals['_RESPONDREQUEST_CHANNELMETADATAENTRY']._serialized_start=279
+  _globals['_RESPONDREQUEST_CHANNELMETADATAENTRY']._serialized_end=333
+  _globals['_MATCHINFO']._serialized_start=335
+  _globals['_MATCHINFO']._serialized_end=425
+  _globals['_RESPONDRESPONSE']._serialized_start=428
+  _globals['_RESPONDRESPONSE']._serialized_end=637
+  _globals['_TRANSFERREQUEST']._serialized_start=640
+  _globals['_TRANSFERREQUEST']._serialized_end=1006
+  _globals['_TRANSFERREQUEST_CHANNELMETADATAENTRY']._serialized_start=279
+  _globals['_TRANSFERREQUEST_CHANNELMETADATAENTRY']._serialized_end=333
+  _globals['_TRANSFERRESPONSE']._serialized_start=1009
+  _globals['_TRANSFERRESPONSE']._serialized_end=1158
+  _globals['_BOT']._serialized_start=1287
+  _globals['_BOT']._serialized_end=1415
 # @@protoc_insertion_point(module_scope)

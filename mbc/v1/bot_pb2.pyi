@@ -32,7 +32,7 @@ class ClarifyOption(_message.Message):
     def __init__(self, label: _Optional[str] = ..., bot_id: _Optional[str] = ..., intent: _Optional[str] = ...) -> None: ...
 
 class RespondRequest(_message.Message):
-    __slots__ = ("conversation_id", "consumer_id", "text", "channel_metadata")
+    __slots__ = ("conversation_id", "consumer_id", "text", "channel_metadata", "bot_id")
     class ChannelMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,11 +44,13 @@ class RespondRequest(_message.Message):
     CONSUMER_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_METADATA_FIELD_NUMBER: _ClassVar[int]
+    BOT_ID_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     consumer_id: str
     text: str
     channel_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, conversation_id: _Optional[str] = ..., consumer_id: _Optional[str] = ..., text: _Optional[str] = ..., channel_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    bot_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., consumer_id: _Optional[str] = ..., text: _Optional[str] = ..., channel_metadata: _Optional[_Mapping[str, str]] = ..., bot_id: _Optional[str] = ...) -> None: ...
 
 class MatchInfo(_message.Message):
     __slots__ = ("bot_id", "intent", "score", "rating")

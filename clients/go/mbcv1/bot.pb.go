@@ -158,8 +158,11 @@ type RespondRequest struct {
 	Text string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
 	// Channel details from the gateway (channel name, locale...), passed on in transfers.
 	ChannelMetadata map[string]string `protobuf:"bytes,4,rep,name=channel_metadata,json=channelMetadata,proto3" json:"channel_metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The bot meant (an owner's bot_id, as RespondResponse.owner gives it). Empty: the address's
+	// only bot; an address that hosts several bots then answers INVALID_ARGUMENT naming them.
+	BotId         string `protobuf:"bytes,5,opt,name=bot_id,json=botId,proto3" json:"bot_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RespondRequest) Reset() {
@@ -218,6 +221,13 @@ func (x *RespondRequest) GetChannelMetadata() map[string]string {
 		return x.ChannelMetadata
 	}
 	return nil
+}
+
+func (x *RespondRequest) GetBotId() string {
+	if x != nil {
+		return x.BotId
+	}
+	return ""
 }
 
 // How the message was matched.
@@ -603,13 +613,14 @@ const file_mbc_v1_bot_proto_rawDesc = "" +
 	"\rClarifyOption\x12\x14\n" +
 	"\x05label\x18\x01 \x01(\tR\x05label\x12\x15\n" +
 	"\x06bot_id\x18\x02 \x01(\tR\x05botId\x12\x16\n" +
-	"\x06intent\x18\x03 \x01(\tR\x06intent\"\x8a\x02\n" +
+	"\x06intent\x18\x03 \x01(\tR\x06intent\"\xa1\x02\n" +
 	"\x0eRespondRequest\x12'\n" +
 	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\x12\x1f\n" +
 	"\vconsumer_id\x18\x02 \x01(\tR\n" +
 	"consumerId\x12\x12\n" +
 	"\x04text\x18\x03 \x01(\tR\x04text\x12V\n" +
-	"\x10channel_metadata\x18\x04 \x03(\v2+.mbc.v1.RespondRequest.ChannelMetadataEntryR\x0fchannelMetadata\x1aB\n" +
+	"\x10channel_metadata\x18\x04 \x03(\v2+.mbc.v1.RespondRequest.ChannelMetadataEntryR\x0fchannelMetadata\x12\x15\n" +
+	"\x06bot_id\x18\x05 \x01(\tR\x05botId\x1aB\n" +
 	"\x14ChannelMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"x\n" +

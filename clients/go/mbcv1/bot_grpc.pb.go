@@ -31,13 +31,16 @@ const (
 type BotClient interface {
 	// A consumer message in a conversation. The bot answers it with its own dialog, hands the
 	// conversation over to a participating bot that has a matching intent, or sends its fallback.
-	// Errors: INVALID_ARGUMENT for a missing conversation id, an empty or oversized text;
-	// FAILED_PRECONDITION when the conversation was handed over to another bot (the message
-	// names the owner).
+	// Errors: INVALID_ARGUMENT for a missing conversation id, an empty or oversized text, or an
+	// empty bot_id at an address that hosts several bots (the message names them); NOT_FOUND for
+	// a bot_id this address does not host; FAILED_PRECONDITION when the conversation was handed
+	// over to another bot (the message names the owner).
 	Respond(ctx context.Context, in *RespondRequest, opts ...grpc.CallOption) (*RespondResponse, error)
 	// A conversation handed over by another bot of the same group.
-	// Errors: INVALID_ARGUMENT for missing fields; FAILED_PRECONDITION when receiver_bot_id is
-	// not this bot, or when this bot does not collaborate.
+	// The receiving bot is receiver_bot_id (an address may host several bots).
+	// Errors: INVALID_ARGUMENT for missing fields; NOT_FOUND when this address hosts several bots
+	// and receiver_bot_id is none of them; FAILED_PRECONDITION when receiver_bot_id is not the bot
+	// of a single-bot address, or when the bot does not collaborate.
 	Transfer(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
 }
 
@@ -77,13 +80,16 @@ func (c *botClient) Transfer(ctx context.Context, in *TransferRequest, opts ...g
 type BotServer interface {
 	// A consumer message in a conversation. The bot answers it with its own dialog, hands the
 	// conversation over to a participating bot that has a matching intent, or sends its fallback.
-	// Errors: INVALID_ARGUMENT for a missing conversation id, an empty or oversized text;
-	// FAILED_PRECONDITION when the conversation was handed over to another bot (the message
-	// names the owner).
+	// Errors: INVALID_ARGUMENT for a missing conversation id, an empty or oversized text, or an
+	// empty bot_id at an address that hosts several bots (the message names them); NOT_FOUND for
+	// a bot_id this address does not host; FAILED_PRECONDITION when the conversation was handed
+	// over to another bot (the message names the owner).
 	Respond(context.Context, *RespondRequest) (*RespondResponse, error)
 	// A conversation handed over by another bot of the same group.
-	// Errors: INVALID_ARGUMENT for missing fields; FAILED_PRECONDITION when receiver_bot_id is
-	// not this bot, or when this bot does not collaborate.
+	// The receiving bot is receiver_bot_id (an address may host several bots).
+	// Errors: INVALID_ARGUMENT for missing fields; NOT_FOUND when this address hosts several bots
+	// and receiver_bot_id is none of them; FAILED_PRECONDITION when receiver_bot_id is not the bot
+	// of a single-bot address, or when the bot does not collaborate.
 	Transfer(context.Context, *TransferRequest) (*TransferResponse, error)
 	mustEmbedUnimplementedBotServer()
 }
