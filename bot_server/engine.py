@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,6 +65,10 @@ INSTANCE_ASK_DELAYS = (0.0, 0.0, 0.025, 0.1)
 bot's instances in turn, and a concurrent Match may take the turn; an instance that has just left
 stays in the router's view until its etcd watch catches up: milliseconds, more on a busy router."""
 NONE_OF_THESE = "None of these"
+RETURN_PREFIX = "return:"
+"""The owner record's transfer_id when a conversation went back to its sender after transfer <id>."""
+APPLIED_POLL_SECONDS = 0.05
+"""How often a retried transfer that another instance is applying reads the owner record again."""
 ROUTER_UNAVAILABLE_MEMORY_SECONDS = 3.0
 """How long the router's word that a bot has no live instance (NONE_REASON_BOT_UNAVAILABLE) is
 enough to take a conversation over from that bot without a health check of its instance."""
@@ -105,6 +109,15 @@ class TurnResult:
     options: list[bot_pb2.ClarifyOption] = field(default_factory=list)
     asked: bool = False
     """The dialog is waiting for the consumer's answer to a question."""
+
+    def transfer_response(self) -> bot_pb2.TransferResponse:
+        outcome = cast(bot_pb2.Outcome, self.outcome)  # a wire value, typed as the enum by the stubs
+        return bot_pb2.TransferResponse(replies=self.replies, owner=self.owner, outcome=outcome, match=self.match)
+
+    @classmethod
+    def of_transfer(cls, response: bot_pb2.TransferResponse) -> TurnResult:
+        """A transfer's result as recorded in the owner record (see `_applied_elsewhere`)."""
+        return cls(list(response.replies), response.owner, response.outcome, response.match)
 
 
 @dataclass
@@ -149,6 +162,9 @@ class BotEngine:
         self.config = config
         self.own = own
         self.identity = identity
+        # The owner record names the bot (group and bot_id), not only this instance: a gateway
+        # whose instance is gone asks a router for a live one.
+        self.identity.group = self.identity.group or self.definition.group
         self.channels = channels
         self.state = state
         self.group_settings = group_settings or GroupSettingsCache(None, self.definition.group)
@@ -618,6 +634,9 @@ class BotEngine:
                 message.conversation_id, self.identity, expected, request.transfer_id, route.remaining(0)
             )
         except OwnershipConflict as e:
+            applied = await self._applied_elsewhere(request, route)
+            if applied is not None:
+                return applied
             raise Conflict(str(e)) from None
         sender = request.sender.bot_id
         if request.intent in self._intents:
@@ -633,17 +652,66 @@ class BotEngine:
                     result = self._fallback(score)
             else:
                 result = await self._route(message, route, include_self=True)
+        await self._record_applied(request, route, result)
         if result.outcome == bot_pb2.OUTCOME_ANSWERED and not result.asked and request.sender.address:
             await self._return_to_sender(request, route, result)
         return result
+
+    async def _record_applied(self, request: bot_pb2.TransferRequest, route: Route, result: TurnResult) -> None:
+        """Keep the transfer's answer in the owner record (a claim of the version this bot holds),
+        where every instance of the bot finds it: a retry of the transfer on any of them returns
+        it (`_applied_elsewhere`). Without a shared store, the in-process ledger does."""
+        if not self.state.shared or route.stateless:
+            return
+        try:
+            route.owner_version = await self.state.claim(
+                request.conversation_id,
+                self.identity,
+                route.owner_version,
+                request.transfer_id,
+                route.remaining(0),
+                result.transfer_response(),
+            )
+        except OwnershipConflict:
+            # Handed on (a further transfer) or taken meanwhile: a retry finds a newer transfer.
+            log.info("transfer_result_not_recorded", reason="owner_changed")
+        except grpc.aio.AioRpcError as e:
+            # The answer stands (the dialog ran, its writes are in): only a retry elsewhere loses.
+            log.warning("transfer_result_not_recorded", reason=e.code().name, detail=e.details())
+
+    async def _applied_elsewhere(self, request: bot_pb2.TransferRequest, route: Route) -> TurnResult | None:
+        """The answer of an instance of this bot that applied (or is applying) the same transfer:
+        read from the owner record, waited for while it is being applied, within the route's time.
+        None when the record is at another transfer: the conversation moved on, a real conflict."""
+        if not self.state.shared:
+            return None  # every instance has its own conversations: the ledger saw any retry
+        applied = (request.transfer_id, f"{RETURN_PREFIX}{request.transfer_id}")
+        while True:
+            current = await self.state.owner(request.conversation_id, route.remaining(0))
+            if current.transfer_id not in applied:
+                return None
+            if current.transfer_response is not None:
+                log.info("transfer_already_applied", by_instance=current.transfer_response.owner.instance_id)
+                return TurnResult.of_transfer(current.transfer_response)
+            if route.remaining(0) <= APPLIED_POLL_SECONDS:
+                by = current.owner.instance_id if current.owner else "?"
+                raise Conflict(f"transfer {request.transfer_id!r} is still being applied by instance {by!r}: retry later")
+            await asyncio.sleep(APPLIED_POLL_SECONDS)
 
     async def _return_to_sender(self, request: bot_pb2.TransferRequest, route: Route, result: TurnResult) -> None:
         """With the group's return_to_sender on, hand the conversation back once the dialog ended."""
         if not (await self.group_settings.get()).return_to_sender:
             return
+        returned = result.transfer_response()
+        returned.owner.CopyFrom(request.sender)
         try:
             await self.state.claim(
-                request.conversation_id, request.sender, route.owner_version, f"return:{request.transfer_id}", route.remaining(0)
+                request.conversation_id,
+                request.sender,
+                route.owner_version,
+                f"{RETURN_PREFIX}{request.transfer_id}",
+                route.remaining(0),
+                returned if self.state.shared else None,
             )
         except OwnershipConflict:
             return

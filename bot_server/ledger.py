@@ -1,5 +1,10 @@
 """`TransferLedger` makes a retried Transfer (same id) return the first attempt's result instead
-of running the dialog twice; bounded, in-process."""
+of running the dialog twice; bounded, in-process.
+
+It covers the retries that reach the same instance. With a Context Session Store, a retry that
+reaches another instance of the bot finds the first attempt's answer in the conversation's owner
+record, where the engine keeps it (`BotEngine._record_applied`, `_applied_elsewhere`); without a
+store, this ledger is the only one, as every instance has its own conversations."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import grpc
 
 from mbc.client.context import ContextClient, Scope
-from mbc.v1 import common_pb2
+from mbc.v1 import bot_pb2, common_pb2
 
 RESERVED_PREFIX = "mbc."
 
@@ -37,6 +37,8 @@ class Ownership:
     owner: common_pb2.BotRef | None
     transfer_id: str
     version: int
+    transfer_response: bot_pb2.TransferResponse | None = None
+    """What the owner answered to `transfer_id` (None while it is being applied, or unknown)."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,16 @@ class ConversationState(Protocol):
     async def owner(self, conversation_id: str, timeout: float) -> Ownership: ...
 
     async def claim(
-        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float
+        self,
+        conversation_id: str,
+        owner: common_pb2.BotRef,
+        expected_version: int,
+        transfer_id: str,
+        timeout: float,
+        response: bot_pb2.TransferResponse | None = None,
     ) -> int:
-        """Record `owner` if the record is still at `expected_version`; raise OwnershipConflict otherwise."""
+        """Record `owner` if the record is still at `expected_version`; raise OwnershipConflict otherwise.
+        `response`: what `owner` answered to `transfer_id`, returned to the transfer's retries."""
         ...
 
     async def variables(self, conversation_id: str, timeout: float) -> dict[str, Any]: ...
@@ -123,13 +132,22 @@ class StoreState:
         record, version = await self.client.get_owner(conversation_id, timeout=timeout)
         if record is None:
             return Ownership(None, "", 0)
-        return Ownership(record.owner, record.transfer_id, version)
+        response = record.transfer_response if record.HasField("transfer_response") else None
+        return Ownership(record.owner, record.transfer_id, version, response)
 
     async def claim(
-        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float
+        self,
+        conversation_id: str,
+        owner: common_pb2.BotRef,
+        expected_version: int,
+        transfer_id: str,
+        timeout: float,
+        response: bot_pb2.TransferResponse | None = None,
     ) -> int:
         try:
-            return await self.client.claim_owner(conversation_id, owner, expected_version, transfer_id, timeout=timeout)
+            return await self.client.claim_owner(
+                conversation_id, owner, expected_version, transfer_id, timeout=timeout, transfer_response=response
+            )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.ABORTED:
                 raise OwnershipConflict(e.details()) from None
@@ -205,13 +223,19 @@ class MemoryState:
         return self._owners.get(conversation_id, Ownership(None, "", 0))
 
     async def claim(
-        self, conversation_id: str, owner: common_pb2.BotRef, expected_version: int, transfer_id: str, timeout: float
+        self,
+        conversation_id: str,
+        owner: common_pb2.BotRef,
+        expected_version: int,
+        transfer_id: str,
+        timeout: float,
+        response: bot_pb2.TransferResponse | None = None,
     ) -> int:
         current = self._owners.get(conversation_id)
         if (current.version if current else 0) != expected_version:
             raise OwnershipConflict(f"conversation {conversation_id!r} changed owner")
         version = next(self._versions)
-        self._bounded(self._owners, conversation_id, Ownership(owner, transfer_id, version))
+        self._bounded(self._owners, conversation_id, Ownership(owner, transfer_id, version, response))
         return version
 
     async def variables(self, conversation_id: str, timeout: float) -> dict[str, Any]:

@@ -430,10 +430,18 @@ class ContextStoreCore:
             ("ownership.owner.bot_id", ownership.owner.bot_id),
             ("ownership.owner.instance_id", ownership.owner.instance_id),
             ("ownership.owner.address", ownership.owner.address),
+            ("ownership.owner.group", ownership.owner.group),
             ("ownership.transfer_id", ownership.transfer_id),
         ):
             if len(text) > MAX_SCOPE_ID:
                 raise InvalidArgument(f"{name} has {len(text)} characters; the maximum is {MAX_SCOPE_ID}")
+        if ownership.HasField("transfer_response") and not ownership.transfer_id:
+            raise InvalidArgument("ownership.transfer_response needs the transfer_id it answers")
+        size = ownership.transfer_response.ByteSize()
+        if size > self.config.max_value_bytes:
+            raise InvalidArgument(
+                f"ownership.transfer_response is {size} bytes serialized; the maximum is {self.config.max_value_bytes}"
+            )
         record = context_pb2.Ownership()
         record.CopyFrom(ownership)
         record.updated_at_unix_ms = _now_ms()

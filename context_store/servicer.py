@@ -43,8 +43,9 @@ def _optional(message, field: str) -> int | None:
 
 class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
     """With mTLS (`authorizer.enabled`), every call needs a mesh identity; a namespace is read and
-    written only by bots of its group, a conversation claimed only by bots of its group
-    (context_store/access.py); GetOwner is open to every identity (gateways ask it)."""
+        written only by bots of its group, a conversation claimed only by bots of its group
+        (context_store/access.py); GetOwner is open to every identity (gateways ask it), the answer of
+    the record's transfer to the bots of the owner's group only."""
 
     def __init__(self, core: ContextStoreCore, authorizer: Authorizer | None = None) -> None:
         self.core = core
@@ -99,11 +100,14 @@ class ContextStoreServicer(context_pb2_grpc.ContextStoreServicer):
 
     async def GetOwner(self, request, context):
         with bind_context(conversation_id=request.conversation_id):
-            await self.authorizer.caller(context)
+            caller = await self.authorizer.caller(context)
             async with _status(context):
                 ownership, version = await self.core.get_owner(request.conversation_id)
                 if ownership is None:
                     return context_pb2.GetOwnerResponse(found=False)
+                if caller is not None and not (caller.kind == "bot" and caller.group == ownership.owner.group):
+                    # The replies of a transfer are the conversation's: for the bots of its group only.
+                    ownership.ClearField("transfer_response")
                 return context_pb2.GetOwnerResponse(found=True, ownership=ownership, version=version)
 
     async def ClaimOwner(self, request, context):

@@ -40,6 +40,13 @@ class BotEntry:
         """Spread transfers over the live instances, round-robin."""
         return self.instances[next(self._turn) % len(self.instances)]
 
+    def instances_in_turn(self) -> list[tuple[str, str]]:
+        """Every live instance, starting with the one whose turn it is (round-robin, as transfers)."""
+        if not self.instances:
+            return []
+        start = next(self._turn) % len(self.instances)
+        return self.instances[start:] + self.instances[:start]
+
 
 @dataclass(frozen=True)
 class Directory:
@@ -111,6 +118,16 @@ class Directory:
         """The bot `bot_id` of `group`. Bot ids are unique within a group only: two groups may
         both run a bot `faq`, so a lookup always names the group."""
         return self.groups.get(group, {}).get(bot_id)
+
+    def locate(self, bot_id: str, group: str) -> BotEntry | None:
+        """The bot `bot_id` of `group`, or with `group` empty of the one group that has it; None
+        when unknown. Raises LookupError, naming the groups, when several groups have it."""
+        if group:
+            return self.find_bot(bot_id, group)
+        found = self.groups_of(bot_id)
+        if len(found) > 1:
+            raise LookupError(f"bot {bot_id!r} is in groups {', '.join(map(repr, found))}: name its group")
+        return self.find_bot(bot_id, found[0]) if found else None
 
     def groups_of(self, bot_id: str) -> list[str]:
         """The groups that have a bot `bot_id` (sorted): none, one, or several."""

@@ -6,9 +6,11 @@ import grpc
 
 from mbc.runtime import metrics
 from mbc.runtime.logs import bind_context, get_logger
+from mbc.runtime.names import validate_name
 from mbc.runtime.status import abort
 from mbc.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.core import AmbiguousBot, GroupMismatch, NotReady, RouterCore, UnknownBot
+from router.directory import BotEntry
 
 log = get_logger(__name__)
 
@@ -82,3 +84,38 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 score=round(top.score, 3) if top else 0.0,
             )
             return response
+
+    async def Locate(self, request: router_pb2.LocateRequest, context: grpc.aio.ServicerContext) -> router_pb2.LocateResponse:
+        with bind_context(bot_id=request.bot_id, group=request.group):
+            bot = self._locate(request)
+            if not isinstance(bot, BotEntry):
+                await abort(context, *bot)
+                return router_pb2.LocateResponse()  # not reached: abort raises
+            instances = [
+                common_pb2.BotRef(bot_id=bot.bot_id, instance_id=instance_id, address=address, group=bot.group)
+                for instance_id, address in bot.instances_in_turn()
+            ]
+            log.info("located", instances=len(instances))
+            return router_pb2.LocateResponse(instances=instances)
+
+    def _locate(self, request: router_pb2.LocateRequest) -> BotEntry | tuple[grpc.StatusCode, str]:
+        """The bot a Locate names, or the status and message that refuse it."""
+        if not request.bot_id:
+            return grpc.StatusCode.INVALID_ARGUMENT, "bot_id is required"
+        try:
+            validate_name("bot_id", request.bot_id)
+            if request.group:
+                validate_name("group", request.group)
+        except ValueError as e:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        directory = self.core.directory
+        if directory is None:
+            return grpc.StatusCode.UNAVAILABLE, "the router has not read the participants yet"
+        try:
+            bot = directory.locate(request.bot_id, request.group)
+        except LookupError as e:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        if bot is None:
+            where = f" in group {request.group!r}" if request.group else ""
+            return grpc.StatusCode.NOT_FOUND, f"no bot {request.bot_id!r} is known{where}"
+        return bot

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from mbc.client.gateway import Conversation
 from mbc.runtime.channels import open_channel
 from mbc.testing.mesh import EXAMPLE_BOTS, EXAMPLE_GROUP, EXAMPLE_PROBES, EXAMPLES, LocalMesh, wait_indexed
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
@@ -109,6 +110,16 @@ async def test_each_hosted_bot_answers_when_named(host):
         assert r.outcome == bot_pb2.OUTCOME_ANSWERED, (bot_id, r)
         assert r.match.bot_id == bot_id and {reply.bot_id for reply in r.replies} == {bot_id}
         assert r.owner.bot_id == bot_id and r.owner.address == address
+
+
+async def test_a_gateway_names_the_entry_bot_of_a_host_and_follows_the_owner_bot(host):
+    """The gateway helper's entry bot on a host, then the owner bot it was handed to, by name."""
+    store = host.store.address
+    async with Conversation(host.bots["bank-host"].address, store_address=store, entry_bot_id="personal-banking") as chat:
+        first = await chat.send(EXAMPLE_PROBES["cards"])
+        assert first.outcome == bot_pb2.OUTCOME_TRANSFERRED and first.owner.bot_id == "cards", first
+        second = await chat.send(EXAMPLE_PROBES["personal-banking"])
+        assert second.outcome == bot_pb2.OUTCOME_TRANSFERRED and second.owner.bot_id == "personal-banking", second
 
 
 async def test_a_call_to_a_host_must_name_a_bot_it_hosts(host):

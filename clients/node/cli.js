@@ -3,7 +3,7 @@
 // A small channel gateway: sends a conversation through the mbc mesh and prints every reply, the
 // bot that sent it, and each hand-over.
 //
-//   node cli.js --entry 127.0.0.1:50061 --store 127.0.0.1:50052 "Hi there!" "I lost my card"
+//   node cli.js --entry 127.0.0.1:50061 --store 127.0.0.1:50052 --router 127.0.0.1:50051 "Hi there!" "I lost my card"
 //
 // Without messages it sends the demo's conversation.
 const { parseArgs } = require('node:util');
@@ -25,11 +25,12 @@ async function main() {
     options: {
       entry: { type: 'string', default: '127.0.0.1:50061' },
       store: { type: 'string', default: '' },
+      router: { type: 'string', default: '' },
       consumer: { type: 'string', default: 'consumer-42' },
     },
   });
   const mesh = new Mesh();
-  const chat = mesh.conversation({ entryAddress: values.entry, storeAddress: values.store, consumerId: values.consumer,
+  const chat = mesh.conversation({ entryAddress: values.entry, storeAddress: values.store, routerAddress: values.router, consumerId: values.consumer,
     channelMetadata: { channel: 'node-gateway' } });
   console.log(`conversation ${chat.conversationId}`);
   try {

@@ -79,10 +79,10 @@ class IndexBenchOptions:
     seed: int = 7
 
 
-def _rss_mb() -> tuple[float, float]:
-    """(VmRSS, VmHWM) of this process in MB."""
+def _rss_mb(pid: int | str = "self") -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process (or of process `pid`) in MB."""
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
         if name in ("VmRSS", "VmHWM"):
             fields[name] = int(value.split()[0]) / 1024

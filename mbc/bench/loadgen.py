@@ -48,18 +48,22 @@ def summarise(name: str, concurrency: int, latencies: list[float], statuses: Cou
     }
 
 
-async def timed(start_call, latencies: list[float], statuses: Counter) -> None:
+async def timed(start_call, latencies: list[float], statuses: Counter, calls: list[tuple[float, str]] | None = None) -> None:
     """Awaits the call `start_call()` makes, adding its latency and its status (an error is
-    counted, never raised)."""
+    counted, never raised); with `calls`, also (when it ended, perf_counter; its status)."""
     started = time.perf_counter()
     try:
         await start_call()
-        statuses["OK"] += 1
+        status = "OK"
     except grpc.aio.AioRpcError as e:
-        statuses[e.code().name] += 1
+        status = e.code().name
     except Exception as e:  # noqa: BLE001 - counted as an error, never fatal
-        statuses[type(e).__name__] += 1
-    latencies.append(time.perf_counter() - started)
+        status = type(e).__name__
+    ended = time.perf_counter()
+    statuses[status] += 1
+    latencies.append(ended - started)
+    if calls is not None:
+        calls.append((ended, status))
 
 
 async def run_phase(stub, name: str, texts: list[str], concurrency: int, group: str, timeout: float) -> dict:
@@ -101,6 +105,23 @@ async def run_paced(name: str, make_call, rate: float, seconds: float, max_in_fl
     if pending:
         await asyncio.gather(*pending)
     return summarise(name, max_in_flight, latencies, statuses, loop.time() - start)
+
+
+async def run_for(name: str, make_call, concurrency: int, seconds: float, calls: list[tuple[float, str]] | None = None) -> dict:
+    """Closed loop for `seconds`: `concurrency` callers, caller c starting `make_call(c)` (an
+    awaitable call) again as soon as its previous one returns. Summarised like `run_phase`; with
+    `calls`, each call's end time and status are added to it (to tell what failed when)."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def caller(c: int) -> None:
+        while time.perf_counter() < deadline:
+            await timed(lambda: make_call(c), latencies, statuses, calls)
+
+    await asyncio.gather(*(caller(c) for c in range(concurrency)))
+    return summarise(name, concurrency, latencies, statuses, time.perf_counter() - started)
 
 
 def process_cpu_seconds(pid: int) -> float | None:

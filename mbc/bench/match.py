@@ -214,7 +214,9 @@ async def bench_router(
     return results, ready
 
 
-def run_load(target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "") -> list[dict]:
+def run_load(
+    target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "", group: str = GROUP
+) -> list[dict]:
     command = [
         sys.executable,
         "-m",
@@ -224,7 +226,7 @@ def run_load(target: str, texts_file: Path, phases: list[str], server_pid: int =
         "--texts",
         str(texts_file),
         "--group",
-        GROUP,
+        group,
         "--timeout",
         "120",
         "--server-pid",

@@ -22,6 +22,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
 
 from mbc.bench import index as bench_index  # noqa: E402 (after OPENBLAS_THREAD_TIMEOUT)
 from mbc.bench import match as bench_match  # noqa: E402
+from mbc.bench import mesh as bench_mesh  # noqa: E402
 from mbc.cli.evaluation import add_commands as add_quality_commands  # noqa: E402
 from mbc.cli.flags import DEFAULT_ROUTER, client_arg, etcd_access, etcd_args, fill_client_defaults, tls_args, tls_config  # noqa: E402
 from mbc.cli.settings import (  # noqa: E402
@@ -241,6 +242,11 @@ def cmd_bench_index(args: argparse.Namespace) -> None:
     sys.exit(bench_index.main(args))
 
 
+def cmd_bench_mesh(args: argparse.Namespace) -> None:
+    configure(client_log_level(), service="bench")
+    sys.exit(bench_mesh.main(args))
+
+
 # -- the commands -----------------------------------------------------------------------------
 
 
@@ -395,6 +401,9 @@ def add_bench(sub) -> None:
     index = bench_sub.add_parser("index", help="the intent index at scale: build, memory, search, agreement, swap, restart")
     bench_index.add_arguments(index)
     index.set_defaults(func=cmd_bench_index)
+    mesh = bench_sub.add_parser("mesh", help="a mesh at scale: cold start, Respond under load, a router and a bot host killed")
+    bench_mesh.add_arguments(mesh)
+    mesh.set_defaults(func=cmd_bench_mesh)
 
 
 COMMANDS = (

@@ -17,7 +17,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from mbc.v1 import common_pb2, context_pb2, context_pb2_grpc
+from mbc.v1 import bot_pb2, common_pb2, context_pb2, context_pb2_grpc
 
 
 class Scope(enum.IntEnum):
@@ -136,12 +136,14 @@ class ContextClient:
         expected_version: int,
         transfer_id: str = "",
         timeout: float | None = None,
+        transfer_response: bot_pb2.TransferResponse | None = None,
     ) -> int:
         """Record `owner` if the record is still at expected_version; returns the new version
-        (raises grpc.aio.AioRpcError ABORTED when someone else changed it first)."""
+        (raises grpc.aio.AioRpcError ABORTED when someone else changed it first). With
+        `transfer_response`: what the owner answered to `transfer_id`, for that transfer's retries."""
         request = context_pb2.ClaimOwnerRequest(
             conversation_id=conversation_id,
-            ownership=context_pb2.Ownership(owner=owner, transfer_id=transfer_id),
+            ownership=context_pb2.Ownership(owner=owner, transfer_id=transfer_id, transfer_response=transfer_response),
             expected_version=expected_version,
         )
         return (await self._stub.ClaimOwner(request, timeout=self._timeout(timeout))).version

@@ -13,10 +13,10 @@ MIN_ITEMS = 1024
 """Steps with fewer items get no bar: they take well under a second."""
 
 
-def progress_bar(total: int, desc: str, unit: str = "phrase"):
+def progress_bar(total: int, desc: str, unit: str = "phrase", min_items: int = MIN_ITEMS):
     """A tqdm bar; `update(n)` may be called from any thread."""
     forced = os.environ.get("MBC_PROGRESS", "")
-    disable: bool | None = None if total >= MIN_ITEMS else True  # None: tqdm shows it on a terminal only
+    disable: bool | None = None if total >= min_items else True  # None: tqdm shows it on a terminal only
     if forced in ("1", "0"):
         disable = forced == "0"
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable, mininterval=0.5)

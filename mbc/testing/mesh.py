@@ -106,9 +106,16 @@ async def eventually(
 
 
 async def wait_indexed(
-    router: str, probes: Mapping[str, str], *, group: str = "", timeout: float = 60.0, tls: TlsConfig = TlsConfig()
+    router: str,
+    probes: Mapping[str, str],
+    *,
+    group: str = "",
+    timeout: float = 60.0,
+    tls: TlsConfig = TlsConfig(),
+    on_indexed: Callable[[str], None] = lambda bot_id: None,
 ) -> None:
-    """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`)."""
+    """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`);
+    `on_indexed(bot_id)` as each one is."""
     pending = dict(probes)
     async with open_channel(router, tls) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
@@ -121,6 +128,7 @@ async def wait_indexed(
                     continue
                 if r.candidates and r.candidates[0].bot_id == bot_id:
                     pending.pop(bot_id)
+                    on_indexed(bot_id)
             return not pending
 
         try:
@@ -157,9 +165,10 @@ class LocalMesh:
     "router", a bot's name). With `ca` (an object whose `issue(identity)` returns PEM files with
     `ca`, `cert` and `key`, as tests/pki.py's TestCA), every component serves and calls over mTLS
     with a certificate of its identity (store, router, bot/<group>/<bot_id>); `client_tls` is a
-    gateway's. `lease_ttl` sets the bots' lease TTL (their default when None). With `routers` > 1
-    (router replicas), the bots follow the replicas registered in etcd; with one, they call the
-    first router started by its address.
+    gateway's. `lease_ttl` sets the bots' lease TTL (their default when None). `etcd_owned`: the
+    etcd endpoints given go away with the mesh (a cluster its caller stops after it), so stop()
+    forgets no definition. With `routers` > 1 (router replicas), the bots follow the replicas
+    registered in etcd; with one, they call the first router started by its address.
     """
 
     def __init__(
@@ -171,9 +180,11 @@ class LocalMesh:
         ca: Any = None,
         lease_ttl: int | None = None,
         start_timeout: float = START_TIMEOUT,
+        etcd_owned: bool = False,
         routers: int = 1,
     ) -> None:
         self.workdir = Path(workdir)
+        self.etcd_owned = etcd_owned
         self.replicas = routers
         self.etcd = etcd
         self._etcd_flags = etcd_flags or (lambda name: [])
@@ -300,7 +311,7 @@ class LocalMesh:
     def _forget_all(self) -> None:
         """Forget the definitions of every bot started here (best effort): later meshes on the same
         etcd must not find them absent in their groups."""
-        if not self._defined or self.local_etcd is not None:  # a LocalEtcd of this mesh goes with it
+        if not self._defined or self.local_etcd is not None or self.etcd_owned:  # its etcd goes with it
             return
         commands = [self.forget_command(group, bot_id, name) for (group, bot_id), name in self._defined.items()]
         with ThreadPoolExecutor(min(len(commands), 4)) as pool:

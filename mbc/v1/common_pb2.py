@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbc/v1/common.proto\x12\x06mbc.v1\">\n\x06\x42otRef\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"%\n\x05Reply\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t*\x7f\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRATING_POOR\x10\x01\x12\x0f\n\x0bRATING_FAIR\x10\x02\x12\x14\n\x10RATING_FAIR_PLUS\x10\x03\x12\x0f\n\x0bRATING_GOOD\x10\x04\x12\x14\n\x10RATING_VERY_GOOD\x10\x05\x42#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbc/v1/common.proto\x12\x06mbc.v1\"M\n\x06\x42otRef\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\"%\n\x05Reply\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t*\x7f\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRATING_POOR\x10\x01\x12\x0f\n\x0bRATING_FAIR\x10\x02\x12\x14\n\x10RATING_FAIR_PLUS\x10\x03\x12\x0f\n\x0bRATING_GOOD\x10\x04\x12\x14\n\x10RATING_VERY_GOOD\x10\x05\x42#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mbc.v1.common_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\006mbc.v1P\001Z\027mbc/gen/go/mbc/v1;mbcv1'
-  _globals['_RATING']._serialized_start=134
-  _globals['_RATING']._serialized_end=261
+  _globals['_RATING']._serialized_start=149
+  _globals['_RATING']._serialized_end=276
   _globals['_BOTREF']._serialized_start=31
-  _globals['_BOTREF']._serialized_end=93
-  _globals['_REPLY']._serialized_start=95
-  _globals['_REPLY']._serialized_end=132
+  _globals['_BOTREF']._serialized_end=108
+  _globals['_REPLY']._serialized_start=110
+  _globals['_REPLY']._serialized_end=147
 # @@protoc_insertion_point(module_scope)

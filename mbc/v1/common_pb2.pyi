@@ -21,14 +21,16 @@ RATING_GOOD: Rating
 RATING_VERY_GOOD: Rating
 
 class BotRef(_message.Message):
-    __slots__ = ("bot_id", "instance_id", "address")
+    __slots__ = ("bot_id", "instance_id", "address", "group")
     BOT_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     bot_id: str
     instance_id: str
     address: str
-    def __init__(self, bot_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, bot_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class Reply(_message.Message):
     __slots__ = ("bot_id", "text")

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from mbc.v1 import bot_pb2 as mbc_dot_v1_dot_bot__pb2
 from mbc.v1 import common_pb2 as mbc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mbc/v1/context.proto\x12\x06mbc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x13mbc/v1/common.proto\"B\n\x18RegisterNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"C\n\x19RegisterNamespaceResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\\\n\nContextKey\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x1c\n\x05scope\x18\x02 \x01(\x0e\x32\r.mbc.v1.Scope\x12\x10\n\x08scope_id\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t\"4\n\x11GetContextRequest\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.mbc.v1.ContextKey\"[\n\x12GetContextResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\xbd\x01\n\x11SetContextRequest\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.mbc.v1.ContextKey\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rowner_version\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\x10\n\x0e_owner_version\"R\n\x12SetContextResponse\x12\x0f\n\x07written\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\"\x99\x01\n\x14\x44\x65leteContextRequest\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.mbc.v1.ContextKey\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rowner_version\x18\x03 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\x10\n\x0e_owner_version\"(\n\x15\x44\x65leteContextResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"W\n\x12ListContextRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x1c\n\x05scope\x18\x02 \x01(\x0e\x32\r.mbc.v1.Scope\x12\x10\n\x08scope_id\x18\x03 \x01(\t\"S\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07version\x18\x03 \x01(\x03\"<\n\x13ListContextResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.mbc.v1.ContextEntry\"[\n\tOwnership\x12\x1d\n\x05owner\x18\x01 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x1a\n\x12updated_at_unix_ms\x18\x03 \x01(\x03\"*\n\x0fGetOwnerRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"X\n\x10GetOwnerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12$\n\townership\x18\x02 \x01(\x0b\x32\x11.mbc.v1.Ownership\x12\x0f\n\x07version\x18\x03 \x01(\x03\"l\n\x11\x43laimOwnerRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12$\n\townership\x18\x02 \x01(\x0b\x32\x11.mbc.v1.Ownership\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"%\n\x12\x43laimOwnerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03*\\\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x12\n\x0eSCOPE_CONSUMER\x10\x02\x12\x16\n\x12SCOPE_CONVERSATION\x10\x03\x32\xf0\x03\n\x0c\x43ontextStore\x12X\n\x11RegisterNamespace\x12 .mbc.v1.RegisterNamespaceRequest\x1a!.mbc.v1.RegisterNamespaceResponse\x12<\n\x03Get\x12\x19.mbc.v1.GetContextRequest\x1a\x1a.mbc.v1.GetContextResponse\x12<\n\x03Set\x12\x19.mbc.v1.SetContextRequest\x1a\x1a.mbc.v1.SetContextResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.mbc.v1.DeleteContextRequest\x1a\x1d.mbc.v1.DeleteContextResponse\x12?\n\x04List\x12\x1a.mbc.v1.ListContextRequest\x1a\x1b.mbc.v1.ListContextResponse\x12=\n\x08GetOwner\x12\x17.mbc.v1.GetOwnerRequest\x1a\x18.mbc.v1.GetOwnerResponse\x12\x43\n\nClaimOwner\x12\x19.mbc.v1.ClaimOwnerRequest\x1a\x1a.mbc.v1.ClaimOwnerResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mbc/v1/context.proto\x12\x06mbc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x10mbc/v1/bot.proto\x1a\x13mbc/v1/common.proto\"B\n\x18RegisterNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"C\n\x19RegisterNamespaceResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\\\n\nContextKey\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x1c\n\x05scope\x18\x02 \x01(\x0e\x32\r.mbc.v1.Scope\x12\x10\n\x08scope_id\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t\"4\n\x11GetContextRequest\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.mbc.v1.ContextKey\"[\n\x12GetContextResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\xbd\x01\n\x11SetContextRequest\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.mbc.v1.ContextKey\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rowner_version\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\x10\n\x0e_owner_version\"R\n\x12SetContextResponse\x12\x0f\n\x07written\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\"\x99\x01\n\x14\x44\x65leteContextRequest\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.mbc.v1.ContextKey\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rowner_version\x18\x03 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\x10\n\x0e_owner_version\"(\n\x15\x44\x65leteContextResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"W\n\x12ListContextRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x1c\n\x05scope\x18\x02 \x01(\x0e\x32\r.mbc.v1.Scope\x12\x10\n\x08scope_id\x18\x03 \x01(\t\"S\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07version\x18\x03 \x01(\x03\"<\n\x13ListContextResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.mbc.v1.ContextEntry\"\x90\x01\n\tOwnership\x12\x1d\n\x05owner\x18\x01 \x01(\x0b\x32\x0e.mbc.v1.BotRef\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x1a\n\x12updated_at_unix_ms\x18\x03 \x01(\x03\x12\x33\n\x11transfer_response\x18\x04 \x01(\x0b\x32\x18.mbc.v1.TransferResponse\"*\n\x0fGetOwnerRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"X\n\x10GetOwnerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12$\n\townership\x18\x02 \x01(\x0b\x32\x11.mbc.v1.Ownership\x12\x0f\n\x07version\x18\x03 \x01(\x03\"l\n\x11\x43laimOwnerRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12$\n\townership\x18\x02 \x01(\x0b\x32\x11.mbc.v1.Ownership\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"%\n\x12\x43laimOwnerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03*\\\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x12\n\x0eSCOPE_CONSUMER\x10\x02\x12\x16\n\x12SCOPE_CONVERSATION\x10\x03\x32\xf0\x03\n\x0c\x43ontextStore\x12X\n\x11RegisterNamespace\x12 .mbc.v1.RegisterNamespaceRequest\x1a!.mbc.v1.RegisterNamespaceResponse\x12<\n\x03Get\x12\x19.mbc.v1.GetContextRequest\x1a\x1a.mbc.v1.GetContextResponse\x12<\n\x03Set\x12\x19.mbc.v1.SetContextRequest\x1a\x1a.mbc.v1.SetContextResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.mbc.v1.DeleteContextRequest\x1a\x1d.mbc.v1.DeleteContextResponse\x12?\n\x04List\x12\x1a.mbc.v1.ListContextRequest\x1a\x1b.mbc.v1.ListContextResponse\x12=\n\x08GetOwner\x12\x17.mbc.v1.GetOwnerRequest\x1a\x18.mbc.v1.GetOwnerResponse\x12\x43\n\nClaimOwner\x12\x19.mbc.v1.ClaimOwnerRequest\x1a\x1a.mbc.v1.ClaimOwnerResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,42 +35,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mbc.v1.context_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\006mbc.v1P\001Z\027mbc/gen/go/mbc/v1;mbcv1'
-  _globals['_SCOPE']._serialized_start=1547
-  _globals['_SCOPE']._serialized_end=1639
-  _globals['_REGISTERNAMESPACEREQUEST']._serialized_start=83
-  _globals['_REGISTERNAMESPACEREQUEST']._serialized_end=149
-  _globals['_REGISTERNAMESPACERESPONSE']._serialized_start=151
-  _globals['_REGISTERNAMESPACERESPONSE']._serialized_end=218
-  _globals['_CONTEXTKEY']._serialized_start=220
-  _globals['_CONTEXTKEY']._serialized_end=312
-  _globals['_GETCONTEXTREQUEST']._serialized_start=314
-  _globals['_GETCONTEXTREQUEST']._serialized_end=366
-  _globals['_GETCONTEXTRESPONSE']._serialized_start=368
-  _globals['_GETCONTEXTRESPONSE']._serialized_end=459
-  _globals['_SETCONTEXTREQUEST']._serialized_start=462
-  _globals['_SETCONTEXTREQUEST']._serialized_end=651
-  _globals['_SETCONTEXTRESPONSE']._serialized_start=653
-  _globals['_SETCONTEXTRESPONSE']._serialized_end=735
-  _globals['_DELETECONTEXTREQUEST']._serialized_start=738
-  _globals['_DELETECONTEXTREQUEST']._serialized_end=891
-  _globals['_DELETECONTEXTRESPONSE']._serialized_start=893
-  _globals['_DELETECONTEXTRESPONSE']._serialized_end=933
-  _globals['_LISTCONTEXTREQUEST']._serialized_start=935
-  _globals['_LISTCONTEXTREQUEST']._serialized_end=1022
-  _globals['_CONTEXTENTRY']._serialized_start=1024
-  _globals['_CONTEXTENTRY']._serialized_end=1107
-  _globals['_LISTCONTEXTRESPONSE']._serialized_start=1109
-  _globals['_LISTCONTEXTRESPONSE']._serialized_end=1169
-  _globals['_OWNERSHIP']._serialized_start=1171
-  _globals['_OWNERSHIP']._serialized_end=1262
-  _globals['_GETOWNERREQUEST']._serialized_start=1264
-  _globals['_GETOWNERREQUEST']._serialized_end=1306
-  _globals['_GETOWNERRESPONSE']._serialized_start=1308
-  _globals['_GETOWNERRESPONSE']._serialized_end=1396
-  _globals['_CLAIMOWNERREQUEST']._serialized_start=1398
-  _globals['_CLAIMOWNERREQUEST']._serialized_end=1506
-  _globals['_CLAIMOWNERRESPONSE']._serialized_start=1508
-  _globals['_CLAIMOWNERRESPONSE']._serialized_end=1545
-  _globals['_CONTEXTSTORE']._serialized_start=1642
-  _globals['_CONTEXTSTORE']._serialized_end=2138
+  _globals['_SCOPE']._serialized_start=1619
+  _globals['_SCOPE']._serialized_end=1711
+  _globals['_REGISTERNAMESPACEREQUEST']._serialized_start=101
+  _globals['_REGISTERNAMESPACEREQUEST']._serialized_end=167
+  _globals['_REGISTERNAMESPACERESPONSE']._serialized_start=169
+  _globals['_REGISTERNAMESPACERESPONSE']._serialized_end=236
+  _globals['_CONTEXTKEY']._serialized_start=238
+  _globals['_CONTEXTKEY']._serialized_end=330
+  _globals['_GETCONTEXTREQUEST']._serialized_start=332
+  _globals['_GETCONTEXTREQUEST']._serialized_end=384
+  _globals['_GETCONTEXTRESPONSE']._serialized_start=386
+  _globals['_GETCONTEXTRESPONSE']._serialized_end=477
+  _globals['_SETCONTEXTREQUEST']._serialized_start=480
+  _globals['_SETCONTEXTREQUEST']._serialized_end=669
+  _globals['_SETCONTEXTRESPONSE']._serialized_start=671
+  _globals['_SETCONTEXTRESPONSE']._serialized_end=753
+  _globals['_DELETECONTEXTREQUEST']._serialized_start=756
+  _globals['_DELETECONTEXTREQUEST']._serialized_end=909
+  _globals['_DELETECONTEXTRESPONSE']._serialized_start=911
+  _globals['_DELETECONTEXTRESPONSE']._serialized_end=951
+  _globals['_LISTCONTEXTREQUEST']._serialized_start=953
+  _globals['_LISTCONTEXTREQUEST']._serialized_end=1040
+  _globals['_CONTEXTENTRY']._serialized_start=1042
+  _globals['_CONTEXTENTRY']._serialized_end=1125
+  _globals['_LISTCONTEXTRESPONSE']._serialized_start=1127
+  _globals['_LISTCONTEXTRESPONSE']._serialized_end=1187
+  _globals['_OWNERSHIP']._serialized_start=1190
+  _globals['_OWNERSHIP']._serialized_end=1334
+  _globals['_GETOWNERREQUEST']._serialized_start=1336
+  _globals['_GETOWNERREQUEST']._serialized_end=1378
+  _globals['_GETOWNERRESPONSE']._serialized_start=1380
+  _globals['_GETOWNERRESPONSE']._serialized_end=1468
+  _globals['_CLAIMOWNERREQUEST']._serialized_start=1470
+  _globals['_CLAIMOWNERREQUEST']._serialized_end=1578
+  _globals['_CLAIMOWNERRESPONSE']._serialized_start=1580
+  _globals['_CLAIMOWNERRESPONSE']._serialized_end=1617
+  _globals['_CONTEXTSTORE']._serialized_start=1714
+  _globals['_CONTEXTSTORE']._serialized_end=2210
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from google.protobuf import struct_pb2 as _struct_pb2
+from mbc.v1 import bot_pb2 as _bot_pb2
 from mbc.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -129,14 +130,16 @@ class ListContextResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[ContextEntry, _Mapping]]] = ...) -> None: ...
 
 class Ownership(_message.Message):
-    __slots__ = ("owner", "transfer_id", "updated_at_unix_ms")
+    __slots__ = ("owner", "transfer_id", "updated_at_unix_ms", "transfer_response")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     owner: _common_pb2.BotRef
     transfer_id: str
     updated_at_unix_ms: int
-    def __init__(self, owner: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., transfer_id: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ...) -> None: ...
+    transfer_response: _bot_pb2.TransferResponse
+    def __init__(self, owner: _Optional[_Union[_common_pb2.BotRef, _Mapping]] = ..., transfer_id: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., transfer_response: _Optional[_Union[_bot_pb2.TransferResponse, _Mapping]] = ...) -> None: ...
 
 class GetOwnerRequest(_message.Message):
     __slots__ = ("conversation_id",)

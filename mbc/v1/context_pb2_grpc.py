@@ -142,7 +142,8 @@ class ContextStoreServicer:
 
     def ClaimOwner(self, request, context):
         """Records a new owner, only if the ownership record is still at expected_version (0: the
-        conversation has no owner yet). Bots call it when they start or take a conversation.
+        conversation has no owner yet). Bots call it when they start or take a conversation, and
+        again (same owner and transfer_id) to record what they answered to the transfer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

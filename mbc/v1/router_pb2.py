@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mbc.v1 import common_pb2 as mbc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbc/v1/router.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\"\x93\x01\n\x0cMatchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x16\n\x0emax_candidates\x18\x04 \x01(\r\x12\"\n\nmin_rating\x18\x05 \x01(\x0e\x32\x0e.mbc.v1.Rating\x12\x1a\n\x12include_asking_bot\x18\x06 \x01(\x08\"\xc2\x01\n\tCandidate\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1e\n\x06rating\x18\x04 \x01(\x0e\x32\x0e.mbc.v1.Rating\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x16\n\x0ematched_phrase\x18\x07 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x08 \x01(\t\x12\x12\n\nconfidence\x18\t \x01(\x02\"\xb7\x01\n\rMatchResponse\x12%\n\ncandidates\x18\x01 \x03(\x0b\x32\x11.mbc.v1.Candidate\x12\x16\n\x0eindex_revision\x18\x02 \x01(\x03\x12\"\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x10.mbc.v1.Decision\x12\'\n\x0bnone_reason\x18\x04 \x01(\x0e\x32\x12.mbc.v1.NoneReason\x12\x1a\n\x12unavailable_bot_id\x18\x05 \x01(\t*d\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44\x45\x43ISION_ACT\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_DISAMBIGUATE\x10\x02\x12\x11\n\rDECISION_NONE\x10\x03*J\n\nNoneReason\x12\x1b\n\x17NONE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bNONE_REASON_BOT_UNAVAILABLE\x10\x01\x32>\n\x06Router\x12\x34\n\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbc/v1/router.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\".\n\rLocateRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\"3\n\x0eLocateResponse\x12!\n\tinstances\x18\x01 \x03(\x0b\x32\x0e.mbc.v1.BotRef\"\x93\x01\n\x0cMatchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x16\n\x0emax_candidates\x18\x04 \x01(\r\x12\"\n\nmin_rating\x18\x05 \x01(\x0e\x32\x0e.mbc.v1.Rating\x12\x1a\n\x12include_asking_bot\x18\x06 \x01(\x08\"\xc2\x01\n\tCandidate\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1e\n\x06rating\x18\x04 \x01(\x0e\x32\x0e.mbc.v1.Rating\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x16\n\x0ematched_phrase\x18\x07 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x08 \x01(\t\x12\x12\n\nconfidence\x18\t \x01(\x02\"\xb7\x01\n\rMatchResponse\x12%\n\ncandidates\x18\x01 \x03(\x0b\x32\x11.mbc.v1.Candidate\x12\x16\n\x0eindex_revision\x18\x02 \x01(\x03\x12\"\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x10.mbc.v1.Decision\x12\'\n\x0bnone_reason\x18\x04 \x01(\x0e\x32\x12.mbc.v1.NoneReason\x12\x1a\n\x12unavailable_bot_id\x18\x05 \x01(\t*d\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44\x45\x43ISION_ACT\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_DISAMBIGUATE\x10\x02\x12\x11\n\rDECISION_NONE\x10\x03*J\n\nNoneReason\x12\x1b\n\x17NONE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bNONE_REASON_BOT_UNAVAILABLE\x10\x01\x32w\n\x06Router\x12\x34\n\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponse\x12\x37\n\x06Locate\x12\x15.mbc.v1.LocateRequest\x1a\x16.mbc.v1.LocateResponseB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mbc.v1.router_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\006mbc.v1P\001Z\027mbc/gen/go/mbc/v1;mbcv1'
-  _globals['_DECISION']._serialized_start=585
-  _globals['_DECISION']._serialized_end=685
-  _globals['_NONEREASON']._serialized_start=687
-  _globals['_NONEREASON']._serialized_end=761
-  _globals['_MATCHREQUEST']._serialized_start=53
-  _globals['_MATCHREQUEST']._serialized_end=200
-  _globals['_CANDIDATE']._serialized_start=203
-  _globals['_CANDIDATE']._serialized_end=397
-  _globals['_MATCHRESPONSE']._serialized_start=400
-  _globals['_MATCHRESPONSE']._serialized_end=583
-  _globals['_ROUTER']._serialized_start=763
-  _globals['_ROUTER']._serialized_end=825
+  _globals['_DECISION']._serialized_start=686
+  _globals['_DECISION']._serialized_end=786
+  _globals['_NONEREASON']._serialized_start=788
+  _globals['_NONEREASON']._serialized_end=862
+  _globals['_LOCATEREQUEST']._serialized_start=52
+  _globals['_LOCATEREQUEST']._serialized_end=98
+  _globals['_LOCATERESPONSE']._serialized_start=100
+  _globals['_LOCATERESPONSE']._serialized_end=151
+  _globals['_MATCHREQUEST']._serialized_start=154
+  _globals['_MATCHREQUEST']._serialized_end=301
+  _globals['_CANDIDATE']._serialized_start=304
+  _globals['_CANDIDATE']._serialized_end=498
+  _globals['_MATCHRESPONSE']._serialized_start=501
+  _globals['_MATCHRESPONSE']._serialized_end=684
+  _globals['_ROUTER']._serialized_start=864
+  _globals['_ROUTER']._serialized_end=983
 # @@protoc_insertion_point(module_scope)

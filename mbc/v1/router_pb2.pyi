@@ -26,6 +26,20 @@ DECISION_NONE: Decision
 NONE_REASON_UNSPECIFIED: NoneReason
 NONE_REASON_BOT_UNAVAILABLE: NoneReason
 
+class LocateRequest(_message.Message):
+    __slots__ = ("group", "bot_id")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BOT_ID_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    bot_id: str
+    def __init__(self, group: _Optional[str] = ..., bot_id: _Optional[str] = ...) -> None: ...
+
+class LocateResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[_common_pb2.BotRef]
+    def __init__(self, instances: _Optional[_Iterable[_Union[_common_pb2.BotRef, _Mapping]]] = ...) -> None: ...
+
 class MatchRequest(_message.Message):
     __slots__ = ("text", "bot_id", "group", "max_candidates", "min_rating", "include_asking_bot")
     TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class RouterStub:
                 request_serializer=mbc_dot_v1_dot_router__pb2.MatchRequest.SerializeToString,
                 response_deserializer=mbc_dot_v1_dot_router__pb2.MatchResponse.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/mbc.v1.Router/Locate',
+                request_serializer=mbc_dot_v1_dot_router__pb2.LocateRequest.SerializeToString,
+                response_deserializer=mbc_dot_v1_dot_router__pb2.LocateResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -55,6 +60,17 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Locate(self, request, context):
+        """The live instances of a bot, for a gateway whose owner instance is gone: send the
+        conversation's next message to the first one that answers.
+        Errors: INVALID_ARGUMENT for a missing or malformed name, or an empty group when several
+        groups have that bot id; NOT_FOUND when no bot of that id (in that group) is known;
+        UNAVAILABLE while the router has not read the participants yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +78,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Match,
                     request_deserializer=mbc_dot_v1_dot_router__pb2.MatchRequest.FromString,
                     response_serializer=mbc_dot_v1_dot_router__pb2.MatchResponse.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=mbc_dot_v1_dot_router__pb2.LocateRequest.FromString,
+                    response_serializer=mbc_dot_v1_dot_router__pb2.LocateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +113,33 @@ class Router:
             '/mbc.v1.Router/Match',
             mbc_dot_v1_dot_router__pb2.MatchRequest.SerializeToString,
             mbc_dot_v1_dot_router__pb2.MatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mbc.v1.Router/Locate',
+            mbc_dot_v1_dot_router__pb2.LocateRequest.SerializeToString,
+            mbc_dot_v1_dot_router__pb2.LocateResponse.FromString,
             options,
             channel_credentials,
             insecure,

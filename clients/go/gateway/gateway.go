@@ -7,11 +7,15 @@
 //	resp, err := chat.Send(ctx, "I lost my card")
 //	for _, r := range resp.GetReplies() { fmt.Println(r.GetBotId(), r.GetText()) }
 //
-// Each response names the owner of the conversation, and the next message goes there. With a
-// store address, a gateway that does not know the owner (another replica took the previous
-// message, or it restarted) asks the Context Session Store; a new conversation goes to the entry
-// bot. Every connection uses the mesh's service config (service_config.json, a copy of
-// protos/service_config.json): per-method timeouts and retries of UNAVAILABLE only.
+// Each response names the owner of the conversation (the bot: group and bot id, and the
+// instance's address), and the next message goes there. With a store address, a gateway that does
+// not know the owner (another replica took the previous message, or it restarted) asks the Context
+// Session Store; a new conversation goes to the entry bot. When the owner instance cannot be
+// reached (UNAVAILABLE) or refuses the conversation (FAILED_PRECONDITION) and the store names no
+// other instance, a Conversation with a RouterAddress asks a router to Locate a live instance of the
+// owner bot and sends there; with no router, or no live instance, the entry bot takes the
+// conversation over. Every connection uses the mesh's service config (service_config.json, a copy
+// of protos/service_config.json): per-method timeouts and retries of UNAVAILABLE only.
 package gateway
 
 import (
@@ -20,6 +24,8 @@ import (
 	_ "embed"
 	"encoding/hex"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -59,7 +65,11 @@ func (m *Mesh) Conn(address string) (*grpc.ClientConn, error) {
 	if conn, ok := m.conns[address]; ok {
 		return conn, nil
 	}
-	conn, err := grpc.NewClient("dns:///"+address, m.opts...)
+	target := address
+	if !strings.Contains(address, ":///") {
+		target = "dns:///" + address
+	}
+	conn, err := grpc.NewClient(target, m.opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", address, err)
 	}
@@ -74,6 +84,16 @@ func (m *Mesh) Bot(address string) (mbcv1.BotClient, error) {
 		return nil, err
 	}
 	return mbcv1.NewBotClient(conn), nil
+}
+
+// Router returns a client of the mbc.v1.Router service at address (host:port or a gRPC target
+// such as dns:///routers.mesh:50051).
+func (m *Mesh) Router(address string) (mbcv1.RouterClient, error) {
+	conn, err := m.Conn(address)
+	if err != nil {
+		return nil, err
+	}
+	return mbcv1.NewRouterClient(conn), nil
 }
 
 // Store returns a client of the mbc.v1.ContextStore service at address.
@@ -109,11 +129,17 @@ type Conversation struct {
 	ChannelMetadata map[string]string
 	// EntryAddress is the bot that gets a conversation nobody owns yet.
 	EntryAddress string
+	// EntryBotID names the entry bot when its address hosts several bots; empty: the address's only bot.
+	EntryBotID string
 	// StoreAddress of the Context Session Store; empty: rely on the responses' owners only.
 	StoreAddress string
-	// OwnerAddress and OwnerBotID: the owner named by the last response (or the store).
+	// RouterAddress of a router (host:port or a gRPC target); empty: a dead owner instance's
+	// conversation goes to the entry bot, never to a sibling instance of the owner bot.
+	RouterAddress string
+	// OwnerAddress, OwnerBotID and OwnerGroup: the owner named by the last response (or the store).
 	OwnerAddress string
 	OwnerBotID   string
+	OwnerGroup   string
 
 	mesh *Mesh
 }
@@ -127,26 +153,34 @@ func (m *Mesh) NewConversation(entryAddress, storeAddress string) *Conversation 
 	return &Conversation{ID: hex.EncodeToString(id), EntryAddress: entryAddress, StoreAddress: storeAddress, mesh: m}
 }
 
-func (c *Conversation) findOwner(ctx context.Context) (string, error) {
+// findOwner is the owner the store names (address and bot id), else the entry bot ("": its
+// address's only bot).
+func (c *Conversation) findOwner(ctx context.Context) (string, string, error) {
 	if c.StoreAddress != "" {
 		store, err := c.mesh.Store(c.StoreAddress)
 		if err != nil {
-			return "", err
+			return "", "", err
 		}
 		r, err := store.GetOwner(ctx, &mbcv1.GetOwnerRequest{ConversationId: c.ID})
 		if err != nil {
-			return "", fmt.Errorf("asking the store who owns %s: %w", c.ID, err)
+			return "", "", fmt.Errorf("asking the store who owns %s: %w", c.ID, err)
 		}
-		if r.GetFound() && r.GetOwnership().GetOwner().GetAddress() != "" {
-			c.OwnerBotID = r.GetOwnership().GetOwner().GetBotId()
-			return r.GetOwnership().GetOwner().GetAddress(), nil
+		if owner := r.GetOwnership().GetOwner(); r.GetFound() && owner.GetAddress() != "" {
+			c.OwnerBotID = owner.GetBotId()
+			c.OwnerGroup = owner.GetGroup()
+			return owner.GetAddress(), owner.GetBotId(), nil
 		}
 	}
-	return c.EntryAddress, nil
+	return c.EntryAddress, c.EntryBotID, nil
 }
 
+// maxSends is how many addresses a message is sent to at most: the owner, then where the store,
+// a router or the entry bot point.
+const maxSends = 4
+
 // Send sends one consumer message to the owner of the conversation and returns its response
-// (the replies to show, in order, and the owner for the next message).
+// (the replies to show, in order, and the owner for the next message). The message names the
+// owner's bot (an address may host several bots).
 func (c *Conversation) Send(ctx context.Context, text string) (*mbcv1.RespondResponse, error) {
 	request := &mbcv1.RespondRequest{
 		ConversationId:  c.ID,
@@ -154,29 +188,92 @@ func (c *Conversation) Send(ctx context.Context, text string) (*mbcv1.RespondRes
 		Text:            text,
 		ChannelMetadata: c.ChannelMetadata,
 	}
-	address := c.OwnerAddress
+	address, botID := c.OwnerAddress, c.OwnerBotID
 	if address == "" {
 		var err error
-		if address, err = c.findOwner(ctx); err != nil {
+		if address, botID, err = c.findOwner(ctx); err != nil {
 			return nil, err
 		}
 	}
-	response, err := c.respond(ctx, address, request)
-	if status.Code(err) == codes.FailedPrecondition && c.StoreAddress != "" {
-		// Someone else moved the conversation: ask the store where it is now, once.
-		if address, err = c.findOwner(ctx); err != nil {
+	var failed []string
+	for {
+		request.BotId = botID
+		response, err := c.respond(ctx, address, request)
+		if err == nil {
+			if owner := response.GetOwner(); owner.GetAddress() != "" {
+				c.OwnerAddress = owner.GetAddress()
+				c.OwnerBotID = owner.GetBotId()
+				c.OwnerGroup = owner.GetGroup()
+			}
+			return response, nil
+		}
+		failed = append(failed, address)
+		if len(failed) >= maxSends {
 			return nil, err
 		}
-		response, err = c.respond(ctx, address, request)
+		next, nextBot, nextErr := c.sendAgainTo(ctx, err, failed)
+		if nextErr != nil {
+			return nil, nextErr
+		}
+		if next == "" {
+			return nil, err
+		}
+		address, botID = next, nextBot
 	}
+}
+
+// sendAgainTo is where (address, bot id) to send a message once more after err from the last of
+// failed ("": nowhere). The instance refused the conversation: where the store says now, unless
+// that is where it failed, then a live instance of the owner bot. The owner cannot be reached, or
+// its address no longer hosts it (NOT_FOUND): a live instance of its bot, else the entry bot,
+// which takes over a conversation whose owner instance is gone.
+func (c *Conversation) sendAgainTo(ctx context.Context, err error, failed []string) (string, string, error) {
+	switch status.Code(err) {
+	case codes.FailedPrecondition:
+		if c.StoreAddress == "" {
+			return "", "", nil
+		}
+		address, botID, err := c.findOwner(ctx)
+		if err != nil {
+			return "", "", err
+		}
+		if !slices.Contains(failed, address) {
+			return address, botID, nil
+		}
+		address, botID = c.liveInstance(ctx, failed)
+		return address, botID, nil
+	case codes.Unavailable, codes.NotFound:
+		if address, botID := c.liveInstance(ctx, failed); address != "" {
+			return address, botID, nil
+		}
+		if !slices.Contains(failed, c.EntryAddress) {
+			return c.EntryAddress, c.EntryBotID, nil
+		}
+	}
+	return "", "", nil
+}
+
+// liveInstance asks the router for a live instance of the owner bot not in failed (its address
+// and bot id); "" with no router, no known owner, no such instance, or no answer (the router's
+// error is not the message's).
+func (c *Conversation) liveInstance(ctx context.Context, failed []string) (string, string) {
+	if c.RouterAddress == "" || c.OwnerBotID == "" {
+		return "", ""
+	}
+	router, err := c.mesh.Router(c.RouterAddress)
 	if err != nil {
-		return nil, err
+		return "", ""
 	}
-	if owner := response.GetOwner(); owner.GetAddress() != "" {
-		c.OwnerAddress = owner.GetAddress()
-		c.OwnerBotID = owner.GetBotId()
+	r, err := router.Locate(ctx, &mbcv1.LocateRequest{Group: c.OwnerGroup, BotId: c.OwnerBotID})
+	if err != nil {
+		return "", ""
 	}
-	return response, nil
+	for _, instance := range r.GetInstances() {
+		if !slices.Contains(failed, instance.GetAddress()) {
+			return instance.GetAddress(), instance.GetBotId()
+		}
+	}
+	return "", ""
 }
 
 func (c *Conversation) respond(ctx context.Context, address string, request *mbcv1.RespondRequest) (*mbcv1.RespondResponse, error) {

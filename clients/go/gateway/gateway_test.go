@@ -5,6 +5,7 @@ package gateway_test
 //
 //	MBC_ENTRY_BOT  host:port of personal-banking, where the conversation starts
 //	MBC_STORE      host:port of the Context Session Store
+//	MBC_ROUTER     host:port of the router (the tests that locate a bot's instances)
 //	MBC_REQUIRE_MESH=1 turns a missing address into a failure instead of a skip
 //
 // The messages are the demo's (mbc/cli/demo.py, SCRIPT).
@@ -12,12 +13,16 @@ package gateway_test
 import (
 	"context"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"mbc/clients/go/gateway"
 	mbcv1 "mbc/clients/go/mbcv1"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 func liveMesh(t *testing.T) (entry, store string) {
@@ -149,5 +154,64 @@ func TestServiceConfigIsTheRepositorys(t *testing.T) {
 	}
 	if string(want) != gateway.ServiceConfig {
 		t.Fatal("gateway/service_config.json differs from protos/service_config.json: copy it again")
+	}
+}
+
+func liveRouter(t *testing.T) string {
+	router := os.Getenv("MBC_ROUTER")
+	if router == "" {
+		if os.Getenv("MBC_REQUIRE_MESH") != "" {
+			t.Fatal("MBC_ROUTER must name the live mesh's router")
+		}
+		t.Skip("no live router: set MBC_ROUTER (scripts/polyglot_ci.sh does)")
+	}
+	return router
+}
+
+func TestLocateNamesTheLiveInstancesOfABot(t *testing.T) {
+	liveMesh(t)
+	router := liveRouter(t)
+	mesh := gateway.NewMesh()
+	defer mesh.Close()
+	client, err := mesh.Router(router)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r, err := client.Locate(ctx, &mbcv1.LocateRequest{Group: "retail-bank", BotId: "cards"})
+	if err != nil {
+		t.Fatalf("Locate: %v", err)
+	}
+	if len(r.GetInstances()) == 0 || r.GetInstances()[0].GetAddress() == "" || r.GetInstances()[0].GetGroup() != "retail-bank" {
+		t.Errorf("instances %v, want cards' live instance", r.GetInstances())
+	}
+	_, err = client.Locate(ctx, &mbcv1.LocateRequest{Group: "retail-bank", BotId: "nobody"})
+	if status.Code(err) != codes.NotFound {
+		t.Errorf("Locate(nobody): %v, want NOT_FOUND", err)
+	}
+	_, err = client.Locate(ctx, &mbcv1.LocateRequest{Group: "retail-bank"})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("Locate without bot_id: %v, want INVALID_ARGUMENT", err)
+	}
+}
+
+// An owner instance that is gone (nothing listens at its address): the message goes to a live
+// instance of the owner bot, located by the router, not to the entry bot.
+func TestDeadOwnerInstanceALiveOneOfItsBotAnswers(t *testing.T) {
+	entry, store := liveMesh(t)
+	router := liveRouter(t)
+	mesh := gateway.NewMesh()
+	defer mesh.Close()
+	chat := mesh.NewConversation(entry, store)
+	chat.RouterAddress = router
+	chat.OwnerAddress, chat.OwnerBotID, chat.OwnerGroup = "127.0.0.1:1", "cards", "retail-bank"
+	r := send(t, chat, "my card got declined at the store")
+	expectAnswered(t, r, "cards", "card_declined")
+	if slices.ContainsFunc(r.GetReplies(), func(reply *mbcv1.Reply) bool { return reply.GetBotId() != "cards" }) {
+		t.Errorf("replies %v: want cards' answer only, not through the entry bot", r.GetReplies())
+	}
+	if chat.OwnerAddress == "127.0.0.1:1" || chat.OwnerGroup != "retail-bank" {
+		t.Errorf("the conversation follows %s (group %q), want cards' live instance", chat.OwnerAddress, chat.OwnerGroup)
 	}
 }

@@ -96,7 +96,10 @@ type BotRef struct {
 	// Id of the process serving the bot; unique per start.
 	InstanceId string `protobuf:"bytes,2,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
 	// host:port of the instance's Bot service.
-	Address       string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
+	Address string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
+	// The bot's group. With bot_id it names the bot whatever instance serves it: a gateway whose
+	// instance is gone asks a router to Locate a live one. Empty from bots that predate it.
+	Group         string `protobuf:"bytes,4,opt,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -148,6 +151,13 @@ func (x *BotRef) GetInstanceId() string {
 func (x *BotRef) GetAddress() string {
 	if x != nil {
 		return x.Address
+	}
+	return ""
+}
+
+func (x *BotRef) GetGroup() string {
+	if x != nil {
+		return x.Group
 	}
 	return ""
 }
@@ -211,12 +221,13 @@ var File_mbc_v1_common_proto protoreflect.FileDescriptor
 
 const file_mbc_v1_common_proto_rawDesc = "" +
 	"\n" +
-	"\x13mbc/v1/common.proto\x12\x06mbc.v1\"Z\n" +
+	"\x13mbc/v1/common.proto\x12\x06mbc.v1\"p\n" +
 	"\x06BotRef\x12\x15\n" +
 	"\x06bot_id\x18\x01 \x01(\tR\x05botId\x12\x1f\n" +
 	"\vinstance_id\x18\x02 \x01(\tR\n" +
 	"instanceId\x12\x18\n" +
-	"\aaddress\x18\x03 \x01(\tR\aaddress\"2\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\x12\x14\n" +
+	"\x05group\x18\x04 \x01(\tR\x05group\"2\n" +
 	"\x05Reply\x12\x15\n" +
 	"\x06bot_id\x18\x01 \x01(\tR\x05botId\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text*\x7f\n" +

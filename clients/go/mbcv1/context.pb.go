@@ -806,8 +806,12 @@ type Ownership struct {
 	TransferId string `protobuf:"bytes,2,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
 	// When the record was written, in Unix milliseconds.
 	UpdatedAtUnixMs int64 `protobuf:"varint,3,opt,name=updated_at_unix_ms,json=updatedAtUnixMs,proto3" json:"updated_at_unix_ms,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// What the owner answered to transfer_id, once its dialog ran: a retry of that transfer, on
+	// any instance of the bot, returns it instead of running the dialog again. Unset while the
+	// transfer is being applied, and for a conversation the bot started.
+	TransferResponse *TransferResponse `protobuf:"bytes,4,opt,name=transfer_response,json=transferResponse,proto3" json:"transfer_response,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Ownership) Reset() {
@@ -859,6 +863,13 @@ func (x *Ownership) GetUpdatedAtUnixMs() int64 {
 		return x.UpdatedAtUnixMs
 	}
 	return 0
+}
+
+func (x *Ownership) GetTransferResponse() *TransferResponse {
+	if x != nil {
+		return x.TransferResponse
+	}
+	return nil
 }
 
 // Asks which bot owns a conversation.
@@ -1085,7 +1096,7 @@ var File_mbc_v1_context_proto protoreflect.FileDescriptor
 
 const file_mbc_v1_context_proto_rawDesc = "" +
 	"\n" +
-	"\x14mbc/v1/context.proto\x12\x06mbc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x13mbc/v1/common.proto\"Y\n" +
+	"\x14mbc/v1/context.proto\x12\x06mbc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x10mbc/v1/bot.proto\x1a\x13mbc/v1/common.proto\"Y\n" +
 	"\x18RegisterNamespaceRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
@@ -1134,12 +1145,13 @@ const file_mbc_v1_context_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\v2\x16.google.protobuf.ValueR\x05value\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\x03R\aversion\"E\n" +
 	"\x13ListContextResponse\x12.\n" +
-	"\aentries\x18\x01 \x03(\v2\x14.mbc.v1.ContextEntryR\aentries\"\x7f\n" +
+	"\aentries\x18\x01 \x03(\v2\x14.mbc.v1.ContextEntryR\aentries\"\xc6\x01\n" +
 	"\tOwnership\x12$\n" +
 	"\x05owner\x18\x01 \x01(\v2\x0e.mbc.v1.BotRefR\x05owner\x12\x1f\n" +
 	"\vtransfer_id\x18\x02 \x01(\tR\n" +
 	"transferId\x12+\n" +
-	"\x12updated_at_unix_ms\x18\x03 \x01(\x03R\x0fupdatedAtUnixMs\":\n" +
+	"\x12updated_at_unix_ms\x18\x03 \x01(\x03R\x0fupdatedAtUnixMs\x12E\n" +
+	"\x11transfer_response\x18\x04 \x01(\v2\x18.mbc.v1.TransferResponseR\x10transferResponse\":\n" +
 	"\x0fGetOwnerRequest\x12'\n" +
 	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\"s\n" +
 	"\x10GetOwnerResponse\x12\x14\n" +
@@ -1203,6 +1215,7 @@ var file_mbc_v1_context_proto_goTypes = []any{
 	(*ClaimOwnerResponse)(nil),        // 17: mbc.v1.ClaimOwnerResponse
 	(*structpb.Value)(nil),            // 18: google.protobuf.Value
 	(*BotRef)(nil),                    // 19: mbc.v1.BotRef
+	(*TransferResponse)(nil),          // 20: mbc.v1.TransferResponse
 }
 var file_mbc_v1_context_proto_depIdxs = []int32{
 	0,  // 0: mbc.v1.ContextKey.scope:type_name -> mbc.v1.Scope
@@ -1215,27 +1228,28 @@ var file_mbc_v1_context_proto_depIdxs = []int32{
 	18, // 7: mbc.v1.ContextEntry.value:type_name -> google.protobuf.Value
 	11, // 8: mbc.v1.ListContextResponse.entries:type_name -> mbc.v1.ContextEntry
 	19, // 9: mbc.v1.Ownership.owner:type_name -> mbc.v1.BotRef
-	13, // 10: mbc.v1.GetOwnerResponse.ownership:type_name -> mbc.v1.Ownership
-	13, // 11: mbc.v1.ClaimOwnerRequest.ownership:type_name -> mbc.v1.Ownership
-	1,  // 12: mbc.v1.ContextStore.RegisterNamespace:input_type -> mbc.v1.RegisterNamespaceRequest
-	4,  // 13: mbc.v1.ContextStore.Get:input_type -> mbc.v1.GetContextRequest
-	6,  // 14: mbc.v1.ContextStore.Set:input_type -> mbc.v1.SetContextRequest
-	8,  // 15: mbc.v1.ContextStore.Delete:input_type -> mbc.v1.DeleteContextRequest
-	10, // 16: mbc.v1.ContextStore.List:input_type -> mbc.v1.ListContextRequest
-	14, // 17: mbc.v1.ContextStore.GetOwner:input_type -> mbc.v1.GetOwnerRequest
-	16, // 18: mbc.v1.ContextStore.ClaimOwner:input_type -> mbc.v1.ClaimOwnerRequest
-	2,  // 19: mbc.v1.ContextStore.RegisterNamespace:output_type -> mbc.v1.RegisterNamespaceResponse
-	5,  // 20: mbc.v1.ContextStore.Get:output_type -> mbc.v1.GetContextResponse
-	7,  // 21: mbc.v1.ContextStore.Set:output_type -> mbc.v1.SetContextResponse
-	9,  // 22: mbc.v1.ContextStore.Delete:output_type -> mbc.v1.DeleteContextResponse
-	12, // 23: mbc.v1.ContextStore.List:output_type -> mbc.v1.ListContextResponse
-	15, // 24: mbc.v1.ContextStore.GetOwner:output_type -> mbc.v1.GetOwnerResponse
-	17, // 25: mbc.v1.ContextStore.ClaimOwner:output_type -> mbc.v1.ClaimOwnerResponse
-	19, // [19:26] is the sub-list for method output_type
-	12, // [12:19] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	20, // 10: mbc.v1.Ownership.transfer_response:type_name -> mbc.v1.TransferResponse
+	13, // 11: mbc.v1.GetOwnerResponse.ownership:type_name -> mbc.v1.Ownership
+	13, // 12: mbc.v1.ClaimOwnerRequest.ownership:type_name -> mbc.v1.Ownership
+	1,  // 13: mbc.v1.ContextStore.RegisterNamespace:input_type -> mbc.v1.RegisterNamespaceRequest
+	4,  // 14: mbc.v1.ContextStore.Get:input_type -> mbc.v1.GetContextRequest
+	6,  // 15: mbc.v1.ContextStore.Set:input_type -> mbc.v1.SetContextRequest
+	8,  // 16: mbc.v1.ContextStore.Delete:input_type -> mbc.v1.DeleteContextRequest
+	10, // 17: mbc.v1.ContextStore.List:input_type -> mbc.v1.ListContextRequest
+	14, // 18: mbc.v1.ContextStore.GetOwner:input_type -> mbc.v1.GetOwnerRequest
+	16, // 19: mbc.v1.ContextStore.ClaimOwner:input_type -> mbc.v1.ClaimOwnerRequest
+	2,  // 20: mbc.v1.ContextStore.RegisterNamespace:output_type -> mbc.v1.RegisterNamespaceResponse
+	5,  // 21: mbc.v1.ContextStore.Get:output_type -> mbc.v1.GetContextResponse
+	7,  // 22: mbc.v1.ContextStore.Set:output_type -> mbc.v1.SetContextResponse
+	9,  // 23: mbc.v1.ContextStore.Delete:output_type -> mbc.v1.DeleteContextResponse
+	12, // 24: mbc.v1.ContextStore.List:output_type -> mbc.v1.ListContextResponse
+	15, // 25: mbc.v1.ContextStore.GetOwner:output_type -> mbc.v1.GetOwnerResponse
+	17, // 26: mbc.v1.ContextStore.ClaimOwner:output_type -> mbc.v1.ClaimOwnerResponse
+	20, // [20:27] is the sub-list for method output_type
+	13, // [13:20] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_mbc_v1_context_proto_init() }
@@ -1243,6 +1257,7 @@ func file_mbc_v1_context_proto_init() {
 	if File_mbc_v1_context_proto != nil {
 		return
 	}
+	file_mbc_v1_bot_proto_init()
 	file_mbc_v1_common_proto_init()
 	file_mbc_v1_context_proto_msgTypes[5].OneofWrappers = []any{}
 	file_mbc_v1_context_proto_msgTypes[7].OneofWrappers = []any{}

@@ -58,7 +58,8 @@ type ContextStoreClient interface {
 	// Which bot owns a conversation: a gateway sends the next message there.
 	GetOwner(ctx context.Context, in *GetOwnerRequest, opts ...grpc.CallOption) (*GetOwnerResponse, error)
 	// Records a new owner, only if the ownership record is still at expected_version (0: the
-	// conversation has no owner yet). Bots call it when they start or take a conversation.
+	// conversation has no owner yet). Bots call it when they start or take a conversation, and
+	// again (same owner and transfer_id) to record what they answered to the transfer.
 	ClaimOwner(ctx context.Context, in *ClaimOwnerRequest, opts ...grpc.CallOption) (*ClaimOwnerResponse, error)
 }
 
@@ -170,7 +171,8 @@ type ContextStoreServer interface {
 	// Which bot owns a conversation: a gateway sends the next message there.
 	GetOwner(context.Context, *GetOwnerRequest) (*GetOwnerResponse, error)
 	// Records a new owner, only if the ownership record is still at expected_version (0: the
-	// conversation has no owner yet). Bots call it when they start or take a conversation.
+	// conversation has no owner yet). Bots call it when they start or take a conversation, and
+	// again (same owner and transfer_id) to record what they answered to the transfer.
 	ClaimOwner(context.Context, *ClaimOwnerRequest) (*ClaimOwnerResponse, error)
 	mustEmbedUnimplementedContextStoreServer()
 }

@@ -131,6 +131,109 @@ func (NoneReason) EnumDescriptor() ([]byte, []int) {
 	return file_mbc_v1_router_proto_rawDescGZIP(), []int{1}
 }
 
+// Asks for the live instances of one bot.
+type LocateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bot's group (BotRef.group). Empty: the one group that has a bot bot_id.
+	Group string `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	// The bot; required.
+	BotId         string `protobuf:"bytes,2,opt,name=bot_id,json=botId,proto3" json:"bot_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LocateRequest) Reset() {
+	*x = LocateRequest{}
+	mi := &file_mbc_v1_router_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LocateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LocateRequest) ProtoMessage() {}
+
+func (x *LocateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mbc_v1_router_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LocateRequest.ProtoReflect.Descriptor instead.
+func (*LocateRequest) Descriptor() ([]byte, []int) {
+	return file_mbc_v1_router_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *LocateRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *LocateRequest) GetBotId() string {
+	if x != nil {
+		return x.BotId
+	}
+	return ""
+}
+
+// Where a bot can be reached now.
+type LocateResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Its live (registered) instances, in the order to try them: the order turns on each call, so
+	// that gateways spread over the instances. Empty when the bot is known but has no live
+	// instance (crashed, restarting): send to the entry bot.
+	Instances     []*BotRef `protobuf:"bytes,1,rep,name=instances,proto3" json:"instances,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LocateResponse) Reset() {
+	*x = LocateResponse{}
+	mi := &file_mbc_v1_router_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LocateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LocateResponse) ProtoMessage() {}
+
+func (x *LocateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mbc_v1_router_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LocateResponse.ProtoReflect.Descriptor instead.
+func (*LocateResponse) Descriptor() ([]byte, []int) {
+	return file_mbc_v1_router_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *LocateResponse) GetInstances() []*BotRef {
+	if x != nil {
+		return x.Instances
+	}
+	return nil
+}
+
 // An utterance to rank against the participating bots' intents.
 type MatchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -155,7 +258,7 @@ type MatchRequest struct {
 
 func (x *MatchRequest) Reset() {
 	*x = MatchRequest{}
-	mi := &file_mbc_v1_router_proto_msgTypes[0]
+	mi := &file_mbc_v1_router_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -167,7 +270,7 @@ func (x *MatchRequest) String() string {
 func (*MatchRequest) ProtoMessage() {}
 
 func (x *MatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mbc_v1_router_proto_msgTypes[0]
+	mi := &file_mbc_v1_router_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -180,7 +283,7 @@ func (x *MatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MatchRequest.ProtoReflect.Descriptor instead.
 func (*MatchRequest) Descriptor() ([]byte, []int) {
-	return file_mbc_v1_router_proto_rawDescGZIP(), []int{0}
+	return file_mbc_v1_router_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *MatchRequest) GetText() string {
@@ -253,7 +356,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_mbc_v1_router_proto_msgTypes[1]
+	mi := &file_mbc_v1_router_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -265,7 +368,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_mbc_v1_router_proto_msgTypes[1]
+	mi := &file_mbc_v1_router_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -278,7 +381,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_mbc_v1_router_proto_rawDescGZIP(), []int{1}
+	return file_mbc_v1_router_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Candidate) GetBotId() string {
@@ -365,7 +468,7 @@ type MatchResponse struct {
 
 func (x *MatchResponse) Reset() {
 	*x = MatchResponse{}
-	mi := &file_mbc_v1_router_proto_msgTypes[2]
+	mi := &file_mbc_v1_router_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -377,7 +480,7 @@ func (x *MatchResponse) String() string {
 func (*MatchResponse) ProtoMessage() {}
 
 func (x *MatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mbc_v1_router_proto_msgTypes[2]
+	mi := &file_mbc_v1_router_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -390,7 +493,7 @@ func (x *MatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MatchResponse.ProtoReflect.Descriptor instead.
 func (*MatchResponse) Descriptor() ([]byte, []int) {
-	return file_mbc_v1_router_proto_rawDescGZIP(), []int{2}
+	return file_mbc_v1_router_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *MatchResponse) GetCandidates() []*Candidate {
@@ -432,7 +535,12 @@ var File_mbc_v1_router_proto protoreflect.FileDescriptor
 
 const file_mbc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x13mbc/v1/router.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\"\xd3\x01\n" +
+	"\x13mbc/v1/router.proto\x12\x06mbc.v1\x1a\x13mbc/v1/common.proto\"<\n" +
+	"\rLocateRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x15\n" +
+	"\x06bot_id\x18\x02 \x01(\tR\x05botId\">\n" +
+	"\x0eLocateResponse\x12,\n" +
+	"\tinstances\x18\x01 \x03(\v2\x0e.mbc.v1.BotRefR\tinstances\"\xd3\x01\n" +
 	"\fMatchRequest\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x15\n" +
 	"\x06bot_id\x18\x02 \x01(\tR\x05botId\x12\x14\n" +
@@ -471,9 +579,10 @@ const file_mbc_v1_router_proto_rawDesc = "" +
 	"\n" +
 	"NoneReason\x12\x1b\n" +
 	"\x17NONE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n" +
-	"\x1bNONE_REASON_BOT_UNAVAILABLE\x10\x012>\n" +
+	"\x1bNONE_REASON_BOT_UNAVAILABLE\x10\x012w\n" +
 	"\x06Router\x124\n" +
-	"\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponseB#\n" +
+	"\x05Match\x12\x14.mbc.v1.MatchRequest\x1a\x15.mbc.v1.MatchResponse\x127\n" +
+	"\x06Locate\x12\x15.mbc.v1.LocateRequest\x1a\x16.mbc.v1.LocateResponseB#\n" +
 	"\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3"
 
 var (
@@ -489,28 +598,34 @@ func file_mbc_v1_router_proto_rawDescGZIP() []byte {
 }
 
 var file_mbc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_mbc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_mbc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_mbc_v1_router_proto_goTypes = []any{
-	(Decision)(0),         // 0: mbc.v1.Decision
-	(NoneReason)(0),       // 1: mbc.v1.NoneReason
-	(*MatchRequest)(nil),  // 2: mbc.v1.MatchRequest
-	(*Candidate)(nil),     // 3: mbc.v1.Candidate
-	(*MatchResponse)(nil), // 4: mbc.v1.MatchResponse
-	(Rating)(0),           // 5: mbc.v1.Rating
+	(Decision)(0),          // 0: mbc.v1.Decision
+	(NoneReason)(0),        // 1: mbc.v1.NoneReason
+	(*LocateRequest)(nil),  // 2: mbc.v1.LocateRequest
+	(*LocateResponse)(nil), // 3: mbc.v1.LocateResponse
+	(*MatchRequest)(nil),   // 4: mbc.v1.MatchRequest
+	(*Candidate)(nil),      // 5: mbc.v1.Candidate
+	(*MatchResponse)(nil),  // 6: mbc.v1.MatchResponse
+	(*BotRef)(nil),         // 7: mbc.v1.BotRef
+	(Rating)(0),            // 8: mbc.v1.Rating
 }
 var file_mbc_v1_router_proto_depIdxs = []int32{
-	5, // 0: mbc.v1.MatchRequest.min_rating:type_name -> mbc.v1.Rating
-	5, // 1: mbc.v1.Candidate.rating:type_name -> mbc.v1.Rating
-	3, // 2: mbc.v1.MatchResponse.candidates:type_name -> mbc.v1.Candidate
-	0, // 3: mbc.v1.MatchResponse.decision:type_name -> mbc.v1.Decision
-	1, // 4: mbc.v1.MatchResponse.none_reason:type_name -> mbc.v1.NoneReason
-	2, // 5: mbc.v1.Router.Match:input_type -> mbc.v1.MatchRequest
-	4, // 6: mbc.v1.Router.Match:output_type -> mbc.v1.MatchResponse
-	6, // [6:7] is the sub-list for method output_type
-	5, // [5:6] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	7, // 0: mbc.v1.LocateResponse.instances:type_name -> mbc.v1.BotRef
+	8, // 1: mbc.v1.MatchRequest.min_rating:type_name -> mbc.v1.Rating
+	8, // 2: mbc.v1.Candidate.rating:type_name -> mbc.v1.Rating
+	5, // 3: mbc.v1.MatchResponse.candidates:type_name -> mbc.v1.Candidate
+	0, // 4: mbc.v1.MatchResponse.decision:type_name -> mbc.v1.Decision
+	1, // 5: mbc.v1.MatchResponse.none_reason:type_name -> mbc.v1.NoneReason
+	4, // 6: mbc.v1.Router.Match:input_type -> mbc.v1.MatchRequest
+	2, // 7: mbc.v1.Router.Locate:input_type -> mbc.v1.LocateRequest
+	6, // 8: mbc.v1.Router.Match:output_type -> mbc.v1.MatchResponse
+	3, // 9: mbc.v1.Router.Locate:output_type -> mbc.v1.LocateResponse
+	8, // [8:10] is the sub-list for method output_type
+	6, // [6:8] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_mbc_v1_router_proto_init() }
@@ -525,7 +640,7 @@ func file_mbc_v1_router_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mbc_v1_router_proto_rawDesc), len(file_mbc_v1_router_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   3,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,7 +19,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Router_Match_FullMethodName = "/mbc.v1.Router/Match"
+	Router_Match_FullMethodName  = "/mbc.v1.Router/Match"
+	Router_Locate_FullMethodName = "/mbc.v1.Router/Locate"
 )
 
 // RouterClient is the client API for Router service.
@@ -32,6 +33,12 @@ type RouterClient interface {
 	// Errors: INVALID_ARGUMENT for an empty or oversized text; NOT_FOUND when bot_id is set
 	// and no such participant is registered; UNAVAILABLE while the index is not built yet.
 	Match(ctx context.Context, in *MatchRequest, opts ...grpc.CallOption) (*MatchResponse, error)
+	// The live instances of a bot, for a gateway whose owner instance is gone: send the
+	// conversation's next message to the first one that answers.
+	// Errors: INVALID_ARGUMENT for a missing or malformed name, or an empty group when several
+	// groups have that bot id; NOT_FOUND when no bot of that id (in that group) is known;
+	// UNAVAILABLE while the router has not read the participants yet.
+	Locate(ctx context.Context, in *LocateRequest, opts ...grpc.CallOption) (*LocateResponse, error)
 }
 
 type routerClient struct {
@@ -52,6 +59,16 @@ func (c *routerClient) Match(ctx context.Context, in *MatchRequest, opts ...grpc
 	return out, nil
 }
 
+func (c *routerClient) Locate(ctx context.Context, in *LocateRequest, opts ...grpc.CallOption) (*LocateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LocateResponse)
+	err := c.cc.Invoke(ctx, Router_Locate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RouterServer is the server API for Router service.
 // All implementations must embed UnimplementedRouterServer
 // for forward compatibility.
@@ -62,6 +79,12 @@ type RouterServer interface {
 	// Errors: INVALID_ARGUMENT for an empty or oversized text; NOT_FOUND when bot_id is set
 	// and no such participant is registered; UNAVAILABLE while the index is not built yet.
 	Match(context.Context, *MatchRequest) (*MatchResponse, error)
+	// The live instances of a bot, for a gateway whose owner instance is gone: send the
+	// conversation's next message to the first one that answers.
+	// Errors: INVALID_ARGUMENT for a missing or malformed name, or an empty group when several
+	// groups have that bot id; NOT_FOUND when no bot of that id (in that group) is known;
+	// UNAVAILABLE while the router has not read the participants yet.
+	Locate(context.Context, *LocateRequest) (*LocateResponse, error)
 	mustEmbedUnimplementedRouterServer()
 }
 
@@ -74,6 +97,9 @@ type UnimplementedRouterServer struct{}
 
 func (UnimplementedRouterServer) Match(context.Context, *MatchRequest) (*MatchResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Match not implemented")
+}
+func (UnimplementedRouterServer) Locate(context.Context, *LocateRequest) (*LocateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Locate not implemented")
 }
 func (UnimplementedRouterServer) mustEmbedUnimplementedRouterServer() {}
 func (UnimplementedRouterServer) testEmbeddedByValue()                {}
@@ -114,6 +140,24 @@ func _Router_Match_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Router_Locate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LocateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RouterServer).Locate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Router_Locate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RouterServer).Locate(ctx, req.(*LocateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Router_ServiceDesc is the grpc.ServiceDesc for Router service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -124,6 +168,10 @@ var Router_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Match",
 			Handler:    _Router_Match_Handler,
+		},
+		{
+			MethodName: "Locate",
+			Handler:    _Router_Locate_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

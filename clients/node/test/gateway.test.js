@@ -3,14 +3,16 @@
 // addresses come from the environment (scripts/polyglot_ci.sh starts one and sets them):
 //   MBC_ENTRY_BOT  host:port of personal-banking, where the conversation starts
 //   MBC_STORE      host:port of the Context Session Store
+//   MBC_ROUTER     host:port of the router (the tests that locate a bot's instances)
 //   MBC_REQUIRE_MESH=1 turns missing addresses into a failure instead of a skip
 // The messages are the demo's (mbc/cli/demo.py, SCRIPT).
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { Mesh, call } = require('../gateway');
+const { Mesh, call, grpc } = require('../gateway');
 
 const entry = process.env.MBC_ENTRY_BOT;
 const store = process.env.MBC_STORE;
+const router = process.env.MBC_ROUTER;
 const noMesh = !entry || !store;
 if (noMesh && process.env.MBC_REQUIRE_MESH) throw new Error('MBC_ENTRY_BOT and MBC_STORE must name a live mesh');
 const skip = noMesh && 'no live mesh: set MBC_ENTRY_BOT and MBC_STORE (scripts/polyglot_ci.sh does)';
@@ -80,4 +82,31 @@ test('a conversation through the mesh', { skip }, async (t) => {
     assert.equal(r.owner.botId, 'cards');
     assert.equal(r.match.intent, '');
   });
+});
+
+const skipRouter = skip || (!router && 'no live router: set MBC_ROUTER (scripts/polyglot_ci.sh does)');
+if (!skip && !router && process.env.MBC_REQUIRE_MESH) throw new Error('MBC_ROUTER must name the live mesh\'s router');
+
+test('Locate names the live instances of a bot', { skip: skipRouter }, async () => {
+  const r = await call(mesh.router(router), 'Locate', { group: 'retail-bank', botId: 'cards' }, 10000);
+  assert.ok(r.instances.length > 0 && r.instances[0].address, "cards' live instance");
+  assert.equal(r.instances[0].group, 'retail-bank');
+  await assert.rejects(call(mesh.router(router), 'Locate', { group: 'retail-bank', botId: 'nobody' }, 10000),
+    (err) => err.code === grpc.status.NOT_FOUND);
+  await assert.rejects(call(mesh.router(router), 'Locate', { group: 'retail-bank' }, 10000),
+    (err) => err.code === grpc.status.INVALID_ARGUMENT);
+});
+
+// An owner instance that is gone (nothing listens at its address): the message goes to a live
+// instance of the owner bot, located by the router, not to the entry bot.
+test('a dead owner instance: a live one of its bot answers', { skip: skipRouter }, async (t) => {
+  const dead = mesh.conversation({ entryAddress: entry, storeAddress: store, routerAddress: router, timeoutMs: 15000 });
+  Object.assign(dead, { ownerAddress: '127.0.0.1:1', ownerBotId: 'cards', ownerGroup: 'retail-bank' });
+  const r = await dead.send('my card got declined at the store');
+  t.diagnostic(`owner ${r.owner.botId} at ${r.owner.address}: ${r.replies.map((x) => x.text).join(' | ')}`);
+  assert.equal(r.outcome, 'OUTCOME_ANSWERED');
+  assert.deepEqual([r.match.botId, r.match.intent], ['cards', 'card_declined']);
+  assert.ok(r.replies.length > 0 && r.replies.every((reply) => reply.botId === 'cards'), "cards' answer only");
+  assert.notEqual(dead.ownerAddress, '127.0.0.1:1');
+  assert.equal(dead.ownerGroup, 'retail-bank');
 });

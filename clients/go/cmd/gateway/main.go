@@ -32,6 +32,7 @@ var demo = []string{
 func main() {
 	entry := flag.String("entry", "127.0.0.1:50061", "host:port of the bot that starts the conversation")
 	store := flag.String("store", "", "host:port of the Context Session Store (optional: find the owner of a known conversation)")
+	router := flag.String("router", "", "a router (host:port or a gRPC target; optional: when the owner instance is gone, send to a live instance of its bot)")
 	conversation := flag.String("conversation", "", "conversation id (default: a new random one)")
 	consumer := flag.String("consumer", "consumer-42", "consumer id")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline of each message")
@@ -53,6 +54,7 @@ func main() {
 	mesh := gateway.NewMesh()
 	defer mesh.Close()
 	chat := mesh.NewConversation(*entry, *store)
+	chat.RouterAddress = *router
 	if *conversation != "" {
 		chat.ID = *conversation
 	}
