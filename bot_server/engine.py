@@ -334,7 +334,8 @@ class BotEngine:
         Sets `route.unavailable_bot_id` when the router says the best match is a bot with no live
         instance, and remembers that answer for `_owner_unreachable`."""
         route.unavailable_bot_id = ""
-        if self.definition.collaboration and self.config.router_address:
+        router = self.channels.current_router() if self.definition.collaboration else None
+        if router is not None:
             request = router_pb2.MatchRequest(
                 text=text,
                 bot_id=self.bot.bot_id,
@@ -343,7 +344,7 @@ class BotEngine:
                 include_asking_bot=include_self,
             )
             try:
-                r = await self.channels.router(self.config.router_address).Match(request, timeout=max(0.05, route.remaining()))
+                r = await router.Match(request, timeout=max(0.05, route.remaining()))
                 for c in r.candidates:
                     if c.display_name:
                         self._display_names[c.bot_id] = c.display_name

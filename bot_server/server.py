@@ -10,6 +10,7 @@ loads no model unless given `own_intents` (`mbc bot --local-model`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -21,13 +22,15 @@ from bot_server.state import MemoryState, StoreState
 from discovery import EtcdClient, LeaseKeeper, Registration
 from discovery.groups import GroupSettingsCache
 from discovery.presence import is_registered
+from discovery.routers import RouterWatcher
 from mbc import __version__
 from mbc.client.context import ContextClient
 from mbc.runtime.channels import ChannelPool
-from mbc.runtime.config import BotConfig
+from mbc.runtime.config import LOCAL_ROUTER, NO_ROUTER, BotConfig
 from mbc.runtime.logs import bind_context, get_logger
 from mbc.runtime.security import Authorizer
 from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
+from mbc.runtime.targets import address_list_target, router_target
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, participant_pb2
 
 log = get_logger(__name__)
@@ -45,15 +48,45 @@ def create_server(config: BotConfig, engines: BotEngine | Sequence[BotEngine]) -
     return server, server.port
 
 
-def channel_pool(config: BotConfig) -> ChannelPool:
-    """The bot's channels to the router, the store and other bots, per its server and channel settings."""
-    return ChannelPool(
-        config.server.max_message_bytes,
-        config.server.keepalive_time_ms,
-        config.server.keepalive_timeout_ms,
-        config.server.tls,
-        config.channels,
-    )
+class BotChannels(ChannelPool):
+    """The bot's channels to the router replicas, the store and other bots, per its server and
+    channel settings. The routers are `router_address` (see BotConfig) or, when it is empty and etcd
+    is configured, every replica registered in etcd, followed as they come and go (`start`)."""
+
+    def __init__(self, config: BotConfig, etcd: EtcdClient | None = None) -> None:
+        super().__init__(
+            config.server.max_message_bytes,
+            config.server.keepalive_time_ms,
+            config.server.keepalive_timeout_ms,
+            config.server.tls,
+            config.channels,
+        )
+        self._watcher: RouterWatcher | None = None
+        if config.router_address == NO_ROUTER:
+            return
+        if config.router_address or etcd is None:
+            self.route_to(router_target(config.router_address or LOCAL_ROUTER))
+        else:
+            self._watcher = RouterWatcher(etcd, self._on_routers)
+
+    def _on_routers(self, addresses: tuple[str, ...]) -> None:
+        try:
+            self.route_to(address_list_target(addresses))
+        except ValueError as e:
+            log.warning("router_addresses_unusable", addresses=list(addresses), error=str(e), kept=self.router_target)
+
+    async def start(self, timeout: float = 5.0) -> None:
+        """Follow the replicas in etcd (when configured to), and wait up to `timeout` seconds for the
+        first list, so that the first messages already reach a router."""
+        if self._watcher is not None:
+            self._watcher.start()
+            with contextlib.suppress(TimeoutError):
+                await self._watcher.wait_ready(timeout)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+        await super().close()
 
 
 def participant_of(bot: Bot, identity: common_pb2.BotRef) -> participant_pb2.Participant:
@@ -107,11 +140,11 @@ class BotHost:
         bots = list(bots) if bots is not None else load_bots(config.definition_path)
         if not bots:
             raise ValueError("a bot host needs at least one bot")
-        self.channels = channel_pool(config)
+        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
+        self.channels = BotChannels(config, self.etcd)
         self.store: ContextClient | None = None
         if config.store_address:
             self.store = ContextClient(self.channels.channel(config.store_address), config.call_timeout_seconds)
-        self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd) if config.etcd_endpoints else None
         # One lease for every hosted bot: one refresh per ttl/3 for the process, however many bots.
         self.lease = LeaseKeeper(self.etcd, config.lease_ttl_seconds, name="bot host") if self.etcd else None
         self._group_settings: dict[str, GroupSettingsCache] = {}
@@ -207,6 +240,7 @@ class BotHost:
         await self._each(self._prepare)
         if self.etcd is not None:
             await self.etcd.connect()  # before serving: wrong etcd credentials stop the process at once
+        await self.channels.start()
         await self.server.start()
         if self.etcd is not None:
             await self._each(self._register)
@@ -230,9 +264,9 @@ class BotHost:
         if self.lease is not None:
             await self.lease.stop()
         await self.server.stop()
+        await self.channels.close()
         if self.etcd:
             await self.etcd.close()
-        await self.channels.close()
         for hosted in self.hosted.values():
             hosted.engine.own.close()
             log.info("bot_stopped", bot_id=hosted.bot.bot_id, instance_id=hosted.identity.instance_id)

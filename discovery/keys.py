@@ -1,6 +1,7 @@
 """The etcd key layout of the mesh: /mbc/v1/participants/<group>/<bot_id>/<instance_id> (a live
 instance, under its lease) and /mbc/v1/definitions/<group>/<bot_id> (the bot's definition, without a
-lease: it outlives the instances, so that the router knows a bot that is absent for a while)."""
+lease: it outlives the instances, so that the router knows a bot that is absent for a while), and
+/mbc/v1/routers/<router_id> (a serving router replica, under its lease: discovery/routers.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ from mbc.runtime.names import validate_name
 
 PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
 DEFINITIONS_PREFIX = "/mbc/v1/definitions/"
+ROUTERS_PREFIX = "/mbc/v1/routers/"
 
 __all__ = [
     "DEFINITIONS_PREFIX",
     "PARTICIPANTS_PREFIX",
+    "ROUTERS_PREFIX",
     "bot_prefix",
     "definition_key",
     "parse_definition_key",
     "group_participants_prefix",
     "parse_participant_key",
     "participant_key",
+    "parse_router_key",
+    "router_key",
     "validate_name",
 ]
 
@@ -71,3 +76,18 @@ def parse_definition_key(key: str) -> tuple[str, str]:
     validate_name("group", group)
     validate_name("bot_id", bot_id)
     return group, bot_id
+
+
+def router_key(router_id: str) -> str:
+    """The key of a router replica's record."""
+    validate_name("router_id", router_id)
+    return f"{ROUTERS_PREFIX}{router_id}"
+
+
+def parse_router_key(key: str) -> str:
+    """The router id of a router key; ValueError if it is not one."""
+    if not key.startswith(ROUTERS_PREFIX):
+        raise ValueError(f"key {key!r} is not under {ROUTERS_PREFIX}")
+    router_id = key[len(ROUTERS_PREFIX) :]
+    validate_name("router_id", router_id)
+    return router_id

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
+from discovery.routers import RouterRecord, RouterRegistration
+from mbc import __version__
 from mbc.runtime import metrics
 from mbc.runtime.config import RouterConfig
 from mbc.runtime.encoder import Encoder
@@ -41,6 +44,8 @@ class RouterProcess:
         metrics.ROUTER_COLLECTOR.add(self.core)
         self.etcd = EtcdClient(list(config.etcd_endpoints), access=config.etcd)
         self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
+        record = RouterRecord(config.router_id or uuid.uuid4().hex[:12], self.server.address, __version__)
+        self.registration = RouterRegistration(self.etcd, record, ttl=config.lease_ttl_seconds)
         self._ready_task: asyncio.Task | None = None
         self._calibration_task: asyncio.Task | None = None
         self._calibration_mtime: float | None = None
@@ -79,6 +84,7 @@ class RouterProcess:
     async def start(self) -> None:
         await self.etcd.connect()  # first: wrong etcd credentials stop the router before it loads anything
         await self.server.start()
+        await self.registration.start()  # NOT_SERVING until ready: balanced bots connect but send nothing yet
         await self.core.prepare()
         self.watcher.start()
         self._ready_task = asyncio.create_task(self._serve_when_ready())
@@ -97,6 +103,8 @@ class RouterProcess:
         for task in (self._ready_task, self._calibration_task):
             if task:
                 task.cancel()
+        await self.server.set_serving(False)  # bots' health watches move their Match to other replicas
+        await self.registration.stop()
         await self.server.stop()
         metrics.ROUTER_COLLECTOR.remove(self.core)
         await self.watcher.stop()

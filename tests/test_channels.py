@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc._cython.cygrpc import UsageError
 
-from bot_server.server import channel_pool
+from bot_server.server import BotChannels
 from mbc.cli import main as cli
 from mbc.client.gateway import Conversation
 from mbc.runtime.channels import ChannelPool, open_channel, with_backoff
@@ -125,7 +125,7 @@ SLOW_BACKOFF = ChannelConfig(initial_reconnect_backoff_ms=20_000, max_reconnect_
 
 async def test_a_new_instance_at_the_address_gets_a_fresh_channel_at_once(server):
     # A pool whose channels wait 20 s between connection attempts, built as the bot builds it.
-    pool = channel_pool(BotConfig(channels=SLOW_BACKOFF))
+    pool = BotChannels(BotConfig(channels=SLOW_BACKOFF))
     try:
         old = pool.channel(server.address, "instance-a")
         assert await call(old) == b"hi"
@@ -209,7 +209,7 @@ def test_channel_settings_reach_every_channel_options(monkeypatch):
     args = cli.build_parser().parse_args(["bot", "cards.yaml", "--initial-reconnect-backoff-ms", "200"])
     config = cli.effective_config(args.command, args)
     assert config.channels == ChannelConfig(initial_reconnect_backoff_ms=200, max_reconnect_backoff_ms=3000)
-    options = dict(channel_pool(config).options)
+    options = dict(BotChannels(config).options)
     assert [options[n] for n in names] == [200, 1000, 3000]
     # The gateway helper's pool.
     conversation = Conversation("127.0.0.1:1", channel_config=config.channels)

@@ -30,7 +30,14 @@ from context_store.core import PREFIX as CONTEXT_PREFIX
 from discovery.errors import EtcdAuthFailed, EtcdError
 from discovery.etcd_client import EtcdClient, KeyPermission
 from discovery.groups import GROUPS_PREFIX, group_prefix
-from discovery.keys import DEFINITIONS_PREFIX, PARTICIPANTS_PREFIX, bot_prefix, definition_key, group_participants_prefix
+from discovery.keys import (
+    DEFINITIONS_PREFIX,
+    PARTICIPANTS_PREFIX,
+    ROUTERS_PREFIX,
+    bot_prefix,
+    definition_key,
+    group_participants_prefix,
+)
 from mbc.runtime.config import EtcdAccess
 
 ROOT_USER = "root"
@@ -55,7 +62,12 @@ def bot_user(group: str, bot_id: str) -> str:
 def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, ...]]:
     """The permissions of each component's user; `bots` are (group, bot_id) pairs."""
     grants: dict[str, tuple[Grant, ...]] = {
-        ROUTER_USER: (Grant(PARTICIPANTS_PREFIX, "read"), Grant(DEFINITIONS_PREFIX, "read"), Grant(GROUPS_PREFIX, "read")),
+        ROUTER_USER: (
+            Grant(PARTICIPANTS_PREFIX, "read"),
+            Grant(DEFINITIONS_PREFIX, "read"),
+            Grant(GROUPS_PREFIX, "read"),
+            Grant(ROUTERS_PREFIX, "readwrite"),
+        ),
         STORE_USER: (Grant(CONTEXT_PREFIX, "readwrite"), Grant(CONVERSATIONS, "readwrite")),
     }
     for group, bot_id in bots:
@@ -64,6 +76,7 @@ def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, 
             Grant(group_participants_prefix(group), "read"),
             Grant(group_prefix(group), "read"),
             Grant(definition_key(group, bot_id), "readwrite", exact=True),
+            Grant(ROUTERS_PREFIX, "read"),
         )
     return grants
 

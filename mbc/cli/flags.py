@@ -13,10 +13,10 @@ import argparse
 import sys
 
 from mbc.cli.settings import add_field_arguments, client_default, field_flags
-from mbc.runtime.config import BotConfig, EtcdAccess, RouterConfig, TlsConfig
+from mbc.runtime.config import LOCAL_ROUTER, EtcdAccess, RouterConfig, TlsConfig
 from mbc.runtime.security import read_files
 
-DEFAULT_ROUTER = BotConfig.router_address
+DEFAULT_ROUTER = LOCAL_ROUTER
 DEFAULT_ETCD = ",".join(RouterConfig.etcd_endpoints)
 _CLIENT_DEFAULT = "_client_default_"
 

@@ -10,12 +10,21 @@ A `ChannelPool` also replaces its channel to an address at once when a new insta
 there (`bot(address, instance_id)`), or when told the peer is live again (`reset(address)`): the
 new channel connects immediately instead of waiting out the old one's backoff, and the old one is
 closed in the background once its calls in flight are done.
+
+Router replicas are reached through one balanced channel (`ChannelPool.router`): gRPC's own
+`round_robin` over every address of the target, each address used only while its gRPC health
+status for the Router service is SERVING (client-side health checking), so a warming or draining
+replica gets no Match, a dead one is skipped as soon as its connection breaks, and a Match it
+failed with UNAVAILABLE is retried on another replica. A pool follows one router target
+(`route_to`); a new target (the replicas in etcd changed) gets a new channel and the old one is
+retired like a replaced instance channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +36,28 @@ from mbc.runtime.config import ChannelConfig, MiB, TlsConfig
 from mbc.runtime.security import channel_credentials
 from mbc.runtime.serving import channel_options
 from mbc.runtime.tracing import client_interceptors
-from mbc.v1 import bot_pb2_grpc, router_pb2_grpc
+from mbc.v1 import bot_pb2_grpc, router_pb2, router_pb2_grpc
 
 SERVICE_CONFIG_PATH = Path(__file__).resolve().parent / "service_config.json"
 # The JSON text, as grpc's "grpc.service_config" channel argument takes it.
 SERVICE_CONFIG = SERVICE_CONFIG_PATH.read_text()
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+"""The Router service's full name: the health status its balanced channels check."""
+
+
+def balanced_service_config(health_service: str) -> str:
+    """The mesh's service config (JSON text) with round robin over the target's addresses, each used
+    only while its grpc.health.v1 status for `health_service` is SERVING. Retries are throttled more
+    loosely than on a single-server channel: with replicas, a retry goes to another one, and every
+    call in flight on a killed replica fails at once and must be retried."""
+    config = json.loads(SERVICE_CONFIG)
+    config["loadBalancingConfig"] = [{"round_robin": {}}]
+    config["healthCheckConfig"] = {"serviceName": health_service}
+    config["retryThrottling"] = {"maxTokens": 100, "tokenRatio": 0.2}
+    return json.dumps(config)
+
+
+ROUTER_SERVICE_CONFIG = balanced_service_config(ROUTER_SERVICE)
 
 
 DEFAULT_CHANNEL_CONFIG = ChannelConfig()
@@ -126,6 +152,8 @@ class ChannelPool:
             ("grpc.enable_retries", 1),
         ]
         self._channels: dict[str, tuple[grpc.aio.Channel, _InFlight]] = {}
+        self._routers: dict[str, tuple[grpc.aio.Channel, _InFlight]] = {}  # balanced, by target
+        self._router_target = ""
         self._instances: dict[str, deque[str]] = {}  # address -> instance ids seen there, newest last
         self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # replaced channels, closing
 
@@ -142,17 +170,21 @@ class ChannelPool:
             self._instances.setdefault(address, deque(maxlen=_KNOWN_INSTANCES)).append(instance_id)
         pooled = self._channels.get(address)
         if pooled is None:
-            in_flight = _InFlight()
-            channel = _open(address, self._credentials, options=self._options, interceptors=[*client_interceptors(), in_flight])
-            pooled = self._channels[address] = (channel, in_flight)
+            pooled = self._channels[address] = self._open_counted(address, self._options)
         return pooled[0]
+
+    def _open_counted(self, target: str, options: list[tuple[str, Any]]) -> tuple[grpc.aio.Channel, _InFlight]:
+        in_flight = _InFlight()
+        return _open(target, self._credentials, options=options, interceptors=[*client_interceptors(), in_flight]), in_flight
 
     def reset(self, address: str) -> None:
         """Replace the channel to `address` (if any) by a new one, which connects at once: for a
         peer known to be live again while the channel may be in TRANSIENT_FAILURE, waiting out its
         backoff. The old channel is closed in the background once its calls in flight are done
         (cancelled after `config.retired_grace_seconds`)."""
-        pooled = self._channels.pop(address, None)
+        self._retire_later(self._channels.pop(address, None))
+
+    def _retire_later(self, pooled: tuple[grpc.aio.Channel, _InFlight] | None) -> None:
         if pooled is None:
             return
         task = asyncio.get_running_loop().create_task(self._retire(*pooled))
@@ -173,15 +205,42 @@ class ChannelPool:
         """A Bot stub for the instance `instance_id` at `address` (see `channel`)."""
         return bot_pb2_grpc.BotStub(self.channel(address, instance_id))
 
-    def router(self, address: str) -> router_pb2_grpc.RouterStub:
-        return router_pb2_grpc.RouterStub(self.channel(address))
+    def router(self, target: str) -> router_pb2_grpc.RouterStub:
+        """A Router stub over the replicas of `target` (a host:port, an ipv4: list, dns:///…: see
+        `router_target`), balanced round robin over the SERVING ones."""
+        pooled = self._routers.get(target)
+        if pooled is None:
+            options = [o for o in self._options if o[0] != "grpc.service_config"]
+            options.append(("grpc.service_config", ROUTER_SERVICE_CONFIG))
+            pooled = self._routers[target] = self._open_counted(target, options)
+            pooled[0].get_state(try_to_connect=True)  # connected (and health-checked) before the first Match
+        return router_pb2_grpc.RouterStub(pooled[0])
+
+    @property
+    def router_target(self) -> str:
+        """The router target `current_router` calls ("" for none)."""
+        return self._router_target
+
+    def route_to(self, target: str) -> None:
+        """Make `target` the routers `current_router` calls; the channel of the previous target is
+        closed once its calls in flight are done (new calls go to the new one at once)."""
+        previous, self._router_target = self._router_target, target
+        if previous != target:
+            self._retire_later(self._routers.pop(previous, None))
+            if target:
+                self.router(target)
+
+    def current_router(self) -> router_pb2_grpc.RouterStub | None:
+        """A Router stub over the replicas of the current target; None when there is none."""
+        return self.router(self._router_target) if self._router_target else None
 
     async def close(self) -> None:
         """Close every channel, cancelling calls in flight (those on replaced channels too)."""
-        channels, self._channels = self._channels, {}
+        channels = [*self._channels.values(), *self._routers.values()]
+        self._channels, self._routers = {}, {}
         retiring, self._retiring = self._retiring, {}
         for task in retiring:
             task.cancel()  # stops its wait (channel.close() without grace does not wait): closed below
         await asyncio.gather(*retiring, return_exceptions=True)
-        for channel in [*(c for c, _ in channels.values()), *retiring.values()]:
+        for channel in [*(c for c, _ in channels), *retiring.values()]:
             await channel.close()  # a no-op on a closed one

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mbc.runtime.targets import router_target
 from mbc.v1 import common_pb2
 
 MiB = 1024 * 1024
@@ -288,9 +289,21 @@ class ServerConfig:
     "console" (stderr) or "none"."""
     tls: TlsConfig = section(TlsConfig)
     """This component's mTLS identity, for its server and its outgoing calls to other components."""
+    max_connection_age_ms: int = setting(
+        120_000, flag="--max-connection-age-ms", help="close client connections after this long (ms), so they rebalance; 0: never"
+    )
+    """How long a client connection may live (grpc.max_connection_age_ms, ±10% jitter): then the
+    server sends GOAWAY and the client connects again, re-resolving its target, so that clients
+    spread over replicas that joined since (a `dns:///` target on Kubernetes); 0 keeps connections
+    forever."""
+    max_connection_age_grace_ms: int = 15_000
+    """Calls in flight on a connection closed for its age get this long to finish
+    (grpc.max_connection_age_grace_ms); it outlasts the longest call deadline (Respond: 10 s)."""
 
     def __post_init__(self) -> None:
         check_range("server.port", self.port, 0, 65535)
+        check_range("server.max_connection_age_ms", self.max_connection_age_ms, 0)
+        check_range("server.max_connection_age_grace_ms", self.max_connection_age_grace_ms, 0)
         check_range("server.metrics_port", self.metrics_port, -1, 65535)
         check_range("server.max_message_bytes", self.max_message_bytes, 1)
         check_range("server.keepalive_time_ms", self.keepalive_time_ms, 1)
@@ -429,13 +442,26 @@ class RouterConfig:
     """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
     a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
     (~/.cache/mbc/embeddings), "off" keeps them in memory only."""
+    router_id: str = setting("", flag="--router-id", help="id of this replica's record in etcd (default: generated)")
+    """Id of this replica's record in etcd (/mbc/v1/routers/<router_id>, see discovery/routers.py);
+    empty generates one per start."""
+    lease_ttl_seconds: int = 10
+    """TTL of the lease behind the replica's record: the bots stop dialing a killed replica this long
+    after it died (one stopped cleanly is removed at once)."""
     log_level: str = log_level_setting()
 
     def __post_init__(self) -> None:
+        check_range("lease_ttl_seconds", self.lease_ttl_seconds, 1)
         check_range("neighbours", self.neighbours, 1)
         check_range("default_candidates", self.default_candidates, 1, 100)
         check_range("max_text_chars", self.max_text_chars, 1)
         check_range("max_intents_per_bot", self.max_intents_per_bot, 1)
+
+
+LOCAL_ROUTER = "127.0.0.1:50051"
+"""The router a bot without etcd calls when `router_address` is empty (and `mbc match`'s default)."""
+NO_ROUTER = "off"
+"""`router_address` of a bot that never asks a router."""
 
 
 @dataclass(frozen=True)
@@ -452,8 +478,15 @@ class BotConfig:
     )
     """etcd client endpoints as host:port; empty disables registration (a standalone bot)."""
     etcd: EtcdAccess = section(EtcdAccess)
-    router_address: str = setting("127.0.0.1:50051", flag="--router", help="router host:port; empty disables transfers")
-    """host:port of the router's Router service; empty disables collaboration lookups."""
+    router_address: str = setting(
+        "",
+        flag="--router",
+        help='router replicas: host:port, a comma list, dns:///name:port; empty: those registered in etcd; "off": no router',
+    )
+    """Where the router replicas are (see `mbc.runtime.targets.router_target`): empty follows the
+    replicas registered in etcd (127.0.0.1:50051 without etcd); host:port, a comma-separated list of
+    IP:port, or a gRPC target such as dns:///routers.mbc:50051 (a headless Service) dials those,
+    round robin over the SERVING ones; "off" disables collaboration lookups (no transfers)."""
     store_address: str = setting("", flag="--store", help="Context Session Store host:port; empty keeps state in the bot")
     """host:port of the Context Session Store; empty keeps conversation state in this process only."""
     context_ttl_seconds: int = 86_400
@@ -502,6 +535,11 @@ class BotConfig:
         check_range("max_text_chars", self.max_text_chars, 1)
         check_range("max_hops", self.max_hops, 0)
         check_range("neighbours", self.neighbours, 1)
+        if self.router_address != NO_ROUTER:
+            try:
+                router_target(self.router_address)
+            except ValueError as e:
+                raise ValueError(f"router_address: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """What every mbc gRPC server has: limits from config, health, reflection, port reporting,
-a graceful stop on SIGTERM, Prometheus metrics and trace ids (`ObservingInterceptor`)."""
+a graceful stop on SIGTERM, Prometheus metrics and trace ids (`ObservingInterceptor`), and a
+bounded connection age so that clients spread over replicas that joined later."""
 
 from __future__ import annotations
 
@@ -90,6 +91,11 @@ class GrpcServer:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
+        if config.max_connection_age_ms:  # clients reconnect (and re-resolve) now and then: replicas rebalance
+            options += [
+                ("grpc.max_connection_age_ms", config.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms),
+            ]
         if config.otel:
             tracing.enable_otel(self.service_names[0] if self.service_names else "mbc", config.otel_exporter)
         self.server = grpc.aio.server(

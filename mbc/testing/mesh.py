@@ -8,7 +8,10 @@ bound to 127.0.0.1 on a free port; etcd is a `LocalEtcd` unless endpoints are gi
     async with start_local(EXAMPLE_BOTS) as mesh:      # etcd, store, router, the example bots
         ... mesh.router.address, mesh.bots["cards"].address ...
 
-`python -m mbc.testing.mesh --workdir DIR` runs one for scripts: once the router has indexed every
+    async with start_local(EXAMPLE_BOTS, routers=3) as mesh:   # three router replicas, which the
+        ... mesh.routers ...                                   # bots find in etcd (round robin)
+
+`python -m mbc.testing.mesh --workdir DIR [--routers R]` runs one for scripts: once the router has indexed every
 bot it writes DIR/mesh.json (see `LocalMesh.describe`) and runs until SIGTERM or SIGINT.
 """
 
@@ -134,6 +137,11 @@ async def wait_indexed(
             raise TimeoutError(f"router did not index {sorted(pending)} within {timeout:.0f}s") from None
 
 
+def router_name(index: int) -> str:
+    """The component name of the `index`-th router replica of a mesh: router, router2, router3, ..."""
+    return "router" if index == 0 else f"router{index + 1}"
+
+
 @dataclass(frozen=True)
 class BotFile:
     """What the harness reads of a definition file: the bot's id, group and a phrase of its own."""
@@ -159,7 +167,8 @@ class LocalMesh:
     with a certificate of its identity (store, router, bot/<group>/<bot_id>); `client_tls` is a
     gateway's. `lease_ttl` sets the bots' lease TTL (their default when None). `etcd_owned`: the
     etcd endpoints given go away with the mesh (a cluster its caller stops after it), so stop()
-    forgets no definition.
+    forgets no definition. With `routers` > 1 (router replicas), the bots follow the replicas
+    registered in etcd; with one, they call the first router started by its address.
     """
 
     def __init__(
@@ -172,9 +181,11 @@ class LocalMesh:
         lease_ttl: int | None = None,
         start_timeout: float = START_TIMEOUT,
         etcd_owned: bool = False,
+        routers: int = 1,
     ) -> None:
         self.workdir = Path(workdir)
         self.etcd_owned = etcd_owned
+        self.replicas = routers
         self.etcd = etcd
         self._etcd_flags = etcd_flags or (lambda name: [])
         self.ca = ca
@@ -251,7 +262,7 @@ class LocalMesh:
         bot_files = [BotFile.read(p) for p in paths]
         name = name or bot_files[0].bot_id
         flags = ["bot", *map(str, paths), "--etcd", self.etcd, *self._etcd_flags(name)]
-        if self.router is not None:
+        if self.router is not None and self.replicas == 1:
             flags += ["--router", self.router.address]
         if self.store is not None:
             flags += ["--store", self.store.address]
@@ -265,14 +276,17 @@ class LocalMesh:
             self._defined.setdefault((bot_file.group, bot_file.bot_id), name)
         return await self._serving(bot, "mbc.v1.Bot")
 
-    async def wait_indexed(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> None:
-        """Until the first router ranks each bot (`names`: by component name; default: all) first for
-        a phrase of its own."""
-        assert self.router is not None, "no router started"
+    async def wait_indexed(
+        self, names: Sequence[str] | None = None, timeout: float = 60.0, router: ComponentProcess | None = None
+    ) -> None:
+        """Until `router` (default: the first one) ranks each bot (`names`: by component name;
+        default: all) first for a phrase of its own."""
+        router = router or self.router
+        assert router is not None, "no router started"
         files = [self.bot_files[n] for n in (self.bots if names is None else names)]
         groups = {f.group for f in files}
         await wait_indexed(
-            self.router.address,
+            router.address,
             {f.bot_id: EXAMPLE_PROBES.get(f.bot_id, f.probe) for f in files},
             group=groups.pop() if len(groups) == 1 else "",
             timeout=timeout,
@@ -326,7 +340,8 @@ class LocalMesh:
 
     def describe(self) -> dict[str, Any]:
         """Where everything listens: {"etcd", "store", "router", "routers", "bots": {bot_id: host:port},
-        "entry" and "bot" (the first bot's address), "bot_id" (its id), "pids": {name: pid}}."""
+        "entry" and "bot" (the first bot's address), "bot_id" (its id), "pids": {name: pid}}; "router" is
+        the first router, "routers" every replica."""
         first = next(iter(self.bots), "")
         pids: dict[str, int | None] = {
             c.name: c.pid for c in [*([self.store] if self.store else []), *self.routers, *self.bots.values()]
@@ -360,19 +375,30 @@ async def start_local(
     lease_ttl: int | None = None,
     start_timeout: float = START_TIMEOUT,
     index_timeout: float = 60.0,
+    routers: int = 1,
 ) -> AsyncIterator[LocalMesh]:
-    """A mesh whose router has indexed every bot of `bot_files`: etcd (a LocalEtcd unless `etcd`
-    endpoints are given), the store (unless `store` is False) beside one router (`router_args` and
-    `router_env` added), then the bots. Stopped, etcd included, on exit."""
+    """A mesh whose routers have indexed every bot of `bot_files`: etcd (a LocalEtcd unless `etcd`
+    endpoints are given), the store (unless `store` is False) beside `routers` routers
+    (`router_args` and `router_env` added; "router", "router2", ...), then the bots. Stopped, etcd
+    included, on exit."""
     mesh = LocalMesh(
-        workdir or new_workdir("mbc-mesh-"), etcd, etcd_flags=etcd_flags, ca=ca, lease_ttl=lease_ttl, start_timeout=start_timeout
+        workdir or new_workdir("mbc-mesh-"),
+        etcd,
+        etcd_flags=etcd_flags,
+        ca=ca,
+        lease_ttl=lease_ttl,
+        start_timeout=start_timeout,
+        routers=routers,
     )
     try:
         if not etcd:
             mesh.start_etcd()
-        await asyncio.gather(*([mesh.start_store()] if store else []), mesh.start_router(*router_args, env=router_env))
+        await asyncio.gather(
+            *([mesh.start_store()] if store else []),
+            *(mesh.start_router(*router_args, env=router_env, name=router_name(i)) for i in range(routers)),
+        )
         await asyncio.gather(*(mesh.start_bot(Path(f)) for f in bot_files))
-        await mesh.wait_indexed(timeout=index_timeout)
+        await asyncio.gather(*(mesh.wait_indexed(timeout=index_timeout, router=r) for r in mesh.routers))
         yield mesh
     finally:
         mesh.stop()
@@ -390,6 +416,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
             workdir=workdir,
             store=not args.no_store,
             router_args=args.router_flags,
+            routers=args.routers,
             start_timeout=args.timeout,
             index_timeout=args.timeout,
         ) as mesh:
@@ -417,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a bot definition to run; repeatable (default: the example bots)",
     )
     parser.add_argument("--no-store", action="store_true", help="no Context Session Store")
+    parser.add_argument("--routers", type=int, default=1, help="router replicas (more than one: bots find them in etcd)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to start and index everything")
     parser.add_argument("router_flags", nargs="*", help="extra `mbc router` flags (after --)")
     sys.exit(asyncio.run(serve_until_stopped(parser.parse_args(argv))))

@@ -1,0 +1,213 @@
+"""Router replicas in etcd: each router keeps a small record (its address and version) under
+/mbc/v1/routers/<router_id> on a lease (`RouterRegistration`), and bots follow that prefix
+(`RouterWatcher`) to dial every live replica (mbc/runtime/channels.py balances over them).
+
+A replica registers as soon as it listens, while it may still be warming up: its gRPC health
+status (NOT_SERVING until its index is ready) keeps balanced clients off it until then, and
+connecting early lets them use it the moment it turns SERVING. A killed replica's record vanishes
+when its lease runs out; one stopped cleanly revokes the lease, so its record goes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from discovery.errors import EtcdError, EtcdUnavailable, WatchCompacted
+from discovery.etcd_client import EtcdClient, KeyValue
+from discovery.keys import ROUTERS_PREFIX, parse_router_key, router_key
+from mbc.runtime.logs import get_logger
+
+log = get_logger(__name__)
+
+_RETRY_FIRST = 0.2
+_RETRY_CAP = 2.0
+
+
+@dataclass(frozen=True)
+class RouterRecord:
+    """What a router replica publishes about itself."""
+
+    router_id: str
+    address: str
+    """host:port its Router service listens on (what bots dial)."""
+    version: str = ""
+    """Its mbc version."""
+
+    @property
+    def key(self) -> str:
+        return router_key(self.router_id)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"address": self.address, "version": self.version}, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, key: str, value: bytes) -> RouterRecord:
+        """The record stored under `key`; ValueError saying why when it is not one."""
+        router_id = parse_router_key(key)
+        try:
+            data = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{key}: value is not JSON") from None
+        address = data.get("address") if isinstance(data, dict) else None
+        if not isinstance(address, str) or ":" not in address:
+            raise ValueError(f"{key}: no address host:port in {value[:200]!r}")
+        version = data.get("version", "")
+        return cls(router_id, address, version if isinstance(version, str) else "")
+
+
+def parse_records(items: list[KeyValue]) -> dict[str, RouterRecord]:
+    """The valid records among `items`, by key (each invalid one logged)."""
+    records = {}
+    for kv in items:
+        try:
+            records[kv.key] = RouterRecord.parse(kv.key, kv.value)
+        except ValueError as e:
+            log.warning("invalid_router_record", key=kv.key, reason=str(e))
+    return records
+
+
+async def list_routers(client: EtcdClient) -> list[RouterRecord]:
+    """The router replicas registered now, by router id."""
+    items, _ = await client.get_prefix(ROUTERS_PREFIX)
+    return sorted(parse_records(items).values(), key=lambda r: r.router_id)
+
+
+class RouterRegistration:
+    """Keeps `record` under its key, on a lease of `ttl` seconds refreshed every ttl/3, while this
+    process runs and reaches etcd. A lease found gone (etcd away longer than the TTL, a frozen
+    process) is replaced by a new one and the record put again."""
+
+    def __init__(self, client: EtcdClient, record: RouterRecord, ttl: int = 10) -> None:
+        if ttl < 1:
+            raise ValueError(f"lease ttl must be at least 1 second, got {ttl}")
+        self._client = client
+        self.record = record
+        self._ttl = ttl
+        self._lease_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Put the record; raises an EtcdError when etcd refuses or cannot be reached."""
+        await self._register()
+        self._task = asyncio.create_task(self._keep_alive(), name=f"keep-alive {self.record.key}")
+        log.info("router_registered", key=self.record.key, address=self.record.address, ttl=self._ttl)
+
+    async def stop(self) -> None:
+        """Stop refreshing and revoke the lease: the record goes at once (or with the lease, when
+        etcd cannot be reached)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+        lease_id, self._lease_id = self._lease_id, None
+        if lease_id is None:
+            return
+        try:
+            await self._client.revoke_lease(lease_id)
+        except EtcdError as e:
+            log.warning("router_deregister_failed", key=self.record.key, error=str(e), note=f"expires within {self._ttl}s")
+        else:
+            log.info("router_deregistered", key=self.record.key)
+
+    async def _register(self) -> None:
+        lease_id = await self._client.grant_lease(self._ttl)
+        try:
+            await self._client.put(self.record.key, self.record.to_bytes(), lease_id)
+        except BaseException:
+            with contextlib.suppress(EtcdError):
+                await self._client.revoke_lease(lease_id)
+            raise
+        self._lease_id = lease_id
+
+    async def _keep_alive(self) -> None:
+        interval = self._ttl / 3
+        delay, failures = interval, 0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                if self._lease_id is None or await self._client.refresh_lease(self._lease_id) <= 0:
+                    log.warning("router_lease_lost", key=self.record.key)
+                    self._lease_id = None
+                    await self._register()
+            except Exception as e:  # never give up: etcd may come back, and the record with it
+                failures += 1
+                delay = min(interval, _RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
+                (log.warning if failures == 1 else log.debug)(
+                    "router_keepalive_failed", key=self.record.key, error=str(e) or type(e).__name__, attempt=failures
+                )
+                continue
+            if failures:
+                log.info("router_keepalive_recovered", key=self.record.key, failed_attempts=failures)
+            delay, failures = interval, 0
+
+
+class RouterWatcher:
+    """Calls `on_change` with the sorted addresses of the registered replicas after the first list
+    and whenever they change. On a broken or compacted watch it keeps the last addresses (the
+    replicas are likely still there), lists again and resumes; it stops only with stop()."""
+
+    def __init__(self, client: EtcdClient, on_change: Callable[[tuple[str, ...]], None]) -> None:
+        self._client = client
+        self._on_change = on_change
+        self._records: dict[str, RouterRecord] = {}
+        self._addresses: tuple[str, ...] | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The addresses last published (empty before the first list)."""
+        return self._addresses or ()
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="router-watcher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Until the first list was published; TimeoutError after `timeout` seconds."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                items, revision = await self._client.get_prefix(ROUTERS_PREFIX)
+                self._records = parse_records(items)
+                self._publish()
+                failures = 0
+                async with contextlib.aclosing(self._client.watch_prefix(ROUTERS_PREFIX, revision + 1)) as events:
+                    async for event in events:
+                        if event.kind == "delete":
+                            self._records.pop(event.key, None)
+                        else:
+                            self._records.pop(event.key, None)
+                            self._records.update(parse_records([KeyValue(event.key, event.value, event.mod_revision, 0)]))
+                        self._publish()
+                raise EtcdUnavailable("the watch ended")
+            except (EtcdUnavailable, WatchCompacted) as e:
+                (log.warning if failures == 0 else log.debug)("router_watch_interrupted", error=str(e), attempt=failures + 1)
+            except Exception as e:
+                log.exception("router_watcher_failed", error=repr(e))
+            failures += 1
+            await asyncio.sleep(min(_RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1)))
+
+    def _publish(self) -> None:
+        addresses = tuple(sorted({r.address for r in self._records.values()}))
+        if addresses != self._addresses:
+            self._addresses = addresses
+            log.info("routers_changed", addresses=list(addresses))
+            try:
+                self._on_change(addresses)
+            except Exception as e:
+                log.exception("on_routers_change_failed", error=repr(e))
+        self._ready.set()
