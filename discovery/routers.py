@@ -16,9 +16,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from discovery.errors import EtcdError, EtcdUnavailable, WatchCompacted
+from discovery.errors import EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue
 from discovery.keys import ROUTERS_PREFIX, parse_router_key, router_key
+from discovery.leases import LeasedKey, LeaseKeeper
 from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
@@ -77,72 +78,25 @@ async def list_routers(client: EtcdClient) -> list[RouterRecord]:
 
 
 class RouterRegistration:
-    """Keeps `record` under its key, on a lease of `ttl` seconds refreshed every ttl/3, while this
-    process runs and reaches etcd. A lease found gone (etcd away longer than the TTL, a frozen
-    process) is replaced by a new one and the record put again."""
+    """Keeps `record` under its key on a lease of `ttl` seconds (a `LeaseKeeper` of its own: a lost
+    lease is replaced and the record put again) while this process runs and reaches etcd."""
 
     def __init__(self, client: EtcdClient, record: RouterRecord, ttl: int = 10) -> None:
-        if ttl < 1:
-            raise ValueError(f"lease ttl must be at least 1 second, got {ttl}")
-        self._client = client
         self.record = record
-        self._ttl = ttl
-        self._lease_id: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._keeper = LeaseKeeper(client, ttl, name="router")
+        self._key = LeasedKey(self._keeper, record.key, record.to_bytes())
 
     async def start(self) -> None:
         """Put the record; raises an EtcdError when etcd refuses or cannot be reached."""
-        await self._register()
-        self._task = asyncio.create_task(self._keep_alive(), name=f"keep-alive {self.record.key}")
-        log.info("router_registered", key=self.record.key, address=self.record.address, ttl=self._ttl)
+        await self._key.start()
+        log.info("router_registered", key=self.record.key, address=self.record.address, ttl=self._keeper.ttl)
 
     async def stop(self) -> None:
-        """Stop refreshing and revoke the lease: the record goes at once (or with the lease, when
-        etcd cannot be reached)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-        lease_id, self._lease_id = self._lease_id, None
-        if lease_id is None:
-            return
-        try:
-            await self._client.revoke_lease(lease_id)
-        except EtcdError as e:
-            log.warning("router_deregister_failed", key=self.record.key, error=str(e), note=f"expires within {self._ttl}s")
-        else:
-            log.info("router_deregistered", key=self.record.key)
-
-    async def _register(self) -> None:
-        lease_id = await self._client.grant_lease(self._ttl)
-        try:
-            await self._client.put(self.record.key, self.record.to_bytes(), lease_id)
-        except BaseException:
-            with contextlib.suppress(EtcdError):
-                await self._client.revoke_lease(lease_id)
-            raise
-        self._lease_id = lease_id
-
-    async def _keep_alive(self) -> None:
-        interval = self._ttl / 3
-        delay, failures = interval, 0
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                if self._lease_id is None or await self._client.refresh_lease(self._lease_id) <= 0:
-                    log.warning("router_lease_lost", key=self.record.key)
-                    self._lease_id = None
-                    await self._register()
-            except Exception as e:  # never give up: etcd may come back, and the record with it
-                failures += 1
-                delay = min(interval, _RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
-                (log.warning if failures == 1 else log.debug)(
-                    "router_keepalive_failed", key=self.record.key, error=str(e) or type(e).__name__, attempt=failures
-                )
-                continue
-            if failures:
-                log.info("router_keepalive_recovered", key=self.record.key, failed_attempts=failures)
-            delay, failures = interval, 0
+        """Delete the record and revoke the lease (when etcd cannot be reached, the record goes with
+        the lease)."""
+        await self._key.stop()
+        await self._keeper.stop()
+        log.info("router_deregistered", key=self.record.key)
 
 
 class RouterWatcher:
