@@ -354,8 +354,8 @@ def cross_fit_scores(
             continue
         # IntentPhrases sorted by (bot, intent) = the order of model.classes: rows line up.
         fold_model = GroupModel(sub, vectors[rows], vectors.shape[1], model.config)
-        c, top[held], second[held] = fold_model.best(vectors[held], [model.texts[j] for j in held])
-        top_class[held] = [model.class_of[fold_model.classes[i]] if i >= 0 else -1 for i in c.tolist()]
+        best, top[held], second[held] = fold_model.best(vectors[held], [model.texts[j] for j in held])
+        top_class[held] = [model.class_of[fold_model.classes[i]] if i >= 0 else -1 for i in best.tolist()]
     scored = np.flatnonzero(np.isfinite(top))
     return scored, top_class[scored], top[scored], second[scored]
 

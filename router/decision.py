@@ -440,8 +440,8 @@ class GroupModel:
             fused = fused + cfg.svm_weight * svm
         cand = cnt > 0
         qi, ci = np.nonzero(cand)
-        key = self._bot_scores(fused, cand)[qi, ci] if cfg.bot_first else fused[qi, ci]
-        return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci], key)
+        rank_key = self._bot_scores(fused, cand)[qi, ci] if cfg.bot_first else fused[qi, ci]
+        return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci], rank_key)
 
     def _bot_scores(self, fused: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Per (query, class): the score of the class's bot, T·log Σ exp(fused / T) over the bot's

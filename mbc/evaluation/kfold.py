@@ -50,8 +50,8 @@ def kfold(
     figures: dict[str, list[float]] = {"in_scope_accuracy": [], "oos_recall": [], "bot_accuracy": [], "disambiguation_rate": []}
     taus = []
     for f in range(k):
-        fit_rows = np.flatnonzero(fold != f)
-        held = np.flatnonzero(fold == f)
+        fit_rows = np.flatnonzero(fold != f).tolist()
+        held = np.flatnonzero(fold == f).tolist()
         scratch = model.with_threshold(model.tau, model.calibration)
         scratch.times = TrainTimes()  # fitting writes its time there: not the router's model's
         tau, info = fit_threshold(
@@ -61,7 +61,7 @@ def kfold(
         taus.append(tau)
         verdicts = [fitted.decide(r) for r in fitted.rank_many(vectors[held], [examples[i].text for i in held])]
         right = right_bot = rejected = asked = 0
-        for i, v in zip(held.tolist(), verdicts):
+        for i, v in zip(held, verdicts):
             e, top = examples[i], (v.candidates[0] if v.candidates else None)
             asked += v.decision not in (ACT, NONE)
             if none[i]:

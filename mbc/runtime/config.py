@@ -322,14 +322,14 @@ class DecisionConfig:
     """What τ is fitted against (router/calibration.py): the cost of acting on a message for the
     wrong bot, in scope or none of these (the consumer lands with a bot that cannot help and must
     find the way back). The unit of the other costs."""
-    cost_fallback: float = 0.5
+    cost_fallback: float = 1.0
     """The cost of a fallback for a message a bot of the group could serve, and of the right bot's
-    wrong intent: the consumer stays where they are and rephrases, half the harm of a wrong transfer."""
+    wrong intent: the consumer is not served, as surely as after a wrong transfer."""
     cost_clarify: float = 0.2
     """The cost of a clarifying question ("did you mean A or B?"): one more turn, and the consumer
     then reaches the right bot."""
-    oos_share: float = 0.2
-    """The share of a group's messages that no bot of it can serve. It weighs the calibration's
+    oos_share: float = 0.05
+    """The share of a group's messages that no bot of it can serve (one in twenty). It weighs the calibration's
     none-of-these utterances against its in-scope ones whatever their counts (a calibration set
     holds as many of each as someone wrote, not as many as consumers send)."""
     threshold_smoothing: float = 1.0
@@ -367,10 +367,11 @@ class DecisionConfig:
     """FAIR PLUS above τ + this (negative: just below the acting threshold)."""
     fair_offset: float = -2.5
     """FAIR above τ + this; below is POOR."""
-    bot_first: bool = True
+    bot_first: bool = False
     """Rank candidates by their bot first (the probability mass of the bot's candidate intents, see
     `bot_temperature`), then by intent within it: the errors that hurt most send the consumer to
-    the wrong bot. Off: by the intent's own fused score."""
+    the wrong bot. Off (the default: measured on CLINC150, it did not raise the right-bot rate, see
+    docs/routing-quality.md): by the intent's own fused score."""
     bot_temperature: float = 1.0
     """The temperature of that mass: a bot's score is T·log Σ exp(fused / T) over its candidate
     intents (T → 0: its best intent's score, as with `bot_first` off)."""
