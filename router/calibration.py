@@ -278,9 +278,9 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     evidence = calibration
     sources = []
     if n_in:
-        sources.append(f"{n_in} labelled in-scope")
+        sources.append(f"{n_in} in-scope of the calibration set")
     if n_none:
-        sources.append(f"{n_none} none-of-these")
+        sources.append(f"{n_none} none-of-these of the calibration set")
     if n_in < cfg.min_calibration_in_scope and len(model.classes) >= 2:
         phrases = cross_fitted(model, costs)
         if phrases is not None:
