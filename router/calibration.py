@@ -8,18 +8,20 @@ JSON Lines, one object per line, or one JSON array of such objects:
     {"text": "which pizza place delivers", "bot": null}          # none of these
     {"text": "...", "bot": "cards", "intent": "...", "group": "retail-bank"}   # optional group
 
-How τ is fitted for a group, every time its participants or the calibration set change:
+How τ is fitted for a group, every time its participants or the calibration set change: the τ
+that minimises the expected cost of the decisions the router would make on the evidence
+(`choose_threshold`), with explicit costs for a wrong transfer, a fallback for a message a bot
+could serve and a clarifying question, and the share of out-of-scope traffic weighing the
+none-of-these utterances against the in-scope ones (`Costs`, `DecisionConfig`). The scores are
+blurred by a kernel of Silverman's bandwidth so that τ does not hang on one utterance of a small set.
 
-1. The "none" utterances of the group are the calibration items labelled none, plus those labelled
-   with a bot that is not a (collaborating) participant of the group: when a bot leaves, what it
-   served becomes out of scope for the others. Items with a `group` only count for that group.
-2. With at least `min_calibration_none` of them, τ is the `oos_target` quantile of their fused
-   scores (the router rejects at or below τ): that share of "none" utterances gets a fallback, and
-   every other utterance is accepted.
-3. Otherwise τ comes from what the participants registered: the `generic_quantile` of the scores
-   of a built-in generic "none of these" set (plus the few calibration "none" items), capped at the
-   `in_scope_floor` quantile of the registered phrases' scores under 5-fold cross-fitting (each
-   phrase scored by a model trained without it), so that unusual but in-scope messages still pass.
+The evidence: the calibration set's utterances for the group (items with a `group` count only
+for that group). In scope, those labelled with a (collaborating) participant; with fewer than
+`min_calibration_in_scope` of them, the registered phrases, each scored by a model trained without
+it (5-fold cross-fitting), are added. None of these, those labelled none or with a bot that is not
+a participant (when a bot leaves, what it served becomes out of scope for the others); with fewer
+than `min_calibration_none`, the built-in generic none-of-these set is added. A large group with
+no in-scope evidence gets the `none_quantile` of the none-of-these scores.
 """
 
 from __future__ import annotations

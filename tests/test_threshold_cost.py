@@ -122,3 +122,20 @@ def test_registered_phrases_and_the_generic_set_stand_in_for_a_calibration_set()
     new = _clusters(rng, centres, 200, 0.15)
     top, conf, _ = model.best(new, ["bot intent phrase"] * len(new))
     assert (conf > tau).mean() >= 0.95
+
+
+def test_bot_first_ranks_a_bot_by_the_mass_of_its_intents():
+    """Two intents of bot a at 5.0 and 4.9 outweigh bot b's one at 5.2 (T = 1), not at T → 0."""
+    rng = np.random.default_rng(6)
+    intents = [IntentPhrases(b, i, (f"{b} {i} one", f"{b} {i} two")) for b, i in [("a", "x"), ("a", "y"), ("b", "z")]]
+    vectors = _clusters(rng, rng.normal(0, 1, (3, 8)), 6, 0.1)
+    fused = np.array([[5.0, 4.9, 5.2]])
+    candidates = np.ones_like(fused, dtype=bool)
+    for temperature, first in [(1.0, "a"), (0.05, "b")]:
+        config = dataclasses.replace(CONFIG, bot_first=True, bot_temperature=temperature)
+        scores = GroupModel(intents, vectors, 8, config)._bot_scores(fused, candidates)[0]
+        assert scores[0] == scores[1]  # one score per bot
+        assert ("a" if scores[0] > scores[2] else "b") == first
+    # A bot without candidates has no mass.
+    only_b = np.array([[False, False, True]])
+    assert np.isneginf(GroupModel(intents, vectors, 8, CONFIG)._bot_scores(fused, only_b)[0][0])
