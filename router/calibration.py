@@ -8,18 +8,20 @@ JSON Lines, one object per line, or one JSON array of such objects:
     {"text": "which pizza place delivers", "bot": null}          # none of these
     {"text": "...", "bot": "cards", "intent": "...", "group": "retail-bank"}   # optional group
 
-How τ is fitted for a group, every time its participants or the calibration set change:
+How τ is fitted for a group, every time its participants or the calibration set change: the τ
+that minimises the expected cost of the decisions the router would make on the evidence
+(`choose_threshold`), with explicit costs for a wrong transfer, a fallback for a message a bot
+could serve and a clarifying question, and the share of out-of-scope traffic weighing the
+none-of-these utterances against the in-scope ones (`Costs`, `DecisionConfig`). The scores are
+blurred by a kernel of Silverman's bandwidth so that τ does not hang on one utterance of a small set.
 
-1. The "none" utterances of the group are the calibration items labelled none, plus those labelled
-   with a bot that is not a (collaborating) participant of the group: when a bot leaves, what it
-   served becomes out of scope for the others. Items with a `group` only count for that group.
-2. With at least `min_calibration_none` of them, τ is the `oos_target` quantile of their fused
-   scores (the router rejects at or below τ): that share of "none" utterances gets a fallback, and
-   every other utterance is accepted.
-3. Otherwise τ comes from what the participants registered: the `generic_quantile` of the scores
-   of a built-in generic "none of these" set (plus the few calibration "none" items), capped at the
-   `in_scope_floor` quantile of the registered phrases' scores under 5-fold cross-fitting (each
-   phrase scored by a model trained without it), so that unusual but in-scope messages still pass.
+The evidence: the calibration set's utterances for the group (items with a `group` count only
+for that group). In scope, those labelled with a (collaborating) participant; with fewer than
+`min_calibration_in_scope` of them, the registered phrases, each scored by a model trained without
+it (5-fold cross-fitting), are added. None of these, those labelled none or with a bot that is not
+a participant (when a bot leaves, what it served becomes out of scope for the others); with fewer
+than `min_calibration_none`, the built-in generic none-of-these set is added. A large group with
+no in-scope evidence gets the `none_quantile` of the none-of-these scores.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -130,59 +132,188 @@ def for_group(examples: Sequence[Example], group: str) -> list[Example]:
     return [e for e in examples if not e.group or e.group == group]
 
 
+@dataclass(frozen=True)
+class Costs:
+    """What each kind of decision costs the consumer, in one unit (a wrong transfer: 1 by default),
+    and the share of the group's traffic that no bot of it can serve (`DecisionConfig`)."""
+
+    wrong_transfer: float
+    fallback: float
+    clarify: float
+    oos_share: float
+
+    @classmethod
+    def of(cls, config: DecisionConfig) -> Costs:
+        return cls(config.cost_wrong_transfer, config.cost_fallback, config.cost_clarify, config.oos_share)
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """What the decision on each calibration utterance depends on, as a function of τ."""
+
+    top: np.ndarray
+    """Fused score of the best candidate (-inf: no candidate)."""
+    second: np.ndarray
+    """Fused score of the best candidate of another bot (-inf: none): a clarifying question when close."""
+    act_cost: np.ndarray
+    """Cost of acting on the best candidate: 0 when right, `fallback` for the right bot's wrong
+    intent (the consumer stays with the bot that can help), `wrong_transfer` otherwise."""
+    fallback_cost: np.ndarray
+    """Cost of the fallback: `fallback` for an in-scope utterance, 0 for a none-of-these one."""
+    none: np.ndarray
+    """No bot of the group should take it."""
+    right: np.ndarray
+    """In scope, and the best candidate is its intent."""
+    right_bot: np.ndarray
+    """In scope, and the best candidate is of its bot."""
+
+    def __len__(self) -> int:
+        return len(self.top)
+
+    @classmethod
+    def of(
+        cls,
+        model: GroupModel,
+        top_class: np.ndarray,
+        top: np.ndarray,
+        second: np.ndarray,
+        labels: Sequence[tuple[str, str]],
+        costs: Costs,
+    ) -> Outcomes:
+        """From `GroupModel.best` of utterances labelled (bot, intent), ("", "") for none of these
+        (as is a bot that is not a participant: when a bot leaves, what it served is out of scope)."""
+        bots = set(model.bots)
+        none = np.array([bot not in bots for bot, _ in labels], dtype=bool)
+        best = [model.classes[c] if c >= 0 else ("", "") for c in np.asarray(top_class).tolist()]
+        right_bot = np.array([b == bot for (b, _), (bot, _) in zip(best, labels)], dtype=bool) & ~none
+        right = right_bot & np.array([not intent or i == intent for (_, i), (_, intent) in zip(best, labels)], dtype=bool)
+        act_cost = np.where(right, 0.0, np.where(right_bot, costs.fallback, costs.wrong_transfer))
+        fallback_cost = np.where(none, 0.0, costs.fallback)
+        return cls(np.asarray(top, np.float64), np.asarray(second, np.float64), act_cost, fallback_cost, none, right, right_bot)
+
+    def __add__(self, other: Outcomes) -> Outcomes:
+        return Outcomes(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+
+
+def bandwidth(scores: np.ndarray, smoothing: float) -> float:
+    """Silverman's rule of thumb for a kernel density of `scores` (finite ones), times `smoothing`."""
+    s = scores[np.isfinite(scores)]
+    if len(s) < 2 or smoothing <= 0:
+        return 0.0
+    q75, q25 = np.percentile(s, [75, 25])
+    spread = min(float(np.std(s)), float(q75 - q25) / 1.34) or float(np.std(s))
+    return smoothing * 0.9 * spread * len(s) ** -0.2
+
+
+def _step(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """P(x > 0) once x is blurred by a logistic kernel of standard deviation h (a hard step at h = 0)."""
+    scale = np.maximum(h, 1e-12) * (np.sqrt(3.0) / np.pi)
+    z = np.clip(x / scale, -60.0, 60.0)
+    return np.where(h > 0, 1.0 / (1.0 + np.exp(-z)), (x > 0).astype(np.float64))
+
+
+def expected_cost(o: Outcomes, taus: np.ndarray, costs: Costs, config: DecisionConfig, h: np.ndarray) -> np.ndarray:
+    """The mean cost per message of the decisions the router would make on `o` with each τ of
+    `taus`: none-of-these utterances weigh `oos_share` in all, in-scope ones the rest. Each score is
+    blurred by `h` (per utterance), so that the cost is smooth in τ and its minimum does not sit on
+    one utterance of a small calibration set."""
+    n_none = int(o.none.sum())
+    n_in = len(o) - n_none
+    share = costs.oos_share if n_none and n_in else (1.0 if n_none else 0.0)
+    w = np.where(o.none, share / max(n_none, 1), (1.0 - share) / max(n_in, 1))
+    floor = -1e6
+    top = np.where(np.isfinite(o.top), o.top, floor)
+    second = np.where(np.isfinite(o.second), o.second, floor)
+    close = (second >= top - config.disambiguation_margin) & (config.disambiguation_margin > 0) & (second > floor)
+    out = np.empty(len(taus))
+    for lo in range(0, len(taus), 64):
+        t = np.asarray(taus[lo : lo + 64], np.float64)[:, None]
+        act = _step(top - t, h)
+        clarify = np.where(close, _step(second - (t + config.fair_plus_offset), h), 0.0)
+        cost = clarify * costs.clarify + (1.0 - clarify) * (act * o.act_cost + (1.0 - act) * o.fallback_cost)
+        out[lo : lo + 64] = cost @ w
+    return out
+
+
+def choose_threshold(o: Outcomes, costs: Costs, config: DecisionConfig) -> tuple[float, dict]:
+    """τ minimising `expected_cost` on `o`, with each score blurred by the bandwidth of its kind
+    (none of these, in scope) by Silverman's rule times `config.threshold_smoothing`."""
+    h_none = bandwidth(o.top[o.none], config.threshold_smoothing)
+    h_in = bandwidth(o.top[~o.none], config.threshold_smoothing)
+    h = np.where(o.none, h_none, h_in)
+    finite = o.top[np.isfinite(o.top)]
+    if not len(finite):
+        return 0.0, {"expected_cost": None}
+    pad = 3 * max(h_none, h_in) + 1e-6
+    lo, hi = float(finite.min()) - pad, float(finite.max()) + pad
+    taus = np.linspace(lo, hi, 257)
+    cost = expected_cost(o, taus, costs, config, h)
+    best = int(np.argmin(cost))
+    step = taus[1] - taus[0]
+    fine = np.linspace(taus[best] - step, taus[best] + step, 129)
+    fine_cost = expected_cost(o, fine, costs, config, h)
+    at = np.flatnonzero(fine_cost <= fine_cost.min() + 1e-12)
+    tau = float(fine[at[len(at) // 2]])  # the middle of a flat minimum
+    return tau, {
+        "expected_cost": round(float(fine_cost.min()), 4),
+        "bandwidth_in_scope": round(h_in, 4),
+        "bandwidth_none": round(h_none, 4),
+    }
+
+
 def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dict]:
-    """τ for `model` and how it was fitted."""
+    """τ for `model` and how it was fitted: the threshold that minimises the expected cost of the
+    decisions (`choose_threshold`) on the evidence there is (see the module's docstring)."""
     cfg = model.config
+    costs = Costs.of(cfg)
     t0 = time.perf_counter()
-    classes = set(model.classes)
     bots = set(model.bots)
     examples = list(data.examples)
-    none_mask = np.array([not e.bot_id or e.bot_id not in bots for e in examples], dtype=bool)
     info: dict = {"classes": len(model.classes), "bots": len(bots), "calibration_examples": len(examples)}
-    # None only without examples or without classes (no model is built for a group without
-    # intents): the uses below have examples, "none" ones or labelled ones.
-    top: np.ndarray | None = None
-    conf: np.ndarray | None = None
+    calibration = None
     if examples and len(model.classes):
-        top, conf, _ = model.best(data.vectors, [e.text for e in examples])
-    n_none = int(none_mask.sum())
+        labels = [(e.bot_id, e.intent) if e.bot_id in bots else ("", "") for e in examples]
+        calibration = Outcomes.of(model, *model.best(data.vectors, [e.text for e in examples]), labels, costs)
+    n_none = int(calibration.none.sum()) if calibration is not None else 0
+    n_in = len(calibration) - n_none if calibration is not None else 0
     info["calibration_none"] = n_none
-    if n_none >= cfg.min_calibration_none:
-        assert conf is not None  # min_calibration_none "none" examples were scored
-        tau = float(np.quantile(conf[none_mask], cfg.oos_target, method="higher"))
-        info["method"] = f"calibration set: {cfg.oos_target:.2f} quantile of {n_none} none-of-these scores"
+    evidence = calibration
+    sources = []
+    if n_in:
+        sources.append(f"{n_in} in-scope of the calibration set")
+    if n_none:
+        sources.append(f"{n_none} none-of-these of the calibration set")
+    if n_in < cfg.min_calibration_in_scope and len(model.classes) >= 2:
+        phrases = cross_fitted(model, costs)
+        if phrases is not None:
+            evidence = phrases if evidence is None else evidence + phrases
+            sources.append(f"{len(phrases)} cross-fitted registered phrases")
+    if n_none < cfg.min_calibration_none and len(data.generic) and len(model.classes):
+        generic = [("", "")] * len(data.generic)
+        built_in = Outcomes.of(model, *model.best(data.generic_vectors, list(data.generic)), generic, costs)
+        evidence = built_in if evidence is None else evidence + built_in
+        sources.append(f"{len(data.generic)} generic none-of-these")
+    if evidence is None or not evidence.none.any() or evidence.none.all():
+        none_scores = evidence.top[evidence.none & np.isfinite(evidence.top)] if evidence is not None else np.zeros(0)
+        tau = float(np.quantile(none_scores, cfg.none_quantile, method="higher")) if len(none_scores) else 0.0
+        info["method"] = f"no in-scope evidence: the {cfg.none_quantile:.2f} quantile of {len(none_scores)} none-of-these scores"
     else:
-        pool = []
-        if len(data.generic) and len(model.classes):
-            pool.append(model.best(data.generic_vectors, list(data.generic))[1])
-        if n_none:
-            assert conf is not None  # the "none" examples were scored
-            pool.append(conf[none_mask])
-        scores = np.concatenate(pool) if pool else np.zeros(0)
-        tau = float(np.quantile(scores, cfg.generic_quantile, method="higher")) if len(scores) else 0.0
-        info["method"] = f"registered phrases: {cfg.generic_quantile:.2f} quantile of {len(scores)} generic none-of-these scores"
-        if model.vectors is not None and 0 < len(model.texts) <= cfg.cross_fit_max_phrases and len(model.classes) >= 2:
-            oof = cross_fit_scores(model, model.vectors)
-            floor = float(np.quantile(oof, cfg.in_scope_floor))
-            info["in_scope_floor"] = round(floor, 3)
-            if floor < tau:
-                tau = floor
-                info["method"] += f", capped at the {cfg.in_scope_floor:.2f} quantile of cross-fitted phrase scores"
+        tau, fit = choose_threshold(evidence, costs, cfg)
+        info.update(fit)
+        info["method"] = (
+            "least expected cost (wrong transfer {:g}, fallback {:g}, clarifying question {:g}, none-of-these share {:g}) "
+            "on {}".format(costs.wrong_transfer, costs.fallback, costs.clarify, costs.oos_share, ", ".join(sources))
+        )
     info["tau"] = round(tau, 4)
-    if examples:
-        labelled = [(i, e) for i, e in enumerate(examples) if e.bot_id in bots and e.intent]
-        if labelled:
-            assert top is not None and conf is not None  # examples of the model's bots: it has classes
-            idx = np.array([i for i, _ in labelled])
-            right = np.array([model.classes[top[i]] == (e.bot_id, e.intent) if top[i] >= 0 else False for i, e in labelled])
-            right_bot = np.array([model.classes[top[i]][0] == e.bot_id if top[i] >= 0 else False for i, e in labelled])
-            acted = conf[idx] > tau
-            info["calibration_in_scope"] = len(labelled)
-            info["in_scope_accuracy"] = round(float((right & acted).mean()), 4)
-            info["bot_accuracy"] = round(float((right_bot & acted).mean()), 4)
+    if calibration is not None:
+        acted = calibration.top > tau
+        if n_in:
+            info["calibration_in_scope"] = n_in
+            info["in_scope_accuracy"] = round(float((calibration.right & acted)[~calibration.none].mean()), 4)
+            info["bot_accuracy"] = round(float((calibration.right_bot & acted)[~calibration.none].mean()), 4)
         if n_none:
-            assert conf is not None  # the "none" examples were scored
-            info["none_recall"] = round(float((conf[none_mask] <= tau).mean()), 4)
+            info["none_recall"] = round(float((~acted)[calibration.none].mean()), 4)
+        classes = set(model.classes)
         unknown = [e for e in examples if e.bot_id in bots and e.intent and (e.bot_id, e.intent) not in classes]
         if unknown:
             info["unknown_intents"] = len(unknown)
@@ -190,11 +321,26 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     return tau, info
 
 
-def cross_fit_scores(model: GroupModel, vectors: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Fused score of each registered phrase's best intent under a model trained without it."""
+def cross_fitted(model: GroupModel, costs: Costs, folds: int = 5) -> Outcomes | None:
+    """The registered phrases as in-scope evidence, each scored by a model trained without it
+    (`cross_fit_scores`); None for a group too large to train five more times."""
+    if model.vectors is None or not 0 < len(model.texts) <= model.config.cross_fit_max_phrases:
+        return None
+    rows, top_class, top, second = cross_fit_scores(model, model.vectors, folds)
+    labels = [model.classes[c] for c in model.row_class[rows].tolist()]
+    return Outcomes.of(model, top_class, top, second, labels, costs)
+
+
+def cross_fit_scores(
+    model: GroupModel, vectors: np.ndarray, folds: int = 5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`GroupModel.best` of each registered phrase under a model trained without it: (the rows
+    scored, their best class in `model.classes`, its fused score, the best score of another bot)."""
     rng = np.random.default_rng(seed)
     fold = rng.integers(0, folds, len(model.texts))
-    out = np.full(len(model.texts), -np.inf)
+    top_class = np.full(len(model.texts), -1, np.int64)
+    top = np.full(len(model.texts), -np.inf)
+    second = np.full(len(model.texts), -np.inf)
     for k in range(folds):
         held = np.where(fold == k)[0]
         if not len(held):
@@ -210,9 +356,10 @@ def cross_fit_scores(model: GroupModel, vectors: np.ndarray, folds: int = 5, see
             continue
         # IntentPhrases sorted by (bot, intent) = the order of model.classes: rows line up.
         fold_model = GroupModel(sub, vectors[rows], vectors.shape[1], model.config)
-        _, conf, _ = fold_model.best(vectors[held], [model.texts[j] for j in held])
-        out[held] = conf
-    return out[np.isfinite(out)]
+        best, top[held], second[held] = fold_model.best(vectors[held], [model.texts[j] for j in held])
+        top_class[held] = [model.class_of[fold_model.classes[i]] if i >= 0 else -1 for i in best.tolist()]
+    scored = np.flatnonzero(np.isfinite(top))
+    return scored, top_class[scored], top[scored], second[scored]
 
 
 def build_group_model(

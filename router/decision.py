@@ -225,6 +225,7 @@ class Features:
     cosine: np.ndarray  # best similarity of the class among the neighbours
     best_row: np.ndarray  # catalog row of that best phrase
     fused: np.ndarray
+    rank_key: np.ndarray  # what candidates are ranked by, best first: the bot's score, then `fused`
 
 
 @dataclass
@@ -439,7 +440,25 @@ class GroupModel:
             fused = fused + cfg.svm_weight * svm
         cand = cnt > 0
         qi, ci = np.nonzero(cand)
-        return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci])
+        rank_key = self._bot_scores(fused, cand)[qi, ci] if cfg.bot_first else fused[qi, ci]
+        return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci], rank_key)
+
+    def _bot_scores(self, fused: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Per (query, class): the score of the class's bot, T·log Σ exp(fused / T) over the bot's
+        candidate intents (T = `bot_temperature`): the probability mass of the bot's intents, in
+        fused-score units. A bot whose several intents all match beats a bot with one slightly
+        better intent."""
+        t = self.config.bot_temperature
+        _, bot_index = np.unique(np.asarray(self.bot_of_class[: fused.shape[1]]), return_inverse=True)
+        member = np.zeros((fused.shape[1], int(bot_index.max(initial=-1)) + 1), np.float64)
+        member[np.arange(fused.shape[1]), bot_index] = 1.0
+        masked = np.where(cand, fused, -np.inf).astype(np.float64)
+        peak = np.max(masked, axis=1, keepdims=True, initial=-np.inf)
+        peak = np.where(np.isfinite(peak), peak, 0.0)
+        mass = np.exp((masked - peak) / t) @ member
+        with np.errstate(divide="ignore"):
+            per_bot = t * np.log(mass) + peak
+        return per_bot[:, bot_index]
 
     def best(
         self, Q: np.ndarray, texts: Sequence[str], exclude_bot: str | None = None
@@ -450,7 +469,7 @@ class GroupModel:
         top = np.full(nq, -1, np.int64)
         conf = np.full(nq, -np.inf)
         second = np.full(nq, -np.inf)
-        order = np.lexsort((-f.fused, f.query))
+        order = np.lexsort((-f.fused, -f.rank_key, f.query))
         for j in order:
             q = f.query[j]
             if top[q] < 0:
@@ -470,12 +489,13 @@ class GroupModel:
         ratings = self.ratings(f.fused)
         ratings = np.where(f.cosine < self.config.min_cosine, np.minimum(ratings, FAIR), ratings).tolist()
         cls, cosine, rows, fused = f.cls.tolist(), f.cosine.tolist(), f.best_row.tolist(), f.fused.tolist()
+        key = f.rank_key.tolist()
         classes, phrase = self.classes, self.catalog.phrase
         out = []
         for q in range(len(texts)):
             lo, hi = int(bounds[q]), int(bounds[q + 1])
             ranked = []
-            for j in sorted(range(lo, hi), key=lambda j: -fused[j]):
+            for j in sorted(range(lo, hi), key=lambda j: (-key[j], -fused[j])):
                 bot_id, intent = classes[cls[j]]
                 ranked.append(Scored(bot_id, intent, fused[j], cosine[j], phrase(rows[j]), ratings[j]))
             out.append(ranked)

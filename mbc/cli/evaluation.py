@@ -111,6 +111,12 @@ def add_commands(sub) -> None:
     clinc.add_argument("--max-domains", type=int, default=0, help="only the first N domains (a quick slice)")
     clinc.add_argument("--max-intents", type=int, default=0, help="only the first N intents per domain (a quick slice)")
     clinc.add_argument("--seed", type=int, default=0)
+    clinc.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="k of the k-fold figure: tau fitted on k-1 folds of the calibration set, measured on the other (default 5; 0: skip)",
+    )
     clinc.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     clinc.add_argument(
         "--encoder-backend",

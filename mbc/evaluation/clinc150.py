@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -25,10 +26,11 @@ from typing import TypeVar
 import grpc
 
 from bot_server.bot import Bot
-from bot_server.definition import BotDefinition
+from bot_server.definition import BotDefinition, DefinitionError
 from bot_server.local_model import ModelIntents
 from bot_server.server import BotHost
 from mbc.client.gateway import Conversation
+from mbc.evaluation.kfold import kfold
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
 from mbc.runtime.encoder import Encoder
@@ -36,7 +38,7 @@ from mbc.runtime.logs import configure
 from mbc.testing.etcd import LocalEtcd
 from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, router_pb2, router_pb2_grpc
-from router.calibration import Example
+from router.calibration import Example, generic_none
 from router.decision import GroupModel
 from router.server import RouterProcess
 
@@ -65,7 +67,32 @@ class Dataset:
 
 
 def bot_id_of(domain: str) -> str:
-    return domain.replace("_", "-")
+    return name_of(domain.replace("_", "-"))
+
+
+_REFUSED = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def name_of(label: str) -> str:
+    """A data set's label as a name the bot definitions accept (`mbc.runtime.names`): each run of
+    other characters becomes "_", leading ones are dropped, at most 64 characters ("card_arrived?"
+    becomes "card_arrived_")."""
+    name = _REFUSED.sub("_", label).lstrip("._-")[:64]
+    return name or "intent"
+
+
+def intent_names(labels: list[str]) -> dict[str, str]:
+    """Each label's intent name (`name_of`); labels that would share one get "-2", "-3"... after it."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for label in labels:
+        name, n = name_of(label), 1
+        while name in taken:
+            n += 1
+            name = f"{name_of(label)[: 64 - len(str(n)) - 1]}-{n}"
+        out[label] = name
+        taken.add(name)
+    return out
 
 
 DATA_FILE = "clinc150_public.json"
@@ -90,6 +117,8 @@ def load(data: str, domains_path: str, split: str, max_domains: int, max_intents
     raw = _read_json(data_file, "CLINC150 data file")
     domains_file = Path(domains_path) if domains_path else data_file.resolve().parent / "domains.json"
     domains = _read_json(domains_file, "domain list (--domains)")
+    if not isinstance(domains, dict) or not all(isinstance(v, list) for v in domains.values()):
+        raise DataError(f"the domain list {domains_file} must map each domain to its list of intents")
     if max_domains:
         domains = dict(list(domains.items())[:max_domains])
     if max_intents:
@@ -97,9 +126,11 @@ def load(data: str, domains_path: str, split: str, max_domains: int, max_intents
     oos_key = f"oos_{split}"
     for key in ("train", "val", "oos_val", split, oos_key):
         if key not in raw:
-            raise SystemExit(f"mbc eval: {data} has no {key!r} split")
+            raise DataError(f"{data_file} has no {key!r} split")
+    names = intent_names([str(i) for intents in domains.values() for i in intents])
+    domains = {d: [names[str(i)] for i in intents] for d, intents in domains.items()}
     bot_of = {intent: bot_id_of(d) for d, intents in domains.items() for intent in intents}
-    keep = lambda rows: [(t, i) for t, i in rows if i in bot_of]  # noqa: E731
+    keep = lambda rows: [(t, names[i]) for t, i in rows if names.get(i) in bot_of]  # noqa: E731
     calibration = keep(raw["val"]) + [(t, "") for t, _ in raw["oos_val"] + raw.get("oos_train", [])]
     in_scope = keep(raw[split])
     oos = [t for t, _ in raw[oos_key]]
@@ -376,7 +407,9 @@ async def measure_retrain(mesh: Mesh) -> dict:
 # --- report ----------------------------------------------------------------------------------
 
 
-def report(args, ds: Dataset, mesh: Mesh, match: MatchPhase, e2e: EndToEnd, retrain: dict | None, started: float) -> dict:
+def report(
+    args, ds: Dataset, mesh: Mesh, match: MatchPhase, e2e: EndToEnd, retrain: dict | None, started: float, folds: dict | None
+) -> dict:
     """The figures of one run (`table` prints them; --json writes them)."""
     if mesh.model is None:
         raise ValueError("no trained model to report on: wait_trained(mesh) first")
@@ -401,6 +434,7 @@ def report(args, ds: Dataset, mesh: Mesh, match: MatchPhase, e2e: EndToEnd, retr
         "calibration": mesh.calibration,
         "initial_build": mesh.initial_build,
         "retrain_on_bot_leaving": retrain,
+        "kfold": folds,
         "match_seconds": round(match.seconds, 2),
         "match_per_second": round(match.n / max(match.seconds, 1e-9), 1),
         "end_to_end_seconds": round(e2e.seconds, 2),
@@ -421,8 +455,20 @@ def describe(ds: Dataset, split: str) -> None:
         progress("eval: NOTE --split val: the router is calibrated on val, so these figures are in-sample for calibration")
 
 
+async def measure_kfold(mesh: Mesh, ds: Dataset, k: int, seed: int) -> dict:
+    """The k-fold figure on the calibration set (`mbc.evaluation.kfold`), with the router's model."""
+    assert mesh.model is not None  # wait_trained(mesh) first
+    examples = calibration_examples(ds)
+    encoder = mesh.router.core.encoder
+    vectors = await encoder.aencode_phrases([e.text for e in examples])
+    generic = generic_none()
+    generic_vectors = await encoder.aencode_phrases(generic)
+    progress(f"eval: {k}-fold on the calibration set ({len(examples)} utterances)...")
+    return await asyncio.to_thread(kfold, mesh.model, examples, vectors, generic, generic_vectors, k, seed)
+
+
 async def run(args) -> dict:
-    """Load the data, start the mesh, measure Match, Respond and a retrain, report."""
+    """Load the data, start the mesh, measure Match, Respond, the k-fold figure and a retrain, report."""
     started = time.monotonic()
     ds = load(args.data, args.domains, args.split, args.max_domains, args.max_intents, args.limit, args.seed)
     describe(ds, args.split)
@@ -430,8 +476,9 @@ async def run(args) -> dict:
         items = questions(ds)
         match = await measure_match(mesh.router.server.address, items, args.concurrency)
         e2e = await measure_end_to_end(mesh, items, args.sample, args.seed, args.concurrency)
+        folds = await measure_kfold(mesh, ds, args.folds, args.seed) if args.folds > 1 else None
         retrain = await measure_retrain(mesh) if args.retrain_check and len(mesh.bots) > 2 else None
-        return report(args, ds, mesh, match, e2e, retrain, started)
+        return report(args, ds, mesh, match, e2e, retrain, started, folds)
 
 
 def table(r: dict) -> str:
@@ -446,6 +493,7 @@ def table(r: dict) -> str:
         f"  {'disambiguation_rate':<24} {r['disambiguation_rate']:.4f}   "
         f"({r['disambiguations']} questions; counted as misses above)",
         f"  {'tau':<24} {r['tau']:.3f}",
+        *kfold_rows(r.get("kfold")),
         f"  {'seconds':<24} {r['seconds']:.1f}   (Match: {r['match_per_second']}/s)",
         "",
         f"  {'published (test split)':<36} {'in-scope':>8} {'oos rec':>8}",
@@ -455,11 +503,24 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def kfold_rows(f: dict | None) -> list[str]:
+    """The k-fold figure, for `table`."""
+    if not f:
+        return []
+    rows = [
+        f"  {f['k']}-fold on the calibration set ({f['n_in_scope']} in scope + {f['n_oos']} out of scope; "
+        "tau fitted on k-1 folds, measured on the fold left out): mean ± std"
+    ]
+    for name in ("in_scope_accuracy", "oos_recall", "bot_accuracy", "disambiguation_rate"):
+        rows.append(f"    {name:<22} {f[name]['mean']:.4f} ± {f[name]['std']:.4f}")
+    return rows
+
+
 def main(args) -> int:
     configure(args.log_level, service="eval")
     try:
         result = asyncio.run(run(args))
-    except DataError as e:
+    except (DataError, DefinitionError) as e:
         print(f"mbc eval clinc150: {e}", file=sys.stderr)
         return 2
     print(table(result), flush=True)

@@ -331,18 +331,33 @@ class DecisionConfig:
     """L-BFGS iterations when the head is trained from scratch."""
     lr_warm_iterations: int = 60
     """L-BFGS iterations when it starts from the previous head (participants changed)."""
-    oos_target: float = 0.60
-    """Share of the calibration "none of these" utterances that must be rejected: τ is that quantile
-    of their fused scores."""
+    cost_wrong_transfer: float = 1.0
+    """What τ is fitted against (router/calibration.py): the cost of acting on a message for the
+    wrong bot, in scope or none of these (the consumer lands with a bot that cannot help and must
+    find the way back). The unit of the other costs."""
+    cost_fallback: float = 1.0
+    """The cost of a fallback for a message a bot of the group could serve, and of the right bot's
+    wrong intent: the consumer is not served, as surely as after a wrong transfer."""
+    cost_clarify: float = 0.2
+    """The cost of a clarifying question ("did you mean A or B?"): one more turn, and the consumer
+    then reaches the right bot."""
+    oos_share: float = 0.05
+    """The share of a group's messages that no bot of it can serve (one in twenty). It weighs the calibration's
+    none-of-these utterances against its in-scope ones whatever their counts (a calibration set
+    holds as many of each as someone wrote, not as many as consumers send)."""
+    threshold_smoothing: float = 1.0
+    """Each calibration score is blurred by a kernel of Silverman's bandwidth times this before τ
+    is chosen, so that τ does not hang on one utterance of a small set; 0: the raw scores."""
+    min_calibration_in_scope: int = 20
+    """Fewer labelled in-scope utterances than this in the calibration set for a group: the
+    registered phrases, each scored by a model trained without it (5-fold cross-fitting), are
+    added as in-scope evidence."""
     min_calibration_none: int = 20
-    """Fewer "none" utterances than this in the calibration set for a group: τ is fitted from the
-    registered phrases and the built-in generic set instead."""
-    generic_quantile: float = 0.95
-    """Without enough calibration "none" utterances: τ is this quantile of the fused scores of the
-    built-in generic "none of these" set ..."""
-    in_scope_floor: float = 0.05
-    """... but at most this quantile of the registered phrases' scores under 5-fold cross-fitting,
-    so that (in expectation) no more than this share of in-scope messages is rejected."""
+    """Fewer "none" utterances than this in the calibration set for a group: the built-in generic
+    none-of-these set (router/data/generic_none.txt) is added."""
+    none_quantile: float = 0.95
+    """Without any in-scope evidence (a large group, no labelled utterance): τ is this quantile of
+    the none-of-these scores."""
     cross_fit_max_phrases: int = 4000
     """Cross-fitting costs five trainings: groups with more phrases skip it."""
     heads_max_phrases: int = 20_000
@@ -365,6 +380,14 @@ class DecisionConfig:
     """FAIR PLUS above τ + this (negative: just below the acting threshold)."""
     fair_offset: float = -2.5
     """FAIR above τ + this; below is POOR."""
+    bot_first: bool = False
+    """Rank candidates by their bot first (the probability mass of the bot's candidate intents, see
+    `bot_temperature`), then by intent within it: the errors that hurt most send the consumer to
+    the wrong bot. Off (the default: measured on CLINC150, it did not raise the right-bot rate, see
+    docs/routing-quality.md): by the intent's own fused score."""
+    bot_temperature: float = 1.0
+    """The temperature of that mass: a bot's score is T·log Σ exp(fused / T) over its candidate
+    intents (T → 0: its best intent's score, as with `bot_first` off)."""
     disambiguation_margin: float = 0.25
     """DISAMBIGUATE when the best two bots are within this of each other (fused score) and both
     FAIR PLUS or better; 0 turns disambiguation off. It fires rarely, and mostly where the first
