@@ -76,10 +76,15 @@ func (x *Intent) GetPhrases() []string {
 	return nil
 }
 
-// What a bot instance registers in etcd, serialized as this message (binary protobuf),
-// under the key /mbc/v1/participants/<group>/<bot_id>/<instance_id>, attached to a lease
-// that the instance keeps alive. Any language can register with the generated stubs and
-// any etcd client.
+// A bot in etcd, serialized as this message (binary protobuf), in two records. Its definition
+// (bot_id, group, collaboration, intents, definition_version, display_name; no instance_id,
+// no address) under /mbc/v1/definitions/<group>/<bot_id>, without a lease: written once per
+// definition version, it outlives the instances. Each instance (bot_id, group, instance_id,
+// address, definition_version, software_version; no intents) under
+// /mbc/v1/participants/<group>/<bot_id>/<instance_id>, attached to a lease that the instance
+// keeps alive. Readers join the two; an instance record that still carries intents (written
+// by an older release) is read as it is. Any language can register with the generated stubs
+// and any etcd client.
 type Participant struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Stable id of the bot; must equal the <bot_id> segment of the key.
