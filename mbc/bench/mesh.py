@@ -19,9 +19,9 @@ One run (the plan of bots, groups, instances and hosts: mbc/bench/mesh_plan.py):
 4. Match at 32 callers on a surviving router (`mbc.bench.loadgen` in its own process), `val`
    utterances of one group; the etcd database size (`etcd_mvcc_db_total_size_in_bytes`).
 
-What other parts of the scale-out change is behind one function each: `start_host` (several
-definitions per `mbc bot` process), `router_flags` (router replicas), `open_conversation` (a
-Respond naming its bot).
+Bots are hosted many to a process (`start_host`), follow the router replicas registered in etcd
+(with one router: its address), and the gateways name their bot and locate a live instance of an
+owner bot through the routers (`open_conversation`).
 """
 
 from __future__ import annotations
@@ -99,11 +99,6 @@ def progress(message: str) -> None:
 # --- what the scale-out changes: one function each ------------------------------------------
 
 
-def router_flags(routers: Sequence[str], index: int) -> list[str]:
-    """The `--router` of the `index`-th bot instance: today one replica, the instances spread over them."""
-    return ["--router", routers[index % len(routers)]]
-
-
 async def start_host(
     mesh: LocalMesh, host: int, instances: Sequence[Instance], files: dict[str, Path], flags: Sequence[str]
 ) -> dict[str, ComponentProcess]:
@@ -113,9 +108,12 @@ async def start_host(
     return {i.name: process for i in instances}
 
 
-def open_conversation(pool: ChannelPool, entry_bot_id: str, entry_address: str, store: str) -> Conversation:
-    """A conversation of a gateway starting at the entry bot, named on its host."""
-    return Conversation(entry_address=entry_address, store_address=store, channels=pool, entry_bot_id=entry_bot_id)
+def open_conversation(pool: ChannelPool, entry_bot_id: str, entry_address: str, store: str, routers: str) -> Conversation:
+    """A conversation of a gateway starting at the entry bot, named on its host; `routers` (a comma
+    list) locate a live instance of an owner bot whose instance died."""
+    return Conversation(
+        entry_address=entry_address, store_address=store, channels=pool, entry_bot_id=entry_bot_id, router_target=routers
+    )
 
 
 # --- start -----------------------------------------------------------------------------------
@@ -161,7 +159,7 @@ async def start_mesh(mesh: LocalMesh, plan: MeshPlan, files: dict[str, Path], op
 
         async def host(h: int) -> dict[str, ComponentProcess]:
             instances = plan.on_host(h)
-            processes = await start_host(mesh, h, instances, files, [*router_flags(addresses, h), *common])
+            processes = await start_host(mesh, h, instances, files, common)
             bar.update(len(instances))
             return processes
 
@@ -276,6 +274,7 @@ async def drive(mesh: LocalMesh, plan: MeshPlan, started: Started, opts: MeshOpt
     rng = random.Random(opts.seed)
     assert mesh.store is not None
     store = mesh.store.address
+    routers = ",".join(r.address for r in mesh.routers)
     killed_host = plan.hosts - 1
     entries = {}
     for g in plan.groups:
@@ -290,7 +289,7 @@ async def drive(mesh: LocalMesh, plan: MeshPlan, started: Started, opts: MeshOpt
         chat, group, sent = chats.get(caller) or (None, "", MESSAGES_PER_CONVERSATION)
         if chat is None or sent >= MESSAGES_PER_CONVERSATION:
             group = rng.choice(plan.groups)
-            chat, sent = open_conversation(pool, *entries[group], store), 0
+            chat, sent = open_conversation(pool, *entries[group], store, routers), 0
         chats[caller] = (chat, group, sent + 1)
         response = await chat.send(rng.choice(plan.messages[group]))
         outcomes[bot_pb2.Outcome.Name(response.outcome).removeprefix("OUTCOME_")] += 1
@@ -349,7 +348,12 @@ async def run(opts: MeshOptions) -> dict:
     )
     with LocalEtcdCluster(opts.etcd_members, data_dir=workdir / "etcd") as cluster:
         mesh = LocalMesh(
-            workdir, ",".join(cluster.endpoints), lease_ttl=opts.lease_ttl, start_timeout=opts.start_timeout, etcd_owned=True
+            workdir,
+            ",".join(cluster.endpoints),
+            lease_ttl=opts.lease_ttl,
+            start_timeout=opts.start_timeout,
+            etcd_owned=True,
+            routers=opts.routers,
         )
         try:
             await mesh.start_store("--log-level", opts.log_level)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import grpc
 
 from mbc.client.context import ContextClient
+from mbc.runtime import targets
 from mbc.runtime.channels import DEFAULT_CHANNEL_CONFIG, ChannelPool
 from mbc.runtime.config import ChannelConfig, TlsConfig
 from mbc.runtime.logs import get_logger
@@ -60,8 +61,9 @@ class Conversation:
         self.entry_bot_id = entry_bot_id
         """The entry bot's id: required when its address hosts several bots (`mbc bot` with several
         definitions); "": the address's only bot."""
-        self.router_target = router_target
-        """A router (host:port, or any gRPC target) to Locate a live instance of the owner bot; "": none."""
+        self.router_target = targets.router_target(router_target)
+        """Routers to Locate a live instance of the owner bot (host:port, a comma list of IP:port, or
+        a gRPC target such as dns:///routers:50051), balanced over the SERVING ones; "": none."""
         self.owner_address = ""
         self.owner_bot_id = ""
         self.owner_group = ""
