@@ -429,9 +429,16 @@ class RouterConfig:
     """Directory of the persisted phrase embeddings (one SQLite file, keyed by model and text), so
     a restarted router embeds only new phrases; empty means $XDG_CACHE_HOME/mbc/embeddings
     (~/.cache/mbc/embeddings), "off" keeps them in memory only."""
+    training_concurrency: int = setting(
+        2, flag="--training-concurrency", help="groups whose models are built at the same time (default 2)"
+    )
+    """Groups whose models are built at the same time, each by its own task: a change in one group
+    never waits for another group's training while a slot is free. Each build holds about one core
+    while it trains (2 suits a 2-core machine: a small group's change trains beside a large one)."""
     log_level: str = log_level_setting()
 
     def __post_init__(self) -> None:
+        check_range("training_concurrency", self.training_concurrency, 1, 64)
         check_range("neighbours", self.neighbours, 1)
         check_range("default_candidates", self.default_candidates, 1, 100)
         check_range("max_text_chars", self.max_text_chars, 1)
