@@ -365,7 +365,7 @@ class RouterCore:
             state = self._state
             assert state is not None  # a build starts from a submitted snapshot
             if group in self._wanted:  # else the group lost its intents while it trained
-                self._state = _State(
+                state = self._state = _State(
                     state.directory,
                     {**state.models, group: model},
                     {**state.sources, group: intents},
@@ -373,7 +373,6 @@ class RouterCore:
                 )
             self.builds += 1
             self._swapped.notify_all()
-            state = self._state
         self._check_ready()
         log.info(
             "index_swapped",
