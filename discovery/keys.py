@@ -1,6 +1,7 @@
 """The etcd key layout of the mesh: /mbc/v1/participants/<group>/<bot_id>/<instance_id> (a live
 instance, under its lease) and /mbc/v1/definitions/<group>/<bot_id> (the bot's definition, without a
-lease: it outlives the instances, so that the router knows a bot that is absent for a while)."""
+lease: it outlives the instances, so that the router knows a bot that is absent for a while), and
+/mbc/v1/calibration/ (the routers' calibration set, discovery/calibration.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from mbc.runtime.names import validate_name
 
 PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
 DEFINITIONS_PREFIX = "/mbc/v1/definitions/"
+CALIBRATION_PREFIX = "/mbc/v1/calibration/"
+CALIBRATION_CURRENT = f"{CALIBRATION_PREFIX}current"
+"""Names the calibration set in use: {"digest", "chunks", "bytes"} (JSON)."""
 
 __all__ = [
+    "CALIBRATION_CURRENT",
+    "CALIBRATION_PREFIX",
+    "calibration_chunk_prefix",
     "DEFINITIONS_PREFIX",
     "PARTICIPANTS_PREFIX",
     "bot_prefix",
@@ -71,3 +78,9 @@ def parse_definition_key(key: str) -> tuple[str, str]:
     validate_name("group", group)
     validate_name("bot_id", bot_id)
     return group, bot_id
+
+
+def calibration_chunk_prefix(digest: str) -> str:
+    """The prefix of the chunks of one calibration set, by the digest of its text."""
+    validate_name("digest", digest)
+    return f"{CALIBRATION_PREFIX}sets/{digest}/"

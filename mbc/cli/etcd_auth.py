@@ -3,7 +3,8 @@ the key prefixes it needs. The prefixes come from the modules that own the key l
 
 | etcd user (and role)  | may                                                                  |
 | --------------------- | -------------------------------------------------------------------- |
-| `mbc-router`          | read `/mbc/v1/participants/`, `/mbc/v1/definitions/`, `/mbc/v1/groups/` |
+| `mbc-router`          | read `/mbc/v1/participants/`, `/mbc/v1/definitions/`, `/mbc/v1/groups/`; |
+|                       | read and write `/mbc/v1/calibration/` (the calibration set)            |
 | `mbc-store`           | read and write `/mbc/v1/context/` and `/mbc/v1/conversations/`       |
 | `<bot_id>@<group>`    | read and write `/mbc/v1/participants/<group>/<bot_id>/` (its own     |
 |                       | instances); read `/mbc/v1/participants/<group>/` (whether the owner  |
@@ -30,7 +31,14 @@ from context_store.core import PREFIX as CONTEXT_PREFIX
 from discovery.errors import EtcdAuthFailed, EtcdError
 from discovery.etcd_client import EtcdClient, KeyPermission
 from discovery.groups import GROUPS_PREFIX, group_prefix
-from discovery.keys import DEFINITIONS_PREFIX, PARTICIPANTS_PREFIX, bot_prefix, definition_key, group_participants_prefix
+from discovery.keys import (
+    CALIBRATION_PREFIX,
+    DEFINITIONS_PREFIX,
+    PARTICIPANTS_PREFIX,
+    bot_prefix,
+    definition_key,
+    group_participants_prefix,
+)
 from mbc.runtime.config import EtcdAccess
 
 ROOT_USER = "root"
@@ -55,7 +63,12 @@ def bot_user(group: str, bot_id: str) -> str:
 def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, ...]]:
     """The permissions of each component's user; `bots` are (group, bot_id) pairs."""
     grants: dict[str, tuple[Grant, ...]] = {
-        ROUTER_USER: (Grant(PARTICIPANTS_PREFIX, "read"), Grant(DEFINITIONS_PREFIX, "read"), Grant(GROUPS_PREFIX, "read")),
+        ROUTER_USER: (
+            Grant(PARTICIPANTS_PREFIX, "read"),
+            Grant(DEFINITIONS_PREFIX, "read"),
+            Grant(GROUPS_PREFIX, "read"),
+            Grant(CALIBRATION_PREFIX, "readwrite"),  # read by every replica, seeded from --calibration
+        ),
         STORE_USER: (Grant(CONTEXT_PREFIX, "readwrite"), Grant(CONVERSATIONS, "readwrite")),
     }
     for group, bot_id in bots:
