@@ -299,9 +299,8 @@ async def test_a_calibration_file_seeds_etcd_once_and_later_changes_reach_it(own
         two = await start(other)
         assert len(two.core.calibration) == 23  # etcd's set (the first file's), not its own file's 24
         other.write_text(other.read_text())  # touched: "installed" again
-        await eventually(
-            lambda: len(one.core.calibration) == 24 and len(two.core.calibration) == 24, timeout=30, what="the file's set everywhere"
-        )
+        both = lambda: len(one.core.calibration) == len(two.core.calibration) == 24  # noqa: E731
+        await eventually(both, timeout=30, what="the file's set everywhere")
     finally:
         for process in (one, two):
             if process is not None:
