@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bot_server.bot import Bot
@@ -96,7 +97,10 @@ async def test_a_small_groups_change_is_routable_while_a_large_group_trains(own_
                         response = await match(router.server.address, "I need a plane ticket to Oslo", group="small")
                         return bool(response.candidates) and response.candidates[0].bot_id == "travel"
 
-                    _, seconds = await eventually(travel_routable, timeout=300, what="travel routable in the small group")
+                    # A Match may wait for a chunk of the large group's phrases on the encoder thread.
+                    _, seconds = await eventually(
+                        travel_routable, timeout=300, what="travel routable in the small group", retry_on=(grpc.aio.AioRpcError,)
+                    )
                     # Before the large group's training ended: its old model still answers.
                     assert "big" in router.core.training, f"the large group finished first ({seconds:.1f}s): nothing was tested"
                     assert router.core.models["big"] is before and "library" not in before.bots
@@ -105,7 +109,9 @@ async def test_a_small_groups_change_is_routable_while_a_large_group_trains(own_
                         response = await match(router.server.address, "question 3 about card loan number 25", group="big")
                         return bool(response.candidates) and response.candidates[0].bot_id == "library"
 
-                    await eventually(library_routable, timeout=1500, interval=1.0, what="library routable in the large group")
+                    await eventually(
+                        library_routable, timeout=1500, interval=1.0, what="library routable", retry_on=(grpc.aio.AioRpcError,)
+                    )
                     assert router.core.models["small"].bots == ["cards", "travel"]
         finally:
             await router.stop()
@@ -135,13 +141,13 @@ def _example_participants() -> list[participant_pb2.Participant]:
     for n, path in enumerate(sorted((ROOT / "examples").glob("*.yaml"))):
         definition = Bot.from_file(path).definition
         intents = {i.name: list(i.phrases) for i in definition.intents}
-        out.append(participant(GROUP, definition.id, intents, 19200 + n))
+        out.append(participant(GROUP, definition.bot_id, intents, 19200 + n))
     return out
 
 
 def _travel() -> participant_pb2.Participant:
     definition = Bot.from_file(ROOT / "tests" / "bots" / "travel.yaml").definition
-    return participant(GROUP, definition.id, {i.name: list(i.phrases) for i in definition.intents}, 19299)
+    return participant(GROUP, definition.bot_id, {i.name: list(i.phrases) for i in definition.intents}, 19299)
 
 
 def _calibration_file(path: Path, none_count: int) -> Path:
