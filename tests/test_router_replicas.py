@@ -44,7 +44,7 @@ def participant(group: str, bot: str, intents: dict[str, list[str]], port: int =
 
 @contextlib.asynccontextmanager
 async def registered(client: EtcdClient, *participants: participant_pb2.Participant):
-    registrations = [Registration(client, p, ttl=10) for p in participants]
+    registrations = [Registration(client, p, ttl=30) for p in participants]  # long: a loaded machine
     try:
         for registration in registrations:
             await registration.start()
@@ -195,6 +195,17 @@ async def _answers(address: str) -> list[router_pb2.MatchResponse]:
     return [await match(address, text, group=GROUP, max_candidates=5) for text in PROBES]
 
 
+async def _answers_at_one_revision(*routers) -> dict[str, list[router_pb2.MatchResponse]]:
+    """Each replica's answers, all from the same participant snapshot (the same etcd revision)."""
+
+    async def collect() -> dict[str, list[router_pb2.MatchResponse]] | None:
+        answers = {r.name: await _answers(r.address) for r in routers}
+        revisions = {a.index_revision for replies in answers.values() for a in replies}
+        return answers if len(revisions) == 1 else None
+
+    return (await eventually(collect, timeout=120, interval=1.0, what="every replica at one etcd revision"))[0]
+
+
 def _assert_same(a: list[router_pb2.MatchResponse], b: list[router_pb2.MatchResponse], what: str) -> None:
     for text, x, y in zip(PROBES, a, b):
         assert x.decision == y.decision, (what, text, x, y)
@@ -244,7 +255,7 @@ async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, cl
             )
             assert any(r["how"] == "restored" for r in _logged(c.log_path, "group_model_built"))  # C is warm ...
             assert all(r["how"] == "retrained" for r in _logged(b.log_path, "group_model_built"))  # ... B cold
-            answers = {r.name: await _answers(r.address) for r in (a, b, c)}
+            answers = await _answers_at_one_revision(a, b, c)
             assert any(r.decision == router_pb2.DECISION_ACT for r in answers["a"])
             assert any(r.decision == router_pb2.DECISION_NONE for r in answers["a"])
             _assert_same(answers["a"], answers["b"], "running vs cold")
@@ -269,7 +280,7 @@ async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, cl
             await eventually(loaded_everywhere, timeout=300, interval=0.5, what="the new set used by every replica")
             new_taus = [_taus(r.log_path)[GROUP] for r in (a, b, c)]
             assert len(set(new_taus)) == 1 and new_taus != taus, (taus, new_taus)
-            answers = {r.name: await _answers(r.address) for r in (a, b, c)}
+            answers = await _answers_at_one_revision(a, b, c)
             _assert_same(answers["a"], answers["b"], "running vs cold, new set")
             _assert_same(answers["a"], answers["c"], "running vs warm, new set")
     finally:
