@@ -357,10 +357,11 @@ class DecisionConfig:
     FAIR PLUS or better; 0 turns disambiguation off. It fires rarely, and mostly where the first
     bot would have been the wrong one."""
     calibration_path: str = setting(
-        "", flag="--calibration", help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)"
+        "", flag="--calibration", help="labelled calibration set (JSON Lines) to seed etcd with (see `mbc calibrate`)"
     )
-    """A labelled calibration set (JSON Lines, see router/calibration.py), loaded at start and
-    reloaded when the file changes; empty: none."""
+    """A labelled calibration set (JSON Lines, see router/calibration.py) for the set in etcd that
+    every router replica uses: stored there at start when etcd holds none, and again whenever the
+    file changes; empty: the set in etcd alone (router/calibration_store.py)."""
 
 
 @dataclass(frozen=True)
