@@ -1,7 +1,9 @@
 """The etcd key layout of the mesh: /mbc/v1/participants/<group>/<bot_id>/<instance_id> (a live
 instance, under its lease) and /mbc/v1/definitions/<group>/<bot_id> (the bot's definition, without a
 lease: it outlives the instances, so that the router knows a bot that is absent for a while), and
-/mbc/v1/routers/<router_id> (a serving router replica, under its lease: discovery/routers.py)."""
+/mbc/v1/routers/<router_id> (a serving router replica, under its lease: discovery/routers.py);
+
+/mbc/v1/calibration/ (the routers' calibration set, discovery/calibration.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,14 @@ from mbc.runtime.names import validate_name
 PARTICIPANTS_PREFIX = "/mbc/v1/participants/"
 DEFINITIONS_PREFIX = "/mbc/v1/definitions/"
 ROUTERS_PREFIX = "/mbc/v1/routers/"
+CALIBRATION_PREFIX = "/mbc/v1/calibration/"
+CALIBRATION_CURRENT = f"{CALIBRATION_PREFIX}current"
+"""Names the calibration set in use: {"digest", "chunks", "bytes"} (JSON)."""
 
 __all__ = [
+    "CALIBRATION_CURRENT",
+    "CALIBRATION_PREFIX",
+    "calibration_chunk_prefix",
     "DEFINITIONS_PREFIX",
     "PARTICIPANTS_PREFIX",
     "ROUTERS_PREFIX",
@@ -91,3 +99,9 @@ def parse_router_key(key: str) -> str:
     router_id = key[len(ROUTERS_PREFIX) :]
     validate_name("router_id", router_id)
     return router_id
+
+
+def calibration_chunk_prefix(digest: str) -> str:
+    """The prefix of the chunks of one calibration set, by the digest of its text."""
+    validate_name("digest", digest)
+    return f"{CALIBRATION_PREFIX}sets/{digest}/"

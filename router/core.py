@@ -2,15 +2,18 @@
 
 Per group, a `GroupModel` (router/decision.py) is built from the intents of its collaborating
 participants: FAISS index, a logistic-regression head, a lexical SVM, and a threshold τ fitted by
-calibration (router/calibration.py). Models are built aside, in a worker thread (the event loop
-keeps answering from the previous models), and swapped in whole. Snapshots and calibration
-changes that arrive during a build are coalesced: only the latest state is built next. A group
-whose participants changed is retrained with its heads warm-started from the previous model; a
+calibration (router/calibration.py). Each group has its own build task: a change in one group never
+waits for another group's training, and the directory and models of the other groups are left as
+they are. At most `RouterConfig.training_concurrency` groups train at once (worker threads; the
+event loop keeps answering from the previous models), and each model is swapped in alone. Changes
+that arrive while a group trains are coalesced: the group's next build takes its latest state. A
 calibration change only refits τ. A large group (`DecisionConfig.heads_max_phrases`) has no heads
-to train: a participant change updates its index in place, and refits τ. A group's first build
-persists its trained heads beside the phrase vectors (router/model_cache.py): a restarted router
-with unchanged groups restores them instead of training, so it is ready as soon as its indexes
-are built.
+to train: a participant change updates its index in place, and refits τ.
+
+Replicas agree: a model is a function of its group's intents and the calibration set, never of the
+router's history. Heads are always trained from scratch (never warm-started from the previous
+model), with fixed seeds, and persisted beside the phrase vectors (router/model_cache.py), so a
+router that finds them restores them and one that does not trains the same heads again.
 
 Bots that have a definition in etcd and no live instance (absent: crashed, restarting, being
 deployed) keep their intents in their group's model, so a restart neither retrains nor refits it;
@@ -111,7 +114,9 @@ class _State:
     directory: Directory
     models: Mapping[str, GroupModel]
     sources: Mapping[str, tuple[IntentPhrases, ...]]
-    calibration_version: int
+    """Per group: the intents its model was built from."""
+    calibrated: Mapping[str, int]
+    """Per group: the calibration version its τ was fitted with."""
 
 
 class _Scorer:
@@ -173,15 +178,18 @@ class RouterCore:
         self.config = config
         self.encoder = encoder
         self._state: _State | None = None
-        self._pending: tuple[Mapping, int, Mapping] | None = None
+        self._wanted: dict[str, tuple[IntentPhrases, ...]] = {}
+        """Per group with intents: what its model is to be built from (the latest snapshot)."""
+        self._initial: set[str] | None = None
+        """The groups of the first snapshot: the router is ready once each has a model."""
         self._calibration: list[Example] = list(calibration)
         self._calibration_version = 0
-        self._wakeup = asyncio.Event()
         self._ready = asyncio.Event()
         self._swapped = asyncio.Condition()
-        self._builder: asyncio.Task | None = None
+        self._builders: dict[str, asyncio.Task] = {}
+        self._slots = asyncio.Semaphore(config.training_concurrency)
         self._preload: asyncio.Task | None = None
-        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-train")
+        self._trainer = ThreadPoolExecutor(max_workers=config.training_concurrency, thread_name_prefix="router-train")
         self._generic = generic_none()
         self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
         """Participants' phrase vectors, persisted: a restart re-embeds only what changed."""
@@ -189,7 +197,7 @@ class RouterCore:
         self.heads = HeadsCache(store.path.parent / HEADS_DIRECTORY) if store is not None else None
         """Trained heads, persisted beside the vectors: a restart trains only what changed."""
         self.builds = 0
-        """Models swapped in so far (tests and the evaluation wait on it)."""
+        """Group models swapped in so far (tests and the evaluation wait on it)."""
 
     async def prepare(self) -> None:
         """Embed the built-in generic set ahead of the first build, through the persisted phrase
@@ -205,6 +213,7 @@ class RouterCore:
 
     @property
     def ready(self) -> bool:
+        """Every group of the first snapshot has a model (or has left since)."""
         return self._ready.is_set()
 
     async def wait_ready(self) -> None:
@@ -226,31 +235,50 @@ class RouterCore:
     def calibration(self) -> list[Example]:
         return list(self._calibration)
 
+    @property
+    def training(self) -> list[str]:
+        """The groups whose model is being built or waits to be (sorted)."""
+        return sorted(g for g, task in self._builders.items() if not task.done())
+
     def submit(self, participants: Mapping, revision: int, definitions: Mapping | None = None) -> None:
-        """Queue a participant snapshot for indexing (the latest one wins); `definitions` (by key)
-        keep the bots without a live instance in their group, absent.
+        """Take a participant snapshot; `definitions` (by key) keep the bots without a live
+        instance in their group, absent.
 
-        Who is alive and where takes effect at once, even while a model is being trained for an
+        Who is alive and where takes effect at once, even while models are being trained for an
         earlier snapshot (seconds for a large group): an instance that left is never named again.
-        Matches score with the models trained so far until the build catches up."""
-        definitions = definitions or {}
-        self._pending = (participants, revision, definitions)
+        A group left without intents loses its model at once; each group whose intents changed
+        gets its model rebuilt by its own task, and Matches score with the models trained so far
+        until it is swapped in."""
         state = self._state
-        if state is not None and revision > state.directory.revision:
-            try:
-                directory = Directory.from_participants(
-                    participants, revision, self.config.max_intents_per_bot, state.directory, definitions
-                )
-            except Exception:
-                log.exception("directory_update_failed", revision=revision)
-            else:
-                self._state = _State(directory, state.models, state.sources, state.calibration_version)
-        self._kick()
-
-    def _newest(self, directory: Directory) -> Directory:
-        """`directory`, or a newer one that `submit` put in place while it was being built for."""
-        current = self._state.directory if self._state is not None else None
-        return current if current is not None and current.revision > directory.revision else directory
+        if state is not None and revision < state.directory.revision:
+            log.warning("snapshot_ignored", revision=revision, current=state.directory.revision)
+            return
+        previous = state.directory if state is not None else None
+        try:
+            directory = Directory.from_participants(
+                participants, revision, self.config.max_intents_per_bot, previous, definitions or {}
+            )
+        except Exception:
+            log.exception("directory_update_failed", revision=revision)
+            return
+        wanted = {}
+        for group in sorted(directory.groups):
+            intents = directory.candidates_of(group)
+            if intents:
+                wanted[group] = intents
+        self._wanted = wanted
+        if self._initial is None:
+            self._initial = set(wanted)
+        models, sources, calibrated = (state.models, state.sources, state.calibrated) if state else ({}, {}, {})
+        self._state = _State(
+            directory,
+            {g: m for g, m in models.items() if g in wanted},
+            {g: s for g, s in sources.items() if g in wanted},
+            {g: v for g, v in calibrated.items() if g in wanted},
+        )
+        for group in wanted:
+            self._kick(group)
+        self._check_ready()
 
     def set_calibration(self, examples: Sequence[Example]) -> int:
         """Replace the labelled calibration set; every group's τ is refitted in the background.
@@ -258,8 +286,9 @@ class RouterCore:
         Returns the calibration version; `wait_calibrated(version)` waits until it is in use."""
         self._calibration = list(examples)
         self._calibration_version += 1
-        if self._pending is not None:
-            self._kick()
+        if self._state is not None:
+            for group in self._wanted:
+                self._kick(group)
         return self._calibration_version
 
     async def calibrate(self, examples: Sequence[Example], timeout: float | None = None) -> dict[str, dict]:
@@ -269,139 +298,139 @@ class RouterCore:
         return self.thresholds()
 
     async def wait_calibrated(self, version: int) -> None:
+        def calibrated() -> bool:
+            state = self._state
+            return state is not None and all(state.calibrated.get(g, 0) >= version for g in self._wanted)
+
         async with self._swapped:
-            await self._swapped.wait_for(lambda: self._state is not None and self._state.calibration_version >= version)
+            await self._swapped.wait_for(calibrated)
 
     async def wait_builds(self, count: int) -> None:
-        """Until `count` models have been swapped in since start."""
+        """Until `count` group models have been swapped in since start."""
         async with self._swapped:
             await self._swapped.wait_for(lambda: self.builds >= count)
 
-    def _kick(self) -> None:
-        self._wakeup.set()
-        if self._builder is None or self._builder.done():
-            self._builder = asyncio.get_running_loop().create_task(self._build_loop())
+    def _stale(self, group: str) -> bool:
+        """The group has intents and no model of them fitted with the current calibration."""
+        state, wanted = self._state, self._wanted.get(group)
+        if state is None or wanted is None:
+            return False
+        return state.sources.get(group) != wanted or state.calibrated.get(group) != self._calibration_version
+
+    def _kick(self, group: str) -> None:
+        if not self._stale(group):
+            return
+        task = self._builders.get(group)
+        if task is None or task.done():
+            self._builders[group] = asyncio.get_running_loop().create_task(self._build_loop(group), name=f"build {group}")
+
+    def _check_ready(self) -> None:
+        state = self._state
+        if self._ready.is_set() or state is None or self._initial is None:
+            return
+        if all(g in state.models or g not in self._wanted for g in self._initial):
+            self._ready.set()
+            log.info("router_ready", revision=state.directory.revision, groups=len(state.models))
 
     async def close(self) -> None:
-        for task in (self._builder, self._preload):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        tasks = [t for t in (*self._builders.values(), self._preload) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._trainer.shutdown(wait=False, cancel_futures=True)
         if self.embeddings.store is not None:
             self.embeddings.store.close()
 
-    async def _build_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            pending = self._pending
-            assert pending is not None  # _kick, the only waker, runs once a snapshot is pending
-            participants, revision, definitions = pending
-            try:
-                previous = self._state.directory if self._state else None
-                if previous is not None and previous.revision == revision:  # `submit` read it already
-                    directory = previous
-                else:
-                    directory = Directory.from_participants(
-                        participants, revision, self.config.max_intents_per_bot, previous, definitions
-                    )
-                if await self._rebuild(directory, self._calibration_version):
-                    # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
-                    asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
-            except Exception:
-                log.exception("index_build_failed", revision=revision)
+    async def _build_loop(self, group: str) -> None:
+        """Builds `group`'s model until it matches the latest snapshot and calibration set, one
+        build at a time: what changes during a build is built next (the newest state wins)."""
+        while self._stale(group):
+            async with self._slots:
+                if not self._stale(group):  # waiting for a slot, the group may have left or been built
+                    break
+                intents, version, examples = self._wanted[group], self._calibration_version, self._calibration
+                try:
+                    model, fresh_index = await self._build(group, intents, examples)
+                except Exception:
+                    log.exception("group_build_failed", group=group)
+                    return  # the next change of the group, or of the calibration, tries again
+            await self._swap(group, intents, version, model)
+            if fresh_index:
+                # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
+                asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
 
-    async def _calibration_input(self, group: str) -> CalibrationInput:
-        examples = for_group(self._calibration, group)
-        vectors = await self.encoder.aencode_phrases([e.text for e in examples])
-        generic_vectors = await self.encoder.aencode_phrases(self._generic)
-        return CalibrationInput(examples, vectors, self._generic, generic_vectors)
-
-    async def _rebuild(self, directory: Directory, calibration_version: int) -> bool:
-        """Builds what changed and swaps it in; True when a large group's index was built anew."""
-        old = self._state
-        loop = asyncio.get_running_loop()
-        if old is not None:
-            # Who is alive (and where) takes effect at once; the models follow when trained.
-            self._state = _State(directory, old.models, old.sources, old.calibration_version)
-        models: dict[str, GroupModel] = {}
-        sources: dict[str, tuple[IntentPhrases, ...]] = {}
-        rebuilt = []
-        indexed = False
-        old_models = old.models if old else {}
-        old_sources = old.sources if old else {}
-        old_calibration_version = old.calibration_version if old else None
-        for group in directory.groups:
-            intents = directory.candidates_of(group)
-            sources[group] = intents
-            if not intents:
-                continue
-            previous = old_models.get(group)
-            # `previous` when it was built from the same intents: then only τ may need refitting.
-            unchanged = previous if old_sources.get(group) == intents else None
-            if unchanged is not None and old_calibration_version == calibration_version:
-                models[group] = unchanged
-                continue
-            start = time.perf_counter()
-            calibration = await self._calibration_input(group)
-            if unchanged is not None:
-                tau, info = await loop.run_in_executor(self._trainer, fit_threshold, unchanged, calibration)
-                model = unchanged.with_threshold(tau, info)
-                kind = "recalibrated"
-            elif previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
-                changed = changed_bots(old_sources[group], intents)
-                vectors = await self.embeddings.embed(
-                    IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
-                )
-                model = await loop.run_in_executor(self._trainer, update_group_model, previous, changed, vectors, calibration)
-                kind = "updated in place"
-            else:
-                vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
-                model, kind = await loop.run_in_executor(self._trainer, self._train, intents, vectors, calibration, previous)
-                indexed |= kind == "indexed"
-            models[group] = model
-            rebuilt.append(group)
-            log.info(
-                "group_model_built",
-                group=group,
-                how=kind,
-                build_seconds=round(time.perf_counter() - start, 3),
-                intents=len(model.classes),
-                phrases=len(model.texts),
-                **model.calibration,
-                **model.times.as_dict(),
-            )
+    async def _swap(self, group: str, intents: tuple[IntentPhrases, ...], version: int, model: GroupModel) -> None:
+        """Puts one group's new model in place; the others are left as they are."""
         async with self._swapped:
-            self._state = _State(self._newest(directory), models, sources, calibration_version)
+            state = self._state
+            assert state is not None  # a build starts from a submitted snapshot
+            if group in self._wanted:  # else the group lost its intents while it trained
+                state = self._state = _State(
+                    state.directory,
+                    {**state.models, group: model},
+                    {**state.sources, group: intents},
+                    {**state.calibrated, group: version},
+                )
             self.builds += 1
             self._swapped.notify_all()
-        self._ready.set()
+        self._check_ready()
         log.info(
             "index_swapped",
-            revision=directory.revision,
-            groups=len(models),
-            rebuilt_groups=rebuilt,
-            phrases=sum(len(m.texts) for m in models.values()),
-            bots=sum(len(b) for b in directory.groups.values()),
+            revision=state.directory.revision,
+            group=group,
+            groups=len(state.models),
+            phrases=len(model.texts),
+            training=self.training,
         )
-        return indexed
 
-    def _train(
-        self, intents, vectors: np.ndarray, calibration: CalibrationInput, previous: GroupModel | None
-    ) -> tuple[GroupModel, str]:
-        """A group model. Its first build in this router (a start) restores the heads trained from
-        scratch on the same inputs, persisted by an earlier start, or trains and persists them. A
-        change in a running router trains warm from `previous` and persists nothing: a warm start
-        converges to slightly other heads than a cold one, and a restart must give the model a
-        first build gives, whatever the router's history."""
+    async def _calibration_input(self, examples: Sequence[Example], group: str) -> CalibrationInput:
+        mine = for_group(examples, group)
+        vectors = await self.encoder.aencode_phrases([e.text for e in mine])
+        generic_vectors = await self.encoder.aencode_phrases(self._generic)
+        return CalibrationInput(mine, vectors, self._generic, generic_vectors)
+
+    async def _build(
+        self, group: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]
+    ) -> tuple[GroupModel, bool]:
+        """`group`'s model for `intents` and the calibration `examples`, from its current model
+        where that saves work; True when a large group's index was built anew."""
+        state = self._state
+        assert state is not None
+        loop = asyncio.get_running_loop()
+        previous = state.models.get(group)
+        start = time.perf_counter()
+        calibration = await self._calibration_input(examples, group)
+        if previous is not None and state.sources.get(group) == intents:  # same intents: only τ to refit
+            tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, calibration)
+            model, kind = previous.with_threshold(tau, info), "recalibrated"
+        elif previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
+            changed = changed_bots(state.sources[group], intents)
+            vectors = await self.embeddings.embed(IntentCatalog.phrases_of(e for entries in changed.values() for e in entries))
+            model = await loop.run_in_executor(self._trainer, update_group_model, previous, changed, vectors, calibration)
+            kind = "updated in place"
+        else:
+            vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
+            model, kind = await loop.run_in_executor(self._trainer, self._train, intents, vectors, calibration)
+        log.info(
+            "group_model_built",
+            group=group,
+            how=kind,
+            build_seconds=round(time.perf_counter() - start, 3),
+            intents=len(model.classes),
+            phrases=len(model.texts),
+            **model.calibration,
+            **model.times.as_dict(),
+        )
+        return model, kind == "indexed"
+
+    def _train(self, intents, vectors: np.ndarray, calibration: CalibrationInput) -> tuple[GroupModel, str]:
+        """A group model that depends on its inputs only: heads trained from scratch (restored when
+        a build, here or in another router sharing the cache, persisted them for the same inputs),
+        so replicas, restarted or not, warm or cold cache, decide alike. Warm-starting from the
+        previous model would be faster but would make the heads depend on the router's history."""
         config = self.config.decision
         if self._large(intents):
             return build_group_model(intents, vectors, self.encoder.dim, config, calibration), "indexed"
-        if previous is not None and previous.large:  # a group shrunk past the threshold: no heads to start from
-            previous = None
-        if previous is not None:
-            return build_group_model(intents, vectors, self.encoder.dim, config, calibration, previous), "retrained"
         key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""
         heads = self.heads.load(key) if self.heads is not None else None
         if heads is not None:
@@ -422,7 +451,7 @@ class RouterCore:
         self, text: str, bot_id: str, group: str, limit: int, min_rating: int, include_asking_bot: bool = False
     ) -> MatchResult:
         state = self._state
-        if state is None:
+        if state is None or not self.ready:
             raise NotReady("the router has not indexed the participants yet")
         if bot_id:
             # Bot ids are unique within a group only: the asker is looked up in the group named,

@@ -124,7 +124,8 @@ class LexicalSvm:
         from sklearn.svm import LinearSVC
 
         vectorizer = cls._vectorizer()
-        svm = LinearSVC(C=1.0).fit(vectorizer.fit_transform(texts), labels)
+        # A fixed seed: liblinear shuffles with it, and replicas must train the same head.
+        svm = LinearSVC(C=1.0, random_state=0).fit(vectorizer.fit_transform(texts), labels)
         return cls(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_)
 
     def __init__(self, vocabulary: dict[str, int], idf, weights, intercept, classes) -> None:

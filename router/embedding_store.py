@@ -184,8 +184,10 @@ class PhraseEmbeddings:
 
     `encoded` counts the phrases that needed the model since creation."""
 
-    CHUNK = 1024
-    """Phrases per encoder call (and per progress step, and per write to the store)."""
+    CHUNK = 256
+    """Phrases per encoder call (and per progress step, and per write to the store). A call holds
+    the encoder thread that Matches and the other groups' builds are encoded on: small enough that
+    they wait little behind a large group's phrases, large enough to keep the engine's batches full."""
 
     def __init__(self, encoder, store: EmbeddingStore | None) -> None:
         self.encoder = encoder

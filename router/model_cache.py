@@ -7,11 +7,12 @@ are persisted already (router/embedding_store.py); this keeps what was trained f
 
 One `.npz` file per trained state, named by a digest of everything training reads: the embedding
 model, the decision settings, the group's intents with their phrases, the calibration examples and
-the generic out-of-scope set. Only heads trained from scratch are stored (a group's first build
-in a router), so a file found holds what training would give again.
+the generic out-of-scope set. Heads are always trained from scratch with fixed seeds (router/core.py),
+so a file found holds what training would give again: a router with a warm cache decides like one
+with an empty cache.
 Files hold arrays and one JSON document (no pickle: loading a cache file never runs code), are
 written to a temporary name and renamed (a crash leaves the previous content), and the oldest are
-deleted past `MAX_FILES`. A file that cannot be read is removed with a warning and the heads are
+deleted past `MAX_FILES` or `MAX_BYTES`. A file that cannot be read is removed with a warning and the heads are
 trained again: the cache never stops a router.
 """
 
@@ -36,11 +37,14 @@ from router.decision import Heads, LexicalSvm
 
 log = get_logger(__name__)
 
-FORMAT = "mbc-heads-2"
+FORMAT = "mbc-heads-3"
 """Bump when what is stored, or how the heads are trained, changes: older files are then misses."""
-MAX_FILES = 16
-"""Files kept, most recently used first: the SVM head is dense (40 MB for the 15,000 phrases and
-150 intents of the CLINC150 mesh)."""
+MAX_FILES = 1024
+"""Files kept, most recently used first: one per group (and calibration set) in use, and a mesh
+may have hundreds of groups ..."""
+MAX_BYTES = 1 << 30
+"""... within this many bytes: the SVM head is dense (40 MB for the 15,000 phrases and 150 intents
+of the CLINC150 mesh)."""
 DIRECTORY = "models"
 """Beside the embeddings file, in the same cache directory."""
 
@@ -120,6 +124,15 @@ class HeadsCache:
 
     def _prune(self) -> None:
         with self._lock:
-            files = sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime)
-            for old in files[: max(0, len(files) - MAX_FILES)]:
-                old.unlink(missing_ok=True)
+            files = []
+            for path in self.directory.glob("*.npz"):
+                try:
+                    files.append((path.stat(), path))
+                except OSError:  # removed by another router meanwhile
+                    continue
+            files.sort(key=lambda f: -f[0].st_mtime)
+            total = 0
+            for n, (stat, path) in enumerate(files):
+                total += stat.st_size
+                if n >= MAX_FILES or (n and total > MAX_BYTES):
+                    path.unlink(missing_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
@@ -15,7 +14,7 @@ from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
 from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
 from mbc.v1 import router_pb2, router_pb2_grpc
-from router.calibration import CalibrationError, load_calibration
+from router.calibration_store import CalibrationSource
 from router.core import RouterCore
 from router.servicer import RouterServicer
 
@@ -46,37 +45,9 @@ class RouterProcess:
         self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
         record = RouterRecord(config.router_id or uuid.uuid4().hex[:12], self.server.address, __version__)
         self.registration = RouterRegistration(self.etcd, record, ttl=config.lease_ttl_seconds)
+        self.calibration = CalibrationSource(self.etcd, self.core.set_calibration, config.decision.calibration_path)
+        """The calibration set in etcd (the same for every replica), seeded from the file if any."""
         self._ready_task: asyncio.Task | None = None
-        self._calibration_task: asyncio.Task | None = None
-        self._calibration_mtime: float | None = None
-        self.load_calibration()
-
-    def load_calibration(self) -> bool:
-        """(Re)load the calibration file of the config, if any; False when it is missing or invalid."""
-        path = self.config.decision.calibration_path
-        if not path:
-            return False
-        try:
-            self._calibration_mtime = os.stat(path).st_mtime
-            examples = load_calibration(path)
-        except (OSError, CalibrationError) as e:
-            log.warning("calibration_not_loaded", path=path, error=str(e))
-            return False
-        self.core.set_calibration(examples)
-        log.info("calibration_loaded", path=path, examples=len(examples))
-        return True
-
-    async def _watch_calibration(self, interval: float = 2.0) -> None:
-        """Reload the calibration file when it changes (`mbc calibrate FILE --install PATH`)."""
-        path = self.config.decision.calibration_path
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                mtime = os.stat(path).st_mtime
-            except OSError:
-                continue
-            if mtime != self._calibration_mtime:
-                self.load_calibration()
 
     def _on_snapshot(self, snapshot: ParticipantSnapshot) -> None:
         self.core.submit(snapshot.participants, snapshot.revision, snapshot.definitions)
@@ -86,10 +57,9 @@ class RouterProcess:
         await self.server.start()
         await self.registration.start()  # NOT_SERVING until ready: balanced bots connect but send nothing yet
         await self.core.prepare()
+        await self.calibration.start()  # before the participants: the first models use the set
         self.watcher.start()
         self._ready_task = asyncio.create_task(self._serve_when_ready())
-        if self.config.decision.calibration_path:
-            self._calibration_task = asyncio.create_task(self._watch_calibration())
         log.info("router_started", address=self.server.address)
 
     async def _serve_when_ready(self) -> None:
@@ -100,13 +70,13 @@ class RouterProcess:
         log.info("router_serving", address=self.server.address, revision=directory.revision)
 
     async def stop(self) -> None:
-        for task in (self._ready_task, self._calibration_task):
-            if task:
-                task.cancel()
+        if self._ready_task:
+            self._ready_task.cancel()
         await self.server.set_serving(False)  # bots' health watches move their Match to other replicas
         await self.registration.stop()
         await self.server.stop()
         metrics.ROUTER_COLLECTOR.remove(self.core)
+        await self.calibration.stop()
         await self.watcher.stop()
         await self.core.close()
         await self.etcd.close()

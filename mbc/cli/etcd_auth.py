@@ -3,7 +3,8 @@ the key prefixes it needs. The prefixes come from the modules that own the key l
 
 | etcd user (and role)  | may                                                                  |
 | --------------------- | -------------------------------------------------------------------- |
-| `mbc-router`          | read `/mbc/v1/participants/`, `/mbc/v1/definitions/`, `/mbc/v1/groups/` |
+| `mbc-router`          | read `/mbc/v1/participants/`, `/mbc/v1/definitions/`, `/mbc/v1/groups/`; |
+|                       | read and write `/mbc/v1/calibration/` (the calibration set)            |
 | `mbc-store`           | read and write `/mbc/v1/context/` and `/mbc/v1/conversations/`       |
 | `<bot_id>@<group>`    | read and write `/mbc/v1/participants/<group>/<bot_id>/` (its own     |
 |                       | instances); read `/mbc/v1/participants/<group>/` (whether the owner  |
@@ -31,6 +32,7 @@ from discovery.errors import EtcdAuthFailed, EtcdError
 from discovery.etcd_client import EtcdClient, KeyPermission
 from discovery.groups import GROUPS_PREFIX, group_prefix
 from discovery.keys import (
+    CALIBRATION_PREFIX,
     DEFINITIONS_PREFIX,
     PARTICIPANTS_PREFIX,
     ROUTERS_PREFIX,
@@ -67,6 +69,7 @@ def component_grants(bots: Iterable[tuple[str, str]]) -> dict[str, tuple[Grant, 
             Grant(DEFINITIONS_PREFIX, "read"),
             Grant(GROUPS_PREFIX, "read"),
             Grant(ROUTERS_PREFIX, "readwrite"),
+            Grant(CALIBRATION_PREFIX, "readwrite"),  # read by every replica, seeded from --calibration
         ),
         STORE_USER: (Grant(CONTEXT_PREFIX, "readwrite"), Grant(CONVERSATIONS, "readwrite")),
     }

@@ -36,8 +36,18 @@ def cmd_overlap(args: argparse.Namespace) -> None:
     sys.exit(1 if overlaps and args.fail else 0)
 
 
+async def _store_calibration(args: argparse.Namespace, text: str) -> str:
+    from discovery import EtcdClient
+    from discovery.calibration import write_calibration
+
+    async with EtcdClient(list(split_endpoints(args.etcd)), access=etcd_access(args)) as client:
+        return await write_calibration(client, text)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    """Validate a calibration file, fit τ per group for the participants registered now, install it."""
+    """Validate a calibration file, fit τ per group for the participants registered now, store it
+    in etcd for every router replica (and install it as a file)."""
+    from discovery.calibration import CalibrationTooLarge
     from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
     from mbc.runtime.config import DecisionConfig
     from mbc.runtime.encoder import Encoder
@@ -46,6 +56,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         CalibrationError,
         CalibrationInput,
         build_group_model,
+        dump_calibration,
         for_group,
         generic_none,
         load_calibration,
@@ -84,12 +95,20 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         encoder.close()
     if args.json:
         print(json.dumps(fitted, indent=2))
+    if not args.definitions and not args.dry_run:
+        try:
+            digest = asyncio.run(_store_calibration(args, dump_calibration(examples)))
+        except CalibrationTooLarge as e:
+            sys.exit(f"mbc calibrate: {e}")
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"mbc calibrate: cannot store the set in etcd {args.etcd}: {e}")
+        print(f"stored in etcd {args.etcd} (set {digest}): every router replica refits τ with it within seconds")
     if args.install:
         os.makedirs(os.path.dirname(os.path.abspath(args.install)), exist_ok=True)
         tmp = args.install + ".tmp"
         shutil.copyfile(args.file, tmp)
         os.replace(tmp, args.install)
-        print(f"installed as {args.install}: a router started with --calibration {args.install} reloads it within seconds")
+        print(f"installed as {args.install}: a router started with --calibration {args.install} stores it in etcd within seconds")
 
 
 def add_commands(sub) -> None:
@@ -133,11 +152,14 @@ def add_commands(sub) -> None:
     client_arg(clinc, "--log-level", ("log_level",), "WARNING", help="log level of the mesh's processes (default WARNING)")
     clinc.set_defaults(func=cmd_eval)
 
-    cal = sub.add_parser("calibrate", help="validate a labelled calibration set, print the thresholds it gives, install it")
+    cal = sub.add_parser(
+        "calibrate", help="validate a labelled calibration set, print the thresholds it gives, store it in etcd for the routers"
+    )
     cal.add_argument("file", help='JSON Lines: {"text": ..., "bot": ... or null, "intent": ...}')
     etcd_args(cal, help="fit for the participants registered here")
     cal.add_argument("--definitions", nargs="+", default=[], help="fit for these bot definition files instead")
-    cal.add_argument("--install", default="", help="copy the file here (the path given to `mbc router --calibration`)")
+    cal.add_argument("--install", default="", help="also copy the file here (the path given to `mbc router --calibration`)")
+    cal.add_argument("--dry-run", action="store_true", help="print the thresholds only; store nothing in etcd")
     cal.add_argument("--json", action="store_true", help="also print the fitted figures as JSON")
     cal.set_defaults(func=cmd_calibrate)
 

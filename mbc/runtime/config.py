@@ -393,10 +393,11 @@ class DecisionConfig:
     FAIR PLUS or better; 0 turns disambiguation off. It fires rarely, and mostly where the first
     bot would have been the wrong one."""
     calibration_path: str = setting(
-        "", flag="--calibration", help="labelled calibration set (JSON Lines), reloaded when it changes (see `mbc calibrate`)"
+        "", flag="--calibration", help="labelled calibration set (JSON Lines) to seed etcd with (see `mbc calibrate`)"
     )
-    """A labelled calibration set (JSON Lines, see router/calibration.py), loaded at start and
-    reloaded when the file changes; empty: none."""
+    """A labelled calibration set (JSON Lines, see router/calibration.py) for the set in etcd that
+    every router replica uses: stored there at start when etcd holds none, and again whenever the
+    file changes; empty: the set in etcd alone (router/calibration_store.py)."""
 
 
 @dataclass(frozen=True)
@@ -471,10 +472,17 @@ class RouterConfig:
     lease_ttl_seconds: int = 10
     """TTL of the lease behind the replica's record: the bots stop dialing a killed replica this long
     after it died (one stopped cleanly is removed at once)."""
+    training_concurrency: int = setting(
+        2, flag="--training-concurrency", help="groups whose models are built at the same time (default 2)"
+    )
+    """Groups whose models are built at the same time, each by its own task: a change in one group
+    never waits for another group's training while a slot is free. Each build holds about one core
+    while it trains (2 suits a 2-core machine: a small group's change trains beside a large one)."""
     log_level: str = log_level_setting()
 
     def __post_init__(self) -> None:
         check_range("lease_ttl_seconds", self.lease_ttl_seconds, 1)
+        check_range("training_concurrency", self.training_concurrency, 1, 64)
         check_range("neighbours", self.neighbours, 1)
         check_range("default_candidates", self.default_candidates, 1, 100)
         check_range("max_text_chars", self.max_text_chars, 1)
