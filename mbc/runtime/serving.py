@@ -96,6 +96,8 @@ class GrpcServer:
                 ("grpc.max_connection_age_ms", config.max_connection_age_ms),
                 ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms),
             ]
+        # Unreadable certificate files stop the process here, before anything is created.
+        credentials = security.server_credentials(config.tls) if config.tls.enabled else None
         if config.otel:
             tracing.enable_otel(self.service_names[0] if self.service_names else "mbc", config.otel_exporter)
         self.server = grpc.aio.server(
@@ -112,8 +114,8 @@ class GrpcServer:
             self.server,
         )
         target = f"{config.host}:{config.port}"
-        if config.tls.enabled:
-            self.port = self.server.add_secure_port(target, security.server_credentials(config.tls))
+        if credentials is not None:
+            self.port = self.server.add_secure_port(target, credentials)
         else:
             self.port = self.server.add_insecure_port(target)
         if self.port == 0:
