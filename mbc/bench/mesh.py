@@ -255,13 +255,13 @@ async def inflict(mesh: LocalMesh, plan: MeshPlan, hosts: list[list[ComponentPro
     await asyncio.sleep(max(0.0, start + opts.seconds * HOST_KILL_AT - time.perf_counter()))
     faults.killed_host = plan.hosts - 1
     killed = hosts[faults.killed_host]
-    progress(f"SIGKILL bot host {faults.killed_host} ({len(killed)} instances)")
+    progress(f"SIGKILL bot host {faults.killed_host} ({len(plan.on_host(faults.killed_host))} instances)")
     faults.host_killed_at = time.perf_counter()
     for p in killed:
         p.signal(signal.SIGKILL)
     for p in killed:
         p.kill()
-    faults.killed_instances = len(killed)
+    faults.killed_instances = len(plan.on_host(faults.killed_host))
     live = [i for i in plan.instances if i.host != faults.killed_host]
     expected = {g: sum(plan.bot(i.bot_id).group == g for i in live) for g in plan.groups}
     survivors = [r for r in mesh.routers if r.process.poll() is None]
