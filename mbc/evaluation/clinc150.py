@@ -29,6 +29,8 @@ from bot_server.bot import Bot
 from bot_server.definition import BotDefinition, DefinitionError
 from bot_server.local_model import ModelIntents
 from bot_server.server import BotHost
+from discovery import EtcdClient
+from discovery.calibration import write_calibration
 from mbc.client.gateway import Conversation
 from mbc.evaluation.kfold import kfold
 from mbc.runtime.channels import ChannelPool
@@ -38,7 +40,7 @@ from mbc.runtime.logs import configure
 from mbc.testing.etcd import LocalEtcd
 from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, router_pb2, router_pb2_grpc
-from router.calibration import Example, generic_none
+from router.calibration import Example, dump_calibration, generic_none
 from router.decision import GroupModel
 from router.server import RouterProcess
 
@@ -212,7 +214,7 @@ def etcd_endpoints(given: str) -> Iterator[tuple[str, ...]]:
 
 @contextlib.asynccontextmanager
 async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncIterator[Mesh]:
-    """etcd, the router (calibrated through its API) and a bot per domain, each a real gRPC server
+    """etcd, the router (calibrated through the set in etcd) and a bot per domain, each a real gRPC server
     registered in etcd, ready once the router has trained and calibrated on every bot.
 
     The router and the bots run in this process and share one encoder: a process per bot would load
@@ -224,7 +226,8 @@ async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncItera
         stack.push_async_callback(mesh.router.stop)
         stack.push_async_callback(mesh.stop_bots)
         stack.push_async_callback(mesh.pool.close)
-        mesh.router.core.set_calibration(calibration_examples(ds))
+        async with EtcdClient(list(endpoints)) as client:  # where every replica reads its calibration set
+            await write_calibration(client, dump_calibration(calibration_examples(ds)))
         started = time.monotonic()
         progress(f"eval: embedding {len(ds.train)} training phrases...")
         await encoder.aencode_phrases([text for text, _ in ds.train])
