@@ -194,6 +194,7 @@ async def test_bot_joining_and_dying_mid_run(mesh):
 
     _, seconds = await eventually(gone, timeout=LEASE_TTL + 2)
     assert seconds <= LEASE_TTL + 2
-    # With the only capable bot gone, the asking bot falls back.
-    r = await respond(mesh.bots["cards"].address, "please set a travel notice, I'm going to Japan")
+    # With the only capable bot gone, the asking bot falls back. (A travel notice is close to cards'
+    # own card_declined: the cost-chosen τ of a group without a calibration set may let cards take it.)
+    r = await respond(mesh.bots["cards"].address, "I need yen for my holiday, can you order some")
     assert r.outcome == bot_pb2.OUTCOME_FALLBACK
