@@ -106,17 +106,22 @@ async def test_locate_refuses_bad_and_unknown_names(mesh, bot_id, group, code, w
     assert err.value.code() == code and words in err.value.details()
 
 
-async def test_a_transfer_retried_on_a_sibling_instance_returns_the_first_answer(mesh, store):
-    conversation = await _conversation_of(mesh, "what's my checking balance")
+async def _transfer_to_cards(store, conversation: str, text: str, intent: str) -> dict:
+    """The fields of a new Transfer of `conversation` to cards, fenced on the owner version now."""
     _, version = await store.get_owner(conversation)
-    same = dict(
+    return dict(
         transfer_id=uuid.uuid4().hex,
         conversation_id=conversation,
         receiver_bot_id="cards",
-        text="I lost my card",
-        intent="lost_or_stolen_card",
+        text=text,
+        intent=intent,
         owner_version=version,
     )
+
+
+async def test_a_transfer_retried_on_a_sibling_instance_returns_the_first_answer(mesh, store):
+    conversation = await _conversation_of(mesh, "what's my checking balance")
+    same = await _transfer_to_cards(store, conversation, "I lost my card", "lost_or_stolen_card")
     first = await transfer(mesh.bots["cards"].address, **same)
     ownership, after = await store.get_owner(conversation)
     assert first.outcome == bot_pb2.OUTCOME_ANSWERED and first.owner.address == mesh.bots["cards"].address
@@ -130,15 +135,7 @@ async def test_a_transfer_retried_on_a_sibling_instance_returns_the_first_answer
 async def test_concurrent_retries_on_two_instances_run_the_dialog_once(mesh, store):
     for _ in range(3):
         conversation = await _conversation_of(mesh, "what's my checking balance")
-        _, version = await store.get_owner(conversation)
-        same = dict(
-            transfer_id=uuid.uuid4().hex,
-            conversation_id=conversation,
-            receiver_bot_id="cards",
-            text="my card got declined at the store",
-            intent="card_declined",
-            owner_version=version,
-        )
+        same = await _transfer_to_cards(store, conversation, "my card got declined at the store", "card_declined")
         results = await asyncio.gather(*(transfer(mesh.bots[name].address, **same) for name in CARDS))
         assert results[0] == results[1] and results[0].outcome == bot_pb2.OUTCOME_ANSWERED
         ownership, _ = await store.get_owner(conversation)
