@@ -25,6 +25,7 @@ bot's id: the message is never handed to a bot that matches it less well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import threading
 import time
@@ -49,11 +50,12 @@ from router.calibration import (
     generic_none,
     update_group_model,
 )
-from router.decision import ACT, DISAMBIGUATE, GOOD, NONE, GroupModel, Scored, Verdict, changed_bots
+from router.decision import ACT, DISAMBIGUATE, GOOD, NONE, GroupModel, Heads, Scored, Verdict, changed_bots
 from router.directory import BotEntry, Directory
 from router.embedding_store import PhraseEmbeddings, open_store
 from router.model_cache import DIRECTORY as HEADS_DIRECTORY
-from router.model_cache import HeadsCache, heads_key
+from router.model_cache import HeadsCache, heads_from_bytes, heads_key
+from router.peers import PeerError, Peers
 
 log = get_logger(__name__)
 
@@ -117,6 +119,25 @@ class _State:
     """Per group: the intents its model was built from."""
     calibrated: Mapping[str, int]
     """Per group: the calibration version its τ was fitted with."""
+    keys: Mapping[str, str]
+    """Per group with trained heads: their `heads_key` (what a peer asks for)."""
+
+
+PEER_WAIT_STEP_SECONDS = 15.0
+"""Longest single wait of a GetHeads call: the owner is asked again after it (it may have left)."""
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """What a group's build found before training (`RouterCore._gather`)."""
+
+    calibration: CalibrationInput
+    how: str
+    """What the build will do: recalibrated, updated in place, indexed, restored, fetched, retrained."""
+    vectors: np.ndarray | None = None
+    key: str = ""
+    heads: Heads | None = None
+    changed: Mapping[str, Sequence[IntentPhrases]] | None = None
 
 
 class _Scorer:
@@ -188,16 +209,25 @@ class RouterCore:
         self._swapped = asyncio.Condition()
         self._builders: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(config.training_concurrency)
+        self._changed: dict[str, asyncio.Event] = {}
+        """Per group whose build waits for a peer: set when what it waits for is no longer wanted."""
+        self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
+        """Groups whose phrases are being embedded at once: enough to keep the encoder and the
+        peers busy, few enough that groups become ready one after another, not all at the end."""
         self._preload: asyncio.Task | None = None
         self._trainer = ThreadPoolExecutor(max_workers=config.training_concurrency, thread_name_prefix="router-train")
         self._generic = generic_none()
         self.embeddings = PhraseEmbeddings(encoder, open_store(config.embedding_cache_dir))
         """Participants' phrase vectors, persisted: a restart re-embeds only what changed."""
+        self.peers: Peers | None = None
+        """The other replicas, when they share the work (router/peers.py); set before `submit`."""
         store = self.embeddings.store
         self.heads = HeadsCache(store.path.parent / HEADS_DIRECTORY) if store is not None else None
         """Trained heads, persisted beside the vectors: a restart trains only what changed."""
         self.builds = 0
         """Group models swapped in so far (tests and the evaluation wait on it)."""
+        self.built: dict[str, int] = {}
+        """Group models built so far, by how (retrained, fetched from a peer, restored, ...)."""
 
     async def prepare(self) -> None:
         """Embed the built-in generic set ahead of the first build, through the persisted phrase
@@ -269,12 +299,15 @@ class RouterCore:
         self._wanted = wanted
         if self._initial is None:
             self._initial = set(wanted)
-        models, sources, calibrated = (state.models, state.sources, state.calibrated) if state else ({}, {}, {})
+        models, sources, calibrated, keys = (
+            (state.models, state.sources, state.calibrated, state.keys) if state else ({}, {}, {}, {})
+        )
         self._state = _State(
             directory,
             {g: m for g, m in models.items() if g in wanted},
             {g: s for g, s in sources.items() if g in wanted},
             {g: v for g, v in calibrated.items() if g in wanted},
+            {g: k for g, k in keys.items() if g in wanted},
         )
         for group in wanted:
             self._kick(group)
@@ -320,6 +353,9 @@ class RouterCore:
     def _kick(self, group: str) -> None:
         if not self._stale(group):
             return
+        changed = self._changed.get(group)
+        if changed is not None:
+            changed.set()  # a build waiting for a peer's heads of the previous state stops waiting
         task = self._builders.get(group)
         if task is None or task.done():
             self._builders[group] = asyncio.get_running_loop().create_task(self._build_loop(group), name=f"build {group}")
@@ -343,23 +379,34 @@ class RouterCore:
 
     async def _build_loop(self, group: str) -> None:
         """Builds `group`'s model until it matches the latest snapshot and calibration set, one
-        build at a time: what changes during a build is built next (the newest state wins)."""
+        build at a time: what changes during a build is built next (the newest state wins).
+
+        What peers can do (embed phrases, train heads) is gathered first, outside the training
+        slots: a group waiting for its owner's heads never holds a slot that this replica's own
+        groups need (two replicas waiting on each other's slots would stall until the wait ends)."""
         while self._stale(group):
+            intents, version, examples = self._wanted[group], self._calibration_version, self._calibration
+            try:
+                gathered = await self._gather(group, intents, examples)
+            except Exception:
+                log.exception("group_build_failed", group=group)
+                return  # the next change of the group, or of the calibration, tries again
             async with self._slots:
                 if not self._stale(group):  # waiting for a slot, the group may have left or been built
                     break
-                intents, version, examples = self._wanted[group], self._calibration_version, self._calibration
+                if self._wanted.get(group) != intents or self._calibration_version != version:
+                    continue  # changed while gathering: gather the newest state
                 try:
-                    model, fresh_index = await self._build(group, intents, examples)
+                    model, fresh_index, key = await self._build(group, intents, gathered)
                 except Exception:
                     log.exception("group_build_failed", group=group)
-                    return  # the next change of the group, or of the calibration, tries again
-            await self._swap(group, intents, version, model)
+                    return
+            await self._swap(group, intents, version, model, key)
             if fresh_index:
                 # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
                 asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
 
-    async def _swap(self, group: str, intents: tuple[IntentPhrases, ...], version: int, model: GroupModel) -> None:
+    async def _swap(self, group: str, intents: tuple[IntentPhrases, ...], version: int, model: GroupModel, key: str) -> None:
         """Puts one group's new model in place; the others are left as they are."""
         async with self._swapped:
             state = self._state
@@ -370,6 +417,7 @@ class RouterCore:
                     {**state.models, group: model},
                     {**state.sources, group: intents},
                     {**state.calibrated, group: version},
+                    {**{g: k for g, k in state.keys.items() if g != group}, **({group: key} if key else {})},
                 )
             self.builds += 1
             self._swapped.notify_all()
@@ -389,28 +437,120 @@ class RouterCore:
         generic_vectors = await self.encoder.aencode_phrases(self._generic)
         return CalibrationInput(mine, vectors, self._generic, generic_vectors)
 
-    async def _build(
-        self, group: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]
-    ) -> tuple[GroupModel, bool]:
-        """`group`'s model for `intents` and the calibration `examples`, from its current model
-        where that saves work; True when a large group's index was built anew."""
+    async def _gather(self, group: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]) -> _Gathered:
+        """What `group`'s build needs that is not training: the calibration input, the phrase
+        vectors (from the cache or the phrases' owners), and trained heads when this replica's
+        cache or the group's owner has them."""
+        state = self._state
+        assert state is not None
+        calibration = await self._calibration_input(examples, group)
+        previous = state.models.get(group)
+        if previous is not None and state.sources.get(group) == intents:  # same intents: only τ to refit
+            return _Gathered(calibration, "recalibrated")
+        if previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
+            changed = changed_bots(state.sources[group], intents)
+            async with self._gathering:
+                phrases = IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
+                vectors = await self.embeddings.embed(phrases)
+            return _Gathered(calibration, "updated in place", vectors, changed=changed)
+        async with self._gathering:
+            vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
+        if self._large(intents):
+            return _Gathered(calibration, "indexed", vectors)
+        key = heads_key(self.encoder.model_id, self.config.decision, intents, calibration)
+        heads = await asyncio.to_thread(self.heads.load, key) if self.heads is not None else None
+        how = "restored"
+        if heads is None:
+            heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
+        return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
+
+    async def _heads_from_owner(
+        self, group: str, key: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]
+    ) -> Heads | None:
+        """The heads of `key` from the replica that owns them, waiting for it to train them (up to
+        `peer_wait_seconds` in all); None when this replica owns them, cannot get them, or no
+        longer wants them (the group or the calibration set changed meanwhile: the owner may
+        never train this state)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.peer_wait_seconds
+        failures = 0
+        changed = self._changed[group] = asyncio.Event()
+        try:
+            while self.peers is not None and (owner := self.peers.owner(key)) is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or failures >= 3:
+                    log.warning("peer_heads_not_received", group=group, peer=owner, action="training here")
+                    return None
+                if self._wanted.get(group) != intents or self._calibration is not examples:
+                    return None
+                asking = asyncio.ensure_future(self.peers.heads(owner, key, min(remaining, PEER_WAIT_STEP_SECONDS)))
+                interrupted = asyncio.ensure_future(changed.wait())
+                await asyncio.wait({asking, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+                interrupted.cancel()
+                if not asking.done():
+                    asking.cancel()
+                    changed.clear()
+                    continue  # checked again above
+                changed.clear()
+                try:
+                    data = asking.result()
+                except PeerError as e:
+                    failures += 1
+                    log.info("peer_heads_failed", group=group, peer=owner, error=str(e), attempt=failures)
+                    await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+                    continue
+                if data is None:
+                    continue  # not trained yet there: ask again (the owner may have changed meanwhile)
+                try:
+                    return await asyncio.to_thread(heads_from_bytes, data)
+                except ValueError as e:
+                    log.warning("peer_heads_unreadable", group=group, peer=owner, error=str(e), action="training here")
+                    return None
+            return None
+        finally:
+            if self._changed.get(group) is changed:
+                del self._changed[group]
+
+    async def published_heads(self, key: str, wait: float = 0.0) -> Heads | None:
+        """The heads of `key` if this replica has them (a current model, or its cache), waiting up
+        to `wait` seconds for a build to produce them (a peer's `GetHeads`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            state = self._state
+            if state is not None:
+                for group, k in state.keys.items():
+                    model = state.models.get(group)
+                    if k == key and model is not None:
+                        return model.heads()
+            heads = await asyncio.to_thread(self.heads.load, key) if self.heads is not None else None
+            remaining = deadline - loop.time()
+            if heads is not None or remaining <= 0:
+                return heads
+            async with self._swapped:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._swapped.wait(), remaining)
+
+    async def _build(self, group: str, intents: tuple[IntentPhrases, ...], gathered: _Gathered) -> tuple[GroupModel, bool, str]:
+        """`group`'s model for `intents` from what `_gather` found, in a training slot: (the model,
+        True when a large group's index was built anew, its heads key)."""
         state = self._state
         assert state is not None
         loop = asyncio.get_running_loop()
         previous = state.models.get(group)
         start = time.perf_counter()
-        calibration = await self._calibration_input(examples, group)
-        if previous is not None and state.sources.get(group) == intents:  # same intents: only τ to refit
+        calibration, kind, vectors = gathered.calibration, gathered.how, gathered.vectors
+        if kind == "recalibrated":
+            assert previous is not None
             tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, calibration)
-            model, kind = previous.with_threshold(tau, info), "recalibrated"
-        elif previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
-            changed = changed_bots(state.sources[group], intents)
-            vectors = await self.embeddings.embed(IntentCatalog.phrases_of(e for entries in changed.values() for e in entries))
+            model = previous.with_threshold(tau, info)
+        elif kind == "updated in place":
+            assert previous is not None and vectors is not None and gathered.changed is not None
+            changed = gathered.changed
             model = await loop.run_in_executor(self._trainer, update_group_model, previous, changed, vectors, calibration)
-            kind = "updated in place"
         else:
-            vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
-            model, kind = await loop.run_in_executor(self._trainer, self._train, intents, vectors, calibration)
+            assert vectors is not None
+            model, kind = await loop.run_in_executor(self._trainer, self._train, intents, vectors, gathered)
         log.info(
             "group_model_built",
             group=group,
@@ -421,26 +561,30 @@ class RouterCore:
             **model.calibration,
             **model.times.as_dict(),
         )
-        return model, kind == "indexed"
+        self.built[kind] = self.built.get(kind, 0) + 1
+        return model, kind == "indexed", gathered.key if not model.large else ""
 
-    def _train(self, intents, vectors: np.ndarray, calibration: CalibrationInput) -> tuple[GroupModel, str]:
-        """A group model that depends on its inputs only: heads trained from scratch (restored when
-        a build, here or in another router sharing the cache, persisted them for the same inputs),
-        so replicas, restarted or not, warm or cold cache, decide alike. Warm-starting from the
+    def _train(self, intents, vectors: np.ndarray, gathered: _Gathered) -> tuple[GroupModel, str]:
+        """A group model that depends on its inputs only: heads trained from scratch (or taken as
+        trained for the same inputs by an earlier build, here or by the peer that owns them), so
+        replicas, restarted or not, warm or cold cache, decide alike. Warm-starting from the
         previous model would be faster but would make the heads depend on the router's history."""
-        config = self.config.decision
+        config, calibration = self.config.decision, gathered.calibration
+        _faiss_on_one_thread()  # cross-fitting searches: FAISS's team would spin beside the other build
         if self._large(intents):
             return build_group_model(intents, vectors, self.encoder.dim, config, calibration), "indexed"
-        key = heads_key(self.encoder.model_id, config, intents, calibration) if self.heads is not None else ""
-        heads = self.heads.load(key) if self.heads is not None else None
-        if heads is not None:
+        if gathered.heads is not None:
             try:
-                return build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads=heads), "restored"
+                model = build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads=gathered.heads)
             except ValueError as e:
-                log.warning("heads_cache_mismatch", error=str(e), action="training again")
+                log.warning("heads_mismatch", error=str(e), source=gathered.how, action="training again")
+            else:
+                if gathered.how == "fetched" and self.heads is not None:
+                    self.heads.save(gathered.key, gathered.heads)
+                return model, gathered.how
         model = build_group_model(intents, vectors, self.encoder.dim, config, calibration)
         if self.heads is not None:
-            self.heads.save(key, model.heads())
+            self.heads.save(gathered.key, model.heads())
         return model, "retrained"
 
     def _large(self, intents: Sequence[IntentPhrases]) -> bool:

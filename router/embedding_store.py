@@ -28,6 +28,7 @@ import numpy as np
 
 from mbc.runtime.logs import get_logger
 from mbc.runtime.progress import progress_bar
+from router.peers import PeerError, Peers
 
 log = get_logger(__name__)
 
@@ -180,22 +181,30 @@ def open_store(setting: str) -> EmbeddingStore | None:
 
 
 class PhraseEmbeddings:
-    """Phrase vectors for the router: from the store when cached, else from the encoder.
+    """Phrase vectors for the router: from the store when cached, else from the replica that owns
+    each phrase (router/peers.py: its peer, or this router's encoder).
 
-    `encoded` counts the phrases that needed the model since creation."""
+    A phrase being embedded for one caller is not embedded again for another (a peer asking for
+    the phrases this router is embedding itself): the second waits for the first.
+    `encoded` counts the phrases that needed this router's model since creation, `fetched` those
+    a peer embedded."""
 
     CHUNK = 256
     """Phrases per encoder call (and per progress step, and per write to the store). A call holds
     the encoder thread that Matches and the other groups' builds are encoded on: small enough that
     they wait little behind a large group's phrases, large enough to keep the engine's batches full."""
 
-    def __init__(self, encoder, store: EmbeddingStore | None) -> None:
+    def __init__(self, encoder, store: EmbeddingStore | None, peers: Peers | None = None) -> None:
         self.encoder = encoder
         self.store = store
+        self.peers = peers
+        """Set when replicas share work; None embeds everything here."""
         self.encoded = 0
+        self.fetched = 0
+        self._pending: dict[str, asyncio.Future[np.ndarray]] = {}
 
-    async def embed(self, phrases: Sequence[str]) -> np.ndarray:
-        """One row per phrase, in order."""
+    async def embed(self, phrases: Sequence[str], local_only: bool = False) -> np.ndarray:
+        """One row per phrase, in order. `local_only`: never ask a peer (a peer's request)."""
         dim = self.encoder.dim
         unique = list(dict.fromkeys(phrases))
         started = time.perf_counter()
@@ -205,14 +214,22 @@ class PhraseEmbeddings:
                 vectors, found = await asyncio.to_thread(self.store.read, self.encoder.model_id, unique, dim, bar.update)
                 bar.update(len(unique) - bar.n)
         missing = np.flatnonzero(~found)
+        if len(missing):  # the encoder's own phrase cache (a router without a store, or vectors a peer sent)
+            recalled = np.zeros((len(missing), dim), np.float32)
+            known = self.encoder.recall_phrases([unique[i] for i in missing], recalled)
+            vectors[missing[known]] = recalled[known]
+            if self.store is not None and known.any():
+                recalled_texts = [unique[i] for i in missing[known]]
+                await asyncio.to_thread(self.store.put_many, self.encoder.model_id, recalled_texts, recalled[known])
+            missing = missing[~known]
         if len(missing):
-            await self._encode(unique, missing, vectors)
+            await self._fill(unique, missing, vectors, local_only)
         if len(unique) >= self.CHUNK:
             log.info(
                 "phrases_embedded",
                 phrases=len(unique),
                 from_cache=len(unique) - len(missing),
-                encoded=len(missing),
+                embedded=len(missing),
                 seconds=round(time.perf_counter() - started, 3),
             )
         if len(unique) == len(phrases):
@@ -220,14 +237,59 @@ class PhraseEmbeddings:
         row = {phrase: i for i, phrase in enumerate(unique)}
         return vectors[[row[phrase] for phrase in phrases]]
 
-    async def _encode(self, texts: list[str], rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Encodes `texts[rows]` into `vectors[rows]`, and stores them."""
+    async def _fill(self, texts: list[str], rows: np.ndarray, vectors: np.ndarray, local_only: bool) -> None:
+        """`vectors[rows]` for `texts[rows]`: the phrases another call is embedding are waited for,
+        the others embedded by their owners, side by side, and stored."""
+        loop = asyncio.get_running_loop()
+        waits: list[tuple[int, asyncio.Future[np.ndarray]]] = []
+        by_owner: dict[str | None, list[int]] = {}
+        for i in rows.tolist():
+            future = self._pending.get(texts[i])
+            if future is None:
+                self._pending[texts[i]] = loop.create_future()
+                owner = None if local_only or self.peers is None else self.peers.owner(texts[i])
+                by_owner.setdefault(owner, []).append(i)
+            else:
+                waits.append((i, future))
+        mine = [texts[i] for owned in by_owner.values() for i in owned]
+        try:
+            await asyncio.gather(*(self._embed_owned(owner, texts, owned, vectors) for owner, owned in by_owner.items()))
+        except BaseException as e:
+            for text in mine:
+                future = self._pending.pop(text, None)
+                if future is not None and not future.done():
+                    future.set_exception(e)
+                    future.exception()  # retrieved: a caller that waited on it gets it, no warning otherwise
+            raise
+        for i, future in waits:
+            vectors[i] = await asyncio.shield(future)
+
+    async def _embed_owned(self, owner: str | None, texts: list[str], rows: list[int], vectors: np.ndarray) -> None:
+        if owner is not None and self.peers is not None:
+            said = [texts[i] for i in rows]
+            try:
+                vectors[rows] = await self.peers.embed(owner, said, self.encoder.dim)
+            except PeerError as e:
+                log.warning("peer_embedding_failed", peer=owner, phrases=len(rows), error=str(e), action="embedding here")
+            else:
+                self.fetched += len(rows)
+                self.encoder.remember_phrases(said, vectors[rows])
+                await self._done(said, vectors[rows])
+                return
         with progress_bar(len(rows), "embedding phrases") as bar:
             for start in range(0, len(rows), self.CHUNK):
                 chunk = rows[start : start + self.CHUNK]
                 said = [texts[i] for i in chunk]
                 vectors[chunk] = await self.encoder.aencode_phrases(said)
                 self.encoded += len(chunk)
-                if self.store is not None:
-                    await asyncio.to_thread(self.store.put_many, self.encoder.model_id, said, vectors[chunk])
+                await self._done(said, vectors[chunk])
                 bar.update(len(chunk))
+
+    async def _done(self, texts: list[str], vectors: np.ndarray) -> None:
+        """Stores `vectors` and hands them to the calls waiting for them."""
+        if self.store is not None:
+            await asyncio.to_thread(self.store.put_many, self.encoder.model_id, texts, vectors)
+        for text, vector in zip(texts, vectors):
+            future = self._pending.pop(text, None)
+            if future is not None and not future.done():
+                future.set_result(vector)

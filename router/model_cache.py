@@ -18,7 +18,9 @@ trained again: the cache never stops a router.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import threading
@@ -65,6 +67,43 @@ def heads_key(model_id: str, config: DecisionConfig, intents: Sequence[IntentPhr
     return digest.hexdigest()[:32]
 
 
+def heads_to_bytes(heads: Heads) -> bytes:
+    """`heads` as an .npz archive: arrays and one JSON document (what the cache files and the
+    replicas' `RouterPeers.GetHeads` carry)."""
+    vocabulary, svm = heads.svm.state() if heads.svm is not None else (None, {})
+    meta = {
+        "format": FORMAT,
+        "classes": [list(c) for c in heads.classes],
+        "tau": heads.tau,
+        "calibration": heads.calibration,
+        "vocabulary": vocabulary,
+    }
+    arrays = {"W": heads.W, "b": heads.b, **{f"svm_{name}": value for name, value in svm.items()}}
+    out = io.BytesIO()
+    # allow_pickle: numpy's default, given so that mypy does not match **arrays against it.
+    np.savez(out, allow_pickle=True, meta=np.array(json.dumps(meta, default=float)), **arrays)
+    return out.getvalue()
+
+
+def heads_from_bytes(data: bytes) -> Heads | None:
+    """The heads `heads_to_bytes` wrote; None for another format (an older release's); ValueError
+    saying why for bytes that are not such an archive. Never unpickles."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            meta = json.loads(str(arrays["meta"]))
+            if meta["format"] != FORMAT:
+                return None
+            svm = None
+            if meta["vocabulary"] is not None:
+                svm = LexicalSvm(
+                    meta["vocabulary"], arrays["svm_idf"], arrays["svm_weights"], arrays["svm_intercept"], arrays["svm_classes"]
+                )
+            classes = [tuple(c) for c in meta["classes"]]
+            return Heads(classes, arrays["W"], arrays["b"], svm, float(meta["tau"]), meta["calibration"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        raise ValueError(f"not a heads archive: {e}") from e
+
+
 class HeadsCache:
     """Trained heads by `heads_key`, in a directory; thread-safe, shared safely by several routers."""
 
@@ -80,42 +119,22 @@ class HeadsCache:
         if not path.exists():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                if meta["format"] != FORMAT:
-                    return None
-                svm = None
-                if meta["vocabulary"] is not None:
-                    svm = LexicalSvm(
-                        meta["vocabulary"], data["svm_idf"], data["svm_weights"], data["svm_intercept"], data["svm_classes"]
-                    )
-                heads = Heads(
-                    [tuple(c) for c in meta["classes"]], data["W"], data["b"], svm, float(meta["tau"]), meta["calibration"]
-                )
-            os.utime(path)  # recently used: kept longest
-            return heads
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            heads = heads_from_bytes(path.read_bytes())
+        except (OSError, ValueError) as e:
             log.warning("heads_cache_unreadable", path=str(path), error=str(e), action="removed, training again")
             path.unlink(missing_ok=True)
             return None
+        if heads is not None:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept longest
+        return heads
 
     def save(self, key: str, heads: Heads) -> None:
-        vocabulary, svm = heads.svm.state() if heads.svm is not None else (None, {})
-        meta = {
-            "format": FORMAT,
-            "classes": [list(c) for c in heads.classes],
-            "tau": heads.tau,
-            "calibration": heads.calibration,
-            "vocabulary": vocabulary,
-        }
-        arrays = {"W": heads.W, "b": heads.b, **{f"svm_{name}": value for name, value in svm.items()}}
         path = self._path(key)
         tmp = temporary_beside(path)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                # allow_pickle: numpy's default, given so that mypy does not match **arrays against it.
-                np.savez(f, allow_pickle=True, meta=np.array(json.dumps(meta, default=float)), **arrays)
+            tmp.write_bytes(heads_to_bytes(heads))
             os.replace(tmp, path)
             self._prune()
         except OSError as e:

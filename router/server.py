@@ -6,16 +6,20 @@ import asyncio
 import uuid
 
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
-from discovery.routers import RouterRecord, RouterRegistration
+from discovery.routers import RouterRecord, RouterRegistration, RouterWatcher
 from mbc import __version__
 from mbc.runtime import metrics
+from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import RouterConfig
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
+from mbc.runtime.security import Authorizer
 from mbc.runtime.serving import GrpcServer, wait_for_shutdown_signal
-from mbc.v1 import router_pb2, router_pb2_grpc
+from mbc.v1 import peers_pb2_grpc, router_pb2, router_pb2_grpc
 from router.calibration_store import CalibrationSource
 from router.core import RouterCore
+from router.peer_servicer import RouterPeersServicer
+from router.peers import Peers
 from router.servicer import RouterServicer
 
 log = get_logger(__name__)
@@ -23,12 +27,17 @@ log = get_logger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
+PEER_WATCH_SECONDS = 5.0
+"""How long a starting router waits for the list of replicas before its first builds (without it,
+it would do all the work itself until the list came)."""
+
+
 def create_server(config: RouterConfig, core: RouterCore) -> tuple[GrpcServer, int]:
-    server = GrpcServer(
-        config.server,
-        lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), s),
-        [SERVICE_NAME],
-    )
+    def add_servicers(server) -> None:
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
+        peers_pb2_grpc.add_RouterPeersServicer_to_server(RouterPeersServicer(core, Authorizer(config.server.tls.enabled)), server)
+
+    server = GrpcServer(config.server, add_servicers, [SERVICE_NAME])
     return server, server.port
 
 
@@ -47,6 +56,14 @@ class RouterProcess:
         self.registration = RouterRegistration(self.etcd, record, ttl=config.lease_ttl_seconds)
         self.calibration = CalibrationSource(self.etcd, self.core.set_calibration, config.decision.calibration_path)
         """The calibration set in etcd (the same for every replica), seeded from the file if any."""
+        self.pool: ChannelPool | None = None
+        self.replicas: RouterWatcher | None = None
+        if config.share_work:
+            self.pool = ChannelPool(config.server.max_message_bytes, tls=config.server.tls)
+            peers = Peers(self.server.address, self.pool, self.encoder.model_id)
+            self.core.peers = self.core.embeddings.peers = peers
+            self.replicas = RouterWatcher(self.etcd, peers.update)
+            """The live replicas, which share the work of becoming ready (router/peers.py)."""
         self._ready_task: asyncio.Task | None = None
 
     def _on_snapshot(self, snapshot: ParticipantSnapshot) -> None:
@@ -58,6 +75,12 @@ class RouterProcess:
         await self.registration.start()  # NOT_SERVING until ready: balanced bots connect but send nothing yet
         await self.core.prepare()
         await self.calibration.start()  # before the participants: the first models use the set
+        if self.replicas is not None:
+            self.replicas.start()
+            try:
+                await self.replicas.wait_ready(PEER_WATCH_SECONDS)
+            except TimeoutError:
+                log.warning("router_list_late", seconds=PEER_WATCH_SECONDS, action="building alone until it comes")
         self.watcher.start()
         self._ready_task = asyncio.create_task(self._serve_when_ready())
         log.info("router_started", address=self.server.address)
@@ -78,7 +101,11 @@ class RouterProcess:
         metrics.ROUTER_COLLECTOR.remove(self.core)
         await self.calibration.stop()
         await self.watcher.stop()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.core.close()
+        if self.pool is not None:
+            await self.pool.close()
         await self.etcd.close()
         self.encoder.close()
         log.info("router_stopped")

@@ -227,7 +227,8 @@ def _assert_same(a: list[router_pb2.MatchResponse], b: list[router_pb2.MatchResp
 @pytest.mark.timeout(1500)
 async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, client, tmp_path):
     """Router A runs while a bot joins and leaves (its model is retrained twice); then B starts
-    with no cache at all and C with A's cache (heads restored, vectors read back). All three give
+    with no cache at all, training everything itself (no work shared), and C with A's cache
+    (heads restored, vectors read back). All three give
     the same Match answers (decision, candidates, ratings, confidences and scores to 1e-5) and the
     same τ, fitted from the calibration set stored in etcd by `mbc calibrate`. A new set stored
     while they run is taken by every replica, and they still agree."""
@@ -258,7 +259,7 @@ async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, cl
 
             await eventually(rebuilt_without_travel, timeout=300, interval=0.5, what="A retrained without travel")
             b, c = await asyncio.gather(
-                mesh.start_router("--embedding-cache", "off", name="b"),
+                mesh.start_router("--embedding-cache", "off", "--share-work", "off", name="b"),
                 mesh.start_router("--embedding-cache", str(cache), name="c"),
             )
             assert any(r["how"] == "restored" for r in _logged(c.log_path, "group_model_built"))  # C is warm ...

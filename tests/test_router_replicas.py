@@ -18,13 +18,16 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot_server.bot import Bot
 from discovery import EtcdClient
 from discovery.routers import list_routers
 from mbc import __version__
 from mbc.runtime.config import RouterConfig, ServerConfig
+from mbc.runtime.metrics import sample_value
 from mbc.testing.mesh import EXAMPLE_BOTS, eventually, start_local
 from mbc.testing.processes import ComponentProcess
-from meshlib import LEASE_TTL, respond
+from meshlib import LEASE_TTL, match, respond
+from router.calibration import generic_none
 from router.server import RouterProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -47,7 +50,8 @@ async def mesh(own_etcd, tmp_path_factory):
         etcd=own_etcd.endpoint,
         lease_ttl=LEASE_TTL,
         routers=3,
-        router_env={"MBC_ROUTER__LEASE_TTL_SECONDS": str(ROUTER_TTL)},
+        # No embedding or heads cache: the replicas start cold, and share that work.
+        router_env={"MBC_ROUTER__LEASE_TTL_SECONDS": str(ROUTER_TTL), "MBC_ROUTER__EMBEDDING_CACHE_DIR": "off"},
         start_timeout=600,  # seven processes loading models on a shared machine
         index_timeout=300,
     ) as mesh:
@@ -110,6 +114,30 @@ async def test_every_replica_registers_and_gets_matches(mesh, etcd):
     assert set(answers) == {"cards"}, answers
     after = [matches_of(r) for r in mesh.routers]
     assert all(a > b for a, b in zip(after, before)), f"Match calls per replica before {before}, after {after}"
+
+
+def router_metric(router: ComponentProcess, name: str, labels: dict[str, str]) -> float:
+    with urllib.request.urlopen(f"http://{router.metrics_address}/metrics", timeout=10) as r:
+        return sample_value(r.read().decode(), name, labels)
+
+
+async def test_replicas_share_the_work_of_becoming_ready(mesh):
+    """Started at once with empty caches, the three replicas split the phrases to embed and the
+    group's heads to train (router/peers.py) instead of each doing all of it, and agree."""
+    distinct = {p for path in EXAMPLE_BOTS for i in Bot.from_file(path).definition.intents for p in i.phrases}
+    generic = len(generic_none())  # embedded by every replica before it knows the others
+    here = [router_metric(r, "mbc_router_phrases_embedded_total", {"source": "here"}) - generic for r in mesh.routers]
+    fetched = [router_metric(r, "mbc_router_phrases_embedded_total", {"source": "peer"}) for r in mesh.routers]
+    print(f"\nphrases embedded here {here}, fetched from a peer {fetched}, distinct {len(distinct)}")
+    assert sum(here) < 2 * len(distinct), f"embedded {here} of {len(distinct)} distinct phrases: the work was not shared"
+    assert all(n > 0 for n in fetched), fetched
+    builds = {
+        how: sum(router_metric(r, "mbc_router_group_builds_total", {"how": how}) for r in mesh.routers)
+        for how in ("retrained", "fetched")
+    }
+    assert builds["fetched"] >= 1 and builds["retrained"] <= 2, builds
+    answers = [await match(r.address, "my card was declined at the shop", max_candidates=3) for r in mesh.routers]
+    assert len({tuple((c.bot_id, c.intent, round(c.confidence, 5)) for c in a.candidates) for a in answers}) == 1, answers
 
 
 async def test_a_killed_replica_costs_no_respond_and_leaves_etcd(mesh, etcd):

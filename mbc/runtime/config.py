@@ -478,10 +478,20 @@ class RouterConfig:
     """Groups whose models are built at the same time, each by its own task: a change in one group
     never waits for another group's training while a slot is free. Each build holds about one core
     while it trains (2 suits a 2-core machine: a small group's change trains beside a large one)."""
+    share_work: bool = setting(
+        True, flag="--share-work", choices=ON_OFF, help="replicas embed and train each piece once and fetch it from each other"
+    )
+    """Replicas split the work of becoming ready (router/peers.py): each phrase is embedded and each
+    group's heads trained by one live replica, its owner, and the others fetch them from it; off,
+    every replica does all of it."""
+    peer_wait_seconds: float = 120.0
+    """How long a replica waits in all for a group's heads from the replica that owns them (it may
+    have many groups to train first) before it trains them itself."""
     log_level: str = log_level_setting()
 
     def __post_init__(self) -> None:
         check_range("lease_ttl_seconds", self.lease_ttl_seconds, 1)
+        check_range("peer_wait_seconds", self.peer_wait_seconds, 0)
         check_range("training_concurrency", self.training_concurrency, 1, 64)
         check_range("neighbours", self.neighbours, 1)
         check_range("default_candidates", self.default_candidates, 1, 100)

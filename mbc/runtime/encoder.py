@@ -582,6 +582,18 @@ class Encoder:
             while len(self._cache) > self.config.cache_size:
                 self._cache.popitem(last=False)
 
+    def recall_phrases(self, phrases: Sequence[str], into: np.ndarray) -> np.ndarray:
+        """Copies the phrase cache's vectors of `phrases` into the rows of `into`; returns which
+        rows were found (the others need a model call)."""
+        found = np.zeros(len(phrases), bool)
+        with self._cache_lock:
+            for i, phrase in enumerate(phrases):
+                vector = self._cache.get(phrase)
+                if vector is not None:
+                    into[i] = vector
+                    found[i] = True
+        return found
+
     @property
     def cached_phrases(self) -> int:
         return len(self._cache)

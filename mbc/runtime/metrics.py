@@ -16,6 +16,8 @@ free port, written to `<port file stem>.metrics-port` next to the port file and 
 | `mbc_router_index_phrases` | gauge | group | training phrases in the group's index |
 | `mbc_router_index_intents` | gauge | group | intents (classes) in the group's index |
 | `mbc_router_index_revision` | gauge | | etcd revision of the indexed participant snapshot |
+| `mbc_router_phrases_embedded` | counter | source | phrases this router needed a vector for since start, by who embedded them: `here` (its encoder) or `peer` (the replica that owns them) |
+| `mbc_router_group_builds` | counter | how | group models built since start: `retrained`, `fetched` (heads trained by the replica that owns them), `restored` (its cache), `recalibrated`, `indexed`, `updated in place` |
 | `mbc_encoder_batch_seconds` | histogram | stage | one micro-batch of concurrent calls on an encoder worker: `encode` (the model), `post` (the work done with its vectors: the router's scoring) |
 | `mbc_encoder_batch_utterances` | histogram | | utterances encoded per micro-batch |
 | `mbc_bot_transfers_total` | counter | outcome | sent, taken (the receiver took it), failed, loop_stopped (refused by the loop guard), fallback (no bot could take the message, or every transfer failed), unavailable (the best match's bot has no live instance: the group's unavailable message was sent), taken_over (a conversation whose owner instance was gone or unreachable taken over by this bot) |
@@ -33,7 +35,7 @@ from pathlib import Path
 from urllib.request import urlopen
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -101,6 +103,10 @@ class RouterCollector:
         phrases = GaugeMetricFamily("mbc_router_index_phrases", "Training phrases in the group's index.", labels=["group"])
         intents = GaugeMetricFamily("mbc_router_index_intents", "Intents in the group's index.", labels=["group"])
         revision = GaugeMetricFamily("mbc_router_index_revision", "etcd revision of the indexed participant snapshot.")
+        embedded = CounterMetricFamily(
+            "mbc_router_phrases_embedded", "Phrases embedded since start, by who embedded them (here, peer).", labels=["source"]
+        )
+        builds = CounterMetricFamily("mbc_router_group_builds", "Group models built since start, by how.", labels=["how"])
         with self._lock:
             cores = list(self._sources)
         for core in cores:
@@ -108,13 +114,17 @@ class RouterCollector:
             if directory is None:
                 continue
             revision.add_metric([], directory.revision)
+            embedded.add_metric(["here"], core.embeddings.encoded)
+            embedded.add_metric(["peer"], core.embeddings.fetched)
+            for how, count in core.built.items():
+                builds.add_metric([how], count)
             for group, members in directory.groups.items():
                 participants.add_metric([group], sum(len(b.instances) for b in members.values()))
                 bots.add_metric([group], len(members))
             for group, model in core.models.items():
                 phrases.add_metric([group], len(getattr(model, "texts", ())))
                 intents.add_metric([group], len(getattr(model, "classes", ())))
-        return [participants, bots, phrases, intents, revision]
+        return [participants, bots, phrases, intents, revision, embedded, builds]
 
 
 ROUTER_COLLECTOR = RouterCollector()
