@@ -209,8 +209,9 @@ class RouterCore:
         self._swapped = asyncio.Condition()
         self._builders: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(config.training_concurrency)
-        self._changed: dict[str, asyncio.Event] = {}
-        """Per group whose build waits for a peer: set when what it waits for is no longer wanted."""
+        self._waits: dict[str, tuple[asyncio.Event, tuple[IntentPhrases, ...], Sequence[Example]]] = {}
+        """Per group whose build waits for a peer's heads: an event set when the state it waits
+        for (intents, calibration set) is no longer the wanted one."""
         self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
         """Groups whose phrases are being embedded at once: enough to keep the encoder and the
         peers busy, few enough that groups become ready one after another, not all at the end."""
@@ -311,6 +312,7 @@ class RouterCore:
         )
         for group in wanted:
             self._kick(group)
+        self._end_stale_waits()
         self._check_ready()
 
     def set_calibration(self, examples: Sequence[Example]) -> int:
@@ -322,7 +324,15 @@ class RouterCore:
         if self._state is not None:
             for group in self._wanted:
                 self._kick(group)
+        self._end_stale_waits()
         return self._calibration_version
+
+    def _end_stale_waits(self) -> None:
+        """Wakes the builds waiting for a peer's heads of a state no longer wanted (the owner may
+        never train it). Only those: a change elsewhere in the mesh leaves the others waiting."""
+        for group, (event, intents, examples) in self._waits.items():
+            if self._wanted.get(group) != intents or self._calibration is not examples:
+                event.set()
 
     async def calibrate(self, examples: Sequence[Example], timeout: float | None = None) -> dict[str, dict]:
         """Set the calibration set, wait until every group uses it, return `thresholds()`."""
@@ -353,9 +363,6 @@ class RouterCore:
     def _kick(self, group: str) -> None:
         if not self._stale(group):
             return
-        changed = self._changed.get(group)
-        if changed is not None:
-            changed.set()  # a build waiting for a peer's heads of the previous state stops waiting
         task = self._builders.get(group)
         if task is None or task.done():
             self._builders[group] = asyncio.get_running_loop().create_task(self._build_loop(group), name=f"build {group}")
@@ -474,7 +481,8 @@ class RouterCore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.peer_wait_seconds
         failures = 0
-        changed = self._changed[group] = asyncio.Event()
+        changed = asyncio.Event()
+        self._waits[group] = (changed, intents, examples)
         try:
             while self.peers is not None and (owner := self.peers.owner(key)) is not None:
                 remaining = deadline - loop.time()
@@ -489,9 +497,7 @@ class RouterCore:
                 interrupted.cancel()
                 if not asking.done():
                     asking.cancel()
-                    changed.clear()
-                    continue  # checked again above
-                changed.clear()
+                    return None  # the state waited for is no longer wanted
                 try:
                     data = asking.result()
                 except PeerError as e:
@@ -508,8 +514,8 @@ class RouterCore:
                     return None
             return None
         finally:
-            if self._changed.get(group) is changed:
-                del self._changed[group]
+            if self._waits.get(group, (None,))[0] is changed:
+                del self._waits[group]
 
     async def published_heads(self, key: str, wait: float = 0.0) -> Heads | None:
         """The heads of `key` if this replica has them (a current model, or its cache), waiting up

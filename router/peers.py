@@ -10,12 +10,14 @@ trains about a third of the groups.
 
 Asking never blocks progress: a replica that cannot reach the owner, gets an error, or waits
 longer than `RouterConfig.peer_wait_seconds` does the work itself, with the same result (training
-is deterministic). A replica alone, or with `--share-work off`, does everything itself.
+is deterministic); an owner that cannot be reached owns nothing for `DOWN_SECONDS`. A replica
+alone, or with `--share-work off`, does everything itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 
 import grpc
@@ -33,6 +35,9 @@ EMBED_BATCH = 512
 """Phrases per EmbedPhrases call made by `Peers.embed`."""
 EMBED_TIMEOUT_SECONDS = 120.0
 """Deadline of one EmbedPhrases call: the owner may be encoding for every replica at once."""
+DOWN_SECONDS = 10.0
+"""A replica that could not be reached owns nothing for this long (its record may outlive it by
+the lease TTL): its keys go to the next replica by rendezvous hashing, without a wait per key."""
 
 
 class PeerError(Exception):
@@ -53,6 +58,8 @@ class Peers:
         self.model_id = model_id
         self._pool = pool
         self._replicas: tuple[str, ...] = (own_address,)
+        self._down: dict[str, float] = {}
+        """Replicas that could not be reached, until when (monotonic) they own nothing."""
 
     def update(self, addresses: Sequence[str]) -> None:
         """The registered replicas' addresses (this one is always counted, registered or not yet)."""
@@ -64,8 +71,17 @@ class Peers:
 
     def owner(self, key: str) -> str | None:
         """The replica that owns `key`, or None when it is this one."""
-        owner = owner_of(key, self._replicas)
+        replicas = self._replicas
+        if self._down:
+            now = time.monotonic()
+            self._down = {r: until for r, until in self._down.items() if until > now}
+            replicas = tuple(r for r in replicas if r not in self._down)
+        owner = owner_of(key, replicas)
         return None if owner == self.own else owner
+
+    def _failed(self, address: str, error: grpc.aio.AioRpcError) -> None:
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self._down[address] = time.monotonic() + DOWN_SECONDS
 
     def _stub(self, address: str) -> peers_pb2_grpc.RouterPeersStub:
         return peers_pb2_grpc.RouterPeersStub(self._pool.channel(address))
@@ -80,6 +96,7 @@ class Peers:
                     peers_pb2.EmbedPhrasesRequest(model_id=self.model_id, phrases=chunk), timeout=EMBED_TIMEOUT_SECONDS
                 )
             except grpc.aio.AioRpcError as e:
+                self._failed(owner, e)
                 raise PeerError(f"{owner}: EmbedPhrases: {e.code().name}: {e.details()}") from e
             if response.dimension != dim or len(response.vectors) != 4 * dim * len(chunk):
                 raise PeerError(f"{owner}: EmbedPhrases answered {len(response.vectors)} bytes of dimension {response.dimension}")
@@ -96,5 +113,6 @@ class Peers:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
+            self._failed(owner, e)
             raise PeerError(f"{owner}: GetHeads: {e.code().name}: {e.details()}") from e
         return response.heads

@@ -110,3 +110,4 @@ async def test_an_unreachable_owner_means_the_work_is_done_here():
     finally:
         await pool.close()
     assert len(encoder.asked) == 50 and embeddings.fetched == 0 and vectors.shape == (50, 4)
+    assert peers.owner("any key at all") is None  # the unreachable replica owns nothing for a while
