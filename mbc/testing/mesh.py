@@ -113,9 +113,12 @@ async def wait_indexed(
     timeout: float = 60.0,
     tls: TlsConfig = TlsConfig(),
     on_indexed: Callable[[str], None] = lambda bot_id: None,
+    interval: float = 0.2,
 ) -> None:
     """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`);
-    `on_indexed(bot_id)` as each one is."""
+    `on_indexed(bot_id)` as each one is. Each round asks about the bots still pending, in order, and
+    stops at the first that is not ranked first yet (a group's bots become routable together, with
+    its model): a wait costs the router one Match per `interval` until then."""
     pending = dict(probes)
     async with open_channel(router, tls) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
@@ -125,14 +128,15 @@ async def wait_indexed(
                 try:
                     r = await stub.Match(router_pb2.MatchRequest(text=text, group=group, max_candidates=1), timeout=5)
                 except Exception:  # noqa: BLE001 - not serving yet: asked again
-                    continue
-                if r.candidates and r.candidates[0].bot_id == bot_id:
-                    pending.pop(bot_id)
-                    on_indexed(bot_id)
+                    break
+                if not (r.candidates and r.candidates[0].bot_id == bot_id):
+                    break
+                pending.pop(bot_id)
+                on_indexed(bot_id)
             return not pending
 
         try:
-            await eventually(all_indexed, timeout)
+            await eventually(all_indexed, timeout, interval)
         except AssertionError:
             raise TimeoutError(f"router did not index {sorted(pending)} within {timeout:.0f}s") from None
 
