@@ -190,13 +190,20 @@ class BotEngine:
             raise InvalidInput("conversation_id is required")
         self._check_text(message.text)
         with _fenced_refused():
+            # The question awaited is read beside the ownership (a round trip less); it is used
+            # only once this instance owns the conversation, and only this bot's owner writes it.
+            awaiting_read = asyncio.ensure_future(self.state.awaiting(message.conversation_id, route.remaining(0)))
             try:
                 route.owner_version = await self._own_conversation(message.conversation_id, route)
             except grpc.aio.AioRpcError as e:
+                _drop(awaiting_read)
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 return await self._answer_without_store(message, route, e)
-            awaiting = await self.state.awaiting(message.conversation_id, route.remaining(0))
+            except BaseException:
+                _drop(awaiting_read)
+                raise
+            awaiting = await awaiting_read
             if awaiting is not None:
                 await self.state.set_awaiting(message.conversation_id, None, route.owner_version, route.remaining(0))
                 if awaiting.intent:
@@ -396,10 +403,15 @@ class BotEngine:
         route: Route,
         start_step: int = 0,
         transferred_from: str = "",
+        variables_read: asyncio.Future | None = None,
     ) -> TurnResult:
-        """Run this bot's dialog for `intent` (from `start_step` when resuming after a question)."""
+        """Run this bot's dialog for `intent` (from `start_step` when resuming after a question);
+        `variables_read`: the conversation's variables, being read already."""
         conversation = message.conversation_id
-        variables = {} if route.stateless else await self.state.variables(conversation, route.remaining(0))
+        if variables_read is not None:
+            variables = await variables_read
+        else:
+            variables = {} if route.stateless else await self.state.variables(conversation, route.remaining(0))
         handler = self.bot.handler_for(intent)
         match = bot_pb2.MatchInfo(
             bot_id=self.bot.bot_id,
@@ -629,18 +641,31 @@ class BotEngine:
         expected = request.owner_version
         if not self.state.shared:
             expected = (await self.state.owner(message.conversation_id, route.remaining(0))).version
+        # The dialog's variables are read beside the claim (a round trip less): the sender, which
+        # holds the conversation until the claim, wrote them before it sent the transfer.
+        variables_read = (
+            asyncio.ensure_future(self.state.variables(message.conversation_id, route.remaining(0)))
+            if request.intent in self._intents
+            else None
+        )
         try:
             route.owner_version = await self.state.claim(
                 message.conversation_id, self.identity, expected, request.transfer_id, route.remaining(0)
             )
         except OwnershipConflict as e:
+            _drop(variables_read)
             applied = await self._applied_elsewhere(request, route)
             if applied is not None:
                 return applied
             raise Conflict(str(e)) from None
+        except BaseException:
+            _drop(variables_read)
+            raise
         sender = request.sender.bot_id
-        if request.intent in self._intents:
-            result = await self._answer(message, request.intent, None, route, transferred_from=sender)
+        if variables_read is not None:
+            result = await self._answer(
+                message, request.intent, None, route, transferred_from=sender, variables_read=variables_read
+            )
         else:
             if request.intent:
                 log.warning("transfer_intent_unknown", intent=request.intent, from_bot=sender)
@@ -744,6 +769,13 @@ def unavailable_bot(response: router_pb2.MatchResponse) -> str:
     if response.decision == router_pb2.DECISION_NONE and response.none_reason == router_pb2.NONE_REASON_BOT_UNAVAILABLE:
         return response.unavailable_bot_id
     return ""
+
+
+def _drop(read: asyncio.Future | None) -> None:
+    """Cancel a read started beside another call that failed; its outcome is not wanted."""
+    if read is not None:
+        read.cancel()
+        read.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 @contextlib.contextmanager

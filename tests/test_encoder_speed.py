@@ -338,6 +338,10 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
             "10",
             "--c32-requests",
             "64",
+            "--respond-c1-requests",
+            "5",
+            "--respond-c32-requests",
+            "20",
             "--workdir",
             str(tmp_path / "work"),
         ],
@@ -389,6 +393,15 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
         bounds["cores"] * 1000 / (bounds["encoder_cpu_ms_per_utterance"] + floor["cpu_ms_per_call_c32"]), rel=1e-3
     )
     assert "serving floor" in done.stdout and "best possible" in done.stdout
+    # Issue 18: the router's CPU against encoder + empty Match, and a Respond that transfers on a real mesh.
+    assert result["router_cpu_ratio_c32"] > 0
+    assert bounds["respond_p50_ms_c1"] == pytest.approx(
+        bounds["match_p50_ms_c1"] + bounds["respond_round_trips"] * floor["p50_ms_c1"], abs=0.011
+    )
+    respond = result["breakdown"]["respond"]
+    assert respond["c1"]["transferred_share"] > 0 and result["respond_p50_ms_c1"] > 0 and result["respond_p99_ms_c32"] > 0
+    assert set(respond["c32"]["cpu_ms_per_respond"]) >= {"entry_bot", "router", "receivers", "store", "etcd", "loadgen"}
+    assert "router_cpu_ratio_c32 <= 1.2" in result["targets"] and "respond_p50_ms_c1" in done.stdout
     print(f"bench smoke took {time.monotonic() - started:.0f} s")
 
 

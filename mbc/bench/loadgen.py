@@ -6,6 +6,11 @@ Each phase sends COUNT requests, the utterances texts[START:START+COUNT] (each o
 CONCURRENCY callers in a closed loop over one channel, and reports throughput, latency percentiles
 (measured here, around each call) and the status of every call. Prints one JSON object.
 
+With `--respond BOT_ID`, the target is a bot host and each request is a Bot.Respond to BOT_ID in a
+conversation of its own (a new one, so the bot claims it and, for another bot's utterance,
+transfers it); a phase also reports the outcomes and, under "transferred", the latencies of the
+Responds that were transferred.
+
 Where the time goes, per phase: the CPU time of this process and, with `--server-pid`, of the
 server (Linux /proc), per call; with `--metrics HOST:PORT`, the server's encoder stages per call
 (`mbc_encoder_batch_seconds`: encode and post, the router's scoring) and utterances per batch.
@@ -25,7 +30,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from mbc.v1 import router_pb2, router_pb2_grpc
+from mbc.v1 import bot_pb2, bot_pb2_grpc, router_pb2, router_pb2_grpc
 
 
 def summarise(name: str, concurrency: int, latencies: list[float], statuses: Counter, seconds: float) -> dict:
@@ -124,6 +129,43 @@ async def run_for(name: str, make_call, concurrency: int, seconds: float, calls:
     return summarise(name, concurrency, latencies, statuses, time.perf_counter() - started)
 
 
+async def run_respond_phase(stub, name: str, texts: list[str], concurrency: int, bot_id: str, timeout: float) -> dict:
+    """`run_phase` for Bot.Respond: each utterance to `bot_id` in a new conversation; adds the
+    outcomes and the figures of the transferred Responds alone ("transferred")."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    outcomes: Counter = Counter()
+    transferred: list[float] = []
+    queue = iter(enumerate(texts))
+    run = f"{os.getpid()}-{time.time_ns()}"
+
+    async def caller() -> None:
+        for i, text in queue:
+            request = bot_pb2.RespondRequest(
+                conversation_id=f"bench-{name}-{run}-{i}", consumer_id="bench", text=text, bot_id=bot_id
+            )
+            answer: list = []
+
+            async def call(r=request, answer=answer) -> None:
+                answer.append(await stub.Respond(r, timeout=timeout))
+
+            await timed(call, latencies, statuses)
+            if answer:
+                outcome = bot_pb2.Outcome.Name(answer[0].outcome).removeprefix("OUTCOME_")
+                outcomes[outcome] += 1
+                if answer[0].outcome == bot_pb2.OUTCOME_TRANSFERRED:
+                    transferred.append(latencies[-1])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    phase = summarise(name, concurrency, latencies, statuses, seconds)
+    phase["outcomes"] = dict(outcomes)
+    moved = summarise(name, concurrency, transferred, Counter(OK=len(transferred)), seconds)
+    phase["transferred"] = {k: moved[k] for k in ("requests", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
+    return phase
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of process `pid`, all its threads (None where /proc cannot tell)."""
     try:
@@ -149,16 +191,18 @@ def encoder_counters(address: str) -> dict[str, float]:
 
 
 class CostMeter:
-    """What a phase cost: CPU of this process and of the server, and the server's encoder stages."""
+    """What a phase cost: CPU of this process and of the server, and the server's encoder stages;
+    with `others` (name → pid), the CPU of those processes too."""
 
-    def __init__(self, server_pid: int | None, metrics_address: str | None) -> None:
-        self.server_pid, self.metrics_address = server_pid, metrics_address
+    def __init__(self, server_pid: int | None, metrics_address: str | None, others: dict[str, int] | None = None) -> None:
+        self.server_pid, self.metrics_address, self.others = server_pid, metrics_address, others or {}
 
     def read(self) -> dict:
         return {
             "loadgen_cpu": time.process_time(),
             "server_cpu": process_cpu_seconds(self.server_pid) if self.server_pid else None,
             "encoder": encoder_counters(self.metrics_address) if self.metrics_address else None,
+            "others": {name: process_cpu_seconds(pid) for name, pid in self.others.items()},
         }
 
     @staticmethod
@@ -172,21 +216,32 @@ class CostMeter:
             out["encode_ms"] = round(d["encode"] * 1000 / calls, 3)
             out["post_ms"] = round(d["post"] * 1000 / calls, 3)
             out["utterances_per_batch"] = round(d["utterances"] / d["batches"], 2) if d["batches"] else 0.0
+        others = {
+            name: round((after["others"][name] - cpu) * 1000 / calls, 3)
+            for name, cpu in before.get("others", {}).items()
+            if cpu is not None and after["others"].get(name) is not None
+        }
+        if others:
+            out["cpu_ms_by_process"] = others
         return out
 
 
 async def main_async(args: argparse.Namespace) -> dict:
     texts = json.loads(Path(args.texts).read_text())
     phases = []
+    others = dict((name, int(pid)) for name, pid in (p.split("=", 1) for p in args.pid))
     async with grpc.aio.insecure_channel(args.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = router_pb2_grpc.RouterStub(channel)
-        meter = CostMeter(args.server_pid, args.metrics)
+        stub = bot_pb2_grpc.BotStub(channel) if args.respond else router_pb2_grpc.RouterStub(channel)
+        meter = CostMeter(args.server_pid, args.metrics, others)
         for spec in args.phase:
             name, concurrency, start, count = spec.split(":")
             chunk = texts[int(start) : int(start) + int(count)]
             before = meter.read()
-            phase = await run_phase(stub, name, chunk, int(concurrency), args.group, args.timeout)
+            if args.respond:
+                phase = await run_respond_phase(stub, name, chunk, int(concurrency), args.respond, args.timeout)
+            else:
+                phase = await run_phase(stub, name, chunk, int(concurrency), args.group, args.timeout)
             phase["cost_per_call"] = CostMeter.per_call(before, meter.read(), phase["requests"])
             phases.append(phase)
     return {"target": args.target, "phases": phases}
@@ -201,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
     parser.add_argument("--server-pid", type=int, default=0, help="the server's pid, to report its CPU time per call")
     parser.add_argument("--metrics", default="", help="the server's /metrics host:port, to report its encoder stages")
+    parser.add_argument("--respond", default="", metavar="BOT_ID", help="call Bot.Respond to this bot instead of Router.Match")
+    parser.add_argument("--pid", action="append", default=[], metavar="NAME=PID", help="also report this process's CPU per call")
     result = asyncio.run(main_async(parser.parse_args(argv)))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

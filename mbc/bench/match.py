@@ -11,7 +11,11 @@ One run measures, with distinct CLINC150 `val` utterances:
   the naive router (torch, one encode per request, no batching, no caches) at 32 callers, then the
   tuned router at 1 and at 32 callers;
 - first, the serving floor (`mbc.bench.empty_router`: an empty Match behind the same stack) at 1
-  and 32 callers; then, from it, what no router could beat on this machine (`limits`).
+  and 32 callers; then, from it, what no router could beat on this machine (`limits`);
+- last, the path a consumer waits on: Bot.Respond that transfers, on a real mesh of the same 10
+  bots (`LocalMesh`: etcd, the Context Session Store, the tuned router, the entry bot in one host
+  process and the 9 others in another), each utterance (`val`, of another bot's intent) in a new
+  conversation, at 1 and at 32 callers (`measure_respond`).
 Prints a table and writes the JSON.
 """
 
@@ -28,24 +32,36 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import grpc
+import yaml
 
 from discovery import EtcdClient, Registration
 from mbc.bench.clinc import default_data_dir, load_clinc
 from mbc.runtime.config import EncoderConfig
 from mbc.runtime.encoder import Encoder
 from mbc.testing.etcd import LocalEtcd
+from mbc.testing.mesh import LocalMesh
 from mbc.testing.processes import ComponentProcess, new_workdir
-from mbc.v1 import participant_pb2
+from mbc.v1 import participant_pb2, router_pb2, router_pb2_grpc
+from router.calibration import Example, dump_calibration
 
 GROUP = "clinc150"
 ROUTER_SERVICE = "mbc.v1.Router"
 NAIVE = EncoderConfig(
     backend="torch", threads=0, workers=1, max_batch=1, batch_wait_ms=0.0, query_cache_size=0, idle_spinning=False
 )
+RESPOND_ROUND_TRIPS = 6
+"""The gRPC round trips a Respond that transfers needs beside its Match, one after the other: the
+consumer's Respond to the entry bot; the entry bot's read of the conversation's owner record and
+its claim of the new conversation; the Transfer to the receiver; the receiver's claim (fenced on the
+version the sender held) and its record of the answer (what a retried transfer returns). Reads that
+can go beside them (the question awaited, the variables) are not counted."""
+CPU_RATIO_TARGET = 1.2
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,9 @@ class BenchOptions:
     concurrency: int = 32
     warmup_requests: int = 64
     """Requests (oos_train utterances, 8 callers) sent to each router before measuring."""
+    respond_c1_requests: int = 200
+    respond_c32_requests: int = 800
+    """Responds at 1 and at 32 callers (`measure_respond`); both 0: no Respond phases."""
     intents_per_domain: int = 0
     """0: all 15."""
     phrases_per_intent: int = 0
@@ -215,7 +234,13 @@ async def bench_router(
 
 
 def run_load(
-    target: str, texts_file: Path, phases: list[str], server_pid: int = 0, metrics: str = "", group: str = GROUP
+    target: str,
+    texts_file: Path,
+    phases: list[str],
+    server_pid: int = 0,
+    metrics: str = "",
+    group: str = GROUP,
+    extra: Sequence[str] = (),
 ) -> list[dict]:
     command = [
         sys.executable,
@@ -236,6 +261,7 @@ def run_load(
     ]
     for phase in phases:
         command += ["--phase", phase]
+    command += extra
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -343,15 +369,16 @@ class RouterRuns:
     floor: list[dict]
     naive: list[dict] = field(default_factory=list)
     tuned: list[dict] = field(default_factory=list)
+    respond: list[dict] = field(default_factory=list)
     ready: dict[str, float] = field(default_factory=dict)
 
     @property
     def all(self) -> list[dict]:
-        return self.naive + self.tuned + self.floor
+        return self.naive + self.tuned + self.floor + self.respond
 
     def by_name(self) -> dict[str, dict]:
         """The measured phases (warm-ups left out) by name."""
-        return {p["phase"]: p for p in self.naive[1:] + self.tuned[1:] + self.floor[1:]}
+        return {p["phase"]: p for p in self.naive[1:] + self.tuned[1:] + self.floor[1:] + self.respond[1:]}
 
 
 async def measure_floor(load: Load, workdir: Path) -> RouterRuns:
@@ -369,6 +396,116 @@ async def measure_routers(runs: RouterRuns, etcd: str, tuned: EncoderConfig, loa
     progress("tuned router ...")
     runs.tuned, tuned_ready = await bench_router("router-tuned", router_args(etcd, tuned), workdir, load.file, load.c1_and_cn())
     runs.ready = {"naive": round(naive_ready, 1), "tuned": round(tuned_ready, 1)}
+
+
+def respond_definitions(domains: dict[str, list[str]], train: dict[str, list[str]], opts: BenchOptions) -> dict[str, dict]:
+    """The YAML definitions of the Respond mesh's bots: the participants of `participants`, each
+    intent answered by a one-line dialog."""
+    out = {}
+    for p in participants(domains, train, opts):
+        out[p.bot_id] = {
+            "id": p.bot_id,
+            "display_name": p.display_name,
+            "group": GROUP,
+            "collaboration": True,
+            "fallback": f"Sorry, {p.bot_id} cannot help with that.",
+            "intents": [{"name": i.name, "phrases": list(i.phrases)} for i in p.intents],
+            "dialogs": [{"intent": i.name, "responses": [f"[{p.bot_id}/{i.name}]"]} for i in p.intents],
+        }
+    return out
+
+
+def respond_texts(labelled: Sequence[tuple[str, str]], definitions: dict[str, dict], entry: str) -> list[str]:
+    """The distinct utterances of `labelled` (text, intent) whose intent is another bot's than `entry`'s."""
+    owner = {i["name"]: bot for bot, d in definitions.items() for i in d["intents"]}
+    return list(dict.fromkeys(text for text, intent in labelled if owner.get(intent, entry) != entry))
+
+
+def calibration_set(data: dict, definitions: dict[str, dict]) -> list[Example]:
+    """`mbc eval clinc150`'s calibration set for the intents of `definitions`: the val utterances
+    labelled, the out-of-scope ones (oos_val, oos_train) as none of these."""
+    owner = {i["name"]: bot for bot, d in definitions.items() for i in d["intents"]}
+    labelled = [Example(t, owner[i], i, GROUP) for t, i in data["val"] if i in owner]
+    return labelled + [Example(t, group=GROUP) for t, _ in data.get("oos_val", []) + data.get("oos_train", [])]
+
+
+def respond_phases(opts: BenchOptions, warmup: int) -> list[str]:
+    """The warm-up (8 callers), then the Responds at 1 and at `concurrency` callers, each utterance once."""
+    n, c1 = opts.concurrency, opts.respond_c1_requests
+    return [f"warmup:8:0:{warmup}", f"respond_c1:1:{warmup}:{c1}", f"respond_c{n}:{n}:{warmup + c1}:{opts.respond_c32_requests}"]
+
+
+async def wait_every_bot(address: str, definitions: dict[str, dict], timeout: float) -> None:
+    """Until the router at `address` ranks each bot first for one of a few phrases of its own: every
+    bot, not only the first of each host (the receivers' host registers them one by one), and a few
+    phrases, since CLINC150's train set holds some of another domain's (credit_cards: "tell me
+    about today weather")."""
+    pending = {b: [p for i in d["intents"][:3] for p in i["phrases"][:2]] for b, d in definitions.items()}
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        while pending:
+            for bot_id, phrases in list(pending.items()):
+                for phrase in phrases:
+                    try:
+                        r = await stub.Match(router_pb2.MatchRequest(text=phrase, group=GROUP, max_candidates=1), timeout=5)
+                    except grpc.aio.AioRpcError:
+                        break
+                    if r.candidates and r.candidates[0].bot_id == bot_id:
+                        del pending[bot_id]
+                        break
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the router did not index {sorted(pending)} within {timeout:.0f} s")
+                await asyncio.sleep(0.5)
+
+
+async def measure_respond(
+    runs: RouterRuns, opts: BenchOptions, tuned: EncoderConfig, definitions: dict[str, dict], workdir: Path
+) -> None:
+    """Bot.Respond to the entry bot (the first by id) on a mesh of `definitions`, utterances of the
+    other bots' intents in new conversations: the path of a transfer, with its store writes."""
+    if not (opts.respond_c1_requests or opts.respond_c32_requests):
+        return
+    data = json.loads((opts.data_dir / "clinc150_public.json").read_text())
+    entry = sorted(definitions)[0]
+    texts = respond_texts([(t, i) for t, i in data["val"]], definitions, entry)
+    warmup = min(opts.warmup_requests, 64)
+    needed = warmup + opts.respond_c1_requests + opts.respond_c32_requests
+    if needed > len(texts):
+        raise SystemExit(f"mbc bench match: {needed} utterances needed for Respond, CLINC150 val has {len(texts)}")
+    root = workdir / "respond"
+    (root / "bots").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for bot_id, definition in definitions.items():
+        files[bot_id] = root / "bots" / f"{bot_id}.yaml"
+        files[bot_id].write_text(yaml.safe_dump(definition, sort_keys=False))
+    # Calibrated as `mbc eval clinc150` calibrates (val, oos_val, oos_train): without it τ is strict
+    # and almost every utterance ends in the entry bot's fallback, with no transfer.
+    calibration = root / "calibration.jsonl"
+    calibration.write_text(dump_calibration(calibration_set(data, definitions)))
+    texts_file = root / "utterances.json"
+    texts_file.write_text(json.dumps(texts[:needed]))
+    progress(f"Respond mesh ({len(definitions)} bots, entry {entry}) ...")
+    mesh = LocalMesh(root, start_timeout=900)
+    try:
+        etcd = mesh.start_etcd()
+        await asyncio.gather(
+            mesh.start_store(), mesh.start_router(*router_args(etcd.endpoint, tuned)[3:], "--calibration", str(calibration))
+        )
+        others = [files[b] for b in sorted(definitions) if b != entry]
+        await asyncio.gather(mesh.start_host([files[entry]], "entry"), mesh.start_host(others, "receivers"))
+        assert mesh.router is not None and mesh.store is not None
+        await wait_every_bot(mesh.router.address, definitions, timeout=900)
+        pids = {"router": mesh.router.pid, "receivers": mesh.bots["receivers"].pid, "store": mesh.store.pid, "etcd": etcd.pid}
+        extra = ["--respond", entry, *(a for name, pid in pids.items() if pid for a in ("--pid", f"{name}={pid}"))]
+        entry_bot = mesh.bots["entry"]
+        progress("Respond ...")
+        runs.respond = await asyncio.to_thread(
+            run_load, entry_bot.address, texts_file, respond_phases(opts, warmup), entry_bot.pid or 0, "", GROUP, extra
+        )
+    finally:
+        await asyncio.to_thread(mesh.stop)
 
 
 async def run(opts: BenchOptions) -> dict:
@@ -390,6 +527,7 @@ async def run(opts: BenchOptions) -> dict:
     with LocalEtcd(data_dir=workdir / "etcd") as etcd:
         async with registered(etcd.endpoint, members):
             await measure_routers(runs, etcd.endpoint, tuned, load, workdir, phrases)
+    await measure_respond(runs, opts, tuned, respond_definitions(domains, train, opts), workdir)
     return report(encoder, runs, tuned, opts, {"participants": len(members), "phrases": phrases, "group": GROUP})
 
 
@@ -417,8 +555,16 @@ def report(encoder: dict, runs: RouterRuns, tuned: EncoderConfig, opts: BenchOpt
             "naive": {k: v for k, v in asdict(NAIVE).items() if k in _SPEED_FIELDS},
         },
     }
+    respond_c1, respond_cn = by_name.get("respond_c1"), by_name.get(f"respond_c{opts.concurrency}")
+    if respond_c1 is not None and respond_cn is not None:
+        result["respond_p50_ms_c1"] = respond_c1["transferred"]["p50_ms"]
+        result["respond_p99_ms_c32"] = respond_cn["transferred"]["p99_ms"]
+    floor_cn = by_name[f"floor_c{opts.concurrency}"]
+    result.update(limits(result, encoder, c1, cn, by_name["floor_c1"], floor_cn))
+    result["router_cpu_ratio_c32"] = router_cpu_ratio(cn, floor_cn, encoder["least_cpu_ms_per_utterance"])
+    if respond_c1 is not None and respond_cn is not None:
+        result["breakdown"]["respond"] = respond_breakdown(respond_c1, respond_cn)
     result["targets"] = targets(result)
-    result.update(limits(result, encoder, c1, cn, by_name["floor_c1"], by_name[f"floor_c{opts.concurrency}"]))
     result["details"] = {
         "encoder_by_setup": encoder["by_setup"],
         "phases": runs.all,
@@ -430,12 +576,62 @@ def report(encoder: dict, runs: RouterRuns, tuned: EncoderConfig, opts: BenchOpt
 
 
 def targets(result: dict) -> dict[str, bool]:
-    return {
+    """The targets met: the first ones against the in-process encoder (kept from issue 5), then
+    those of issue 18, against the bounds measured in the same run (when `result` has them)."""
+    out = {
         "match_qps_c32 >= 4 x naive_qps_c32": result["match_qps_c32"] >= 4 * result["naive_qps_c32"],
         "match_qps_c32 >= 0.85 x encoder_batch_qps": result["match_qps_c32"] >= 0.85 * result["encoder_batch_qps"],
         "match_p50_ms_c1 <= 1.5 x encoder_single_ms": result["match_p50_ms_c1"] <= 1.5 * result["encoder_single_ms"],
         "errors == 0": result["errors"] == 0,
     }
+    bounds = result.get("bounds")
+    if bounds:
+        out["match_qps_c32 >= 0.85 x bounds.match_qps_c32"] = result["match_qps_c32"] >= 0.85 * bounds["match_qps_c32"]
+        out["match_p50_ms_c1 <= 1.25 x bounds.match_p50_ms_c1"] = result["match_p50_ms_c1"] <= 1.25 * bounds["match_p50_ms_c1"]
+    if result.get("router_cpu_ratio_c32") is not None:
+        out[f"router_cpu_ratio_c32 <= {CPU_RATIO_TARGET}"] = result["router_cpu_ratio_c32"] <= CPU_RATIO_TARGET
+    if bounds and "respond_p50_ms_c1" in result and "respond_p50_ms_c1" in bounds:
+        out["respond_p50_ms_c1 <= 1.5 x bounds.respond_p50_ms_c1"] = (
+            result["respond_p50_ms_c1"] <= 1.5 * bounds["respond_p50_ms_c1"]
+        )
+    return out
+
+
+def router_cpu_ratio(cn: dict, floor_cn: dict, encoder_cpu_ms: float) -> float | None:
+    """The router's CPU per Match at 32 callers over what it cannot do without: the encoder's CPU
+    per utterance (in-process, batches of at most 32) plus the empty router's CPU per call (server
+    side, like the numerator; the load generator's is left out of both). None without the
+    servers' CPU."""
+    router = cn["cost_per_call"].get("server_cpu_ms")
+    empty = floor_cn["cost_per_call"].get("server_cpu_ms")
+    if router is None or empty is None or encoder_cpu_ms + empty <= 0:
+        return None
+    return round(router / (encoder_cpu_ms + empty), 3)
+
+
+def respond_bound(match_p50_bound: float, floor_p50: float, round_trips: int = RESPOND_ROUND_TRIPS) -> float:
+    """What no mesh could beat for a Respond that transfers at 1 caller: the Match bound plus
+    `round_trips` empty round trips (`RESPOND_ROUND_TRIPS`), each the empty Match's p50."""
+    return round(match_p50_bound + round_trips * floor_p50, 2)
+
+
+def respond_breakdown(c1: dict, cn: dict) -> dict:
+    """Per Respond phase: the share transferred and the CPU per Respond of each process."""
+
+    def one(phase: dict) -> dict:
+        cost = phase["cost_per_call"]
+        return {
+            "transferred_share": round(phase["transferred"]["requests"] / max(1, phase["requests"]), 3),
+            "outcomes": phase.get("outcomes", {}),
+            "p50_ms_all": phase["p50_ms"],
+            "cpu_ms_per_respond": {
+                "entry_bot": cost.get("server_cpu_ms"),
+                **cost.get("cpu_ms_by_process", {}),
+                "loadgen": cost["loadgen_cpu_ms"],
+            },
+        }
+
+    return {"c1": one(c1), f"c{cn['concurrency']}": one(cn)}
 
 
 def _cpu_ms(phase: dict) -> float:
@@ -492,6 +688,8 @@ def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floo
             "match_qps_c32 / encoder_batch_qps": round(qps_bound / result["encoder_batch_qps"], 3),
             "match_p50_ms_c1": p50_bound,
             "match_p50_ms_c1 / encoder_single_ms": round(p50_bound / result["encoder_single_ms"], 3),
+            "respond_round_trips": RESPOND_ROUND_TRIPS,
+            "respond_p50_ms_c1": respond_bound(p50_bound, floor_c1["p50_ms"]),
         },
     }
 
@@ -531,6 +729,21 @@ def table(result: dict) -> str:
         ("match_p99_ms_c32", result["match_p99_ms_c32"], "Match, tuned router, 32 callers"),
         ("errors", result["errors"], "non-OK statuses, all phases"),
     ]
+    bounds = result["bounds"]
+    rows += [
+        ("match_qps_c32/bound", round(result["match_qps_c32"] / bounds["match_qps_c32"], 3), "target >= 0.85"),
+        ("match_p50_c1/bound", round(result["match_p50_ms_c1"] / bounds["match_p50_ms_c1"], 3), "target <= 1.25"),
+        ("router_cpu_ratio_c32", result.get("router_cpu_ratio_c32"), "router CPU / (encoder + empty Match CPU), target <= 1.2"),
+    ]
+    if "respond_p50_ms_c1" in result:
+        rows += [
+            (
+                "respond_p50_ms_c1",
+                result["respond_p50_ms_c1"],
+                f"Respond that transfers, 1 caller (bound {bounds['respond_p50_ms_c1']})",
+            ),
+            ("respond_p99_ms_c32", result["respond_p99_ms_c32"], "Respond that transfers, 32 callers"),
+        ]
     lines = [f"{'figure':<20} {'value':>10}  what", "-" * 78]
     lines += [f"{name:<20} {value:>10}  {what}" for name, value, what in rows]
     lines.append("-" * 78)
@@ -578,6 +791,8 @@ def main(args) -> int:
         phrases_per_intent=args.phrases_per_intent,
         workdir=Path(args.workdir) if args.workdir else None,
         warmup_requests=args.warmup_requests,
+        respond_c1_requests=args.respond_c1_requests,
+        respond_c32_requests=args.respond_c32_requests,
     )
     if not (opts.data_dir / "clinc150_public.json").exists():
         print(f"mbc bench match: no CLINC150 data in {opts.data_dir} (use --data or MBC_CLINC150)", file=sys.stderr)
@@ -606,6 +821,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--naive-requests", type=int, default=d.naive_requests)
     parser.add_argument("--c1-requests", type=int, default=d.c1_requests)
     parser.add_argument("--c32-requests", type=int, default=d.c32_requests)
+    parser.add_argument("--respond-c1-requests", type=int, default=d.respond_c1_requests, help="Responds at 1 caller")
+    parser.add_argument(
+        "--respond-c32-requests", type=int, default=d.respond_c32_requests, help="Responds at 32 callers (both 0: no Respond)"
+    )
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="sent to each router before measuring")
     parser.add_argument("--intents-per-domain", type=int, default=0, help="smaller mesh (0: all 15)")
     parser.add_argument("--phrases-per-intent", type=int, default=0, help="fewer phrases per intent (0: all)")
