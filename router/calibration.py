@@ -20,8 +20,26 @@ for that group). In scope, those labelled with a (collaborating) participant; wi
 `min_calibration_in_scope` of them, the registered phrases, each scored by a model trained without
 it (5-fold cross-fitting), are added. None of these, those labelled none or with a bot that is not
 a participant (when a bot leaves, what it served becomes out of scope for the others); with fewer
-than `min_calibration_none`, the built-in generic none-of-these set is added. A large group with
-no in-scope evidence gets the `none_quantile` of the none-of-these scores.
+than `min_calibration_none`, the built-in generic none-of-these set is added, and, where the
+phrases were cross-fitted, near-domain none-of-these too. A large group with no in-scope evidence
+gets the `none_quantile` of the none-of-these scores.
+
+Near-domain none-of-these without a calibration set (`cross_fit_scores`): the generic set is far
+from any bank or shop (pizza, weather), and τ fitted against it alone lets through a message next
+to the group's intents that no bot serves (a travel notice, once the travel bot has left, taken
+as a card declined). So each of the five folds that cross-fitting trains anyway also leaves out
+whole intents: a seeded permutation of the intents dealt to the folds in turn, each intent out of
+one fold exactly, about a fifth of them per fold. The phrases of an intent left out, scored by the
+fold model that never saw it, show how a message of a service the group lacks scores; those of the
+other intents of the fold's fifth of phrases stay the in-scope evidence. No model is trained on top
+of the five. The near-domain evidence weighs `near_oos_share` in all (0: no intent is left out),
+beside `oos_share` for the generic set and the in-scope phrases the rest (`Outcomes.weights`),
+whatever the counts; each kind has its own kernel bandwidth. Groups of fewer than
+`MIN_INTENTS_TO_HOLD_OUT` intents leave none out (a fold model of one or two intents says little of
+how the group scores such a message), and a phrase that another intent registered too is not
+evidence (a bot of the group serves it). Leaving intents out is a trade: the held-out phrases are
+siblings of the intents that remain, often harder to refuse than real out-of-scope traffic, so
+their weight buys near-domain refusals with in-scope fallbacks (docs/routing-quality.md).
 """
 
 from __future__ import annotations
@@ -318,12 +336,12 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     if n_none:
         sources.append(f"{n_none} none-of-these of the calibration set")
     if n_in < cfg.min_calibration_in_scope and len(model.classes) >= 2:
-        crossed = cross_fitted(model, costs)
+        crossed = cross_fitted(model, costs, hold_out=n_none < cfg.min_calibration_none)
         if crossed is not None:
             phrases, near = crossed
             evidence = phrases if evidence is None else evidence + phrases
             sources.append(f"{len(phrases)} cross-fitted registered phrases")
-            if near is not None and n_none < cfg.min_calibration_none:
+            if near is not None:
                 evidence = evidence + near
                 sources.append(f"{len(near)} phrases of held-out intents (near-domain none-of-these)")
     if n_none < cfg.min_calibration_none and len(data.generic) and len(model.classes):
@@ -372,14 +390,17 @@ model then keeps three or more (a model of one or two intents says little of how
 message none of its intents serves), and the groups of two or three intents keep the generic set."""
 
 
-def cross_fitted(model: GroupModel, costs: Costs, folds: int = 5) -> tuple[Outcomes, Outcomes | None] | None:
+def cross_fitted(
+    model: GroupModel, costs: Costs, folds: int = 5, hold_out: bool = True
+) -> tuple[Outcomes, Outcomes | None] | None:
     """The registered phrases as in-scope evidence, each scored by a model trained without it, and
     the phrases of the intents held out whole as near-domain none-of-these evidence, each scored by
     a model trained without its intent (`cross_fit_scores`; None: no intent held out). None for a
-    group too large to train five more times."""
+    group too large to train five more times. `hold_out` False: no intent held out (the
+    none-of-these evidence is the calibration set's)."""
     if model.vectors is None or not 0 < len(model.texts) <= model.config.cross_fit_max_phrases:
         return None
-    hold_out = costs.near_oos_share > 0 and len(model.classes) >= MIN_INTENTS_TO_HOLD_OUT
+    hold_out = hold_out and costs.near_oos_share > 0 and len(model.classes) >= MIN_INTENTS_TO_HOLD_OUT
     scored, held = cross_fit_scores(model, model.vectors, folds, hold_out_intents=hold_out)
     rows, top_class, top, second = scored
     labels = [model.classes[c] for c in model.row_class[rows].tolist()]

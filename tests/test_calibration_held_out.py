@@ -149,3 +149,17 @@ def test_a_phrase_another_intent_registered_is_not_near_domain_evidence():
     texts = {model.texts[j].casefold() for j in held[0].tolist()}
     assert "a phrase 2 3" not in texts
     assert len(held[0]) == len(model.texts) - 2
+
+
+def test_a_calibration_set_with_enough_none_of_these_holds_no_intent_out():
+    """Its none-of-these stand for the out-of-scope traffic: the phrases are cross-fitted as before."""
+    from router.calibration import Example
+
+    entries, vectors, missing, far, _ = _group(12, 0.3)
+    model = GroupModel(entries, vectors, DIM, CONFIG)
+    none = [Example(f"not served {j}") for j in range(CONFIG.min_calibration_none)]
+    data = CalibrationInput(none, missing[: len(none)], [f"something else {j}" for j in range(len(far))], far)
+    _, info = fit_threshold(model, data)
+    _, info_off = fit_threshold(GroupModel(entries, vectors, DIM, OFF), data)
+    assert "held-out" not in info["method"] and "generic" not in info["method"]
+    assert info["tau"] == info_off["tau"]
