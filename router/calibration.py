@@ -20,12 +20,31 @@ for that group). In scope, those labelled with a (collaborating) participant; wi
 `min_calibration_in_scope` of them, the registered phrases, each scored by a model trained without
 it (5-fold cross-fitting), are added. None of these, those labelled none or with a bot that is not
 a participant (when a bot leaves, what it served becomes out of scope for the others); with fewer
-than `min_calibration_none`, the built-in generic none-of-these set is added. A large group with
-no in-scope evidence gets the `none_quantile` of the none-of-these scores.
+than `min_calibration_none`, the built-in generic none-of-these set is added, and, where the
+phrases were cross-fitted, near-domain none-of-these too. A large group with no in-scope evidence
+gets the `none_quantile` of the none-of-these scores.
+
+Near-domain none-of-these without a calibration set (`cross_fit_scores`): the generic set is far
+from any bank or shop (pizza, weather), and τ fitted against it alone lets through a message next
+to the group's intents that no bot serves (a travel notice, once the travel bot has left, taken
+as a card declined). So each of the five folds that cross-fitting trains anyway also leaves out
+whole intents: a seeded permutation of the intents dealt to the folds in turn, each intent out of
+one fold exactly, about a fifth of them per fold. The phrases of an intent left out, scored by the
+fold model that never saw it, show how a message of a service the group lacks scores; those of the
+other intents of the fold's fifth of phrases stay the in-scope evidence. No model is trained on top
+of the five. The near-domain evidence weighs `near_oos_share` in all (0: no intent is left out),
+beside `oos_share` for the generic set and the in-scope phrases the rest (`Outcomes.weights`),
+whatever the counts; each kind has its own kernel bandwidth. Groups of fewer than
+`MIN_INTENTS_TO_HOLD_OUT` intents leave none out (a fold model of one or two intents says little of
+how the group scores such a message), and a phrase that another intent registered too is not
+evidence (a bot of the group serves it). Leaving intents out is a trade: the held-out phrases are
+siblings of the intents that remain, often harder to refuse than real out-of-scope traffic, so
+their weight buys near-domain refusals with in-scope fallbacks (docs/routing-quality.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -141,10 +160,13 @@ class Costs:
     fallback: float
     clarify: float
     oos_share: float
+    near_oos_share: float = 0.0
+    """The weight of the near-domain none-of-these evidence (the held-out intents of cross-fitting,
+    `Outcomes.near`), beside `oos_share` for the other none-of-these utterances."""
 
     @classmethod
     def of(cls, config: DecisionConfig) -> Costs:
-        return cls(config.cost_wrong_transfer, config.cost_fallback, config.cost_clarify, config.oos_share)
+        return cls(config.cost_wrong_transfer, config.cost_fallback, config.cost_clarify, config.oos_share, config.near_oos_share)
 
 
 @dataclass(frozen=True)
@@ -166,6 +188,13 @@ class Outcomes:
     """In scope, and the best candidate is its intent."""
     right_bot: np.ndarray
     """In scope, and the best candidate is of its bot."""
+    near: np.ndarray | None = None
+    """None of these, near the group's domain: the phrases of an intent held out of cross-fitting
+    (weighed by `Costs.near_oos_share`); None: no such utterance."""
+
+    def __post_init__(self) -> None:
+        if self.near is None:
+            object.__setattr__(self, "near", np.zeros(len(self.top), dtype=bool))
 
     def __len__(self) -> int:
         return len(self.top)
@@ -194,6 +223,26 @@ class Outcomes:
     def __add__(self, other: Outcomes) -> Outcomes:
         return Outcomes(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
 
+    def as_near(self) -> Outcomes:
+        """These none-of-these utterances as near-domain evidence (`near`)."""
+        return dataclasses.replace(self, near=self.none.copy())
+
+    def weights(self, costs: Costs) -> np.ndarray:
+        """What each utterance weighs in the mean cost per message: the near-domain none-of-these
+        `near_oos_share` in all, the other none-of-these `oos_share`, the in-scope ones the rest,
+        whatever their counts (without in-scope utterances, the none-of-these weigh alike)."""
+        assert self.near is not None
+        near = self.none & self.near
+        far = self.none & ~self.near
+        n_near, n_far = int(near.sum()), int(far.sum())
+        n_in = len(self) - n_near - n_far
+        if not n_in:
+            return np.full(len(self), 1.0 / max(len(self), 1))
+        s_near = costs.near_oos_share if n_near else 0.0
+        s_far = costs.oos_share if n_far else 0.0
+        s_in = max(0.0, 1.0 - s_near - s_far)
+        return np.where(near, s_near / max(n_near, 1), np.where(far, s_far / max(n_far, 1), s_in / n_in))
+
 
 def bandwidth(scores: np.ndarray, smoothing: float) -> float:
     """Silverman's rule of thumb for a kernel density of `scores` (finite ones), times `smoothing`."""
@@ -217,10 +266,7 @@ def expected_cost(o: Outcomes, taus: np.ndarray, costs: Costs, config: DecisionC
     `taus`: none-of-these utterances weigh `oos_share` in all, in-scope ones the rest. Each score is
     blurred by `h` (per utterance), so that the cost is smooth in τ and its minimum does not sit on
     one utterance of a small calibration set."""
-    n_none = int(o.none.sum())
-    n_in = len(o) - n_none
-    share = costs.oos_share if n_none and n_in else (1.0 if n_none else 0.0)
-    w = np.where(o.none, share / max(n_none, 1), (1.0 - share) / max(n_in, 1))
+    w = o.weights(costs)
     floor = -1e6
     top = np.where(np.isfinite(o.top), o.top, floor)
     second = np.where(np.isfinite(o.second), o.second, floor)
@@ -238,13 +284,16 @@ def expected_cost(o: Outcomes, taus: np.ndarray, costs: Costs, config: DecisionC
 def choose_threshold(o: Outcomes, costs: Costs, config: DecisionConfig) -> tuple[float, dict]:
     """τ minimising `expected_cost` on `o`, with each score blurred by the bandwidth of its kind
     (none of these, in scope) by Silverman's rule times `config.threshold_smoothing`."""
-    h_none = bandwidth(o.top[o.none], config.threshold_smoothing)
+    assert o.near is not None
+    near = o.none & o.near
+    h_none = bandwidth(o.top[o.none & ~near], config.threshold_smoothing)
+    h_near = bandwidth(o.top[near], config.threshold_smoothing)
     h_in = bandwidth(o.top[~o.none], config.threshold_smoothing)
-    h = np.where(o.none, h_none, h_in)
+    h = np.where(near, h_near, np.where(o.none, h_none, h_in))
     finite = o.top[np.isfinite(o.top)]
     if not len(finite):
         return 0.0, {"expected_cost": None}
-    pad = 3 * max(h_none, h_in) + 1e-6
+    pad = 3 * max(h_none, h_near, h_in) + 1e-6
     lo, hi = float(finite.min()) - pad, float(finite.max()) + pad
     taus = np.linspace(lo, hi, 257)
     cost = expected_cost(o, taus, costs, config, h)
@@ -254,11 +303,14 @@ def choose_threshold(o: Outcomes, costs: Costs, config: DecisionConfig) -> tuple
     fine_cost = expected_cost(o, fine, costs, config, h)
     at = np.flatnonzero(fine_cost <= fine_cost.min() + 1e-12)
     tau = float(fine[at[len(at) // 2]])  # the middle of a flat minimum
-    return tau, {
+    info = {
         "expected_cost": round(float(fine_cost.min()), 4),
         "bandwidth_in_scope": round(h_in, 4),
         "bandwidth_none": round(h_none, 4),
     }
+    if near.any():
+        info["bandwidth_near_none"] = round(h_near, 4)
+    return tau, info
 
 
 def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dict]:
@@ -284,10 +336,14 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     if n_none:
         sources.append(f"{n_none} none-of-these of the calibration set")
     if n_in < cfg.min_calibration_in_scope and len(model.classes) >= 2:
-        phrases = cross_fitted(model, costs)
-        if phrases is not None:
+        crossed = cross_fitted(model, costs, hold_out=n_none < cfg.min_calibration_none)
+        if crossed is not None:
+            phrases, near = crossed
             evidence = phrases if evidence is None else evidence + phrases
             sources.append(f"{len(phrases)} cross-fitted registered phrases")
+            if near is not None:
+                evidence = evidence + near
+                sources.append(f"{len(near)} phrases of held-out intents (near-domain none-of-these)")
     if n_none < cfg.min_calibration_none and len(data.generic) and len(model.classes):
         generic = [("", "")] * len(data.generic)
         built_in = Outcomes.of(model, *model.best(data.generic_vectors, list(data.generic)), generic, costs)
@@ -301,8 +357,15 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
         tau, fit = choose_threshold(evidence, costs, cfg)
         info.update(fit)
         info["method"] = (
-            "least expected cost (wrong transfer {:g}, fallback {:g}, clarifying question {:g}, none-of-these share {:g}) "
-            "on {}".format(costs.wrong_transfer, costs.fallback, costs.clarify, costs.oos_share, ", ".join(sources))
+            "least expected cost (wrong transfer {:g}, fallback {:g}, clarifying question {:g}, none-of-these share {:g}{}) "
+            "on {}".format(
+                costs.wrong_transfer,
+                costs.fallback,
+                costs.clarify,
+                costs.oos_share,
+                f", near-domain share {costs.near_oos_share:g}" if evidence.near is not None and evidence.near.any() else "",
+                ", ".join(sources),
+            )
         )
     info["tau"] = round(tau, 4)
     if calibration is not None:
@@ -321,34 +384,72 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     return tau, info
 
 
-def cross_fitted(model: GroupModel, costs: Costs, folds: int = 5) -> Outcomes | None:
-    """The registered phrases as in-scope evidence, each scored by a model trained without it
-    (`cross_fit_scores`); None for a group too large to train five more times."""
+MIN_INTENTS_TO_HOLD_OUT = 4
+"""Whole intents are held out of cross-fitting only in groups of at least this many: each fold
+model then keeps three or more (a model of one or two intents says little of how the group scores a
+message none of its intents serves), and the groups of two or three intents keep the generic set."""
+
+
+def cross_fitted(
+    model: GroupModel, costs: Costs, folds: int = 5, hold_out: bool = True
+) -> tuple[Outcomes, Outcomes | None] | None:
+    """The registered phrases as in-scope evidence, each scored by a model trained without it, and
+    the phrases of the intents held out whole as near-domain none-of-these evidence, each scored by
+    a model trained without its intent (`cross_fit_scores`; None: no intent held out). None for a
+    group too large to train five more times. `hold_out` False: no intent held out (the
+    none-of-these evidence is the calibration set's)."""
     if model.vectors is None or not 0 < len(model.texts) <= model.config.cross_fit_max_phrases:
         return None
-    rows, top_class, top, second = cross_fit_scores(model, model.vectors, folds)
+    hold_out = hold_out and costs.near_oos_share > 0 and len(model.classes) >= MIN_INTENTS_TO_HOLD_OUT
+    scored, held = cross_fit_scores(model, model.vectors, folds, hold_out_intents=hold_out)
+    rows, top_class, top, second = scored
     labels = [model.classes[c] for c in model.row_class[rows].tolist()]
-    return Outcomes.of(model, top_class, top, second, labels, costs)
+    in_scope = Outcomes.of(model, top_class, top, second, labels, costs)
+    rows, top_class, top, second = held
+    if not len(rows):
+        return in_scope, None
+    near = Outcomes.of(model, top_class, top, second, [("", "")] * len(rows), costs).as_near()
+    return in_scope, near
+
+
+Scores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(the rows of `GroupModel.texts` scored, their best class in `model.classes`, its fused score,
+the best score of another bot)."""
 
 
 def cross_fit_scores(
-    model: GroupModel, vectors: np.ndarray, folds: int = 5, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`GroupModel.best` of each registered phrase under a model trained without it: (the rows
-    scored, their best class in `model.classes`, its fused score, the best score of another bot)."""
+    model: GroupModel, vectors: np.ndarray, folds: int = 5, seed: int = 0, hold_out_intents: bool = True
+) -> tuple[Scores, Scores]:
+    """`GroupModel.best` of the registered phrases under `folds` models, each trained without a
+    random fifth of the phrases (a seeded draw per phrase) and, with `hold_out_intents`, without
+    every phrase of about a fifth of the intents (a seeded permutation of the intents dealt to the
+    folds in turn: each intent is held out of one fold exactly).
+
+    Returns the in-scope scores (each phrase of its fold's fifth, by the fold model, which knows its
+    intent; a phrase whose intent is held out of the same fold is not among them) and the held-out
+    scores (each phrase of an intent held out, by the model of the fold that never saw the intent;
+    phrases that another intent registered too are left out: a bot of the group does serve them)."""
     rng = np.random.default_rng(seed)
     fold = rng.integers(0, folds, len(model.texts))
-    top_class = np.full(len(model.texts), -1, np.int64)
-    top = np.full(len(model.texts), -np.inf)
-    second = np.full(len(model.texts), -np.inf)
+    n_classes = len(model.classes)
+    intent_fold = np.full(n_classes, -1, np.int64)
+    if hold_out_intents and n_classes:
+        intent_fold[rng.permutation(n_classes)] = np.arange(n_classes) % folds
+    row_fold = intent_fold[model.row_class]
+    elsewhere = _registered_elsewhere(model)
+    scored: list[Scores] = []
+    held_out: list[Scores] = []
     for k in range(folds):
-        held = np.where(fold == k)[0]
-        if not len(held):
+        in_scope = np.flatnonzero((fold == k) & (row_fold != k))
+        near = np.flatnonzero((row_fold == k) & ~elsewhere)
+        if not len(in_scope) and not len(near):
             continue
         sub: list[IntentPhrases] = []
         rows: list[int] = []
         for c, (bot_id, intent) in enumerate(model.classes):
-            mine = np.where((model.row_class == c) & (fold != k))[0]
+            if intent_fold[c] == k:
+                continue
+            mine = np.flatnonzero((model.row_class == c) & (fold != k))
             if len(mine):
                 sub.append(IntentPhrases(bot_id, intent, tuple(model.texts[j] for j in mine)))
                 rows.extend(mine.tolist())
@@ -356,10 +457,32 @@ def cross_fit_scores(
             continue
         # IntentPhrases sorted by (bot, intent) = the order of model.classes: rows line up.
         fold_model = GroupModel(sub, vectors[rows], vectors.shape[1], model.config)
-        best, top[held], second[held] = fold_model.best(vectors[held], [model.texts[j] for j in held])
-        top_class[held] = [model.class_of[fold_model.classes[i]] if i >= 0 else -1 for i in best.tolist()]
-    scored = np.flatnonzero(np.isfinite(top))
-    return scored, top_class[scored], top[scored], second[scored]
+        for held, out in ((in_scope, scored), (near, held_out)):
+            if len(held):
+                best, top, second = fold_model.best(vectors[held], [model.texts[j] for j in held])
+                top_class = np.array([model.class_of[fold_model.classes[i]] if i >= 0 else -1 for i in best.tolist()], np.int64)
+                out.append((held, top_class, np.asarray(top, np.float64), np.asarray(second, np.float64)))
+    return _merged(scored), _merged(held_out)
+
+
+def _registered_elsewhere(model: GroupModel) -> np.ndarray:
+    """Per phrase: another intent of the group registered the same text (case and spaces aside)."""
+    classes_of: dict[str, set[int]] = {}
+    keys = [" ".join(t.casefold().split()) for t in model.texts]
+    for key, c in zip(keys, model.row_class.tolist()):
+        classes_of.setdefault(key, set()).add(c)
+    return np.array([len(classes_of[key]) > 1 for key in keys], dtype=bool)
+
+
+def _merged(parts: list[Scores]) -> Scores:
+    """The scores of the folds as one, by row; the rows left unscored (-inf: no candidate) out."""
+    if not parts:
+        empty = np.zeros(0)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty
+    rows, top_class, top, second = (np.concatenate(x) for x in zip(*parts))
+    order = np.argsort(rows, kind="stable")
+    keep = order[np.isfinite(top[order])]
+    return rows[keep], top_class[keep], top[keep], second[keep]
 
 
 def build_group_model(

@@ -39,7 +39,7 @@ from router.decision import Heads, LexicalSvm
 
 log = get_logger(__name__)
 
-FORMAT = "mbc-heads-3"
+FORMAT = "mbc-heads-4"
 """Bump when what is stored, or how the heads are trained, changes: older files are then misses."""
 MAX_FILES = 1024
 """Files kept, most recently used first: one per group (and calibration set) in use, and a mesh
