@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from mbc.runtime.config import EncoderConfig
-from mbc.runtime.encoder import _EncoderThread, _Query
+from mbc.runtime.encoder import Encoder, _EncoderThread, _Query
 
 # Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
 
@@ -242,16 +243,128 @@ def test_post_hooks_run_once_per_batch_for_equal_hooks_on_the_encoder_thread() -
         thread.stop()
 
 
-@pytest.mark.unit
-async def test_aencode_with_post_uses_the_cache_and_returns_one_result_per_text() -> None:
-    from mbc.runtime.encoder import Encoder
-
-    encoder = Encoder.__new__(Encoder)  # the async API around a fake model, without loading one
+def _fake_encoder(model, max_batch: int = 8) -> Encoder:
+    """The async API around a fake model, without loading one."""
+    encoder = Encoder.__new__(Encoder)
     encoder.config = EncoderConfig(query_cache_size=16)
     encoder.dim = 1
+    encoder._queries, encoder._queries_lock = OrderedDict(), threading.Lock()
+    encoder._thread = _EncoderThread(model, max_batch=max_batch, wait_seconds=0.0)
+    return encoder
+
+
+class _GatedModel(FakeModel):
+    """A fake model whose batch i waits for `release[i]` (and sets `entered[i]` first)."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__()
+        self.entered = [threading.Event() for _ in range(batches)]
+        self.release = [threading.Event() for _ in range(batches)]
+
+    def __call__(self, texts: list[str], alone: bool = False) -> np.ndarray:
+        i = len(self.batches)
+        self.entered[i].set()
+        self.release[i].wait(5)
+        return super().__call__(texts, alone)
+
+
+async def _until(condition, seconds: float = 5.0) -> None:
+    """Polls on the loop's timers (no thread hands anything to the loop meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.unit
+async def test_a_batch_of_aencode_calls_wakes_the_loop_once_and_skips_the_callers_gone() -> None:
+    model = _GatedModel(batches=2)
+    encoder = _fake_encoder(model, max_batch=64)
+    loop = asyncio.get_running_loop()
+    wakes: list[object] = []
+    original = loop.call_soon_threadsafe
+
+    def spy(callback, *args, **kwargs):
+        wakes.append(callback)
+        return original(callback, *args, **kwargs)
+
+    try:
+        hold = asyncio.create_task(encoder.aencode(["hold"]))
+        await _until(model.entered[0].is_set)
+        texts = ["q" * (i + 1) for i in range(8)]
+        tasks = [asyncio.create_task(encoder.aencode([t])) for t in texts]
+        await _until(lambda: len(encoder._thread._items) == len(texts))
+        loop.call_soon_threadsafe = spy  # type: ignore[method-assign]
+        tasks[2].cancel()  # gone before its batch starts: not encoded
+        await asyncio.sleep(0)
+        model.release[0].set()
+        await _until(model.entered[1].is_set)
+        tasks[5].cancel()  # gone while its batch is encoded: the others still get theirs
+        model.release[1].set()
+        results = await asyncio.wait_for(asyncio.gather(hold, *tasks, return_exceptions=True), 5)
+    finally:
+        del loop.call_soon_threadsafe
+        encoder._thread.stop()
+    assert model.batches == [["hold"], [t for i, t in enumerate(texts) if i != 2]]
+    assert len(wakes) == len(model.batches), f"{len(wakes)} loop wake-ups for {len(model.batches)} batches"
+    assert results[0][0, 0] == 4
+    for i, (text, result) in enumerate(zip(texts, results[1:])):
+        if i in (2, 5):
+            assert isinstance(result, asyncio.CancelledError)
+        else:
+            assert result.shape == (1, 1) and result[0, 0] == len(text)
+
+
+@pytest.mark.unit
+async def test_stop_from_another_thread_cancels_the_queued_aencode_calls() -> None:
+    model = _GatedModel(batches=1)
+    encoder = _fake_encoder(model)
+    hold = asyncio.create_task(encoder.aencode(["hold"]))
+    await _until(model.entered[0].is_set)
+    queued = [asyncio.create_task(encoder.aencode([t])) for t in ("a", "bb")]
+    await _until(lambda: len(encoder._thread._items) == 2)
+    await asyncio.to_thread(encoder._thread.stop)
+    model.release[0].set()
+    results = await asyncio.wait_for(asyncio.gather(hold, *queued, return_exceptions=True), 5)
+    assert results[0][0, 0] == 4, "the batch being encoded finishes"
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[1:])
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(encoder.aencode(["late"]), 5)
+
+
+@pytest.mark.unit
+def test_submit_notifies_only_when_a_worker_waits_and_loses_no_wake_up() -> None:
+    model = _GatedModel(batches=3)
+    thread = _EncoderThread(model, max_batch=8, wait_seconds=0.0)
+    notified: list[int] = []
+    original = thread._changed.notify
+
+    def spy(n: int = 1) -> None:
+        notified.append(n)
+        original(n)
+
+    thread._changed.notify = spy  # type: ignore[method-assign]
+    try:
+        time.sleep(0.05)  # the idle worker waits
+        first = _submit(thread, "a")
+        assert model.entered[0].wait(5) and notified == [1]
+        queued = [_submit(thread, t) for t in ("bb", "ccc")]
+        assert notified == [1], "notified while no worker waited"
+        model.release[0].set()
+        model.release[1].set()
+        assert [f.result(5)[0, 0] for f in (first, *queued)] == [1, 2, 3]
+        time.sleep(0.05)
+        model.release[2].set()
+        assert _submit(thread, "dddd").result(5)[0, 0] == 4, "a wake-up was lost"
+        assert model.batches == [["a"], ["bb", "ccc"], ["dddd"]]
+    finally:
+        thread.stop()
+
+
+@pytest.mark.unit
+async def test_aencode_with_post_uses_the_cache_and_returns_one_result_per_text() -> None:
     model = FakeModel()
-    encoder._queries, encoder._queries_lock = __import__("collections").OrderedDict(), threading.Lock()
-    encoder._thread = _EncoderThread(model, max_batch=8, wait_seconds=0.0)
+    encoder = _fake_encoder(model)
     _Post.calls = []
     try:
         results = await asyncio.gather(*(encoder.aencode([t], post=_Post("g")) for t in ["x", "yy", "x"]))

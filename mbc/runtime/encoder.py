@@ -27,6 +27,7 @@ else queued or encoding) uses a second ONNX session whose threads spin between o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -304,7 +305,9 @@ class _Query:
     """Utterances of one `aencode` call, waiting for the encoder thread."""
 
     texts: list[str]
-    future: Future
+    future: Future | asyncio.Future
+    """An asyncio future (`aencode`): settled on its loop, one wake-up per loop and batch for all
+    the queries of the batch; or a concurrent one (callers without a loop), settled on the worker."""
     post: Callable[[np.ndarray, list[str]], Sequence[Any]] | None = None
     """Run after encoding, on the encoder thread, once for all the queries of a batch with an equal
     `post`: `post(vectors, texts)` returns one result per text; the future then gets
@@ -312,12 +315,24 @@ class _Query:
     vectors: np.ndarray | None = None
     """Rows already known (the utterance cache); only the rows in `missing` are encoded."""
     missing: list[int] | None = None
+    loop: asyncio.AbstractEventLoop | None = dataclasses.field(init=False)
+    """The loop of an asyncio `future`, else None."""
+
+    def __post_init__(self) -> None:
+        self.loop = self.future.get_loop() if isinstance(self.future, asyncio.Future) else None
 
     @property
     def to_encode(self) -> list[str]:
         if self.missing is None:
             return self.texts
         return [self.texts[i] for i in self.missing]
+
+    def start(self) -> bool:
+        """False when the caller went away (its future is cancelled): the query is skipped."""
+        if self.loop is None:
+            assert isinstance(self.future, Future)
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.done()  # a read only: the loop may still cancel it (settling skips it)
 
 
 @dataclass
@@ -327,6 +342,60 @@ class _Job:
     fn: Callable[..., Any]
     args: tuple
     future: Future
+
+
+_Outcome = tuple[_Query, Any, BaseException | None]
+"""A query's result, or the exception its caller gets (then the result is None)."""
+
+
+def _settle(outcomes: Sequence[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    """On the futures' loop: sets each result, skipping the futures cancelled meanwhile."""
+    for future, result, error in outcomes:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(result)
+            continue
+        try:
+            future.set_exception(error)
+        except TypeError:  # asyncio refuses StopIteration: the caller must not wait forever
+            future.set_exception(RuntimeError(f"the encoder raised {error!r}"))
+
+
+def _cancel(futures: Sequence[asyncio.Future]) -> None:
+    for future in futures:
+        future.cancel()
+
+
+def _deliver(outcomes: Sequence[_Outcome]) -> None:
+    """Hands the outcomes to their callers: concurrent futures now; asyncio futures in one
+    callback per loop, since each `call_soon_threadsafe` writes the loop's self-pipe and wakes it."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any, BaseException | None]]] = {}
+    for query, result, error in outcomes:
+        if query.loop is not None:
+            assert isinstance(query.future, asyncio.Future)
+            by_loop.setdefault(query.loop, []).append((query.future, result, error))
+        elif error is None:
+            query.future.set_result(result)
+        else:
+            query.future.set_exception(error)
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits these any more
+            loop.call_soon_threadsafe(_settle, pairs)
+
+
+def _cancel_all(items: Sequence[_Query | _Job]) -> None:
+    """Cancels queued calls from any thread: asyncio futures on their loop (one callback each)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for item in items:
+        if isinstance(item, _Query) and item.loop is not None:
+            assert isinstance(item.future, asyncio.Future)
+            by_loop.setdefault(item.loop, []).append(item.future)
+        else:
+            item.future.cancel()
+    for loop, futures in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(_cancel, futures)
 
 
 _ENCODE_SECONDS = metrics.ENCODER_BATCH_SECONDS.labels("encode")
@@ -359,6 +428,9 @@ class _EncoderThread:
         self._changed = threading.Condition()
         self._encoding = 0
         """Workers busy with a micro-batch."""
+        self._waiters = 0
+        """Workers in `_changed.wait` (read and updated under its lock): `submit` notifies only
+        when one waits, as most queries arrive while every worker is busy."""
         self._stopping = False
         self._concurrent = False
         self.batches = 0
@@ -369,20 +441,29 @@ class _EncoderThread:
 
     def submit(self, item: _Query | _Job) -> None:
         with self._changed:
-            if self._stopping:
-                item.future.cancel()
+            if not self._stopping:
+                self._items.append(item)
+                if self._waiters:
+                    self._changed.notify()
                 return
-            self._items.append(item)
-            self._changed.notify()
+        _cancel_all([item])
 
     def stop(self) -> None:
         """Every worker stops after its current item; queued calls are cancelled."""
         with self._changed:
             self._stopping = True
-            for item in self._items:
-                item.future.cancel()
+            queued = list(self._items)
             self._items.clear()
             self._changed.notify_all()
+        _cancel_all(queued)
+
+    def _wait_change(self, timeout: float | None = None) -> None:
+        """`_changed.wait`, counted in `_waiters` (the caller holds the lock)."""
+        self._waiters += 1
+        try:
+            self._changed.wait(timeout)
+        finally:
+            self._waiters -= 1
 
     def _run(self) -> None:
         while True:
@@ -397,7 +478,8 @@ class _EncoderThread:
             finally:
                 with self._changed:
                     self._encoding -= 1
-                    self._changed.notify_all()
+                    if self._waiters:
+                        self._changed.notify_all()
 
     def _next(self) -> _Job | tuple[list[_Query], bool] | None:
         """The next job, or the next micro-batch once it should start (and whether it runs alone);
@@ -408,7 +490,7 @@ class _EncoderThread:
                 if self._stopping:
                     return None
                 if not self._items:
-                    self._changed.wait()
+                    self._wait_change()
                     continue
                 head = self._items[0]
                 if isinstance(head, _Job):
@@ -420,7 +502,7 @@ class _EncoderThread:
                 if self._encoding:
                     if waiting >= self._share:
                         break
-                    self._changed.wait()  # more queries, or the busy worker is done
+                    self._wait_change()  # more queries, or the busy worker is done
                     continue
                 if not (self._wait and self._concurrent):
                     break
@@ -428,7 +510,7 @@ class _EncoderThread:
                 deadline = deadline or now + self._wait
                 if now >= deadline:
                     break
-                self._changed.wait(deadline - now)
+                self._wait_change(deadline - now)
             limit = self._max_batch if self._encoding >= self._workers - 1 else self._share
             batch: list[_Query] = []
             kept: list[_Query | _Job] = []
@@ -447,8 +529,20 @@ class _EncoderThread:
             return batch, alone
 
     def _run_batch(self, batch: list[_Query], alone: bool) -> None:
-        live = [q for q in batch if q.future.set_running_or_notify_cancel()]
+        live = [q for q in batch if q.start()]
         self._concurrent = len(batch) > 1
+        outcomes: list[_Outcome] = []
+        try:
+            self._compute(live, alone, outcomes)
+        except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting
+            log.exception("encoder_batch_failed")
+            done = {id(q) for q, _, _ in outcomes}
+            outcomes.extend((q, None, e) for q in live if id(q) not in done)
+        finally:
+            _deliver(outcomes)
+
+    def _compute(self, live: list[_Query], alone: bool, outcomes: list[_Outcome]) -> None:
+        """Encodes and scores the live queries of a batch; appends each one's outcome."""
         if not live:
             return
         todo = [q for q in live if q.to_encode]
@@ -458,8 +552,7 @@ class _EncoderThread:
             try:
                 vectors = self._encode(texts, alone)
             except BaseException as e:  # noqa: BLE001 - handed to every caller
-                for q in todo:
-                    q.future.set_exception(e)
+                outcomes.extend((q, None, e) for q in todo)
                 live = [q for q in live if not q.to_encode]
             else:
                 _ENCODE_SECONDS.observe(time.perf_counter() - started)
@@ -479,7 +572,7 @@ class _EncoderThread:
         posts: dict[Callable, list[_Query]] = {}
         for q in live:
             if q.post is None:
-                q.future.set_result(q.vectors)
+                outcomes.append((q, q.vectors, None))
             else:
                 posts.setdefault(q.post, []).append(q)
         started = time.perf_counter()
@@ -490,12 +583,11 @@ class _EncoderThread:
                 vectors = first if len(queries) == 1 else np.concatenate([q.vectors for q in queries])
                 results = post(vectors, [t for q in queries for t in q.texts])
             except BaseException as e:  # noqa: BLE001
-                for q in queries:
-                    q.future.set_exception(e)
+                outcomes.extend((q, None, e) for q in queries)
                 continue
             start = 0
             for q in queries:
-                q.future.set_result((q.vectors, results[start : start + len(q.texts)]))
+                outcomes.append((q, (q.vectors, results[start : start + len(q.texts)]), None))
                 start += len(q.texts)
         if posts:
             _POST_SECONDS.observe(time.perf_counter() - started)
@@ -617,8 +709,9 @@ class Encoder:
             vectors = np.zeros((0, self.dim), dtype=np.float32)
             return vectors if post is None else list(post(vectors, []))
         limit = self.config.query_cache_size
+        loop = asyncio.get_running_loop()
         if limit <= 0:
-            return await self._submit(_Query(texts, Future(), post))
+            return await self._submit(_Query(texts, loop.create_future(), post))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: list[int] = []
         with self._queries_lock:
@@ -631,7 +724,7 @@ class Encoder:
                     out[i] = vector
         if not missing and post is None:
             return out
-        result = await self._submit(_Query(texts, Future(), post, out, missing))
+        result = await self._submit(_Query(texts, loop.create_future(), post, out, missing))
         if missing:
             with self._queries_lock:
                 for i in missing:
@@ -641,8 +734,9 @@ class Encoder:
         return result
 
     async def _submit(self, query: _Query) -> Any:
+        assert isinstance(query.future, asyncio.Future)  # aencode's own: settled on this loop
         self._thread.submit(query)
-        result = await asyncio.wrap_future(query.future)
+        result = await query.future
         return result if query.post is None else list(result[1])
 
     async def aencode_phrases(self, phrases: Sequence[str]) -> np.ndarray:
