@@ -27,6 +27,8 @@ log = get_logger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
+SNAPSHOT_INTERVAL = 0.5
+"""Least time between two participant snapshots taken by the core (`RouterProcess._on_snapshot`)."""
 PEER_WATCH_SECONDS = 5.0
 """How long a starting router waits for the list of replicas before its first builds (without it,
 it would do all the work itself until the list came)."""
@@ -65,9 +67,31 @@ class RouterProcess:
             self.replicas = RouterWatcher(self.etcd, peers.update)
             """The live replicas, which share the work of becoming ready (router/peers.py)."""
         self._ready_task: asyncio.Task | None = None
+        self._latest: ParticipantSnapshot | None = None
+        self._submit_later: asyncio.TimerHandle | None = None
+        self._last_submit = float("-inf")
 
     def _on_snapshot(self, snapshot: ParticipantSnapshot) -> None:
-        self.core.submit(snapshot.participants, snapshot.revision, snapshot.definitions)
+        """Takes a snapshot at once, unless one was taken less than `SNAPSHOT_INTERVAL` ago: then the
+        latest one at the end of that interval. Each snapshot rebuilds the directory of every
+        instance, so a burst of registrations (a thousand bots starting) would cost one rebuild per
+        registration; a lone change still takes effect at once."""
+        self._latest = snapshot
+        if self._submit_later is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._last_submit + SNAPSHOT_INTERVAL - loop.time()
+        if delay <= 0:
+            self._submit_latest()
+        else:
+            self._submit_later = loop.call_later(delay, self._submit_latest)
+
+    def _submit_latest(self) -> None:
+        self._submit_later = None
+        snapshot, self._latest = self._latest, None
+        if snapshot is not None:
+            self._last_submit = asyncio.get_running_loop().time()
+            self.core.submit(snapshot.participants, snapshot.revision, snapshot.definitions)
 
     async def start(self) -> None:
         await self.etcd.connect()  # first: wrong etcd credentials stop the router before it loads anything
@@ -95,6 +119,8 @@ class RouterProcess:
     async def stop(self) -> None:
         if self._ready_task:
             self._ready_task.cancel()
+        if self._submit_later is not None:
+            self._submit_later.cancel()
         await self.server.set_serving(False)  # bots' health watches move their Match to other replicas
         await self.registration.stop()
         await self.server.stop()
