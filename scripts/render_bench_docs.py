@@ -152,6 +152,21 @@ def match_rows(d: dict) -> list[list[str]]:
     add(rows, "32 callers: utterances per batch", fmt("{}", d, "breakdown.c32.utterances_per_batch"))
     add(rows, "encoder: one utterance after a pause of the floor's p50, ms", fmt("{}", d, "bounds.encoder_single_after_pause_ms"))
     add(rows, "encoder: least CPU ms per utterance in batches ≤ 32", fmt("{}", d, "bounds.encoder_cpu_ms_per_utterance"))
+    add(
+        rows,
+        "router CPU per Match over (encoder + empty Match) CPU, 32 callers (`router_cpu_ratio_c32`)",
+        fmt("{}", d, "router_cpu_ratio_c32"),
+    )
+    add(
+        rows,
+        "Respond that transfers: p50 ms at 1 caller / p99 ms at 32 (`respond_p50_ms_c1`, `respond_p99_ms_c32`)",
+        fmt("{} / {}", d, "respond_p50_ms_c1", "respond_p99_ms_c32"),
+    )
+    add(
+        rows,
+        "**bound: `respond_p50_ms_c1`** (the Match bound and the empty round trips of a transfer)",
+        fmt("{}", d, "bounds.respond_p50_ms_c1"),
+    )
     bounds = d.get("bounds") or {}
     for key, ratio, unit, label in (
         (
@@ -177,6 +192,21 @@ def match_targets(d: dict) -> list[list[str]]:
         "match_p50_ms_c1 <= 1.5 x encoder_single_ms": f"{num(p50 / single, 1)} × single" if p50 and single else "",
         "errors == 0": num(d.get("errors")),
     }
+    bounds = d.get("bounds") or {}
+    for name, value, bound, unit in (
+        ("match_qps_c32 >= 0.85 x bounds.match_qps_c32", qps, bounds.get("match_qps_c32"), "× bound"),
+        ("match_p50_ms_c1 <= 1.25 x bounds.match_p50_ms_c1", p50, bounds.get("match_p50_ms_c1"), "× bound"),
+        (
+            "respond_p50_ms_c1 <= 1.5 x bounds.respond_p50_ms_c1",
+            d.get("respond_p50_ms_c1"),
+            bounds.get("respond_p50_ms_c1"),
+            "× bound",
+        ),
+    ):
+        if value and bound:
+            measured[name] = f"{num(value / bound, 2)} {unit}"
+    if d.get("router_cpu_ratio_c32") is not None:
+        measured["router_cpu_ratio_c32 <= 1.2"] = num(d["router_cpu_ratio_c32"])
     targets = d.get("targets") or {}
     return [[f"`{name}`", measured.get(name, ""), "**met**" if ok else "**not met**"] for name, ok in targets.items()]
 
