@@ -253,6 +253,9 @@ class RouterCore:
         self._calibration: list[Example] = list(calibration)
         self._calibration_version = 0
         self._ready = asyncio.Event()
+        self._serving = asyncio.Event()
+        self._provisional: set[str] = set()
+        """Groups served by a heads-free model of their latest intents while their heads train."""
         self._swapped = asyncio.Condition()
         self._builders: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(config.training_concurrency)
@@ -291,11 +294,24 @@ class RouterCore:
 
     @property
     def ready(self) -> bool:
-        """Every group of the first snapshot has a model (or has left since)."""
+        """Every group of the first snapshot has its trained model (or has left since)."""
         return self._ready.is_set()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
+
+    @property
+    def serving(self) -> bool:
+        """Every group of the first snapshot has a model, trained or provisional: Match answers."""
+        return self._serving.is_set()
+
+    async def wait_serving(self) -> None:
+        await self._serving.wait()
+
+    @property
+    def provisional(self) -> list[str]:
+        """The groups answered by a provisional (heads-free) model while their heads train (sorted)."""
+        return sorted(self._provisional)
 
     @property
     def directory(self) -> Directory | None:
@@ -418,7 +434,12 @@ class RouterCore:
         state = self._state
         if self._ready.is_set() or state is None or self._initial is None:
             return
-        if all(g in state.models or g not in self._wanted for g in self._initial):
+        if not self._serving.is_set() and all(g in state.models or g not in self._wanted for g in self._initial):
+            self._serving.set()
+            log.info("router_serving_models", revision=state.directory.revision, provisional=len(self._provisional))
+        untrained = [g for g in self._initial if g in self._wanted and (g not in state.models or g in self._provisional)]
+        if not untrained:
+            self._serving.set()
             self._ready.set()
             log.info("router_ready", revision=state.directory.revision, groups=len(state.models))
 
@@ -466,6 +487,7 @@ class RouterCore:
             state = self._state
             assert state is not None  # a build starts from a submitted snapshot
             if group in self._wanted:  # else the group lost its intents while it trained
+                self._provisional.discard(group)
                 state = self._state = _State(
                     state.directory,
                     {**state.models, group: model},
@@ -511,12 +533,38 @@ class RouterCore:
             vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
         if self._large(intents):
             return _Gathered(calibration, "indexed", vectors)
+        if self.config.provisional_models and (group not in state.models or group in self._provisional):
+            await self._serve_provisional(group, intents, vectors, calibration)
         key = heads_key(self.encoder.model_id, self.config.decision, intents, calibration)
         heads = await asyncio.to_thread(self.heads.load, key) if self.heads is not None else None
         how = "restored"
         if heads is None:
             heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
         return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
+
+    async def _serve_provisional(
+        self, group: str, intents: tuple[IntentPhrases, ...], vectors: np.ndarray, calibration: CalibrationInput
+    ) -> None:
+        """Serves `group` at once, while its heads are trained or fetched, with a model of no heads:
+        the nearest phrases and the intents' centroids, τ from the generic none-of-these set (what a
+        group too large for heads always uses). Only for a group with no trained model: a group
+        that has one keeps it until the new one is trained."""
+        config = self.config.decision
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(
+            None, lambda: build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads_free=True)
+        )
+        async with self._swapped:
+            state = self._state
+            if state is None or self._wanted.get(group) != intents or (group in state.models and group not in self._provisional):
+                return  # changed meanwhile, or trained already
+            self._provisional.add(group)
+            self._state = _State(state.directory, {**state.models, group: model}, state.sources, state.calibrated, state.keys)
+            self.built["provisional"] = self.built.get("provisional", 0) + 1
+        self._check_ready()
+        log.info(
+            "provisional_model_served", group=group, intents=len(model.classes), phrases=len(model.texts), tau=round(model.tau, 4)
+        )
 
     async def _heads_from_owner(
         self, group: str, key: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]
@@ -648,7 +696,7 @@ class RouterCore:
         self, text: str, bot_id: str, group: str, limit: int, min_rating: int, include_asking_bot: bool = False
     ) -> MatchResult:
         state = self._state
-        if state is None or not self.ready:
+        if state is None or not self.serving:
             raise NotReady("the router has not indexed the participants yet")
         if bot_id:
             # Bot ids are unique within a group only: the asker is looked up in the group named,

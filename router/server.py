@@ -110,7 +110,7 @@ class RouterProcess:
         log.info("router_started", address=self.server.address)
 
     async def _serve_when_ready(self) -> None:
-        await self.core.wait_ready()
+        await self.core.wait_serving()
         directory = self.core.directory
         assert directory is not None  # the core is ready once its first state (with a directory) is in place
         await self.server.set_serving(True)
