@@ -533,12 +533,14 @@ class RouterCore:
             vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
         if self._large(intents):
             return _Gathered(calibration, "indexed", vectors)
-        if self.config.provisional_models and (group not in state.models or group in self._provisional):
-            await self._serve_provisional(group, intents, vectors, calibration)
         key = heads_key(self.encoder.model_id, self.config.decision, intents, calibration)
         heads = await asyncio.to_thread(self.heads.load, key) if self.heads is not None else None
         how = "restored"
         if heads is None:
+            # Heads to train or fetch (seconds to minutes): a group with no trained model is served meanwhile.
+            now = self._state
+            if self.config.provisional_models and (now is None or group not in now.models or group in self._provisional):
+                await self._serve_provisional(group, intents, vectors, calibration)
             heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
         return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
 
