@@ -64,7 +64,9 @@ async def router(own_etcd, encoder, tmp_path_factory):
     process = await start_router_in_process(own_etcd.endpoint, encoder, str(tmp_path_factory.mktemp("embeddings")))
     try:
         await eventually(
-            lambda: set(process.core.models) == {"alpha", "beta"} and not process.core.provisional, timeout=120, what="both groups trained"
+            lambda: set(process.core.models) == {"alpha", "beta"} and not process.core.provisional,
+            timeout=120,
+            what="both groups trained",
         )
         yield process
     finally:
