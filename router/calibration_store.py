@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from discovery.calibration import CalibrationTooLarge, CalibrationWatcher, StoredCalibration, read_calibration, write_calibration
 from discovery.errors import EtcdError
 from discovery.etcd_client import EtcdClient
+from mbc.runtime.calibration_set import CalibrationError, Example, dump_calibration, load_calibration, parse_calibration
 from mbc.runtime.logs import get_logger
-from router.calibration import CalibrationError, Example, dump_calibration, load_calibration, parse_calibration
 
 log = get_logger(__name__)
 

@@ -36,20 +36,13 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from mbc.runtime.calibration_set import Example
 from mbc.runtime.config import RouterConfig
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import get_logger
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import router_pb2
-from router.calibration import (
-    CalibrationInput,
-    Example,
-    build_group_model,
-    fit_threshold,
-    for_group,
-    generic_none,
-    update_group_model,
-)
+from router.calibration import CalibrationInput, build_group_model, fit_threshold, for_group, generic_none, update_group_model
 from router.decision import ACT, DISAMBIGUATE, GOOD, NONE, GroupModel, Heads, Scored, Verdict, changed_bots
 from router.directory import BotEntry, Directory
 from router.embedding_store import PhraseEmbeddings, open_store

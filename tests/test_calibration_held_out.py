@@ -13,14 +13,7 @@ import pytest
 
 from mbc.runtime.config import DecisionConfig
 from mbc.runtime.matching import IntentPhrases
-from router.calibration import (
-    MIN_INTENTS_TO_HOLD_OUT,
-    CalibrationInput,
-    Costs,
-    cross_fit_scores,
-    cross_fitted,
-    fit_threshold,
-)
+from router.calibration import MIN_INTENTS_TO_HOLD_OUT, CalibrationInput, Costs, cross_fit_scores, cross_fitted, fit_threshold
 from router.decision import GroupModel
 
 pytestmark = pytest.mark.unit
@@ -154,7 +147,7 @@ def test_a_phrase_another_intent_registered_is_not_near_domain_evidence():
 
 def test_a_calibration_set_with_enough_none_of_these_holds_no_intent_out():
     """Its none-of-these stand for the out-of-scope traffic: the phrases are cross-fitted as before."""
-    from router.calibration import Example
+    from mbc.runtime.calibration_set import Example
 
     entries, vectors, missing, far, _ = _group(12, 0.3)
     model = GroupModel(entries, vectors, DIM, CONFIG)

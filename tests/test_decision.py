@@ -9,18 +9,11 @@ import json
 
 import pytest
 
+from mbc.runtime.calibration_set import CalibrationError, Example, dump_calibration, parse_calibration
 from mbc.runtime.config import DecisionConfig, RouterConfig
 from mbc.runtime.matching import IntentCatalog, IntentPhrases
 from mbc.v1 import common_pb2, router_pb2
-from router.calibration import (
-    CalibrationError,
-    CalibrationInput,
-    Example,
-    build_group_model,
-    dump_calibration,
-    parse_calibration,
-    update_group_model,
-)
+from router.calibration import CalibrationInput, build_group_model, update_group_model
 from router.core import RouterCore
 from router.decision import ACT, DISAMBIGUATE, NONE, Scored, changed_bots, decide
 

@@ -9,9 +9,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from mbc.runtime.calibration_set import Example
 from mbc.runtime.config import DecisionConfig
 from mbc.runtime.matching import IntentPhrases
-from router.calibration import CalibrationInput, Costs, Example, Outcomes, choose_threshold, expected_cost, fit_threshold
+from router.calibration import CalibrationInput, Costs, Outcomes, choose_threshold, expected_cost, fit_threshold
 from router.decision import GroupModel
 
 pytestmark = pytest.mark.unit

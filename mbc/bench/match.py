@@ -42,13 +42,13 @@ import yaml
 
 from discovery import EtcdClient, Registration
 from mbc.bench.clinc import default_data_dir, load_clinc
+from mbc.runtime.calibration_set import Example, dump_calibration
 from mbc.runtime.config import EncoderConfig
 from mbc.runtime.encoder import Encoder
 from mbc.testing.etcd import LocalEtcd
 from mbc.testing.mesh import LocalMesh, wait_trained
 from mbc.testing.processes import ComponentProcess, new_workdir
 from mbc.v1 import participant_pb2, router_pb2, router_pb2_grpc
-from router.calibration import Example, dump_calibration
 
 GROUP = "clinc150"
 ROUTER_SERVICE = "mbc.v1.Router"

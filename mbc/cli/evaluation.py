@@ -49,18 +49,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     in etcd for every router replica (and install it as a file)."""
     from discovery.calibration import CalibrationTooLarge
     from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
+    from mbc.runtime.calibration_set import CalibrationError, dump_calibration, load_calibration
     from mbc.runtime.config import DecisionConfig
     from mbc.runtime.encoder import Encoder
     from mbc.runtime.matching import IntentCatalog
-    from router.calibration import (
-        CalibrationError,
-        CalibrationInput,
-        build_group_model,
-        dump_calibration,
-        for_group,
-        generic_none,
-        load_calibration,
-    )
+    from router.calibration import CalibrationInput, build_group_model, for_group, generic_none
 
     try:
         examples = load_calibration(args.file)

@@ -33,6 +33,7 @@ from discovery import EtcdClient
 from discovery.calibration import write_calibration
 from mbc.client.gateway import Conversation
 from mbc.evaluation.kfold import kfold
+from mbc.runtime.calibration_set import Example, dump_calibration
 from mbc.runtime.channels import ChannelPool
 from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
 from mbc.runtime.encoder import Encoder
@@ -40,7 +41,7 @@ from mbc.runtime.logs import configure
 from mbc.testing.etcd import LocalEtcd
 from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, router_pb2, router_pb2_grpc
-from router.calibration import Example, dump_calibration, generic_none
+from router.calibration import generic_none
 from router.decision import GroupModel
 from router.server import RouterProcess
 

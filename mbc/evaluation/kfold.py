@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from router.calibration import CalibrationInput, Example, fit_threshold
+from mbc.runtime.calibration_set import Example
+from router.calibration import CalibrationInput, fit_threshold
 from router.decision import ACT, NONE, GroupModel, TrainTimes
 
 
