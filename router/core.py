@@ -256,6 +256,11 @@ class RouterCore:
         """Per group whose build waits for a peer's heads: an event set when the state it waits
         for (intents, calibration set) is no longer the wanted one."""
         self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
+        self._embedding = 0
+        """Groups waiting for their phrases' vectors (or embedding them)."""
+        self._embedded = asyncio.Event()
+        """Set while no group waits for its phrases' vectors."""
+        self._embedded.set()
         """Groups whose phrases are being embedded at once: enough to keep the encoder and the
         peers busy, few enough that groups become ready one after another, not all at the end."""
         self._preload: asyncio.Task | None = None
@@ -459,6 +464,10 @@ class RouterCore:
             except Exception:
                 log.exception("group_build_failed", group=group)
                 return  # the next change of the group, or of the calibration, tries again
+            if self.config.provisional_models:
+                # Routable first: training waits while groups wait for their phrases' vectors (on a
+                # cold start, every group is served provisionally before any is trained).
+                await self._embedded.wait()
             async with self._slots:
                 if not self._stale(group):  # waiting for a slot, the group may have left or been built
                     break
@@ -518,11 +527,11 @@ class RouterCore:
             return _Gathered(calibration, "recalibrated")
         if previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
             changed = changed_bots(state.sources[group], intents)
-            async with self._gathering:
+            async with self._embedding_phase():
                 phrases = IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
                 vectors = await self.embeddings.embed(phrases)
             return _Gathered(calibration, "updated in place", vectors, changed=changed)
-        async with self._gathering:
+        async with self._embedding_phase():
             vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
         if self._large(intents):
             return _Gathered(calibration, "indexed", vectors)
@@ -536,6 +545,20 @@ class RouterCore:
                 await self._serve_provisional(group, intents, vectors, calibration)
             heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
         return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
+
+    @contextlib.asynccontextmanager
+    async def _embedding_phase(self):
+        """A group's phrases being embedded (at most `_gathering` groups at once), counted: builds
+        wait for no group to be embedding before they train (`_build_loop`)."""
+        self._embedding += 1
+        self._embedded.clear()
+        try:
+            async with self._gathering:
+                yield
+        finally:
+            self._embedding -= 1
+            if not self._embedding:
+                self._embedded.set()
 
     async def _serve_provisional(
         self, group: str, intents: tuple[IntentPhrases, ...], vectors: np.ndarray, calibration: CalibrationInput
