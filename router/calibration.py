@@ -420,12 +420,14 @@ def build_group_model(
     calibration: CalibrationInput,
     previous: GroupModel | None = None,
     heads: Heads | None = None,
+    heads_free: bool = False,
 ) -> GroupModel:
     """Train the heads (warm-started from `previous`) and fit τ: the work done on every change.
-    With `heads` trained earlier from the same inputs, only the index is built."""
+    With `heads` trained earlier from the same inputs, only the index is built; `heads_free`:
+    no heads, the nearest phrases and the intents' centroids, as a large group (no training)."""
     if heads is not None:
         return GroupModel(intents, vectors, dim, config, heads=heads)
-    return _with_threshold(GroupModel(intents, vectors, dim, config, previous=previous), calibration)
+    return _with_threshold(GroupModel(intents, vectors, dim, config, previous=previous, heads_free=heads_free), calibration)
 
 
 def update_group_model(

@@ -246,6 +246,9 @@ class RouterCore:
         self._calibration: list[Example] = list(calibration)
         self._calibration_version = 0
         self._ready = asyncio.Event()
+        self._serving = asyncio.Event()
+        self._provisional: set[str] = set()
+        """Groups served by a heads-free model of their latest intents while their heads train."""
         self._swapped = asyncio.Condition()
         self._builders: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(config.training_concurrency)
@@ -253,6 +256,11 @@ class RouterCore:
         """Per group whose build waits for a peer's heads: an event set when the state it waits
         for (intents, calibration set) is no longer the wanted one."""
         self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
+        self._embedding = 0
+        """Groups waiting for their phrases' vectors (or embedding them)."""
+        self._embedded = asyncio.Event()
+        """Set while no group waits for its phrases' vectors."""
+        self._embedded.set()
         """Groups whose phrases are being embedded at once: enough to keep the encoder and the
         peers busy, few enough that groups become ready one after another, not all at the end."""
         self._preload: asyncio.Task | None = None
@@ -284,11 +292,24 @@ class RouterCore:
 
     @property
     def ready(self) -> bool:
-        """Every group of the first snapshot has a model (or has left since)."""
+        """Every group of the first snapshot has its trained model (or has left since)."""
         return self._ready.is_set()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
+
+    @property
+    def serving(self) -> bool:
+        """Every group of the first snapshot has a model, trained or provisional: Match answers."""
+        return self._serving.is_set()
+
+    async def wait_serving(self) -> None:
+        await self._serving.wait()
+
+    @property
+    def provisional(self) -> list[str]:
+        """The groups answered by a provisional (heads-free) model while their heads train (sorted)."""
+        return sorted(self._provisional)
 
     @property
     def directory(self) -> Directory | None:
@@ -411,7 +432,12 @@ class RouterCore:
         state = self._state
         if self._ready.is_set() or state is None or self._initial is None:
             return
-        if all(g in state.models or g not in self._wanted for g in self._initial):
+        if not self._serving.is_set() and all(g in state.models or g not in self._wanted for g in self._initial):
+            self._serving.set()
+            log.info("router_serving_models", revision=state.directory.revision, provisional=len(self._provisional))
+        untrained = [g for g in self._initial if g in self._wanted and (g not in state.models or g in self._provisional)]
+        if not untrained:
+            self._serving.set()
             self._ready.set()
             log.info("router_ready", revision=state.directory.revision, groups=len(state.models))
 
@@ -438,6 +464,10 @@ class RouterCore:
             except Exception:
                 log.exception("group_build_failed", group=group)
                 return  # the next change of the group, or of the calibration, tries again
+            if self.config.provisional_models:
+                # Routable first: training waits while groups wait for their phrases' vectors (on a
+                # cold start, every group is served provisionally before any is trained).
+                await self._embedded.wait()
             async with self._slots:
                 if not self._stale(group):  # waiting for a slot, the group may have left or been built
                     break
@@ -459,6 +489,7 @@ class RouterCore:
             state = self._state
             assert state is not None  # a build starts from a submitted snapshot
             if group in self._wanted:  # else the group lost its intents while it trained
+                self._provisional.discard(group)
                 state = self._state = _State(
                     state.directory,
                     {**state.models, group: model},
@@ -496,11 +527,11 @@ class RouterCore:
             return _Gathered(calibration, "recalibrated")
         if previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
             changed = changed_bots(state.sources[group], intents)
-            async with self._gathering:
+            async with self._embedding_phase():
                 phrases = IntentCatalog.phrases_of(e for entries in changed.values() for e in entries)
                 vectors = await self.embeddings.embed(phrases)
             return _Gathered(calibration, "updated in place", vectors, changed=changed)
-        async with self._gathering:
+        async with self._embedding_phase():
             vectors = await self.embeddings.embed(IntentCatalog.phrases_of(intents))
         if self._large(intents):
             return _Gathered(calibration, "indexed", vectors)
@@ -508,8 +539,50 @@ class RouterCore:
         heads = await asyncio.to_thread(self.heads.load, key) if self.heads is not None else None
         how = "restored"
         if heads is None:
+            # Heads to train or fetch (seconds to minutes): a group with no trained model is served meanwhile.
+            now = self._state
+            if self.config.provisional_models and (now is None or group not in now.models or group in self._provisional):
+                await self._serve_provisional(group, intents, vectors, calibration)
             heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
         return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
+
+    @contextlib.asynccontextmanager
+    async def _embedding_phase(self):
+        """A group's phrases being embedded (at most `_gathering` groups at once), counted: builds
+        wait for no group to be embedding before they train (`_build_loop`)."""
+        self._embedding += 1
+        self._embedded.clear()
+        try:
+            async with self._gathering:
+                yield
+        finally:
+            self._embedding -= 1
+            if not self._embedding:
+                self._embedded.set()
+
+    async def _serve_provisional(
+        self, group: str, intents: tuple[IntentPhrases, ...], vectors: np.ndarray, calibration: CalibrationInput
+    ) -> None:
+        """Serves `group` at once, while its heads are trained or fetched, with a model of no heads:
+        the nearest phrases and the intents' centroids, τ from the generic none-of-these set (what a
+        group too large for heads always uses). Only for a group with no trained model: a group
+        that has one keeps it until the new one is trained."""
+        config = self.config.decision
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(
+            None, lambda: build_group_model(intents, vectors, self.encoder.dim, config, calibration, heads_free=True)
+        )
+        async with self._swapped:
+            state = self._state
+            if state is None or self._wanted.get(group) != intents or (group in state.models and group not in self._provisional):
+                return  # changed meanwhile, or trained already
+            self._provisional.add(group)
+            self._state = _State(state.directory, {**state.models, group: model}, state.sources, state.calibrated, state.keys)
+            self.built["provisional"] = self.built.get("provisional", 0) + 1
+        self._check_ready()
+        log.info(
+            "provisional_model_served", group=group, intents=len(model.classes), phrases=len(model.texts), tau=round(model.tau, 4)
+        )
 
     async def _heads_from_owner(
         self, group: str, key: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]
@@ -641,7 +714,7 @@ class RouterCore:
         self, text: str, bot_id: str, group: str, limit: int, min_rating: int, include_asking_bot: bool = False
     ) -> MatchResult:
         state = self._state
-        if state is None or not self.ready:
+        if state is None or not self.serving:
             raise NotReady("the router has not indexed the participants yet")
         if bot_id:
             # Bot ids are unique within a group only: the asker is looked up in the group named,

@@ -252,9 +252,11 @@ class GroupModel:
         config: DecisionConfig,
         previous: GroupModel | None = None,
         heads: Heads | None = None,
+        heads_free: bool = False,
     ) -> None:
         """Trains the heads (warm-started from `previous`), or takes `heads` trained earlier on the
-        same intents and phrases (a restarted router)."""
+        same intents and phrases (a restarted router); `heads_free`: none, scored like a large
+        group (a new group's first model, served while its heads train)."""
         self.config = config
         self.times = TrainTimes()
         t0 = time.perf_counter()
@@ -269,7 +271,7 @@ class GroupModel:
             else np.zeros(0, np.int64)
         )
         self.texts = IntentCatalog.phrases_of(intents)
-        self.large = len(self.texts) >= config.heads_max_phrases
+        self.large = heads_free or len(self.texts) >= config.heads_max_phrases
         """No heads: scored by the nearest phrases and the centroids, and updated in place (`updated`)."""
         self.vectors = None if self.large else vectors
         """The phrase vectors, in `texts` order, for cross-fitting τ (large groups do not keep them)."""

@@ -71,7 +71,7 @@ async def mesh(own_etcd, encoder, client, tmp_path_factory):
         await registration.start()
     router = await start_router(own_etcd, encoder, tmp_path_factory)
     try:
-        await eventually(lambda: GROUP in router.core.models, timeout=120, what="group indexed")
+        await eventually(lambda: GROUP in router.core.models and not router.core.provisional, timeout=120, what="group trained")
         result = await router.core.match(PROBE, "", GROUP, 5, 0)
         assert result.decision == router_pb2.DECISION_ACT and result.candidates[0].match.bot_id == "cards", result
         yield types.SimpleNamespace(router=router, registrations=registrations)
@@ -156,7 +156,9 @@ async def test_a_restarted_router_knows_the_absent_bot(mesh, client, own_etcd, e
     await absent_answer(mesh.router)
     other = await start_router(own_etcd, encoder, tmp_path_factory)
     try:
-        await eventually(lambda: GROUP in other.core.models, timeout=120, what="group indexed by the new router")
+        await eventually(
+            lambda: GROUP in other.core.models and not other.core.provisional, timeout=120, what="group trained by the new router"
+        )
         assert_unavailable(await absent_answer(other, timeout=10))
         assert other.core.directory is not None
         assert other.core.directory.find_bot("cards", GROUP).absent

@@ -15,7 +15,7 @@ import pytest
 
 from mbc.client.gateway import Conversation
 from mbc.runtime.channels import open_channel
-from mbc.testing.mesh import EXAMPLE_BOTS, EXAMPLE_GROUP, EXAMPLE_PROBES, EXAMPLES, LocalMesh, wait_indexed
+from mbc.testing.mesh import EXAMPLE_BOTS, EXAMPLE_GROUP, EXAMPLE_PROBES, EXAMPLES, LocalMesh, wait_indexed, wait_trained
 from mbc.v1 import bot_pb2, bot_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -98,6 +98,7 @@ async def host(own_etcd, tmp_path_factory):
         await mesh.start_router()
         await mesh.start_host(EXAMPLE_BOTS, "bank-host")
         await wait_indexed(mesh.router.address, EXAMPLE_PROBES, group=EXAMPLE_GROUP, timeout=300)
+        await wait_trained(mesh.router, 300)
         yield mesh
     finally:
         mesh.stop()

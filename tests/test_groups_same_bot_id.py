@@ -63,7 +63,11 @@ async def router(own_etcd, encoder, tmp_path_factory):
         await registration.start()
     process = await start_router_in_process(own_etcd.endpoint, encoder, str(tmp_path_factory.mktemp("embeddings")))
     try:
-        await eventually(lambda: set(process.core.models) == {"alpha", "beta"}, timeout=120, what="both groups indexed")
+        await eventually(
+            lambda: set(process.core.models) == {"alpha", "beta"} and not process.core.provisional,
+            timeout=120,
+            what="both groups trained",
+        )
         yield process
     finally:
         await process.stop()

@@ -20,7 +20,7 @@ from discovery import EtcdClient, Registration
 from discovery.calibration import CHUNK_BYTES, CalibrationTooLarge, read_calibration, split_chunks, write_calibration
 from discovery.keys import CALIBRATION_CURRENT
 from mbc.runtime.config import DecisionConfig, RouterConfig, ServerConfig
-from mbc.testing.mesh import LocalMesh, eventually
+from mbc.testing.mesh import LocalMesh, eventually, wait_trained
 from mbc.v1 import participant_pb2, router_pb2
 from meshlib import match, start_router_in_process
 from router.server import RouterProcess
@@ -262,6 +262,7 @@ async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, cl
                 mesh.start_router("--embedding-cache", "off", "--share-work", "off", name="b"),
                 mesh.start_router("--embedding-cache", str(cache), name="c"),
             )
+            await asyncio.gather(wait_trained(b, 600), wait_trained(c, 600))  # not a provisional model
             assert any(r["how"] == "restored" for r in _logged(c.log_path, "group_model_built"))  # C is warm ...
             assert all(r["how"] == "retrained" for r in _logged(b.log_path, "group_model_built"))  # ... B cold
             answers = await _answers_at_one_revision(client, a, b, c)

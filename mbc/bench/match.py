@@ -46,7 +46,7 @@ from mbc.runtime.calibration_set import Example, dump_calibration
 from mbc.runtime.config import EncoderConfig
 from mbc.runtime.encoder import Encoder
 from mbc.testing.etcd import LocalEtcd
-from mbc.testing.mesh import LocalMesh
+from mbc.testing.mesh import LocalMesh, wait_trained
 from mbc.testing.processes import ComponentProcess, new_workdir
 from mbc.v1 import participant_pb2, router_pb2, router_pb2_grpc
 
@@ -224,6 +224,8 @@ async def bench_router(
     try:
         await router.wait_serving(ROUTER_SERVICE, timeout=900)
         ready = time.monotonic() - started
+        if router.metrics_port_file.exists() and module == "mbc":
+            await wait_trained(router, 900)  # SERVING may be on provisional models: measure the trained ones
         metrics = router.metrics_address if router.metrics_port_file.exists() else ""
         results = await asyncio.to_thread(run_load, router.address, texts_file, phases, router.pid, metrics)
     finally:
@@ -497,6 +499,7 @@ async def measure_respond(
         await asyncio.gather(mesh.start_host([files[entry]], "entry"), mesh.start_host(others, "receivers"))
         assert mesh.router is not None and mesh.store is not None
         await wait_every_bot(mesh.router.address, definitions, timeout=900)
+        await wait_trained(mesh.router, 900)  # measured on the trained model, not a provisional one
         pids = {"router": mesh.router.pid, "receivers": mesh.bots["receivers"].pid, "store": mesh.store.pid, "etcd": etcd.pid}
         extra = ["--respond", entry, *(a for name, pid in pids.items() if pid for a in ("--pid", f"{name}={pid}"))]
         entry_bot = mesh.bots["entry"]

@@ -490,6 +490,16 @@ class RouterConfig:
     """Replicas split the work of becoming ready (router/peers.py): each phrase is embedded and each
     group's heads trained by one live replica, its owner, and the others fetch them from it; off,
     every replica does all of it."""
+    provisional_models: bool = setting(
+        True,
+        flag="--provisional-models",
+        choices=ON_OFF,
+        help="a new group is routable on its nearest phrases while its heads train",
+    )
+    """A group with no trained model yet (a cold start, a new group) is answered by a model of no
+    heads, its nearest phrases and intent centroids (what a group too large for heads always uses),
+    from the moment its phrases are embedded until its trained model is swapped in. The router is
+    SERVING once every group has a model, provisional or trained; off, once every group is trained."""
     peer_wait_seconds: float = 120.0
     """How long a replica waits in all for a group's heads from the replica that owns them (it may
     have many groups to train first) before it trains them itself."""

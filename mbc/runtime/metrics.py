@@ -16,6 +16,7 @@ free port, written to `<port file stem>.metrics-port` next to the port file and 
 | `mbc_router_index_phrases` | gauge | group | training phrases in the group's index |
 | `mbc_router_index_intents` | gauge | group | intents (classes) in the group's index |
 | `mbc_router_index_revision` | gauge | | etcd revision of the indexed participant snapshot |
+| `mbc_router_groups_provisional` | gauge | | groups answered by a provisional model (no heads) while their heads train |
 | `mbc_router_phrases_embedded` | counter | source | phrases this router needed a vector for since start, by who embedded them: `here` (its encoder) or `peer` (the replica that owns them) |
 | `mbc_router_group_builds` | counter | how | group models built since start: `retrained`, `fetched` (heads trained by the replica that owns them), `restored` (its cache), `recalibrated`, `indexed`, `updated in place` |
 | `mbc_encoder_batch_seconds` | histogram | stage | one micro-batch of concurrent calls on an encoder worker: `encode` (the model), `post` (the work done with its vectors: the router's scoring) |
@@ -107,6 +108,9 @@ class RouterCollector:
             "mbc_router_phrases_embedded", "Phrases embedded since start, by who embedded them (here, peer).", labels=["source"]
         )
         builds = CounterMetricFamily("mbc_router_group_builds", "Group models built since start, by how.", labels=["how"])
+        provisional = GaugeMetricFamily(
+            "mbc_router_groups_provisional", "Groups answered by a provisional model (no heads) while their heads train."
+        )
         with self._lock:
             cores = list(self._sources)
         for core in cores:
@@ -114,6 +118,7 @@ class RouterCollector:
             if directory is None:
                 continue
             revision.add_metric([], directory.revision)
+            provisional.add_metric([], len(core.provisional))
             embedded.add_metric(["here"], core.embeddings.encoded)
             embedded.add_metric(["peer"], core.embeddings.fetched)
             for how, count in core.built.items():
@@ -124,7 +129,7 @@ class RouterCollector:
             for group, model in core.models.items():
                 phrases.add_metric([group], len(getattr(model, "texts", ())))
                 intents.add_metric([group], len(getattr(model, "classes", ())))
-        return [participants, bots, phrases, intents, revision, embedded, builds]
+        return [participants, bots, phrases, intents, revision, embedded, builds, provisional]
 
 
 ROUTER_COLLECTOR = RouterCollector()

@@ -35,6 +35,7 @@ import yaml
 
 from mbc.runtime.channels import open_channel
 from mbc.runtime.config import TlsConfig, split_endpoints
+from mbc.runtime.metrics import sample_value, scrape_text
 from mbc.runtime.serving import wait_for_shutdown_signal
 from mbc.testing.etcd import LocalEtcd
 from mbc.testing.processes import ComponentProcess, new_workdir
@@ -159,6 +160,21 @@ class BotFile:
     def read(cls, path: Path) -> BotFile:
         data = yaml.safe_load(Path(path).read_text())
         return cls(Path(path), data["id"], data.get("group", "default"), data["intents"][0]["phrases"][0])
+
+
+async def wait_trained(router: ComponentProcess, timeout: float = 60.0) -> None:
+    """Until `router` answers every group with its trained model, none with a provisional one
+    (`mbc_router_groups_provisional`, read from its /metrics): what a test checks of decisions is
+    then what the trained model decides."""
+
+    async def trained() -> bool:
+        text = await asyncio.to_thread(scrape_text, router.metrics_address)
+        return sample_value(text, "mbc_router_groups_provisional") == 0
+
+    try:
+        await eventually(trained, max(timeout, 1.0), retry_on=(OSError, ValueError))
+    except AssertionError:
+        raise TimeoutError(f"{router.name} still had provisional models after {timeout:.0f}s") from None
 
 
 class LocalMesh:
@@ -289,6 +305,7 @@ class LocalMesh:
         assert router is not None, "no router started"
         files = [self.bot_files[n] for n in (self.bots if names is None else names)]
         groups = {f.group for f in files}
+        started = time.monotonic()
         await wait_indexed(
             router.address,
             {f.bot_id: EXAMPLE_PROBES.get(f.bot_id, f.probe) for f in files},
@@ -296,6 +313,7 @@ class LocalMesh:
             timeout=timeout,
             tls=self.client_tls,
         )
+        await wait_trained(router, timeout - (time.monotonic() - started))
 
     def forget_command(self, group: str, bot_id: str, name: str = "") -> list[str]:
         """`mbc group GROUP --forget BOT_ID`, with the etcd flags of component `name` (default: a component
