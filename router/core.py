@@ -29,12 +29,13 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from mbc.runtime.calibration_set import Example
 from mbc.runtime.config import RouterConfig
@@ -159,15 +160,14 @@ class _Scorer:
         """Per utterance: (confidence of the first candidate − τ, verdict, τ, group) of each group that has candidates."""
         _faiss_on_one_thread()
         out: list[list[tuple[float, Verdict, float, str]]] = [[] for _ in texts]
-        with _blas_on_one_thread():
-            for name in self.groups:
-                model = self.state.models.get(name)
-                if model is None:
-                    continue
-                for verdicts, ranked in zip(out, model.rank_many(Q, texts, exclude_bot=self.exclude)):
-                    verdict = model.decide(ranked)
-                    if verdict.candidates:
-                        verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau, name))
+        for name in self.groups:
+            model = self.state.models.get(name)
+            if model is None:
+                continue
+            for verdicts, ranked in zip(out, model.rank_many(Q, texts, exclude_bot=self.exclude)):
+                verdict = model.decide(ranked)
+                if verdict.candidates:
+                    verdicts.append((verdict.candidates[0].confidence - model.tau, verdict, model.tau, name))
         return out
 
 
@@ -184,50 +184,15 @@ def _faiss_on_one_thread() -> None:
         _threads.faiss_single = True
 
 
-class _BlasThreads:
-    """OpenBLAS on one thread while any micro-batch is scored, its own count restored after.
-
-    Scoring's products are small (a micro-batch of utterances by the group's phrases: 15,000 x 384
-    for the CLINC150 mesh): OpenBLAS's second thread brings little and spins after each call, on
-    the cores the encoder and the event loop need. Measured on 2 cores, one utterance: 1.7 ms of
-    CPU on one thread against 8.8 ms with the default two; 15 utterances: 8.0 against 24.8 ms.
-    OpenBLAS's thread count is the process's (its "local" setter is not, measured), so it is
-    counted: lowered when the first scoring starts, restored when the last one ends."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._controllers: list | None = None
-        self._saved: list[tuple[object, int]] = []
-
-    def _blas(self) -> list:
-        if self._controllers is None:
-            from threadpoolctl import ThreadpoolController
-
-            self._controllers = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-        return self._controllers
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = [(c, c.get_num_threads()) for c in self._blas()]
-                for c, threads in self._saved:
-                    if threads != 1:
-                        c.set_num_threads(1)  # type: ignore[attr-defined]
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    for c, threads in self._saved:
-                        if threads != 1:
-                            c.set_num_threads(threads)  # type: ignore[attr-defined]
-
-
-_blas_on_one_thread = _BlasThreads()
+def _blas_on_one_thread() -> None:
+    """OpenBLAS on one thread for the whole process, for good. Scoring's products are small (a
+    micro-batch of utterances by a group's phrases): a second thread brings little and spins after
+    each call on the cores the encoder and the event loop need (measured on 2 cores, one utterance:
+    1.7 ms of CPU on one thread against 8.8 ms on two). And it is set once, not lowered while
+    scoring runs: the count is the process's, and a training whose thread count changed under it
+    (a Match scored beside it) trained heads that differed in the last bits from a replica's. The
+    cost: the heads of the largest groups train on one core."""
+    ThreadpoolController().limit(limits=1, user_api="blas")
 
 
 def _names(groups: Sequence[str]) -> str:
@@ -236,6 +201,7 @@ def _names(groups: Sequence[str]) -> str:
 
 class RouterCore:
     def __init__(self, config: RouterConfig, encoder: Encoder, calibration: Sequence[Example] = ()) -> None:
+        _blas_on_one_thread()
         self.config = config
         self.encoder = encoder
         self._state: _State | None = None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from threadpoolctl import ThreadpoolController
-
 from discovery import EtcdClient, ParticipantSnapshot, ParticipantWatcher
 from discovery.routers import RouterRecord, RouterRegistration, RouterWatcher
 from mbc import __version__
@@ -45,21 +43,10 @@ def create_server(config: RouterConfig, core: RouterCore) -> tuple[GrpcServer, i
     return server, server.port
 
 
-def _blas_on_one_thread_for_good() -> None:
-    """OpenBLAS on one thread for the whole router process. Scoring lowers it while it runs
-    (router/core.py) and training counts on a thread count that does not change under it: a
-    product computed on one thread, then on two, differs in its last bits, and replicas would
-    train different heads from the same phrases when a Match is scored beside a training. The
-    cost: the heads of the largest groups (over a million phrase-by-intent cells) train on one
-    core instead of two."""
-    ThreadpoolController().limit(limits=1, user_api="blas")
-
-
 class RouterProcess:
     """Everything the router runs, started and stopped in the right order."""
 
     def __init__(self, config: RouterConfig, encoder: Encoder | None = None) -> None:
-        _blas_on_one_thread_for_good()
         self.config = config
         self.encoder = encoder or Encoder(config.encoder)
         self.core = RouterCore(config, self.encoder)

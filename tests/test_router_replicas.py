@@ -16,7 +16,6 @@ from collections import Counter
 
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from bot_server.bot import Bot
 from discovery import EtcdClient
@@ -64,15 +63,14 @@ async def etcd(own_etcd):
         yield client
 
 
+def router_metric(router: ComponentProcess, name: str, labels: dict[str, str]) -> float:
+    with urllib.request.urlopen(f"http://{router.metrics_address}/metrics", timeout=10) as r:
+        return sample_value(r.read().decode(), name, labels)
+
+
 def matches_of(router: ComponentProcess) -> float:
     """Match calls a router process answered OK, read from its /metrics."""
-    with urllib.request.urlopen(f"http://{router.metrics_address}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == HANDLED and all(sample.labels.get(k) == v for k, v in MATCH_OK.items()):
-                return sample.value
-    return 0.0
+    return router_metric(router, HANDLED, MATCH_OK)
 
 
 def matches_in_process() -> float:
@@ -114,11 +112,6 @@ async def test_every_replica_registers_and_gets_matches(mesh, etcd):
     assert set(answers) == {"cards"}, answers
     after = [matches_of(r) for r in mesh.routers]
     assert all(a > b for a, b in zip(after, before)), f"Match calls per replica before {before}, after {after}"
-
-
-def router_metric(router: ComponentProcess, name: str, labels: dict[str, str]) -> float:
-    with urllib.request.urlopen(f"http://{router.metrics_address}/metrics", timeout=10) as r:
-        return sample_value(r.read().decode(), name, labels)
 
 
 async def test_replicas_share_the_work_of_becoming_ready(mesh):
