@@ -110,7 +110,8 @@ class _State:
     directory: Directory
     models: Mapping[str, GroupModel]
     sources: Mapping[str, tuple[IntentPhrases, ...]]
-    """Per group: the intents its model was built from."""
+    """Per group: the intents its trained model was built from (a provisional model serving
+    meanwhile is of the wanted ones)."""
     calibrated: Mapping[str, int]
     """Per group: the calibration version its τ was fitted with."""
     keys: Mapping[str, str]
@@ -215,6 +216,10 @@ class RouterCore:
         self._serving = asyncio.Event()
         self._provisional: set[str] = set()
         """Groups served by a heads-free model of their latest intents while their heads train."""
+        self._training_wanted = asyncio.Event()
+        """Set once a build is about to train: the training libraries are loaded then."""
+        self._changed_at: dict[str, float] = {}
+        """Per group, when its intents last changed (event-loop time): heads train once it is quiet."""
         self._swapped = asyncio.Condition()
         self._builders: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(config.training_concurrency)
@@ -246,14 +251,14 @@ class RouterCore:
 
     async def prepare(self) -> None:
         """Embed the built-in generic set ahead of the first build, through the persisted phrase
-        vectors (a restart makes no model call for it), and load the training libraries once the
-        router serves (or when a build trains first: heads restored from their cache need none,
-        and their 5 s of imports on a loaded machine must not delay SERVING)."""
+        vectors (a restart makes no model call for it), and load the training libraries once a
+        build is about to train (heads restored from their cache need none, and their 5 s of
+        imports on a loaded machine must not delay SERVING, nor the phrases of a cold start)."""
         self.encoder.remember_phrases(self._generic, await self.embeddings.embed(self._generic))
-        self._preload = asyncio.get_running_loop().create_task(self._import_training_libraries_when_ready())
+        self._preload = asyncio.get_running_loop().create_task(self._import_training_libraries_when_wanted())
 
-    async def _import_training_libraries_when_ready(self) -> None:
-        await self._ready.wait()
+    async def _import_training_libraries_when_wanted(self) -> None:
+        await self._training_wanted.wait()
         await asyncio.to_thread(_import_training_libraries)
 
     @property
@@ -324,6 +329,8 @@ class RouterCore:
             intents = directory.candidates_of(group)
             if intents:
                 wanted[group] = intents
+        now = asyncio.get_running_loop().time()
+        self._changed_at = {g: now if self._wanted.get(g) != i else self._changed_at.get(g, now) for g, i in wanted.items()}
         self._wanted = wanted
         if self._initial is None:
             self._initial = set(wanted)
@@ -385,7 +392,11 @@ class RouterCore:
         state, wanted = self._state, self._wanted.get(group)
         if state is None or wanted is None:
             return False
-        return state.sources.get(group) != wanted or state.calibrated.get(group) != self._calibration_version
+        return (
+            group in self._provisional
+            or state.sources.get(group) != wanted
+            or state.calibrated.get(group) != self._calibration_version
+        )
 
     def _kick(self, group: str) -> None:
         if not self._stale(group):
@@ -432,8 +443,13 @@ class RouterCore:
                 return  # the next change of the group, or of the calibration, tries again
             if self.config.provisional_models:
                 # Routable first: training waits while groups wait for their phrases' vectors (on a
-                # cold start, every group is served provisionally before any is trained).
-                await self._embedded.wait()
+                # cold start, every group is served provisionally before any is trained), and a
+                # group's heads wait for it to be quiet (bots of a group start over seconds).
+                await self._before_training(group, intents, quiet=gathered.how == "retrained")
+                if self._wanted.get(group) != intents:
+                    continue  # changed meanwhile: served provisionally at once, then trained
+            if gathered.how == "retrained":
+                self._training_wanted.set()
             async with self._slots:
                 if not self._stale(group):  # waiting for a slot, the group may have left or been built
                     break
@@ -448,6 +464,18 @@ class RouterCore:
             if fresh_index:
                 # Beside the builds, not before the next one: a change arriving meanwhile must not wait.
                 asyncio.get_running_loop().run_in_executor(None, _return_free_memory)
+
+    async def _before_training(self, group: str, intents: tuple[IntentPhrases, ...], quiet: bool) -> None:
+        """Until no group waits for its phrases' vectors and (`quiet`) `group` has not changed for
+        `RouterConfig.train_quiet_seconds`; or until `group` changes from `intents`: its next build
+        starts at once from the newest state (and serves it provisionally)."""
+        loop = asyncio.get_running_loop()
+        while self._wanted.get(group) == intents:
+            left = self._changed_at.get(group, 0.0) + self.config.train_quiet_seconds - loop.time() if quiet else 0.0
+            if left <= 0 and self._embedded.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._embedded.wait(), min(left, 0.25) if left > 0 else 0.25)
 
     async def _swap(self, group: str, intents: tuple[IntentPhrases, ...], version: int, model: GroupModel, key: str) -> None:
         """Puts one group's new model in place; the others are left as they are."""
@@ -488,7 +516,8 @@ class RouterCore:
         state = self._state
         assert state is not None
         calibration = await self._calibration_input(examples, group)
-        previous = state.models.get(group)
+        # A provisional model is of other intents than `sources` says (the trained model it replaced).
+        previous = state.models.get(group) if group not in self._provisional else None
         if previous is not None and state.sources.get(group) == intents:  # same intents: only τ to refit
             return _Gathered(calibration, "recalibrated")
         if previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
@@ -506,8 +535,7 @@ class RouterCore:
         how = "restored"
         if heads is None:
             # Heads to train or fetch (seconds to minutes): a group with no trained model is served meanwhile.
-            now = self._state
-            if self.config.provisional_models and (now is None or group not in now.models or group in self._provisional):
+            if self.config.provisional_models:
                 await self._serve_provisional(group, intents, vectors, calibration)
             heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
         return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
@@ -531,8 +559,8 @@ class RouterCore:
     ) -> None:
         """Serves `group` at once, while its heads are trained or fetched, with a model of no heads:
         the nearest phrases and the intents' centroids, τ from the generic none-of-these set (what a
-        group too large for heads always uses). Only for a group with no trained model: a group
-        that has one keeps it until the new one is trained."""
+        group too large for heads always uses). A group whose intents changed is served so too: a
+        bot that joins is routable in seconds, not after its group's training."""
         config = self.config.decision
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(
@@ -540,10 +568,11 @@ class RouterCore:
         )
         async with self._swapped:
             state = self._state
-            if state is None or self._wanted.get(group) != intents or (group in state.models and group not in self._provisional):
+            if state is None or self._wanted.get(group) != intents or state.sources.get(group) == intents:
                 return  # changed meanwhile, or trained already
             self._provisional.add(group)
-            self._state = _State(state.directory, {**state.models, group: model}, state.sources, state.calibrated, state.keys)
+            keys = {g: k for g, k in state.keys.items() if g != group}  # the heads it served are gone
+            self._state = _State(state.directory, {**state.models, group: model}, state.sources, state.calibrated, keys)
             self.built["provisional"] = self.built.get("provisional", 0) + 1
         self._check_ready()
         log.info(

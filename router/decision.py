@@ -226,7 +226,7 @@ class Features:
     cosine: np.ndarray  # best similarity of the class among the neighbours
     best_row: np.ndarray  # catalog row of that best phrase
     fused: np.ndarray
-    rank_key: np.ndarray  # what candidates are ranked by, best first: the bot's score, then `fused`
+    rank_key: np.ndarray  # what candidates are ranked by, best first: a registered phrase, the bot's score, then `fused`
 
 
 @dataclass
@@ -444,6 +444,9 @@ class GroupModel:
         cand = cnt > 0
         qi, ci = np.nonzero(cand)
         rank_key = self._bot_scores(fused, cand)[qi, ci] if cfg.bot_first else fused[qi, ci]
+        # A registered phrase goes to its intent: models without heads can rank a bot with several
+        # loosely similar intents above it.
+        rank_key = np.where(mx[qi, ci] >= cfg.registered_cosine, np.inf, rank_key)
         return Features(qi, ci, mx[qi, ci], best_row[qi, ci], fused[qi, ci], rank_key)
 
     def _bot_scores(self, fused: np.ndarray, cand: np.ndarray) -> np.ndarray:

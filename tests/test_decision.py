@@ -479,3 +479,54 @@ def test_directory_reads_only_the_records_that_changed():
         IntentPhrases("cards", "lost_card", ("lost_card please", "help")),
         IntentPhrases("travel", "hotel", ("hotel please", "help")),
     )
+
+
+LOCATION = IntentPhrases(
+    "places",
+    "current_location",
+    (
+        "i'm lost",
+        "can you tell me how to figure out my current location",
+        "i need to find out how i know my location right now",
+        "can you tell me my location",
+        "what do i do to find my current location",
+        "my current location",
+        "how can i know my current location",
+        "let me know where i'm located",
+    ),
+)
+UNSURE = IntentPhrases(
+    "chat",
+    "maybe",
+    (
+        "i can't decide",
+        "i can't tell",
+        "i'll have to think about it",
+        "not sure if that's a yes or a no",
+        "not quite sure how to respond",
+        "i'm torn on how to answer",
+        "not sure, maybe",
+        "i have no earthly idea at all",
+    ),
+)
+
+
+def test_a_registered_phrase_ranks_its_own_intent_first_without_heads(encoder):
+    """A short registered phrase ("i'm lost") whose intent's other phrases are unlike it: a model
+    without heads (provisional, or a large group) scores another bot's vaguer intent higher on its
+    nearest phrases and centroid, yet the consumer who types it is routed to the bot that
+    registered it."""
+    intents = [LOCATION, UNSURE]
+    vectors = encoder.encode_phrases(IntentCatalog.phrases_of(intents))
+    calibration = _input(encoder, [])
+    Q = encoder.encode(["i'm lost"])
+
+    def first(registered_cosine: float) -> tuple[str, str]:
+        cfg = DecisionConfig(heads_max_phrases=1, registered_cosine=registered_cosine)
+        model = build_group_model(intents, vectors, encoder.dim, cfg, calibration)
+        assert model.large
+        top = model.rank(Q[0], "i'm lost")[0]
+        return top.bot_id, top.intent
+
+    assert first(2.0) == ("chat", "maybe")  # the rule off: the fused scores alone rank it second
+    assert first(DecisionConfig().registered_cosine) == ("places", "current_location")

@@ -375,6 +375,10 @@ class DecisionConfig:
     """Large groups: weight of a feature that replaces the heads, the cosine of the utterance with
     the mean of each candidate intent's phrase vectors: on a large group it recovers much of the
     in-scope accuracy the kNN feature alone loses against the heads."""
+    registered_cosine: float = 0.99
+    """An utterance at least this similar to a registered phrase (the same words) ranks that
+    phrase's intent first, whatever the fused scores: a consumer who types what a bot registered
+    is routed to that bot (its rating, hence the decision, is still the fused score's)."""
     min_cosine: float = 0.30
     """A candidate whose best phrase is less similar than this is rated FAIR at most, whatever its
     fused score (a guard for tiny groups, where the heads extrapolate; it trades a little in-scope
@@ -496,10 +500,16 @@ class RouterConfig:
         choices=ON_OFF,
         help="a new group is routable on its nearest phrases while its heads train",
     )
-    """A group with no trained model yet (a cold start, a new group) is answered by a model of no
-    heads, its nearest phrases and intent centroids (what a group too large for heads always uses),
-    from the moment its phrases are embedded until its trained model is swapped in. The router is
-    SERVING once every group has a model, provisional or trained; off, once every group is trained."""
+    """A group with no trained model of its current intents (a cold start, a new group, a bot that
+    joined or changed its definition) is answered by a model of no heads, its nearest phrases and
+    intent centroids (what a group too large for heads always uses), from the moment its phrases
+    are embedded until its trained model is swapped in. The router is SERVING once every group has
+    a model, provisional or trained; off, once every group is trained, and a changed group keeps
+    its previous trained model until the next one is trained."""
+    train_quiet_seconds: float = 2.0
+    """With provisional models, how long a group's intents must stay unchanged before its heads are
+    trained: the bots of a group that start together (a cold start, a rollout) cost one training,
+    not one per bot, and each is routable provisionally meanwhile."""
     peer_wait_seconds: float = 120.0
     """How long a replica waits in all for a group's heads from the replica that owns them (it may
     have many groups to train first) before it trains them itself."""
@@ -508,6 +518,7 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check_range("lease_ttl_seconds", self.lease_ttl_seconds, 1)
         check_range("peer_wait_seconds", self.peer_wait_seconds, 0)
+        check_range("train_quiet_seconds", self.train_quiet_seconds, 0)
         check_range("training_concurrency", self.training_concurrency, 1, 64)
         check_range("neighbours", self.neighbours, 1)
         check_range("default_candidates", self.default_candidates, 1, 100)

@@ -117,23 +117,29 @@ async def wait_indexed(
     interval: float = 0.2,
 ) -> None:
     """Until the router at `router` ranks each bot of `probes` first for its utterance (in `group`);
-    `on_indexed(bot_id)` as each one is. Each round asks about the bots still pending, in order, and
-    stops at the first that is not ranked first yet (a group's bots become routable together, with
-    its model): a wait costs the router one Match per `interval` until then."""
+    `on_indexed(bot_id)` as each one is. Each round asks about the first bot still pending, and
+    once it is ranked first, about all the others at once (a group's bots mostly become routable
+    together, with its model): a wait costs the router one Match per `interval` until then, and
+    the last bots are not asked one after another on a busy router."""
     pending = dict(probes)
     async with open_channel(router, tls) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
 
+        async def indexed(bot_id: str) -> bool:
+            request = router_pb2.MatchRequest(text=pending[bot_id], group=group, max_candidates=1)
+            try:
+                r = await stub.Match(request, timeout=5)
+            except Exception:  # noqa: BLE001 - not serving yet: asked again
+                return False
+            if not (r.candidates and r.candidates[0].bot_id == bot_id):
+                return False
+            pending.pop(bot_id)
+            on_indexed(bot_id)
+            return True
+
         async def all_indexed() -> bool:
-            for bot_id, text in list(pending.items()):
-                try:
-                    r = await stub.Match(router_pb2.MatchRequest(text=text, group=group, max_candidates=1), timeout=5)
-                except Exception:  # noqa: BLE001 - not serving yet: asked again
-                    break
-                if not (r.candidates and r.candidates[0].bot_id == bot_id):
-                    break
-                pending.pop(bot_id)
-                on_indexed(bot_id)
+            if pending and await indexed(next(iter(pending))):
+                await asyncio.gather(*(indexed(b) for b in list(pending)))
             return not pending
 
         try:
