@@ -226,7 +226,8 @@ def _assert_same(a: list[router_pb2.MatchResponse], b: list[router_pb2.MatchResp
 
 @pytest.mark.timeout(1500)
 async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, client, tmp_path):
-    """Router A runs while a bot joins and leaves (its model is retrained twice); then B starts
+    """Router A runs while a bot joins and leaves (its group served provisionally, then trained
+    without it: with it too if its heads trained before it left); then B starts
     with no cache at all, training everything itself (no work shared), and C with A's cache
     (heads restored, vectors read back). All three give
     the same Match answers (decision, candidates, ratings, confidences and scores to 1e-5) and the
@@ -255,9 +256,10 @@ async def test_replicas_warm_cold_and_running_give_the_same_matches(own_etcd, cl
 
             async def rebuilt_without_travel() -> bool:
                 models = _logged(a.log_path, "group_model_built")
-                return len(models) >= 3 and models[-1]["bots"] == 3  # built, with travel, without it
+                return bool(models) and models[-1]["bots"] == 3
 
             await eventually(rebuilt_without_travel, timeout=300, interval=0.5, what="A retrained without travel")
+            await wait_trained(a, 300)  # travel's group is provisional from its arrival until trained without it
             b, c = await asyncio.gather(
                 mesh.start_router("--embedding-cache", "off", "--share-work", "off", name="b"),
                 mesh.start_router("--embedding-cache", str(cache), name="c"),
