@@ -269,8 +269,12 @@ async def wait_trained(mesh: Mesh) -> GroupModel:
 
 
 def _trained_model(mesh: Mesh) -> GroupModel | None:
-    model = mesh.router.core.models.get(GROUP)
-    if model is not None and set(model.bots) == set(mesh.bots) and model.calibration.get("calibration_examples"):
+    """The group's trained model (not a provisional one: router/core.py) once it has every bot."""
+    core = mesh.router.core
+    model = core.models.get(GROUP)
+    if model is None or GROUP in core.provisional:
+        return None
+    if set(model.bots) == set(mesh.bots) and model.calibration.get("calibration_examples"):
         return model
     return None
 
