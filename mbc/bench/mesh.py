@@ -138,10 +138,11 @@ class Started:
         return self.serving[instance.host][instance.name].address
 
 
-POLL_SECONDS = 1.0
-"""How often each (group, router) is asked whether its bots are routable: the figure's resolution,
-and few enough Matches that watching does not slow what it measures (201 waits at 5 a second took
-a tenth of the machine)."""
+POLL_SECONDS = 2.0
+"""How often each (group, router) is asked whether its bots are routable: the figure's resolution
+(it overstates by at most this much), and few enough Matches that watching does not slow what it
+measures: at 1,000 bots, 201 (group, router) waits are 201 Matches and their replies every second
+on the 2 cores the mesh starts on (docs/performance.md, `mbc bench mesh`, has the cost measured)."""
 
 
 async def start_mesh(mesh: LocalMesh, plan: MeshPlan, files: dict[str, Path], opts: MeshOptions) -> Started:
