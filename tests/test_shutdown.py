@@ -37,8 +37,14 @@ def mesh(example_mesh):
 
 
 async def _routed_to(mesh, text: str, asking_bot: str, bot_id: str) -> bool:
-    """Whether the router (having indexed the newcomer) gives `text` to `bot_id`."""
-    r = await match(mesh.router.address, text, bot_id=asking_bot, include_asking_bot=True)
+    """Whether the router (having indexed the newcomer) gives `text` to `bot_id`. A router that has
+    not yet seen the asking bot's registration (it is in etcd already) refuses it: not yet."""
+    try:
+        r = await match(mesh.router.address, text, bot_id=asking_bot, include_asking_bot=True)
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
     return bool(r.candidates) and r.candidates[0].bot_id == bot_id
 
 
