@@ -227,13 +227,13 @@ class RouterCore:
         """Per group whose build waits for a peer's heads: an event set when the state it waits
         for (intents, calibration set) is no longer the wanted one."""
         self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
+        """Groups whose phrases are being embedded at once: enough to keep the encoder and the
+        peers busy, few enough that groups become ready one after another, not all at the end."""
         self._embedding = 0
         """Groups waiting for their phrases' vectors (or embedding them)."""
         self._embedded = asyncio.Event()
         """Set while no group waits for its phrases' vectors."""
         self._embedded.set()
-        """Groups whose phrases are being embedded at once: enough to keep the encoder and the
-        peers busy, few enough that groups become ready one after another, not all at the end."""
         self._preload: asyncio.Task | None = None
         self._trainer = ThreadPoolExecutor(max_workers=config.training_concurrency, thread_name_prefix="router-train")
         self._generic = generic_none()
@@ -470,12 +470,15 @@ class RouterCore:
         `RouterConfig.train_quiet_seconds`; or until `group` changes from `intents`: its next build
         starts at once from the newest state (and serves it provisionally)."""
         loop = asyncio.get_running_loop()
-        while self._wanted.get(group) == intents:
+        while self._wanted.get(group) == intents:  # checked every 0.25 s at most
             left = self._changed_at.get(group, 0.0) + self.config.train_quiet_seconds - loop.time() if quiet else 0.0
-            if left <= 0 and self._embedded.is_set():
+            if left > 0:
+                await asyncio.sleep(min(left, 0.25))
+            elif self._embedded.is_set():
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._embedded.wait(), min(left, 0.25) if left > 0 else 0.25)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._embedded.wait(), 0.25)
 
     async def _swap(self, group: str, intents: tuple[IntentPhrases, ...], version: int, model: GroupModel, key: str) -> None:
         """Puts one group's new model in place; the others are left as they are."""

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -82,8 +84,10 @@ async def test_off_the_router_serves_only_trained_models(encoder):
         await core.close()
 
 
-@pytest.mark.timeout(600)
-async def test_a_bot_joining_a_trained_group_is_routable_before_the_group_retrains(encoder):
+@contextlib.asynccontextmanager
+async def _joined_a_trained_group(encoder) -> AsyncIterator[RouterCore]:
+    """A router whose group "big" is trained, then joined by the garden bot: yields once the group
+    is served provisionally (its heads wait 5 s of quiet, then train)."""
     config = RouterConfig(embedding_cache_dir="off", training_concurrency=1, train_quiet_seconds=5.0)
     core = RouterCore(config, encoder)
     await core.prepare()
@@ -92,30 +96,27 @@ async def test_a_bot_joining_a_trained_group_is_routable_before_the_group_retrai
         await asyncio.wait_for(core.wait_ready(), 300)
         core.submit(_snapshot(30, 6, joining=True), 2)
         await _until(lambda: core.provisional == ["big"], 60)
+        yield core
+    finally:
+        await core.close()
+
+
+@pytest.mark.timeout(600)
+async def test_a_bot_joining_a_trained_group_is_routable_before_the_group_retrains(encoder):
+    async with _joined_a_trained_group(encoder) as core:
         assert await _first(core, "how should I prune the roses") == "prune_roses"
         assert core.provisional == ["big"] and core.builds == 1  # answered before its group retrained
         await _until(lambda: core.provisional == [] and core.builds == 2, 300)
         assert not core.models["big"].large  # trained, with heads, the joining bot's intent in them
         assert await _first(core, "how should I prune the roses") == "prune_roses"
         assert await _first(core, "question 5 about card refund number 25") == "topic_25"
-    finally:
-        await core.close()
 
 
 @pytest.mark.timeout(600)
 async def test_a_bot_leaving_before_its_group_retrains_leaves_the_group_trained_without_it(encoder):
-    config = RouterConfig(embedding_cache_dir="off", training_concurrency=1, train_quiet_seconds=5.0)
-    core = RouterCore(config, encoder)
-    await core.prepare()
-    try:
-        core.submit(_snapshot(30, 6), 1)
-        await asyncio.wait_for(core.wait_ready(), 300)
-        core.submit(_snapshot(30, 6, joining=True), 2)
-        await _until(lambda: core.provisional == ["big"], 60)
+    async with _joined_a_trained_group(encoder) as core:
         core.submit(_snapshot(30, 6), 3)  # back to the intents of the trained model
         await _until(lambda: core.provisional == [], 300)
         assert await _first(core, "how should I prune the roses") != "prune_roses"
         assert await _first(core, "question 5 about card refund number 25") == "topic_25"
         assert not core.models["big"].large
-    finally:
-        await core.close()
