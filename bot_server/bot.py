@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot_server.definition import BotDefinition, DefinitionError, definition_files
+from bot_server.definition import BotDefinition, DefinitionError, DialogDefinition, definition_files
 
 _VARIABLE = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)(?:\|([^}]*))?\}")
 
@@ -32,6 +32,22 @@ def render(template: str, variables: Mapping[str, Any]) -> str:
         return str(found) if found not in (None, "") else (m.group(2) or "")
 
     return _VARIABLE.sub(value, template)
+
+
+def mentions_variables(template: str) -> bool:
+    """Whether `render` fills anything in `template` from the variables."""
+    return _VARIABLE.search(template) is not None
+
+
+def dialog_texts(dialog: DialogDefinition, start_step: int, variables: Mapping[str, Any]) -> tuple[list[str], int | None]:
+    """The texts a dialog says from `start_step` on, rendered: up to and including its first step
+    that asks, whose index comes second (None when no step asks)."""
+    texts = []
+    for index in range(start_step, len(dialog.steps)):
+        texts.append(render(dialog.steps[index].text, variables))
+        if dialog.steps[index].asks:
+            return texts, index
+    return texts, None
 
 
 async def _no_store(name: str, value: Any) -> None:

@@ -41,7 +41,8 @@ from typing import Protocol, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bot_server.bot import Bot, Turn, render
+from bot_server.bot import Bot, Turn, dialog_texts, mentions_variables, render
+from bot_server.definition import DialogDefinition
 from bot_server.ledger import TransferLedger
 from bot_server.state import Awaiting, ConversationState, Fenced, OwnershipConflict
 from discovery.errors import EtcdError
@@ -192,19 +193,29 @@ class BotEngine:
         with _fenced_refused():
             # The question awaited is read beside the ownership (a round trip less); it is used
             # only once this instance owns the conversation, and only this bot's owner writes it.
+            # When no question is awaited, the router is asked while the conversation is claimed
+            # (another round trip less): the decision does not depend on who owns it.
             awaiting_read = asyncio.ensure_future(self.state.awaiting(message.conversation_id, route.remaining(0)))
+            deciding = asyncio.ensure_future(self._decide_unless_awaited(awaiting_read, message.text, route))
             try:
                 route.owner_version = await self._own_conversation(message.conversation_id, route)
             except grpc.aio.AioRpcError as e:
                 _drop(awaiting_read)
+                _drop(deciding)
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 return await self._answer_without_store(message, route, e)
             except BaseException:
                 _drop(awaiting_read)
+                _drop(deciding)
                 raise
-            awaiting = await awaiting_read
+            try:
+                awaiting = await awaiting_read
+            except BaseException:
+                _drop(deciding)
+                raise
             if awaiting is not None:
+                _drop(deciding)  # it asked nothing: it saw the question
                 await self.state.set_awaiting(message.conversation_id, None, route.owner_version, route.remaining(0))
                 if awaiting.intent:
                     await self.state.set_variable(
@@ -218,7 +229,20 @@ class BotEngine:
                         chosen,
                         route,
                     )
-            return await self._route(message, route, include_self=True)
+            return await self._route(message, route, include_self=True, decided=deciding)
+
+    async def _decide_unless_awaited(
+        self, awaiting_read: asyncio.Future, text: str, route: Route
+    ) -> tuple[int, list[router_pb2.Candidate], float] | None:
+        """The router's decision for `text`, asked once the read of the question awaited says there
+        is none; None when there is one (its answer is not routed) or the read failed (`respond`
+        sees the failure)."""
+        try:
+            if await asyncio.shield(awaiting_read) is not None:
+                return None
+        except Exception:  # noqa: BLE001 - raised to `respond` by its own await of the read
+            return None
+        return await self._decide(text, route, include_self=True)
 
     async def _own_conversation(self, conversation_id: str, route: Route) -> int:
         """The owner record's version, after making sure this instance owns the conversation.
@@ -314,8 +338,16 @@ class BotEngine:
             log.warning("owner_presence_unknown", owner=owner.bot_id, error=str(e))
             return False
 
-    async def _route(self, message: Message, route: Route, include_self: bool) -> TurnResult:
-        decision, candidates, best_score = await self._decide(message.text, route, include_self)
+    async def _route(
+        self,
+        message: Message,
+        route: Route,
+        include_self: bool,
+        decided: Awaitable[tuple[int, list[router_pb2.Candidate], float] | None] | None = None,
+    ) -> TurnResult:
+        """Act on the router's decision for the message (`decided`: asked already, for `include_self`)."""
+        outcome = await decided if decided is not None else None
+        decision, candidates, best_score = outcome or await self._decide(message.text, route, include_self)
         if decision == router_pb2.DECISION_NONE and route.unavailable_bot_id:
             return await self._unavailable(route.unavailable_bot_id, best_score)
         if decision == router_pb2.DECISION_DISAMBIGUATE:
@@ -440,23 +472,19 @@ class BotEngine:
                 )
                 texts = await Bot.call(handler, turn)
             else:
-                texts, asked = [], False
+                asked = False
                 dialog = self.definition.dialog_for(intent)
                 if dialog is None:
                     raise LookupError(f"no dialog for intent {intent!r}")
-                steps = dialog.steps
-                for index in range(start_step, len(steps)):
-                    texts.append(render(steps[index].text, variables))
-                    if steps[index].asks:
-                        if not route.stateless:
-                            await self.state.set_awaiting(
-                                conversation,
-                                Awaiting(intent, index, steps[index].save_as),
-                                route.owner_version,
-                                route.remaining(0),
-                            )
-                            asked = True
-                        break
+                texts, asking = dialog_texts(dialog, start_step, variables)
+                if asking is not None and not route.stateless:
+                    await self.state.set_awaiting(
+                        conversation,
+                        Awaiting(intent, asking, dialog.steps[asking].save_as),
+                        route.owner_version,
+                        route.remaining(0),
+                    )
+                    asked = True
         except Fenced:
             raise
         except Exception:
@@ -641,6 +669,12 @@ class BotEngine:
         expected = request.owner_version
         if not self.state.shared:
             expected = (await self.state.owner(message.conversation_id, route.remaining(0))).version
+        dialog = self._answerable_before_claim(request.intent)
+        if dialog is not None:
+            result = await self._answer_then_claim(request, message, route, expected, dialog)
+            if result.outcome == bot_pb2.OUTCOME_ANSWERED and request.sender.address:
+                await self._return_to_sender(request, route, result)
+            return result
         # The dialog's variables are read beside the claim (a round trip less): the sender, which
         # holds the conversation until the claim, wrote them before it sent the transfer.
         variables_read = (
@@ -680,6 +714,48 @@ class BotEngine:
         await self._record_applied(request, route, result)
         if result.outcome == bot_pb2.OUTCOME_ANSWERED and not result.asked and request.sender.address:
             await self._return_to_sender(request, route, result)
+        return result
+
+    def _answerable_before_claim(self, intent: str) -> DialogDefinition | None:
+        """The dialog of `intent` when its answer can be made before the conversation is claimed: one
+        of the definition's (no handler, whose code may write), whose steps ask nothing (asking
+        writes the question awaited). Its reply depends on the variables alone, and making it
+        changes nothing, so one claim both takes the conversation and records the answer."""
+        if intent not in self._intents or self.bot.handler_for(intent) is not None:
+            return None
+        dialog = self.definition.dialog_for(intent)
+        if dialog is None or any(step.asks for step in dialog.steps):
+            return None
+        return dialog
+
+    async def _answer_then_claim(
+        self, request: bot_pb2.TransferRequest, message: Message, route: Route, expected: int, dialog: DialogDefinition
+    ) -> TurnResult:
+        """A transfer to a dialog that asks nothing, in one write: its reply is made first (from the
+        variables, read only when the steps name one; the sender wrote them before it sent the
+        transfer), then the conversation is claimed with that reply recorded for retries (what
+        `_record_applied` does after the dialog otherwise)."""
+        conversation = message.conversation_id
+        named = any(mentions_variables(step.text) for step in dialog.steps)
+        variables = await self.state.variables(conversation, route.remaining(0)) if named else {}
+        texts, _ = dialog_texts(dialog, 0, variables)
+        match = bot_pb2.MatchInfo(bot_id=self.bot.bot_id, intent=request.intent, rating=common_pb2.RATING_UNSPECIFIED)
+        result = TurnResult([self._reply(t) for t in texts], self.identity, bot_pb2.OUTCOME_ANSWERED, match)
+        try:
+            route.owner_version = await self.state.claim(
+                conversation,
+                self.identity,
+                expected,
+                request.transfer_id,
+                route.remaining(0),
+                result.transfer_response() if self.state.shared else None,
+            )
+        except OwnershipConflict as e:
+            applied = await self._applied_elsewhere(request, route)
+            if applied is not None:
+                return applied
+            raise Conflict(str(e)) from None
+        log.info("answered", intent=request.intent, score=0.0, transferred_from=request.sender.bot_id)
         return result
 
     async def _record_applied(self, request: bot_pb2.TransferRequest, route: Route, result: TurnResult) -> None:

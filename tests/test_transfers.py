@@ -12,7 +12,7 @@ import pytest
 
 from mbc.client.context import ContextClient, Scope
 from mbc.client.gateway import Conversation
-from mbc.testing.mesh import eventually
+from mbc.testing.mesh import eventually, wait_trained
 from mbc.v1 import bot_pb2, common_pb2
 from meshlib import TEST_BOTS, owner_of, respond, start_example_mesh, transfer
 
@@ -112,6 +112,7 @@ async def test_receiver_killed_mid_transfer_consumer_still_answered(mesh, store)
     slow = await mesh.start_bot(TEST_BOTS / "slowpoke.yaml", "slowpoke", "--handlers", str(TEST_BOTS / "slowpoke_handlers.py"))
     try:
         await eventually(lambda: _candidate_is(mesh, "slowpoke"), timeout=10)
+        await wait_trained(mesh.router, 120)  # the group changed: decide with its trained model, not the provisional one
         conversation = uuid.uuid4().hex
         started = time.monotonic()
         reply = asyncio.ensure_future(respond(mesh.bots["cards"].address, SLOW_TEXT, conversation, timeout=6))
@@ -131,6 +132,7 @@ async def test_receiver_too_slow_deadline_still_met(mesh, store):
     await mesh.start_bot(TEST_BOTS / "slowpoke.yaml", "slowpoke-2", "--handlers", str(TEST_BOTS / "slowpoke_handlers.py"))
     try:
         await eventually(lambda: _candidate_is(mesh, "slowpoke"), timeout=10)
+        await wait_trained(mesh.router, 120)  # the group changed: decide with its trained model, not the provisional one
         conversation = uuid.uuid4().hex
         started = time.monotonic()
         r = await respond(mesh.bots["cards"].address, SLOW_TEXT, conversation, timeout=2.5)
