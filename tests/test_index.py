@@ -86,6 +86,24 @@ def test_ivf_top1_equals_exact_on_real_utterances(clinc, ivf_and_exact):
     assert (np.diff(s_ivf, axis=1) <= 1e-6).all()  # best first
 
 
+def test_a_lone_query_finds_what_a_batch_finds(clinc):
+    """A lone query is searched in the int8 copy first (FlatIndex): its top-k is still the exact
+    one, scores and all, with or without an excluded range, however few vectors are left."""
+    real, queries, intents = clinc
+    vectors = np.concatenate([real, synthetic_participants(real, intents, 0, 30, seed=5)])  # 4,500: int8 copy kept
+    index = FlatIndex(DIM)
+    index.add(np.arange(len(vectors)), vectors)
+    ranges = [None, (0, 150), (150, 4000), (0, len(vectors) - 120)]  # the last leaves 120, under k + margin
+    for q in queries[:60]:
+        for exclude in ranges:
+            lone_scores, lone_ids = index.search(q[None, :], 100, exclude=exclude)
+            batch_scores, batch_ids = index.search(np.stack([q, q]), 100, exclude=exclude)
+            assert set(lone_ids[0].tolist()) == set(batch_ids[0].tolist())
+            assert np.abs(lone_scores[0] - batch_scores[0]).max() < 1e-5
+            if exclude is not None:
+                assert not ((lone_ids >= exclude[0]) & (lone_ids < exclude[1])).any()
+
+
 @pytest.mark.parametrize("kind", ["exact", "ivf"])
 def test_remove_and_exclude(kind, ivf_and_exact):
     vectors = ivf_and_exact[2]
