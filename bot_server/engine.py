@@ -196,7 +196,9 @@ class BotEngine:
             # When no question is awaited, the router is asked while the conversation is claimed
             # (another round trip less): the decision does not depend on who owns it.
             awaiting_read = asyncio.ensure_future(self.state.awaiting(message.conversation_id, route.remaining(0)))
-            deciding = asyncio.ensure_future(self._decide_unless_awaited(awaiting_read, message.text, route))
+            deciding: asyncio.Future | None = asyncio.ensure_future(
+                self._decide_unless_awaited(awaiting_read, message.text, route)
+            )
             try:
                 route.owner_version = await self._own_conversation(message.conversation_id, route)
             except grpc.aio.AioRpcError as e:
@@ -215,7 +217,8 @@ class BotEngine:
                 _drop(deciding)
                 raise
             if awaiting is not None:
-                _drop(deciding)  # it asked nothing: it saw the question
+                _drop(deciding)  # it asks nothing: it saw the question
+                deciding = None
                 await self.state.set_awaiting(message.conversation_id, None, route.owner_version, route.remaining(0))
                 if awaiting.intent:
                     await self.state.set_variable(

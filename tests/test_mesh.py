@@ -8,6 +8,8 @@ import uuid
 import grpc
 import pytest
 
+from bot_server.state import Awaiting
+from mbc.client.context import Scope
 from mbc.client.gateway import Conversation
 from mbc.testing.mesh import eventually
 from mbc.v1 import bot_pb2, common_pb2
@@ -50,6 +52,20 @@ async def test_transfer_carries_message_and_intent_and_moves_ownership(mesh):
         await respond(personal.address, "thanks", conversation)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "business-banking" in err.value.details()
+
+
+async def test_an_answer_to_a_clarifying_question_that_picks_no_option_is_routed_anew(mesh, store):
+    conversation = uuid.uuid4().hex
+    first = await respond(mesh.bots["personal-banking"].address, "what's the balance on my checking account?", conversation)
+    assert first.owner.bot_id == "personal-banking"
+    # personal-banking asked the consumer which bot they meant (as after an ambiguous message)...
+    options = (("business-banking", "payroll", "Business Banking: payroll"), ("", "", "None of these"))
+    awaiting = Awaiting(options=options, text="pay my staff")
+    await store.set("retail-bank", Scope.CONVERSATION, conversation, "mbc.awaiting.personal-banking", awaiting.to_json())
+    # ...and the consumer writes about something else: it is routed as a new message.
+    r = await respond(mesh.bots["personal-banking"].address, "I lost my card", conversation)
+    assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED and r.owner.bot_id == "cards"
+    assert r.match.intent == "lost_or_stolen_card"
 
 
 async def test_gateway_follows_the_owner_across_two_transfers(mesh):
