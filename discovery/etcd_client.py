@@ -433,6 +433,8 @@ class EtcdClient:
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._clients: dict[int, aetcd.Client] = {}
+        self._closing: set[asyncio.Task] = set()
+        """Closes of connections dropped for a new auth token, deferred (`_reauthenticate`)."""
         # A random first endpoint spreads the clients of a cluster over its members.
         self._current = random.randrange(len(self._endpoints))
         self._closed = False
@@ -474,6 +476,11 @@ class EtcdClient:
         stream, self._keepalive = self._keepalive, None
         if stream is not None:
             await stream.aclose()
+        closing = list(self._closing)
+        for task in closing:
+            task.cancel()  # closes its connection now
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
         clients, self._clients = self._clients, {}
         for client in clients.values():
             try:
@@ -887,11 +894,27 @@ class EtcdClient:
         await client.connect()
         return client
 
-    async def _reauthenticate(self, index: int) -> None:
-        """Drop the connection of endpoint `index`, so that the next request authenticates again."""
-        client = self._clients.pop(index, None)
+    async def _reauthenticate(self, index: int, expired: aetcd.Client | None = None) -> None:
+        """Drop the connection of endpoint `index`, so that the next request authenticates again.
+
+        `expired`: the connection whose token etcd refused. Concurrent requests all see the token
+        expire; once one of them has replaced that connection, the others retry on the new one
+        instead of dropping it under it. The dropped connection is closed only once the calls still
+        on it have had their time (`timeout`): closed at once, they failed UNAVAILABLE instead of
+        getting etcd's answer (an expired token: retried)."""
+        client = self._clients.get(index)
+        if client is None or (expired is not None and client is not expired):
+            return
+        del self._clients[index]
         log.info("etcd_reauthenticating", endpoint=self._name(index), user=self._username)
-        if client is not None:
+        closing = asyncio.get_running_loop().create_task(self._close_later(client))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _close_later(self, client: aetcd.Client) -> None:
+        try:
+            await asyncio.sleep(self._timeout + 1.0)
+        finally:
             with contextlib.suppress(Exception):
                 await client.close()
 
@@ -932,6 +955,7 @@ class EtcdClient:
         reauthenticated: set[int] = set()
         while attempts > 0:
             index = self._current
+            client: aetcd.Client | None = None
             try:
                 client = await self._client(index)
                 # gRPC deadlines bound each call; this guard only makes a hang impossible.
@@ -945,7 +969,7 @@ class EtcdClient:
                 error = EtcdUnavailable(f"no answer within {self._timeout:g}s")
             if isinstance(error, _TokenExpired) and index not in reauthenticated:
                 reauthenticated.add(index)
-                await self._reauthenticate(index)
+                await self._reauthenticate(index, client)
                 continue
             if not isinstance(error, EtcdUnavailable):
                 raise self._explain(error) from None

@@ -308,6 +308,17 @@ async def test_expired_token_is_renewed_without_the_caller_noticing(secure):
         await router.get_prefix("/mbc/v1/participants/")
 
 
+async def test_concurrent_requests_on_an_expired_token_all_succeed(secure):
+    """Every request in flight sees the token expire: one connection is made anew and each request
+    retries on it (none drops another's new connection, none fails UNAVAILABLE)."""
+    async with secure.client(ROUTER_USER) as router:
+        await router.get_prefix("/mbc/v1/participants/")
+        for _ in range(2):
+            await asyncio.sleep(TOKEN_TTL + 2)
+            results = await asyncio.gather(*(router.get(f"/mbc/v1/participants/{i}") for i in range(24)), return_exceptions=True)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+
+
 async def test_mesh_runs_over_tls_etcd_with_a_user_per_component(secure, secure_mesh):
     r = await respond(secure_mesh.bots["personal-banking"].address, "I lost my debit card")
     assert r.outcome == bot_pb2.OUTCOME_TRANSFERRED
