@@ -127,12 +127,10 @@ class FlatIndex:
 
     A lone query (a Match at low load, the one a consumer waits on): a scan of an int8 copy of the
     vectors (faiss's scalar quantizer, a quarter of the bytes) for the `k + LONE_QUERY_MARGIN`
-    best, then their exact float32 scores, top-k of those (0.3 + 0.06 ms for the 15,000 CLINC150
-    phrases, against 0.5 ms for the product on a quiet machine). The BLAS product of a lone query reads
-    the float32 vectors through the cache and slows the encoder pass of the next Match that
-    follows (measured on 2 cores, 15,000 phrases: the next single encode 2.1 ms after the int8
-    scan, 3.0 ms after the product); the int8 scores are within ~0.01 of the exact ones, well
-    inside the margin, so the result is the exact top-k.
+    best, then their exact float32 scores, top-k of those: the exact top-k, as long as the int8
+    error never moves a true neighbour past the margin. The BLAS product of a lone query reads the
+    float32 vectors and slows the encoder pass of the Match that follows; the figures are in
+    docs/performance.md ("Against the measured bound").
 
     A search reads one immutable snapshot, so changes never block it; they copy the vectors,
     cheap at the sizes this index is used for."""
@@ -215,9 +213,12 @@ class FlatIndex:
             out = np.flatnonzero(excluded)
             if len(out):
                 first, last = int(out[0]), int(out[-1]) + 1
-                inner = faiss.IDSelectorRange(first, last) if last - first == len(out) else faiss.IDSelectorBatch(out)
                 params = faiss.SearchParameters()
-                params.sel = faiss.IDSelectorNot(inner)
+                if last - first == len(out):  # positions follow ids: one range, as an index by id has
+                    params.sel = _excluding((first, last))
+                else:
+                    batch = faiss.IDSelectorBatch(out)
+                    params.sel = faiss.IDSelectorNot(batch)
         _, positions = coarse.search(np.ascontiguousarray(queries * 127.0), count, params=params)
         return positions
 
