@@ -8,9 +8,12 @@ calibration set) whenever they change, in a worker thread, and swapped in whole:
   `Candidate.score`) and the mean of its top-5 neighbour similarities (`knn`);
 - a multinomial logistic-regression head over the embeddings (`lr`, the raw logit), trained with
   full-batch L-BFGS, warm-started from the previous model's weights of the intents that remain;
-- a TF-IDF (word 1-2 grams) linear SVM over the phrase texts (`svm`, its decision value).
+- two TF-IDF linear SVMs over the phrase texts, one by words (1-2 grams, `svm`) and one by
+  characters within words (2-5 grams, `char`: what a typo or an inflection leaves of a word), their
+  decision values.
 
-The fused score of a candidate is `lr + svm_weight·svm + knn_weight·knn` (`Candidate.confidence`).
+The fused score of a candidate is `lr + svm_weight·svm + char_svm_weight·char + knn_weight·knn`
+(`Candidate.confidence`).
 A large group (`DecisionConfig.heads_max_phrases`) has no heads: its score is
 `knn_weight·knn + centroid_weight·centroid`, the second the cosine of the utterance with the mean of
 the intent's phrase vectors; both depend on an intent's own phrases only, so a participant change
@@ -27,6 +30,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +59,7 @@ class Scored:
     bot_id: str
     intent: str
     confidence: float
-    """Fused score (lr + svm + knn)."""
+    """Fused score (lr + svm + char + knn)."""
     score: float
     """Cosine similarity of the best phrase of the intent."""
     matched_phrase: str
@@ -94,44 +98,73 @@ def decide(ranked: Sequence[Scored], margin: float) -> Verdict:
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 """sklearn's default `token_pattern`."""
+_WHITE_SPACES = re.compile(r"\s\s+")
+"""sklearn's `_white_spaces`, normalised before character n-grams."""
 
 
 def _word_1_2_grams(text: str) -> list[str]:
     """The terms sklearn's `TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()` gives (lower
     case, its token pattern, the words then the pairs of neighbours joined by a space), without
-    importing sklearn; tests/test_decision.py checks they are equal."""
+    importing sklearn; tests/test_encoder_speed.py checks they are equal."""
     words = _TOKEN.findall(text.lower())
     return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 
+def _char_wb_2_5_grams(text: str) -> list[str]:
+    """The terms of sklearn's `TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5))`: per word
+    (lower case, split on white space) padded with a space each side, its 2- to 5-character
+    n-grams, a word shorter than n counted once; tests/test_encoder_speed.py checks they are equal."""
+    grams: list[str] = []
+    for word in _WHITE_SPACES.sub(" ", text.lower()).split():
+        w = f" {word} "
+        for n in range(2, 6):
+            grams.extend(w[i : i + n] for i in range(max(len(w) - n, 0) + 1))
+            if len(w) <= n:
+                break
+    return grams
+
+
+ANALYZERS = {"word": _word_1_2_grams, "char_wb": _char_wb_2_5_grams}
+"""The terms each kind of lexical SVM reads, by the name persisted with its head."""
+_VECTORIZER_ARGS: dict[str, dict[str, Any]] = {
+    "word": {"ngram_range": (1, 2)},
+    "char_wb": {"analyzer": "char_wb", "ngram_range": (2, 5)},
+}
+
+
 class LexicalSvm:
-    """A TF-IDF (word 1-2 grams, sublinear tf) linear SVM over phrase texts.
+    """A TF-IDF (sublinear tf) linear SVM over phrase texts, by words (1-2 grams, `analyzer="word"`)
+    or by characters within words (2-5 grams, `"char_wb"`: spelling variants, inflections and typos
+    share most of their n-grams where they share no word).
 
     Scoring does sklearn's arithmetic (`TfidfVectorizer.transform` then `LinearSVC.decision_function`,
-    the same values to 1e-12) without its per-call input validation, which costs more than the
+    the same values to 1e-9) without its per-call input validation, which costs more than the
     arithmetic for a micro-batch of short utterances (4 ms a call against 0.1 ms)."""
 
     @staticmethod
-    def _vectorizer():
-        """What `fit` uses; scoring analyses texts with `_word_1_2_grams`, the same terms without
+    def _vectorizer(analyzer: str):
+        """What `fit` uses; scoring analyses texts with `ANALYZERS`, the same terms without
         importing sklearn (seconds on a loaded machine: heads restored from their cache need none)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        return TfidfVectorizer(sublinear_tf=True, **_VECTORIZER_ARGS[analyzer])
 
     @classmethod
-    def fit(cls, texts: Sequence[str], labels: np.ndarray) -> LexicalSvm:
+    def fit(cls, texts: Sequence[str], labels: np.ndarray, analyzer: str = "word") -> LexicalSvm:
         from sklearn.svm import LinearSVC
 
-        vectorizer = cls._vectorizer()
+        vectorizer = cls._vectorizer(analyzer)
         # A fixed seed: liblinear shuffles with it, and replicas must train the same head.
         svm = LinearSVC(C=1.0, random_state=0).fit(vectorizer.fit_transform(texts), labels)
-        return cls(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_)
+        return cls(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_, analyzer)
 
-    def __init__(self, vocabulary: dict[str, int], idf, weights, intercept, classes) -> None:
+    def __init__(self, vocabulary: dict[str, int], idf, weights, intercept, classes, analyzer: str = "word") -> None:
         """From a fitted `TfidfVectorizer` (vocabulary, idf) and the `LinearSVC` fitted on its output
-        (weights: one row per n-gram, intercept, classes)."""
-        self._analyze = _word_1_2_grams
+        (weights: one row per n-gram, intercept, classes); `analyzer`: a name of `ANALYZERS`."""
+        if analyzer not in ANALYZERS:
+            raise ValueError(f"unknown lexical analyzer {analyzer!r} (one of {sorted(ANALYZERS)})")
+        self.analyzer = analyzer
+        self._analyze = ANALYZERS[analyzer]
         self._vocabulary = {str(term): int(i) for term, i in vocabulary.items()}
         self._idf = np.asarray(idf, np.float64)
         self._weights = np.ascontiguousarray(weights, np.float64)
@@ -140,7 +173,7 @@ class LexicalSvm:
         """The label of each column of `decision_function`."""
 
     def state(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-        """(vocabulary, arrays): what the constructor takes, to persist without pickle."""
+        """(vocabulary, arrays): with `analyzer`, what the constructor takes, to persist without pickle."""
         return self._vocabulary, {
             "idf": self._idf,
             "weights": self._weights,
@@ -239,6 +272,8 @@ class Heads:
     svm: LexicalSvm | None
     tau: float
     calibration: dict
+    char_svm: LexicalSvm | None = None
+    """The character n-gram SVM (`DecisionConfig.char_svm_weight` above 0)."""
 
 
 class GroupModel:
@@ -286,10 +321,11 @@ class GroupModel:
         self.W = np.zeros((dim, n), np.float32)
         self.b = np.zeros(n, np.float32)
         self._svm: LexicalSvm | None = None
+        self._char_svm: LexicalSvm | None = None
         if heads is not None:
             if heads.classes != self.classes:
                 raise ValueError("the heads were trained for other intents")
-            self.W, self.b, self._svm = heads.W, heads.b, heads.svm
+            self.W, self.b, self._svm, self._char_svm = heads.W, heads.b, heads.svm, heads.char_svm
             self.tau, self.calibration = heads.tau, dict(heads.calibration)
         elif n >= 2 and not self.large:
             t = time.perf_counter()
@@ -297,11 +333,13 @@ class GroupModel:
             self.times.lr = time.perf_counter() - t
             t = time.perf_counter()
             self._svm = LexicalSvm.fit(self.texts, self.row_class)
+            if config.char_svm_weight:
+                self._char_svm = LexicalSvm.fit(self.texts, self.row_class, analyzer="char_wb")
             self.times.svm = time.perf_counter() - t
 
     def heads(self) -> Heads:
         """What training and calibration produced, to persist (see router/model_cache.py)."""
-        return Heads(list(self.classes), self.W, self.b, self._svm, self.tau, dict(self.calibration))
+        return Heads(list(self.classes), self.W, self.b, self._svm, self.tau, dict(self.calibration), self._char_svm)
 
     def updated(self, changed: Mapping[str, Sequence[IntentPhrases]], vectors: np.ndarray) -> GroupModel:
         """This large group's model after the bots of `changed` replaced their intents (an empty
@@ -438,9 +476,11 @@ class GroupModel:
             fused[:, : len(self.centroids)] += cfg.centroid_weight * (np.asarray(Q, np.float32) @ self.centroids.T)
         if self._svm is not None:
             fused = fused + np.asarray(Q, np.float32) @ self.W + self.b
-            svm = np.zeros((nq, n), np.float32)
-            svm[:, self._svm.classes] = self._svm.decision_function(texts)
-            fused = fused + cfg.svm_weight * svm
+            for head, weight in ((self._svm, cfg.svm_weight), (self._char_svm, cfg.char_svm_weight)):
+                if head is not None:
+                    svm = np.zeros((nq, n), np.float32)
+                    svm[:, head.classes] = head.decision_function(texts)
+                    fused = fused + weight * svm
         cand = cnt > 0
         qi, ci = np.nonzero(cand)
         rank_key = self._bot_scores(fused, cand)[qi, ci] if cfg.bot_first else fused[qi, ci]

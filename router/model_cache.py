@@ -39,7 +39,7 @@ from router.decision import Heads, LexicalSvm
 
 log = get_logger(__name__)
 
-FORMAT = "mbc-heads-4"
+FORMAT = "mbc-heads-5"
 """Bump when what is stored, or how the heads are trained, changes: older files are then misses."""
 MAX_FILES = 1024
 """Files kept, most recently used first: one per group (and calibration set) in use, and a mesh
@@ -47,6 +47,8 @@ may have hundreds of groups ..."""
 MAX_BYTES = 1 << 30
 """... within this many bytes: the SVM head is dense (40 MB for the 15,000 phrases and 150 intents
 of the CLINC150 mesh)."""
+SVM_PREFIXES = ("svm_", "char_svm_")
+"""The archive entries of `Heads.svm` and `Heads.char_svm` start with these."""
 DIRECTORY = "models"
 """Beside the embeddings file, in the same cache directory."""
 
@@ -70,19 +72,25 @@ def heads_key(model_id: str, config: DecisionConfig, intents: Sequence[IntentPhr
 def heads_to_bytes(heads: Heads) -> bytes:
     """`heads` as an .npz archive: arrays and one JSON document (what the cache files and the
     replicas' `RouterPeers.GetHeads` carry)."""
-    vocabulary, svm = heads.svm.state() if heads.svm is not None else (None, {})
-    meta = {
-        "format": FORMAT,
-        "classes": [list(c) for c in heads.classes],
-        "tau": heads.tau,
-        "calibration": heads.calibration,
-        "vocabulary": vocabulary,
-    }
-    arrays = {"W": heads.W, "b": heads.b, **{f"svm_{name}": value for name, value in svm.items()}}
+    meta = {"format": FORMAT, "classes": [list(c) for c in heads.classes], "tau": heads.tau, "calibration": heads.calibration}
+    arrays = {"W": heads.W, "b": heads.b}
+    for prefix, svm in zip(SVM_PREFIXES, (heads.svm, heads.char_svm)):
+        vocabulary, svm_arrays = svm.state() if svm is not None else (None, {})
+        meta[f"{prefix}vocabulary"] = vocabulary
+        meta[f"{prefix}analyzer"] = svm.analyzer if svm is not None else None
+        arrays.update({f"{prefix}{name}": value for name, value in svm_arrays.items()})
     out = io.BytesIO()
     # allow_pickle: numpy's default, given so that mypy does not match **arrays against it.
     np.savez(out, allow_pickle=True, meta=np.array(json.dumps(meta, default=float)), **arrays)
     return out.getvalue()
+
+
+def _svm_from(meta: dict, arrays, prefix: str) -> LexicalSvm | None:
+    """The lexical SVM stored under `prefix`, or None where there was none."""
+    if meta[f"{prefix}vocabulary"] is None:
+        return None
+    idf, weights, intercept, classes = (arrays[f"{prefix}{name}"] for name in ("idf", "weights", "intercept", "classes"))
+    return LexicalSvm(meta[f"{prefix}vocabulary"], idf, weights, intercept, classes, meta[f"{prefix}analyzer"])
 
 
 def heads_from_bytes(data: bytes) -> Heads | None:
@@ -93,13 +101,9 @@ def heads_from_bytes(data: bytes) -> Heads | None:
             meta = json.loads(str(arrays["meta"]))
             if meta["format"] != FORMAT:
                 return None
-            svm = None
-            if meta["vocabulary"] is not None:
-                svm = LexicalSvm(
-                    meta["vocabulary"], arrays["svm_idf"], arrays["svm_weights"], arrays["svm_intercept"], arrays["svm_classes"]
-                )
+            svm, char_svm = (_svm_from(meta, arrays, prefix) for prefix in SVM_PREFIXES)
             classes = [tuple(c) for c in meta["classes"]]
-            return Heads(classes, arrays["W"], arrays["b"], svm, float(meta["tau"]), meta["calibration"])
+            return Heads(classes, arrays["W"], arrays["b"], svm, float(meta["tau"]), meta["calibration"], char_svm)
     except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
         raise ValueError(f"not a heads archive: {e}") from e
 

@@ -530,3 +530,20 @@ def test_a_registered_phrase_ranks_its_own_intent_first_without_heads(encoder):
 
     assert first(2.0) == ("chat", "maybe")  # the rule off: the fused scores alone rank it second
     assert first(DecisionConfig().registered_cosine) == ("places", "current_location")
+
+
+def test_a_misspelled_message_is_ranked_by_the_words_it_misspells(encoder, vectors):
+    """Typos defeat the word SVM and blur the embedding; the character n-gram SVM still reads
+    "crad" as "card": the consumer who types fast reaches the cards bot, not travel."""
+    calibration = _input(encoder, [])
+    typed = "activaet my nwe crad"
+    Q = encoder.encode([typed])
+
+    def first(char_svm_weight: float) -> tuple[str, str]:
+        model = build_group_model(INTENTS, vectors, encoder.dim, DecisionConfig(char_svm_weight=char_svm_weight), calibration)
+        assert (model.heads().char_svm is not None) == (char_svm_weight > 0)
+        top = model.rank(Q[0], typed)[0]
+        return top.bot_id, top.intent
+
+    assert first(0.0) == ("travel", "book_flight")  # without it: another bot
+    assert first(DecisionConfig().char_svm_weight) == ("cards", "activate_card")

@@ -519,13 +519,12 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
 
 
 @pytest.mark.unit
-def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it() -> None:
-    """Restored heads score with our analyser (no sklearn import before SERVING): same terms."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+@pytest.mark.parametrize("analyzer", ["word", "char_wb"])
+def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it(analyzer: str) -> None:
+    """Restored heads score with our analysers (no sklearn import before SERVING): same terms."""
+    from router.decision import ANALYZERS, LexicalSvm
 
-    from router.decision import _word_1_2_grams
-
-    analyze = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).build_analyzer()
+    analyze = LexicalSvm._vectorizer(analyzer).build_analyzer()
     texts = [
         *UTTERANCES,
         "",
@@ -536,36 +535,38 @@ def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it() -> None:
         "tabs\tand\nnewlines  and   spaces",
         "日本語のテキスト と 中文 文本",
         "it's £5, or 5€ — fine?!",
+        " leading, trailing and a  double space ",
+        "ab abc abcd abcde abcdef",
         *_phrases(),
     ]
     for text in texts:
-        assert _word_1_2_grams(text) == analyze(text), text
+        assert ANALYZERS[analyzer](text) == analyze(text), text
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("classes", [2, 5])
-def test_lexical_svm_scores_like_sklearn(classes: int) -> None:
-    """The router's SVM head skips sklearn's per-call validation, not its arithmetic."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+@pytest.mark.parametrize("analyzer", ["word", "char_wb"])
+def test_lexical_svm_scores_like_sklearn(classes: int, analyzer: str) -> None:
+    """The router's SVM heads skip sklearn's per-call validation, not its arithmetic."""
     from sklearn.svm import LinearSVC
 
     from router.decision import LexicalSvm
 
     texts = [f"{t} {w}" for t in UTTERANCES for w in ("please", "now", "today for me")]
     labels = np.arange(len(texts)) % classes
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    vectorizer = LexicalSvm._vectorizer(analyzer)
     svm = LinearSVC(C=1.0).fit(vectorizer.fit_transform(texts), labels)
     queries = [*UTTERANCES[:4], "card card card declined declined", "zzz unknown words only", "", "LOST my CARD!!"]
     expected = svm.decision_function(vectorizer.transform(queries))
     if classes == 2:
         expected = np.stack([-expected, expected], axis=1)
-    head = LexicalSvm(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_)
+    head = LexicalSvm(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_, analyzer)
     got = head.decision_function(queries)
     assert got.shape == (len(queries), classes)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
     assert list(head.classes) == list(range(classes))
     vocabulary, arrays = head.state()  # what a restarted router reads back scores the same
-    np.testing.assert_array_equal(LexicalSvm(vocabulary, **arrays).decision_function(queries), got)
+    np.testing.assert_array_equal(LexicalSvm(vocabulary, **arrays, analyzer=analyzer).decision_function(queries), got)
 
 
 def _brute_force_cost(lengths: list[int], overhead: float, max_pass: int) -> float:

@@ -5,6 +5,7 @@ replicas themselves, started at once, are in tests/test_router_replicas.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -50,6 +51,7 @@ async def test_peers_count_this_replica_even_before_its_record_is_listed():
 def test_heads_travel_as_bytes_and_come_back_equal():
     texts = ["lost my card", "card stolen", "open an account", "new savings account"]
     svm = LexicalSvm.fit(texts, np.array([0, 0, 1, 1]))
+    char_svm = LexicalSvm.fit(texts, np.array([0, 0, 1, 1]), analyzer="char_wb")
     rng = np.random.default_rng(0)
     heads = Heads(
         [("cards", "lost"), ("accounts", "open")],
@@ -58,11 +60,16 @@ def test_heads_travel_as_bytes_and_come_back_equal():
         svm,
         0.25,
         {"method": "test"},
+        char_svm,
     )
     back = heads_from_bytes(heads_to_bytes(heads))
     assert back is not None and back.classes == heads.classes and back.tau == 0.25 and back.calibration == {"method": "test"}
     assert np.array_equal(back.W, heads.W) and np.array_equal(back.b, heads.b)
     assert back.svm is not None and np.array_equal(back.svm.decision_function(texts), svm.decision_function(texts))
+    assert back.char_svm is not None and back.char_svm.analyzer == "char_wb"
+    assert np.array_equal(back.char_svm.decision_function(["lost my crad"]), char_svm.decision_function(["lost my crad"]))
+    no_char = heads_from_bytes(heads_to_bytes(dataclasses.replace(heads, char_svm=None)))
+    assert no_char is not None and no_char.char_svm is None
     with pytest.raises(ValueError, match="not a heads archive"):
         heads_from_bytes(b"not an archive")
 

@@ -325,6 +325,9 @@ class DecisionConfig:
     """Weight of that kNN feature in the fused score."""
     svm_weight: float = 1.0
     """Weight of the TF-IDF linear SVM decision value in the fused score."""
+    char_svm_weight: float = 2.0
+    """Weight of a second TF-IDF linear SVM, over character 2-5 grams within words, in the fused
+    score (0: not trained). It reads what words miss: inflections, compounds, typos."""
     lr_weight_decay: float = 3e-6
     """L2 penalty of the logistic-regression head over the embeddings."""
     lr_iterations: int = 200
