@@ -7,6 +7,7 @@ intent the group lacks, which the far-domain generic set alone lets through."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -34,14 +35,15 @@ def _group(seed: int, spread: float, intents: int = 10, phrases: int = 12, near:
     """`intents` intents of 2 each per bot, each a cluster of `phrases` phrase vectors around its
     centre; all the centres near one domain direction (a near domain), and one more intent of that
     domain that no bot registered: its messages, and far-domain generic ones, come back too. The
-    texts are alike (the lexical head tells no intent from another): the vectors decide."""
+    texts share nothing but "a phrase" and a random tag each (neither lexical head, by words or by
+    characters, tells an intent from another): the vectors decide."""
     rng = np.random.default_rng(seed)
     domain = rng.normal(0, 1, DIM)
     centres = domain + rng.normal(0, near, (intents + 1, DIM))
     entries, rows = [], []
     for c in range(intents):
         rows.append(_unit(centres[c] + rng.normal(0, spread, (phrases, DIM))))
-        words = tuple(f"a phrase {j} {c}" for j in range(phrases))
+        words = tuple(f"a phrase {hashlib.sha256(f'{c} {j}'.encode()).hexdigest()[:8]}" for j in range(phrases))
         entries.append(IntentPhrases(f"bot{c // 2}", f"intent{c}", words))
     missing = _unit(centres[intents] + rng.normal(0, spread, (200, DIM)))
     far = _unit(rng.normal(0, 1, (4, DIM))[rng.integers(0, 4, 100)] + rng.normal(0, spread, (100, DIM)))
@@ -136,12 +138,13 @@ def test_small_groups_and_a_zero_share_keep_the_previous_evidence():
 
 def test_a_phrase_another_intent_registered_is_not_near_domain_evidence():
     entries, vectors, *_ = _group(11, 0.3, intents=6, phrases=8)
-    shared = IntentPhrases(entries[0].bot_id, entries[0].intent, (*entries[0].phrases[:-1], "A Phrase 2  3"))
+    other = entries[3].phrases[2]  # registered by intent3, and by intent0 in other case and spacing
+    shared = IntentPhrases(entries[0].bot_id, entries[0].intent, (*entries[0].phrases[:-1], other.upper().replace(" ", "  ")))
     entries = [shared, *entries[1:]]
     model = GroupModel(entries, vectors, DIM, CONFIG)
     _, held = cross_fit_scores(model, vectors)
     texts = {model.texts[j].casefold() for j in held[0].tolist()}
-    assert "a phrase 2 3" not in texts
+    assert other not in texts
     assert len(held[0]) == len(model.texts) - 2
 
 
