@@ -26,9 +26,10 @@ the gap between the best two bots.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,38 +99,50 @@ def decide(ranked: Sequence[Scored], margin: float) -> Verdict:
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 """sklearn's default `token_pattern`."""
-_WHITE_SPACES = re.compile(r"\s\s+")
-"""sklearn's `_white_spaces`, normalised before character n-grams."""
 
 
 def _word_1_2_grams(text: str) -> list[str]:
     """The terms sklearn's `TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()` gives (lower
     case, its token pattern, the words then the pairs of neighbours joined by a space), without
-    importing sklearn; tests/test_encoder_speed.py checks they are equal."""
+    importing sklearn."""
     words = _TOKEN.findall(text.lower())
     return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 
-def _char_wb_2_5_grams(text: str) -> list[str]:
-    """The terms of sklearn's `TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5))`: per word
-    (lower case, split on white space) padded with a space each side, its 2- to 5-character
-    n-grams, a word shorter than n counted once; tests/test_encoder_speed.py checks they are equal."""
+def _char_wb_2_5_grams_of_word(word: str) -> list[str]:
+    """sklearn's `char_wb` terms (2-5) of one word: padded with a space each side, its 2- to
+    5-character n-grams, a word no longer than n counted once."""
+    w = f" {word} "
     grams: list[str] = []
-    for word in _WHITE_SPACES.sub(" ", text.lower()).split():
-        w = f" {word} "
-        for n in range(2, 6):
-            grams.extend(w[i : i + n] for i in range(max(len(w) - n, 0) + 1))
-            if len(w) <= n:
-                break
+    for n in range(2, 6):
+        grams.extend(w[i : i + n] for i in range(max(len(w) - n, 0) + 1))
+        if len(w) <= n:
+            break
     return grams
 
 
-ANALYZERS = {"word": _word_1_2_grams, "char_wb": _char_wb_2_5_grams}
-"""The terms each kind of lexical SVM reads, by the name persisted with its head."""
+ANALYZERS: dict[str, tuple[Callable[[str], list[str]], Callable[[str], list[str]]]] = {
+    "word": (lambda text: [text], _word_1_2_grams),
+    "char_wb": (lambda text: text.lower().split(), _char_wb_2_5_grams_of_word),
+}
+"""Per kind of lexical SVM (the name persisted with its head): how a text is cut into parts whose
+terms do not depend on one another (the whole text for word pairs; each word for character
+n-grams within words), and the terms of a part."""
 _VECTORIZER_ARGS: dict[str, dict[str, Any]] = {
     "word": {"ngram_range": (1, 2)},
     "char_wb": {"analyzer": "char_wb", "ngram_range": (2, 5)},
 }
+PART_CACHE_SIZE = 20_000
+"""Parts (words, for character n-grams) whose term ids a lexical SVM keeps: an utterance's words
+mostly came before, and cutting a word into n-grams in Python costs more than scoring them."""
+
+
+def analyze(analyzer: str, text: str) -> list[str]:
+    """The terms of `text` for a lexical SVM of kind `analyzer`: those of sklearn's
+    `TfidfVectorizer` with `LexicalSvm._vectorizer`'s arguments, without importing sklearn
+    (tests/test_encoder_speed.py checks they are equal)."""
+    parts, terms = ANALYZERS[analyzer]
+    return [term for part in parts(text) for term in terms(part)]
 
 
 class LexicalSvm:
@@ -139,11 +152,12 @@ class LexicalSvm:
 
     Scoring does sklearn's arithmetic (`TfidfVectorizer.transform` then `LinearSVC.decision_function`,
     the same values to 1e-9) without its per-call input validation, which costs more than the
-    arithmetic for a micro-batch of short utterances (4 ms a call against 0.1 ms)."""
+    arithmetic for a micro-batch of short utterances (4 ms a call against 0.1 ms), for a whole
+    micro-batch at once."""
 
     @staticmethod
     def _vectorizer(analyzer: str):
-        """What `fit` uses; scoring analyses texts with `ANALYZERS`, the same terms without
+        """What `fit` uses; scoring analyses texts with `analyze`, the same terms without
         importing sklearn (seconds on a loaded machine: heads restored from their cache need none)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -164,7 +178,9 @@ class LexicalSvm:
         if analyzer not in ANALYZERS:
             raise ValueError(f"unknown lexical analyzer {analyzer!r} (one of {sorted(ANALYZERS)})")
         self.analyzer = analyzer
-        self._analyze = ANALYZERS[analyzer]
+        self._parts, self._terms = ANALYZERS[analyzer]
+        self._part_ids: dict[str, list[int]] = {}
+        """Term ids of the parts seen, at most `PART_CACHE_SIZE` (a lost race computes one twice)."""
         self._vocabulary = {str(term): int(i) for term, i in vocabulary.items()}
         self._idf = np.asarray(idf, np.float64)
         self._weights = np.ascontiguousarray(weights, np.float64)
@@ -181,19 +197,36 @@ class LexicalSvm:
             "classes": self.classes,
         }
 
+    def _term_ids(self, text: str) -> list[int]:
+        """The vocabulary ids of `text`'s terms, in order, repeats kept (unknown terms dropped)."""
+        out: list[int] = []
+        cache, vocabulary = self._part_ids, self._vocabulary
+        for part in self._parts(text):
+            ids = cache.get(part)
+            if ids is None:
+                ids = [i for i in map(vocabulary.get, self._terms(part)) if i is not None]
+                if len(cache) < PART_CACHE_SIZE:
+                    cache[part] = ids
+            out.extend(ids)
+        return out
+
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), len(classes)) decision values."""
-        out = np.empty((len(texts), self._weights.shape[1]), np.float64)
-        vocabulary = self._vocabulary
-        for q, text in enumerate(texts):
-            terms = [i for i in map(vocabulary.get, self._analyze(text)) if i is not None]
-            if not terms:
-                out[q] = 0.0
-                continue
-            ids, counts = np.unique(terms, return_counts=True)
+        out = np.zeros((len(texts), self._weights.shape[1]), np.float64)
+        ids_of = [self._term_ids(text) for text in texts]
+        lengths = np.fromiter(map(len, ids_of), np.int64, len(texts))
+        if lengths.any():
+            # Each (text, term) once with its count: the texts' term ids, keyed by text then id.
+            keys = np.repeat(np.arange(len(texts), dtype=np.int64), lengths) * len(self._idf)
+            keys += np.fromiter(itertools.chain.from_iterable(ids_of), np.int64, int(lengths.sum()))
+            keys, counts = np.unique(keys, return_counts=True)
+            rows, ids = np.divmod(keys, len(self._idf))
             tfidf = (np.log(counts) + 1.0) * self._idf[ids]
-            tfidf /= np.sqrt(tfidf @ tfidf)
-            out[q] = tfidf @ self._weights[ids]
+            tfidf /= np.sqrt(np.bincount(rows, tfidf * tfidf))[rows]
+            terms, column = np.unique(ids, return_inverse=True)
+            matrix = np.zeros((len(texts), len(terms)), np.float64)
+            matrix[rows, column] = tfidf
+            out += matrix @ self._weights[terms]
         out += self._intercept
         if len(self.classes) == 2:  # two classes: sklearn gives one value, for the second
             out = np.concatenate([-out, out], axis=1)

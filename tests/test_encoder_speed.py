@@ -522,9 +522,9 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
 @pytest.mark.parametrize("analyzer", ["word", "char_wb"])
 def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it(analyzer: str) -> None:
     """Restored heads score with our analysers (no sklearn import before SERVING): same terms."""
-    from router.decision import ANALYZERS, LexicalSvm
+    from router.decision import LexicalSvm, analyze
 
-    analyze = LexicalSvm._vectorizer(analyzer).build_analyzer()
+    sklearn_analyze = LexicalSvm._vectorizer(analyzer).build_analyzer()
     texts = [
         *UTTERANCES,
         "",
@@ -540,7 +540,7 @@ def test_lexical_svm_analyses_texts_like_sklearn_without_importing_it(analyzer: 
         *_phrases(),
     ]
     for text in texts:
-        assert ANALYZERS[analyzer](text) == analyze(text), text
+        assert analyze(analyzer, text) == sklearn_analyze(text), text
 
 
 @pytest.mark.unit
@@ -565,6 +565,8 @@ def test_lexical_svm_scores_like_sklearn(classes: int, analyzer: str) -> None:
     assert got.shape == (len(queries), classes)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
     assert list(head.classes) == list(range(classes))
+    # One at a time (each word's terms now cached) as in a micro-batch.
+    np.testing.assert_allclose(np.vstack([head.decision_function([q]) for q in queries]), got, rtol=0, atol=1e-12)
     vocabulary, arrays = head.state()  # what a restarted router reads back scores the same
     np.testing.assert_array_equal(LexicalSvm(vocabulary, **arrays, analyzer=analyzer).decision_function(queries), got)
 
