@@ -45,8 +45,8 @@ MAX_FILES = 1024
 """Files kept, most recently used first: one per group (and calibration set) in use, and a mesh
 may have hundreds of groups ..."""
 MAX_BYTES = 1 << 30
-"""... within this many bytes: the SVM head is dense (40 MB for the 15,000 phrases and 150 intents
-of the CLINC150 mesh)."""
+"""... within this many bytes: the SVM heads are dense (44 MB, float32, for the 15,000 phrases and
+150 intents of the CLINC150 mesh)."""
 SVM_PREFIXES = ("svm_", "char_svm_")
 """The archive entries of `Heads.svm` and `Heads.char_svm` start with these."""
 DIRECTORY = "models"

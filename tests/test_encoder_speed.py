@@ -563,10 +563,10 @@ def test_lexical_svm_scores_like_sklearn(classes: int, analyzer: str) -> None:
     head = LexicalSvm(vectorizer.vocabulary_, vectorizer.idf_, svm.coef_.T, svm.intercept_, svm.classes_, analyzer)
     got = head.decision_function(queries)
     assert got.shape == (len(queries), classes)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)  # float32 weights
     assert list(head.classes) == list(range(classes))
     # One at a time (each word's terms now cached) as in a micro-batch.
-    np.testing.assert_allclose(np.vstack([head.decision_function([q]) for q in queries]), got, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.vstack([head.decision_function([q]) for q in queries]), got, rtol=0, atol=1e-6)
     vocabulary, arrays = head.state()  # what a restarted router reads back scores the same
     np.testing.assert_array_equal(LexicalSvm(vocabulary, **arrays, analyzer=analyzer).decision_function(queries), got)
 
