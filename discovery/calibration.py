@@ -10,26 +10,19 @@ reading them reads `current` again).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import inspect
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from discovery.errors import EtcdError, EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient
+from discovery.following import EtcdFollower
 from discovery.keys import CALIBRATION_CURRENT, calibration_chunk_prefix
-from mbc.runtime.logs import get_logger
-
-log = get_logger(__name__)
 
 CHUNK_BYTES = 1_000_000
 """Bytes of the set per key: one put stays well under etcd's default 1.5 MiB request limit."""
 MAX_SET_BYTES = 64 * CHUNK_BYTES
 """A larger set is refused when written: every router reads the whole set on every change."""
-_RETRY_FIRST, _RETRY_CAP = 0.2, 2.0
 
 
 class CalibrationTooLarge(ValueError):
@@ -110,63 +103,16 @@ async def read_calibration(client: EtcdClient) -> StoredCalibration | None:
     return StoredCalibration(data.decode(), digest, current.mod_revision)
 
 
-class CalibrationWatcher:
-    """Calls `on_change(set or None)` with the set in etcd: once read first, then on every change.
-    On errors it backs off and reads again; it stops only when stop() is called."""
+class CalibrationWatcher(EtcdFollower["StoredCalibration | None"]):
+    """Calls `on_change(set or None)` with the set in etcd: once read first, then on every change
+    of its digest (discovery/following.py)."""
 
     def __init__(self, client: EtcdClient, on_change: Callable[[StoredCalibration | None], Awaitable[None] | None]) -> None:
-        self._client = client
-        self._on_change = on_change
-        self._task: asyncio.Task[None] | None = None
-        self._first = asyncio.Event()
-        self._failures = 0
-        self._digest: str | None = ""
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="calibration-watcher")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-
-    async def wait_first(self, timeout: float | None = None) -> None:
-        """Until the set in etcd (or its absence) has been delivered once; TimeoutError after `timeout`."""
-        await asyncio.wait_for(self._first.wait(), timeout)
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._read_and_watch()
-            except (EtcdError, ValueError) as e:
-                level = log.warning if self._failures == 0 else log.debug
-                level("calibration_watch_interrupted", error=str(e), compacted=isinstance(e, WatchCompacted))
-            except Exception as e:
-                log.exception("calibration_watcher_failed", error=repr(e))
-            self._failures += 1
-            await asyncio.sleep(min(_RETRY_CAP, _RETRY_FIRST * 2 ** (self._failures - 1)))
-
-    async def _read_and_watch(self) -> None:
-        _, revision = await self._client.get_prefixes([CALIBRATION_CURRENT])
-        await self._deliver()
-        self._failures = 0
-        events = self._client.watch_prefix(CALIBRATION_CURRENT, revision + 1)
-        async with contextlib.aclosing(events):
-            async for _ in events:
-                await self._deliver()
-        raise EtcdUnavailable("the calibration watch ended")
-
-    async def _deliver(self) -> None:
-        stored = await read_calibration(self._client)
-        digest = stored.digest if stored is not None else None
-        if digest != self._digest:
-            self._digest = digest
-            try:
-                result = self._on_change(stored)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as e:
-                log.exception("on_change_failed", what="calibration", error=repr(e))
-        self._first.set()
+        super().__init__(
+            client,
+            "calibration",
+            CALIBRATION_CURRENT,
+            read_calibration,
+            on_change,
+            lambda stored: stored.digest if stored is not None else None,
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from google.protobuf.message import DecodeError
+
 from discovery.etcd_client import EtcdClient
 from discovery.keys import validate_name
 from mbc.runtime.logs import get_logger
@@ -63,3 +65,22 @@ class GroupSettingsCache:
                 log.warning("group_settings_unreadable", group=self._group, error=str(e))
             self._read_at = time.monotonic()
         return self._settings
+
+
+async def read_decision_costs(client: EtcdClient) -> dict[str, participant_pb2.DecisionCosts]:
+    """The decision costs of every group whose settings set some (`GroupSettings.decision_costs`);
+    a settings record that cannot be read is left out, with a warning."""
+    items, _ = await client.get_prefix(GROUPS_PREFIX)
+    out: dict[str, participant_pb2.DecisionCosts] = {}
+    for kv in items:
+        group, _, leaf = kv.key[len(GROUPS_PREFIX) :].partition("/")
+        if leaf != "settings":
+            continue
+        try:
+            settings = participant_pb2.GroupSettings.FromString(kv.value)
+        except DecodeError as e:
+            log.warning("group_settings_unreadable", group=group, error=str(e))
+            continue
+        if settings.HasField("decision_costs") and settings.decision_costs.ListFields():
+            out[group] = settings.decision_costs
+    return out

@@ -45,6 +45,7 @@ their weight buys near-domain refusals with in-scope fallbacks (docs/routing-qua
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -55,6 +56,7 @@ import numpy as np
 from mbc.runtime.calibration_set import Example
 from mbc.runtime.config import DecisionConfig
 from mbc.runtime.matching import IntentPhrases
+from mbc.v1 import participant_pb2
 from router.decision import GroupModel, Heads
 
 GENERIC_NONE_PATH = Path(__file__).resolve().parent / "data" / "generic_none.txt"
@@ -72,6 +74,30 @@ class CalibrationInput:
     vectors: np.ndarray
     generic: Sequence[str]
     generic_vectors: np.ndarray
+    costs: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """The group's own decision costs (`cost_overrides`): `DecisionConfig` fields, by name."""
+
+
+COST_SETTINGS = {
+    "wrong_transfer": "cost_wrong_transfer",
+    "fallback": "cost_fallback",
+    "clarify": "cost_clarify",
+    "oos_share": "oos_share",
+}
+"""Each field of a group's `DecisionCosts` (its settings in etcd) and the router setting it overrides."""
+
+
+def cost_overrides(costs: participant_pb2.DecisionCosts) -> dict[str, float]:
+    """The router settings a group's `DecisionCosts` override (the fields it sets), by name;
+    ValueError saying which value is out of range (a cost is finite and at least 0, the out-of-scope
+    share between 0 and 1)."""
+    out = {setting: float(getattr(costs, field)) for field, setting in COST_SETTINGS.items() if costs.HasField(field)}
+    for name, value in out.items():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} is {value}: a cost is a finite number, 0 or more")
+    if not 0 < out.get("oos_share", 0.5) < 1:
+        raise ValueError(f"oos_share is {out['oos_share']}: a share of the messages, above 0 and below 1")
+    return out
 
 
 def for_group(examples: Sequence[Example], group: str) -> list[Example]:
@@ -92,8 +118,12 @@ class Costs:
     `Outcomes.near`), beside `oos_share` for the other none-of-these utterances."""
 
     @classmethod
-    def of(cls, config: DecisionConfig) -> Costs:
-        return cls(config.cost_wrong_transfer, config.cost_fallback, config.cost_clarify, config.oos_share, config.near_oos_share)
+    def of(cls, config: DecisionConfig, overrides: Mapping[str, float] | None = None) -> Costs:
+        """The router's settings, those a group overrides (`cost_overrides`) replaced."""
+        mine = {name: getattr(config, name) for name in COST_SETTINGS.values()} | dict(overrides or {})
+        return cls(
+            mine["cost_wrong_transfer"], mine["cost_fallback"], mine["cost_clarify"], mine["oos_share"], config.near_oos_share
+        )
 
 
 @dataclass(frozen=True)
@@ -244,11 +274,13 @@ def fit_threshold(model: GroupModel, data: CalibrationInput) -> tuple[float, dic
     """τ for `model` and how it was fitted: the threshold that minimises the expected cost of the
     decisions (`choose_threshold`) on the evidence there is (see the module's docstring)."""
     cfg = model.config
-    costs = Costs.of(cfg)
+    costs = Costs.of(cfg, data.costs)
     t0 = time.perf_counter()
     bots = set(model.bots)
     examples = list(data.examples)
     info: dict = {"classes": len(model.classes), "bots": len(bots), "calibration_examples": len(examples)}
+    if data.costs:
+        info["group_costs"] = dict(data.costs)
     calibration = None
     if examples and len(model.classes):
         labels = [(e.bot_id, e.intent) if e.bot_id in bots else ("", "") for e in examples]

@@ -1,4 +1,5 @@
-"""Where a router's calibration set comes from: etcd, shared by every replica.
+"""Where a router's calibration set, and each group's decision costs, come from: etcd, shared by
+every replica.
 
 The set lives in etcd (discovery/calibration.py), written by `mbc calibrate FILE`; each router
 watches it and refits τ when it changes, so all replicas fit τ from the same utterances. A
@@ -6,6 +7,10 @@ watches it and refits τ when it changes, so all replicas fit τ from the same u
 written to etcd when etcd holds none (else the file is left unused, with a log line), and when the
 file changes later (`mbc calibrate FILE --install PATH`) its new set is written to etcd, from where
 every replica, this one included, takes it.
+
+A group's own decision costs are in its settings (`GroupSettings.decision_costs`, written by `mbc
+group GROUP --cost-...`); the router follows every group's settings and refits τ where they change.
+A group whose costs are out of range keeps the router's, with a warning.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from collections.abc import Callable, Sequence
 from discovery.calibration import CalibrationTooLarge, CalibrationWatcher, StoredCalibration, read_calibration, write_calibration
 from discovery.errors import EtcdError
 from discovery.etcd_client import EtcdClient
+from discovery.following import EtcdFollower
+from discovery.groups import GROUPS_PREFIX, read_decision_costs
 from mbc.runtime.calibration_set import CalibrationError, Example, dump_calibration, load_calibration, parse_calibration
 from mbc.runtime.logs import get_logger
+from mbc.v1 import participant_pb2
+from router.calibration import cost_overrides
 
 log = get_logger(__name__)
 
@@ -29,7 +38,8 @@ away: the set is applied, and τ refitted, when it arrives)."""
 
 
 class CalibrationSource:
-    """Feeds `set_calibration` (a RouterCore's) with the set in etcd, seeded from `path` if given."""
+    """Feeds `set_calibration` (a RouterCore's) with the set in etcd, seeded from `path` if given,
+    and `set_group_costs` with the groups' decision costs in etcd."""
 
     def __init__(
         self,
@@ -37,25 +47,30 @@ class CalibrationSource:
         set_calibration: Callable[[Sequence[Example]], object],
         path: str = "",
         file_interval: float = 2.0,
+        set_group_costs: Callable[[dict[str, dict[str, float]]], object] | None = None,
     ) -> None:
         self._client = client
         self._set_calibration = set_calibration
+        self._set_group_costs = set_group_costs
         self._path = path
         self._file_interval = file_interval
         self._mtime: float | None = None
-        self._watcher = CalibrationWatcher(client, self._apply)
+        self._watchers: list[EtcdFollower] = [CalibrationWatcher(client, self._apply)]
+        if set_group_costs is not None:
+            self._watchers.append(EtcdFollower(client, "group_costs", GROUPS_PREFIX, read_decision_costs, self._apply_costs))
         self._file_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Seed etcd from the file, then wait (a while) for the set in etcd: the first models are
-        built with it, not refitted a moment later."""
+        """Seed etcd from the file, then wait (a while) for the set and the costs in etcd: the first
+        models are built with them, not refitted a moment later."""
         if self._path:
             examples = self._read_file()
             if examples is not None:
                 await self._seed(examples)
-        self._watcher.start()
+        for watcher in self._watchers:
+            watcher.start()
         try:
-            await self._watcher.wait_first(FIRST_READ_SECONDS)
+            await asyncio.wait_for(asyncio.gather(*(w.wait_first() for w in self._watchers)), FIRST_READ_SECONDS)
         except TimeoutError:
             log.warning("calibration_not_read", waited_seconds=FIRST_READ_SECONDS, action="building without it until it is")
         if self._path:
@@ -66,7 +81,19 @@ class CalibrationSource:
             self._file_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._file_task
-        await self._watcher.stop()
+        for watcher in self._watchers:
+            await watcher.stop()
+
+    def _apply_costs(self, costs: dict[str, participant_pb2.DecisionCosts]) -> None:
+        assert self._set_group_costs is not None  # followed only then
+        overrides: dict[str, dict[str, float]] = {}
+        for group, stored in sorted(costs.items()):
+            try:
+                overrides[group] = cost_overrides(stored)
+            except ValueError as e:
+                log.warning("group_costs_invalid", group=group, error=str(e), action="the router's costs for this group")
+        self._set_group_costs(overrides)
+        log.info("group_costs_loaded", groups=sorted(overrides))
 
     def _apply(self, stored: StoredCalibration | None) -> None:
         if stored is None:

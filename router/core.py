@@ -212,6 +212,9 @@ class RouterCore:
         """The groups of the first snapshot: the router is ready once each has a model."""
         self._calibration: list[Example] = list(calibration)
         self._calibration_version = 0
+        """Counts the changes of what τ is fitted from (the calibration set, a group's costs)."""
+        self._group_costs: dict[str, dict[str, float]] = {}
+        """Per group that sets some, its own decision costs (`set_group_costs`)."""
         self._ready = asyncio.Event()
         self._serving = asyncio.Event()
         self._provisional: set[str] = set()
@@ -223,7 +226,7 @@ class RouterCore:
         self._swapped = asyncio.Condition()
         self._builders: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(config.training_concurrency)
-        self._waits: dict[str, tuple[asyncio.Event, tuple[IntentPhrases, ...], Sequence[Example]]] = {}
+        self._waits: dict[str, tuple[asyncio.Event, tuple[IntentPhrases, ...], int]] = {}
         """Per group whose build waits for a peer's heads: an event set when the state it waits
         for (intents, calibration set) is no longer the wanted one."""
         self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
@@ -354,6 +357,22 @@ class RouterCore:
 
         Returns the calibration version; `wait_calibrated(version)` waits until it is in use."""
         self._calibration = list(examples)
+        return self._refit_thresholds()
+
+    def set_group_costs(self, costs: Mapping[str, Mapping[str, float]]) -> int:
+        """Each group's own decision costs (`router.calibration.cost_overrides`: router settings by
+        name; a group left out has the router's). Where they change, τ is refitted in the
+        background (no training: the heads do not depend on them); returns the calibration version,
+        as `set_calibration` does."""
+        wanted = {group: dict(c) for group, c in costs.items() if c}
+        if wanted == self._group_costs:
+            return self._calibration_version
+        self._group_costs = wanted
+        return self._refit_thresholds()
+
+    def _refit_thresholds(self) -> int:
+        """What τ is fitted from changed: every group's τ is refitted in the background (a group
+        whose inputs are the same gets the same τ: fitting is deterministic)."""
         self._calibration_version += 1
         if self._state is not None:
             for group in self._wanted:
@@ -364,8 +383,8 @@ class RouterCore:
     def _end_stale_waits(self) -> None:
         """Wakes the builds waiting for a peer's heads of a state no longer wanted (the owner may
         never train it). Only those: a change elsewhere in the mesh leaves the others waiting."""
-        for group, (event, intents, examples) in self._waits.items():
-            if self._wanted.get(group) != intents or self._calibration is not examples:
+        for group, (event, intents, version) in self._waits.items():
+            if self._wanted.get(group) != intents or self._calibration_version != version:
                 event.set()
 
     async def calibrate(self, examples: Sequence[Example], timeout: float | None = None) -> dict[str, dict]:
@@ -437,7 +456,7 @@ class RouterCore:
         while self._stale(group):
             intents, version, examples = self._wanted[group], self._calibration_version, self._calibration
             try:
-                gathered = await self._gather(group, intents, examples)
+                gathered = await self._gather(group, intents, examples, version)
             except Exception:
                 log.exception("group_build_failed", group=group)
                 return  # the next change of the group, or of the calibration, tries again
@@ -510,9 +529,11 @@ class RouterCore:
         mine = for_group(examples, group)
         vectors = await self.encoder.aencode_phrases([e.text for e in mine])
         generic_vectors = await self.encoder.aencode_phrases(self._generic)
-        return CalibrationInput(mine, vectors, self._generic, generic_vectors)
+        return CalibrationInput(mine, vectors, self._generic, generic_vectors, self._group_costs.get(group, {}))
 
-    async def _gather(self, group: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]) -> _Gathered:
+    async def _gather(
+        self, group: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example], version: int
+    ) -> _Gathered:
         """What `group`'s build needs that is not training: the calibration input, the phrase
         vectors (from the cache or the phrases' owners), and trained heads when this replica's
         cache or the group's owner has them."""
@@ -540,7 +561,7 @@ class RouterCore:
             # Heads to train or fetch (seconds to minutes): a group with no trained model is served meanwhile.
             if self.config.provisional_models:
                 await self._serve_provisional(group, intents, vectors, calibration)
-            heads, how = await self._heads_from_owner(group, key, intents, examples), "fetched"
+            heads, how = await self._heads_from_owner(group, key, intents, version), "fetched"
         return _Gathered(calibration, how if heads is not None else "retrained", vectors, key, heads)
 
     @contextlib.asynccontextmanager
@@ -582,25 +603,23 @@ class RouterCore:
             "provisional_model_served", group=group, intents=len(model.classes), phrases=len(model.texts), tau=round(model.tau, 4)
         )
 
-    async def _heads_from_owner(
-        self, group: str, key: str, intents: tuple[IntentPhrases, ...], examples: Sequence[Example]
-    ) -> Heads | None:
+    async def _heads_from_owner(self, group: str, key: str, intents: tuple[IntentPhrases, ...], version: int) -> Heads | None:
         """The heads of `key` from the replica that owns them, waiting for it to train them (up to
         `peer_wait_seconds` in all); None when this replica owns them, cannot get them, or no
-        longer wants them (the group or the calibration set changed meanwhile: the owner may
-        never train this state)."""
+        longer wants them (the group, the calibration set or the group's costs changed meanwhile:
+        the owner may never train this state)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.peer_wait_seconds
         failures = 0
         changed = asyncio.Event()
-        self._waits[group] = (changed, intents, examples)
+        self._waits[group] = (changed, intents, version)
         try:
             while self.peers is not None and (owner := self.peers.owner(key)) is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or failures >= 3:
                     log.warning("peer_heads_not_received", group=group, peer=owner, action="training here")
                     return None
-                if self._wanted.get(group) != intents or self._calibration is not examples:
+                if self._wanted.get(group) != intents or self._calibration_version != version:
                     return None
                 asking = asyncio.ensure_future(self.peers.heads(owner, key, min(remaining, PEER_WAIT_STEP_SECONDS)))
                 interrupted = asyncio.ensure_future(changed.wait())

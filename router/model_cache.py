@@ -6,10 +6,10 @@ phrases, and the router answers UNAVAILABLE until its first models are built. Th
 are persisted already (router/embedding_store.py); this keeps what was trained from them.
 
 One `.npz` file per trained state, named by a digest of everything training reads: the embedding
-model, the decision settings, the group's intents with their phrases, the calibration examples and
-the generic out-of-scope set. Heads are always trained from scratch with fixed seeds (router/core.py),
-so a file found holds what training would give again: a router with a warm cache decides like one
-with an empty cache.
+model, the decision settings, the group's intents with their phrases, the calibration examples,
+the generic out-of-scope set and the group's own decision costs (τ is stored with the heads).
+Heads are always trained from scratch with fixed seeds (router/core.py), so a file found holds
+what training would give again: a router with a warm cache decides like one with an empty cache.
 Files hold arrays and one JSON document (no pickle: loading a cache file never runs code), are
 written to a temporary name and renamed (a crash leaves the previous content), and the oldest are
 deleted past `MAX_FILES` or `MAX_BYTES`. A file that cannot be read is removed with a warning and the heads are
@@ -63,6 +63,7 @@ def heads_key(model_id: str, config: DecisionConfig, intents: Sequence[IntentPhr
         json.dumps(sorted([i.bot_id, i.intent, list(i.phrases)] for i in intents)),
         json.dumps([[e.text, e.bot_id, e.intent, e.group] for e in calibration.examples]),
         json.dumps(list(calibration.generic)),
+        json.dumps(sorted(calibration.costs.items())),
     ):
         digest.update(part.encode())
         digest.update(b"\0")

@@ -56,8 +56,11 @@ class RouterProcess:
         self.watcher = ParticipantWatcher(self.etcd, self._on_snapshot)
         record = RouterRecord(config.router_id or uuid.uuid4().hex[:12], self.server.address, __version__)
         self.registration = RouterRegistration(self.etcd, record, ttl=config.lease_ttl_seconds)
-        self.calibration = CalibrationSource(self.etcd, self.core.set_calibration, config.decision.calibration_path)
-        """The calibration set in etcd (the same for every replica), seeded from the file if any."""
+        self.calibration = CalibrationSource(
+            self.etcd, self.core.set_calibration, config.decision.calibration_path, set_group_costs=self.core.set_group_costs
+        )
+        """The calibration set and the groups' costs in etcd (the same for every replica), the set
+        seeded from the file if any."""
         self.pool: ChannelPool | None = None
         self.replicas: RouterWatcher | None = None
         if config.share_work:

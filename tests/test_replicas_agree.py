@@ -18,6 +18,7 @@ import pytest
 from bot_server.bot import Bot
 from discovery import EtcdClient, Registration
 from discovery.calibration import CHUNK_BYTES, CalibrationTooLarge, read_calibration, split_chunks, write_calibration
+from discovery.groups import read_group_settings, write_group_settings
 from discovery.keys import CALIBRATION_CURRENT
 from mbc.runtime.config import DecisionConfig, RouterConfig, ServerConfig
 from mbc.testing.mesh import LocalMesh, eventually, wait_trained
@@ -356,3 +357,83 @@ async def test_a_set_larger_than_an_etcd_request_is_chunked_and_a_huge_one_refus
         await client.delete_prefix("/mbc/v1/calibration/")
     with pytest.raises(CalibrationTooLarge, match="bytes; at most"):
         split_chunks(b"x" * (CHUNK_BYTES + 1))
+
+
+# ------------------------------------------------------------------------- per-group costs
+
+COSTS_INTENTS = {
+    "cards": {
+        "lost_card": ["I lost my credit card", "my card was stolen", "freeze my card", "block my missing card"],
+        "card_declined": ["my card was declined", "why was my payment refused", "the shop refused my card"],
+    },
+    "travel": {
+        "book_flight": ["book a flight to Rome", "I need a plane ticket", "find me flights to Paris"],
+        "hotel": ["book a hotel room", "I need a place to stay in Berlin", "reserve a hotel for two nights"],
+    },
+}
+
+
+def _group_command(etcd: str, group: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mbc", "group", group, "--etcd", etcd, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+async def test_a_groups_own_costs_refit_its_tau_alone(own_etcd, client, encoder, tmp_path):
+    """`mbc group G --costs wrong_transfer=5` (stored in the group's settings in etcd): the router
+    refits G's τ with those costs, without training, and leaves another group's τ as it was;
+    `--costs default` gives the router's back. A cost out of range is refused by the command
+    (exit 2, settings unchanged) and, written to etcd by other means, ignored by the router."""
+    groups = ("costs-a", "costs-b")
+    parts = [participant(g, bot, intents, 19200 + i) for g in groups for i, (bot, intents) in enumerate(COSTS_INTENTS.items())]
+    calibration = [*(f'{{"text": "where is the nearest pizza place {i}", "bot": null}}' for i in range(25))]
+    await write_calibration(client, "\n".join(calibration) + "\n")
+    config = RouterConfig(etcd_endpoints=(own_etcd.endpoint,), server=ServerConfig(port=0), embedding_cache_dir=str(tmp_path))
+    router = RouterProcess(config, encoder=encoder)
+    router.encoder = type("Shared", (), {"close": lambda self: None})()  # the session's encoder stays open
+    core = router.core
+    try:
+        async with registered(client, *parts):
+            await router.start()
+            trained = lambda: all(g in core.models and g not in core.provisional for g in groups)  # noqa: E731
+            await eventually(trained, timeout=120, what="both groups trained")
+            before = {g: core.models[g] for g in groups}
+
+            done = _group_command(own_etcd.endpoint, "costs-a", "--costs", "wrong_transfer=5, oos_share=0.2")
+            assert done.returncode == 0, done.stderr
+            assert "decision_costs=wrong_transfer=5, oos_share=0.2" in done.stdout
+            refitted = lambda: core.models["costs-a"].calibration.get("group_costs") is not None  # noqa: E731
+            await eventually(refitted, timeout=60, what="costs-a refitted with its own costs")
+            after = core.models["costs-a"]
+            assert after.calibration["group_costs"] == {"cost_wrong_transfer": 5.0, "oos_share": 0.2}
+            assert after.tau > before["costs-a"].tau and after.W is before["costs-a"].W  # τ alone: no training
+            assert core.models["costs-b"].tau == before["costs-b"].tau
+
+            refused = _group_command(own_etcd.endpoint, "costs-a", "--costs", "oos_share=1.5")
+            assert refused.returncode == 2 and "oos_share is 1.5" in refused.stderr and "Traceback" not in refused.stderr
+            settings = await read_group_settings(client, "costs-a")
+            assert settings.decision_costs.oos_share == 0.2  # unchanged
+
+            done = _group_command(own_etcd.endpoint, "costs-a", "--costs", "default")
+            assert done.returncode == 0 and "decision_costs=the router defaults" in done.stdout, done.stderr
+            back = lambda: "group_costs" not in core.models["costs-a"].calibration  # noqa: E731
+            await eventually(back, timeout=60, what="costs-a back to the router's costs")
+            assert core.models["costs-a"].tau == before["costs-a"].tau
+
+            bad = participant_pb2.GroupSettings(decision_costs=participant_pb2.DecisionCosts(wrong_transfer=-3))
+            await write_group_settings(client, "costs-b", bad)
+            done = _group_command(own_etcd.endpoint, "costs-a", "--costs", "clarify=0.5")
+            assert done.returncode == 0, done.stderr
+            # Every group's settings are read at once: once costs-a has its new costs, costs-b's were read.
+            clarify = lambda: core.models["costs-a"].calibration.get("group_costs") == {"cost_clarify": 0.5}  # noqa: E731
+            await eventually(clarify, timeout=60, what="costs-a refitted again")
+            assert core.models["costs-b"].tau == before["costs-b"].tau  # the router's costs, not -3
+            assert "group_costs" not in core.models["costs-b"].calibration
+    finally:
+        await router.stop()
+        await client.delete_prefix("/mbc/v1/groups/costs-")
+        await client.delete_prefix("/mbc/v1/calibration/")

@@ -4,6 +4,7 @@ where the costs balance and moves with them."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 from mbc.runtime.calibration_set import Example
 from mbc.runtime.config import DecisionConfig
 from mbc.runtime.matching import IntentPhrases
-from router.calibration import CalibrationInput, Costs, Outcomes, choose_threshold, expected_cost, fit_threshold
+from mbc.v1 import participant_pb2
+from router.calibration import CalibrationInput, Costs, Outcomes, choose_threshold, cost_overrides, expected_cost, fit_threshold
 from router.decision import GroupModel
 
 pytestmark = pytest.mark.unit
@@ -140,3 +142,53 @@ def test_bot_first_ranks_a_bot_by_the_mass_of_its_intents():
     # A bot without candidates has no mass.
     only_b = np.array([[False, False, True]])
     assert np.isneginf(GroupModel(intents, vectors, 8, CONFIG)._bot_scores(fused, only_b)[0][0])
+
+
+def _overlapping_group(seed: int = 6):
+    """3 bots of 2 intents whose clusters touch, and a calibration set of in-scope and none-of-these
+    messages near them: τ sits where the costs balance."""
+    rng = np.random.default_rng(seed)
+    dim = 32
+    centres = rng.normal(0, 1, (6, dim))
+    intents, rows, examples, vectors = [], [], [], []
+    for c in range(6):
+        rows.append(_clusters(rng, centres[c : c + 1], 12, 0.45))
+        intents.append(IntentPhrases(f"bot{c // 2}", f"intent{c}", tuple(f"phrase {c * 12 + j}" for j in range(12))))
+        examples += [Example(f"asked {c} {j}", f"bot{c // 2}", f"intent{c}") for j in range(10)]
+        vectors.append(_clusters(rng, centres[c : c + 1], 10, 0.45))
+    examples += [Example(f"not served {j}") for j in range(30)]
+    vectors.append(_clusters(rng, centres.mean(0, keepdims=True), 30, 0.45))
+    model = GroupModel(intents, np.concatenate(rows), dim, CONFIG)
+    return model, CalibrationInput(examples, np.concatenate(vectors), [], np.zeros((0, dim), np.float32))
+
+
+def test_a_groups_own_costs_fit_tau_as_the_same_router_settings_would():
+    """The costs a group sets (`GroupSettings.decision_costs`) replace the router's for its τ only:
+    the τ the same router-wide settings would give, named in how τ was fitted."""
+    model, data = _overlapping_group()
+    tau_default, _ = fit_threshold(model, data)
+    own = cost_overrides(participant_pb2.DecisionCosts(wrong_transfer=4.0, oos_share=0.3))
+    assert own == {"cost_wrong_transfer": 4.0, "oos_share": 0.3}
+    tau_own, info = fit_threshold(model, dataclasses.replace(data, costs=own))
+    router_wide = copy.copy(model)
+    router_wide.config = dataclasses.replace(CONFIG, cost_wrong_transfer=4.0, oos_share=0.3)
+    assert tau_own == fit_threshold(router_wide, data)[0]
+    assert tau_own > tau_default  # dearer wrong transfers, more out-of-scope traffic: fewer acts
+    assert info["group_costs"] == own and "wrong transfer 4," in info["method"]
+    assert fit_threshold(model, dataclasses.replace(data, costs={}))[0] == tau_default
+
+
+@pytest.mark.parametrize(
+    ("costs", "words"),
+    [
+        ({"wrong_transfer": -1.0}, "cost_wrong_transfer is -1.0"),
+        ({"clarify": float("inf")}, "cost_clarify is inf"),
+        ({"oos_share": 1.0}, "oos_share is 1.0: a share"),
+        ({"oos_share": 0.0}, "oos_share is 0.0"),
+    ],
+)
+def test_a_cost_out_of_range_is_refused_with_what_is_wrong(costs, words):
+    with pytest.raises(ValueError, match=words):
+        cost_overrides(participant_pb2.DecisionCosts(**costs))
+    assert cost_overrides(participant_pb2.DecisionCosts()) == {}
+    assert cost_overrides(participant_pb2.DecisionCosts(clarify=0.0)) == {"cost_clarify": 0.0}  # set to 0: not unset

@@ -188,6 +188,34 @@ def cmd_chat(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout, tls=tls_config(args))))
 
 
+def set_costs(costs, given: str) -> None:
+    """`mbc group --costs`: "NAME=VALUE,..." sets fields of a `DecisionCosts` ("default" as a value
+    clears one), "default" alone clears them all; ValueError saying what is wrong, the costs
+    then left as they were."""
+    from router.calibration import cost_overrides
+
+    changed = type(costs)()
+    changed.CopyFrom(costs)
+    names = [f.name for f in changed.DESCRIPTOR.fields]
+    items = [part.strip() for part in given.split(",") if part.strip()]
+    if items == ["default"]:
+        changed.Clear()
+        items = []
+    for item in items:
+        name, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or name not in names:
+            raise ValueError(f"{item!r}: give NAME=VALUE, NAME one of {', '.join(names)}")
+        if value == "default":
+            changed.ClearField(name)
+            continue
+        try:
+            setattr(changed, name, float(value))
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: not a number") from None
+    cost_overrides(changed)
+    costs.CopyFrom(changed)
+
+
 def cmd_group(args: argparse.Namespace) -> None:
     from discovery import EtcdClient, forget_definition
     from discovery.groups import DEFAULT_UNAVAILABLE_MESSAGE, read_group_settings, write_group_settings
@@ -199,15 +227,23 @@ def cmd_group(args: argparse.Namespace) -> None:
                 print(f"group {args.group}: {args.forget} {'forgotten' if found else 'had no definition'}")
                 return
             settings = await read_group_settings(etcd, args.group)
-            if args.return_to_sender is not None or args.unavailable_message is not None:
+            if args.return_to_sender is not None or args.unavailable_message is not None or args.costs is not None:
                 if args.return_to_sender is not None:
                     settings.return_to_sender = args.return_to_sender == "on"
                 if args.unavailable_message is not None:
                     settings.unavailable_message = args.unavailable_message
+                if args.costs is not None:
+                    try:
+                        set_costs(settings.decision_costs, args.costs)
+                    except ValueError as e:
+                        sys.stderr.write(f"mbc group: error: --costs {e}\n")
+                        sys.exit(2)
                 await write_group_settings(etcd, args.group, settings)
             print(f"group {args.group}: return_to_sender={'on' if settings.return_to_sender else 'off'}")
             default = "" if settings.unavailable_message else " (default)"
             print(f"unavailable_message={settings.unavailable_message or DEFAULT_UNAVAILABLE_MESSAGE!r}{default}")
+            costs = ", ".join(f"{f.name}={v:g}" for f, v in settings.decision_costs.ListFields())
+            print(f"decision_costs={costs or 'the router defaults'}")
 
     asyncio.run(run())
 
@@ -322,6 +358,13 @@ def add_group(sub) -> None:
         default=None,
         metavar="TEXT",
         help='answer when the best match is a bot with no live instance ("{bot}": its name; "": the default)',
+    )
+    group.add_argument(
+        "--costs",
+        default=None,
+        metavar="NAME=VALUE,...",
+        help="the group's own decision costs, which its threshold is fitted against (wrong_transfer, fallback,"
+        ' clarify, oos_share; a value "default", or "default" alone, gives back the router\'s)',
     )
     group.set_defaults(func=cmd_group)
 

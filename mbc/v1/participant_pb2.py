@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mbc/v1/participant.proto\x12\x06mbc.v1\"\'\n\x06Intent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07phrases\x18\x02 \x03(\t\"\xd6\x01\n\x0bParticipant\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\x15\n\rcollaboration\x18\x05 \x01(\x08\x12\x1f\n\x07intents\x18\x06 \x03(\x0b\x32\x0e.mbc.v1.Intent\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x07 \x01(\t\x12\x18\n\x10software_version\x18\x08 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\t \x01(\t\"F\n\rGroupSettings\x12\x18\n\x10return_to_sender\x18\x01 \x01(\x08\x12\x1b\n\x13unavailable_message\x18\x02 \x01(\tB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mbc/v1/participant.proto\x12\x06mbc.v1\"\'\n\x06Intent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07phrases\x18\x02 \x03(\t\"\xd6\x01\n\x0bParticipant\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\x15\n\rcollaboration\x18\x05 \x01(\x08\x12\x1f\n\x07intents\x18\x06 \x03(\x0b\x32\x0e.mbc.v1.Intent\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x07 \x01(\t\x12\x18\n\x10software_version\x18\x08 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\t \x01(\t\"u\n\rGroupSettings\x12\x18\n\x10return_to_sender\x18\x01 \x01(\x08\x12\x1b\n\x13unavailable_message\x18\x02 \x01(\t\x12-\n\x0e\x64\x65\x63ision_costs\x18\x03 \x01(\x0b\x32\x15.mbc.v1.DecisionCosts\"\xab\x01\n\rDecisionCosts\x12\x1b\n\x0ewrong_transfer\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x66\x61llback\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07\x63larify\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\toos_share\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x11\n\x0f_wrong_transferB\x0b\n\t_fallbackB\n\n\x08_clarifyB\x0c\n\n_oos_shareB#\n\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,5 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTICIPANT']._serialized_start=78
   _globals['_PARTICIPANT']._serialized_end=292
   _globals['_GROUPSETTINGS']._serialized_start=294
-  _globals['_GROUPSETTINGS']._serialized_end=364
+  _globals['_GROUPSETTINGS']._serialized_end=411
+  _globals['_DECISIONCOSTS']._serialized_start=414
+  _globals['_DECISIONCOSTS']._serialized_end=585
 # @@protoc_insertion_point(module_scope)

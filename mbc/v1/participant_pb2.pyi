@@ -37,9 +37,23 @@ class Participant(_message.Message):
     def __init__(self, bot_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., address: _Optional[str] = ..., group: _Optional[str] = ..., collaboration: _Optional[bool] = ..., intents: _Optional[_Iterable[_Union[Intent, _Mapping]]] = ..., definition_version: _Optional[str] = ..., software_version: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
 
 class GroupSettings(_message.Message):
-    __slots__ = ("return_to_sender", "unavailable_message")
+    __slots__ = ("return_to_sender", "unavailable_message", "decision_costs")
     RETURN_TO_SENDER_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_COSTS_FIELD_NUMBER: _ClassVar[int]
     return_to_sender: bool
     unavailable_message: str
-    def __init__(self, return_to_sender: _Optional[bool] = ..., unavailable_message: _Optional[str] = ...) -> None: ...
+    decision_costs: DecisionCosts
+    def __init__(self, return_to_sender: _Optional[bool] = ..., unavailable_message: _Optional[str] = ..., decision_costs: _Optional[_Union[DecisionCosts, _Mapping]] = ...) -> None: ...
+
+class DecisionCosts(_message.Message):
+    __slots__ = ("wrong_transfer", "fallback", "clarify", "oos_share")
+    WRONG_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    CLARIFY_FIELD_NUMBER: _ClassVar[int]
+    OOS_SHARE_FIELD_NUMBER: _ClassVar[int]
+    wrong_transfer: float
+    fallback: float
+    clarify: float
+    oos_share: float
+    def __init__(self, wrong_transfer: _Optional[float] = ..., fallback: _Optional[float] = ..., clarify: _Optional[float] = ..., oos_share: _Optional[float] = ...) -> None: ...

@@ -216,8 +216,11 @@ type GroupSettings struct {
 	// that has no live instance (Match's NONE_REASON_BOT_UNAVAILABLE); "{bot}" is replaced by that
 	// bot's display name. Empty: the mesh's default message.
 	UnavailableMessage string `protobuf:"bytes,2,opt,name=unavailable_message,json=unavailableMessage,proto3" json:"unavailable_message,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// What the router weighs when it fits this group's threshold τ (docs/routing-quality.md); a
+	// field left unset takes the router's own setting (router.decision.*).
+	DecisionCosts *DecisionCosts `protobuf:"bytes,3,opt,name=decision_costs,json=decisionCosts,proto3" json:"decision_costs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GroupSettings) Reset() {
@@ -264,6 +267,86 @@ func (x *GroupSettings) GetUnavailableMessage() string {
 	return ""
 }
 
+func (x *GroupSettings) GetDecisionCosts() *DecisionCosts {
+	if x != nil {
+		return x.DecisionCosts
+	}
+	return nil
+}
+
+// The costs of a group's routing decisions, in one unit (see GroupSettings.decision_costs).
+type DecisionCosts struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Acting on a message for the wrong bot (a wrong transfer), in scope or none of these.
+	WrongTransfer *float64 `protobuf:"fixed64,1,opt,name=wrong_transfer,json=wrongTransfer,proto3,oneof" json:"wrong_transfer,omitempty"`
+	// A fallback for a message a bot of the group could serve, or the right bot's wrong intent.
+	Fallback *float64 `protobuf:"fixed64,2,opt,name=fallback,proto3,oneof" json:"fallback,omitempty"`
+	// A clarifying question ("did you mean A or B?").
+	Clarify *float64 `protobuf:"fixed64,3,opt,name=clarify,proto3,oneof" json:"clarify,omitempty"`
+	// The share of the group's messages that no bot of it can serve, in (0, 1).
+	OosShare      *float64 `protobuf:"fixed64,4,opt,name=oos_share,json=oosShare,proto3,oneof" json:"oos_share,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DecisionCosts) Reset() {
+	*x = DecisionCosts{}
+	mi := &file_mbc_v1_participant_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DecisionCosts) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DecisionCosts) ProtoMessage() {}
+
+func (x *DecisionCosts) ProtoReflect() protoreflect.Message {
+	mi := &file_mbc_v1_participant_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DecisionCosts.ProtoReflect.Descriptor instead.
+func (*DecisionCosts) Descriptor() ([]byte, []int) {
+	return file_mbc_v1_participant_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *DecisionCosts) GetWrongTransfer() float64 {
+	if x != nil && x.WrongTransfer != nil {
+		return *x.WrongTransfer
+	}
+	return 0
+}
+
+func (x *DecisionCosts) GetFallback() float64 {
+	if x != nil && x.Fallback != nil {
+		return *x.Fallback
+	}
+	return 0
+}
+
+func (x *DecisionCosts) GetClarify() float64 {
+	if x != nil && x.Clarify != nil {
+		return *x.Clarify
+	}
+	return 0
+}
+
+func (x *DecisionCosts) GetOosShare() float64 {
+	if x != nil && x.OosShare != nil {
+		return *x.OosShare
+	}
+	return 0
+}
+
 var File_mbc_v1_participant_proto protoreflect.FileDescriptor
 
 const file_mbc_v1_participant_proto_rawDesc = "" +
@@ -282,10 +365,22 @@ const file_mbc_v1_participant_proto_rawDesc = "" +
 	"\aintents\x18\x06 \x03(\v2\x0e.mbc.v1.IntentR\aintents\x12-\n" +
 	"\x12definition_version\x18\a \x01(\tR\x11definitionVersion\x12)\n" +
 	"\x10software_version\x18\b \x01(\tR\x0fsoftwareVersion\x12!\n" +
-	"\fdisplay_name\x18\t \x01(\tR\vdisplayName\"j\n" +
+	"\fdisplay_name\x18\t \x01(\tR\vdisplayName\"\xa8\x01\n" +
 	"\rGroupSettings\x12(\n" +
 	"\x10return_to_sender\x18\x01 \x01(\bR\x0ereturnToSender\x12/\n" +
-	"\x13unavailable_message\x18\x02 \x01(\tR\x12unavailableMessageB#\n" +
+	"\x13unavailable_message\x18\x02 \x01(\tR\x12unavailableMessage\x12<\n" +
+	"\x0edecision_costs\x18\x03 \x01(\v2\x15.mbc.v1.DecisionCostsR\rdecisionCosts\"\xd7\x01\n" +
+	"\rDecisionCosts\x12*\n" +
+	"\x0ewrong_transfer\x18\x01 \x01(\x01H\x00R\rwrongTransfer\x88\x01\x01\x12\x1f\n" +
+	"\bfallback\x18\x02 \x01(\x01H\x01R\bfallback\x88\x01\x01\x12\x1d\n" +
+	"\aclarify\x18\x03 \x01(\x01H\x02R\aclarify\x88\x01\x01\x12 \n" +
+	"\toos_share\x18\x04 \x01(\x01H\x03R\boosShare\x88\x01\x01B\x11\n" +
+	"\x0f_wrong_transferB\v\n" +
+	"\t_fallbackB\n" +
+	"\n" +
+	"\b_clarifyB\f\n" +
+	"\n" +
+	"_oos_shareB#\n" +
 	"\x06mbc.v1P\x01Z\x17mbc/gen/go/mbc/v1;mbcv1b\x06proto3"
 
 var (
@@ -300,19 +395,21 @@ func file_mbc_v1_participant_proto_rawDescGZIP() []byte {
 	return file_mbc_v1_participant_proto_rawDescData
 }
 
-var file_mbc_v1_participant_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_mbc_v1_participant_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_mbc_v1_participant_proto_goTypes = []any{
 	(*Intent)(nil),        // 0: mbc.v1.Intent
 	(*Participant)(nil),   // 1: mbc.v1.Participant
 	(*GroupSettings)(nil), // 2: mbc.v1.GroupSettings
+	(*DecisionCosts)(nil), // 3: mbc.v1.DecisionCosts
 }
 var file_mbc_v1_participant_proto_depIdxs = []int32{
 	0, // 0: mbc.v1.Participant.intents:type_name -> mbc.v1.Intent
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	3, // 1: mbc.v1.GroupSettings.decision_costs:type_name -> mbc.v1.DecisionCosts
+	2, // [2:2] is the sub-list for method output_type
+	2, // [2:2] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_mbc_v1_participant_proto_init() }
@@ -320,13 +417,14 @@ func file_mbc_v1_participant_proto_init() {
 	if File_mbc_v1_participant_proto != nil {
 		return
 	}
+	file_mbc_v1_participant_proto_msgTypes[3].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mbc_v1_participant_proto_rawDesc), len(file_mbc_v1_participant_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
