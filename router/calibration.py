@@ -89,15 +89,15 @@ COST_SETTINGS = {
 
 def cost_overrides(costs: participant_pb2.DecisionCosts) -> dict[str, float]:
     """The router settings a group's `DecisionCosts` override (the fields it sets), by name;
-    ValueError saying which value is out of range (a cost is finite and at least 0, the out-of-scope
+    ValueError naming the field out of range (a cost is finite and at least 0, the out-of-scope
     share between 0 and 1)."""
-    out = {setting: float(getattr(costs, field)) for field, setting in COST_SETTINGS.items() if costs.HasField(field)}
-    for name, value in out.items():
+    given = {field: float(getattr(costs, field)) for field in COST_SETTINGS if costs.HasField(field)}
+    for field, value in given.items():
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} is {value}: a cost is a finite number, 0 or more")
-    if not 0 < out.get("oos_share", 0.5) < 1:
-        raise ValueError(f"oos_share is {out['oos_share']}: a share of the messages, above 0 and below 1")
-    return out
+            raise ValueError(f"{field} is {value}: a cost is a finite number, 0 or more")
+    if not 0 < given.get("oos_share", 0.5) < 1:
+        raise ValueError(f"oos_share is {given['oos_share']}: a share of the messages, above 0 and below 1")
+    return {COST_SETTINGS[field]: value for field, value in given.items()}
 
 
 def for_group(examples: Sequence[Example], group: str) -> list[Example]:

@@ -9,7 +9,8 @@ file changes later (`mbc calibrate FILE --install PATH`) its new set is written 
 every replica, this one included, takes it.
 
 A group's own decision costs are in its settings (`GroupSettings.decision_costs`, written by `mbc
-group GROUP --cost-...`); the router follows every group's settings and refits τ where they change.
+group GROUP --costs ...`); the router follows every group's settings and refits the τ of a group
+whose costs changed.
 A group whose costs are out of range keeps the router's, with a warning.
 """
 

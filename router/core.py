@@ -29,7 +29,7 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -213,8 +213,12 @@ class RouterCore:
         self._calibration: list[Example] = list(calibration)
         self._calibration_version = 0
         """Counts the changes of what τ is fitted from (the calibration set, a group's costs)."""
+        self._set_version = 0
+        """`_calibration_version` when the calibration set last changed (every group's τ)."""
         self._group_costs: dict[str, dict[str, float]] = {}
         """Per group that sets some, its own decision costs (`set_group_costs`)."""
+        self._costs_version: dict[str, int] = {}
+        """Per group, `_calibration_version` when its costs last changed (its τ alone)."""
         self._ready = asyncio.Event()
         self._serving = asyncio.Event()
         self._provisional: set[str] = set()
@@ -228,7 +232,7 @@ class RouterCore:
         self._slots = asyncio.Semaphore(config.training_concurrency)
         self._waits: dict[str, tuple[asyncio.Event, tuple[IntentPhrases, ...], int]] = {}
         """Per group whose build waits for a peer's heads: an event set when the state it waits
-        for (intents, calibration set) is no longer the wanted one."""
+        for (intents, `_fit_version`) is no longer the wanted one."""
         self._gathering = asyncio.Semaphore(2 * config.training_concurrency)
         """Groups whose phrases are being embedded at once: enough to keep the encoder and the
         peers busy, few enough that groups become ready one after another, not all at the end."""
@@ -357,34 +361,41 @@ class RouterCore:
 
         Returns the calibration version; `wait_calibrated(version)` waits until it is in use."""
         self._calibration = list(examples)
-        return self._refit_thresholds()
-
-    def set_group_costs(self, costs: Mapping[str, Mapping[str, float]]) -> int:
-        """Each group's own decision costs (`router.calibration.cost_overrides`: router settings by
-        name; a group left out has the router's). Where they change, τ is refitted in the
-        background (no training: the heads do not depend on them); returns the calibration version,
-        as `set_calibration` does."""
-        wanted = {group: dict(c) for group, c in costs.items() if c}
-        if wanted == self._group_costs:
-            return self._calibration_version
-        self._group_costs = wanted
-        return self._refit_thresholds()
-
-    def _refit_thresholds(self) -> int:
-        """What τ is fitted from changed: every group's τ is refitted in the background (a group
-        whose inputs are the same gets the same τ: fitting is deterministic)."""
         self._calibration_version += 1
-        if self._state is not None:
-            for group in self._wanted:
-                self._kick(group)
-        self._end_stale_waits()
+        self._set_version = self._calibration_version
+        self._refit(self._wanted)
         return self._calibration_version
+
+    def set_group_costs(self, costs: Mapping[str, Mapping[str, float]]) -> None:
+        """Each group's own decision costs (`router.calibration.cost_overrides`: router settings by
+        name; a group left out has the router's). The τ of each group whose costs changed is
+        refitted in the background, and only theirs (its heads do not depend on them)."""
+        wanted = {group: dict(c) for group, c in costs.items() if c}
+        changed = {g for g in wanted.keys() | self._group_costs.keys() if wanted.get(g) != self._group_costs.get(g)}
+        if not changed:
+            return
+        self._calibration_version += 1
+        self._costs_version.update(dict.fromkeys(changed, self._calibration_version))
+        self._group_costs = wanted
+        self._refit(changed)
+
+    def _fit_version(self, group: str) -> int:
+        """The version of what `group`'s τ is to be fitted from: the calibration set and its costs."""
+        return max(self._set_version, self._costs_version.get(group, 0))
+
+    def _refit(self, groups: Iterable[str]) -> None:
+        """What the τ of `groups` is fitted from changed: refitted in the background."""
+        if self._state is not None:
+            for group in groups:
+                if group in self._wanted:
+                    self._kick(group)
+        self._end_stale_waits()
 
     def _end_stale_waits(self) -> None:
         """Wakes the builds waiting for a peer's heads of a state no longer wanted (the owner may
         never train it). Only those: a change elsewhere in the mesh leaves the others waiting."""
         for group, (event, intents, version) in self._waits.items():
-            if self._wanted.get(group) != intents or self._calibration_version != version:
+            if self._wanted.get(group) != intents or self._fit_version(group) != version:
                 event.set()
 
     async def calibrate(self, examples: Sequence[Example], timeout: float | None = None) -> dict[str, dict]:
@@ -414,7 +425,7 @@ class RouterCore:
         return (
             group in self._provisional
             or state.sources.get(group) != wanted
-            or state.calibrated.get(group) != self._calibration_version
+            or state.calibrated.get(group) != self._fit_version(group)
         )
 
     def _kick(self, group: str) -> None:
@@ -454,7 +465,7 @@ class RouterCore:
         slots: a group waiting for its owner's heads never holds a slot that this replica's own
         groups need (two replicas waiting on each other's slots would stall until the wait ends)."""
         while self._stale(group):
-            intents, version, examples = self._wanted[group], self._calibration_version, self._calibration
+            intents, version, examples = self._wanted[group], self._fit_version(group), self._calibration
             try:
                 gathered = await self._gather(group, intents, examples, version)
             except Exception:
@@ -472,7 +483,7 @@ class RouterCore:
             async with self._slots:
                 if not self._stale(group):  # waiting for a slot, the group may have left or been built
                     break
-                if self._wanted.get(group) != intents or self._calibration_version != version:
+                if self._wanted.get(group) != intents or self._fit_version(group) != version:
                     continue  # changed while gathering: gather the newest state
                 try:
                     model, fresh_index, key = await self._build(group, intents, gathered)
@@ -543,7 +554,9 @@ class RouterCore:
         # A provisional model is of other intents than `sources` says (the trained model it replaced).
         previous = state.models.get(group) if group not in self._provisional else None
         if previous is not None and state.sources.get(group) == intents:  # same intents: only τ to refit
-            return _Gathered(calibration, "recalibrated")
+            # Under the key of the new inputs: a replica that starts now finds (or fetches) them.
+            key = "" if previous.large else heads_key(self.encoder.model_id, self.config.decision, intents, calibration)
+            return _Gathered(calibration, "recalibrated", key=key)
         if previous is not None and previous.large and not previous.catalog.drifted and self._large(intents):
             changed = changed_bots(state.sources[group], intents)
             async with self._embedding_phase():
@@ -619,7 +632,7 @@ class RouterCore:
                 if remaining <= 0 or failures >= 3:
                     log.warning("peer_heads_not_received", group=group, peer=owner, action="training here")
                     return None
-                if self._wanted.get(group) != intents or self._calibration_version != version:
+                if self._wanted.get(group) != intents or self._fit_version(group) != version:
                     return None
                 asking = asyncio.ensure_future(self.peers.heads(owner, key, min(remaining, PEER_WAIT_STEP_SECONDS)))
                 interrupted = asyncio.ensure_future(changed.wait())
@@ -680,6 +693,8 @@ class RouterCore:
             assert previous is not None
             tau, info = await loop.run_in_executor(self._trainer, fit_threshold, previous, calibration)
             model = previous.with_threshold(tau, info)
+            if gathered.key and self.heads is not None:
+                await loop.run_in_executor(self._trainer, self.heads.save, gathered.key, model.heads())
         elif kind == "updated in place":
             assert previous is not None and vectors is not None and gathered.changed is not None
             changed = gathered.changed

@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -121,13 +121,25 @@ def _char_wb_2_5_grams_of_word(word: str) -> list[str]:
     return grams
 
 
-ANALYZERS: dict[str, tuple[Callable[[str], list[str]], Callable[[str], list[str]]]] = {
-    "word": (lambda text: [text], _word_1_2_grams),
-    "char_wb": (lambda text: text.lower().split(), _char_wb_2_5_grams_of_word),
+class Analyzer(NamedTuple):
+    """How a kind of lexical SVM reads a text."""
+
+    parts: Callable[[str], list[str]]
+    """The text cut into parts whose terms do not depend on one another."""
+    terms: Callable[[str], list[str]]
+    """The terms of one part."""
+    cached: bool
+    """Parts recur (words do; whole utterances seldom): their term ids are kept."""
+
+
+ANALYZERS: dict[str, Analyzer] = {
+    "word": Analyzer(lambda text: [text], _word_1_2_grams, cached=False),
+    "char_wb": Analyzer(lambda text: text.lower().split(), _char_wb_2_5_grams_of_word, cached=True),
 }
-"""Per kind of lexical SVM (the name persisted with its head): how a text is cut into parts whose
-terms do not depend on one another (the whole text for word pairs; each word for character
-n-grams within words), and the terms of a part."""
+"""Per kind of lexical SVM, by the name persisted with its head: word pairs need the whole text;
+character n-grams stay within a word."""
+SCORE_CHUNK = 256
+"""Texts scored in one product: the product's matrix is texts × their distinct terms, dense."""
 _VECTORIZER_ARGS: dict[str, dict[str, Any]] = {
     "word": {"ngram_range": (1, 2)},
     "char_wb": {"analyzer": "char_wb", "ngram_range": (2, 5)},
@@ -141,8 +153,8 @@ def analyze(analyzer: str, text: str) -> list[str]:
     """The terms of `text` for a lexical SVM of kind `analyzer`: those of sklearn's
     `TfidfVectorizer` with `LexicalSvm._vectorizer`'s arguments, without importing sklearn
     (tests/test_encoder_speed.py checks they are equal)."""
-    parts, terms = ANALYZERS[analyzer]
-    return [term for part in parts(text) for term in terms(part)]
+    reading = ANALYZERS[analyzer]
+    return [term for part in reading.parts(text) for term in reading.terms(part)]
 
 
 class LexicalSvm:
@@ -178,7 +190,7 @@ class LexicalSvm:
         if analyzer not in ANALYZERS:
             raise ValueError(f"unknown lexical analyzer {analyzer!r} (one of {sorted(ANALYZERS)})")
         self.analyzer = analyzer
-        self._parts, self._terms = ANALYZERS[analyzer]
+        self._reading = ANALYZERS[analyzer]
         self._part_ids: dict[str, list[int]] = {}
         """Term ids of the parts seen, at most `PART_CACHE_SIZE` (a lost race computes one twice)."""
         self._vocabulary = {str(term): int(i) for term, i in vocabulary.items()}
@@ -202,18 +214,21 @@ class LexicalSvm:
     def _term_ids(self, text: str) -> list[int]:
         """The vocabulary ids of `text`'s terms, in order, repeats kept (unknown terms dropped)."""
         out: list[int] = []
-        cache, vocabulary = self._part_ids, self._vocabulary
-        for part in self._parts(text):
+        reading, vocabulary = self._reading, self._vocabulary
+        cache = self._part_ids if reading.cached else {}
+        for part in reading.parts(text):
             ids = cache.get(part)
             if ids is None:
-                ids = [i for i in map(vocabulary.get, self._terms(part)) if i is not None]
-                if len(cache) < PART_CACHE_SIZE:
+                ids = [i for i in map(vocabulary.get, reading.terms(part)) if i is not None]
+                if reading.cached and len(cache) < PART_CACHE_SIZE:
                     cache[part] = ids
             out.extend(ids)
         return out
 
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), len(classes)) decision values."""
+        if len(texts) > SCORE_CHUNK:
+            return np.concatenate([self.decision_function(texts[i : i + SCORE_CHUNK]) for i in range(0, len(texts), SCORE_CHUNK)])
         out = np.zeros((len(texts), self._weights.shape[1]), np.float64)
         ids_of = [self._term_ids(text) for text in texts]
         lengths = np.fromiter(map(len, ids_of), np.int64, len(texts))

@@ -534,7 +534,7 @@ def test_a_registered_phrase_ranks_its_own_intent_first_without_heads(encoder):
 
 def test_a_misspelled_message_is_ranked_by_the_words_it_misspells(encoder, vectors):
     """Typos defeat the word SVM and blur the embedding; the character n-gram SVM still reads
-    "crad" as "card": the consumer who types fast reaches the cards bot, not travel."""
+    most of "activaet" as "activate": the consumer who types fast reaches the cards bot, not travel."""
     calibration = _input(encoder, [])
     typed = "activaet my nwe crad"
     Q = encoder.encode([typed])

@@ -565,6 +565,8 @@ def test_lexical_svm_scores_like_sklearn(classes: int, analyzer: str) -> None:
     assert got.shape == (len(queries), classes)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)  # float32 weights
     assert list(head.classes) == list(range(classes))
+    # More texts than one product takes (SCORE_CHUNK): scored in chunks, the same values.
+    np.testing.assert_allclose(head.decision_function(queries * 40), np.tile(got, (40, 1)), rtol=0, atol=1e-6)
     # One at a time (each word's terms now cached) as in a micro-batch.
     np.testing.assert_allclose(np.vstack([head.decision_function([q]) for q in queries]), got, rtol=0, atol=1e-6)
     vocabulary, arrays = head.state()  # what a restarted router reads back scores the same

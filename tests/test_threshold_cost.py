@@ -181,8 +181,8 @@ def test_a_groups_own_costs_fit_tau_as_the_same_router_settings_would():
 @pytest.mark.parametrize(
     ("costs", "words"),
     [
-        ({"wrong_transfer": -1.0}, "cost_wrong_transfer is -1.0"),
-        ({"clarify": float("inf")}, "cost_clarify is inf"),
+        ({"wrong_transfer": -1.0}, "wrong_transfer is -1.0"),
+        ({"clarify": float("inf")}, "clarify is inf"),
         ({"oos_share": 1.0}, "oos_share is 1.0: a share"),
         ({"oos_share": 0.0}, "oos_share is 0.0"),
     ],

@@ -39,6 +39,7 @@ from mbc.cli.settings import (  # noqa: E402
 from mbc.runtime.config import split_endpoints  # noqa: E402
 from mbc.runtime.logs import configure  # noqa: E402
 from mbc.runtime.security import TlsError, read_files  # noqa: E402
+from mbc.v1 import participant_pb2  # noqa: E402
 
 
 def effective_config(kind: str, args: argparse.Namespace):
@@ -188,7 +189,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(run_chat(args.entry, args.store, args.conversation, args.consumer, args.timeout, tls=tls_config(args))))
 
 
-def set_costs(costs, given: str) -> None:
+def set_costs(costs: participant_pb2.DecisionCosts, given: str) -> None:
     """`mbc group --costs`: "NAME=VALUE,..." sets fields of a `DecisionCosts` ("default" as a value
     clears one), "default" alone clears them all; ValueError saying what is wrong, the costs
     then left as they were."""
