@@ -488,7 +488,7 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     }
     assert result["settings"]["tuned"]["workers"] == 2
     setups = result["details"]["encoder_by_setup"]
-    assert set(setups) == {"threads=default workers=2", "threads=default workers=1"}
+    assert set(setups) == {"threads=1 workers=2", "threads=default workers=1"}
     assert result["encoder_batch_qps"] == max(q for s in setups.values() for q in s["qps_by_batch_size"].values())
     assert "match_qps_c32" in done.stdout and ("MET" in done.stdout or "MISS" in done.stdout)
     # The serving floor: an empty Match through the same stack, served and loaded for real.
@@ -603,11 +603,13 @@ def test_forward_passes_cover_every_input_once_at_the_least_padding_cost(seed: i
     assert all(lengths[start] == lengths[end - 1] for start, end in plan_passes(lengths, 0.0, max_pass))
 
 
-def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengths(onnx_dir: Path) -> None:
-    """The passes a batch is cut into (and the spinning session of a lone call) change nothing."""
+@pytest.mark.parametrize("threads", [0, 1])
+def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengths(onnx_dir: Path, threads: int) -> None:
+    """The passes a batch is cut into (and the spinning session of a lone call, on every core even
+    when batches run on one thread) change nothing."""
     from mbc.runtime.encoder import Encoder
 
-    encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir)))
+    encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir), threads=threads))
     try:
         batch = encoder.encode(UTTERANCES)
         for text, vector in zip(UTTERANCES, batch):

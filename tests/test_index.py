@@ -12,6 +12,7 @@ import pytest
 
 from mbc.bench.index import synthetic_participants
 from mbc.bench.match import default_data_dir, load_clinc
+from mbc.runtime import int8_scan
 from mbc.runtime.index import EXACT_MAX_VECTORS, FlatIndex, IVFIndex, build_index
 
 # Markers per test: `unit` where marked; tests/conftest.py marks the others `integration`.
@@ -86,22 +87,28 @@ def test_ivf_top1_equals_exact_on_real_utterances(clinc, ivf_and_exact):
     assert (np.diff(s_ivf, axis=1) <= 1e-6).all()  # best first
 
 
-def test_a_lone_query_finds_what_a_batch_finds(clinc):
-    """A lone query is searched in the int8 copy first (FlatIndex): its top-k is still the exact
-    one, scores and all, with or without an excluded range, however few vectors are left."""
+def test_the_int8_shortlist_keeps_the_exact_neighbours_alone_or_batched(clinc):
+    """From 2,048 vectors FlatIndex scores exactly only a shortlist from its int8 copy: on real
+    phrases and utterances, the top-k is still the brute-force one, scores and all, for a lone
+    query and in a batch, with or without an excluded range, however few vectors are left."""
     real, queries, intents = clinc
-    vectors = np.concatenate([real, synthetic_participants(real, intents, 0, 30, seed=5)])  # 4,500: int8 copy kept
+    vectors = np.concatenate([real, synthetic_participants(real, intents, 0, 30, seed=5)])  # 4,500: shortlisted
     index = FlatIndex(DIM)
     index.add(np.arange(len(vectors)), vectors)
     ranges = [None, (0, 150), (150, 4000), (0, len(vectors) - 120)]  # the last leaves 120, under k + margin
-    for q in queries[:60]:
-        for exclude in ranges:
+    batch = queries[:60]
+    for exclude in ranges:
+        scores = batch @ vectors.T
+        if exclude is not None:
+            scores[:, exclude[0] : exclude[1]] = -np.inf
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :100]
+        batch_scores, batch_ids = index.search(batch, 100, exclude=exclude)
+        for i, q in enumerate(batch):
             lone_scores, lone_ids = index.search(q[None, :], 100, exclude=exclude)
-            batch_scores, batch_ids = index.search(np.stack([q, q]), 100, exclude=exclude)
-            assert set(lone_ids[0].tolist()) == set(batch_ids[0].tolist())
-            assert np.abs(lone_scores[0] - batch_scores[0]).max() < 1e-5
-            if exclude is not None:
-                assert not ((lone_ids >= exclude[0]) & (lone_ids < exclude[1])).any()
+            kept = want[i][np.isfinite(scores[i, want[i]])]
+            assert set(lone_ids[0][lone_ids[0] >= 0].tolist()) == set(kept.tolist())
+            np.testing.assert_array_equal(lone_ids[0], batch_ids[i])  # a Match ranks the same alone or batched
+            np.testing.assert_allclose(lone_scores[0][: len(kept)], scores[i, kept], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["exact", "ivf"])
@@ -252,7 +259,12 @@ def test_bench_index_smoke_writes_every_figure(tmp_path):
 
 
 @pytest.mark.unit
-def test_exact_index_returns_the_brute_force_neighbours_with_exclusions_and_changes():
+@pytest.mark.parametrize("shortlist", [True, False], ids=["int8-shortlist", "product-only"])
+def test_exact_index_returns_the_brute_force_neighbours_with_exclusions_and_changes(shortlist, monkeypatch):
+    """With the int8 shortlist (3,000 vectors) and without it (no onnxruntime): the same neighbours."""
+    if shortlist and not int8_scan.AVAILABLE:
+        pytest.skip("the int8 scan needs the onnx extra")
+    monkeypatch.setattr(int8_scan, "AVAILABLE", shortlist)
     vectors = _unit(3000, seed=7)
     ids = np.arange(10_000, 13_000, dtype=np.int64)  # ids need not be row numbers
     index = FlatIndex(DIM)

@@ -68,7 +68,7 @@ CPU_RATIO_TARGET = 1.2
 class BenchOptions:
     data_dir: Path
     backend: str = "onnx"
-    threads: int = 0
+    threads: int = 1
     workers: int = 2
     max_batch: int = 32
     batch_wait_ms: float = 0.0

@@ -130,10 +130,12 @@ class EncoderConfig:
     onnx_dir: str = setting("", flag="--onnx-dir", help="cache of exported ONNX models")
     """Where exported ONNX models are cached; empty means $XDG_CACHE_HOME/mbc/onnx (~/.cache/mbc/onnx)."""
     threads: int = setting(0, flag="--encoder-threads", help="intra-op threads of the engine; 0: its default")
-    """Intra-op threads of the inference engine; 0 leaves the engine's default (one per core)."""
+    """Intra-op threads of the inference engine; 0 leaves the engine's default (one per core). With
+    ONNX and `idle_spinning`, a micro-batch that runs alone has every core whatever this says."""
     workers: int = setting(1, flag="--encoder-workers", help="threads encoding and scoring micro-batches side by side")
     """Threads running the micro-batches of the async API (the router's Match) side by side, each
-    encoding then scoring its own batch; with `threads: 1`, 2 workers use 2 cores."""
+    encoding then scoring its own batch; with `threads: 1`, 2 workers use 2 cores, the least CPU
+    per utterance under load (no engine thread waits for another)."""
     max_batch: int = setting(
         32, flag="--max-batch", help="largest micro-batch of concurrent Match utterances; 1 disables batching"
     )
@@ -156,9 +158,9 @@ class EncoderConfig:
         choices=ON_OFF,
         help="onnx: a micro-batch alone on an idle router runs on spinning engine threads",
     )
-    """ONNX backends with more than one engine thread: a micro-batch that runs alone (no other batch
-    encoding or queued) uses a second engine session whose threads spin between operators instead
-    of sleeping, which answers a lone utterance sooner. Under load the sleeping session is used, so
+    """ONNX backends on more than one core: a micro-batch that runs alone (no other batch encoding or
+    queued) uses a second engine session, on every core, whose threads spin between operators
+    instead of sleeping, which answers a lone utterance sooner. Under load the sleeping session is used, so
     spinning threads never take the cores the other work needs."""
 
     def __post_init__(self) -> None:

@@ -20,8 +20,9 @@ batches grow with the load; repeated utterances come from an LRU. `aencode(texts
 runs `fn(vectors, texts)` on that worker, once per micro-batch for all the calls that passed an
 equal `fn` (the router scores a batch of Matches in one call). With two workers one batch is
 scored while the next is encoded. A batch that runs alone on an idle router (one call, nothing
-else queued or encoding) uses a second ONNX session whose threads spin between operators
-(`EncoderConfig.idle_spinning`): a lone Match is encoded faster, and under load nothing spins.
+else queued or encoding) uses a second ONNX session, on every core, whose threads spin between
+operators (`EncoderConfig.idle_spinning`): a lone Match is encoded faster, and under load nothing
+spins while each worker's batches may run on fewer threads (`EncoderConfig.threads`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ from mbc.runtime.files import temporary_beside
 from mbc.runtime.logs import get_logger
 
 log = get_logger(__name__)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 AUTO = "auto"
@@ -217,7 +224,7 @@ class _OnnxBackend:
         onnx_dir = Path(config.onnx_dir) if config.onnx_dir else default_onnx_dir()
         self.file = onnx_model_file(model_path, config.backend, onnx_dir)
         self._session = self._open_session(config, spinning=False)
-        self._alone_session = self._open_session(config, spinning=True) if config.idle_spinning and config.threads != 1 else None
+        self._alone_session = self._open_session(config, spinning=True) if config.idle_spinning and _cores() > 1 else None
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         self._tokenizer.enable_truncation(int(max_len))
@@ -228,7 +235,7 @@ class _OnnxBackend:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if config.threads > 0:
+        if config.threads > 0 and not spinning:  # alone, the session has every core
             options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
         # Spinning threads busy-wait between operators: faster alone, but under load they take the

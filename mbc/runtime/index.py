@@ -5,8 +5,8 @@ the caller; `search` can leave out a contiguous id range (the asking bot's own p
 
 Two implementations, picked by size (`build_index`):
 
-- `FlatIndex`: exact search, a BLAS matrix product per batch of queries (a lone query: an int8
-  scan for a shortlist, re-ranked exactly). Below `EXACT_MAX_VECTORS` it is also the faster one.
+- `FlatIndex`: exact search: a shortlist from an int8 copy re-ranked exactly (from 2,048 vectors),
+  or a BLAS matrix product per batch of queries. Below `EXACT_MAX_VECTORS` it is also the faster one.
 - `IVFIndex`: approximate, for large groups. An inverted file with 4-bit PQ fast-scan codes
   (48 bytes a vector at 384-d) finds a short list, re-ranked with a float16 copy of the vectors
   (768 bytes a vector): no float32 copy is held, so 1M × 384-d takes 0.87 GB (measured) instead of 1.5.
@@ -29,6 +29,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 
+from mbc.runtime import int8_scan
 from mbc.runtime.progress import progress_bar
 
 EXACT_MAX_VECTORS = 20_000
@@ -112,53 +113,48 @@ def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
 
 
-LONE_QUERY_MIN_VECTORS = 2_048
-"""From this many vectors, a lone query is searched in `FlatIndex`'s int8 copy first."""
+SHORTLIST_MIN_VECTORS = 2_048
+"""From this many vectors, `FlatIndex` scores exactly only a shortlist from its int8 copy."""
 
 
 class FlatIndex:
     """Exact inner-product search for groups of the usual size.
 
-    A batch of queries: one BLAS matrix product with the vectors held transposed (dim x n, the
-    layout the product reads fastest), then a top-k. Why not faiss's IndexFlatIP: faiss 1.15 scans
-    the vectors once per query (its BLAS path starts at 128,000 query x vector pairs and is never
-    taken with an excluded id range), so a micro-batch of 16 Matches cost 16 scans of the 15,000
-    CLINC150 phrases, 14 ms on one thread, against 2 ms for the product (measured, 2 cores).
+    From `SHORTLIST_MIN_VECTORS` vectors (and with onnxruntime, the onnx extra): each query's
+    `k + SHORTLIST_MARGIN` best vectors by an int8 copy (`Int8Scan`, mbc/runtime/int8_scan.py),
+    then their exact float32 scores, top-k of those: the exact top-k, as long as the int8 error
+    never moves a true neighbour past the margin (tested on CLINC150 vectors). The float32 BLAS
+    product read the whole group for each micro-batch (23 MB for the 15,000 CLINC150 phrases) and
+    a top-k over every vector followed; the int8 scan reads a quarter of that and does the top-k in
+    the same pass. A query's shortlist does not depend on the other queries of its batch: a Match
+    scores the same alone or batched. Figures: docs/performance.md ("Against the measured bound").
 
-    A lone query (a Match at low load, the one a consumer waits on): a scan of an int8 copy of the
-    vectors (faiss's scalar quantizer, a quarter of the bytes) for the `k + LONE_QUERY_MARGIN`
-    best, then their exact float32 scores, top-k of those: the exact top-k, as long as the int8
-    error never moves a true neighbour past the margin. The BLAS product of a lone query reads the
-    float32 vectors and slows the encoder pass of the Match that follows; the figures are in
-    docs/performance.md ("Against the measured bound").
+    Fewer vectors, or no onnxruntime: one BLAS matrix product per batch of queries. Why not
+    faiss's IndexFlatIP: faiss 1.15 scans the vectors once per query (its BLAS path starts at
+    128,000 query x vector pairs and is never taken with an excluded id range), so a micro-batch
+    of 16 Matches cost 16 scans of the 15,000 CLINC150 phrases, 14 ms on one thread, against 2 ms
+    for the product (measured, 2 cores).
 
     A search reads one immutable snapshot, so changes never block it; they copy the vectors,
     cheap at the sizes this index is used for."""
 
-    LONE_QUERY_MARGIN = 48
-    """Candidates beyond k that a lone query's int8 scan keeps for the exact re-rank."""
+    SHORTLIST_MARGIN = 48
+    """Candidates beyond k that the int8 scan keeps for the exact re-rank."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._snapshot: tuple[np.ndarray, np.ndarray, faiss.Index | None] = (
+        self._snapshot: tuple[np.ndarray, np.ndarray, int8_scan.Int8Scan | None] = (
             np.zeros(0, np.int64),
-            np.zeros((dim, 0), np.float32),
+            np.zeros((0, dim), np.float32),
             None,
         )
-        """(ids, vectors transposed, their int8 copy by position or None), replaced whole by add and remove."""
+        """(ids, vectors by position, their int8 scan or None), replaced whole by add and remove."""
         self._writing = threading.Lock()
 
-    def _with(self, ids: np.ndarray, transposed: np.ndarray) -> tuple[np.ndarray, np.ndarray, faiss.Index | None]:
-        coarse = None
-        if len(ids) >= LONE_QUERY_MIN_VECTORS:
-            # Unit vectors times 127, stored as int8 as they are (`_shortlist` scales the query
-            # alike: faiss rounds it to int8 too); a scale common to every vector changes no ranking.
-            rows = np.ascontiguousarray(transposed.T * 127.0)
-            coarse = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit_direct_signed, faiss.METRIC_INNER_PRODUCT)
-            with _one_thread():
-                coarse.train(rows)
-                coarse.add(rows)
-        return ids, transposed, coarse
+    @staticmethod
+    def _with(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int8_scan.Int8Scan | None]:
+        scan = int8_scan.Int8Scan(rows) if int8_scan.AVAILABLE and len(ids) >= SHORTLIST_MIN_VECTORS else None
+        return ids, rows, scan
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = _check(vectors, self.dim)
@@ -166,31 +162,30 @@ class FlatIndex:
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         with self._writing:
-            old_ids, old_t, _ = self._snapshot
-            self._snapshot = self._with(np.concatenate([old_ids, ids]), np.ascontiguousarray(np.hstack([old_t, vectors.T])))
+            old_ids, old_rows, _ = self._snapshot
+            self._snapshot = self._with(np.concatenate([old_ids, ids]), np.concatenate([old_rows, vectors]))
 
     def remove(self, ids: np.ndarray) -> None:
         with self._writing:
-            old_ids, old_t, _ = self._snapshot
+            old_ids, old_rows, _ = self._snapshot
             keep = ~np.isin(old_ids, np.asarray(ids, dtype=np.int64))
-            self._snapshot = self._with(old_ids[keep], np.ascontiguousarray(old_t[:, keep]))
+            self._snapshot = self._with(old_ids[keep], old_rows[keep])
 
     def search(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        ids, transposed, coarse = self._snapshot
+        ids, rows, scan = self._snapshot
         n = len(ids)
         if n == 0:
             return _empty(queries.shape[0])
         k = max(1, min(k, n))
         excluded = (ids >= exclude[0]) & (ids < exclude[1]) if exclude is not None else None
-        if coarse is not None and queries.shape[0] == 1 and k + self.LONE_QUERY_MARGIN < n:
-            shortlist = self._shortlist(coarse, queries, k + self.LONE_QUERY_MARGIN, excluded)
-            found_any = shortlist >= 0
-            columns = np.where(found_any, shortlist, 0)
-            scores = queries @ transposed[:, columns[0]]
-            scores[~found_any] = -np.inf
+        if scan is not None and k + self.SHORTLIST_MARGIN < n:
+            columns = scan.shortlist(queries, k + self.SHORTLIST_MARGIN, excluded)
+            scores = np.matmul(rows[columns], queries[:, :, None])[:, :, 0]
+            if excluded is not None:
+                scores[excluded[columns]] = -np.inf
         else:
-            scores = queries @ transposed
+            scores = queries @ rows.T
             if excluded is not None:
                 scores[:, excluded] = -np.inf
             columns = np.broadcast_to(np.arange(n), scores.shape)
@@ -203,24 +198,6 @@ class FlatIndex:
         found = ids[np.take_along_axis(columns, order, axis=1)]
         found[np.isneginf(top)] = -1
         return top, found
-
-    @staticmethod
-    def _shortlist(coarse: faiss.Index, queries: np.ndarray, count: int, excluded: np.ndarray | None) -> np.ndarray:
-        """Positions of the `count` best vectors by the int8 scan, the `excluded` positions left
-        out (-1 where fewer are left)."""
-        params = None
-        if excluded is not None:
-            out = np.flatnonzero(excluded)
-            if len(out):
-                first, last = int(out[0]), int(out[-1]) + 1
-                params = faiss.SearchParameters()
-                if last - first == len(out):  # positions follow ids: one range, as an index by id has
-                    params.sel = _excluding((first, last))
-                else:
-                    batch = faiss.IDSelectorBatch(out)
-                    params.sel = faiss.IDSelectorNot(batch)
-        _, positions = coarse.search(np.ascontiguousarray(queries * 127.0), count, params=params)
-        return positions
 
     drifted = False
     """Exact search never drifts."""
