@@ -1,5 +1,6 @@
 """The pure computations of `mbc bench match` (mbc/bench/match.py): the router's CPU ratio, the
-Respond bound, the targets of issue 18, and the Respond mesh's definitions and utterances."""
+Respond bound, the bounds' better of two measurements, the targets of issue 18, and the Respond
+mesh's definitions and utterances."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 from mbc.bench.match import (
     RESPOND_ROUND_TRIPS,
     BenchOptions,
+    RouterRuns,
+    best_encoder,
+    best_floor,
     respond_bound,
     respond_breakdown,
     respond_definitions,
@@ -124,3 +128,40 @@ def test_respond_breakdown_shares_and_cpu_per_process() -> None:
     out = respond_breakdown(respond_phase(1, 10, 9), respond_phase(32, 40, 30))
     assert out["c1"]["transferred_share"] == 0.9 and out["c32"]["transferred_share"] == 0.75
     assert out["c1"]["cpu_ms_per_respond"] == {"entry_bot": 2.0, "router": 5.0, "store": 1.0, "loadgen": 0.5}
+
+
+def _encoder(single: float, paused: float | None, cpu: float, qps: float, size: int, setup: str) -> dict:
+    return {
+        "single_ms": single,
+        "single_setup": setup,
+        "single_after_pause_ms": paused,
+        "least_cpu_ms_per_utterance": cpu,
+        "batch_qps": qps,
+        "batch_cpu_ms_per_utterance": cpu + 0.1,
+        "best_batch_size": size,
+        "batch_setup": setup,
+        "by_setup": {setup: {}},
+    }
+
+
+def test_the_bounds_take_the_better_of_two_measurements() -> None:
+    """A bound measured while the neighbours were busy must not flatter a ratio: each figure takes
+    the better of the measurements before and after the routers."""
+    quiet_batches = _encoder(4.0, 4.4, 3.0, 600.0, 32, "a")
+    quiet_singles = _encoder(3.5, None, 3.2, 550.0, 64, "b")
+    best = best_encoder(quiet_batches, quiet_singles)
+    assert (best["single_ms"], best["single_setup"], best["single_after_pause_ms"]) == (3.5, "b", 4.4)
+    assert (best["least_cpu_ms_per_utterance"], best["batch_qps"], best["best_batch_size"]) == (3.0, 600.0, 32)
+    assert best["by_setup_after"] == {"b": {}}
+
+    def floor(name: str, p50: float, server_cpu: float) -> dict:
+        return {"phase": name, "p50_ms": p50, **phase(server_cpu)}
+
+    runs = RouterRuns(
+        floor=[{"phase": "warmup"}, floor("floor_c1", 1.7, 0.5), floor("floor_c32", 0.9, 0.4)],
+        floor_after=[{"phase": "warmup"}, floor("floor_after_c1", 0.8, 0.5), floor("floor_after_c32", 0.9, 0.6)],
+    )
+    c1, c32 = best_floor(runs, 32)
+    assert (c1["phase"], c32["phase"]) == ("floor_after_c1", "floor_c32")
+    # Measured once (an older JSON's phases): that one.
+    assert best_floor(RouterRuns(floor=runs.floor), 32)[0]["phase"] == "floor_c1"

@@ -495,6 +495,11 @@ def test_bench_match_smoke(tmp_path: Path, onnx_dir: Path) -> None:
     floor = result["floor"]
     assert floor["p50_ms_c1"] > 0 and floor["qps_c32"] > 0 and floor["cpu_ms_per_call_c32"] > 0
     assert any(p["phase"] == "floor_c32" and p["ok"] == 64 for p in result["details"]["phases"])
+    # Measured again after the routers: each bound takes the better of the two measurements.
+    phases = {p["phase"]: p for p in result["details"]["phases"]}
+    assert phases["floor_after_c32"]["ok"] == 64
+    assert floor["p50_ms_c1"] == min(phases["floor_c1"]["p50_ms"], phases["floor_after_c1"]["p50_ms"])
+    assert set(result["details"]["encoder_by_setup_after"]) == set(setups)
     # Where the tuned router's time went, read from its /metrics and its CPU time.
     c1, c32 = result["breakdown"]["c1"], result["breakdown"]["c32"]
     assert c1["utterances_per_batch"] == 1.0 and 0 < c1["encode_ms"] < c1["mean_ms"] and c1["score_ms"] > 0

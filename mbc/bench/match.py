@@ -12,6 +12,9 @@ One run measures, with distinct CLINC150 `val` utterances:
   tuned router at 1 and at 32 callers;
 - first, the serving floor (`mbc.bench.empty_router`: an empty Match behind the same stack) at 1
   and 32 callers; then, from it, what no router could beat on this machine (`limits`);
+- at the end, the floor and the in-process encoder once more: each bound takes the better of
+  the two measurements (`best_encoder`, `best_floor`), so that a bound measured in a minute when
+  the machine's neighbours were busy flatters no ratio;
 - last, the path a consumer waits on: Bot.Respond that transfers, on a real mesh of the same 10
   bots (`LocalMesh`: etcd, the Context Session Store, the tuned router, the entry bot in one host
   process and the 9 others in another), each utterance (`val`, of another bot's intent) in a new
@@ -369,6 +372,8 @@ class RouterRuns:
     """The phases of each router loaded, and the seconds each took to serve."""
 
     floor: list[dict]
+    floor_after: list[dict] = field(default_factory=list)
+    """The floor measured again, after every router."""
     naive: list[dict] = field(default_factory=list)
     tuned: list[dict] = field(default_factory=list)
     respond: list[dict] = field(default_factory=list)
@@ -376,19 +381,42 @@ class RouterRuns:
 
     @property
     def all(self) -> list[dict]:
-        return self.naive + self.tuned + self.floor + self.respond
+        return self.naive + self.tuned + self.floor + self.respond + self.floor_after
 
     def by_name(self) -> dict[str, dict]:
         """The measured phases (warm-ups left out) by name."""
-        return {p["phase"]: p for p in self.naive[1:] + self.tuned[1:] + self.floor[1:] + self.respond[1:]}
+        measured = self.naive[1:] + self.tuned[1:] + self.floor[1:] + self.respond[1:] + self.floor_after[1:]
+        return {p["phase"]: p for p in measured}
 
 
-async def measure_floor(load: Load, workdir: Path) -> RouterRuns:
+async def measure_floor(load: Load, workdir: Path, prefix: str = "floor_") -> list[dict]:
     progress("empty router (the serving floor) ...")
-    floor, _ = await bench_router(
-        "router-empty", [], workdir, load.file, load.c1_and_cn("floor_"), module="mbc.bench.empty_router"
-    )
-    return RouterRuns(floor)
+    floor, _ = await bench_router("router-empty", [], workdir, load.file, load.c1_and_cn(prefix), module="mbc.bench.empty_router")
+    return floor
+
+
+def best_floor(runs: RouterRuns, concurrency: int) -> tuple[dict, dict]:
+    """The floor's phases at 1 and at `concurrency` callers: of its two measurements, the one with
+    the lower p50 at 1 caller and the one with the lower CPU per call at `concurrency`."""
+    by_name = runs.by_name()
+    c1 = [by_name[name] for name in ("floor_c1", "floor_after_c1") if name in by_name]
+    cn = [by_name[name] for name in (f"floor_c{concurrency}", f"floor_after_c{concurrency}") if name in by_name]
+    return min(c1, key=lambda p: p["p50_ms"]), min(cn, key=_cpu_ms)
+
+
+def best_encoder(first: dict, again: dict) -> dict:
+    """`measure_encoder`'s figures, each the better of two measurements: the lower times and CPU,
+    the higher throughput (with the batch size and set-up that gave it)."""
+    out = dict(first)
+    for key in ("single_ms", "single_after_pause_ms", "least_cpu_ms_per_utterance"):
+        values = [m[key] for m in (first, again) if m[key] is not None]
+        out[key] = min(values) if values else None
+    out["single_setup"] = min((first, again), key=lambda m: m["single_ms"])["single_setup"]
+    fastest = max((first, again), key=lambda m: m["batch_qps"])
+    for key in ("batch_qps", "batch_cpu_ms_per_utterance", "best_batch_size", "batch_setup"):
+        out[key] = fastest[key]
+    out["by_setup"], out["by_setup_after"] = first["by_setup"], again["by_setup"]
+    return out
 
 
 async def measure_routers(runs: RouterRuns, etcd: str, tuned: EncoderConfig, load: Load, workdir: Path, phrases: int) -> None:
@@ -524,13 +552,17 @@ async def run(opts: BenchOptions) -> dict:
     members = participants(domains, train, opts)
     phrases = sum(len(i.phrases) for p in members for i in p.intents)
 
-    runs = await measure_floor(load, workdir)
+    runs = RouterRuns(await measure_floor(load, workdir))
     progress(f"encoder in-process ({opts.backend}) ...")
     encoder = await asyncio.to_thread(measure_encoder, tuned, val, opts, runs.floor[1]["p50_ms"])
     with LocalEtcd(data_dir=workdir / "etcd") as etcd:
         async with registered(etcd.endpoint, members):
             await measure_routers(runs, etcd.endpoint, tuned, load, workdir, phrases)
     await measure_respond(runs, opts, tuned, respond_definitions(domains, train, opts), workdir)
+    runs.floor_after = await measure_floor(load, workdir, "floor_after_")
+    progress(f"encoder in-process again ({opts.backend}) ...")
+    pause = min(runs.floor[1]["p50_ms"], runs.floor_after[1]["p50_ms"])
+    encoder = best_encoder(encoder, await asyncio.to_thread(measure_encoder, tuned, val, opts, pause))
     return report(encoder, runs, tuned, opts, {"participants": len(members), "phrases": phrases, "group": GROUP})
 
 
@@ -562,14 +594,15 @@ def report(encoder: dict, runs: RouterRuns, tuned: EncoderConfig, opts: BenchOpt
     if respond_c1 is not None and respond_cn is not None:
         result["respond_p50_ms_c1"] = respond_c1["transferred"]["p50_ms"]
         result["respond_p99_ms_c32"] = respond_cn["transferred"]["p99_ms"]
-    floor_cn = by_name[f"floor_c{opts.concurrency}"]
-    result.update(limits(result, encoder, c1, cn, by_name["floor_c1"], floor_cn))
+    floor_c1, floor_cn = best_floor(runs, opts.concurrency)
+    result.update(limits(result, encoder, c1, cn, floor_c1, floor_cn))
     result["router_cpu_ratio_c32"] = router_cpu_ratio(cn, floor_cn, encoder["least_cpu_ms_per_utterance"])
     if respond_c1 is not None and respond_cn is not None:
         result["breakdown"]["respond"] = respond_breakdown(respond_c1, respond_cn)
     result["targets"] = targets(result)
     result["details"] = {
         "encoder_by_setup": encoder["by_setup"],
+        "encoder_by_setup_after": encoder.get("by_setup_after", {}),
         "phases": runs.all,
         "router_ready_seconds": runs.ready,
         "mesh": mesh,
