@@ -121,7 +121,7 @@ def add(rows: list[list[str]], label: str, value: str | None, *extra: str) -> No
 def match_rows(d: dict) -> list[list[str]]:
     rows: list[list[str]] = []
     tuned = get(d, "settings.tuned") or {}
-    shown = ("backend", "workers", "max_batch", "query_cache_size")
+    shown = ("backend", "threads", "workers", "max_batch", "query_cache_size")
     add(rows, "tuned router's set-up", ", ".join(f"{k} {v}" for k, v in tuned.items() if k in shown) or None)
     add(rows, "in-process encoder: one utterance, ms (`encoder_single_ms`)", fmt("{}", d, "encoder_single_ms"))
     batch = fmt("{}", d, "encoder_batch_qps")

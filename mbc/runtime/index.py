@@ -12,7 +12,7 @@ Two implementations, picked by size (`build_index`):
   (768 bytes a vector): no float32 copy is held, so 1M × 384-d takes 0.87 GB (measured) instead of 1.5.
 
 Threshold, measured on 2 shared cores (load average 8), one query at a time, k = 100, CLINC150
-utterances among realistic vectors (see mbc/bench/index.py): exact search p50 1.3 ms at 10k, 5.4
+utterances among realistic vectors (see mbc/bench/index.py), before the int8 shortlist: exact search p50 1.3 ms at 10k, 5.4
 ms at 25k, 10.9 ms at 50k, 19.3 ms at 100k (0.25 and 5.2 ms at 10k and 100k on a quiet machine);
 the IVF index 0.7-0.9 ms from 10k to 100k. But its top-1 agrees with exact search ~99.5% of the
 time, not always: exact search stays up to 20,000 vectors (under ~1 ms on a quiet machine), which
