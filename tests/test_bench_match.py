@@ -135,6 +135,7 @@ def _encoder(single: float, paused: float | None, cpu: float, qps: float, size: 
         "single_ms": single,
         "single_setup": setup,
         "single_after_pause_ms": paused,
+        "pause_ms": 0.8 if setup == "a" else 1.7,
         "least_cpu_ms_per_utterance": cpu,
         "batch_qps": qps,
         "batch_cpu_ms_per_utterance": cpu + 0.1,
@@ -151,6 +152,7 @@ def test_the_bounds_take_the_better_of_two_measurements() -> None:
     quiet_singles = _encoder(3.5, None, 3.2, 550.0, 64, "b")
     best = best_encoder(quiet_batches, quiet_singles)
     assert (best["single_ms"], best["single_setup"], best["single_after_pause_ms"]) == (3.5, "b", 4.4)
+    assert best["pause_ms"] == 0.8  # the pause that time followed
     assert (best["least_cpu_ms_per_utterance"], best["batch_qps"], best["best_batch_size"]) == (3.0, 600.0, 32)
     assert best["by_setup_after"] == {"b": {}}
 

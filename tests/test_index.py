@@ -277,11 +277,12 @@ def test_exact_index_returns_the_brute_force_neighbours_with_exclusions_and_chan
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, axis=1), ids[keep][order]
 
-    for batch in (queries[:1], queries):  # a lone query and a batch
+    want_scores, want_ids = brute(np.ones(3000, bool), 50)
+    for copies in (0, 1, 70):  # a lone query, a batch, 630 queries (searched in pieces)
+        batch = np.tile(queries, (copies, 1)) if copies else queries[:1]
         scores, found = index.search(batch, 50)
-        want_scores, want_ids = brute(np.ones(3000, bool), 50)
-        np.testing.assert_array_equal(found, want_ids[: len(batch)])
-        np.testing.assert_allclose(scores, want_scores[: len(batch)], atol=1e-5)
+        np.testing.assert_array_equal(found, np.tile(want_ids, (max(copies, 1), 1))[: len(batch)])
+        np.testing.assert_allclose(scores, np.tile(want_scores, (max(copies, 1), 1))[: len(batch)], atol=1e-5)
 
     excluded = (ids >= 10_500) & (ids < 11_500)
     scores, found = index.search(queries, 50, exclude=(10_500, 11_500))

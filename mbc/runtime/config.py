@@ -131,7 +131,8 @@ class EncoderConfig:
     """Where exported ONNX models are cached; empty means $XDG_CACHE_HOME/mbc/onnx (~/.cache/mbc/onnx)."""
     threads: int = setting(0, flag="--encoder-threads", help="intra-op threads of the engine; 0: its default")
     """Intra-op threads of the inference engine; 0 leaves the engine's default (one per core). With
-    ONNX and `idle_spinning`, a micro-batch that runs alone has every core whatever this says."""
+    ONNX and `idle_spinning`, a micro-batch that runs alone has every core the process may use
+    when this is 0 or 1 (more threads when it says more)."""
     workers: int = setting(1, flag="--encoder-workers", help="threads encoding and scoring micro-batches side by side")
     """Threads running the micro-batches of the async API (the router's Match) side by side, each
     encoding then scoring its own batch; with `threads: 1`, 2 workers use 2 cores, the least CPU

@@ -235,7 +235,9 @@ class _OnnxBackend:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if config.threads > 0 and not spinning:  # alone, the session has every core
+        if spinning:  # alone, the session has every core this process may use (or more threads, if set)
+            options.intra_op_num_threads = config.threads if config.threads > 1 else _cores()
+        elif config.threads > 0:
             options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
         # Spinning threads busy-wait between operators: faster alone, but under load they take the
