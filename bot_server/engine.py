@@ -59,6 +59,10 @@ GOOD = common_pb2.RATING_GOOD
 FAIR_PLUS = common_pb2.RATING_FAIR_PLUS
 # Time kept back from each outgoing call so that a fallback can still be sent in time.
 FALLBACK_RESERVE_SECONDS = 0.25
+INSTANCE_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+"""How a Transfer fails when its instance is going: UNAVAILABLE (stopped, killed, unreachable) or
+CANCELLED (a server that is stopping cancels the calls that reach it; seen in a test run: the
+message fell back although the bot's other instance was live)."""
 MAX_INSTANCE_RETRIES = 2
 """Other instances of the same bot tried after one that cannot be reached (see `_hand_over`)."""
 INSTANCE_ASK_DELAYS = (0.0, 0.0, 0.025, 0.1)
@@ -554,9 +558,9 @@ class BotEngine:
     ) -> TurnResult | None:
         """Transfer to `candidate`; None (the conversation stays here) when it did not take it.
 
-        An instance that cannot be reached (UNAVAILABLE: stopped, draining, or killed and not yet
-        out of the router's view) is not the bot: the router is asked again for another instance
-        of it, `MAX_INSTANCE_RETRIES` times at most, skipping the `failed` addresses."""
+        An instance that cannot be reached or is stopping (`INSTANCE_GONE`: stopped, draining, or
+        killed and not yet out of the router's view) is not the bot: the router is asked again for
+        another instance of it, `MAX_INSTANCE_RETRIES` times at most, skipping the `failed` addresses."""
         timeout = route.remaining()
         if timeout <= 0:
             return None
@@ -587,7 +591,7 @@ class BotEngine:
             BOT_TRANSFERS.labels("failed").inc()
             route.owner_version = await self._claim_back(message.conversation_id, route, transfer_id)
             failed += (candidate.address,)
-            if e.code() == grpc.StatusCode.UNAVAILABLE and len(failed) <= MAX_INSTANCE_RETRIES:
+            if e.code() in INSTANCE_GONE and len(failed) <= MAX_INSTANCE_RETRIES:
                 other = await self._other_instance(message.text, candidate.bot_id, failed, route)
                 if other is not None:
                     return await self._hand_over(message, other, route, failed)
