@@ -47,7 +47,7 @@ from discovery import EtcdClient, Registration
 from mbc.bench.clinc import default_data_dir, load_clinc
 from mbc.runtime.calibration_set import Example, dump_calibration
 from mbc.runtime.config import EncoderConfig
-from mbc.runtime.encoder import Encoder
+from mbc.runtime.encoder import Encoder, available_cores
 from mbc.testing.etcd import LocalEtcd
 from mbc.testing.mesh import LocalMesh, wait_trained
 from mbc.testing.processes import ComponentProcess, new_workdir
@@ -702,7 +702,7 @@ def limits(result: dict, encoder: dict, c1: dict, cn: dict, floor_c1: dict, floo
       - at 1 caller, the in-process single encode after a pause as long as the floor's p50 (the
         least time between two Matches of a caller), plus that p50.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     floor_cpu = _cpu_ms(floor_cn)
     encode_cpu = encoder["least_cpu_ms_per_utterance"]
     qps_bound = round(cores * 1000.0 / (encode_cpu + floor_cpu), 1)

@@ -53,8 +53,8 @@ from mbc.runtime.logs import get_logger
 log = get_logger(__name__)
 
 
-def _cores() -> int:
-    """The cores this process may run on."""
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -224,7 +224,8 @@ class _OnnxBackend:
         onnx_dir = Path(config.onnx_dir) if config.onnx_dir else default_onnx_dir()
         self.file = onnx_model_file(model_path, config.backend, onnx_dir)
         self._session = self._open_session(config, spinning=False)
-        self._alone_session = self._open_session(config, spinning=True) if config.idle_spinning and _cores() > 1 else None
+        alone = config.idle_spinning and available_cores() > 1
+        self._alone_session = self._open_session(config, spinning=True) if alone else None
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         self._tokenizer.enable_truncation(int(max_len))
@@ -236,7 +237,7 @@ class _OnnxBackend:
 
         options = ort.SessionOptions()
         if spinning:  # alone, the session has every core this process may use (or more threads, if set)
-            options.intra_op_num_threads = config.threads if config.threads > 1 else _cores()
+            options.intra_op_num_threads = config.threads if config.threads > 1 else available_cores()
         elif config.threads > 0:
             options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
