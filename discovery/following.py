@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from discovery.background import BackgroundLoop
 from discovery.errors import EtcdError, EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient
 from mbc.runtime.logs import get_logger
@@ -25,7 +26,7 @@ T = TypeVar("T")
 _RETRY_FIRST, _RETRY_CAP = 0.2, 2.0
 
 
-class EtcdFollower(Generic[T]):
+class EtcdFollower(BackgroundLoop, Generic[T]):
     """Calls `on_change(value)` with what `read(client)` returns: once read first, then on every
     change of a key under `prefix` that changes the value's `fingerprint`."""
 
@@ -44,20 +45,10 @@ class EtcdFollower(Generic[T]):
         self._read = read
         self._on_change = on_change
         self._fingerprint = fingerprint
-        self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()
         self._failures = 0
         self._last: object = _NOTHING
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=f"{self._what}-watcher")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
+        self.task_name = f"{what}-watcher"
 
     async def wait_first(self, timeout: float | None = None) -> None:
         """Until the value has been delivered once; TimeoutError after `timeout`."""

@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from discovery.background import BackgroundLoop
 from discovery.errors import EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue
 from discovery.keys import ROUTERS_PREFIX, parse_router_key, router_key
@@ -99,10 +100,12 @@ class RouterRegistration:
         log.info("router_deregistered", key=self.record.key)
 
 
-class RouterWatcher:
+class RouterWatcher(BackgroundLoop):
     """Calls `on_change` with the sorted addresses of the registered replicas after the first list
     and whenever they change. On a broken or compacted watch it keeps the last addresses (the
     replicas are likely still there), lists again and resumes; it stops only with stop()."""
+
+    task_name = "router-watcher"
 
     def __init__(self, client: EtcdClient, on_change: Callable[[tuple[str, ...]], None]) -> None:
         self._client = client
@@ -110,22 +113,11 @@ class RouterWatcher:
         self._records: dict[str, RouterRecord] = {}
         self._addresses: tuple[str, ...] | None = None
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
         """The addresses last published (empty before the first list)."""
         return self._addresses or ()
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="router-watcher")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Until the first list was published; TimeoutError after `timeout` seconds."""

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 from google.protobuf.message import DecodeError
 
+from discovery.background import BackgroundLoop
 from discovery.errors import EtcdLimitExceeded, EtcdUnavailable, WatchCompacted
 from discovery.etcd_client import EtcdClient, KeyValue, WatchEvent
 from discovery.keys import (
@@ -233,7 +234,7 @@ def definitions_prefix_of(prefix: str) -> str:
     return DEFINITIONS_PREFIX + prefix[len(PARTICIPANTS_PREFIX) :]
 
 
-class ParticipantWatcher:
+class ParticipantWatcher(BackgroundLoop):
     """Calls `on_change` with a new ParticipantSnapshot after the first list and after each change.
 
     Changes that arrive together (one etcd response, or while on_change runs) give one snapshot.
@@ -257,8 +258,8 @@ class ParticipantWatcher:
         self._revision = 0
         self._snapshot = ParticipantSnapshot()
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        self.task_name = f"participant-watcher {prefix}"
 
     @property
     def snapshot(self) -> ParticipantSnapshot:
@@ -268,16 +269,6 @@ class ParticipantWatcher:
     @property
     def prefix(self) -> str:
         return self._prefix
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=f"participant-watcher {self._prefix}")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the first snapshot has been delivered; TimeoutError after `timeout` seconds."""
