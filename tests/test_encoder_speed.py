@@ -412,7 +412,7 @@ def test_onnx_backends_load_offline_and_agree_with_torch(onnx_dir: Path) -> None
         cosines = (reference * got).sum(axis=1)
         assert cosines.min() >= min_cosine, (backend, cosines)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-    assert list(onnx_dir.glob("*/model.onnx")) and list(onnx_dir.glob("*/model_int8.onnx")), "exports not cached"
+    assert list(onnx_dir.glob("*/model_packed.onnx")) and list(onnx_dir.glob("*/model_packed_int8.onnx")), "exports not cached"
 
 
 @pytest.mark.timeout(480)
@@ -579,40 +579,29 @@ def test_lexical_svm_scores_like_sklearn(classes: int, analyzer: str) -> None:
     np.testing.assert_array_equal(LexicalSvm(vocabulary, **arrays, analyzer=analyzer).decision_function(queries), got)
 
 
-def _brute_force_cost(lengths: list[int], overhead: float, max_pass: int) -> float:
-    """The least cost over every cut of the sorted inputs into passes (exponential: small inputs)."""
-    n = len(lengths)
-    best = float("inf")
-    for mask in range(1 << max(0, n - 1)):
-        bounds = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
-        passes = list(zip(bounds, bounds[1:]))
-        if any(end - start > max_pass for start, end in passes):
-            continue
-        best = min(best, sum(overhead + (end - start) * lengths[end - 1] for start, end in passes))
-    return best
-
-
 @pytest.mark.unit
 @pytest.mark.parametrize("seed", range(6))
-def test_forward_passes_cover_every_input_once_at_the_least_padding_cost(seed: int) -> None:
-    from mbc.runtime.encoder import plan_passes
+def test_packed_rows_hold_every_input_once_and_leave_at_most_one_row_half_empty(seed: int) -> None:
+    from mbc.runtime.encoder import pack_rows
 
     rng = np.random.default_rng(seed)
-    lengths = sorted(rng.integers(3, 30, size=int(rng.integers(1, 11))).tolist())
-    overhead, max_pass = float(rng.choice([0, 4, 12, 40])), int(rng.choice([2, 3, 16]))
-    passes = plan_passes(lengths, overhead, max_pass)
-    assert [i for start, end in passes for i in range(start, end)] == list(range(len(lengths)))
-    assert all(0 < end - start <= max_pass for start, end in passes)
-    cost = sum(overhead + (end - start) * lengths[end - 1] for start, end in passes)
-    assert cost == pytest.approx(_brute_force_cost(lengths, overhead, max_pass))
-    # No overhead: every distinct length gets passes of its own, nothing is padded.
-    assert all(lengths[start] == lengths[end - 1] for start, end in plan_passes(lengths, 0.0, max_pass))
+    row_tokens = int(rng.choice([8, 32, 64]))
+    lengths = rng.integers(1, 2 * row_tokens, size=int(rng.integers(1, 200))).tolist()
+    rows = pack_rows(lengths, row_tokens)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    fill = [sum(lengths[i] for i in row) for row in rows]
+    for row, tokens in zip(rows, fill):
+        assert tokens <= row_tokens or len(row) == 1, "only an input longer than a row is alone past the limit"
+    # Best-fit decreasing: a row left half empty would have taken the inputs of a later one.
+    assert sum(1 for row, tokens in zip(rows, fill) if tokens <= row_tokens // 2) <= 1
+    assert pack_rows([], row_tokens) == []
 
 
 @pytest.mark.parametrize("threads", [0, 1])
 def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengths(onnx_dir: Path, threads: int) -> None:
-    """The passes a batch is cut into (and the spinning session of a lone call, on every core even
-    when batches run on one thread) change nothing."""
+    """The rows a batch is packed into (several inputs side by side, each attending only to its own
+    tokens) and the spinning session of a lone call (on every core even when batches run on one
+    thread) change nothing."""
     from mbc.runtime.encoder import Encoder
 
     encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir), threads=threads))

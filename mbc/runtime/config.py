@@ -114,10 +114,9 @@ class EncoderConfig:
     device: str = "cpu"
     """torch device."""
     batch_size: int = 16
-    """Most sentences per forward pass: longer inputs (training phrases, a micro-batch of utterances)
-    are sorted by length and, with the ONNX backends, cut where padding the short ones would cost
-    more than another pass (`mbc.runtime.encoder.plan_passes`); small passes also stay in the CPU
-    cache, so a small batch costs less CPU per sentence than a large one."""
+    """Most sentences per forward pass with torch; with the ONNX backends, most packed rows per pass,
+    each holding several short inputs side by side (`mbc.runtime.encoder.pack_rows`), so a pass
+    computes little padding. Small passes also stay in the CPU cache."""
     cache_size: int = 200_000
     """Phrase embeddings kept in memory, keyed by model and text, so unchanged phrases cost nothing."""
     backend: str = setting(

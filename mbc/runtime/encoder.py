@@ -7,7 +7,8 @@ Backends (`EncoderConfig.backend`):
 - "torch": sentence-transformers on torch (the reference).
 - "onnx": the same transformer exported once to ONNX from the local weights (torch's exporter, no
   download), cached in `EncoderConfig.onnx_dir`, run by onnxruntime with the model's own tokenizer,
-  mean pooling and L2 normalisation: the vectors equal torch's to about 1e-6.
+  mean pooling and L2 normalisation: the vectors equal torch's to about 1e-6. Its inputs are
+  packed: short inputs share a row, each attending only to its own tokens (`pack_rows`).
 - "onnx-int8": that ONNX model with dynamically quantized int8 weights (per channel).
 sentence-transformers' own ONNX/OpenVINO backends need optimum, which requires transformers < 5
 and so cannot be installed beside sentence-transformers 6: hence this small ONNX path of our own.
@@ -135,38 +136,46 @@ def _model_fingerprint(path: Path) -> str:
 
 
 def export_onnx(model_path: Path, target: Path) -> None:
-    """Export the transformer of a local sentence-transformers model to ONNX (no download)."""
+    """Export the transformer of a local sentence-transformers model to ONNX (no download), for
+    packed inputs (`pack_rows`): each row holds several inputs side by side, `position_ids` restart
+    at each, and `segment_ids` name the input of each token (-1: padding). A token attends only to
+    the tokens of its own segment, so each input's hidden states are those it gets alone."""
     import warnings
 
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()
+    # Eager attention: the additive mask below is applied as given, in plain ONNX operators.
+    model = AutoModel.from_pretrained(str(model_path), local_files_only=True, attn_implementation="eager").eval()
 
-    class _LastHiddenState(torch.nn.Module):
+    class _PackedLastHiddenState(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=False
-            )[0]
+        def forward(self, input_ids, position_ids, segment_ids):
+            embedded = self.inner.embeddings(
+                input_ids=input_ids, position_ids=position_ids, token_type_ids=torch.zeros_like(input_ids)
+            )
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = torch.where(same, 0.0, torch.finfo(torch.float32).min)[:, None, :, :]
+            return self.inner.encoder(embedded, attention_mask=mask).last_hidden_state
 
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
-    mask = (ids != 0).to(torch.int64)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.tensor([[101, 7592, 2088, 102, 101, 7592, 102, 0]], dtype=torch.int64)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0]], dtype=torch.int64)
+    segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]], dtype=torch.int64)
+    names = ["input_ids", "position_ids", "segment_ids"]
     tmp = temporary_beside(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _LastHiddenState(model),
-            (ids, mask, torch.zeros_like(ids)),
+            _PackedLastHiddenState(model),
+            (ids, positions, segments),
             str(tmp),
             input_names=names,
             output_names=["last_hidden_state"],
-            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]},
+            dynamic_axes={n: {0: "rows", 1: "sequence"} for n in [*names, "last_hidden_state"]},
             opset_version=17,
             dynamo=False,
         )
@@ -193,14 +202,14 @@ def quantize_onnx(source: Path, target: Path) -> None:
 def onnx_model_file(model_path: Path, backend: str, onnx_dir: Path) -> Path:
     """The cached ONNX file of a model for a backend, exported (offline) when missing."""
     folder = onnx_dir / f"{model_path.name or 'model'}-{_model_fingerprint(model_path)}"
-    fp32 = folder / "model.onnx"
+    fp32 = folder / "model_packed.onnx"
     if not fp32.exists():
         started = time.monotonic()
         export_onnx(model_path, fp32)
         log.info("onnx_exported", model=str(model_path), file=str(fp32), seconds=round(time.monotonic() - started, 2))
     if backend == "onnx":
         return fp32
-    int8 = folder / "model_int8.onnx"
+    int8 = folder / "model_packed_int8.onnx"
     if not int8.exists():
         quantize_onnx(fp32, int8)
         log.info("onnx_quantized", file=str(int8))
@@ -226,7 +235,6 @@ class _OnnxBackend:
         self._session = self._open_session(config, spinning=False)
         alone = config.idle_spinning and available_cores() > 1
         self._alone_session = self._open_session(config, spinning=True) if alone else None
-        self._inputs = {i.name for i in self._session.get_inputs()}
         self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
         self._tokenizer.enable_truncation(int(max_len))
         self._tokenizer.no_padding()
@@ -251,59 +259,68 @@ class _OnnxBackend:
 
     def encode(self, texts: list[str], alone: bool = False) -> np.ndarray:
         session = self._alone_session if alone and self._alone_session is not None else self._session
-        encodings = self._tokenizer.encode_batch(texts)
+        ids_of = [e.ids for e in self._tokenizer.encode_batch(texts)]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        lengths = [len(encodings[i].ids) for i in order]
-        for start, end in plan_passes(lengths, PASS_OVERHEAD_TOKENS, self._batch_size):
-            chunk = order[start:end]
-            width = lengths[end - 1]
-            ids = np.zeros((len(chunk), width), dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.int64)
-            for row, i in enumerate(chunk):
-                n = len(encodings[i].ids)
-                ids[row, :n] = encodings[i].ids
-                mask[row, :n] = 1
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in self._inputs:
-                feeds["token_type_ids"] = np.zeros_like(ids)
-            hidden = session.run(None, feeds)[0]
-            weights = mask[..., None].astype(np.float32)
-            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        rows = pack_rows([len(ids) for ids in ids_of], PACKED_ROW_TOKENS)
+        for start in range(0, len(rows), self._batch_size):
+            run = rows[start : start + self._batch_size]
+            width = max(sum(len(ids_of[i]) for i in row) for row in run)
+            ids = np.zeros((len(run), width), dtype=np.int64)
+            positions = np.zeros((len(run), width), dtype=np.int64)
+            segments = np.full((len(run), width), -1, dtype=np.int64)
+            inputs, bounds = [], []  # in token order: the inputs, and where each one starts
+            for r, row in enumerate(run):
+                column = 0
+                for i in row:
+                    n = len(ids_of[i])
+                    ids[r, column : column + n] = ids_of[i]
+                    positions[r, column : column + n] = np.arange(n)
+                    segments[r, column : column + n] = i
+                    inputs.append(i)
+                    bounds.append(r * width + column)
+                    column += n
+                if column < width:  # the row's padding: summed apart, then dropped
+                    inputs.append(-1)
+                    bounds.append(r * width + column)
+            hidden = session.run(None, {"input_ids": ids, "position_ids": positions, "segment_ids": segments})[0]
+            # Mean pooling: each input's tokens are contiguous, so one reduceat sums them all.
+            sums = np.add.reduceat(hidden.reshape(len(run) * width, -1), bounds, axis=0)
+            kept = np.array(inputs) >= 0
+            members = np.array(inputs)[kept]
+            pooled = sums[kept] / np.array([len(ids_of[i]) for i in members], np.float32)[:, None]
             pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-            out[chunk] = pooled
+            out[members] = pooled
         return out
 
 
-PASS_OVERHEAD_TOKENS = 12
-"""What a forward pass costs beyond its tokens, in tokens: every pass reads all the weights
-(90 MB in float32), which on one CPU thread takes as long as computing ~12 tokens (measured for
-all-MiniLM-L6-v2: 3.2 ms for one pass of 1 x 6 tokens, 0.17 ms a token in large passes)."""
+PACKED_ROW_TOKENS = 32
+"""Tokens of a packed row (`pack_rows`; an input as long or longer gets a row of its own). Short
+rows pad less; long rows pay for attention, quadratic in a row's width. The figures that chose
+it are in docs/performance.md."""
 
 
-def plan_passes(lengths: Sequence[int], overhead: float, max_pass: int) -> list[tuple[int, int]]:
-    """Cuts inputs sorted by length into forward passes of consecutive inputs, at most `max_pass`
-    each, that cost least: a pass costs `overhead` plus its size times its longest input (the
-    others are padded to it). Returns (start, end) ranges covering `lengths`, in order.
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Inputs (indices into `lengths`, in tokens) placed side by side in rows of at most
+    `row_tokens` tokens, longest first, each in the row it fills best (best-fit decreasing); an
+    input longer than `row_tokens` gets a row of its own. Every input is in exactly one row.
 
-    One pass pads short inputs to the longest; a pass per input pays the overhead each time: for a
-    micro-batch of 16 CLINC150 utterances, the best cut costs ~28% less than one pass (modelled on
-    their real lengths), and ~6% less than fixed passes of 16 for 128 utterances."""
-    n = len(lengths)
-    cost = [0.0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        longest = lengths[end - 1]
-        for start in range(max(0, end - max_pass), end):
-            c = cost[start] + overhead + (end - start) * longest
-            if c < cost[end]:
-                cost[end], cut[end] = c, start
-    passes = []
-    end = n
-    while end > 0:
-        passes.append((cut[end], end))
-        end = cut[end]
-    return passes[::-1]
+    A forward pass then computes the tokens of its inputs and little padding, where a pass over
+    inputs of different lengths pads each to the longest."""
+    rows: list[list[int]] = []
+    with_room: list[list[int]] = [[] for _ in range(row_tokens + 1)]
+    """Rows by the tokens they have left."""
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        fits = next((free for free in range(n, row_tokens + 1) if with_room[free]), None)
+        if fits is None:
+            rows.append([i])
+            r, free = len(rows) - 1, max(0, row_tokens - n)
+        else:
+            r = with_room[fits].pop()
+            rows[r].append(i)
+            free = fits - n
+        with_room[free].append(r)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
