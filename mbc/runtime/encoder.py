@@ -183,7 +183,8 @@ def export_onnx(model_path: Path, target: Path) -> None:
 
 
 def quantize_onnx(source: Path, target: Path) -> None:
-    """Dynamic int8 quantization of the weights, per channel (keeps cosine ≥ 0.95 on CLINC150)."""
+    """Dynamic int8 quantization of the weights, per channel (how close its vectors stay: the
+    tuning section of docs/performance.md)."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
