@@ -412,7 +412,7 @@ def test_onnx_backends_load_offline_and_agree_with_torch(onnx_dir: Path) -> None
         cosines = (reference * got).sum(axis=1)
         assert cosines.min() >= min_cosine, (backend, cosines)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-    assert list(onnx_dir.glob("*/model_packed.onnx")) and list(onnx_dir.glob("*/model_packed_int8.onnx")), "exports not cached"
+    assert list(onnx_dir.glob("*/model.onnx")) and list(onnx_dir.glob("*/model_int8.onnx")), "exports not cached"
 
 
 @pytest.mark.timeout(480)
@@ -597,6 +597,36 @@ def test_packed_rows_hold_every_input_once_and_leave_at_most_one_row_half_empty(
     assert pack_rows([], row_tokens) == []
 
 
+@pytest.mark.unit
+def test_forward_passes_keep_short_rows_apart_from_a_long_one() -> None:
+    from mbc.runtime.encoder import plan_runs
+
+    widths = [32] * 30 + [256, 31, 12, 17, 70]
+    runs = plan_runs(widths, max_rows=16)
+    assert sorted(r for run in runs for r in run) == list(range(len(widths)))
+    assert all(len(run) <= 16 for run in runs)
+    for run in runs:
+        widest = max(widths[r] for r in run)
+        assert all(widest - widths[r] <= 12 + widths[r] for r in run), [widths[r] for r in run]
+    assert [widths[r] for r in runs[0]] == [256], "the long row was not alone"
+    narrow = [32, 31, 20, 12, 9]
+    assert [[narrow[r] for r in run] for run in plan_runs(narrow, max_rows=16, overhead=12)] == [
+        [32, 31, 20, 12],
+        [9],
+    ], "a row is padded when that costs less than a pass of its own"
+
+
+@pytest.mark.unit
+def test_auto_backend_takes_torch_for_a_model_the_onnx_export_cannot_pack(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from mbc.runtime.encoder import default_model_path, model_type, resolve_backend
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlm-roberta"}))
+    assert resolve_backend("auto", str(tmp_path)) == "torch"
+    assert model_type(Path(default_model_path())) == "bert"
+    assert resolve_backend("auto", default_model_path()) == "onnx"
+
+
 @pytest.mark.parametrize("threads", [0, 1])
 def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengths(onnx_dir: Path, threads: int) -> None:
     """The rows a batch is packed into (several inputs side by side, each attending only to its own
@@ -605,9 +635,15 @@ def test_onnx_encoder_gives_the_same_vectors_alone_and_in_a_batch_of_mixed_lengt
     from mbc.runtime.encoder import Encoder
 
     encoder = Encoder(EncoderConfig(backend="onnx", onnx_dir=str(onnx_dir), threads=threads))
+    # Short and long inputs (one of exactly a row, one past it, one truncated at the model's
+    # limit), repeated: more rows than a pass holds, passes of different widths.
+    words = ["please", "move", "fifty", "dollars", "from", "my", "checking", "account", "to", "savings", "before", "friday"]
+    texts = (UTTERANCES + [" ".join((words * 40)[:n]) for n in (30, 31, 60, 400)]) * 5
     try:
-        batch = encoder.encode(UTTERANCES)
-        for text, vector in zip(UTTERANCES, batch):
+        batch = encoder.encode(texts)
+        lengths = {len(encoder._backend._tokenizer.encode(t).ids) for t in texts}
+        assert {32, 33, 62, 256} <= lengths, lengths
+        for text, vector in zip(texts, batch):
             np.testing.assert_allclose(encoder.encode([text], alone=True)[0], vector, atol=2e-5)
     finally:
         encoder.close()

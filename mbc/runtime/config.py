@@ -139,8 +139,8 @@ class EncoderConfig:
     max_batch: int = setting(
         32, flag="--max-batch", help="largest micro-batch of concurrent Match utterances; 1 disables batching"
     )
-    """Largest micro-batch: concurrent `aencode` calls (the router's Match) are encoded together in
-    one forward pass of at most this many utterances; 1 encodes one call at a time."""
+    """Largest micro-batch: concurrent `aencode` calls (the router's Match) are encoded together, at
+    most this many utterances (in forward passes of `batch_size`); 1 encodes one call at a time."""
     batch_wait_ms: float = setting(
         0.0, flag="--batch-wait-ms", help="bounded wait for a micro-batch to fill, under concurrency only"
     )

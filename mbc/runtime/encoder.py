@@ -61,8 +61,9 @@ def available_cores() -> int:
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 AUTO = "auto"
-"""Backend setting: "onnx" when onnxruntime is installed, else "torch" (`resolve_backend`)."""
-_EXPORT_FORMAT = "1"
+"""Backend setting: "onnx" when onnxruntime is installed and the model can be packed, else
+"torch" (`resolve_backend`)."""
+_EXPORT_FORMAT = "2"
 """Bump when the exported graph changes, so cached exports are redone."""
 
 
@@ -77,16 +78,31 @@ def default_onnx_dir() -> Path:
     return Path(base) / "mbc" / "onnx"
 
 
-def resolve_backend(backend: str) -> str:
-    """The backend a setting names: "auto" is "onnx" when onnxruntime is installed (a restarted
-    router then loads the exported model with neither torch nor sentence-transformers: seconds
-    less), else "torch", said in a log line."""
+def resolve_backend(backend: str, model_path: str) -> str:
+    """The backend a setting names: "auto" is "onnx" when onnxruntime is installed and the model is
+    one the ONNX export packs (`PACKED_MODEL_TYPES`; a restarted router then loads the exported model
+    with neither torch nor sentence-transformers: seconds less), else "torch", said in a log line."""
     if backend != AUTO:
         return backend
     if importlib.util.find_spec("onnxruntime") is None:
         log.info("encoder_backend_chosen", backend="torch", reason="onnxruntime is not installed (the onnx extra)")
         return "torch"
+    kind = model_type(Path(model_path))
+    if kind not in PACKED_MODEL_TYPES:
+        log.info("encoder_backend_chosen", backend="torch", reason=f"the onnx backends run BERT models; this one is {kind!r}")
+        return "torch"
     return "onnx"
+
+
+PACKED_MODEL_TYPES = ("bert",)
+"""Transformers `model_type`s whose ONNX export takes packed rows (`export_onnx`): their position
+ids count from 0 and their embeddings take token type ids (RoBERTa's count from its padding id)."""
+
+
+def model_type(model_path: Path) -> str:
+    """The transformers `model_type` in the model directory's config.json ("" when it has none)."""
+    config = model_path / "config.json"
+    return str(json.loads(config.read_text()).get("model_type", "")) if config.exists() else ""
 
 
 def model_id_of(path: str, backend: str) -> str:
@@ -203,14 +219,14 @@ def quantize_onnx(source: Path, target: Path) -> None:
 def onnx_model_file(model_path: Path, backend: str, onnx_dir: Path) -> Path:
     """The cached ONNX file of a model for a backend, exported (offline) when missing."""
     folder = onnx_dir / f"{model_path.name or 'model'}-{_model_fingerprint(model_path)}"
-    fp32 = folder / "model_packed.onnx"
+    fp32 = folder / "model.onnx"
     if not fp32.exists():
         started = time.monotonic()
         export_onnx(model_path, fp32)
         log.info("onnx_exported", model=str(model_path), file=str(fp32), seconds=round(time.monotonic() - started, 2))
     if backend == "onnx":
         return fp32
-    int8 = folder / "model_packed_int8.onnx"
+    int8 = folder / "model_int8.onnx"
     if not int8.exists():
         quantize_onnx(fp32, int8)
         log.info("onnx_quantized", file=str(int8))
@@ -227,6 +243,12 @@ class _OnnxBackend:
         pooling = json.loads((model_path / "1_Pooling" / "config.json").read_text())
         if not pooling.get("pooling_mode_mean_tokens"):
             raise ValueError(f"the {config.backend} backend supports mean-pooling models only: {path}")
+        kind = model_type(model_path)
+        if kind not in PACKED_MODEL_TYPES:
+            raise ValueError(
+                f"the {config.backend} backend runs BERT models (model_type {', '.join(PACKED_MODEL_TYPES)}); "
+                f"{path} is {kind!r}: use --encoder-backend torch"
+            )
         self.dim = int(pooling["word_embedding_dimension"])
         st_config = model_path / "sentence_bert_config.json"
         max_len = json.loads(st_config.read_text()).get("max_seq_length", 256) if st_config.exists() else 256
@@ -261,19 +283,24 @@ class _OnnxBackend:
     def encode(self, texts: list[str], alone: bool = False) -> np.ndarray:
         session = self._alone_session if alone and self._alone_session is not None else self._session
         ids_of = [e.ids for e in self._tokenizer.encode_batch(texts)]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        rows = pack_rows([len(ids) for ids in ids_of], PACKED_ROW_TOKENS)
-        for start in range(0, len(rows), self._batch_size):
-            run = rows[start : start + self._batch_size]
-            width = max(sum(len(ids_of[i]) for i in row) for row in run)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)  # an input of no token stays zero
+        lengths = [len(ids) for ids in ids_of]
+        rows = pack_rows(lengths, PACKED_ROW_TOKENS)
+        widths = [sum(lengths[i] for i in row) for row in rows]
+        for run in plan_runs(widths, self._batch_size):
+            width = max(widths[r] for r in run)
+            if width == 0:
+                continue
             ids = np.zeros((len(run), width), dtype=np.int64)
             positions = np.zeros((len(run), width), dtype=np.int64)
             segments = np.full((len(run), width), -1, dtype=np.int64)
             inputs, bounds = [], []  # in token order: the inputs, and where each one starts
-            for r, row in enumerate(run):
+            for r, row in enumerate(rows[k] for k in run):
                 column = 0
                 for i in row:
-                    n = len(ids_of[i])
+                    n = lengths[i]
+                    if n == 0:
+                        continue
                     ids[r, column : column + n] = ids_of[i]
                     positions[r, column : column + n] = np.arange(n)
                     segments[r, column : column + n] = i
@@ -288,7 +315,7 @@ class _OnnxBackend:
             sums = np.add.reduceat(hidden.reshape(len(run) * width, -1), bounds, axis=0)
             kept = np.array(inputs) >= 0
             members = np.array(inputs)[kept]
-            pooled = sums[kept] / np.array([len(ids_of[i]) for i in members], np.float32)[:, None]
+            pooled = sums[kept] / np.array([lengths[i] for i in members], np.float32)[:, None]
             pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
             out[members] = pooled
         return out
@@ -322,6 +349,26 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
             free = fits - n
         with_room[free].append(r)
     return rows
+
+
+PASS_OVERHEAD_TOKENS = 12
+"""What a forward pass costs beyond its tokens, in tokens of one row: every pass reads all the
+weights (90 MB in float32 for all-MiniLM-L6-v2), which on one CPU thread takes about as long as
+computing a dozen tokens."""
+
+
+def plan_runs(widths: Sequence[int], max_rows: int, overhead: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Packed rows (indices into `widths`, their tokens) cut into forward passes of at most
+    `max_rows` rows, widest first. A pass pads its rows to its widest: a row joins the pass when
+    that padding costs less than a pass of its own would (`overhead`, in tokens, plus its width),
+    so one long input (a pasted text) does not make the short rows beside it pay its width."""
+    runs: list[list[int]] = []
+    for r in sorted(range(len(widths)), key=lambda r: -widths[r]):
+        if runs and len(runs[-1]) < max_rows and widths[runs[-1][0]] - widths[r] <= overhead + widths[r]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,9 +685,9 @@ class Encoder:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if config.backend != AUTO and config.backend not in BACKENDS:
             raise ValueError(f"unknown encoder backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
-        config = dataclasses.replace(config, backend=resolve_backend(config.backend))
-        self.config = config
         path = config.model or default_model_path()
+        config = dataclasses.replace(config, backend=resolve_backend(config.backend, path))
+        self.config = config
         self.model_id = model_id_of(path, config.backend)
         self._backend = _TorchBackend(path, config) if config.backend == "torch" else _OnnxBackend(path, config)
         self.dim = self._backend.dim
