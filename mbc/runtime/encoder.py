@@ -313,9 +313,10 @@ class _OnnxBackend:
             hidden = session.run(None, {"input_ids": ids, "position_ids": positions, "segment_ids": segments})[0]
             # Mean pooling: each input's tokens are contiguous, so one reduceat sums them all.
             sums = np.add.reduceat(hidden.reshape(len(run) * width, -1), bounds, axis=0)
-            kept = np.array(inputs) >= 0
-            members = np.array(inputs)[kept]
-            pooled = sums[kept] / np.array([lengths[i] for i in members], np.float32)[:, None]
+            placed = np.array(inputs)
+            kept = placed >= 0
+            members = placed[kept]
+            pooled = sums[kept] / np.array(lengths, np.float32)[members, None]
             pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
             out[members] = pooled
         return out
