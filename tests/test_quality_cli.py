@@ -133,7 +133,12 @@ def test_eval_clinc150_slice(tmp_path):
     # A label the bot definitions refuse (the banking data set has one ending in "?") is normalised.
     data = _data(tmp_path, rename={"transfer": "card_arrived?"})
     out = tmp_path / "figures.json"
-    run = _mbc("eval", "clinc150", "--data", str(data), "--split", "test", "--sample", "8", "--limit", "14", "--json", str(out))
+    settings = tmp_path / "routers.yaml"  # the routers' settings: the eval's router decides with them
+    settings.write_text("router:\n  decision:\n    cost_wrong_transfer: 2.5\n")
+    run = _mbc(
+        *("eval", "clinc150", "--data", str(data), "--split", "test", "--sample", "8", "--limit", "14"),
+        *("--json", str(out), "--config", str(settings)),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
     for key in (
@@ -153,6 +158,7 @@ def test_eval_clinc150_slice(tmp_path):
     assert figures["bot_accuracy"] >= 0.7 and figures["end_to_end_n"] == 8
     assert "in_scope_accuracy" in run.stdout and "DialogFlow" in run.stdout
     assert figures["retrain_on_bot_leaving"]["seconds"] > 0
+    assert "wrong transfer 2.5," in figures["calibration"]["method"]
     assert "Traceback" not in run.stderr and "never awaited" not in run.stderr
     # The k-fold figure on the calibration set: never in-sample for the threshold.
     kfold = figures["kfold"]

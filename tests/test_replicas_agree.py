@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -383,15 +385,33 @@ def _group_command(etcd: str, group: str, *args: str) -> subprocess.CompletedPro
     )
 
 
+def _printed_taus(etcd: str, path: Path, **environ: str) -> dict[str, float]:
+    """τ per group as `mbc calibrate FILE --etcd E --dry-run` prints it, with `environ` added."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mbc", "calibrate", str(path), "--etcd", etcd, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, **environ},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {m[1]: float(m[2]) for m in re.finditer(r"group (\S+): tau (-?[0-9.]+)", run.stdout)}
+
+
 async def test_a_groups_own_costs_refit_its_tau_alone(own_etcd, client, encoder, tmp_path):
     """`mbc group G --costs wrong_transfer=5` (stored in the group's settings in etcd): the router
     refits G's τ with those costs, without training, and leaves another group's model as it was;
     `--costs default` gives the router's back. A cost out of range is refused by the command
-    (exit 2, settings unchanged) and, written to etcd by other means, ignored by the router."""
+    (exit 2, settings unchanged) and, written to etcd by other means, ignored by the router.
+    `mbc calibrate` prints the τ the router fits: with the group's own costs, and with router-wide
+    costs from MBC_ROUTER__DECISION__* (the same costs router-wide give the same τ)."""
     groups = ("costs-a", "costs-b")
     parts = [participant(g, bot, intents, 19200 + i) for g in groups for i, (bot, intents) in enumerate(COSTS_INTENTS.items())]
     calibration = [*(f'{{"text": "where is the nearest pizza place {i}", "bot": null}}' for i in range(25))]
     await write_calibration(client, "\n".join(calibration) + "\n")
+    calibration_file = tmp_path / "calibration.jsonl"
+    calibration_file.write_text("\n".join(calibration) + "\n")
     config = RouterConfig(etcd_endpoints=(own_etcd.endpoint,), server=ServerConfig(port=0), embedding_cache_dir=str(tmp_path))
     router = RouterProcess(config, encoder=encoder)
     router.encoder = type("Shared", (), {"close": lambda self: None})()  # the session's encoder stays open
@@ -412,6 +432,13 @@ async def test_a_groups_own_costs_refit_its_tau_alone(own_etcd, client, encoder,
             assert after.calibration["group_costs"] == {"cost_wrong_transfer": 5.0, "oos_share": 0.2}
             assert after.tau > before["costs-a"].tau and after.W is before["costs-a"].W  # τ alone: no training
             assert core.models["costs-b"] is before["costs-b"]  # not even refitted
+
+            printed = _printed_taus(own_etcd.endpoint, calibration_file)
+            assert printed.keys() == set(groups), printed
+            assert abs(printed["costs-a"] - after.tau) < 2e-3 and abs(printed["costs-b"] - before["costs-b"].tau) < 2e-3
+            dearer = {"MBC_ROUTER__DECISION__COST_WRONG_TRANSFER": "5", "MBC_ROUTER__DECISION__OOS_SHARE": "0.2"}
+            router_wide = _printed_taus(own_etcd.endpoint, calibration_file, **dearer)
+            assert abs(router_wide["costs-b"] - after.tau) < 2e-3 and abs(router_wide["costs-a"] - after.tau) < 2e-3
 
             refused = _group_command(own_etcd.endpoint, "costs-a", "--costs", "oos_share=1.5")
             assert refused.returncode == 2 and "oos_share is 1.5" in refused.stderr and "Traceback" not in refused.stderr

@@ -102,6 +102,19 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
             "encoder.backend must be one of torch, onnx, onnx-int8, auto; got 'tensorflow'",
         ),
         (["store"], {}, "store:\n  limits: {max_value_bytes: 0}\n", "limits.max_value_bytes must be at least 1"),
+        (
+            ["router"],
+            {"MBC_ROUTER__DECISION__OOS_SHARE": "1.5"},
+            None,
+            "decision.oos_share is 1.5: a share of the messages, above 0 and below 1 (router.decision.oos_share from env",
+        ),
+        (
+            ["router"],
+            {},
+            "router:\n  decision: {cost_fallback: -1}\n",
+            "decision.cost_fallback is -1.0: a cost is a finite number",
+        ),
+        (["router"], {}, "router:\n  decision: {knn_weight: .nan}\n", "decision.knn_weight must be at least 0, got nan"),
     ],
     ids=[
         "unknown-env",
@@ -114,6 +127,9 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
         "file-key",
         "file-choice",
         "store-range",
+        "decision-share",
+        "decision-cost",
+        "decision-nan",
     ],
 )
 def test_bad_settings_stop_the_start_with_a_clear_message(argv, env, file, words, config_file, monkeypatch):

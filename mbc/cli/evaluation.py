@@ -9,14 +9,14 @@ import os
 import shutil
 import sys
 
-from mbc.cli.flags import client_arg, etcd_access, etcd_args
+from mbc.cli.flags import client_arg, etcd_access, etcd_args, router_decision, router_settings_arg
 from mbc.runtime.config import split_endpoints
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from mbc.evaluation.clinc150 import main
 
-    sys.exit(main(args))
+    sys.exit(main(args, router_decision(args, "eval")))
 
 
 def cmd_overlap(args: argparse.Namespace) -> None:
@@ -36,6 +36,24 @@ def cmd_overlap(args: argparse.Namespace) -> None:
     sys.exit(1 if overlaps and args.fail else 0)
 
 
+async def _group_costs(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Each group's own decision costs in etcd (`mbc group G --costs`), as the routers apply them:
+    a group whose stored costs are out of range keeps the routers' (with a warning here too)."""
+    from discovery import EtcdClient
+    from discovery.groups import read_decision_costs
+    from router.calibration import cost_overrides
+
+    async with EtcdClient(list(split_endpoints(args.etcd)), access=etcd_access(args)) as client:
+        stored = await read_decision_costs(client)
+    out = {}
+    for group, costs in sorted(stored.items()):
+        try:
+            out[group] = cost_overrides(costs)
+        except ValueError as e:
+            print(f"mbc calibrate: group {group}: its costs are ignored, as the routers ignore them: {e}", file=sys.stderr)
+    return out
+
+
 async def _store_calibration(args: argparse.Namespace, text: str) -> str:
     from discovery import EtcdClient
     from discovery.calibration import write_calibration
@@ -46,26 +64,30 @@ async def _store_calibration(args: argparse.Namespace, text: str) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Validate a calibration file, fit τ per group for the participants registered now, store it
-    in etcd for every router replica (and install it as a file)."""
+    in etcd for every router replica (and install it as a file). τ is fitted with the routers'
+    decision settings (`--config`, MBC_ROUTER__DECISION__*) and, from etcd, each group's own
+    costs: the thresholds printed are the ones the routers fit."""
     from discovery.calibration import CalibrationTooLarge
     from mbc.evaluation.overlap import intents_from_definitions, intents_from_etcd
     from mbc.runtime.calibration_set import CalibrationError, dump_calibration, load_calibration
-    from mbc.runtime.config import DecisionConfig
     from mbc.runtime.encoder import Encoder
     from mbc.runtime.matching import IntentCatalog
     from router.calibration import CalibrationInput, build_group_model, for_group, generic_none
 
+    decision = router_decision(args, "calibrate")
     try:
         examples = load_calibration(args.file)
     except CalibrationError as e:
         sys.exit(f"mbc calibrate: {e}")
     none = sum(1 for e in examples if not e.bot_id)
     print(f"{args.file}: {len(examples)} labelled utterances ({none} none-of-these)")
+    costs: dict[str, dict[str, float]] = {}
     if args.definitions:
         groups = intents_from_definitions(args.definitions)
     else:
         try:
             groups = asyncio.run(intents_from_etcd(list(split_endpoints(args.etcd)), etcd_access(args)))
+            costs = asyncio.run(_group_costs(args))
         except Exception as e:  # noqa: BLE001
             sys.exit(f"mbc calibrate: cannot read the participants from etcd {args.etcd}: {e}")
     encoder = Encoder()
@@ -77,9 +99,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             if not intents:
                 continue
             mine = for_group(examples, group)
-            data = CalibrationInput(mine, encoder.encode_phrases([e.text for e in mine]), generic, generic_vectors)
+            mine_vectors = encoder.encode_phrases([e.text for e in mine])
+            data = CalibrationInput(mine, mine_vectors, generic, generic_vectors, costs.get(group, {}))
             vectors = encoder.encode_phrases(IntentCatalog.phrases_of(intents))
-            model = build_group_model(intents, vectors, encoder.dim, DecisionConfig(), data)
+            model = build_group_model(intents, vectors, encoder.dim, decision, data)
             fitted[group] = model.calibration
             info = model.calibration
             figures = ", ".join(f"{k} {info[k]}" for k in ("in_scope_accuracy", "bot_accuracy", "none_recall") if k in info)
@@ -143,6 +166,7 @@ def add_commands(sub) -> None:
         help="skip timing the retrain when one bot leaves at the end",
     )
     client_arg(clinc, "--log-level", ("log_level",), "WARNING", help="log level of the mesh's processes (default WARNING)")
+    router_settings_arg(clinc)
     clinc.set_defaults(func=cmd_eval)
 
     cal = sub.add_parser(
@@ -154,6 +178,7 @@ def add_commands(sub) -> None:
     cal.add_argument("--install", default="", help="also copy the file here (the path given to `mbc router --calibration`)")
     cal.add_argument("--dry-run", action="store_true", help="print the thresholds only; store nothing in etcd")
     cal.add_argument("--json", action="store_true", help="also print the fitted figures as JSON")
+    router_settings_arg(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     ov = sub.add_parser("overlap", help="intents of different bots whose training phrases collide")

@@ -1,5 +1,6 @@
 """Command-line flags of the client commands (`mbc match`, `chat`, `participants`, `group`,
-`etcd-auth`, `calibrate`, `overlap`): etcd endpoints and access, mTLS files, addresses.
+`etcd-auth`, `calibrate`, `overlap`): etcd endpoints and access, mTLS files, addresses, and the
+routers' settings file of the quality commands.
 
 Their names and help come from the config fields (mbc/runtime/config.py), as do the flags of
 `mbc router|bot|store` (mbc/cli/settings.py). A client flag that is not given takes its value from
@@ -10,10 +11,11 @@ that only the command being run reads, and warns about, its variables.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from mbc.cli.settings import add_field_arguments, client_default, field_flags
-from mbc.runtime.config import LOCAL_ROUTER, EtcdAccess, RouterConfig, TlsConfig
+from mbc.cli.settings import CONFIG_ENV, ConfigError, add_field_arguments, client_default, field_flags, flag_defaults, resolve
+from mbc.runtime.config import LOCAL_ROUTER, DecisionConfig, EtcdAccess, RouterConfig, TlsConfig
 from mbc.runtime.security import read_files
 
 DEFAULT_ROUTER = LOCAL_ROUTER
@@ -36,6 +38,26 @@ def fill_client_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, dest) is None:
             setattr(args, dest, client_default(path, default))
     return args
+
+
+def router_settings_arg(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE`: the routers' settings, of which a quality command uses `router.decision`."""
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_ENV, ""),
+        metavar="FILE",
+        help="the routers' YAML settings file: its router.decision section (costs, oos_share...) is used, "
+        "as are MBC_ROUTER__DECISION__* variables, so that the thresholds are the ones the routers fit",
+    )
+
+
+def router_decision(args: argparse.Namespace, command: str) -> DecisionConfig:
+    """The routers' decision settings, layered as `mbc router` layers them (--config file, then
+    MBC_ROUTER__* variables); exit with a message when they cannot work."""
+    try:
+        return resolve("router", flag_defaults("router"), args.config, os.environ).config.decision
+    except ConfigError as e:
+        sys.exit(f"mbc {command}: {e}")
 
 
 def tls_args(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ from mbc.client.gateway import Conversation
 from mbc.evaluation.kfold import kfold
 from mbc.runtime.calibration_set import Example, dump_calibration
 from mbc.runtime.channels import ChannelPool
-from mbc.runtime.config import BotConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
+from mbc.runtime.config import BotConfig, DecisionConfig, EncoderConfig, RouterConfig, ServerConfig, split_endpoints
 from mbc.runtime.encoder import Encoder
 from mbc.runtime.logs import configure
 from mbc.testing.etcd import LocalEtcd
@@ -214,7 +214,7 @@ def etcd_endpoints(given: str) -> Iterator[tuple[str, ...]]:
 
 
 @contextlib.asynccontextmanager
-async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncIterator[Mesh]:
+async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str, decision: DecisionConfig) -> AsyncIterator[Mesh]:
     """etcd, the router (calibrated through the set in etcd) and a bot per domain, each a real gRPC server
     registered in etcd, ready once the router has trained and calibrated on every bot.
 
@@ -223,7 +223,8 @@ async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str) -> AsyncItera
     async with contextlib.AsyncExitStack() as stack:
         endpoints = stack.enter_context(etcd_endpoints(etcd))
         encoder = stack.enter_context(contextlib.closing(Encoder(EncoderConfig(backend=encoder_backend))))
-        mesh = Mesh(RouterProcess(RouterConfig(etcd_endpoints=endpoints, server=ServerConfig(port=0)), encoder=encoder))
+        config = RouterConfig(etcd_endpoints=endpoints, server=ServerConfig(port=0), decision=decision)
+        mesh = Mesh(RouterProcess(config, encoder=encoder))
         stack.push_async_callback(mesh.router.stop)
         stack.push_async_callback(mesh.stop_bots)
         stack.push_async_callback(mesh.pool.close)
@@ -475,12 +476,13 @@ async def measure_kfold(mesh: Mesh, ds: Dataset, k: int, seed: int) -> dict:
     return await asyncio.to_thread(kfold, mesh.model, examples, vectors, generic, generic_vectors, k, seed)
 
 
-async def run(args) -> dict:
-    """Load the data, start the mesh, measure Match, Respond, the k-fold figure and a retrain, report."""
+async def run(args, decision: DecisionConfig) -> dict:
+    """Load the data, start the mesh (its router deciding with `decision`), measure Match, Respond,
+    the k-fold figure and a retrain, report."""
     started = time.monotonic()
     ds = load(args.data, args.domains, args.split, args.max_domains, args.max_intents, args.limit, args.seed)
     describe(ds, args.split)
-    async with start_mesh(ds, args.etcd, args.encoder_backend) as mesh:
+    async with start_mesh(ds, args.etcd, args.encoder_backend, decision) as mesh:
         items = questions(ds)
         match = await measure_match(mesh.router.server.address, items, args.concurrency)
         e2e = await measure_end_to_end(mesh, items, args.sample, args.seed, args.concurrency)
@@ -524,10 +526,10 @@ def kfold_rows(f: dict | None) -> list[str]:
     return rows
 
 
-def main(args) -> int:
+def main(args, decision: DecisionConfig) -> int:
     configure(args.log_level, service="eval")
     try:
-        result = asyncio.run(run(args))
+        result = asyncio.run(run(args, decision))
     except (DataError, DefinitionError) as e:
         print(f"mbc eval clinc150: {e}", file=sys.stderr)
         return 2

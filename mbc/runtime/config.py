@@ -64,8 +64,8 @@ ON_OFF = ("on", "off")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Raise ValueError naming the setting when `value` is outside [low, high]."""
-    if (low is not None and value < low) or (high is not None and value > high):
+    """Raise ValueError naming the setting when `value` is outside [low, high] (or not a number)."""
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
         bounds = (
             f"between {low} and {high}"
             if low is not None and high is not None
@@ -413,6 +413,35 @@ class DecisionConfig:
     """A labelled calibration set (JSON Lines, see router/calibration.py) for the set in etcd that
     every router replica uses: stored there at start when etcd holds none, and again whenever the
     file changes; empty: the set in etcd alone (router/calibration_store.py)."""
+
+    def __post_init__(self) -> None:
+        for name in ("knn_weight", "svm_weight", "char_svm_weight", "centroid_weight", "lr_weight_decay", "threshold_smoothing"):
+            check_range(f"decision.{name}", getattr(self, name), 0)
+        for name in ("cost_wrong_transfer", "cost_fallback", "cost_clarify"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"decision.{name} is {value!r}: a cost is a finite number, 0 or more")
+        if not 0 < self.oos_share < 1:
+            raise ValueError(f"decision.oos_share is {self.oos_share!r}: a share of the messages, above 0 and below 1")
+        if not 0 <= self.near_oos_share < 1 - self.oos_share:
+            raise ValueError(
+                f"decision.near_oos_share is {self.near_oos_share!r}: 0 or more, and below 1 - oos_share ({1 - self.oos_share:g})"
+            )
+        check_range("decision.neighbours", self.neighbours, 1)
+        check_range("decision.knn_top", self.knn_top, 1)
+        check_range("decision.lr_iterations", self.lr_iterations, 1)
+        check_range("decision.lr_warm_iterations", self.lr_warm_iterations, 0)
+        check_range("decision.min_calibration_in_scope", self.min_calibration_in_scope, 0)
+        check_range("decision.min_calibration_none", self.min_calibration_none, 0)
+        check_range("decision.none_quantile", self.none_quantile, 0, 1)
+        check_range("decision.cross_fit_max_phrases", self.cross_fit_max_phrases, 0)
+        check_range("decision.heads_max_phrases", self.heads_max_phrases, 0)
+        check_range("decision.min_cosine", self.min_cosine, -1, 1)
+        check_range("decision.very_good_offset", self.very_good_offset, 0)
+        check_range("decision.fair_plus_offset", self.fair_plus_offset, self.fair_offset, 0)
+        check_range("decision.disambiguation_margin", self.disambiguation_margin, 0)
+        if not self.bot_temperature > 0:
+            raise ValueError(f"decision.bot_temperature must be above 0, got {self.bot_temperature!r}")
 
 
 @dataclass(frozen=True)
