@@ -114,7 +114,7 @@ def test_layers_flag_defaults_file_env_flags(config_file, monkeypatch):
             "router:\n  decision: {cost_fallback: -1}\n",
             "decision.cost_fallback is -1.0: a cost is a finite number",
         ),
-        (["router"], {}, "router:\n  decision: {knn_weight: .nan}\n", "decision.knn_weight must be at least 0, got nan"),
+        (["router"], {}, "router:\n  decision: {knn_weight: .nan}\n", "decision.knn_weight must be a number, got nan"),
     ],
     ids=[
         "unknown-env",

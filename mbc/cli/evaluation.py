@@ -89,7 +89,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             groups = asyncio.run(intents_from_etcd(list(split_endpoints(args.etcd)), etcd_access(args)))
             costs = asyncio.run(_group_costs(args))
         except Exception as e:  # noqa: BLE001
-            sys.exit(f"mbc calibrate: cannot read the participants from etcd {args.etcd}: {e}")
+            sys.exit(f"mbc calibrate: cannot read the participants and group settings from etcd {args.etcd}: {e}")
     encoder = Encoder()
     fitted = {}
     try:

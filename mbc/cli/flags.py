@@ -14,11 +14,21 @@ import argparse
 import os
 import sys
 
-from mbc.cli.settings import CONFIG_ENV, ConfigError, add_field_arguments, client_default, field_flags, flag_defaults, resolve
+from mbc.cli.settings import (
+    CONFIG_ENV,
+    ConfigError,
+    add_field_arguments,
+    client_default,
+    env_name,
+    field_flags,
+    flag_defaults,
+    resolve,
+)
 from mbc.runtime.config import LOCAL_ROUTER, DecisionConfig, EtcdAccess, RouterConfig, TlsConfig
 from mbc.runtime.security import read_files
 
 DEFAULT_ROUTER = LOCAL_ROUTER
+DECISION_ENV_PREFIX = env_name("router", ("decision", ""))
 DEFAULT_ETCD = ",".join(RouterConfig.etcd_endpoints)
 _CLIENT_DEFAULT = "_client_default_"
 
@@ -53,9 +63,11 @@ def router_settings_arg(parser: argparse.ArgumentParser) -> None:
 
 def router_decision(args: argparse.Namespace, command: str) -> DecisionConfig:
     """The routers' decision settings, layered as `mbc router` layers them (--config file, then
-    MBC_ROUTER__* variables); exit with a message when they cannot work."""
+    MBC_ROUTER__DECISION__* variables); exit with a message when they cannot work. The router's
+    other variables are not read: a client command reads, and warns about, its own."""
+    environ = {name: value for name, value in os.environ.items() if name.startswith(DECISION_ENV_PREFIX)}
     try:
-        return resolve("router", flag_defaults("router"), args.config, os.environ).config.decision
+        return resolve("router", flag_defaults("router"), args.config, environ).config.decision
     except ConfigError as e:
         sys.exit(f"mbc {command}: {e}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -223,6 +224,8 @@ async def start_mesh(ds: Dataset, etcd: str, encoder_backend: str, decision: Dec
     async with contextlib.AsyncExitStack() as stack:
         endpoints = stack.enter_context(etcd_endpoints(etcd))
         encoder = stack.enter_context(contextlib.closing(Encoder(EncoderConfig(backend=encoder_backend))))
+        # The set stored below is the eval's: a routers' calibration file must not replace it.
+        decision = dataclasses.replace(decision, calibration_path="")
         config = RouterConfig(etcd_endpoints=endpoints, server=ServerConfig(port=0), decision=decision)
         mesh = Mesh(RouterProcess(config, encoder=encoder))
         stack.push_async_callback(mesh.router.stop)

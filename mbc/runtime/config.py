@@ -64,8 +64,10 @@ ON_OFF = ("on", "off")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Raise ValueError naming the setting when `value` is outside [low, high] (or not a number)."""
-    if value != value or (low is not None and value < low) or (high is not None and value > high):
+    """Raise ValueError naming the setting when `value` is not a number or outside [low, high]."""
+    if value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
         bounds = (
             f"between {low} and {high}"
             if low is not None and high is not None
@@ -437,6 +439,8 @@ class DecisionConfig:
         check_range("decision.cross_fit_max_phrases", self.cross_fit_max_phrases, 0)
         check_range("decision.heads_max_phrases", self.heads_max_phrases, 0)
         check_range("decision.min_cosine", self.min_cosine, -1, 1)
+        check_range("decision.registered_cosine", self.registered_cosine, -1)  # above 1: the rule off
+        check_range("decision.fair_offset", self.fair_offset)
         check_range("decision.very_good_offset", self.very_good_offset, 0)
         check_range("decision.fair_plus_offset", self.fair_plus_offset, self.fair_offset, 0)
         check_range("decision.disambiguation_margin", self.disambiguation_margin, 0)
