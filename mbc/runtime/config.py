@@ -417,8 +417,9 @@ class DecisionConfig:
     file changes; empty: the set in etcd alone (router/calibration_store.py)."""
 
     def __post_init__(self) -> None:
-        for name in ("knn_weight", "svm_weight", "char_svm_weight", "centroid_weight", "lr_weight_decay", "threshold_smoothing"):
-            check_range(f"decision.{name}", getattr(self, name), 0)
+        for name, (low, high) in _DECISION_RANGES.items():
+            check_range(f"decision.{name}", getattr(self, name), low, high)
+        check_range("decision.fair_plus_offset", self.fair_plus_offset, self.fair_offset, 0)
         for name in ("cost_wrong_transfer", "cost_fallback", "cost_clarify"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):
@@ -429,23 +430,22 @@ class DecisionConfig:
             raise ValueError(
                 f"decision.near_oos_share is {self.near_oos_share!r}: 0 or more, and below 1 - oos_share ({1 - self.oos_share:g})"
             )
-        check_range("decision.neighbours", self.neighbours, 1)
-        check_range("decision.knn_top", self.knn_top, 1)
-        check_range("decision.lr_iterations", self.lr_iterations, 1)
-        check_range("decision.lr_warm_iterations", self.lr_warm_iterations, 0)
-        check_range("decision.min_calibration_in_scope", self.min_calibration_in_scope, 0)
-        check_range("decision.min_calibration_none", self.min_calibration_none, 0)
-        check_range("decision.none_quantile", self.none_quantile, 0, 1)
-        check_range("decision.cross_fit_max_phrases", self.cross_fit_max_phrases, 0)
-        check_range("decision.heads_max_phrases", self.heads_max_phrases, 0)
-        check_range("decision.min_cosine", self.min_cosine, -1, 1)
-        check_range("decision.registered_cosine", self.registered_cosine, -1)  # above 1: the rule off
-        check_range("decision.fair_offset", self.fair_offset)
-        check_range("decision.very_good_offset", self.very_good_offset, 0)
-        check_range("decision.fair_plus_offset", self.fair_plus_offset, self.fair_offset, 0)
-        check_range("decision.disambiguation_margin", self.disambiguation_margin, 0)
         if not self.bot_temperature > 0:
             raise ValueError(f"decision.bot_temperature must be above 0, got {self.bot_temperature!r}")
+
+
+_DECISION_RANGES: dict[str, tuple[float | None, float | None]] = {
+    **dict.fromkeys(("knn_weight", "svm_weight", "char_svm_weight", "centroid_weight"), (0, None)),
+    **dict.fromkeys(("lr_weight_decay", "threshold_smoothing", "disambiguation_margin", "very_good_offset"), (0, None)),
+    **dict.fromkeys(("neighbours", "knn_top", "lr_iterations"), (1, None)),
+    **dict.fromkeys(("lr_warm_iterations", "min_calibration_in_scope", "min_calibration_none"), (0, None)),
+    **dict.fromkeys(("cross_fit_max_phrases", "heads_max_phrases"), (0, None)),
+    "none_quantile": (0, 1),
+    "min_cosine": (-1, 1),
+    "registered_cosine": (-1, None),  # above 1: the rule off
+    "fair_offset": (None, None),  # a number
+}
+"""The range of each numeric `DecisionConfig` setting checked alike (None: no bound)."""
 
 
 @dataclass(frozen=True)
