@@ -45,7 +45,6 @@ their weight buys near-domain refusals with in-scope fallbacks (docs/routing-qua
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -54,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from mbc.runtime.calibration_set import Example
-from mbc.runtime.config import DecisionConfig
+from mbc.runtime.config import DecisionConfig, check_cost, check_share
 from mbc.runtime.matching import IntentPhrases
 from mbc.v1 import participant_pb2
 from router.decision import GroupModel, Heads
@@ -89,15 +88,26 @@ COST_SETTINGS = {
 
 def cost_overrides(costs: participant_pb2.DecisionCosts) -> dict[str, float]:
     """The router settings a group's `DecisionCosts` override (the fields it sets), by name;
-    ValueError naming the field out of range (a cost is finite and at least 0, the out-of-scope
-    share between 0 and 1)."""
+    ValueError naming the field out of range (checked as `DecisionConfig` checks its own)."""
     given = {field: float(getattr(costs, field)) for field in COST_SETTINGS if costs.HasField(field)}
     for field, value in given.items():
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{field} is {value}: a cost is a finite number, 0 or more")
-    if not 0 < given.get("oos_share", 0.5) < 1:
-        raise ValueError(f"oos_share is {given['oos_share']}: a share of the messages, above 0 and below 1")
+        (check_share if field == "oos_share" else check_cost)(field, value)
     return {COST_SETTINGS[field]: value for field, value in given.items()}
+
+
+def group_cost_overrides(
+    stored: Mapping[str, participant_pb2.DecisionCosts],
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """`cost_overrides` of each group's stored costs, and apart, why a group's were refused (that
+    group keeps the router's costs)."""
+    overrides: dict[str, dict[str, float]] = {}
+    refused: dict[str, str] = {}
+    for group, costs in sorted(stored.items()):
+        try:
+            overrides[group] = cost_overrides(costs)
+        except ValueError as e:
+            refused[group] = str(e)
+    return overrides, refused
 
 
 def for_group(examples: Sequence[Example], group: str) -> list[Example]:

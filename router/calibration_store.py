@@ -29,7 +29,7 @@ from discovery.groups import GROUPS_PREFIX, read_decision_costs
 from mbc.runtime.calibration_set import CalibrationError, Example, dump_calibration, load_calibration, parse_calibration
 from mbc.runtime.logs import get_logger
 from mbc.v1 import participant_pb2
-from router.calibration import cost_overrides
+from router.calibration import group_cost_overrides
 
 log = get_logger(__name__)
 
@@ -87,12 +87,9 @@ class CalibrationSource:
 
     def _apply_costs(self, costs: dict[str, participant_pb2.DecisionCosts]) -> None:
         assert self._set_group_costs is not None  # followed only then
-        overrides: dict[str, dict[str, float]] = {}
-        for group, stored in sorted(costs.items()):
-            try:
-                overrides[group] = cost_overrides(stored)
-            except ValueError as e:
-                log.warning("group_costs_invalid", group=group, error=str(e), action="the router's costs for this group")
+        overrides, refused = group_cost_overrides(costs)
+        for group, error in refused.items():
+            log.warning("group_costs_invalid", group=group, error=error, action="the router's costs for this group")
         self._set_group_costs(overrides)
         log.info("group_costs_loaded", groups=sorted(overrides))
 

@@ -41,17 +41,13 @@ async def _group_costs(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     a group whose stored costs are out of range keeps the routers' (with a warning here too)."""
     from discovery import EtcdClient
     from discovery.groups import read_decision_costs
-    from router.calibration import cost_overrides
+    from router.calibration import group_cost_overrides
 
     async with EtcdClient(list(split_endpoints(args.etcd)), access=etcd_access(args)) as client:
-        stored = await read_decision_costs(client)
-    out = {}
-    for group, costs in sorted(stored.items()):
-        try:
-            out[group] = cost_overrides(costs)
-        except ValueError as e:
-            print(f"mbc calibrate: group {group}: its costs are ignored, as the routers ignore them: {e}", file=sys.stderr)
-    return out
+        overrides, refused = group_cost_overrides(await read_decision_costs(client))
+    for group, error in refused.items():
+        print(f"mbc calibrate: group {group}: its costs are ignored, as the routers ignore them: {error}", file=sys.stderr)
+    return overrides
 
 
 async def _store_calibration(args: argparse.Namespace, text: str) -> str:

@@ -76,6 +76,18 @@ def check_range(name: str, value: float, low: float | None = None, high: float |
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
 
 
+def check_cost(name: str, value: float) -> None:
+    """Raise ValueError naming a decision cost that is not a finite number, 0 or more."""
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} is {value!r}: a cost is a finite number, 0 or more")
+
+
+def check_share(name: str, value: float) -> None:
+    """Raise ValueError naming a share of the messages that is not strictly between 0 and 1."""
+    if not 0 < value < 1:
+        raise ValueError(f"{name} is {value!r}: a share of the messages, above 0 and below 1")
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -421,11 +433,8 @@ class DecisionConfig:
             check_range(f"decision.{name}", getattr(self, name), low, high)
         check_range("decision.fair_plus_offset", self.fair_plus_offset, self.fair_offset, 0)
         for name in ("cost_wrong_transfer", "cost_fallback", "cost_clarify"):
-            value = getattr(self, name)
-            if not 0 <= value < float("inf"):
-                raise ValueError(f"decision.{name} is {value!r}: a cost is a finite number, 0 or more")
-        if not 0 < self.oos_share < 1:
-            raise ValueError(f"decision.oos_share is {self.oos_share!r}: a share of the messages, above 0 and below 1")
+            check_cost(f"decision.{name}", getattr(self, name))
+        check_share("decision.oos_share", self.oos_share)
         if not 0 <= self.near_oos_share < 1 - self.oos_share:
             raise ValueError(
                 f"decision.near_oos_share is {self.near_oos_share!r}: 0 or more, and below 1 - oos_share ({1 - self.oos_share:g})"
